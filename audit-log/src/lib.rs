@@ -1,0 +1,2 @@
+//! audit-log: placeholder, being written.
+#![forbid(unsafe_code)]

@@ -1,0 +1,2 @@
+//! hsm-adapter: placeholder, being written.
+#![forbid(unsafe_code)]

@@ -1,0 +1,3 @@
+//! smartsign-ctl: placeholder, being written.
+#![forbid(unsafe_code)]
+fn main() {}
