@@ -1,2 +1,30 @@
-//! audit-log: placeholder, being written.
+//! `audit-log`: smartsign's tamper-evident, append-only audit log.
+//!
+//! It owns one directory: a file of records (one compact JSON line each, appended durably with
+//! group commit), the RFC 9162 Merkle tree over them (rebuilt at open), inclusion and
+//! consistency proofs, and the latest checkpoint signed through a [`CheckpointSigner`] (the HSM
+//! audit key in the daemon). [`verify_export`] checks an auditor's export offline. It does not
+//! decide what is audited or serve HTTP: the daemon does, and maps [`AuditError::kind`] to its
+//! problems.
+//!
+//! A record's leaf hash is SHA-256(0x00 || line), the line as stored and served, without its
+//! newline; records have one canonical spelling (see [`AuditEvent`] and the `record` module), so
+//! the log refuses at open any line it could not have written.
+
 #![forbid(unsafe_code)]
+
+mod checkpoint;
+mod error;
+mod log;
+mod merkle;
+mod record;
+mod time;
+mod verify;
+
+pub use checkpoint::{AuditPublicKey, Checkpoint, CheckpointSigner, Origin, SoftwareSigner};
+pub use error::{AuditError, ErrorKind, SignerError};
+pub use log::{AppendReceipt, AuditLog, AuditLogConfig, AuditStats, CHECKPOINT_FILE, LOG_FILE};
+pub use merkle::{TreeHash, empty_root, leaf_hash, verify_consistency, verify_inclusion};
+pub use record::{Actor, AuditEvent, EventName, MAX_RECORD_LEN};
+pub use time::{Clock, SystemClock, Timestamp};
+pub use verify::{VerifyReport, verify_export};
