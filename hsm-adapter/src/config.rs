@@ -1,0 +1,114 @@
+//! How to reach the token: module path, token selector, PIN, and the size of the worker pool.
+
+use std::fmt;
+use std::num::NonZeroUsize;
+use std::path::PathBuf;
+
+use secrecy::SecretString;
+
+/// Path of the SoftHSM module on Debian, the development default.
+pub const SOFTHSM_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+
+/// Which token to use. Never a slot index: slot numbers change when tokens are added.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TokenSelector {
+    /// The token's label (CKA_LABEL of the token, up to 32 bytes).
+    Label(String),
+    /// The token's serial number.
+    Serial(String),
+}
+
+impl fmt::Display for TokenSelector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TokenSelector::Label(label) => write!(f, "label {label:?}"),
+            TokenSelector::Serial(serial) => write!(f, "serial number {serial:?}"),
+        }
+    }
+}
+
+/// Configuration of an [`crate::Hsm`]. Holds the user PIN, so its `Debug` is written by hand and
+/// shows no secret.
+#[derive(Clone)]
+pub struct HsmConfig {
+    pub(crate) module: PathBuf,
+    pub(crate) token: TokenSelector,
+    pub(crate) pin: SecretString,
+    pub(crate) workers: NonZeroUsize,
+    pub(crate) wrapped_key_cache: usize,
+    pub(crate) queue_capacity: usize,
+}
+
+impl HsmConfig {
+    /// Default number of HSM worker threads (one per core on the reference machine).
+    pub const DEFAULT_WORKERS: usize = 2;
+    /// Default number of unwrapped keys each worker keeps.
+    pub const DEFAULT_WRAPPED_KEY_CACHE: usize = 64;
+    /// Default number of requests that may wait for a worker.
+    pub const DEFAULT_QUEUE_CAPACITY: usize = 4096;
+
+    /// A configuration with the default pool size.
+    pub fn new(module: impl Into<PathBuf>, token: TokenSelector, pin: SecretString) -> Self {
+        HsmConfig {
+            module: module.into(),
+            token,
+            pin,
+            workers: NonZeroUsize::MIN.saturating_add(Self::DEFAULT_WORKERS - 1),
+            wrapped_key_cache: Self::DEFAULT_WRAPPED_KEY_CACHE,
+            queue_capacity: Self::DEFAULT_QUEUE_CAPACITY,
+        }
+    }
+
+    /// Number of HSM worker threads, each with one logged-in session.
+    pub fn with_workers(mut self, workers: NonZeroUsize) -> Self {
+        self.workers = workers;
+        self
+    }
+
+    /// Number of unwrapped wrapped keys each worker keeps as session objects (0 disables the
+    /// cache: every signature then unwraps, signs and destroys).
+    pub fn with_wrapped_key_cache(mut self, entries: usize) -> Self {
+        self.wrapped_key_cache = entries;
+        self
+    }
+
+    /// Number of requests that may wait for a worker before callers get [`crate::HsmError::Busy`].
+    pub fn with_queue_capacity(mut self, capacity: usize) -> Self {
+        self.queue_capacity = capacity.max(1);
+        self
+    }
+
+    /// The module path.
+    pub fn module(&self) -> &std::path::Path {
+        &self.module
+    }
+
+    /// The token selector.
+    pub fn token(&self) -> &TokenSelector {
+        &self.token
+    }
+
+    /// The number of worker threads.
+    pub fn workers(&self) -> NonZeroUsize {
+        self.workers
+    }
+
+    /// The per-worker wrapped-key cache size.
+    pub fn wrapped_key_cache(&self) -> usize {
+        self.wrapped_key_cache
+    }
+}
+
+impl fmt::Debug for HsmConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HsmConfig")
+            .field("module", &self.module)
+            .field("token", &self.token)
+            .field("pin", &"[REDACTED]")
+            .field("workers", &self.workers)
+            .field("wrapped_key_cache", &self.wrapped_key_cache)
+            .field("queue_capacity", &self.queue_capacity)
+            .finish()
+    }
+}

@@ -1,0 +1,186 @@
+//! Object handles of the keys on the token, found once so that the signing path never searches.
+//!
+//! Object handles belong to the application (the process), not to a session: a handle found in
+//! one session works in every other session of the process (tests/key_policy.rs checks this on
+//! SoftHSM). They go stale when the application logs out or closes its last session; the session
+//! pool then builds the directory again.
+//!
+//! Each entry also carries the key-policy verdict, so the policy is read from the HSM once per
+//! handle: a new handle (after a rebuild or a new key) starts unverified.
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
+use cryptoki::session::Session;
+
+use crate::error::HsmError;
+use crate::keys::{HexBytes, RESIDENT_KEY_LABEL, SystemKey, SystemKeyKind};
+
+/// A key's handle and whether its policy has been checked.
+#[derive(Debug)]
+pub(crate) struct KeyEntry {
+    pub(crate) handle: ObjectHandle,
+    verified: AtomicBool,
+}
+
+impl KeyEntry {
+    pub(crate) fn new(handle: ObjectHandle, verified: bool) -> Self {
+        KeyEntry {
+            handle,
+            verified: AtomicBool::new(verified),
+        }
+    }
+
+    pub(crate) fn is_verified(&self) -> bool {
+        // Relaxed: the flag only saves a re-check; a stale `false` means one more check.
+        self.verified.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn mark_verified(&self) {
+        self.verified.store(true, Ordering::Relaxed);
+    }
+}
+
+/// One key, or an ambiguity that the adapter refuses to resolve by guessing.
+#[derive(Debug)]
+pub(crate) enum Found {
+    One(KeyEntry),
+    Many,
+}
+
+/// Handles of the system keys and of the resident user keys.
+#[derive(Debug, Default)]
+pub(crate) struct Directory {
+    system: HashMap<SystemKey, Found>,
+    resident: HashMap<Vec<u8>, Found>,
+}
+
+impl Directory {
+    /// Finds every system key and resident user key on the token.
+    pub(crate) fn load(session: &Session) -> Result<Directory, HsmError> {
+        let mut directory = Directory::default();
+        for key in SystemKey::ALL {
+            let handles = session.find_objects(&system_key_template(key))?;
+            match handles.as_slice() {
+                [] => {}
+                [handle] => {
+                    directory
+                        .system
+                        .insert(key, Found::One(KeyEntry::new(*handle, false)));
+                }
+                _ => {
+                    tracing::error!(
+                        label = key.label(),
+                        "several objects carry a system key label"
+                    );
+                    directory.system.insert(key, Found::Many);
+                }
+            }
+        }
+        let template = [
+            Attribute::Class(ObjectClass::PRIVATE_KEY),
+            Attribute::Token(true),
+            Attribute::Label(RESIDENT_KEY_LABEL.as_bytes().to_vec()),
+        ];
+        for handle in session.find_objects(&template)? {
+            let id = session
+                .get_attributes(handle, &[AttributeType::Id])?
+                .into_iter()
+                .find_map(|a| match a {
+                    Attribute::Id(id) if !id.is_empty() => Some(id),
+                    _ => None,
+                });
+            let Some(id) = id else {
+                tracing::warn!("a resident user key without CKA_ID is ignored");
+                continue;
+            };
+            match directory.resident.entry(id) {
+                Entry::Vacant(slot) => {
+                    slot.insert(Found::One(KeyEntry::new(handle, false)));
+                }
+                Entry::Occupied(mut slot) => {
+                    tracing::error!(id = %HexBytes(slot.key()), "several resident keys share a CKA_ID");
+                    slot.insert(Found::Many);
+                }
+            }
+        }
+        Ok(directory)
+    }
+
+    pub(crate) fn system(&self, key: SystemKey) -> Result<&KeyEntry, HsmError> {
+        match self.system.get(&key) {
+            Some(Found::One(entry)) => Ok(entry),
+            Some(Found::Many) => Err(HsmError::DuplicateKey { label: key.label() }),
+            None => Err(HsmError::SystemKeyMissing(key)),
+        }
+    }
+
+    pub(crate) fn resident(&self, id: &[u8]) -> Result<&KeyEntry, HsmError> {
+        match self.resident.get(id) {
+            Some(Found::One(entry)) => Ok(entry),
+            Some(Found::Many) => Err(HsmError::DuplicateKey {
+                label: RESIDENT_KEY_LABEL,
+            }),
+            None => Err(HsmError::UserKeyNotFound {
+                id: HexBytes(id).to_string(),
+            }),
+        }
+    }
+
+    pub(crate) fn contains_resident(&self, id: &[u8]) -> bool {
+        self.resident.contains_key(id)
+    }
+
+    pub(crate) fn insert_resident(&mut self, id: Vec<u8>, entry: KeyEntry) {
+        self.resident.insert(id, Found::One(entry));
+    }
+
+    pub(crate) fn remove_resident(&mut self, id: &[u8]) -> Result<ObjectHandle, HsmError> {
+        match self.resident.remove(id) {
+            Some(Found::One(entry)) => Ok(entry.handle),
+            Some(Found::Many) => {
+                self.resident.insert(id.to_vec(), Found::Many);
+                Err(HsmError::DuplicateKey {
+                    label: RESIDENT_KEY_LABEL,
+                })
+            }
+            None => Err(HsmError::UserKeyNotFound {
+                id: HexBytes(id).to_string(),
+            }),
+        }
+    }
+}
+
+/// Finds a system key's private or secret half by label.
+pub(crate) fn system_key_template(key: SystemKey) -> [Attribute; 3] {
+    let class = match key.kind() {
+        SystemKeyKind::Signing(_) => ObjectClass::PRIVATE_KEY,
+        _ => ObjectClass::SECRET_KEY,
+    };
+    [
+        Attribute::Class(class),
+        Attribute::Token(true),
+        Attribute::Label(key.label().as_bytes().to_vec()),
+    ]
+}
+
+/// Finds a system signing key's public half by label.
+pub(crate) fn system_public_key_template(key: SystemKey) -> [Attribute; 3] {
+    [
+        Attribute::Class(ObjectClass::PUBLIC_KEY),
+        Attribute::Token(true),
+        Attribute::Label(key.label().as_bytes().to_vec()),
+    ]
+}
+
+/// Finds a resident user key's public half by CKA_ID.
+pub(crate) fn resident_public_key_template(id: &[u8]) -> [Attribute; 4] {
+    [
+        Attribute::Class(ObjectClass::PUBLIC_KEY),
+        Attribute::Token(true),
+        Attribute::Label(RESIDENT_KEY_LABEL.as_bytes().to_vec()),
+        Attribute::Id(id.to_vec()),
+    ]
+}

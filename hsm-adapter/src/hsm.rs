@@ -1,0 +1,231 @@
+//! The async API: every method queues a job for an HSM worker and awaits its reply, so a tokio
+//! caller never blocks on PKCS#11.
+
+use std::sync::Arc;
+
+use secrecy::SecretString;
+use tokio::sync::oneshot;
+use zeroize::Zeroizing;
+
+use crate::config::HsmConfig;
+use crate::error::HsmError;
+use crate::keys::{
+    Digest, KeyAlgorithm, KeyMode, KeyStorage, SignatureScheme, SystemKey, SystemKeyKind,
+    UserKeyRef,
+};
+use crate::operations::{MAX_RANDOM_LEN, SignRequest, SigningKey};
+use crate::provision::{self, ProvisionReport};
+use crate::public_key::PublicKeySpki;
+use crate::session_pool::{Pool, Retry, WorkerCtx, job};
+use crate::templates::system_key_algorithm;
+
+/// A token, opened: a pool of worker threads each holding a logged-in session.
+///
+/// Share it with `Arc<Hsm>`; it needs no particular async runtime (replies travel over tokio
+/// oneshot channels, which work under any executor).
+#[derive(Debug)]
+pub struct Hsm {
+    pool: Pool,
+}
+
+impl Hsm {
+    /// Loads the module, finds the token by label or serial, logs every worker's session in and
+    /// finds the keys. A wrong PIN gives [`HsmError::PinRejected`].
+    ///
+    /// Login state belongs to the process: if another `Hsm` in this process is already logged
+    /// in to the same token, the module answers `CKR_USER_ALREADY_LOGGED_IN` without checking
+    /// this configuration's PIN.
+    pub async fn open(config: HsmConfig) -> Result<Hsm, HsmError> {
+        let pool = run_blocking("hsm-open", move || Pool::start(&config)).await?;
+        Ok(Hsm { pool })
+    }
+
+    /// Number of worker threads (and sessions).
+    pub fn workers(&self) -> usize {
+        self.pool.worker_count()
+    }
+
+    /// Finds or creates every [`SystemKey`], then checks each against the key policy.
+    ///
+    /// The KEK needs the security officer: if it is missing, the user is logged out, the SO logs
+    /// in with `so_pin` to create it (CKA_TRUSTED can only be set by the SO, on a public
+    /// object), and the user logs in again. Other requests wait meanwhile. Idempotent.
+    pub async fn provision_system_keys(
+        &self,
+        so_pin: &SecretString,
+    ) -> Result<ProvisionReport, HsmError> {
+        let shared = Arc::clone(self.pool.shared());
+        let so_pin = so_pin.clone();
+        run_blocking("hsm-provision", move || provision::run(&shared, &so_pin)).await
+    }
+
+    /// Generates a user signing key in `mode`. The returned reference is all the caller needs
+    /// to persist; for [`KeyMode::Wrapped`] it *is* the key.
+    pub async fn generate_user_key(
+        &self,
+        algorithm: KeyAlgorithm,
+        mode: KeyMode,
+    ) -> Result<UserKeyRef, HsmError> {
+        self.call(Retry::Never, move |ctx| {
+            ctx.generate_user_key(algorithm, mode)
+        })
+        .await
+    }
+
+    /// A reference to a resident key already on the token, found by CKA_ID.
+    pub async fn resident_key_ref(
+        &self,
+        id: &[u8],
+        algorithm: KeyAlgorithm,
+    ) -> Result<UserKeyRef, HsmError> {
+        if id.is_empty() || id.len() > 64 {
+            return Err(HsmError::InvalidInput("a CKA_ID has 1 to 64 bytes".into()));
+        }
+        let id = id.to_vec();
+        self.call(Retry::Once, move |ctx| ctx.resident_key_ref(algorithm, &id))
+            .await
+    }
+
+    /// Signs `digest` with a user key. ECDSA signatures are DER `Ecdsa-Sig-Value`s; RSA
+    /// signatures are the raw modulus-sized integers.
+    pub async fn sign(
+        &self,
+        key: &UserKeyRef,
+        scheme: SignatureScheme,
+        digest: &Digest,
+    ) -> Result<Vec<u8>, HsmError> {
+        let request = SignRequest::new(key.algorithm(), scheme, digest)?;
+        let encoding = request.encoding();
+        let signing_key = SigningKey::from_ref(key);
+        let raw = self
+            .call(Retry::Once, move |ctx| {
+                ctx.sign_user(&signing_key, &request)
+            })
+            .await?;
+        encoding.finish(raw)
+    }
+
+    /// Destroys a user key. A resident key is destroyed on the token. A wrapped key has nothing
+    /// in the HSM but the workers' unwrapped copies, which are destroyed here: **the caller must
+    /// delete the stored reference**, which is the key.
+    pub async fn destroy_user_key(&self, key: &UserKeyRef) -> Result<(), HsmError> {
+        match &key.storage {
+            KeyStorage::Wrapped { blob, .. } => {
+                for done in self.pool.evict_everywhere(blob) {
+                    // A worker that has exited has no copy left.
+                    let _ = done.await;
+                }
+                Ok(())
+            }
+            KeyStorage::Resident { id } => {
+                let id = id.clone();
+                self.call(Retry::Never, move |ctx| ctx.destroy_resident(&id))
+                    .await
+            }
+        }
+    }
+
+    /// HMAC-SHA-256 of `data` under a MAC system key ([`SystemKey::Taid`] or
+    /// [`SystemKey::Hkic`]).
+    pub async fn hmac_sha256(&self, key: SystemKey, data: &[u8]) -> Result<[u8; 32], HsmError> {
+        let data = Zeroizing::new(data.to_vec());
+        self.call(Retry::Once, move |ctx| ctx.hmac_sha256(key, &data))
+            .await
+    }
+
+    /// AES-256-GCM under [`SystemKey::Data`] with a fresh 96-bit nonce from the HSM's
+    /// generator; returns `nonce (12) || ciphertext || tag (16)`.
+    pub async fn encrypt(&self, plaintext: &[u8], aad: &[u8]) -> Result<Vec<u8>, HsmError> {
+        let plaintext = Zeroizing::new(plaintext.to_vec());
+        let aad = aad.to_vec();
+        self.call(Retry::Once, move |ctx| ctx.encrypt(&aad, &plaintext))
+            .await
+    }
+
+    /// Opens what [`Hsm::encrypt`] sealed with the same `aad`; [`HsmError::NotAuthentic`] if
+    /// anything was changed.
+    pub async fn decrypt(&self, sealed: &[u8], aad: &[u8]) -> Result<Zeroizing<Vec<u8>>, HsmError> {
+        let sealed = sealed.to_vec();
+        let aad = aad.to_vec();
+        self.call(Retry::Once, move |ctx| ctx.decrypt(&aad, &sealed))
+            .await
+    }
+
+    /// `len` bytes (at most 64 KiB) from the HSM's random generator.
+    pub async fn random(&self, len: usize) -> Result<Vec<u8>, HsmError> {
+        if len > MAX_RANDOM_LEN {
+            return Err(HsmError::InvalidInput(format!(
+                "at most {MAX_RANDOM_LEN} random bytes"
+            )));
+        }
+        self.call(Retry::Once, move |ctx| ctx.random(len)).await
+    }
+
+    /// Signs `digest` with a system signing key (audit, CA); returns a DER ECDSA signature.
+    pub async fn sign_with_system_key(
+        &self,
+        key: SystemKey,
+        digest: &Digest,
+    ) -> Result<Vec<u8>, HsmError> {
+        let SystemKeyKind::Signing(curve) = key.kind() else {
+            return Err(HsmError::InvalidInput(format!(
+                "system key {key} does not sign"
+            )));
+        };
+        let request =
+            SignRequest::new(system_key_algorithm(curve), SignatureScheme::Ecdsa, digest)?;
+        let encoding = request.encoding();
+        let raw = self
+            .call(Retry::Once, move |ctx| ctx.sign_system(key, &request))
+            .await?;
+        encoding.finish(raw)
+    }
+
+    /// The public key of a system signing key as SPKI.
+    pub async fn system_public_key(&self, key: SystemKey) -> Result<PublicKeySpki, HsmError> {
+        self.call(Retry::Once, move |ctx| ctx.system_public_key(key))
+            .await
+    }
+
+    /// Stops the workers after the queued requests and waits until their sessions are closed.
+    /// Dropping an `Hsm` does the same without waiting.
+    pub async fn shutdown(self) {
+        let threads = self.pool.stop();
+        let joined = run_blocking("hsm-shutdown", move || {
+            for thread in threads {
+                if thread.join().is_err() {
+                    tracing::error!("an HSM worker thread panicked");
+                }
+            }
+            Ok(())
+        });
+        // Only fails if the joining thread could not start; the workers stop regardless.
+        let _ = joined.await;
+    }
+
+    async fn call<T, F>(&self, retry: Retry, op: F) -> Result<T, HsmError>
+    where
+        T: Send + 'static,
+        F: FnMut(&mut WorkerCtx) -> Result<T, HsmError> + Send + 'static,
+    {
+        let (job, reply) = job(retry, op);
+        self.pool.submit(job)?;
+        reply.await.map_err(|_| HsmError::Closed)?
+    }
+}
+
+/// Runs blocking work (module loading, provisioning) on a thread of its own.
+async fn run_blocking<T, F>(name: &str, work: F) -> Result<T, HsmError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, HsmError> + Send + 'static,
+{
+    let (tx, rx) = oneshot::channel();
+    std::thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(move || {
+            let _ = tx.send(work());
+        })
+        .map_err(HsmError::WorkerSpawn)?;
+    rx.await.map_err(|_| HsmError::Closed)?
+}

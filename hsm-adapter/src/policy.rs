@@ -1,0 +1,238 @@
+//! The key policy: which attributes each kind of key must have before the adapter uses it.
+//!
+//! The templates in `templates.rs` create keys that pass; the check here is what stops a key that
+//! was created some other way (by hand, by an older version, by a module ignoring part of a
+//! template) from being used. The verdict is read from the HSM, never assumed.
+//!
+//! | key | must be |
+//! |---|---|
+//! | user key, resident | private-key object on the token, PRIVATE, SENSITIVE, ALWAYS_SENSITIVE, not EXTRACTABLE, NEVER_EXTRACTABLE, SIGN, not DECRYPT / UNWRAP / DERIVE / SIGN_RECOVER, the right key type and size |
+//! | user key, wrapped (its session copy) | private-key session object, PRIVATE, SENSITIVE, WRAP_WITH_TRUSTED, SIGN, not DECRYPT / UNWRAP / DERIVE / SIGN_RECOVER, the right key type and size |
+//! | audit and CA keys | as a resident user key |
+//! | KEK | AES-256 secret key on the token, TRUSTED, SENSITIVE, ALWAYS_SENSITIVE, not EXTRACTABLE, NEVER_EXTRACTABLE, WRAP, UNWRAP, nothing else |
+//! | TAID and HKIC keys | 32-byte generic secret on the token, PRIVATE, SENSITIVE, ALWAYS_SENSITIVE, not EXTRACTABLE, NEVER_EXTRACTABLE, SIGN, nothing else |
+//! | data key | AES-256 secret key on the token, PRIVATE, SENSITIVE, ALWAYS_SENSITIVE, not EXTRACTABLE, NEVER_EXTRACTABLE, ENCRYPT, DECRYPT, nothing else |
+//!
+//! The KEK is the one public (CKA_PRIVATE = false) object: PKCS#11 lets only the security officer
+//! set CKA_TRUSTED, and the security officer can only create public objects.
+
+use std::fmt;
+
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::Session;
+
+use crate::error::HsmError;
+use crate::keys::{HexBytes, KeyAlgorithm, SystemKey, SystemKeyKind};
+use crate::public_key::ec_params;
+use crate::templates::{key_type, system_key_algorithm};
+
+/// Which rule a key must follow.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Policy<'a> {
+    /// A resident user key, named by its CKA_ID.
+    Resident(KeyAlgorithm, &'a [u8]),
+    /// The session copy of a wrapped user key (freshly generated or unwrapped).
+    Wrapped(KeyAlgorithm),
+    /// A system key.
+    System(SystemKey),
+}
+
+impl fmt::Display for Policy<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Policy::Resident(alg, id) => write!(f, "resident {alg} user key (id {})", HexBytes(id)),
+            Policy::Wrapped(alg) => write!(f, "wrapped {alg} user key"),
+            Policy::System(key) => write!(f, "system key \"{}\"", key.label()),
+        }
+    }
+}
+
+/// A boolean attribute and the value it must have.
+type Flag = (&'static str, AttributeType, bool);
+
+const SIGNING_ONLY: &[Flag] = &[
+    ("CKA_SIGN", AttributeType::Sign, true),
+    ("CKA_DECRYPT", AttributeType::Decrypt, false),
+    ("CKA_UNWRAP", AttributeType::Unwrap, false),
+    ("CKA_DERIVE", AttributeType::Derive, false),
+    ("CKA_SIGN_RECOVER", AttributeType::SignRecover, false),
+];
+
+const NEVER_LEFT_THE_HSM: &[Flag] = &[
+    ("CKA_TOKEN", AttributeType::Token, true),
+    ("CKA_SENSITIVE", AttributeType::Sensitive, true),
+    ("CKA_EXTRACTABLE", AttributeType::Extractable, false),
+    ("CKA_ALWAYS_SENSITIVE", AttributeType::AlwaysSensitive, true),
+    (
+        "CKA_NEVER_EXTRACTABLE",
+        AttributeType::NeverExtractable,
+        true,
+    ),
+];
+
+const PRIVATE: &[Flag] = &[("CKA_PRIVATE", AttributeType::Private, true)];
+
+const WRAPPED_COPY: &[Flag] = &[
+    ("CKA_TOKEN", AttributeType::Token, false),
+    ("CKA_SENSITIVE", AttributeType::Sensitive, true),
+    (
+        "CKA_WRAP_WITH_TRUSTED",
+        AttributeType::WrapWithTrusted,
+        true,
+    ),
+];
+
+const KEK_USAGE: &[Flag] = &[
+    ("CKA_TRUSTED", AttributeType::Trusted, true),
+    ("CKA_WRAP", AttributeType::Wrap, true),
+    ("CKA_UNWRAP", AttributeType::Unwrap, true),
+    ("CKA_ENCRYPT", AttributeType::Encrypt, false),
+    ("CKA_DECRYPT", AttributeType::Decrypt, false),
+    ("CKA_SIGN", AttributeType::Sign, false),
+    ("CKA_VERIFY", AttributeType::Verify, false),
+    ("CKA_DERIVE", AttributeType::Derive, false),
+];
+
+const HMAC_USAGE: &[Flag] = &[
+    ("CKA_SIGN", AttributeType::Sign, true),
+    ("CKA_VERIFY", AttributeType::Verify, false),
+    ("CKA_ENCRYPT", AttributeType::Encrypt, false),
+    ("CKA_DECRYPT", AttributeType::Decrypt, false),
+    ("CKA_WRAP", AttributeType::Wrap, false),
+    ("CKA_UNWRAP", AttributeType::Unwrap, false),
+    ("CKA_DERIVE", AttributeType::Derive, false),
+];
+
+const AEAD_USAGE: &[Flag] = &[
+    ("CKA_ENCRYPT", AttributeType::Encrypt, true),
+    ("CKA_DECRYPT", AttributeType::Decrypt, true),
+    ("CKA_SIGN", AttributeType::Sign, false),
+    ("CKA_VERIFY", AttributeType::Verify, false),
+    ("CKA_WRAP", AttributeType::Wrap, false),
+    ("CKA_UNWRAP", AttributeType::Unwrap, false),
+    ("CKA_DERIVE", AttributeType::Derive, false),
+];
+
+/// What the class, type and size of the key must be.
+enum Shape {
+    PrivateKey(KeyAlgorithm),
+    SecretKey(KeyType),
+}
+
+impl Policy<'_> {
+    fn shape(&self) -> Shape {
+        match self {
+            Policy::Resident(alg, _) | Policy::Wrapped(alg) => Shape::PrivateKey(*alg),
+            Policy::System(key) => match key.kind() {
+                SystemKeyKind::Signing(curve) => Shape::PrivateKey(system_key_algorithm(curve)),
+                SystemKeyKind::KeyEncryption | SystemKeyKind::Aead => {
+                    Shape::SecretKey(KeyType::AES)
+                }
+                SystemKeyKind::Hmac => Shape::SecretKey(KeyType::GENERIC_SECRET),
+            },
+        }
+    }
+
+    /// The boolean rules, in the order they are reported (the most telling first).
+    fn flag_groups(&self) -> [&'static [Flag]; 3] {
+        match self {
+            Policy::Resident(..) => [NEVER_LEFT_THE_HSM, PRIVATE, SIGNING_ONLY],
+            Policy::Wrapped(_) => [WRAPPED_COPY, PRIVATE, SIGNING_ONLY],
+            Policy::System(key) => match key.kind() {
+                SystemKeyKind::Signing(_) => [NEVER_LEFT_THE_HSM, PRIVATE, SIGNING_ONLY],
+                SystemKeyKind::KeyEncryption => [NEVER_LEFT_THE_HSM, KEK_USAGE, &[]],
+                SystemKeyKind::Hmac => [NEVER_LEFT_THE_HSM, PRIVATE, HMAC_USAGE],
+                SystemKeyKind::Aead => [NEVER_LEFT_THE_HSM, PRIVATE, AEAD_USAGE],
+            },
+        }
+    }
+
+    /// Reads the key's attributes and checks them; the error names the first attribute that
+    /// breaks the policy.
+    pub(crate) fn check(&self, session: &Session, key: ObjectHandle) -> Result<(), HsmError> {
+        let shape = self.shape();
+        let groups = self.flag_groups();
+        let mut types = vec![AttributeType::Class, AttributeType::KeyType];
+        types.extend(groups.iter().flat_map(|g| g.iter().map(|f| f.1)));
+        types.push(match shape {
+            Shape::PrivateKey(alg) if alg.curve().is_some() => AttributeType::EcParams,
+            Shape::PrivateKey(_) => AttributeType::Modulus,
+            Shape::SecretKey(_) => AttributeType::ValueLen,
+        });
+        let attributes = session.get_attributes(key, &types)?;
+        let find = |t: AttributeType| attributes.iter().find(|a| a.attribute_type() == t);
+        let violation = |attribute, requirement| HsmError::KeyPolicy {
+            key: self.to_string(),
+            attribute,
+            requirement,
+        };
+
+        let (class, kt) = match &shape {
+            Shape::PrivateKey(alg) => (ObjectClass::PRIVATE_KEY, key_type(*alg)),
+            Shape::SecretKey(kt) => (ObjectClass::SECRET_KEY, *kt),
+        };
+        match find(AttributeType::Class) {
+            Some(Attribute::Class(c)) if *c == class => {}
+            _ => return Err(violation("CKA_CLASS", "is not the expected object class")),
+        }
+        match find(AttributeType::KeyType) {
+            Some(Attribute::KeyType(t)) if *t == kt => {}
+            _ => return Err(violation("CKA_KEY_TYPE", "is not the expected key type")),
+        }
+        for (name, attribute_type, expected) in groups.iter().flat_map(|g| g.iter()) {
+            match find(*attribute_type).and_then(bool_value) {
+                Some(actual) if actual == *expected => {}
+                Some(_) if *expected => return Err(violation(name, "must be CK_TRUE")),
+                Some(_) => return Err(violation(name, "must be CK_FALSE")),
+                None => return Err(violation(name, "is missing")),
+            }
+        }
+        match shape {
+            Shape::PrivateKey(alg) => match alg.curve() {
+                Some(curve) => match find(AttributeType::EcParams) {
+                    Some(Attribute::EcParams(p)) if *p == ec_params(curve)? => Ok(()),
+                    _ => Err(violation("CKA_EC_PARAMS", "is not the expected curve")),
+                },
+                None => match find(AttributeType::Modulus) {
+                    Some(Attribute::Modulus(m))
+                        if Some(significant_len(m)) == alg.modulus_len() =>
+                    {
+                        Ok(())
+                    }
+                    _ => Err(violation("CKA_MODULUS", "is not of the expected size")),
+                },
+            },
+            Shape::SecretKey(_) => match find(AttributeType::ValueLen) {
+                Some(Attribute::ValueLen(len)) if u64::from(*len) == 32 => Ok(()),
+                _ => Err(violation("CKA_VALUE_LEN", "must be 32 bytes")),
+            },
+        }
+    }
+}
+
+fn bool_value(attribute: &Attribute) -> Option<bool> {
+    match attribute {
+        Attribute::Token(b)
+        | Attribute::Private(b)
+        | Attribute::Sensitive(b)
+        | Attribute::Extractable(b)
+        | Attribute::AlwaysSensitive(b)
+        | Attribute::NeverExtractable(b)
+        | Attribute::WrapWithTrusted(b)
+        | Attribute::Trusted(b)
+        | Attribute::Sign(b)
+        | Attribute::SignRecover(b)
+        | Attribute::Verify(b)
+        | Attribute::Encrypt(b)
+        | Attribute::Decrypt(b)
+        | Attribute::Wrap(b)
+        | Attribute::Unwrap(b)
+        | Attribute::Derive(b) => Some(*b),
+        _ => None,
+    }
+}
+
+/// Length of a big-endian unsigned integer without leading zero bytes.
+fn significant_len(bytes: &[u8]) -> usize {
+    bytes.len() - bytes.iter().take_while(|b| **b == 0).count()
+}

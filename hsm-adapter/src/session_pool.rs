@@ -1,0 +1,410 @@
+//! HSM worker threads, each owning one logged-in session, fed from one shared queue.
+//!
+//! PKCS#11 never runs on an async runtime thread: the async API (`hsm.rs`) turns each call into a
+//! [`Job`], pushes it onto a bounded multi-consumer queue, and awaits a oneshot reply. Any idle
+//! worker takes the next job, so a slow job (RSA key generation) does not hold up the others.
+//!
+//! Failure handling: when a job fails because the session or the login is gone
+//! (`CKR_SESSION_HANDLE_INVALID`, `CKR_USER_NOT_LOGGED_IN`, ...), the worker opens a new session,
+//! logs in again, finds the keys' handles again, and retries the job once if it is idempotent.
+//! Stale object handles (`CKR_OBJECT_HANDLE_INVALID`) get the same treatment minus the new
+//! session. These rebuilds take the pool's `gate` exclusively, so no job is using a handle while
+//! the handles change: a module that reuses handle numbers can never have a job sign with a
+//! different key than the one it looked up.
+
+use std::fmt;
+use std::num::NonZeroUsize;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use cryptoki::context::Pkcs11;
+use cryptoki::object::ObjectHandle;
+use cryptoki::session::Session;
+use cryptoki::slot::Slot;
+use lru::LruCache;
+use secrecy::SecretString;
+use tokio::sync::oneshot;
+
+use crate::config::HsmConfig;
+use crate::directory::Directory;
+use crate::error::{HsmError, Recovery};
+use crate::module;
+
+/// State shared by the workers of one [`crate::Hsm`].
+pub(crate) struct Shared {
+    pub(crate) pkcs11: Pkcs11,
+    pub(crate) slot: Slot,
+    pin: SecretString,
+    /// Held shared by every running job, exclusively while handles change (recovery,
+    /// provisioning).
+    gate: RwLock<()>,
+    /// Bumped whenever the directory is rebuilt; workers then forget their cached handles.
+    epoch: AtomicU64,
+    directory: RwLock<Directory>,
+}
+
+impl fmt::Debug for Shared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Shared")
+            .field("slot", &self.slot)
+            .field("epoch", &self.epoch.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    pub(crate) fn pin(&self) -> &SecretString {
+        &self.pin
+    }
+
+    pub(crate) fn directory(&self) -> RwLockReadGuard<'_, Directory> {
+        // The directory is replaced or changed one entry at a time; a panic while the lock
+        // was held cannot leave it half-written.
+        self.directory
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn directory_mut(&self) -> RwLockWriteGuard<'_, Directory> {
+        self.directory
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Waits until no job runs and keeps new jobs out until the guard is dropped.
+    pub(crate) fn exclusive(&self) -> RwLockWriteGuard<'_, ()> {
+        self.gate.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn shared_gate(&self) -> RwLockReadGuard<'_, ()> {
+        self.gate.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// Installs a freshly loaded directory. Call with [`Shared::exclusive`] held.
+    pub(crate) fn replace_directory(&self, directory: Directory) {
+        *self.directory_mut() = directory;
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+/// A wrapped key unwrapped into a session object of one worker.
+#[derive(Debug)]
+pub(crate) struct CachedKey {
+    pub(crate) handle: ObjectHandle,
+}
+
+/// What a worker owns: its session and its cache of unwrapped keys.
+pub(crate) struct WorkerCtx {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) session: Session,
+    seen_epoch: u64,
+    /// Unwrapped keys by wrapped blob; `None` when the cache is disabled.
+    pub(crate) cache: Option<LruCache<Box<[u8]>, CachedKey>>,
+}
+
+impl fmt::Debug for WorkerCtx {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WorkerCtx")
+            .field("session", &self.session)
+            .field("seen_epoch", &self.seen_epoch)
+            .field("cached_keys", &self.cache.as_ref().map(LruCache::len))
+            .finish_non_exhaustive()
+    }
+}
+
+impl WorkerCtx {
+    fn new(shared: Arc<Shared>, session: Session, cache_size: usize) -> Self {
+        let seen_epoch = shared.epoch();
+        WorkerCtx {
+            shared,
+            session,
+            seen_epoch,
+            cache: NonZeroUsize::new(cache_size).map(LruCache::new),
+        }
+    }
+
+    /// Forgets cached handles if the directory was rebuilt since this worker last looked: the
+    /// session objects behind them died with the login or session that made the handles stale.
+    fn sync_epoch(&mut self) {
+        let epoch = self.shared.epoch();
+        if epoch != self.seen_epoch {
+            if let Some(cache) = &mut self.cache {
+                cache.clear();
+            }
+            self.seen_epoch = epoch;
+        }
+    }
+
+    /// Brings the session (and the handles) back after a failure seen at `epoch_at_failure`.
+    fn recover(&mut self, recovery: Recovery, epoch_at_failure: u64) {
+        let shared = Arc::clone(&self.shared);
+        let _exclusive = shared.exclusive();
+        if recovery == Recovery::Session {
+            // Open the new session before the old one closes, so that the application never
+            // drops to zero sessions (which would invalidate every handle again).
+            match module::open_user_session(&shared.pkcs11, shared.slot, shared.pin()) {
+                Ok(session) => {
+                    let old = std::mem::replace(&mut self.session, session);
+                    // Closing a session that the module already lost fails; nothing to do.
+                    let _ = old.close();
+                    tracing::warn!("HSM session re-opened after a session failure");
+                }
+                Err(err) => {
+                    tracing::error!(error = %err, "could not re-open the HSM session");
+                    return;
+                }
+            }
+        }
+        // Another worker may have rebuilt the directory after our failure already.
+        if shared.epoch() == epoch_at_failure {
+            match Directory::load(&self.session) {
+                Ok(directory) => shared.replace_directory(directory),
+                Err(err) => tracing::error!(error = %err, "could not find the keys again"),
+            }
+        }
+        self.sync_epoch();
+    }
+}
+
+/// Whether a job may run a second time after a recovered session failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Retry {
+    /// Idempotent: signing, MAC, encryption, decryption, random, find, read.
+    Once,
+    /// Not idempotent: key generation, destruction.
+    Never,
+}
+
+enum Step {
+    Done,
+    Failed(Option<Recovery>),
+    Retry(Recovery),
+}
+
+type RunFn = dyn FnMut(&mut WorkerCtx, bool) -> Step + Send;
+
+/// One request for a worker.
+pub(crate) struct Job {
+    run: Box<RunFn>,
+}
+
+impl fmt::Debug for Job {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Job").finish_non_exhaustive()
+    }
+}
+
+/// Wraps `op` into a job and returns the receiver of its result.
+pub(crate) fn job<T, F>(retry: Retry, mut op: F) -> (Job, oneshot::Receiver<Result<T, HsmError>>)
+where
+    T: Send + 'static,
+    F: FnMut(&mut WorkerCtx) -> Result<T, HsmError> + Send + 'static,
+{
+    let (tx, rx) = oneshot::channel();
+    let mut reply = Some(tx);
+    let run = move |ctx: &mut WorkerCtx, may_retry: bool| -> Step {
+        let Some(tx) = reply.take() else {
+            return Step::Done;
+        };
+        if tx.is_closed() {
+            // The caller went away (its future was dropped): skip the work.
+            return Step::Done;
+        }
+        match op(ctx) {
+            Ok(value) => {
+                // The caller may have gone in the meantime; the result is then dropped.
+                let _ = tx.send(Ok(value));
+                Step::Done
+            }
+            Err(err) => {
+                let recovery = err.recovery();
+                match recovery {
+                    Some(recovery) if may_retry && retry == Retry::Once => {
+                        reply = Some(tx);
+                        Step::Retry(recovery)
+                    }
+                    _ => {
+                        let _ = tx.send(Err(err));
+                        Step::Failed(recovery)
+                    }
+                }
+            }
+        }
+    };
+    (Job { run: Box::new(run) }, rx)
+}
+
+/// Messages to one particular worker.
+#[derive(Debug)]
+pub(crate) enum Control {
+    /// Destroy the unwrapped copy of this wrapped key, if cached, then acknowledge.
+    Evict {
+        blob: Arc<[u8]>,
+        done: oneshot::Sender<()>,
+    },
+}
+
+/// The worker threads of one [`crate::Hsm`].
+#[derive(Debug)]
+pub(crate) struct Pool {
+    shared: Arc<Shared>,
+    jobs: Sender<Job>,
+    controls: Vec<Sender<Control>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Pool {
+    /// Loads the module, logs in one session per worker, finds the keys, starts the workers.
+    /// Blocking: call it off the async runtime.
+    pub(crate) fn start(config: &HsmConfig) -> Result<Pool, HsmError> {
+        let pkcs11 = module::load(&config.module)?;
+        let slot = module::find_token(&pkcs11, &config.token)?;
+        let mut sessions = Vec::with_capacity(config.workers.get());
+        for _ in 0..config.workers.get() {
+            sessions.push(module::open_user_session(&pkcs11, slot, &config.pin)?);
+        }
+        let directory = match sessions.first() {
+            Some(session) => Directory::load(session)?,
+            None => Directory::default(),
+        };
+        let shared = Arc::new(Shared {
+            pkcs11,
+            slot,
+            pin: config.pin.clone(),
+            gate: RwLock::new(()),
+            epoch: AtomicU64::new(0),
+            directory: RwLock::new(directory),
+        });
+        let (jobs, job_queue) = crossbeam_channel::bounded(config.queue_capacity);
+        let mut controls = Vec::with_capacity(sessions.len());
+        let mut threads = Vec::with_capacity(sessions.len());
+        for (i, session) in sessions.into_iter().enumerate() {
+            let (control, control_queue) = crossbeam_channel::unbounded();
+            let ctx = WorkerCtx::new(Arc::clone(&shared), session, config.wrapped_key_cache);
+            let job_queue = job_queue.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("hsm-worker-{i}"))
+                .spawn(move || worker_loop(ctx, job_queue, control_queue))
+                .map_err(HsmError::WorkerSpawn)?;
+            controls.push(control);
+            threads.push(thread);
+        }
+        Ok(Pool {
+            shared,
+            jobs,
+            controls,
+            threads,
+        })
+    }
+
+    pub(crate) fn worker_count(&self) -> usize {
+        self.threads.len()
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Queues a job; fails at once when the queue is full rather than blocking the caller.
+    pub(crate) fn submit(&self, job: Job) -> Result<(), HsmError> {
+        self.jobs.try_send(job).map_err(|err| match err {
+            TrySendError::Full(_) => HsmError::Busy,
+            TrySendError::Disconnected(_) => HsmError::Closed,
+        })
+    }
+
+    /// Asks every worker to drop its unwrapped copy of `blob`; the receivers fire when done.
+    pub(crate) fn evict_everywhere(&self, blob: &[u8]) -> Vec<oneshot::Receiver<()>> {
+        let blob: Arc<[u8]> = Arc::from(blob);
+        self.controls
+            .iter()
+            .filter_map(|control| {
+                let (done, rx) = oneshot::channel();
+                control
+                    .send(Control::Evict {
+                        blob: Arc::clone(&blob),
+                        done,
+                    })
+                    .ok()
+                    .map(|()| rx)
+            })
+            .collect()
+    }
+
+    /// Stops taking jobs; the workers finish what is queued, close their sessions and exit.
+    /// Returns the threads to join.
+    pub(crate) fn stop(self) -> Vec<JoinHandle<()>> {
+        drop(self.jobs);
+        drop(self.controls);
+        self.threads
+    }
+}
+
+fn worker_loop(mut ctx: WorkerCtx, jobs: Receiver<Job>, control: Receiver<Control>) {
+    // One reference for the loop, so that jobs do not touch the shared reference count.
+    let shared = Arc::clone(&ctx.shared);
+    loop {
+        crossbeam_channel::select! {
+            recv(jobs) -> job => match job {
+                Ok(job) => run_job(&shared, &mut ctx, job),
+                Err(_) => break,
+            },
+            recv(control) -> message => match message {
+                Ok(message) => run_control(&shared, &mut ctx, message),
+                Err(_) => break,
+            },
+        }
+    }
+    // Dropping the context closes the session, which destroys its session objects.
+}
+
+fn run_job(shared: &Shared, ctx: &mut WorkerCtx, mut job: Job) {
+    let mut may_retry = true;
+    loop {
+        let (step, epoch_at_start) = {
+            let _gate = shared.shared_gate();
+            ctx.sync_epoch();
+            let epoch = ctx.seen_epoch;
+            let step =
+                catch_unwind(AssertUnwindSafe(|| (job.run)(ctx, may_retry))).unwrap_or_else(|_| {
+                    // The reply sender was dropped while unwinding: the caller gets an error.
+                    tracing::error!("an HSM job panicked");
+                    Step::Done
+                });
+            (step, epoch)
+        };
+        match step {
+            Step::Done | Step::Failed(None) => return,
+            Step::Failed(Some(recovery)) => {
+                ctx.recover(recovery, epoch_at_start);
+                return;
+            }
+            Step::Retry(recovery) => {
+                tracing::warn!(
+                    ?recovery,
+                    "HSM operation failed on a lost session; retrying once"
+                );
+                ctx.recover(recovery, epoch_at_start);
+                may_retry = false;
+            }
+        }
+    }
+}
+
+fn run_control(shared: &Shared, ctx: &mut WorkerCtx, message: Control) {
+    match message {
+        Control::Evict { blob, done } => {
+            let _gate = shared.shared_gate();
+            ctx.sync_epoch();
+            ctx.evict(&blob);
+            let _ = done.send(());
+        }
+    }
+}

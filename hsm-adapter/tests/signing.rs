@@ -1,0 +1,202 @@
+//! User keys sign, and an independent implementation (openssl, p256) verifies.
+// Helpers outside #[test] functions: in tests a panic is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{Padding, hsm, openssl_verify, user_key};
+use hsm_adapter::{
+    Digest, ErrorKind, HashAlgorithm, Hsm, KeyAlgorithm, KeyMode, SignatureScheme, UserKeyRef,
+};
+use sha2::Digest as _;
+
+const DATA: &[u8] = b"smartsign test document: the quick brown fox jumps over the lazy dog";
+
+fn sha256(data: &[u8]) -> Digest {
+    Digest::new(HashAlgorithm::Sha256, sha2::Sha256::digest(data).to_vec()).unwrap()
+}
+
+fn sha384(data: &[u8]) -> Digest {
+    Digest::new(HashAlgorithm::Sha384, sha2::Sha384::digest(data).to_vec()).unwrap()
+}
+
+fn schemes(algorithm: KeyAlgorithm) -> &'static [(SignatureScheme, Padding)] {
+    match algorithm {
+        KeyAlgorithm::EcP256 | KeyAlgorithm::EcP384 => {
+            &[(SignatureScheme::Ecdsa, Padding::Default)]
+        }
+        _ => &[
+            (SignatureScheme::RsaPkcs1v15, Padding::Default),
+            (SignatureScheme::RsaPss, Padding::Pss),
+        ],
+    }
+}
+
+async fn signs_and_openssl_verifies(algorithm: KeyAlgorithm, mode: KeyMode) {
+    let key = user_key(algorithm, mode).await;
+    assert_eq!(key.algorithm(), algorithm);
+    assert_eq!(key.mode(), mode);
+    let pem = key.public_key().to_pem();
+    for (scheme, padding) in schemes(algorithm) {
+        let signature = hsm().sign(key, *scheme, &sha256(DATA)).await.unwrap();
+        openssl_verify(&pem, "sha256", DATA, &signature, *padding);
+        let signature = hsm().sign(key, *scheme, &sha384(DATA)).await.unwrap();
+        openssl_verify(&pem, "sha384", DATA, &signature, *padding);
+    }
+}
+
+#[tokio::test]
+async fn wrapped_ec_p256_key_signs_and_openssl_verifies() {
+    signs_and_openssl_verifies(KeyAlgorithm::EcP256, KeyMode::Wrapped).await;
+}
+
+#[tokio::test]
+async fn resident_ec_p256_key_signs_and_openssl_verifies() {
+    signs_and_openssl_verifies(KeyAlgorithm::EcP256, KeyMode::Resident).await;
+}
+
+#[tokio::test]
+async fn wrapped_ec_p384_key_signs_and_openssl_verifies() {
+    signs_and_openssl_verifies(KeyAlgorithm::EcP384, KeyMode::Wrapped).await;
+}
+
+#[tokio::test]
+async fn resident_ec_p384_key_signs_and_openssl_verifies() {
+    signs_and_openssl_verifies(KeyAlgorithm::EcP384, KeyMode::Resident).await;
+}
+
+#[tokio::test]
+async fn wrapped_rsa_2048_key_signs_pkcs1_and_pss_and_openssl_verifies() {
+    signs_and_openssl_verifies(KeyAlgorithm::Rsa2048, KeyMode::Wrapped).await;
+}
+
+#[tokio::test]
+async fn resident_rsa_2048_key_signs_pkcs1_and_pss_and_openssl_verifies() {
+    signs_and_openssl_verifies(KeyAlgorithm::Rsa2048, KeyMode::Resident).await;
+}
+
+#[tokio::test]
+async fn wrapped_rsa_3072_key_signs_pkcs1_and_pss_and_openssl_verifies() {
+    signs_and_openssl_verifies(KeyAlgorithm::Rsa3072, KeyMode::Wrapped).await;
+}
+
+#[tokio::test]
+async fn resident_rsa_3072_key_signs_pkcs1_and_pss_and_openssl_verifies() {
+    signs_and_openssl_verifies(KeyAlgorithm::Rsa3072, KeyMode::Resident).await;
+}
+
+#[tokio::test]
+async fn key_reference_survives_its_byte_encoding() {
+    for mode in [KeyMode::Wrapped, KeyMode::Resident] {
+        let key = user_key(KeyAlgorithm::EcP256, mode).await;
+        let decoded = UserKeyRef::from_bytes(&key.to_bytes()).unwrap();
+        assert_eq!(&decoded, key);
+        let signature = hsm()
+            .sign(&decoded, SignatureScheme::Ecdsa, &sha256(DATA))
+            .await
+            .unwrap();
+        openssl_verify(
+            &key.public_key().to_pem(),
+            "sha256",
+            DATA,
+            &signature,
+            Padding::Default,
+        );
+    }
+    let mut bytes = user_key(KeyAlgorithm::EcP256, KeyMode::Wrapped)
+        .await
+        .to_bytes();
+    bytes.push(0);
+    assert_eq!(
+        UserKeyRef::from_bytes(&bytes).unwrap_err().kind(),
+        ErrorKind::InvalidInput
+    );
+}
+
+#[tokio::test]
+async fn scheme_that_does_not_fit_the_key_is_refused() {
+    let key = user_key(KeyAlgorithm::EcP256, KeyMode::Wrapped).await;
+    let err = hsm()
+        .sign(key, SignatureScheme::RsaPss, &sha256(DATA))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidInput);
+}
+
+#[tokio::test]
+async fn sixty_four_concurrent_signers_all_get_valid_signatures() {
+    use p256::ecdsa::signature::hazmat::PrehashVerifier;
+    use p256::pkcs8::DecodePublicKey;
+
+    let hsm: &'static Hsm = hsm();
+    let wrapped = user_key(KeyAlgorithm::EcP256, KeyMode::Wrapped).await;
+    let resident = user_key(KeyAlgorithm::EcP256, KeyMode::Resident).await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..64u32 {
+        let key: &'static UserKeyRef = if i % 2 == 0 { wrapped } else { resident };
+        tasks.spawn(async move {
+            let message = format!("document {i}");
+            let digest = sha256(message.as_bytes());
+            let signature = hsm
+                .sign(key, SignatureScheme::Ecdsa, &digest)
+                .await
+                .unwrap();
+            (key, digest, signature)
+        });
+    }
+    let verified = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    while let Some(result) = tasks.join_next().await {
+        let (key, digest, signature) = result.unwrap();
+        let verifying_key =
+            p256::ecdsa::VerifyingKey::from_public_key_der(key.public_key().as_der()).unwrap();
+        let signature = p256::ecdsa::Signature::from_der(&signature).unwrap();
+        verifying_key
+            .verify_prehash(digest.as_bytes(), &signature)
+            .unwrap();
+        verified.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    assert_eq!(verified.load(std::sync::atomic::Ordering::Relaxed), 64);
+}
+
+#[tokio::test]
+async fn destroyed_resident_key_no_longer_signs() {
+    let key = hsm()
+        .generate_user_key(KeyAlgorithm::EcP256, KeyMode::Resident)
+        .await
+        .unwrap();
+    hsm()
+        .sign(&key, SignatureScheme::Ecdsa, &sha256(DATA))
+        .await
+        .unwrap();
+    hsm().destroy_user_key(&key).await.unwrap();
+    let err = hsm()
+        .sign(&key, SignatureScheme::Ecdsa, &sha256(DATA))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+    let err = hsm().destroy_user_key(&key).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound);
+}
+
+#[tokio::test]
+async fn destroying_a_wrapped_key_evicts_cached_copies() {
+    let key = hsm()
+        .generate_user_key(KeyAlgorithm::EcP256, KeyMode::Wrapped)
+        .await
+        .unwrap();
+    // Sign a few times so that both workers may have an unwrapped copy cached.
+    for _ in 0..4 {
+        hsm()
+            .sign(&key, SignatureScheme::Ecdsa, &sha256(DATA))
+            .await
+            .unwrap();
+    }
+    hsm().destroy_user_key(&key).await.unwrap();
+    // The blob itself still unwraps: deleting it is the caller's job (documented).
+    hsm()
+        .sign(&key, SignatureScheme::Ecdsa, &sha256(DATA))
+        .await
+        .unwrap();
+}
