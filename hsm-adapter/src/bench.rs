@@ -9,7 +9,12 @@
 //!
 //! The adapter is measured through its async API with as many workers as baseline threads, its
 //! wrapped-key cache off (so that it unwraps every time, like the baseline), and several
-//! requests in flight per worker so that no worker waits for the caller.
+//! requests in flight per worker so that no worker waits for the caller. The requests come from
+//! a single-threaded tokio runtime on a thread of its own, the leanest async caller there is, so
+//! that what is measured is the adapter (queue, worker, reply) and not the caller's scheduler.
+//!
+//! The two alternate in short rounds (baseline, adapter, adapter, baseline, ...) so that a
+//! machine whose speed drifts (a shared VM does) slows both alike.
 
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,7 +27,7 @@ use cryptoki::session::Session;
 use crate::config::HsmConfig;
 use crate::directory::system_key_template;
 use crate::error::HsmError;
-use crate::hsm::Hsm;
+use crate::hsm::{Hsm, run_blocking};
 use crate::keys::{
     Digest, HashAlgorithm, KeyAlgorithm, KeyStorage, RESIDENT_KEY_LABEL, SignatureScheme,
     SystemKey, UserKeyRef,
@@ -31,15 +36,17 @@ use crate::module;
 use crate::operations::SignRequest;
 use crate::templates::{unwrap_template, wrap_mechanism};
 
-/// The digest every benchmark signs (SHA-256 of a fixed message).
+/// The digest every benchmark signs.
 const DIGEST: [u8; 32] = [0x5a; 32];
+/// Length of one measuring round.
+const ROUND: Duration = Duration::from_millis(250);
 
 /// Operations completed in a measured time.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct Throughput {
     /// Completed signatures.
     pub operations: u64,
-    /// From the start until the last of them completed.
+    /// Time spent measuring.
     pub elapsed: Duration,
 }
 
@@ -49,6 +56,32 @@ impl Throughput {
         let secs = self.elapsed.as_secs_f64();
         if secs > 0.0 {
             self.operations as f64 / secs
+        } else {
+            0.0
+        }
+    }
+
+    fn add(&mut self, other: Throughput) {
+        self.operations += other.operations;
+        self.elapsed += other.elapsed;
+    }
+}
+
+/// The baseline and the adapter, measured in alternating rounds.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Comparison {
+    /// Raw cryptoki.
+    pub raw: Throughput,
+    /// The adapter's async API.
+    pub adapter: Throughput,
+}
+
+impl Comparison {
+    /// Adapter throughput over raw throughput.
+    pub fn ratio(&self) -> f64 {
+        let raw = self.raw.per_second();
+        if raw > 0.0 {
+            self.adapter.per_second() / raw
         } else {
             0.0
         }
@@ -63,111 +96,166 @@ pub fn scheme_for(algorithm: KeyAlgorithm) -> SignatureScheme {
     }
 }
 
-fn request_for(key: &UserKeyRef) -> Result<SignRequest, HsmError> {
-    let digest = Digest::new(HashAlgorithm::Sha256, DIGEST.to_vec())?;
-    SignRequest::new(key.algorithm(), scheme_for(key.algorithm()), &digest)
-}
+/// Requests kept in flight per worker: enough that a worker finds the next job queued while
+/// replies travel back.
+pub const IN_FLIGHT_PER_WORKER: usize = 16;
 
-/// The baseline: `threads` threads calling cryptoki directly for `duration`. Blocking: run it
-/// off the async runtime (`spawn_blocking`).
-pub fn raw_cryptoki(
+/// Measures signing with `key` for about `duration` each through raw cryptoki and through the
+/// adapter, both with `threads` sessions. Call it inside a tokio runtime.
+pub async fn compare(
     config: &HsmConfig,
     key: &UserKeyRef,
     threads: NonZeroUsize,
     duration: Duration,
-) -> Result<Throughput, HsmError> {
-    let pkcs11 = module::load(&config.module)?;
-    let slot = module::find_token(&pkcs11, &config.token)?;
-    let request = request_for(key)?;
-    let mut sessions = Vec::with_capacity(threads.get());
-    for _ in 0..threads.get() {
-        sessions.push(module::open_user_session(&pkcs11, slot, &config.pin)?);
-    }
-    let setup = sessions
-        .first()
-        .ok_or(HsmError::UnexpectedResponse("no session"))?;
-    let target = match &key.storage {
-        KeyStorage::Resident { id } => Target::Resident(find_one(
-            setup,
-            &[
-                Attribute::Class(ObjectClass::PRIVATE_KEY),
-                Attribute::Token(true),
-                Attribute::Label(RESIDENT_KEY_LABEL.as_bytes().to_vec()),
-                Attribute::Id(id.clone()),
-            ],
-        )?),
-        KeyStorage::Wrapped { blob, .. } => Target::Wrapped {
-            kek: find_one(setup, &system_key_template(SystemKey::Kek))?,
-            blob,
-            template: unwrap_template(key.algorithm()),
-        },
-    };
-
-    let operations = AtomicU64::new(0);
-    let start_line = Barrier::new(threads.get() + 1);
-    let (start, results) = std::thread::scope(|scope| {
-        let workers: Vec<_> = sessions
-            .into_iter()
-            .map(|session| {
-                let (target, operations, start_line) = (&target, &operations, &start_line);
-                let request = &request;
-                scope.spawn(move || -> Result<Instant, HsmError> {
-                    let (mechanism, data) = (request.mechanism(), request.data());
-                    start_line.wait();
-                    let deadline = Instant::now() + duration;
-                    let mut done = 0;
-                    while Instant::now() < deadline {
-                        match target {
-                            Target::Resident(handle) => {
-                                session.sign(&mechanism, *handle, data)?;
-                            }
-                            Target::Wrapped {
-                                kek,
-                                blob,
-                                template,
-                            } => {
-                                let handle =
-                                    session.unwrap_key(&wrap_mechanism(), *kek, blob, template)?;
-                                let signed = session.sign(&mechanism, handle, data);
-                                session.destroy_object(handle)?;
-                                signed?;
-                            }
-                        }
-                        done += 1;
-                    }
-                    operations.fetch_add(done, Ordering::Relaxed);
-                    Ok(Instant::now())
-                })
-            })
-            .collect();
-        start_line.wait();
-        let start = Instant::now();
-        let results: Vec<_> = workers
-            .into_iter()
-            .map(|w| {
-                w.join()
-                    .unwrap_or(Err(HsmError::UnexpectedResponse("bench thread panicked")))
-            })
-            .collect();
-        (start, results)
-    });
-    let mut end = start;
-    for result in results {
-        end = end.max(result?);
-    }
-    Ok(Throughput {
-        operations: operations.into_inner(),
-        elapsed: end - start,
+) -> Result<Comparison, HsmError> {
+    let (config_raw, key_raw) = (config.clone(), key.clone());
+    let mut raw = run_blocking("hsm-bench-setup", move || {
+        RawBaseline::new(&config_raw, &key_raw, threads)
     })
+    .await?;
+    let mut adapter = AdapterLoad::open(config, key, threads).await?;
+
+    // An even number of rounds, in the order ABBA ABBA ...: a linear drift cancels out.
+    let rounds = (duration.as_nanos() / ROUND.as_nanos()).max(1) as u32;
+    let round = duration / rounds;
+    let mut comparison = Comparison::default();
+    for i in 0..rounds * 2 {
+        if (i % 4 == 0) || (i % 4 == 3) {
+            let (measured, back) = run_blocking("hsm-bench-raw", move || {
+                let measured = raw.run(round);
+                Ok((measured, raw))
+            })
+            .await?;
+            raw = back;
+            comparison.raw.add(measured?);
+        } else {
+            comparison.adapter.add(adapter.run(round).await?);
+        }
+    }
+    adapter.close().await;
+    Ok(comparison)
 }
 
-enum Target<'a> {
+/// Sessions and handles of the baseline threads, set up before the clock starts.
+struct RawBaseline {
+    sessions: Vec<Session>,
+    request: SignRequest,
+    target: Target,
+}
+
+enum Target {
     Resident(ObjectHandle),
     Wrapped {
         kek: ObjectHandle,
-        blob: &'a [u8],
+        blob: Vec<u8>,
         template: Vec<Attribute>,
     },
+}
+
+impl RawBaseline {
+    fn new(
+        config: &HsmConfig,
+        key: &UserKeyRef,
+        threads: NonZeroUsize,
+    ) -> Result<RawBaseline, HsmError> {
+        let pkcs11 = module::load(&config.module)?;
+        let slot = module::find_token(&pkcs11, &config.token)?;
+        let digest = Digest::new(HashAlgorithm::Sha256, DIGEST.to_vec())?;
+        let request = SignRequest::new(key.algorithm(), scheme_for(key.algorithm()), &digest)?;
+        let mut sessions = Vec::with_capacity(threads.get());
+        for _ in 0..threads.get() {
+            sessions.push(module::open_user_session(&pkcs11, slot, &config.pin)?);
+        }
+        let setup = sessions
+            .first()
+            .ok_or(HsmError::UnexpectedResponse("no session"))?;
+        let target = match &key.storage {
+            KeyStorage::Resident { id } => Target::Resident(find_one(
+                setup,
+                &[
+                    Attribute::Class(ObjectClass::PRIVATE_KEY),
+                    Attribute::Token(true),
+                    Attribute::Label(RESIDENT_KEY_LABEL.as_bytes().to_vec()),
+                    Attribute::Id(id.clone()),
+                ],
+            )?),
+            KeyStorage::Wrapped { blob, .. } => Target::Wrapped {
+                kek: find_one(setup, &system_key_template(SystemKey::Kek))?,
+                blob: blob.clone(),
+                template: unwrap_template(key.algorithm()),
+            },
+        };
+        Ok(RawBaseline {
+            sessions,
+            request,
+            target,
+        })
+    }
+
+    /// Every thread signs until `duration` has passed.
+    fn run(&mut self, duration: Duration) -> Result<Throughput, HsmError> {
+        let operations = AtomicU64::new(0);
+        let start_line = Barrier::new(self.sessions.len() + 1);
+        let (target, request) = (&self.target, &self.request);
+        let (start, results) = std::thread::scope(|scope| {
+            let threads: Vec<_> = self
+                .sessions
+                .iter_mut()
+                .map(|session| {
+                    let (operations, start_line) = (&operations, &start_line);
+                    scope.spawn(move || -> Result<Instant, HsmError> {
+                        let (mechanism, data) = (request.mechanism(), request.data());
+                        start_line.wait();
+                        let deadline = Instant::now() + duration;
+                        let mut done = 0;
+                        while Instant::now() < deadline {
+                            match target {
+                                Target::Resident(handle) => {
+                                    session.sign(&mechanism, *handle, data)?;
+                                }
+                                Target::Wrapped {
+                                    kek,
+                                    blob,
+                                    template,
+                                } => {
+                                    let handle = session.unwrap_key(
+                                        &wrap_mechanism(),
+                                        *kek,
+                                        blob,
+                                        template,
+                                    )?;
+                                    let signed = session.sign(&mechanism, handle, data);
+                                    session.destroy_object(handle)?;
+                                    signed?;
+                                }
+                            }
+                            done += 1;
+                        }
+                        operations.fetch_add(done, Ordering::Relaxed);
+                        Ok(Instant::now())
+                    })
+                })
+                .collect();
+            start_line.wait();
+            let start = Instant::now();
+            let results: Vec<_> = threads
+                .into_iter()
+                .map(|t| {
+                    t.join()
+                        .unwrap_or(Err(HsmError::UnexpectedResponse("bench thread panicked")))
+                })
+                .collect();
+            (start, results)
+        });
+        let mut end = start;
+        for result in results {
+            end = end.max(result?);
+        }
+        Ok(Throughput {
+            operations: operations.into_inner(),
+            elapsed: end - start,
+        })
+    }
 }
 
 fn find_one(session: &Session, template: &[Attribute]) -> Result<ObjectHandle, HsmError> {
@@ -180,34 +268,70 @@ fn find_one(session: &Session, template: &[Attribute]) -> Result<ObjectHandle, H
     }
 }
 
-/// The adapter through its async API: a new [`Hsm`] with `threads` workers and no wrapped-key
-/// cache, kept busy by `in_flight` concurrent requests for `duration`. Call it inside a tokio
-/// runtime (it spawns the requests as tasks).
-pub async fn adapter(
-    config: &HsmConfig,
-    key: &UserKeyRef,
-    threads: NonZeroUsize,
-    in_flight: NonZeroUsize,
+/// An [`Hsm`] with `threads` workers and no wrapped-key cache, and the requests to keep it busy.
+struct AdapterLoad {
+    hsm: Arc<Hsm>,
+    key: UserKeyRef,
+    digest: Digest,
+    in_flight: usize,
+}
+
+impl AdapterLoad {
+    async fn open(
+        config: &HsmConfig,
+        key: &UserKeyRef,
+        threads: NonZeroUsize,
+    ) -> Result<AdapterLoad, HsmError> {
+        let config = config
+            .clone()
+            .with_workers(threads)
+            .with_wrapped_key_cache(0);
+        let hsm = Hsm::open(config).await?;
+        let digest = Digest::new(HashAlgorithm::Sha256, DIGEST.to_vec())?;
+        // One signature first: checks the key's policy and fails fast on a broken setup.
+        hsm.sign(key, scheme_for(key.algorithm()), &digest).await?;
+        Ok(AdapterLoad {
+            hsm: Arc::new(hsm),
+            key: key.clone(),
+            digest,
+            in_flight: threads.get() * IN_FLIGHT_PER_WORKER,
+        })
+    }
+
+    /// Keeps the requests in flight from a single-threaded runtime on a thread of its own until
+    /// `duration` has passed.
+    async fn run(&mut self, duration: Duration) -> Result<Throughput, HsmError> {
+        let (hsm, key, digest) = (Arc::clone(&self.hsm), self.key.clone(), self.digest.clone());
+        let in_flight = self.in_flight;
+        run_blocking("hsm-bench-load", move || {
+            tokio::runtime::Builder::new_current_thread()
+                .build()
+                .map_err(HsmError::WorkerSpawn)?
+                .block_on(drive(hsm, key, digest, in_flight, duration))
+        })
+        .await
+    }
+
+    async fn close(self) {
+        if let Ok(hsm) = Arc::try_unwrap(self.hsm) {
+            hsm.shutdown().await;
+        }
+    }
+}
+
+/// Keeps `in_flight` signatures outstanding until `duration` has passed.
+async fn drive(
+    hsm: Arc<Hsm>,
+    key: UserKeyRef,
+    digest: Digest,
+    in_flight: usize,
     duration: Duration,
 ) -> Result<Throughput, HsmError> {
-    let hsm = Arc::new(
-        Hsm::open(
-            config
-                .clone()
-                .with_workers(threads)
-                .with_wrapped_key_cache(0),
-        )
-        .await?,
-    );
-    let digest = Digest::new(HashAlgorithm::Sha256, DIGEST.to_vec())?;
     let scheme = scheme_for(key.algorithm());
-    // One signature first: checks the key's policy and fails fast on a broken setup.
-    hsm.sign(key, scheme, &digest).await?;
-
     let start = Instant::now();
     let deadline = start + duration;
     let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..in_flight.get() {
+    for _ in 0..in_flight {
         let (hsm, key, digest) = (Arc::clone(&hsm), key.clone(), digest.clone());
         tasks.spawn(async move {
             let mut done = 0u64;
@@ -222,12 +346,8 @@ pub async fn adapter(
     while let Some(result) = tasks.join_next().await {
         operations += result.map_err(|_| HsmError::UnexpectedResponse("bench task failed"))??;
     }
-    let elapsed = start.elapsed();
-    if let Ok(hsm) = Arc::try_unwrap(hsm) {
-        hsm.shutdown().await;
-    }
     Ok(Throughput {
         operations,
-        elapsed,
+        elapsed: start.elapsed(),
     })
 }

@@ -16,7 +16,7 @@ use crate::keys::{
 use crate::operations::{MAX_RANDOM_LEN, SignRequest, SigningKey};
 use crate::provision::{self, ProvisionReport};
 use crate::public_key::PublicKeySpki;
-use crate::session_pool::{Pool, Retry, WorkerCtx, job};
+use crate::session_pool::{Cost, Pool, Retry, WorkerCtx, job};
 use crate::templates::system_key_algorithm;
 
 /// A token, opened: a pool of worker threads each holding a logged-in session.
@@ -66,7 +66,7 @@ impl Hsm {
         algorithm: KeyAlgorithm,
         mode: KeyMode,
     ) -> Result<UserKeyRef, HsmError> {
-        self.call(Retry::Never, move |ctx| {
+        self.call(Retry::Never, Cost::Slow, move |ctx| {
             ctx.generate_user_key(algorithm, mode)
         })
         .await
@@ -82,8 +82,10 @@ impl Hsm {
             return Err(HsmError::InvalidInput("a CKA_ID has 1 to 64 bytes".into()));
         }
         let id = id.to_vec();
-        self.call(Retry::Once, move |ctx| ctx.resident_key_ref(algorithm, &id))
-            .await
+        self.call(Retry::Once, Cost::Slow, move |ctx| {
+            ctx.resident_key_ref(algorithm, &id)
+        })
+        .await
     }
 
     /// Signs `digest` with a user key. ECDSA signatures are DER `Ecdsa-Sig-Value`s; RSA
@@ -97,8 +99,13 @@ impl Hsm {
         let request = SignRequest::new(key.algorithm(), scheme, digest)?;
         let encoding = request.encoding();
         let signing_key = SigningKey::from_ref(key);
+        // Only a resident EC key signs in tens of microseconds; unwrapping and RSA take longer.
+        let cost = match (key.mode(), key.algorithm().is_ec()) {
+            (KeyMode::Resident, true) => Cost::Quick,
+            _ => Cost::Slow,
+        };
         let raw = self
-            .call(Retry::Once, move |ctx| {
+            .call(Retry::Once, cost, move |ctx| {
                 ctx.sign_user(&signing_key, &request)
             })
             .await?;
@@ -119,8 +126,10 @@ impl Hsm {
             }
             KeyStorage::Resident { id } => {
                 let id = id.clone();
-                self.call(Retry::Never, move |ctx| ctx.destroy_resident(&id))
-                    .await
+                self.call(Retry::Never, Cost::Slow, move |ctx| {
+                    ctx.destroy_resident(&id)
+                })
+                .await
             }
         }
     }
@@ -129,8 +138,10 @@ impl Hsm {
     /// [`SystemKey::Hkic`]).
     pub async fn hmac_sha256(&self, key: SystemKey, data: &[u8]) -> Result<[u8; 32], HsmError> {
         let data = Zeroizing::new(data.to_vec());
-        self.call(Retry::Once, move |ctx| ctx.hmac_sha256(key, &data))
-            .await
+        self.call(Retry::Once, Cost::Quick, move |ctx| {
+            ctx.hmac_sha256(key, &data)
+        })
+        .await
     }
 
     /// AES-256-GCM under [`SystemKey::Data`] with a fresh 96-bit nonce from the HSM's
@@ -138,8 +149,10 @@ impl Hsm {
     pub async fn encrypt(&self, plaintext: &[u8], aad: &[u8]) -> Result<Vec<u8>, HsmError> {
         let plaintext = Zeroizing::new(plaintext.to_vec());
         let aad = aad.to_vec();
-        self.call(Retry::Once, move |ctx| ctx.encrypt(&aad, &plaintext))
-            .await
+        self.call(Retry::Once, Cost::Quick, move |ctx| {
+            ctx.encrypt(&aad, &plaintext)
+        })
+        .await
     }
 
     /// Opens what [`Hsm::encrypt`] sealed with the same `aad`; [`HsmError::NotAuthentic`] if
@@ -147,8 +160,10 @@ impl Hsm {
     pub async fn decrypt(&self, sealed: &[u8], aad: &[u8]) -> Result<Zeroizing<Vec<u8>>, HsmError> {
         let sealed = sealed.to_vec();
         let aad = aad.to_vec();
-        self.call(Retry::Once, move |ctx| ctx.decrypt(&aad, &sealed))
-            .await
+        self.call(Retry::Once, Cost::Quick, move |ctx| {
+            ctx.decrypt(&aad, &sealed)
+        })
+        .await
     }
 
     /// `len` bytes (at most 64 KiB) from the HSM's random generator.
@@ -158,7 +173,8 @@ impl Hsm {
                 "at most {MAX_RANDOM_LEN} random bytes"
             )));
         }
-        self.call(Retry::Once, move |ctx| ctx.random(len)).await
+        self.call(Retry::Once, Cost::Quick, move |ctx| ctx.random(len))
+            .await
     }
 
     /// Signs `digest` with a system signing key (audit, CA); returns a DER ECDSA signature.
@@ -176,15 +192,19 @@ impl Hsm {
             SignRequest::new(system_key_algorithm(curve), SignatureScheme::Ecdsa, digest)?;
         let encoding = request.encoding();
         let raw = self
-            .call(Retry::Once, move |ctx| ctx.sign_system(key, &request))
+            .call(Retry::Once, Cost::Quick, move |ctx| {
+                ctx.sign_system(key, &request)
+            })
             .await?;
         encoding.finish(raw)
     }
 
     /// The public key of a system signing key as SPKI.
     pub async fn system_public_key(&self, key: SystemKey) -> Result<PublicKeySpki, HsmError> {
-        self.call(Retry::Once, move |ctx| ctx.system_public_key(key))
-            .await
+        self.call(Retry::Once, Cost::Slow, move |ctx| {
+            ctx.system_public_key(key)
+        })
+        .await
     }
 
     /// Stops the workers after the queued requests and waits until their sessions are closed.
@@ -203,19 +223,19 @@ impl Hsm {
         let _ = joined.await;
     }
 
-    async fn call<T, F>(&self, retry: Retry, op: F) -> Result<T, HsmError>
+    async fn call<T, F>(&self, retry: Retry, cost: Cost, op: F) -> Result<T, HsmError>
     where
         T: Send + 'static,
         F: FnMut(&mut WorkerCtx) -> Result<T, HsmError> + Send + 'static,
     {
-        let (job, reply) = job(retry, op);
+        let (job, reply) = job(retry, cost, op);
         self.pool.submit(job)?;
         reply.await.map_err(|_| HsmError::Closed)?
     }
 }
 
 /// Runs blocking work (module loading, provisioning) on a thread of its own.
-async fn run_blocking<T, F>(name: &str, work: F) -> Result<T, HsmError>
+pub(crate) async fn run_blocking<T, F>(name: &str, work: F) -> Result<T, HsmError>
 where
     T: Send + 'static,
     F: FnOnce() -> Result<T, HsmError> + Send + 'static,

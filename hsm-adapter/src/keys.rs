@@ -153,6 +153,11 @@ impl KeyAlgorithm {
         KeyAlgorithm::ALL.into_iter().find(|a| a.code() == code)
     }
 
+    /// Whether this is an elliptic-curve algorithm.
+    pub fn is_ec(self) -> bool {
+        self.curve().is_some()
+    }
+
     /// Whether `scheme` can be used with a key of this algorithm.
     pub fn supports(self, scheme: SignatureScheme) -> bool {
         match scheme {

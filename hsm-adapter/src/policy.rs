@@ -115,14 +115,21 @@ const AEAD_USAGE: &[Flag] = &[
 
 /// What the class, type and size of the key must be.
 enum Shape {
+    /// A private key of this algorithm, curve or modulus size included.
     PrivateKey(KeyAlgorithm),
+    /// A private key of this algorithm's key type. Used for the session copy of a wrapped key,
+    /// which is checked on every signature: its curve or size is that of the blob, which only
+    /// the KEK can have made, and a mismatch would show in the signature's length anyway. Reading
+    /// the variable-length CKA_EC_PARAMS or CKA_MODULUS would double the cost of the check.
+    PrivateKeyType(KeyAlgorithm),
     SecretKey(KeyType),
 }
 
 impl Policy<'_> {
     fn shape(&self) -> Shape {
         match self {
-            Policy::Resident(alg, _) | Policy::Wrapped(alg) => Shape::PrivateKey(*alg),
+            Policy::Resident(alg, _) => Shape::PrivateKey(*alg),
+            Policy::Wrapped(alg) => Shape::PrivateKeyType(*alg),
             Policy::System(key) => match key.kind() {
                 SystemKeyKind::Signing(curve) => Shape::PrivateKey(system_key_algorithm(curve)),
                 SystemKeyKind::KeyEncryption | SystemKeyKind::Aead => {
@@ -154,11 +161,12 @@ impl Policy<'_> {
         let groups = self.flag_groups();
         let mut types = vec![AttributeType::Class, AttributeType::KeyType];
         types.extend(groups.iter().flat_map(|g| g.iter().map(|f| f.1)));
-        types.push(match shape {
-            Shape::PrivateKey(alg) if alg.curve().is_some() => AttributeType::EcParams,
-            Shape::PrivateKey(_) => AttributeType::Modulus,
-            Shape::SecretKey(_) => AttributeType::ValueLen,
-        });
+        match shape {
+            Shape::PrivateKey(alg) if alg.is_ec() => types.push(AttributeType::EcParams),
+            Shape::PrivateKey(_) => types.push(AttributeType::Modulus),
+            Shape::PrivateKeyType(_) => {}
+            Shape::SecretKey(_) => types.push(AttributeType::ValueLen),
+        }
         let attributes = session.get_attributes(key, &types)?;
         let find = |t: AttributeType| attributes.iter().find(|a| a.attribute_type() == t);
         let violation = |attribute, requirement| HsmError::KeyPolicy {
@@ -168,7 +176,9 @@ impl Policy<'_> {
         };
 
         let (class, kt) = match &shape {
-            Shape::PrivateKey(alg) => (ObjectClass::PRIVATE_KEY, key_type(*alg)),
+            Shape::PrivateKey(alg) | Shape::PrivateKeyType(alg) => {
+                (ObjectClass::PRIVATE_KEY, key_type(*alg))
+            }
             Shape::SecretKey(kt) => (ObjectClass::SECRET_KEY, *kt),
         };
         match find(AttributeType::Class) {
@@ -202,6 +212,7 @@ impl Policy<'_> {
                     _ => Err(violation("CKA_MODULUS", "is not of the expected size")),
                 },
             },
+            Shape::PrivateKeyType(_) => Ok(()),
             Shape::SecretKey(_) => match find(AttributeType::ValueLen) {
                 Some(Attribute::ValueLen(len)) if u64::from(*len) == 32 => Ok(()),
                 _ => Err(violation("CKA_VALUE_LEN", "must be 32 bytes")),
