@@ -101,7 +101,8 @@ impl Directory {
                     slot.insert(Found::One(KeyEntry::new(handle, false)));
                 }
                 Entry::Occupied(mut slot) => {
-                    tracing::error!(id = %HexBytes(slot.key()), "several resident keys share a CKA_ID");
+                    let id = HexBytes(slot.key()).to_string();
+                    tracing::error!(%id, "several resident keys share a CKA_ID");
                     slot.insert(Found::Many);
                 }
             }

@@ -240,12 +240,14 @@ impl HsmError {
     /// What a worker must do before the operation can succeed again.
     pub(crate) fn recovery(&self) -> Option<Recovery> {
         match self.rv()? {
+            // The session is gone; its handle number may even belong to a new session by now.
             RvError::SessionHandleInvalid
             | RvError::SessionClosed
             | RvError::DeviceRemoved
-            | RvError::DeviceError
             | RvError::TokenNotPresent
-            | RvError::UserNotLoggedIn => Some(Recovery::Session),
+            | RvError::CryptokiNotInitialized => Some(Recovery::SessionLost),
+            // The session may still exist but cannot be trusted to work.
+            RvError::UserNotLoggedIn | RvError::DeviceError => Some(Recovery::Session),
             // The session is fine but object handles went stale: somebody logged the
             // application out and in again, or all its sessions were closed in between.
             RvError::KeyHandleInvalid
@@ -284,9 +286,12 @@ impl From<CryptokiError> for HsmError {
 /// How a worker recovers from a failure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Recovery {
-    /// Open a new session, log in again, and find the keys' handles again.
+    /// The session no longer exists: open a new one (never close the old handle, whose number
+    /// the module may have given to another session since), log in, find the keys again.
+    SessionLost,
+    /// The session is unusable: open a new one, close the old one, log in, find the keys again.
     Session,
-    /// Find the keys' handles again.
+    /// Log in (if logged out) and find the keys' handles again.
     Handles,
 }
 
@@ -362,12 +367,19 @@ mod tests {
     fn lost_sessions_are_recovered() {
         for rv in [
             RvError::SessionClosed,
-            RvError::UserNotLoggedIn,
+            RvError::SessionHandleInvalid,
             RvError::DeviceRemoved,
         ] {
+            let err = HsmError::from(CryptokiError::Pkcs11(rv, Function::Sign));
+            assert_eq!(err.recovery(), Some(Recovery::SessionLost));
+            assert_eq!(err.kind(), ErrorKind::Unavailable);
+        }
+        for rv in [RvError::UserNotLoggedIn, RvError::DeviceError] {
             let err = HsmError::from(CryptokiError::Pkcs11(rv, Function::Sign));
             assert_eq!(err.recovery(), Some(Recovery::Session));
             assert_eq!(err.kind(), ErrorKind::Unavailable);
         }
+        let err = HsmError::from(CryptokiError::Pkcs11(RvError::DataLenRange, Function::Sign));
+        assert_eq!(err.recovery(), None);
     }
 }

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use secrecy::SecretString;
+use secrecy::{SecretSlice, SecretString};
 use tokio::sync::oneshot;
 use zeroize::Zeroizing;
 
@@ -72,7 +72,9 @@ impl Hsm {
         .await
     }
 
-    /// A reference to a resident key already on the token, found by CKA_ID.
+    /// A reference to a resident key already on the token, found by CKA_ID (for a lost
+    /// reference, or a key created outside the adapter). Its policy is checked when it signs.
+    /// Only keys present when this `Hsm` was opened, or generated through it, are found.
     pub async fn resident_key_ref(
         &self,
         id: &[u8],
@@ -156,8 +158,9 @@ impl Hsm {
     }
 
     /// Opens what [`Hsm::encrypt`] sealed with the same `aad`; [`HsmError::NotAuthentic`] if
-    /// anything was changed.
-    pub async fn decrypt(&self, sealed: &[u8], aad: &[u8]) -> Result<Zeroizing<Vec<u8>>, HsmError> {
+    /// anything was changed. The plaintext comes back as a secret: zeroed when dropped, redacted
+    /// in `Debug`.
+    pub async fn decrypt(&self, sealed: &[u8], aad: &[u8]) -> Result<SecretSlice<u8>, HsmError> {
         let sealed = sealed.to_vec();
         let aad = aad.to_vec();
         self.call(Retry::Once, Cost::Quick, move |ctx| {

@@ -74,7 +74,17 @@ pub(crate) fn open_user_session(
     slot: Slot,
     pin: &SecretString,
 ) -> Result<Session, HsmError> {
-    let session = pkcs11.open_rw_session(slot)?;
+    let session = match pkcs11.open_rw_session(slot) {
+        // Someone in this process called C_Finalize: initialise the module again.
+        Err(CryptokiError::Pkcs11(RvError::CryptokiNotInitialized, _)) => {
+            match pkcs11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+                Ok(()) | Err(CryptokiError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
+                Err(err) => return Err(err.into()),
+            }
+            pkcs11.open_rw_session(slot)?
+        }
+        other => other?,
+    };
     login(&session, Role::User, pin)?;
     Ok(session)
 }

@@ -2,11 +2,13 @@
 //!
 //! These run on HSM worker threads only (`session_pool.rs`), one job at a time per session.
 
+use cryptoki::context::Function;
+use cryptoki::error::{Error as CryptokiError, RvError};
 use cryptoki::mechanism::aead::GcmParams;
 use cryptoki::mechanism::rsa::{PkcsMgfType, PkcsPssParams};
 use cryptoki::mechanism::{Mechanism, MechanismType};
 use cryptoki::object::{Attribute, AttributeType, ObjectHandle};
-use zeroize::Zeroizing;
+use secrecy::SecretSlice;
 
 use crate::directory::{KeyEntry, resident_public_key_template, system_public_key_template};
 use crate::error::HsmError;
@@ -263,13 +265,14 @@ impl WorkerCtx {
     }
 
     /// The public key of a resident key already on the token (for a lost reference, or a key
-    /// made by someone else).
+    /// made by someone else). Signing checks the key's policy as for any other key.
     pub(crate) fn resident_key_ref(
         &mut self,
         algorithm: KeyAlgorithm,
         id: &[u8],
     ) -> Result<UserKeyRef, HsmError> {
-        self.resident_key(algorithm, id)?;
+        // The private half must be on the token; its policy is checked when it is used.
+        self.shared.directory().resident(id)?;
         let public = match self
             .session
             .find_objects(&resident_public_key_template(id))?[..]
@@ -452,7 +455,7 @@ impl WorkerCtx {
         &mut self,
         aad: &[u8],
         sealed: &[u8],
-    ) -> Result<Zeroizing<Vec<u8>>, HsmError> {
+    ) -> Result<SecretSlice<u8>, HsmError> {
         if sealed.len() < GCM_NONCE_LEN + GCM_TAG_LEN {
             return Err(HsmError::NotAuthentic);
         }
@@ -465,18 +468,18 @@ impl WorkerCtx {
             .session
             .decrypt(&Mechanism::AesGcm(params), handle, ciphertext)
         {
-            Ok(plaintext) => Ok(Zeroizing::new(plaintext)),
-            Err(err) => {
-                let err = HsmError::from(err);
-                match err.rv() {
-                    Some(
-                        cryptoki::error::RvError::EncryptedDataInvalid
-                        | cryptoki::error::RvError::EncryptedDataLenRange
-                        | cryptoki::error::RvError::FunctionFailed,
-                    ) => Err(HsmError::NotAuthentic),
-                    _ => Err(err),
-                }
-            }
+            Ok(plaintext) => Ok(SecretSlice::from(plaintext)),
+            // PKCS#11 says CKR_ENCRYPTED_DATA_INVALID for a tag that does not match; SoftHSM
+            // 2.6 says CKR_GENERAL_ERROR (its final decryption step fails). Only C_Decrypt
+            // itself, after C_DecryptInit accepted key and parameters, is read that way.
+            Err(CryptokiError::Pkcs11(
+                RvError::EncryptedDataInvalid
+                | RvError::EncryptedDataLenRange
+                | RvError::FunctionFailed
+                | RvError::GeneralError,
+                Function::Decrypt,
+            )) => Err(HsmError::NotAuthentic),
+            Err(err) => Err(err.into()),
         }
     }
 

@@ -4,14 +4,19 @@
 //! was created some other way (by hand, by an older version, by a module ignoring part of a
 //! template) from being used. The verdict is read from the HSM, never assumed.
 //!
-//! | key | must be |
-//! |---|---|
-//! | user key, resident | private-key object on the token, PRIVATE, SENSITIVE, ALWAYS_SENSITIVE, not EXTRACTABLE, NEVER_EXTRACTABLE, SIGN, not DECRYPT / UNWRAP / DERIVE / SIGN_RECOVER, the right key type and size |
-//! | user key, wrapped (its session copy) | private-key session object, PRIVATE, SENSITIVE, WRAP_WITH_TRUSTED, SIGN, not DECRYPT / UNWRAP / DERIVE / SIGN_RECOVER, the right key type and size |
-//! | audit and CA keys | as a resident user key |
-//! | KEK | AES-256 secret key on the token, TRUSTED, SENSITIVE, ALWAYS_SENSITIVE, not EXTRACTABLE, NEVER_EXTRACTABLE, WRAP, UNWRAP, nothing else |
-//! | TAID and HKIC keys | 32-byte generic secret on the token, PRIVATE, SENSITIVE, ALWAYS_SENSITIVE, not EXTRACTABLE, NEVER_EXTRACTABLE, SIGN, nothing else |
-//! | data key | AES-256 secret key on the token, PRIVATE, SENSITIVE, ALWAYS_SENSITIVE, not EXTRACTABLE, NEVER_EXTRACTABLE, ENCRYPT, DECRYPT, nothing else |
+//! - user key, resident: a private-key token object, PRIVATE, SENSITIVE, ALWAYS_SENSITIVE, not
+//!   EXTRACTABLE, NEVER_EXTRACTABLE, SIGN, not DECRYPT / UNWRAP / DERIVE / SIGN_RECOVER, of the
+//!   right key type and curve or modulus size;
+//! - user key, wrapped (its session copy): a private-key session object, PRIVATE, SENSITIVE,
+//!   WRAP_WITH_TRUSTED, SIGN, not DECRYPT / UNWRAP / DERIVE / SIGN_RECOVER, of the right key type;
+//! - audit and CA keys: as a resident user key;
+//! - KEK: an AES-256 secret-key token object, TRUSTED, SENSITIVE, ALWAYS_SENSITIVE, not
+//!   EXTRACTABLE, NEVER_EXTRACTABLE, WRAP, UNWRAP, and not ENCRYPT / DECRYPT / SIGN / VERIFY /
+//!   DERIVE;
+//! - TAID and HKIC keys: 32-byte generic-secret token objects, PRIVATE, SENSITIVE,
+//!   ALWAYS_SENSITIVE, not EXTRACTABLE, NEVER_EXTRACTABLE, SIGN, and no other usage;
+//! - data key: an AES-256 secret-key token object, PRIVATE, SENSITIVE, ALWAYS_SENSITIVE, not
+//!   EXTRACTABLE, NEVER_EXTRACTABLE, ENCRYPT, DECRYPT, and no other usage.
 //!
 //! The KEK is the one public (CKA_PRIVATE = false) object: PKCS#11 lets only the security officer
 //! set CKA_TRUSTED, and the security officer can only create public objects.

@@ -31,7 +31,7 @@ use tokio::sync::oneshot;
 
 use crate::config::HsmConfig;
 use crate::directory::Directory;
-use crate::error::{HsmError, Recovery};
+use crate::error::{HsmError, Recovery, Role};
 use crate::module;
 
 /// State shared by the workers of one [`crate::Hsm`].
@@ -44,6 +44,9 @@ pub(crate) struct Shared {
     gate: RwLock<()>,
     /// Bumped whenever the directory is rebuilt; workers then forget their cached handles.
     epoch: AtomicU64,
+    /// Bumped when a worker finds its session gone; the others then replace theirs too, since
+    /// what lost one session (C_Finalize, a removed token) usually lost them all.
+    sessions_lost: AtomicU64,
     directory: RwLock<Directory>,
 }
 
@@ -106,6 +109,7 @@ pub(crate) struct WorkerCtx {
     pub(crate) shared: Arc<Shared>,
     pub(crate) session: Session,
     seen_epoch: u64,
+    seen_sessions_lost: u64,
     /// Unwrapped keys by wrapped blob; `None` when the cache is disabled.
     pub(crate) cache: Option<LruCache<Box<[u8]>, CachedKey>>,
 }
@@ -123,17 +127,25 @@ impl fmt::Debug for WorkerCtx {
 impl WorkerCtx {
     fn new(shared: Arc<Shared>, session: Session, cache_size: usize) -> Self {
         let seen_epoch = shared.epoch();
+        let seen_sessions_lost = shared.sessions_lost.load(Ordering::Acquire);
         WorkerCtx {
             shared,
             session,
             seen_epoch,
+            seen_sessions_lost,
             cache: NonZeroUsize::new(cache_size).map(LruCache::new),
         }
     }
 
-    /// Forgets cached handles if the directory was rebuilt since this worker last looked: the
-    /// session objects behind them died with the login or session that made the handles stale.
+    /// Catches up with the other workers' recoveries: replaces this worker's session if another
+    /// worker lost its own, and forgets cached handles if the directory was rebuilt (the session
+    /// objects behind them died with the login or session that made the handles stale).
     fn sync_epoch(&mut self) {
+        let sessions_lost = self.shared.sessions_lost.load(Ordering::Acquire);
+        if sessions_lost != self.seen_sessions_lost {
+            self.seen_sessions_lost = sessions_lost;
+            self.replace_session(Recovery::SessionLost);
+        }
         let epoch = self.shared.epoch();
         if epoch != self.seen_epoch {
             if let Some(cache) = &mut self.cache {
@@ -143,27 +155,57 @@ impl WorkerCtx {
         }
     }
 
+    /// Opens and logs in a new session in place of the current one. Returns whether it worked.
+    fn replace_session(&mut self, recovery: Recovery) -> bool {
+        // Open the new session before the old one closes, so that the application never drops
+        // to zero sessions (which would invalidate every handle again).
+        let shared = &self.shared;
+        match module::open_user_session(&shared.pkcs11, shared.slot, shared.pin()) {
+            Ok(session) => {
+                let old = std::mem::replace(&mut self.session, session);
+                if recovery == Recovery::SessionLost {
+                    // Closing a lost session's handle could close a session that now carries
+                    // the same number (after C_Finalize and C_Initialize, numbering starts
+                    // again): drop the handle without calling C_CloseSession. If the session
+                    // did survive, the module keeps it open until the process ends.
+                    std::mem::forget(old);
+                } else if let Err(err) = old.close() {
+                    tracing::debug!(error = %HsmError::from(err), "closing the old session");
+                }
+                tracing::warn!(?recovery, "HSM session re-opened");
+                true
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "could not re-open the HSM session");
+                false
+            }
+        }
+    }
+
     /// Brings the session (and the handles) back after a failure seen at `epoch_at_failure`.
     fn recover(&mut self, recovery: Recovery, epoch_at_failure: u64) {
         let shared = Arc::clone(&self.shared);
         let _exclusive = shared.exclusive();
-        if recovery == Recovery::Session {
-            // Open the new session before the old one closes, so that the application never
-            // drops to zero sessions (which would invalidate every handle again).
-            match module::open_user_session(&shared.pkcs11, shared.slot, shared.pin()) {
-                Ok(session) => {
-                    let old = std::mem::replace(&mut self.session, session);
-                    // Closing a session that the module already lost fails; nothing to do.
-                    let _ = old.close();
-                    tracing::warn!("HSM session re-opened after a session failure");
-                }
-                Err(err) => {
-                    tracing::error!(error = %err, "could not re-open the HSM session");
-                    return;
-                }
-            }
+        // Stale handles usually mean the application was logged out (and maybe in again), so
+        // log in first: keys found while logged out would miss every private object. If the
+        // session itself is gone, that login fails and a new session is opened instead.
+        let recovery = match recovery {
+            Recovery::Handles => match module::login(&self.session, Role::User, shared.pin()) {
+                Ok(()) => Recovery::Handles,
+                Err(err) => match err.recovery() {
+                    Some(Recovery::SessionLost) => Recovery::SessionLost,
+                    _ => Recovery::Session,
+                },
+            },
+            other => other,
+        };
+        if recovery != Recovery::Handles && !self.replace_session(recovery) {
+            return;
         }
-        // Another worker may have rebuilt the directory after our failure already.
+        if recovery == Recovery::SessionLost {
+            self.seen_sessions_lost = shared.sessions_lost.fetch_add(1, Ordering::AcqRel) + 1;
+        }
+        // Another worker may have found the keys again after our failure already.
         if shared.epoch() == epoch_at_failure {
             match Directory::load(&self.session) {
                 Ok(directory) => shared.replace_directory(directory),
@@ -371,6 +413,7 @@ impl Pool {
             pin: config.pin.clone(),
             gate: RwLock::new(()),
             epoch: AtomicU64::new(0),
+            sessions_lost: AtomicU64::new(0),
             directory: RwLock::new(directory),
         });
         let (jobs, job_queue) = crossbeam_channel::bounded(config.queue_capacity);

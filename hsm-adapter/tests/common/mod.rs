@@ -161,24 +161,33 @@ pub async fn user_key(algorithm: KeyAlgorithm, mode: KeyMode) -> &'static UserKe
 
 /// The module through cryptoki directly (tests may; product code outside the adapter never
 /// does), and the slot of this process's token.
+///
+/// The adapter loads and initialises the module first: SoftHSM's `C_Initialize` is not safe to
+/// run from two threads at once, and the adapter serialises only its own calls.
 pub fn pkcs11() -> (Pkcs11, Slot) {
-    let token = token();
-    let pkcs11 = Pkcs11::new(&token.module).unwrap();
-    match pkcs11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
-        Ok(()) => {}
-        Err(cryptoki::error::Error::Pkcs11(
-            cryptoki::error::RvError::CryptokiAlreadyInitialized,
-            _,
-        )) => {}
-        Err(e) => panic!("C_Initialize: {e}"),
-    }
-    let slot = pkcs11
-        .get_slots_with_initialized_token()
-        .unwrap()
-        .into_iter()
-        .find(|s| pkcs11.get_token_info(*s).unwrap().label() == token.label)
-        .expect("the test token");
-    (pkcs11, slot)
+    static PKCS11: OnceLock<(Pkcs11, Slot)> = OnceLock::new();
+    PKCS11
+        .get_or_init(|| {
+            let _ = hsm();
+            let token = token();
+            let pkcs11 = Pkcs11::new(&token.module).unwrap();
+            match pkcs11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+                Ok(()) => {}
+                Err(cryptoki::error::Error::Pkcs11(
+                    cryptoki::error::RvError::CryptokiAlreadyInitialized,
+                    _,
+                )) => {}
+                Err(e) => panic!("C_Initialize: {e}"),
+            }
+            let slot = pkcs11
+                .get_slots_with_initialized_token()
+                .unwrap()
+                .into_iter()
+                .find(|s| pkcs11.get_token_info(*s).unwrap().label() == token.label)
+                .expect("the test token");
+            (pkcs11, slot)
+        })
+        .clone()
 }
 
 /// A read-write session through cryptoki directly, logged in (or already logged in).
