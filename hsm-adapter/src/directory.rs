@@ -6,40 +6,47 @@
 //! pool then builds the directory again.
 //!
 //! Each entry also carries the key-policy verdict, so the policy is read from the HSM once per
-//! handle: a new handle (after a rebuild or a new key) starts unverified.
+//! handle and rule: a new handle (after a rebuild or a new key) starts unverified, and a verdict
+//! for one rule (a P-256 key) says nothing about another (the same id claimed as P-384).
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
 
 use crate::error::HsmError;
 use crate::keys::{HexBytes, RESIDENT_KEY_LABEL, SystemKey, SystemKeyKind};
+use crate::policy::Policy;
 
-/// A key's handle and whether its policy has been checked.
+/// A key's handle and the policy rule it has been checked against, if any.
 #[derive(Debug)]
 pub(crate) struct KeyEntry {
     pub(crate) handle: ObjectHandle,
-    verified: AtomicBool,
+    /// [`Policy::tag`] of the rule the key passed, or [`UNVERIFIED`].
+    verified: AtomicU8,
 }
 
+/// No rule checked yet.
+const UNVERIFIED: u8 = 0;
+
 impl KeyEntry {
-    pub(crate) fn new(handle: ObjectHandle, verified: bool) -> Self {
+    pub(crate) fn new(handle: ObjectHandle, verified: Option<&Policy<'_>>) -> Self {
+        let tag = verified.map_or(UNVERIFIED, Policy::tag);
         KeyEntry {
             handle,
-            verified: AtomicBool::new(verified),
+            verified: AtomicU8::new(tag),
         }
     }
 
-    pub(crate) fn is_verified(&self) -> bool {
-        // Relaxed: the flag only saves a re-check; a stale `false` means one more check.
-        self.verified.load(Ordering::Relaxed)
+    pub(crate) fn is_verified(&self, policy: &Policy<'_>) -> bool {
+        // Relaxed: the tag only saves a re-check; a stale value means one more check.
+        self.verified.load(Ordering::Relaxed) == policy.tag()
     }
 
-    pub(crate) fn mark_verified(&self) {
-        self.verified.store(true, Ordering::Relaxed);
+    pub(crate) fn mark_verified(&self, policy: &Policy<'_>) {
+        self.verified.store(policy.tag(), Ordering::Relaxed);
     }
 }
 
@@ -68,7 +75,7 @@ impl Directory {
                 [handle] => {
                     directory
                         .system
-                        .insert(key, Found::One(KeyEntry::new(*handle, false)));
+                        .insert(key, Found::One(KeyEntry::new(*handle, None)));
                 }
                 _ => {
                     tracing::error!(
@@ -98,7 +105,7 @@ impl Directory {
             };
             match directory.resident.entry(id) {
                 Entry::Vacant(slot) => {
-                    slot.insert(Found::One(KeyEntry::new(handle, false)));
+                    slot.insert(Found::One(KeyEntry::new(handle, None)));
                 }
                 Entry::Occupied(mut slot) => {
                     let id = HexBytes(slot.key()).to_string();

@@ -140,7 +140,8 @@ impl KeyAlgorithm {
         }
     }
 
-    fn code(self) -> u8 {
+    /// Its code in the key-reference encoding (never 0).
+    pub(crate) fn code(self) -> u8 {
         match self {
             KeyAlgorithm::EcP256 => 1,
             KeyAlgorithm::EcP384 => 2,

@@ -168,7 +168,7 @@ impl WorkerCtx {
         let (handle, verified) = {
             let directory = self.shared.directory();
             let entry = lookup(&directory)?;
-            (entry.handle, entry.is_verified())
+            (entry.handle, entry.is_verified(&policy))
         };
         if !verified {
             policy.check(&self.session, handle)?;
@@ -176,7 +176,7 @@ impl WorkerCtx {
             if let Ok(entry) = lookup(&directory)
                 && entry.handle == handle
             {
-                entry.mark_verified();
+                entry.mark_verified(&policy);
             }
         }
         Ok(handle)
@@ -239,8 +239,9 @@ impl WorkerCtx {
         let (public, private) =
             self.session
                 .generate_key_pair(&mechanism, &public_template, &private_template)?;
+        let policy = Policy::Resident(algorithm, &id);
         let result = (|| {
-            Policy::Resident(algorithm, &id).check(&self.session, private)?;
+            policy.check(&self.session, private)?;
             let public_key = self.read_public_key(public, algorithm)?;
             UserKeyRef::new(
                 algorithm,
@@ -252,7 +253,7 @@ impl WorkerCtx {
             Ok(key) => {
                 self.shared
                     .directory_mut()
-                    .insert_resident(id, KeyEntry::new(private, true));
+                    .insert_resident(id.clone(), KeyEntry::new(private, Some(&policy)));
                 Ok(key)
             }
             Err(err) => {

@@ -131,6 +131,15 @@ enum Shape {
 }
 
 impl Policy<'_> {
+    /// A small number naming the rule, never 0 (the directory's "unchecked").
+    pub(crate) fn tag(&self) -> u8 {
+        match self {
+            Policy::Resident(alg, _) => alg.code(),
+            Policy::Wrapped(alg) => 0x10 | alg.code(),
+            Policy::System(_) => 0xff,
+        }
+    }
+
     fn shape(&self) -> Shape {
         match self {
             Policy::Resident(alg, _) => Shape::PrivateKey(*alg),

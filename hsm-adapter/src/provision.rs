@@ -30,17 +30,19 @@ pub(crate) fn run(shared: &Shared, so_pin: &SecretString) -> Result<ProvisionRep
     let session = module::open_user_session(&shared.pkcs11, shared.slot, shared.pin())?;
     let result = provision(shared, &session, so_pin);
     // Whatever happened, the workers must find the keys again: handles may have gone stale
-    // (logout) and new keys may exist.
-    match Directory::load(&session) {
-        Ok(directory) => shared.replace_directory(directory),
-        Err(err) => tracing::error!(error = %err, "could not find the keys after provisioning"),
-    }
+    // (logout) and new keys may exist. Only while logged in, though: found while logged out,
+    // the keys would lack every private object, and the workers could not tell. If the user
+    // cannot log in again, the workers' stale handles make them try themselves.
+    module::login(&session, Role::User, shared.pin())?;
+    let directory = Directory::load(&session)?;
+    shared.replace_directory(directory);
     let report = result?;
     // Every system key, found or made, must pass the policy before it is reported ready.
     for key in SystemKey::ALL {
+        let policy = Policy::System(key);
         let handle = shared.directory().system(key)?.handle;
-        Policy::System(key).check(&session, handle)?;
-        shared.directory().system(key)?.mark_verified();
+        policy.check(&session, handle)?;
+        shared.directory().system(key)?.mark_verified(&policy);
     }
     Ok(report)
 }

@@ -162,6 +162,10 @@ impl WorkerCtx {
         let shared = &self.shared;
         match module::open_user_session(&shared.pkcs11, shared.slot, shared.pin()) {
             Ok(session) => {
+                // Cached unwrapped keys were objects of the old session.
+                if let Some(cache) = &mut self.cache {
+                    cache.clear();
+                }
                 let old = std::mem::replace(&mut self.session, session);
                 if recovery == Recovery::SessionLost {
                     // Closing a lost session's handle could close a session that now carries

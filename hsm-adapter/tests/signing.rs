@@ -105,6 +105,13 @@ async fn key_reference_survives_its_byte_encoding() {
             Padding::Default,
         );
     }
+    // A reference that claims another algorithm than its public key's does not decode.
+    for mode in [KeyMode::Wrapped, KeyMode::Resident] {
+        let mut swapped = user_key(KeyAlgorithm::EcP256, mode).await.to_bytes();
+        swapped[5] = 2; // the algorithm byte: EC P-384
+        let err = UserKeyRef::from_bytes(&swapped).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidInput);
+    }
     let mut bytes = user_key(KeyAlgorithm::EcP256, KeyMode::Wrapped)
         .await
         .to_bytes();
