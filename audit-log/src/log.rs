@@ -37,8 +37,9 @@ const LOCK_FILE: &str = "lock";
 
 /// Appends waiting for the writer; beyond this, `append` waits for room (back-pressure).
 const QUEUE_CAPACITY: usize = 4096;
-/// At most this many records go into one write and one fsync.
+/// At most this many records, and about this many bytes, go into one write and one fsync.
 const MAX_BATCH: usize = 4096;
+const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
 
 /// How to open an [`AuditLog`].
 #[derive(Clone, Debug)]
@@ -143,6 +144,9 @@ struct Shared {
     tree_size: AtomicU64,
     appends: AtomicU64,
     fsyncs: AtomicU64,
+    /// Test hook: the next write puts half its bytes in the file and then fails.
+    #[cfg(test)]
+    fail_next_write: std::sync::atomic::AtomicBool,
 }
 
 /// The durable part of the log; changed only by the writer, after fsync.
@@ -217,6 +221,8 @@ impl AuditLog {
             tree_size: AtomicU64::new(size),
             appends: AtomicU64::new(0),
             fsyncs: AtomicU64::new(0),
+            #[cfg(test)]
+            fail_next_write: std::sync::atomic::AtomicBool::new(false),
         });
         let (queue, receiver) = mpsc::channel(QUEUE_CAPACITY);
         let writer = Writer {
@@ -292,7 +298,8 @@ impl AuditLog {
     }
 
     /// Up to `limit` records from index `from`, as NDJSON: each line exactly as stored, with its
-    /// newline. Empty when `from` is at or past the end.
+    /// newline. Empty when `from` is at or past the end. The range is read into memory whole, so
+    /// the HTTP layer bounds `limit` (records are at most [`MAX_RECORD_LEN`] bytes).
     pub async fn records(&self, from: u64, limit: u64) -> Result<Vec<u8>, AuditError> {
         let range = {
             let state = self.state()?;
@@ -451,10 +458,14 @@ impl Writer {
         let mut batch = Vec::new();
         // Ends when every sender is gone: the log was dropped or closed.
         while let Some(job) = self.receiver.blocking_recv() {
+            let mut bytes = job.event.approximate_len();
             batch.push(job);
-            while batch.len() < MAX_BATCH {
+            while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
                 match self.receiver.try_recv() {
-                    Ok(job) => batch.push(job),
+                    Ok(job) => {
+                        bytes += job.event.approximate_len();
+                        batch.push(job);
+                    }
                     Err(_) => break,
                 }
             }
@@ -518,6 +529,13 @@ impl Writer {
         }
         let bytes = &self.buf[range.clone()];
         let path = &self.shared.log_path;
+        #[cfg(test)]
+        if self.shared.fail_next_write.swap(false, Ordering::Relaxed) {
+            let _ = self.file.write_all_at(&bytes[..bytes.len() / 2], self.end);
+            let reason = "injected write failure".to_owned();
+            self.fail(reason.clone());
+            return answer_failure(pending, &reason);
+        }
         let result = self
             .file
             .write_all_at(bytes, self.end)
@@ -808,4 +826,67 @@ fn sync_dir(dir: &Path) -> Result<(), AuditError> {
     File::open(dir)
         .and_then(|handle| handle.sync_all())
         .map_err(|error| AuditError::io(format!("fsync of directory {}", dir.display()), error))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use super::*;
+    use crate::record::{Actor, EventName};
+
+    #[derive(Debug)]
+    struct Fixed;
+
+    impl Clock for Fixed {
+        fn now(&self) -> std::time::SystemTime {
+            UNIX_EPOCH + Duration::from_secs(1_795_341_600)
+        }
+    }
+
+    fn event(i: u64) -> AuditEvent {
+        AuditEvent::new(
+            EventName::new("test.event").unwrap(),
+            Actor::new("test").unwrap(),
+        )
+        .with_field("i", i)
+    }
+
+    fn config() -> AuditLogConfig {
+        AuditLogConfig::new(Origin::new("test/audit").unwrap()).with_clock(Arc::new(Fixed))
+    }
+
+    /// A failed write (or fsync) fails closed: the failed appends and every later one are
+    /// refused, health says why, and the file keeps only what was acknowledged.
+    #[tokio::test]
+    async fn a_failed_write_fails_closed_until_reopened() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(dir.path(), config()).await.unwrap();
+        for i in 0..3 {
+            log.append(event(i)).await.unwrap();
+        }
+        let acknowledged = log.records(0, 3).await.unwrap();
+        log.shared.fail_next_write.store(true, Ordering::Relaxed);
+
+        let error = log.append(event(3)).await.unwrap_err();
+        assert!(matches!(error, AuditError::Unavailable { .. }), "{error}");
+        assert!(
+            error.to_string().contains("injected write failure"),
+            "{error}"
+        );
+        assert!(log.health().is_err());
+        let error = log.append(event(4)).await.unwrap_err();
+        assert_eq!(error.kind(), crate::ErrorKind::Unavailable);
+        assert_eq!(log.tree_size(), 3);
+        // Reads and proofs of the durable part go on.
+        assert_eq!(log.records(0, 10).await.unwrap(), acknowledged);
+        assert_eq!(log.inclusion_proof(2, 3).unwrap().len(), 1);
+        log.close().await.unwrap();
+
+        // The half-written record was cut off; the reopened log carries on.
+        assert_eq!(fs::read(dir.path().join(LOG_FILE)).unwrap(), acknowledged);
+        let log = AuditLog::open(dir.path(), config()).await.unwrap();
+        log.health().unwrap();
+        assert_eq!(log.append(event(3)).await.unwrap().index, 3);
+    }
 }

@@ -153,6 +153,11 @@ impl PreparedEvent {
         Ok(Self { tail })
     }
 
+    /// Roughly the size of the rendered line (all but the index and time).
+    pub(crate) fn approximate_len(&self) -> usize {
+        self.tail.len() + 64
+    }
+
     /// Appends the record line (no newline) for `index` and `time` to `out`.
     pub(crate) fn render(&self, index: u64, time: &Timestamp, out: &mut Vec<u8>) {
         out.extend_from_slice(b"{\"index\":");
