@@ -108,31 +108,28 @@ pub async fn compare(
     threads: NonZeroUsize,
     duration: Duration,
 ) -> Result<Comparison, HsmError> {
-    let (config_raw, key_raw) = (config.clone(), key.clone());
-    let mut raw = run_blocking("hsm-bench-setup", move || {
-        RawBaseline::new(&config_raw, &key_raw, threads)
-    })
-    .await?;
-    let mut adapter = AdapterLoad::open(config, key, threads).await?;
-
     // An even number of rounds, in the order ABBA ABBA ...: a linear drift cancels out.
     let rounds = (duration.as_nanos() / ROUND.as_nanos()).max(1) as u32;
     let round = duration / rounds;
     let mut comparison = Comparison::default();
     for i in 0..rounds * 2 {
+        // Each round sets up its side afresh and tears it down after, so that neither side
+        // measures with the other's sessions and threads standing by (on SoftHSM, idle
+        // sessions of the other side cost the measured one up to a quarter of its throughput).
         if (i % 4 == 0) || (i % 4 == 3) {
-            let (measured, back) = run_blocking("hsm-bench-raw", move || {
-                let measured = raw.run(round);
-                Ok((measured, raw))
+            let (config, key) = (config.clone(), key.clone());
+            let measured = run_blocking("hsm-bench-raw", move || {
+                RawBaseline::new(&config, &key, threads)?.run(round)
             })
             .await?;
-            raw = back;
-            comparison.raw.add(measured?);
+            comparison.raw.add(measured);
         } else {
-            comparison.adapter.add(adapter.run(round).await?);
+            let mut adapter = AdapterLoad::open(config, key, threads).await?;
+            let measured = adapter.run(round).await;
+            adapter.close().await;
+            comparison.adapter.add(measured?);
         }
     }
-    adapter.close().await;
     Ok(comparison)
 }
 

@@ -66,7 +66,7 @@ impl Hsm {
         algorithm: KeyAlgorithm,
         mode: KeyMode,
     ) -> Result<UserKeyRef, HsmError> {
-        self.call(Retry::Never, Cost::Slow, move |ctx| {
+        self.call(Retry::Never, Cost::Long, move |ctx| {
             ctx.generate_user_key(algorithm, mode)
         })
         .await
@@ -84,7 +84,7 @@ impl Hsm {
             return Err(HsmError::InvalidInput("a CKA_ID has 1 to 64 bytes".into()));
         }
         let id = id.to_vec();
-        self.call(Retry::Once, Cost::Slow, move |ctx| {
+        self.call(Retry::Once, Cost::Long, move |ctx| {
             ctx.resident_key_ref(algorithm, &id)
         })
         .await
@@ -101,13 +101,8 @@ impl Hsm {
         let request = SignRequest::new(key.algorithm(), scheme, digest)?;
         let encoding = request.encoding();
         let signing_key = SigningKey::from_ref(key);
-        // Only a resident EC key signs in tens of microseconds; unwrapping and RSA take longer.
-        let cost = match (key.mode(), key.algorithm().is_ec()) {
-            (KeyMode::Resident, true) => Cost::Quick,
-            _ => Cost::Slow,
-        };
         let raw = self
-            .call(Retry::Once, cost, move |ctx| {
+            .call(Retry::Once, Cost::Short, move |ctx| {
                 ctx.sign_user(&signing_key, &request)
             })
             .await?;
@@ -128,7 +123,7 @@ impl Hsm {
             }
             KeyStorage::Resident { id } => {
                 let id = id.clone();
-                self.call(Retry::Never, Cost::Slow, move |ctx| {
+                self.call(Retry::Never, Cost::Long, move |ctx| {
                     ctx.destroy_resident(&id)
                 })
                 .await
@@ -140,7 +135,7 @@ impl Hsm {
     /// [`SystemKey::Hkic`]).
     pub async fn hmac_sha256(&self, key: SystemKey, data: &[u8]) -> Result<[u8; 32], HsmError> {
         let data = Zeroizing::new(data.to_vec());
-        self.call(Retry::Once, Cost::Quick, move |ctx| {
+        self.call(Retry::Once, Cost::Short, move |ctx| {
             ctx.hmac_sha256(key, &data)
         })
         .await
@@ -151,7 +146,7 @@ impl Hsm {
     pub async fn encrypt(&self, plaintext: &[u8], aad: &[u8]) -> Result<Vec<u8>, HsmError> {
         let plaintext = Zeroizing::new(plaintext.to_vec());
         let aad = aad.to_vec();
-        self.call(Retry::Once, Cost::Quick, move |ctx| {
+        self.call(Retry::Once, Cost::Short, move |ctx| {
             ctx.encrypt(&aad, &plaintext)
         })
         .await
@@ -163,7 +158,7 @@ impl Hsm {
     pub async fn decrypt(&self, sealed: &[u8], aad: &[u8]) -> Result<SecretSlice<u8>, HsmError> {
         let sealed = sealed.to_vec();
         let aad = aad.to_vec();
-        self.call(Retry::Once, Cost::Quick, move |ctx| {
+        self.call(Retry::Once, Cost::Short, move |ctx| {
             ctx.decrypt(&aad, &sealed)
         })
         .await
@@ -176,7 +171,7 @@ impl Hsm {
                 "at most {MAX_RANDOM_LEN} random bytes"
             )));
         }
-        self.call(Retry::Once, Cost::Quick, move |ctx| ctx.random(len))
+        self.call(Retry::Once, Cost::Short, move |ctx| ctx.random(len))
             .await
     }
 
@@ -195,7 +190,7 @@ impl Hsm {
             SignRequest::new(system_key_algorithm(curve), SignatureScheme::Ecdsa, digest)?;
         let encoding = request.encoding();
         let raw = self
-            .call(Retry::Once, Cost::Quick, move |ctx| {
+            .call(Retry::Once, Cost::Short, move |ctx| {
                 ctx.sign_system(key, &request)
             })
             .await?;
@@ -204,7 +199,7 @@ impl Hsm {
 
     /// The public key of a system signing key as SPKI.
     pub async fn system_public_key(&self, key: SystemKey) -> Result<PublicKeySpki, HsmError> {
-        self.call(Retry::Once, Cost::Slow, move |ctx| {
+        self.call(Retry::Once, Cost::Long, move |ctx| {
             ctx.system_public_key(key)
         })
         .await

@@ -229,13 +229,14 @@ pub(crate) enum Retry {
     Never,
 }
 
-/// How long a job keeps its worker busy, which decides whether replies may wait for it.
+/// How long a job may keep its worker busy, which decides whether replies may wait for it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Cost {
-    /// Tens of microseconds (EC signature with a resident key, HMAC, AES-GCM, random).
-    Quick,
-    /// Anything longer (unwrapping, RSA, key generation).
-    Slow,
+    /// A cryptographic operation: tens of microseconds to a few milliseconds (signature, MAC,
+    /// AES-GCM, random bytes), about as long as the job before it of the same kind.
+    Short,
+    /// Key generation (RSA-3072 takes seconds), searching the token, destroying keys.
+    Long,
 }
 
 /// What an attempt left to do.
@@ -335,18 +336,20 @@ where
 }
 
 /// Most replies a busy worker holds back before handing them over together.
-const MAX_HELD_REPLIES: usize = 8;
-/// Longest a reply is held back (plus the one quick job that may be running then).
-const MAX_REPLY_DELAY: Duration = Duration::from_micros(500);
+const MAX_HELD_REPLIES: usize = 16;
+/// Longest a reply is held back.
+const MAX_REPLY_DELAY: Duration = Duration::from_millis(1);
 
 /// Replies of finished jobs not yet handed back.
 ///
 /// Handing a reply to an async task wakes a parked runtime thread: a futex call and, when that
 /// thread's CPU is idle, an inter-processor interrupt, about 13 us on the reference VM, a fifth
-/// of a P-256 signature. So while more quick jobs wait in the queue, a worker holds replies back
-/// and hands them over together (one wake-up for several), at most [`MAX_HELD_REPLIES`] of them
-/// and at most [`MAX_REPLY_DELAY`] late. When the queue is empty, before a slow job, and before a
-/// recovery, it hands them over at once: an idle adapter adds no latency.
+/// of a P-256 signature. So while more short jobs wait in the queue, a worker holds replies back
+/// and hands them over together (one wake-up for several): at most [`MAX_HELD_REPLIES`] of them,
+/// and only while the next job, expected to take as long as the last one, would end within
+/// [`MAX_REPLY_DELAY`] of the oldest reply (if the job mix changes, the one job that proves
+/// longer than expected may overrun that). When the queue is empty, before a long job, and
+/// before a recovery, it hands them over at once: an idle adapter adds no latency.
 struct HeldReplies {
     tasks: Vec<Box<dyn Task>>,
     oldest: Option<Instant>,
@@ -365,9 +368,12 @@ impl HeldReplies {
         self.tasks.push(task);
     }
 
-    fn is_due(&self) -> bool {
+    /// Whether the replies must go now, given that the next job may take `next_job`.
+    fn is_due(&self, next_job: Duration) -> bool {
         self.tasks.len() >= MAX_HELD_REPLIES
-            || self.oldest.is_some_and(|t| t.elapsed() >= MAX_REPLY_DELAY)
+            || self
+                .oldest
+                .is_some_and(|t| t.elapsed() + next_job >= MAX_REPLY_DELAY)
     }
 
     fn hand_over(&mut self) {
@@ -512,11 +518,12 @@ fn worker_loop(mut ctx: WorkerCtx, jobs: Receiver<Job>, control: Receiver<Contro
         };
         match message {
             Message::Job(job) => {
-                if job.cost == Cost::Slow {
+                if job.cost == Cost::Long {
                     held.hand_over();
                 }
+                let started = Instant::now();
                 run_job(&shared, &mut ctx, job, &mut held);
-                if held.is_due() {
+                if held.is_due(started.elapsed()) {
                     held.hand_over();
                 }
             }
