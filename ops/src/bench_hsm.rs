@@ -12,6 +12,7 @@ use std::time::Duration;
 use hsm_adapter::bench::{self, Comparison};
 use hsm_adapter::{
     Hsm, HsmConfig, HsmError, KeyAlgorithm, KeyMode, SOFTHSM_MODULE, SystemKey, TokenSelector,
+    UserKeyRef,
 };
 
 use crate::hsm_opts::read_secret;
@@ -88,12 +89,6 @@ pub(crate) async fn run(args: BenchHsmArgs) -> Result<(), Box<dyn std::error::Er
         return Err("bench hsm: --seconds must be at least 1".into());
     }
     let duration = Duration::from_secs(args.seconds);
-    let max_threads = args
-        .threads
-        .iter()
-        .copied()
-        .max()
-        .unwrap_or(NonZeroUsize::MIN);
     let config = HsmConfig::new(
         &args.module,
         TokenSelector::Label(token),
@@ -105,7 +100,9 @@ pub(crate) async fn run(args: BenchHsmArgs) -> Result<(), Box<dyn std::error::Er
         config.token(),
         args.module.display()
     );
-    let hsm = Hsm::open(config.clone().with_workers(max_threads)).await?;
+    // Keys are made first and the token closed again, so that no idle sessions of this setup
+    // stand by while the rounds measure (on SoftHSM they slow whoever is measured).
+    let hsm = Hsm::open(config.clone()).await?;
     if let Some(so_pin_file) = &args.so_pin_file {
         let report = hsm
             .provision_system_keys(&read_secret(so_pin_file)?)
@@ -115,41 +112,86 @@ pub(crate) async fn run(args: BenchHsmArgs) -> Result<(), Box<dyn std::error::Er
             eprintln!("created system keys: {}", created.join(", "));
         }
     }
+    let mut keys = Vec::new();
+    let generated = generate(&hsm, &args.algorithms, &args.modes, &mut keys).await;
+    if generated.is_err() {
+        destroy(&hsm, &keys).await?;
+    }
+    hsm.shutdown().await;
+    generated?;
 
     let mut rows = Vec::new();
-    for &algorithm in &args.algorithms {
-        for &mode in &args.modes {
+    let measured = measure(&config, &keys, &args.threads, duration, &mut rows).await;
+
+    let hsm = Hsm::open(config).await?;
+    destroy(&hsm, &keys).await?;
+    hsm.shutdown().await;
+    measured?;
+
+    print_table(&rows);
+    Ok(())
+}
+
+/// Generates a key for every algorithm and mode.
+async fn generate(
+    hsm: &Hsm,
+    algorithms: &[KeyAlgorithm],
+    modes: &[KeyMode],
+    keys: &mut Vec<UserKeyRef>,
+) -> Result<(), Box<dyn std::error::Error>> {
+    for &algorithm in algorithms {
+        for &mode in modes {
             eprintln!("generating a {algorithm} {mode} key");
-            let key = match hsm.generate_user_key(algorithm, mode).await {
+            match hsm.generate_user_key(algorithm, mode).await {
+                Ok(key) => keys.push(key),
                 Err(HsmError::SystemKeyMissing(SystemKey::Kek)) => {
                     return Err(
-                        "the token has no key-encryption key: pass --so-pin-file, or run \
-                                `smartsign-ctl keys init` first"
+                        "the token has no key-encryption key: pass --so-pin-file, or \
+                                run `smartsign-ctl keys init` first"
                             .into(),
                     );
                 }
-                other => other?,
-            };
-            for &threads in &args.threads {
-                eprintln!(
-                    "measuring {algorithm} {mode} with {threads} thread(s): {}s raw, {}s adapter",
-                    args.seconds, args.seconds
-                );
-                let result = bench::compare(&config, &key, threads, duration).await?;
-                rows.push(Row {
-                    algorithm,
-                    mode,
-                    threads,
-                    result,
-                });
+                Err(err) => return Err(err.into()),
             }
-            // A resident key would otherwise stay on the token; a wrapped one only in memory.
-            hsm.destroy_user_key(&key).await?;
         }
     }
-    hsm.shutdown().await;
+    Ok(())
+}
 
-    print_table(&rows);
+/// Destroys the benchmark's keys: a resident key would otherwise stay on the token (a wrapped
+/// one lives only in `keys`).
+async fn destroy(hsm: &Hsm, keys: &[UserKeyRef]) -> Result<(), HsmError> {
+    for key in keys {
+        hsm.destroy_user_key(key).await?;
+    }
+    Ok(())
+}
+
+/// Measures every key with every thread count.
+async fn measure(
+    config: &HsmConfig,
+    keys: &[UserKeyRef],
+    threads: &[NonZeroUsize],
+    duration: Duration,
+    rows: &mut Vec<Row>,
+) -> Result<(), HsmError> {
+    for key in keys {
+        for &threads in threads {
+            let (algorithm, mode) = (key.algorithm(), key.mode());
+            eprintln!(
+                "measuring {algorithm} {mode} with {threads} thread(s): {}s raw, {}s adapter",
+                duration.as_secs(),
+                duration.as_secs()
+            );
+            let result = bench::compare(config, key, threads, duration).await?;
+            rows.push(Row {
+                algorithm,
+                mode,
+                threads,
+                result,
+            });
+        }
+    }
     Ok(())
 }
 
