@@ -96,9 +96,9 @@ pub fn scheme_for(algorithm: KeyAlgorithm) -> SignatureScheme {
     }
 }
 
-/// Requests kept in flight per worker: enough that a worker finds the next job queued while
-/// replies travel back.
-pub const IN_FLIGHT_PER_WORKER: usize = 32;
+/// Requests kept in flight per worker: twice the replies a busy worker may hold back, so that
+/// it always finds the next job queued while replies travel back.
+pub const IN_FLIGHT_PER_WORKER: usize = 64;
 
 /// Measures signing with `key` for about `duration` each through raw cryptoki and through the
 /// adapter, both with `threads` sessions. Call it inside a tokio runtime.

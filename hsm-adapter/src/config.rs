@@ -3,6 +3,7 @@
 use std::fmt;
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use secrecy::SecretString;
 
@@ -38,6 +39,7 @@ pub struct HsmConfig {
     pub(crate) workers: NonZeroUsize,
     pub(crate) wrapped_key_cache: usize,
     pub(crate) queue_capacity: usize,
+    pub(crate) max_reply_delay: Duration,
 }
 
 impl HsmConfig {
@@ -47,6 +49,8 @@ impl HsmConfig {
     pub const DEFAULT_WRAPPED_KEY_CACHE: usize = 64;
     /// Default number of requests that may wait for a worker.
     pub const DEFAULT_QUEUE_CAPACITY: usize = 4096;
+    /// Default longest time a busy worker holds a finished reply back.
+    pub const DEFAULT_MAX_REPLY_DELAY: Duration = Duration::from_millis(2);
 
     /// A configuration with the default pool size.
     pub fn new(module: impl Into<PathBuf>, token: TokenSelector, pin: SecretString) -> Self {
@@ -57,6 +61,7 @@ impl HsmConfig {
             workers: NonZeroUsize::MIN.saturating_add(Self::DEFAULT_WORKERS - 1),
             wrapped_key_cache: Self::DEFAULT_WRAPPED_KEY_CACHE,
             queue_capacity: Self::DEFAULT_QUEUE_CAPACITY,
+            max_reply_delay: Self::DEFAULT_MAX_REPLY_DELAY,
         }
     }
 
@@ -76,6 +81,16 @@ impl HsmConfig {
     /// Number of requests that may wait for a worker before callers get [`crate::HsmError::Busy`].
     pub fn with_queue_capacity(mut self, capacity: usize) -> Self {
         self.queue_capacity = capacity.max(1);
+        self
+    }
+
+    /// How long a busy worker may hold finished replies back to hand several over with one
+    /// wake-up of the async runtime (which costs about as much as a fifth of a P-256
+    /// signature on a VM). Replies are held only while more jobs wait in the queue, so an idle
+    /// adapter adds no latency; under load it trades up to this much latency for throughput.
+    /// `Duration::ZERO` hands every reply over at once.
+    pub fn with_max_reply_delay(mut self, delay: Duration) -> Self {
+        self.max_reply_delay = delay;
         self
     }
 
@@ -109,6 +124,7 @@ impl fmt::Debug for HsmConfig {
             .field("workers", &self.workers)
             .field("wrapped_key_cache", &self.wrapped_key_cache)
             .field("queue_capacity", &self.queue_capacity)
+            .field("max_reply_delay", &self.max_reply_delay)
             .finish()
     }
 }

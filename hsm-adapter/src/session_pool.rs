@@ -336,9 +336,7 @@ where
 }
 
 /// Most replies a busy worker holds back before handing them over together.
-const MAX_HELD_REPLIES: usize = 16;
-/// Longest a reply is held back.
-const MAX_REPLY_DELAY: Duration = Duration::from_millis(1);
+const MAX_HELD_REPLIES: usize = 32;
 
 /// Replies of finished jobs not yet handed back.
 ///
@@ -347,19 +345,21 @@ const MAX_REPLY_DELAY: Duration = Duration::from_millis(1);
 /// of a P-256 signature. So while more short jobs wait in the queue, a worker holds replies back
 /// and hands them over together (one wake-up for several): at most [`MAX_HELD_REPLIES`] of them,
 /// and only while the next job, expected to take as long as the last one, would end within
-/// [`MAX_REPLY_DELAY`] of the oldest reply (if the job mix changes, the one job that proves
+/// the configured delay ([`HsmConfig::with_max_reply_delay`]) of the oldest reply (if the job mix changes, the one job that proves
 /// longer than expected may overrun that). When the queue is empty, before a long job, and
 /// before a recovery, it hands them over at once: an idle adapter adds no latency.
 struct HeldReplies {
     tasks: Vec<Box<dyn Task>>,
     oldest: Option<Instant>,
+    max_delay: Duration,
 }
 
 impl HeldReplies {
-    fn new() -> Self {
+    fn new(max_delay: Duration) -> Self {
         HeldReplies {
             tasks: Vec::with_capacity(MAX_HELD_REPLIES),
             oldest: None,
+            max_delay,
         }
     }
 
@@ -373,7 +373,7 @@ impl HeldReplies {
         self.tasks.len() >= MAX_HELD_REPLIES
             || self
                 .oldest
-                .is_some_and(|t| t.elapsed() + next_job >= MAX_REPLY_DELAY)
+                .is_some_and(|t| t.elapsed() + next_job >= self.max_delay)
     }
 
     fn hand_over(&mut self) {
@@ -427,6 +427,7 @@ impl Pool {
             directory: RwLock::new(directory),
         });
         let (jobs, job_queue) = crossbeam_channel::bounded(config.queue_capacity);
+        let max_reply_delay = config.max_reply_delay;
         let mut controls = Vec::with_capacity(sessions.len());
         let mut threads = Vec::with_capacity(sessions.len());
         for (i, session) in sessions.into_iter().enumerate() {
@@ -435,7 +436,7 @@ impl Pool {
             let job_queue = job_queue.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("hsm-worker-{i}"))
-                .spawn(move || worker_loop(ctx, job_queue, control_queue))
+                .spawn(move || worker_loop(ctx, job_queue, control_queue, max_reply_delay))
                 .map_err(HsmError::WorkerSpawn)?;
             controls.push(control);
             threads.push(thread);
@@ -491,10 +492,15 @@ impl Pool {
     }
 }
 
-fn worker_loop(mut ctx: WorkerCtx, jobs: Receiver<Job>, control: Receiver<Control>) {
+fn worker_loop(
+    mut ctx: WorkerCtx,
+    jobs: Receiver<Job>,
+    control: Receiver<Control>,
+    max_reply_delay: Duration,
+) {
     // One reference for the loop, so that jobs do not touch the shared reference count.
     let shared = Arc::clone(&ctx.shared);
-    let mut held = HeldReplies::new();
+    let mut held = HeldReplies::new(max_reply_delay);
     loop {
         let message = match control.try_recv() {
             Ok(message) => Message::Control(message),

@@ -207,3 +207,38 @@ async fn destroying_a_wrapped_key_evicts_cached_copies() {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn adapter_without_cache_or_reply_batching_signs_concurrently() {
+    let config = common::token()
+        .config()
+        .with_workers(std::num::NonZeroUsize::new(3).unwrap())
+        .with_wrapped_key_cache(0)
+        .with_max_reply_delay(std::time::Duration::ZERO);
+    let adapter = Arc::new(common::open_another(config).await);
+    let key = user_key(KeyAlgorithm::EcP384, KeyMode::Wrapped).await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..16u32 {
+        let adapter = Arc::clone(&adapter);
+        tasks.spawn(async move {
+            let message = format!("no batching {i}");
+            let signature = adapter
+                .sign(key, SignatureScheme::Ecdsa, &sha384(message.as_bytes()))
+                .await
+                .unwrap();
+            (message, signature)
+        });
+    }
+    let pem = key.public_key().to_pem();
+    while let Some(result) = tasks.join_next().await {
+        let (message, signature) = result.unwrap();
+        openssl_verify(
+            &pem,
+            "sha384",
+            message.as_bytes(),
+            &signature,
+            Padding::Default,
+        );
+    }
+    Arc::try_unwrap(adapter).unwrap().shutdown().await;
+}
