@@ -197,6 +197,15 @@ impl Hsm {
         encoding.finish(raw)
     }
 
+    /// Checks that `key` is on the token and passes the key policy (for `keys status` and the
+    /// daemon's readiness check).
+    pub async fn check_system_key(&self, key: SystemKey) -> Result<(), HsmError> {
+        self.call(Retry::Once, Cost::Long, move |ctx| {
+            ctx.system_key(key).map(|_| ())
+        })
+        .await
+    }
+
     /// The public key of a system signing key as SPKI.
     pub async fn system_public_key(&self, key: SystemKey) -> Result<PublicKeySpki, HsmError> {
         self.call(Retry::Once, Cost::Long, move |ctx| {

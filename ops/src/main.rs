@@ -1,4 +1,114 @@
-//! smartsign-ctl: placeholder, being written by the lead; see bench_hsm.rs, bench_audit.rs and
-//! audit_cmd.rs for the parts helpers own.
+//! `smartsign-ctl`: the command line of smartsign's security officers and auditors.
+//!
+//! It provisions the system keys on a token, verifies audit-log exports offline, and measures the
+//! HSM adapter and the audit log against their raw baselines. Commands that open the token run
+//! while the daemon is stopped: the daemon is the only process that opens the token while it
+//! runs (DESIGN.md).
+
 #![forbid(unsafe_code)]
-fn main() {}
+
+mod audit_cmd;
+mod bench_audit;
+mod bench_hsm;
+mod hsm_opts;
+mod keys;
+mod scratch;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// smartsign-ctl: key ceremonies, audit verification and benchmarks for the smartsign signing
+/// appliance.
+#[derive(Debug, Parser)]
+#[command(name = "smartsign-ctl", version, propagate_version = true)]
+#[command(after_help = "Examples:\n  \
+    smartsign-ctl keys init --token smartsign --pin-file user.pin --so-pin-file so.pin\n  \
+    smartsign-ctl audit verify --records audit.ndjson --checkpoint checkpoint.json \\\n      \
+    --public-key audit-key.pem\n  \
+    smartsign-ctl bench hsm --seconds 3\n  \
+    smartsign-ctl bench audit --appenders 1,8,64")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// System keys on the HSM token (run while the daemon is stopped).
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// The signed audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// Throughput measurements against the raw baselines, in the same run.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysCommand {
+    /// Create the system keys that are missing (key-encryption key, TAID and HKIC MAC keys,
+    /// data key, audit key, embedded-CA keys) and list them all. Needs the SO PIN because only
+    /// the security officer may mark the key-encryption key as trusted. Safe to run again: keys
+    /// that exist are found, not replaced.
+    Init(keys::InitArgs),
+    /// List the system keys on the token and check each against the key policy.
+    Status(keys::StatusArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Verify an audit export offline: every record, the Merkle root and the checkpoint
+    /// signature. Exits 0 only when everything checks.
+    Verify(audit_cmd::VerifyArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// Signatures per second for each algorithm and key mode, raw cryptoki beside the adapter's
+    /// async API. Without --token it makes a scratch SoftHSM token in a temporary directory.
+    Hsm(bench_hsm::BenchHsmArgs),
+    /// Durable appends per second at several concurrencies, group commit beside one fsync per
+    /// append.
+    Audit(bench_audit::BenchAuditArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Audit(AuditCommand::Verify(args)) => audit_cmd::verify(args),
+        command => run_async(command),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("smartsign-ctl: {error}");
+            let mut source = error.source();
+            while let Some(cause) = source {
+                eprintln!("  caused by: {cause}");
+                source = cause.source();
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_async(command: Command) -> Result<(), Box<dyn std::error::Error>> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        match command {
+            Command::Keys(KeysCommand::Init(args)) => keys::init(args).await,
+            Command::Keys(KeysCommand::Status(args)) => keys::status(args).await,
+            Command::Bench(BenchCommand::Hsm(args)) => match scratch::ensure_token(&args.token)? {
+                scratch::Token::Given => bench_hsm::run(args).await,
+                // The scratch token lives in a child process's environment; it has already run.
+                scratch::Token::RanInScratch => Ok(()),
+            },
+            Command::Bench(BenchCommand::Audit(args)) => bench_audit::run(args).await,
+            Command::Audit(AuditCommand::Verify(args)) => audit_cmd::verify(args),
+        }
+    })
+}

@@ -1,0 +1,69 @@
+//! `smartsign-ctl keys`: the system keys on the token.
+
+use std::path::PathBuf;
+
+use hsm_adapter::{HsmError, SystemKey};
+
+use crate::hsm_opts::{TokenArgs, read_secret};
+
+/// Arguments of `keys init`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct InitArgs {
+    #[command(flatten)]
+    token: TokenArgs,
+    /// File holding the security officer's PIN, needed to create the trusted key-encryption key.
+    #[arg(long)]
+    so_pin_file: PathBuf,
+}
+
+/// Arguments of `keys status`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct StatusArgs {
+    #[command(flatten)]
+    token: TokenArgs,
+}
+
+pub(crate) async fn init(args: InitArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let so_pin = read_secret(&args.so_pin_file)?;
+    let hsm = args.token.open().await?;
+    eprintln!("provisioning the system keys");
+    let report = hsm.provision_system_keys(&so_pin).await?;
+    for key in &report.created {
+        println!("created  {}", key.label());
+    }
+    for key in &report.found {
+        println!("found    {}", key.label());
+    }
+    println!(
+        "all {} system keys pass the key policy",
+        report.created.len() + report.found.len()
+    );
+    hsm.shutdown().await;
+    Ok(())
+}
+
+pub(crate) async fn status(args: StatusArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let hsm = args.token.open().await?;
+    let mut failures = 0;
+    for key in SystemKey::ALL {
+        match hsm.check_system_key(key).await {
+            Ok(()) => println!("{:<22} ok", key.label()),
+            Err(error) => {
+                failures += 1;
+                let verdict = match error {
+                    HsmError::SystemKeyMissing(_) => "missing".to_owned(),
+                    other => format!("REFUSED: {other}"),
+                };
+                println!("{:<22} {verdict}", key.label());
+            }
+        }
+    }
+    hsm.shutdown().await;
+    match failures {
+        0 => Ok(()),
+        n => Err(
+            format!("{n} system key(s) missing or refused; `keys init` creates missing ones")
+                .into(),
+        ),
+    }
+}
