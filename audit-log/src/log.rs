@@ -197,12 +197,15 @@ impl AuditLog {
                 offset = scan.end,
                 "cutting a torn last line off the audit log (an append that never completed)"
             );
-            file.set_len(scan.end)
-                .and_then(|()| file.sync_all())
-                .map_err(|error| {
-                    AuditError::io(format!("truncating {}", log_path.display()), error)
-                })?;
+            file.set_len(scan.end).map_err(|error| {
+                AuditError::io(format!("truncating {}", log_path.display()), error)
+            })?;
         }
+        // A writer killed between its write and its fsync leaves records in the page cache that
+        // nobody acknowledged. Make them durable before anyone reads, proves or checkpoints them,
+        // or an OS crash after a checkpoint would lose records the checkpoint covers.
+        file.sync_all()
+            .map_err(|error| AuditError::io(format!("syncing {}", log_path.display()), error))?;
         let reader = File::open(&log_path)
             .map_err(|error| AuditError::io(format!("opening {}", log_path.display()), error))?;
         let size = scan.tree.size();

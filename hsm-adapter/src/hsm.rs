@@ -13,7 +13,7 @@ use crate::keys::{
     Digest, KeyAlgorithm, KeyMode, KeyStorage, SignatureScheme, SystemKey, SystemKeyKind,
     UserKeyRef,
 };
-use crate::operations::{MAX_RANDOM_LEN, SignRequest, SigningKey};
+use crate::operations::{self, MAX_RANDOM_LEN, SignRequest, SigningKey};
 use crate::provision::{self, ProvisionReport};
 use crate::public_key::PublicKeySpki;
 use crate::session_pool::{Cost, Pool, Retry, WorkerCtx, job};
@@ -122,9 +122,10 @@ impl Hsm {
                 Ok(())
             }
             KeyStorage::Resident { id } => {
+                let shared = Arc::clone(self.pool.shared());
                 let id = id.clone();
-                self.call(Retry::Never, Cost::Long, move |ctx| {
-                    ctx.destroy_resident(&id)
+                run_blocking("hsm-destroy", move || {
+                    operations::destroy_resident(&shared, &id)
                 })
                 .await
             }

@@ -16,9 +16,10 @@ use crate::keys::{
     Digest, EcCurve, HashAlgorithm, KeyAlgorithm, KeyMode, KeyStorage, SignatureScheme, SystemKey,
     SystemKeyKind, UserKeyRef,
 };
+use crate::module;
 use crate::policy::Policy;
 use crate::public_key::{PublicKeySpki, digest_info, ec_spki, ecdsa_der, rsa_spki};
-use crate::session_pool::{CachedKey, WorkerCtx};
+use crate::session_pool::{CachedKey, Shared, WorkerCtx};
 use crate::templates::{
     PairTarget, key_pair, key_type_code, system_key_algorithm, unwrap_template, wrap_mechanism,
     wrap_mechanism_code,
@@ -33,11 +34,21 @@ pub(crate) const GCM_TAG_LEN: usize = 16;
 pub(crate) const MAX_RANDOM_LEN: usize = 64 * 1024;
 
 /// A signature request prepared on the caller's side: the mechanism and the exact bytes that
-/// PKCS#11 signs, so that the worker only signs.
-#[derive(Debug, Clone)]
+/// PKCS#11 signs, so that the worker only signs. Its `Debug` leaves out the bytes: they are the
+/// user's hash, which is never logged (as with [`Digest`]).
+#[derive(Clone)]
 pub(crate) struct SignRequest {
     kind: SignKind,
     data: Vec<u8>,
+}
+
+impl std::fmt::Debug for SignRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SignRequest")
+            .field("kind", &self.kind)
+            .field("data_len", &self.data.len())
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -347,7 +358,7 @@ impl WorkerCtx {
                 .unwrap_key(&wrap_mechanism(), kek, blob, &unwrap_template(algorithm))?;
         // Always check the unwrapped copy: its attributes come from our template and the
         // module, and a module that ignored part of the template must not get to sign.
-        let result = Policy::Wrapped(algorithm)
+        let result = Policy::Unwrapped(algorithm)
             .check(&self.session, handle)
             .and_then(|()| Ok(self.session.sign(&mechanism, handle, request.data())?));
         match (&mut self.cache, &result) {
@@ -366,20 +377,6 @@ impl WorkerCtx {
         if let Some(cached) = self.cache.as_mut().and_then(|cache| cache.pop(blob)) {
             self.destroy_quietly(cached.handle);
         }
-    }
-
-    /// Destroys a resident key pair (not idempotent).
-    pub(crate) fn destroy_resident(&mut self, id: &[u8]) -> Result<(), HsmError> {
-        // Out of the directory first, so that no new signature starts with it.
-        let private = self.shared.directory_mut().remove_resident(id)?;
-        self.session.destroy_object(private)?;
-        for public in self
-            .session
-            .find_objects(&resident_public_key_template(id))?
-        {
-            self.session.destroy_object(public)?;
-        }
-        Ok(())
     }
 
     /// Signs a digest with a system signing key; returns the raw `r || s`.
@@ -534,4 +531,19 @@ impl WorkerCtx {
             tracing::warn!(error = %HsmError::from(err), "could not destroy a session object");
         }
     }
+}
+
+/// Destroys a resident key pair (not idempotent), on a session of its own with the pool's gate
+/// held exclusively: no job holds the key's handle when the key dies, and none can look it up
+/// after. (A module that reuses handle numbers could otherwise hand a job that looked this key up
+/// another key under the same number.)
+pub(crate) fn destroy_resident(shared: &Shared, id: &[u8]) -> Result<(), HsmError> {
+    let session = module::open_user_session(&shared.pkcs11, shared.slot, shared.pin())?;
+    let _exclusive = shared.exclusive();
+    let private = shared.directory_mut().remove_resident(id)?;
+    session.destroy_object(private)?;
+    for public in session.find_objects(&resident_public_key_template(id))? {
+        session.destroy_object(public)?;
+    }
+    Ok(())
 }

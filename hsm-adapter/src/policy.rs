@@ -36,8 +36,10 @@ use crate::templates::{key_type, system_key_algorithm};
 pub(crate) enum Policy<'a> {
     /// A resident user key, named by its CKA_ID.
     Resident(KeyAlgorithm, &'a [u8]),
-    /// The session copy of a wrapped user key (freshly generated or unwrapped).
+    /// A freshly generated wrapped user key, before it is wrapped (so extractable).
     Wrapped(KeyAlgorithm),
+    /// The session copy of a wrapped user key unwrapped to sign: never extractable again.
+    Unwrapped(KeyAlgorithm),
     /// A system key.
     System(SystemKey),
 }
@@ -47,6 +49,7 @@ impl fmt::Display for Policy<'_> {
         match self {
             Policy::Resident(alg, id) => write!(f, "resident {alg} user key (id {})", HexBytes(id)),
             Policy::Wrapped(alg) => write!(f, "wrapped {alg} user key"),
+            Policy::Unwrapped(alg) => write!(f, "unwrapped copy of a wrapped {alg} user key"),
             Policy::System(key) => write!(f, "system key \"{}\"", key.label()),
         }
     }
@@ -76,6 +79,12 @@ const NEVER_LEFT_THE_HSM: &[Flag] = &[
 ];
 
 const PRIVATE: &[Flag] = &[("CKA_PRIVATE", AttributeType::Private, true)];
+
+/// The unwrap template asks for an unextractable copy; a module that ignored that must not sign.
+const NOT_EXTRACTABLE: &[Flag] = &[
+    ("CKA_PRIVATE", AttributeType::Private, true),
+    ("CKA_EXTRACTABLE", AttributeType::Extractable, false),
+];
 
 const WRAPPED_COPY: &[Flag] = &[
     ("CKA_TOKEN", AttributeType::Token, false),
@@ -136,6 +145,7 @@ impl Policy<'_> {
         match self {
             Policy::Resident(alg, _) => alg.code(),
             Policy::Wrapped(alg) => 0x10 | alg.code(),
+            Policy::Unwrapped(alg) => 0x20 | alg.code(),
             Policy::System(_) => 0xff,
         }
     }
@@ -143,7 +153,7 @@ impl Policy<'_> {
     fn shape(&self) -> Shape {
         match self {
             Policy::Resident(alg, _) => Shape::PrivateKey(*alg),
-            Policy::Wrapped(alg) => Shape::PrivateKeyType(*alg),
+            Policy::Wrapped(alg) | Policy::Unwrapped(alg) => Shape::PrivateKeyType(*alg),
             Policy::System(key) => match key.kind() {
                 SystemKeyKind::Signing(curve) => Shape::PrivateKey(system_key_algorithm(curve)),
                 SystemKeyKind::KeyEncryption | SystemKeyKind::Aead => {
@@ -159,6 +169,7 @@ impl Policy<'_> {
         match self {
             Policy::Resident(..) => [NEVER_LEFT_THE_HSM, PRIVATE, SIGNING_ONLY],
             Policy::Wrapped(_) => [WRAPPED_COPY, PRIVATE, SIGNING_ONLY],
+            Policy::Unwrapped(_) => [WRAPPED_COPY, NOT_EXTRACTABLE, SIGNING_ONLY],
             Policy::System(key) => match key.kind() {
                 SystemKeyKind::Signing(_) => [NEVER_LEFT_THE_HSM, PRIVATE, SIGNING_ONLY],
                 SystemKeyKind::KeyEncryption => [NEVER_LEFT_THE_HSM, KEK_USAGE, &[]],

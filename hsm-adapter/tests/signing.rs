@@ -188,6 +188,52 @@ async fn destroyed_resident_key_no_longer_signs() {
 }
 
 #[tokio::test]
+async fn destroying_a_resident_key_while_it_signs_never_signs_with_another_key() {
+    let victim = hsm()
+        .generate_user_key(KeyAlgorithm::EcP256, KeyMode::Resident)
+        .await
+        .unwrap();
+    let spki = victim.public_key().to_pem();
+    let mut signers = tokio::task::JoinSet::new();
+    for _ in 0..32 {
+        let victim = victim.clone();
+        signers.spawn(async move {
+            hsm()
+                .sign(&victim, SignatureScheme::Ecdsa, &sha256(DATA))
+                .await
+        });
+    }
+    // Other users' keys come and go meanwhile, so that a module reusing handle numbers would
+    // have a candidate to hand out.
+    let destroy = hsm().destroy_user_key(&victim);
+    let churn = async {
+        for _ in 0..4 {
+            let other = hsm()
+                .generate_user_key(KeyAlgorithm::EcP256, KeyMode::Resident)
+                .await
+                .unwrap();
+            hsm().destroy_user_key(&other).await.unwrap();
+        }
+    };
+    let (destroyed, ()) = tokio::join!(destroy, churn);
+    destroyed.unwrap();
+    while let Some(outcome) = signers.join_next().await {
+        match outcome.unwrap() {
+            // Signed before the key died: it must be the victim's own signature.
+            Ok(signature) => {
+                openssl_verify(&spki, "sha256", DATA, &signature, Padding::Default);
+            }
+            Err(err) => assert_eq!(err.kind(), ErrorKind::NotFound, "{err}"),
+        }
+    }
+    let err = hsm()
+        .sign(&victim, SignatureScheme::Ecdsa, &sha256(DATA))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+}
+
+#[tokio::test]
 async fn destroying_a_wrapped_key_evicts_cached_copies() {
     let key = hsm()
         .generate_user_key(KeyAlgorithm::EcP256, KeyMode::Wrapped)

@@ -76,11 +76,7 @@ enum BenchCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Audit(AuditCommand::Verify(args)) => audit_cmd::verify(args),
-        command => run_async(command),
-    };
-    match result {
+    match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("smartsign-ctl: {error}");
@@ -94,7 +90,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run_async(command: Command) -> Result<(), Box<dyn std::error::Error>> {
+fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
