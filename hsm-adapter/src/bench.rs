@@ -124,10 +124,22 @@ pub async fn compare(
             .await?;
             comparison.raw.add(measured);
         } else {
-            let mut adapter = AdapterLoad::open(config, key, threads).await?;
-            let measured = adapter.run(round).await;
-            adapter.close().await;
-            comparison.adapter.add(measured?);
+            let (config, key) = (config.clone(), key.clone());
+            // The adapter is opened, driven and closed on the caller's runtime, a
+            // single-threaded one on a thread of its own, the leanest async caller there is.
+            let measured = run_blocking("hsm-bench-load", move || {
+                tokio::runtime::Builder::new_current_thread()
+                    .build()
+                    .map_err(HsmError::WorkerSpawn)?
+                    .block_on(async move {
+                        let adapter = AdapterLoad::open(&config, &key, threads).await?;
+                        let measured = adapter.run(round).await;
+                        adapter.close().await;
+                        measured
+                    })
+            })
+            .await?;
+            comparison.adapter.add(measured);
         }
     }
     Ok(comparison)
@@ -295,18 +307,10 @@ impl AdapterLoad {
         })
     }
 
-    /// Keeps the requests in flight from a single-threaded runtime on a thread of its own until
-    /// `duration` has passed.
-    async fn run(&mut self, duration: Duration) -> Result<Throughput, HsmError> {
+    /// Keeps the requests in flight until `duration` has passed.
+    async fn run(&self, duration: Duration) -> Result<Throughput, HsmError> {
         let (hsm, key, digest) = (Arc::clone(&self.hsm), self.key.clone(), self.digest.clone());
-        let in_flight = self.in_flight;
-        run_blocking("hsm-bench-load", move || {
-            tokio::runtime::Builder::new_current_thread()
-                .build()
-                .map_err(HsmError::WorkerSpawn)?
-                .block_on(drive(hsm, key, digest, in_flight, duration))
-        })
-        .await
+        drive(hsm, key, digest, self.in_flight, duration).await
     }
 
     async fn close(self) {

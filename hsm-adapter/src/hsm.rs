@@ -16,13 +16,17 @@ use crate::keys::{
 use crate::operations::{self, MAX_RANDOM_LEN, SignRequest, SigningKey};
 use crate::provision::{self, ProvisionReport};
 use crate::public_key::PublicKeySpki;
-use crate::session_pool::{Cost, Pool, Retry, WorkerCtx, job};
+use crate::session_pool::{self, Cost, Pool, Retry, WorkerCtx, job};
 use crate::templates::system_key_algorithm;
 
 /// A token, opened: a pool of worker threads each holding a logged-in session.
 ///
-/// Share it with `Arc<Hsm>`; it needs no particular async runtime (replies travel over tokio
-/// oneshot channels, which work under any executor).
+/// Share it with `Arc<Hsm>`. Replies travel over tokio oneshot channels, which work under any
+/// executor. Opened inside a tokio runtime, it also runs a small task there that hands out the
+/// workers' replies in batches (one cross-thread wake-up for many replies; `session_pool.rs`):
+/// open it on the runtime that will call it. If that runtime shuts down first, the workers
+/// reply from their own threads; requests in a batch that was on its way are answered with
+/// [`HsmError::Closed`].
 #[derive(Debug)]
 pub struct Hsm {
     pool: Pool,
@@ -36,7 +40,12 @@ impl Hsm {
     /// in to the same token, the module answers `CKR_USER_ALREADY_LOGGED_IN` without checking
     /// this configuration's PIN.
     pub async fn open(config: HsmConfig) -> Result<Hsm, HsmError> {
-        let pool = run_blocking("hsm-open", move || Pool::start(&config)).await?;
+        let dispatcher = tokio::runtime::Handle::try_current().ok().map(|runtime| {
+            let (batches, receiver) = tokio::sync::mpsc::unbounded_channel();
+            runtime.spawn(session_pool::dispatch(receiver));
+            batches
+        });
+        let pool = run_blocking("hsm-open", move || Pool::start(&config, dispatcher)).await?;
         Ok(Hsm { pool })
     }
 

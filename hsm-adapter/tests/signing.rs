@@ -288,3 +288,39 @@ async fn adapter_without_cache_or_reply_batching_signs_concurrently() {
     }
     Arc::try_unwrap(adapter).unwrap().shutdown().await;
 }
+
+/// Opened inside the test's runtime, the adapter hands replies out through its dispatcher task in
+/// batches; every caller still gets its own signature.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_handed_out_in_batches_reach_their_own_callers() {
+    let config = common::token()
+        .config()
+        .with_workers(std::num::NonZeroUsize::new(2).unwrap());
+    let adapter = Arc::new(common::open_another(config).await);
+    let key = user_key(KeyAlgorithm::EcP256, KeyMode::Resident).await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..256u32 {
+        let adapter = Arc::clone(&adapter);
+        tasks.spawn(async move {
+            let message = format!("batched reply {i}");
+            let signature = adapter
+                .sign(key, SignatureScheme::Ecdsa, &sha256(message.as_bytes()))
+                .await
+                .unwrap();
+            (message, signature)
+        });
+    }
+    use p256::ecdsa::signature::hazmat::PrehashVerifier;
+    use p256::pkcs8::DecodePublicKey;
+    let verifying_key =
+        p256::ecdsa::VerifyingKey::from_public_key_der(key.public_key().as_der()).unwrap();
+    while let Some(result) = tasks.join_next().await {
+        let (message, signature) = result.unwrap();
+        let signature = p256::ecdsa::Signature::from_der(&signature).unwrap();
+        let digest = sha2::Sha256::digest(message.as_bytes());
+        verifying_key
+            .verify_prehash(&digest, &signature)
+            .expect("each caller gets the signature over its own message");
+    }
+    Arc::try_unwrap(adapter).unwrap().shutdown().await;
+}
