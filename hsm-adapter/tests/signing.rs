@@ -296,8 +296,9 @@ async fn replies_handed_out_in_batches_reach_their_own_callers() {
     let config = common::token()
         .config()
         .with_workers(std::num::NonZeroUsize::new(2).unwrap());
-    let adapter = Arc::new(common::open_another(config).await);
+    // A resident key is found by an adapter opened after it exists.
     let key = user_key(KeyAlgorithm::EcP256, KeyMode::Resident).await;
+    let adapter = Arc::new(common::open_another(config).await);
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..256u32 {
         let adapter = Arc::clone(&adapter);
