@@ -7,6 +7,12 @@
 
 #![forbid(unsafe_code)]
 
+// Replies cross threads: buffers allocated on an HSM worker are freed on the async caller's
+// thread. With glibc's malloc each such free locks the worker's arena, which SoftHSM and OpenSSL
+// use for every signature; mimalloc frees across threads without that lock.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod audit_cmd;
 mod bench_audit;
 mod bench_hsm;
