@@ -89,7 +89,7 @@ impl Comparison {
 }
 
 /// The scheme benchmarked for an algorithm: ECDSA, or RSA PKCS#1 v1.5.
-pub fn scheme_for(algorithm: KeyAlgorithm) -> SignatureScheme {
+fn scheme_for(algorithm: KeyAlgorithm) -> SignatureScheme {
     match algorithm {
         KeyAlgorithm::EcP256 | KeyAlgorithm::EcP384 => SignatureScheme::Ecdsa,
         KeyAlgorithm::Rsa2048 | KeyAlgorithm::Rsa3072 => SignatureScheme::RsaPkcs1v15,
@@ -98,7 +98,7 @@ pub fn scheme_for(algorithm: KeyAlgorithm) -> SignatureScheme {
 
 /// Requests kept in flight per worker: twice the replies a busy worker may hold back, so that
 /// it always finds the next job queued while replies travel back.
-pub const IN_FLIGHT_PER_WORKER: usize = 64;
+const IN_FLIGHT_PER_WORKER: usize = 64;
 
 /// Measures signing with `key` for about `duration` each through raw cryptoki and through the
 /// adapter, both with `threads` sessions. Call it inside a tokio runtime.
