@@ -2,6 +2,27 @@
 //! API.md, the signing flow, metrics, tracing, start-up and shutdown.
 //!
 //! It is thin on purpose: it wires `hsm-adapter`, `cert-lifecycle`, `ca-bridge` and `audit-log`
-//! together and holds no rule of its own. The daemon issue fills it.
+//! together. The rules live in `cert-lifecycle`, the formats in `ca-bridge`, the PKCS#11 calls in
+//! `hsm-adapter`. Its one public item is [`main`], which the `smartsignd` binary calls.
 
 #![forbid(unsafe_code)]
+
+mod accounts;
+mod admin;
+mod app;
+mod audit_api;
+mod ca_http;
+mod cli;
+mod clock;
+mod config;
+mod dev;
+mod http;
+mod metrics;
+mod operations;
+mod problem;
+mod routes;
+mod server;
+mod signing;
+mod tls;
+
+pub use cli::main;

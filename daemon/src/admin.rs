@@ -1,0 +1,61 @@
+//! The officer's routes (API.md "Operations"): the appliance's state and, in `--dev` mode only,
+//! the settable clock.
+
+use std::sync::Arc;
+
+use serde::Deserialize;
+use serde_json::json;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use crate::accounts::rfc3339;
+use crate::app::{App, fields};
+use crate::http::{Ctx, Reply};
+use crate::problem::ApiError;
+
+/// `GET /v1/admin/status`.
+pub(crate) async fn status(app: Arc<App>, _ctx: Ctx) -> Result<Reply, ApiError> {
+    let readiness = crate::operations::readiness(&app).await;
+    let stats = app.audit.stats();
+    Ok(Reply::ok(&json!({
+        "sealed": false,
+        "ready": readiness.iter().all(|(_, problem)| problem.is_none()),
+        "components": readiness
+            .iter()
+            .map(|(name, problem)| (name.to_string(), json!(problem.as_deref().unwrap_or("ok"))))
+            .collect::<serde_json::Map<_, _>>(),
+        "now": rfc3339(app.clock.now()),
+        "dev": app.dev,
+        "uptime_seconds": app.started.elapsed().as_secs(),
+        "hsm_workers": app.hsm.workers(),
+        "key_mode": format!("{:?}", app.policy.key_mode).to_lowercase(),
+        "audit": {
+            "tree_size": stats.tree_size,
+            "checkpoint_tree_size": app.audit.latest_checkpoint().map(|c| c.tree_size()),
+        },
+    })))
+}
+
+/// `POST /v1/admin/clock` (`--dev` only): sets the daemon's clock.
+pub(crate) async fn set_clock(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError> {
+    if !app.dev {
+        return Err(ApiError::NotFound("route"));
+    }
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Body {
+        now: String,
+    }
+    let body: Body = ctx.json()?;
+    let now = OffsetDateTime::parse(&body.now, &Rfc3339)
+        .map_err(|_| ApiError::InvalidRequest("now must be an RFC 3339 time".into()))?;
+    app.audit(
+        "admin.clock_set",
+        &ctx.caller.to_string(),
+        fields([("now", json!(rfc3339(now)))]),
+    )
+    .await?;
+    app.clock.set(now);
+    tracing::warn!(now = %rfc3339(now), "development clock moved");
+    Ok(Reply::ok(&json!({"now": rfc3339(app.clock.now())})))
+}

@@ -1,0 +1,152 @@
+//! The command line: `--config FILE` (production), `--check-config FILE`, and `--dev`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::config::Config;
+
+/// smartsignd: the signing appliance's daemon. It fronts a PKCS#11 HSM, keeps one signing key per
+/// "iAM Smart+" user, and signs a hash only after that user's bound device authorised the exact
+/// request. Clients reach it over HTTPS with mutual TLS (see API.md).
+#[derive(Debug, Parser)]
+#[command(
+    version,
+    after_help = "Examples:
+  smartsignd --dev                          development mode in ./.dev-state (SoftHSM, dev CA,
+                                            TLS and client certificates made on first start)
+  smartsignd --dev --state-dir /tmp/s --listen 127.0.0.1:0
+                                            port 0 picks free ports; see /tmp/s/endpoints.json
+  smartsignd --check-config /etc/smartsign/smartsignd.toml
+  smartsignd --config /etc/smartsign/smartsignd.toml
+
+Production tokens get their system keys from `smartsign-ctl keys init` while the daemon is stopped.
+SIGTERM or Ctrl-C stops the daemon: in-flight requests finish and a final checkpoint is signed."
+)]
+struct Cli {
+    /// Run with this configuration file (TOML).
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["check_config", "dev"])]
+    config: Option<PathBuf>,
+
+    /// Check this configuration file, explain what is wrong, and exit (0 when it is valid).
+    #[arg(long, value_name = "FILE", conflicts_with = "dev")]
+    check_config: Option<PathBuf>,
+
+    /// Development mode: make (first start) or reuse a state directory with a SoftHSM token, the
+    /// embedded CA, TLS server and client certificates, and serve on loopback.
+    #[arg(long)]
+    dev: bool,
+
+    /// The state directory of --dev.
+    #[arg(long, value_name = "DIR", default_value = ".dev-state", requires = "dev")]
+    state_dir: PathBuf,
+
+    /// API listener of --dev (HTTPS, mutual TLS); port 0 picks a free port.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8443", requires = "dev")]
+    listen: SocketAddr,
+
+    /// Operations listener of --dev (/healthz, /readyz, /metrics; plain HTTP).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9090", requires = "dev")]
+    metrics_listen: SocketAddr,
+
+    /// Embedded CA listener of --dev (plain HTTP).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080", requires = "dev")]
+    ca_listen: SocketAddr,
+
+    /// Log format, overriding the configuration: text or json.
+    #[arg(long, value_name = "FORMAT", value_parser = ["text", "json"])]
+    log_format: Option<String>,
+}
+
+/// Runs the command line; the binary's `main`.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(path) = &cli.check_config {
+        return match Config::load(path) {
+            Ok(_) => {
+                println!("{}: valid", path.display());
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("smartsignd: {error}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let result = if cli.dev {
+        run_dev(&cli)
+    } else if let Some(path) = &cli.config {
+        Config::load(path)
+            .map_err(|error| error.to_string())
+            .and_then(|config| run(config, cli.log_format.as_deref()))
+            .map(|()| ExitCode::SUCCESS)
+    } else {
+        Err("give --config FILE, --check-config FILE or --dev (see --help)".into())
+    };
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("smartsignd: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_dev(cli: &Cli) -> Result<ExitCode, String> {
+    if crate::dev::prepare(&cli.state_dir)? {
+        let code = crate::dev::rerun_with_token(&cli.state_dir)?;
+        return Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)));
+    }
+    let state_dir = std::fs::canonicalize(&cli.state_dir).map_err(|error| error.to_string())?;
+    let runtime = runtime()?;
+    runtime.block_on(async {
+        let ca_listener = crate::http::bind(cli.ca_listen, "embedded CA").await?;
+        let ca_address = ca_listener.local_addr().map_err(|error| error.to_string())?;
+        ca_bridge::dev_pki::DevPki::ensure(&state_dir)
+            .map_err(|error| format!("cannot make the development TLS certificates: {error}"))?;
+        crate::dev::write_examples(&state_dir)?;
+        let config = crate::dev::config(&state_dir, cli.listen, cli.metrics_listen, ca_address);
+        crate::dev::write_config(&state_dir, &config)?;
+        init_logging(&config, cli.log_format.as_deref())?;
+        let so_pin = crate::server::read_pin(&state_dir.join("hsm/so.pin"))?;
+        crate::server::run(
+            config,
+            Some(crate::server::DevOptions {
+                so_pin,
+                state_dir,
+                ca_listener,
+            }),
+        )
+        .await
+    })
+    .map(|()| ExitCode::SUCCESS)
+}
+
+fn run(config: Config, log_format: Option<&str>) -> Result<(), String> {
+    init_logging(&config, log_format)?;
+    runtime()?.block_on(crate::server::run(config, None))
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("smartsignd")
+        .build()
+        .map_err(|error| format!("cannot start the async runtime: {error}"))
+}
+
+fn init_logging(config: &Config, format: Option<&str>) -> Result<(), String> {
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.logging.level)
+        .map_err(|error| format!("logging.level: {error}"))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let result = if format.unwrap_or(&config.logging.format) == "json" {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+    result.map_err(|error| format!("cannot start logging: {error}"))
+}

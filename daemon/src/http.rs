@@ -1,0 +1,316 @@
+//! HTTP plumbing: the request context handed to handlers, JSON in and out, and the two listeners
+//! (the mutual-TLS API and the plain operations listener) with graceful shutdown.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{CONTENT_TYPE, HeaderValue};
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use serde::de::DeserializeOwned;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+
+use crate::app::App;
+use crate::problem::ApiError;
+use crate::tls::Caller;
+
+/// The largest request body accepted; API bodies are a few KiB.
+const MAX_BODY: usize = 64 * 1024;
+/// How long a client has to finish the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One API request, after TLS identified the caller.
+#[derive(Debug)]
+pub(crate) struct Ctx {
+    pub(crate) caller: Caller,
+    pub(crate) method: Method,
+    pub(crate) params: Vec<String>,
+    pub(crate) query: HashMap<String, String>,
+    pub(crate) body: Bytes,
+}
+
+impl Ctx {
+    /// The JSON body as `T`; unknown fields and bad values give `invalid_request`.
+    pub(crate) fn json<T: DeserializeOwned>(&self) -> Result<T, ApiError> {
+        serde_json::from_slice(&self.body)
+            .map_err(|error| ApiError::InvalidRequest(format!("request body: {error}")))
+    }
+
+    /// The `n`th path parameter.
+    pub(crate) fn param(&self, n: usize) -> &str {
+        self.params.get(n).map(String::as_str).unwrap_or_default()
+    }
+
+    /// A query parameter that must be there.
+    pub(crate) fn query(&self, name: &str) -> Result<&str, ApiError> {
+        self.query
+            .get(name)
+            .map(String::as_str)
+            .ok_or_else(|| ApiError::InvalidRequest(format!("query parameter {name} is required")))
+    }
+
+    /// A numeric query parameter.
+    pub(crate) fn query_u64(&self, name: &str, default: Option<u64>) -> Result<u64, ApiError> {
+        match (self.query.get(name), default) {
+            (Some(text), _) => text.parse().map_err(|_| {
+                ApiError::InvalidRequest(format!("query parameter {name} must be a number"))
+            }),
+            (None, Some(default)) => Ok(default),
+            (None, None) => Err(ApiError::InvalidRequest(format!(
+                "query parameter {name} is required"
+            ))),
+        }
+    }
+}
+
+/// A successful answer.
+#[derive(Debug)]
+pub(crate) struct Reply {
+    pub(crate) status: StatusCode,
+    pub(crate) content_type: &'static str,
+    pub(crate) body: Vec<u8>,
+}
+
+impl Reply {
+    pub(crate) fn json(status: StatusCode, value: &impl serde::Serialize) -> Self {
+        Self {
+            status,
+            content_type: "application/json",
+            // Serialising our own response types cannot fail: they hold no maps with non-string
+            // keys and no failing Serialize impls.
+            body: serde_json::to_vec(value).unwrap_or_default(),
+        }
+    }
+
+    pub(crate) fn ok(value: &impl serde::Serialize) -> Self {
+        Self::json(StatusCode::OK, value)
+    }
+
+    pub(crate) fn empty(status: StatusCode) -> Self {
+        Self {
+            status,
+            content_type: "application/json",
+            body: Vec::new(),
+        }
+    }
+
+    pub(crate) fn bytes(content_type: &'static str, body: Vec<u8>) -> Self {
+        Self {
+            status: StatusCode::OK,
+            content_type,
+            body,
+        }
+    }
+}
+
+fn response(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    if let Ok(value) = HeaderValue::from_str(content_type) {
+        response.headers_mut().insert(CONTENT_TYPE, value);
+    }
+    response
+}
+
+pub(crate) fn problem_response(error: &ApiError) -> Response<Full<Bytes>> {
+    response(error.status(), "application/problem+json", error.body())
+}
+
+fn parse_query(query: Option<&str>) -> HashMap<String, String> {
+    let mut out = HashMap::new();
+    for pair in query.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        out.insert(percent_decode(key), percent_decode(value));
+    }
+    out
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                let hex = |b: u8| (b as char).to_digit(16);
+                match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                    (Some(high), Some(low)) => {
+                        // Two hex digits make at most 0xff.
+                        out.push((high * 16 + low) as u8);
+                        i += 3;
+                        continue;
+                    }
+                    _ => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            byte => out.push(byte),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+async fn handle_api(
+    app: Arc<App>,
+    caller: Result<Caller, String>,
+    request: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let started = Instant::now();
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let query = parse_query(request.uri().query());
+    let Some((route, params)) = crate::routes::resolve(&method, &path) else {
+        let error = if crate::routes::path_known(&path) {
+            ApiError::MethodNotAllowed
+        } else {
+            ApiError::NotFound("route")
+        };
+        app.metrics
+            .observe_request("unmatched", method.as_str(), error.status().as_u16(), started.elapsed());
+        return Ok(problem_response(&error));
+    };
+    let result = match caller {
+        Err(reason) => {
+            tracing::info!(%reason, route = route.template, "client certificate names no caller");
+            Err(ApiError::ClientCertificateRequired)
+        }
+        Ok(caller) if !route.roles.contains(&caller.role) => {
+            tracing::info!(caller = %caller, route = route.template, "role not allowed");
+            Err(ApiError::Forbidden)
+        }
+        Ok(caller) => match Limited::new(request.into_body(), MAX_BODY).collect().await {
+            Err(_) => Err(ApiError::InvalidRequest(format!(
+                "the request body must be at most {MAX_BODY} bytes"
+            ))),
+            Ok(body) => {
+                let ctx = Ctx {
+                    caller,
+                    method: method.clone(),
+                    params,
+                    query,
+                    body: body.to_bytes(),
+                };
+                (route.handler)(app.clone(), ctx).await
+            }
+        },
+    };
+    let response = match result {
+        Ok(reply) => response(reply.status, reply.content_type, reply.body),
+        Err(error) => problem_response(&error),
+    };
+    app.metrics.observe_request(
+        route.template,
+        method.as_str(),
+        response.status().as_u16(),
+        started.elapsed(),
+    );
+    Ok(response)
+}
+
+/// Serves the mutual-TLS API on `listener` until `shutdown` turns true, then waits (at most
+/// `grace`) for in-flight connections.
+pub(crate) async fn serve_api(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    app: Arc<App>,
+    mut shutdown: watch::Receiver<bool>,
+    grace: Duration,
+) {
+    let acceptor = TlsAcceptor::from(tls);
+    let graceful = GracefulShutdown::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => break,
+        };
+        let acceptor = acceptor.clone();
+        let app = app.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
+            {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(error)) => {
+                    tracing::info!(%peer, %error, "TLS handshake refused");
+                    return;
+                }
+                Err(_) => {
+                    tracing::info!(%peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let caller = match tls.get_ref().1.peer_certificates() {
+                Some([leaf, ..]) => app.names.caller(leaf).map_err(|error| error.to_string()),
+                _ => Err("no client certificate".to_owned()),
+            };
+            let service = service_fn(move |request| handle_api(app.clone(), caller.clone(), request));
+            let connection =
+                auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(tls), service);
+            if let Err(error) = watcher.watch(connection.into_owned()).await {
+                tracing::debug!(%peer, %error, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+        tracing::warn!("in-flight requests did not finish within the shutdown grace");
+    }
+}
+
+/// Serves `/healthz`, `/readyz` and `/metrics` over plain HTTP.
+pub(crate) async fn serve_operations(
+    listener: TcpListener,
+    app: Arc<App>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(_) => continue,
+            },
+            _ = shutdown.changed() => return,
+        };
+        let app = app.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |request: Request<Incoming>| {
+                let app = app.clone();
+                async move {
+                    let (status, content_type, body) =
+                        crate::operations::handle(&app, request.method(), request.uri().path())
+                            .await;
+                    Ok::<_, Infallible>(response(status, content_type, body))
+                }
+            });
+            let _ = auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+/// Binds a listener, naming the address in the error.
+pub(crate) async fn bind(address: SocketAddr, what: &str) -> Result<TcpListener, String> {
+    TcpListener::bind(address)
+        .await
+        .map_err(|error| format!("cannot listen on {address} for the {what}: {error}"))
+}

@@ -1,0 +1,133 @@
+//! Prometheus metrics, served as text on the operations listener. Labels carry route templates,
+//! algorithms and outcomes, never ids, names or hashes.
+
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
+
+/// The daemon's metrics.
+#[derive(Clone, Debug)]
+pub(crate) struct Metrics {
+    registry: Registry,
+    http_requests: IntCounterVec,
+    http_latency: HistogramVec,
+    hsm_latency: HistogramVec,
+    signatures: IntCounterVec,
+    audit_append_latency: HistogramVec,
+    pub(crate) pending_requests: IntGauge,
+    pub(crate) checkpoint_age: IntGauge,
+    pub(crate) audit_tree_size: IntGauge,
+}
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
+impl Metrics {
+    pub(crate) fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new_custom(Some("smartsign".into()), None)?;
+        let http_requests = IntCounterVec::new(
+            Opts::new("http_requests_total", "API requests by route template and status"),
+            &["route", "method", "status"],
+        )?;
+        let http_latency = HistogramVec::new(
+            HistogramOpts::new(
+                "http_request_duration_seconds",
+                "API request latency by route template",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["route", "method"],
+        )?;
+        let hsm_latency = HistogramVec::new(
+            HistogramOpts::new(
+                "hsm_operation_duration_seconds",
+                "HSM operation latency as the daemon sees it",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["operation"],
+        )?;
+        let signatures = IntCounterVec::new(
+            Opts::new("signatures_total", "User signatures by algorithm and outcome"),
+            &["algorithm", "outcome"],
+        )?;
+        let audit_append_latency = HistogramVec::new(
+            HistogramOpts::new(
+                "audit_append_duration_seconds",
+                "Time for an audit record to become durable",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["event"],
+        )?;
+        let pending_requests = IntGauge::new(
+            "signing_requests_pending",
+            "Signing requests waiting for the user's authorisation",
+        )?;
+        let checkpoint_age = IntGauge::new(
+            "audit_checkpoint_age_seconds",
+            "Seconds since the latest signed audit checkpoint",
+        )?;
+        let audit_tree_size = IntGauge::new("audit_tree_size", "Records in the audit log")?;
+        registry.register(Box::new(http_requests.clone()))?;
+        registry.register(Box::new(http_latency.clone()))?;
+        registry.register(Box::new(hsm_latency.clone()))?;
+        registry.register(Box::new(signatures.clone()))?;
+        registry.register(Box::new(audit_append_latency.clone()))?;
+        registry.register(Box::new(pending_requests.clone()))?;
+        registry.register(Box::new(checkpoint_age.clone()))?;
+        registry.register(Box::new(audit_tree_size.clone()))?;
+        Ok(Self {
+            registry,
+            http_requests,
+            http_latency,
+            hsm_latency,
+            signatures,
+            audit_append_latency,
+            pending_requests,
+            checkpoint_age,
+            audit_tree_size,
+        })
+    }
+
+    pub(crate) fn observe_request(
+        &self,
+        route: &str,
+        method: &str,
+        status: u16,
+        elapsed: Duration,
+    ) {
+        self.http_requests
+            .with_label_values(&[route, method, &status.to_string()])
+            .inc();
+        self.http_latency
+            .with_label_values(&[route, method])
+            .observe(elapsed.as_secs_f64());
+    }
+
+    pub(crate) fn observe_hsm(&self, operation: &str, elapsed: Duration) {
+        self.hsm_latency
+            .with_label_values(&[operation])
+            .observe(elapsed.as_secs_f64());
+    }
+
+    pub(crate) fn count_signature(&self, algorithm: &str, outcome: &str) {
+        self.signatures
+            .with_label_values(&[algorithm, outcome])
+            .inc();
+    }
+
+    pub(crate) fn observe_audit(&self, event: &str, elapsed: Duration) {
+        self.audit_append_latency
+            .with_label_values(&[event])
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// The Prometheus text exposition.
+    pub(crate) fn render(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        // Encoding into a Vec cannot fail on I/O; a metric that fails to encode is left out.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        out
+    }
+}

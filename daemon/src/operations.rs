@@ -1,0 +1,76 @@
+//! The operations listener: `/healthz` (alive), `/readyz` (200 only when every component the
+//! signing path needs is usable; the body names what is not) and `/metrics`.
+
+use hyper::{Method, StatusCode};
+use serde_json::json;
+
+use crate::app::App;
+
+/// Each component and what is wrong with it, if anything.
+pub(crate) async fn readiness(app: &App) -> Vec<(&'static str, Option<String>)> {
+    let hsm = app
+        .hsm
+        .check_system_key(hsm_adapter::SystemKey::Data)
+        .await
+        .err()
+        .map(|error| error.to_string());
+    let audit = app.audit.health().err().map(|error| error.to_string());
+    let store = app
+        .store(|store| store.health())
+        .await
+        .err()
+        .map(|error| error.to_string());
+    vec![
+        ("sealed", None),
+        ("hsm", hsm),
+        ("store", store),
+        ("audit", audit),
+        ("ca", None),
+    ]
+}
+
+pub(crate) async fn handle(app: &App, method: &Method, path: &str) -> (StatusCode, &'static str, Vec<u8>) {
+    if method != Method::GET {
+        return (StatusCode::METHOD_NOT_ALLOWED, "text/plain", b"GET only\n".to_vec());
+    }
+    match path {
+        "/healthz" => (StatusCode::OK, "text/plain", b"ok\n".to_vec()),
+        "/readyz" => {
+            let components = readiness(app).await;
+            let ready = components.iter().all(|(_, problem)| problem.is_none());
+            let body = json!({
+                "ready": ready,
+                "components": components
+                    .iter()
+                    .map(|(name, problem)| {
+                        (name.to_string(), json!(problem.as_deref().unwrap_or("ok")))
+                    })
+                    .collect::<serde_json::Map<_, _>>(),
+            });
+            let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+            (status, "application/json", body.to_string().into_bytes())
+        }
+        "/metrics" => {
+            let now = app.clock.now();
+            if let Ok(count) = app.store(move |store| store.count_pending(now)).await {
+                app.metrics.pending_requests.set(i64::try_from(count).unwrap_or(i64::MAX));
+            }
+            let stats = app.audit.stats();
+            app.metrics.audit_tree_size.set(i64::try_from(stats.tree_size).unwrap_or(i64::MAX));
+            if let Some(checkpoint) = app.audit.latest_checkpoint()
+                && let Ok(at) = time::OffsetDateTime::parse(
+                    checkpoint.timestamp().as_str(),
+                    &time::format_description::well_known::Rfc3339,
+                )
+            {
+                app.metrics.checkpoint_age.set((now - at).whole_seconds());
+            }
+            (
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                app.metrics.render(),
+            )
+        }
+        _ => (StatusCode::NOT_FOUND, "text/plain", b"not found\n".to_vec()),
+    }
+}

@@ -1,0 +1,195 @@
+//! The one place where errors become HTTP problems (RFC 9457 `application/problem+json`).
+//!
+//! Every refusal the API gives is an [`ApiError`] with API.md's stable `code`. Internal causes
+//! (HSM return values, SQLite errors) go to the log with the request's id and never into the
+//! response body.
+
+use hyper::StatusCode;
+use serde_json::json;
+
+/// A refusal, by API.md's `code`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum ApiError {
+    /// 400 `invalid_request`, `detail` names the field.
+    InvalidRequest(String),
+    InvalidHash(String),
+    ClientCertificateRequired,
+    Forbidden,
+    NotFound(&'static str),
+    MethodNotAllowed,
+    AccountExists,
+    AccountNotActive(&'static str),
+    NotIamSmartPlus,
+    AlreadyIamSmartPlus,
+    CertificateExpired,
+    CertificateRevoked,
+    NoCertificate,
+    RequestNotPending(&'static str),
+    RequestExpired,
+    Underage,
+    GuardianRequired,
+    GuardianUnderage,
+    InvalidHkic(String),
+    HkicMismatch,
+    AuthorisationInvalid,
+    TooManyAttempts,
+    HsmUnavailable,
+    AuditUnavailable,
+    StatusUnavailable,
+    /// 500: a fault of ours; the cause is logged, not shown.
+    Internal,
+}
+
+impl ApiError {
+    pub(crate) fn status(&self) -> StatusCode {
+        use ApiError::*;
+        match self {
+            InvalidRequest(_) | InvalidHash(_) => StatusCode::BAD_REQUEST,
+            ClientCertificateRequired => StatusCode::UNAUTHORIZED,
+            Forbidden => StatusCode::FORBIDDEN,
+            NotFound(_) => StatusCode::NOT_FOUND,
+            MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            AccountExists
+            | AccountNotActive(_)
+            | NotIamSmartPlus
+            | AlreadyIamSmartPlus
+            | CertificateExpired
+            | CertificateRevoked
+            | NoCertificate
+            | RequestNotPending(_) => StatusCode::CONFLICT,
+            RequestExpired => StatusCode::GONE,
+            Underage | GuardianRequired | GuardianUnderage | InvalidHkic(_) | HkicMismatch
+            | AuthorisationInvalid => StatusCode::UNPROCESSABLE_ENTITY,
+            TooManyAttempts => StatusCode::TOO_MANY_REQUESTS,
+            HsmUnavailable | AuditUnavailable | StatusUnavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub(crate) fn code(&self) -> &'static str {
+        use ApiError::*;
+        match self {
+            InvalidRequest(_) => "invalid_request",
+            InvalidHash(_) => "invalid_hash",
+            ClientCertificateRequired => "client_certificate_required",
+            Forbidden => "forbidden",
+            NotFound(_) => "not_found",
+            MethodNotAllowed => "method_not_allowed",
+            AccountExists => "account_exists",
+            AccountNotActive(_) => "account_not_active",
+            NotIamSmartPlus => "not_iam_smart_plus",
+            AlreadyIamSmartPlus => "already_iam_smart_plus",
+            CertificateExpired => "certificate_expired",
+            CertificateRevoked => "certificate_revoked",
+            NoCertificate => "no_certificate",
+            RequestNotPending(_) => "request_not_pending",
+            RequestExpired => "request_expired",
+            Underage => "underage",
+            GuardianRequired => "guardian_required",
+            GuardianUnderage => "guardian_underage",
+            InvalidHkic(_) => "invalid_hkic",
+            HkicMismatch => "hkic_mismatch",
+            AuthorisationInvalid => "authorisation_invalid",
+            TooManyAttempts => "too_many_attempts",
+            HsmUnavailable => "hsm_unavailable",
+            AuditUnavailable => "audit_unavailable",
+            StatusUnavailable => "status_unavailable",
+            Internal => "internal_error",
+        }
+    }
+
+    fn title(&self) -> &'static str {
+        use ApiError::*;
+        match self {
+            InvalidRequest(_) => "Invalid request",
+            InvalidHash(_) => "Hash does not fit its algorithm",
+            ClientCertificateRequired => "Client certificate required",
+            Forbidden => "Forbidden",
+            NotFound(_) => "Not found",
+            MethodNotAllowed => "Method not allowed",
+            AccountExists => "Account exists",
+            AccountNotActive(_) => "Account not active",
+            NotIamSmartPlus => "Not an iAM Smart+ account",
+            AlreadyIamSmartPlus => "Already an iAM Smart+ account",
+            CertificateExpired => "Certificate expired",
+            CertificateRevoked => "Certificate revoked",
+            NoCertificate => "No certificate",
+            RequestNotPending(_) => "Request not pending",
+            RequestExpired => "Request expired",
+            Underage => "Applicant under 11",
+            GuardianRequired => "Guardian required",
+            GuardianUnderage => "Guardian under 18",
+            InvalidHkic(_) => "Invalid HKIC number",
+            HkicMismatch => "HKIC number does not match",
+            AuthorisationInvalid => "Authorisation invalid",
+            TooManyAttempts => "Too many attempts",
+            HsmUnavailable => "HSM unavailable",
+            AuditUnavailable => "Audit log unavailable",
+            StatusUnavailable => "Certificate status unavailable",
+            Internal => "Internal error",
+        }
+    }
+
+    fn detail(&self) -> String {
+        use ApiError::*;
+        match self {
+            InvalidRequest(detail) | InvalidHash(detail) | InvalidHkic(detail) => detail.clone(),
+            NotFound(what) => format!("no such {what}"),
+            AccountNotActive(status) => format!("the account is {status}"),
+            RequestNotPending(status) => format!("the request is {status}"),
+            ClientCertificateRequired => {
+                "a client certificate from the configured client CA is required".into()
+            }
+            Forbidden => "this caller may not use this route or resource".into(),
+            TooManyAttempts => "the request is locked after 3 bad authorisations".into(),
+            HsmUnavailable => "the HSM cannot be used now; nothing was signed".into(),
+            AuditUnavailable => "the audit log cannot be written; nothing was signed".into(),
+            Internal => "see the daemon's log".into(),
+            _ => self.title().to_lowercase(),
+        }
+    }
+
+    /// The problem document.
+    pub(crate) fn body(&self) -> Vec<u8> {
+        json!({
+            "type": "about:blank",
+            "title": self.title(),
+            "status": self.status().as_u16(),
+            "code": self.code(),
+            "detail": self.detail(),
+        })
+        .to_string()
+        .into_bytes()
+    }
+}
+
+impl From<hsm_adapter::HsmError> for ApiError {
+    fn from(error: hsm_adapter::HsmError) -> Self {
+        match error.kind() {
+            hsm_adapter::ErrorKind::Unavailable => {
+                tracing::error!(%error, "HSM unavailable");
+                ApiError::HsmUnavailable
+            }
+            _ => {
+                tracing::error!(%error, "HSM operation failed");
+                ApiError::Internal
+            }
+        }
+    }
+}
+
+impl From<audit_log::AuditError> for ApiError {
+    fn from(error: audit_log::AuditError) -> Self {
+        tracing::error!(%error, "audit append failed");
+        ApiError::AuditUnavailable
+    }
+}
+
+impl From<cert_lifecycle::StoreError> for ApiError {
+    fn from(error: cert_lifecycle::StoreError) -> Self {
+        tracing::error!(%error, "store operation failed");
+        ApiError::Internal
+    }
+}

@@ -1,0 +1,602 @@
+//! The signing flow (API.md "Signing", DESIGN.md "The signing flow"): a service creates a
+//! request for a TAID and a hash; the gateway relays the user's device-signed decision; on an
+//! approval the daemon re-checks the account and certificate, makes the audit record durable,
+//! signs in the HSM, wraps the signature in a detached CMS, and keeps the result sealed for the
+//! service that asked.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use cert_lifecycle::{
+    AccountRecord, AccountStatus, AuthOutcome, CertProfile, CertStatus, CertificateRecord,
+    Decision, FlowError, HashAlgorithm, RequestId, ServiceName, SigningRequest, SigningStatus,
+    Tier, Transition,
+};
+use hsm_adapter::{Digest, KeyAlgorithm, SignatureScheme, UserKeyRef};
+use hyper::StatusCode;
+use p256::ecdsa::signature::Verifier;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use sha2::Digest as _;
+use spki::DecodePublicKey;
+use time::OffsetDateTime;
+
+use crate::accounts::{account_id, certificate_status, load, rfc3339};
+use crate::app::{App, fields};
+use crate::http::{Ctx, Reply};
+use crate::problem::ApiError;
+
+/// Parses a device public key: an EC P-256 SubjectPublicKeyInfo in PEM. Returns its DER.
+pub(crate) fn device_key(pem: &str) -> Result<Vec<u8>, ApiError> {
+    let key = p256::PublicKey::from_public_key_pem(pem.trim()).map_err(|_| {
+        ApiError::InvalidRequest(
+            "device_public_key must be an EC P-256 public key (SubjectPublicKeyInfo PEM)".into(),
+        )
+    })?;
+    spki::EncodePublicKey::to_public_key_der(&key)
+        .map(|der| der.as_bytes().to_vec())
+        .map_err(|_| ApiError::Internal)
+}
+
+/// The API name of a key algorithm.
+pub(crate) fn key_algorithm_name(algorithm: KeyAlgorithm) -> &'static str {
+    match algorithm {
+        KeyAlgorithm::EcP256 => "ec-p256",
+        KeyAlgorithm::EcP384 => "ec-p384",
+        KeyAlgorithm::Rsa2048 => "rsa-2048",
+        _ => "rsa-3072",
+    }
+}
+
+fn signature_algorithm(key: KeyAlgorithm, hash: HashAlgorithm) -> String {
+    let prefix = match key {
+        KeyAlgorithm::EcP256 => "ecdsa_p256",
+        KeyAlgorithm::EcP384 => "ecdsa_p384",
+        _ => "rsa_pkcs1",
+    };
+    format!("{prefix}_{}", hash.as_str())
+}
+
+fn hsm_hash(hash: HashAlgorithm) -> hsm_adapter::HashAlgorithm {
+    match hash {
+        HashAlgorithm::Sha256 => hsm_adapter::HashAlgorithm::Sha256,
+        HashAlgorithm::Sha384 => hsm_adapter::HashAlgorithm::Sha384,
+        HashAlgorithm::Sha512 => hsm_adapter::HashAlgorithm::Sha512,
+    }
+}
+
+fn cms_hash(hash: HashAlgorithm) -> ca_bridge::signed_data::HashAlg {
+    match hash {
+        HashAlgorithm::Sha256 => ca_bridge::signed_data::HashAlg::Sha256,
+        HashAlgorithm::Sha384 => ca_bridge::signed_data::HashAlg::Sha384,
+        HashAlgorithm::Sha512 => ca_bridge::signed_data::HashAlg::Sha512,
+    }
+}
+
+/// Requests being authorised right now: a second authorisation of the same request waits for
+/// none, it is refused, so that one approval can never sign twice.
+#[derive(Debug, Default)]
+pub(crate) struct InFlight(Mutex<HashSet<String>>);
+
+struct InFlightGuard<'a>(&'a InFlight, String);
+
+impl InFlight {
+    fn enter(&self, id: &str) -> Option<InFlightGuard<'_>> {
+        let mut set = self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        set.insert(id.to_owned())
+            .then(|| InFlightGuard(self, id.to_owned()))
+    }
+}
+
+impl Drop for InFlightGuard<'_> {
+    fn drop(&mut self) {
+        let mut set = self.0.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        set.remove(&self.1);
+    }
+}
+
+/// Checks that `account` may sign now with its current certificate; gives the certificate.
+async fn signable(
+    app: &App,
+    account: &AccountRecord,
+    now: OffsetDateTime,
+) -> Result<CertificateRecord, ApiError> {
+    if account.tier != Tier::IamSmartPlus {
+        return Err(ApiError::NotIamSmartPlus);
+    }
+    if account.status != AccountStatus::Active {
+        return Err(ApiError::AccountNotActive(account.status.as_str()));
+    }
+    let Some(serial) = account.current_certificate.clone() else {
+        return Err(ApiError::NoCertificate);
+    };
+    let certificate = app
+        .store(move |store| store.get_certificate(&serial))
+        .await?
+        .ok_or(ApiError::NoCertificate)?;
+    match certificate_status(&certificate, now) {
+        CertStatus::Revoked => return Err(ApiError::CertificateRevoked),
+        CertStatus::Expired => return Err(ApiError::CertificateExpired),
+        _ => {}
+    }
+    if certificate.key_ref.is_none() {
+        return Err(ApiError::CertificateRevoked);
+    }
+    // A minor's certificate stops at 00:00 Hong Kong time on the 18th birthday, whether or not
+    // the revocation has reached the CA yet (DOMAIN.md).
+    if certificate.profile == CertProfile::Minor {
+        let dob = app.date_of_birth(&account.id, &account.sealed_dob).await?;
+        if now >= cert_lifecycle::start_of_hk_day(cert_lifecycle::adult_on(dob)) {
+            return Err(ApiError::CertificateRevoked);
+        }
+    }
+    Ok(certificate)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateBody {
+    taid: String,
+    hash_algorithm: String,
+    hash: String,
+    hkic_number: Option<String>,
+    description: Option<String>,
+}
+
+fn service_of(ctx: &Ctx) -> Result<ServiceName, ApiError> {
+    ServiceName::parse(&ctx.caller.name).map_err(|_| ApiError::Forbidden)
+}
+
+/// `POST /v1/signing-requests` (service).
+pub(crate) async fn create(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError> {
+    let service = service_of(&ctx)?;
+    let result = create_checked(&app, &ctx, &service).await;
+    if let Err(error) = &result {
+        deny(&app, &ctx, "signing.create_denied", None, error).await?;
+    }
+    result
+}
+
+async fn create_checked(app: &App, ctx: &Ctx, service: &ServiceName) -> Result<Reply, ApiError> {
+    let body: CreateBody = ctx.json()?;
+    let now = app.clock.now();
+    let hash_algorithm: HashAlgorithm = body.hash_algorithm.parse().map_err(|_| {
+        ApiError::InvalidRequest("hash_algorithm must be sha256, sha384 or sha512".into())
+    })?;
+    let hash = STANDARD
+        .decode(&body.hash)
+        .map_err(|_| ApiError::InvalidRequest("hash must be standard base64".into()))?;
+    if hash.len() != hash_algorithm.output_len() {
+        return Err(ApiError::InvalidHash(format!(
+            "a {} hash has {} bytes, not {}",
+            hash_algorithm.as_str(),
+            hash_algorithm.output_len(),
+            hash.len()
+        )));
+    }
+    if let Some(description) = &body.description
+        && (description.chars().count() > 200 || description.chars().any(char::is_control))
+    {
+        return Err(ApiError::InvalidRequest(
+            "description must be at most 200 characters without control characters".into(),
+        ));
+    }
+    let hkic = body
+        .hkic_number
+        .as_deref()
+        .map(cert_lifecycle::HkicNumber::parse)
+        .transpose()
+        .map_err(|error| ApiError::InvalidHkic(format!("hkic_number: {error}")))?;
+    let account_id = {
+        let (service, taid) = (service.clone(), body.taid.clone());
+        app.store(move |store| store.find_taid(&service, &taid))
+            .await?
+            .ok_or(ApiError::NotFound("TAID at this service"))?
+    };
+    let account = load(app, &account_id).await?;
+    let certificate = signable(app, &account, now).await?;
+    if let Some(hkic) = hkic {
+        // Used only to check the signer, then dropped (zeroized): never stored (DOMAIN.md).
+        let hash = app.hkic_hash(&hkic).await?;
+        if hash != account.hkic_hash {
+            return Err(ApiError::HkicMismatch);
+        }
+    }
+    let request = SigningRequest {
+        id: RequestId::from_random(app.random::<16>().await?),
+        service: service.clone(),
+        account_id: account.id.clone(),
+        certificate: certificate.serial.clone(),
+        identification_code: identification_code(app).await?,
+        hash_algorithm,
+        hash,
+        description: body.description,
+        status: SigningStatus::Pending,
+        bad_attempts: 0,
+        device_generation: account.device_generation,
+        created_at: now,
+        expires_at: now + app.policy.request_ttl,
+        sealed_result: None,
+        signed_at: None,
+    };
+    app.audit(
+        "signing.requested",
+        &ctx.caller.to_string(),
+        fields([
+            ("request_id", json!(request.id.as_str())),
+            ("account_id", json!(account.id.as_str())),
+            ("serial", json!(certificate.serial.as_str())),
+            ("hash_algorithm", json!(hash_algorithm.as_str())),
+        ]),
+    )
+    .await?;
+    {
+        let request = request.clone();
+        app.store(move |store| store.insert_request(&request)).await?;
+    }
+    Ok(Reply::json(
+        StatusCode::CREATED,
+        &json!({
+            "request_id": request.id.as_str(),
+            "identification_code": request.identification_code,
+            "status": "pending",
+            "expires_at": rfc3339(request.expires_at),
+        }),
+    ))
+}
+
+/// Four decimal digits from the HSM's generator, without modulo bias.
+async fn identification_code(app: &App) -> Result<String, ApiError> {
+    loop {
+        if let Some(code) = cert_lifecycle::identification_code_from_random(app.random().await?) {
+            return Ok(code);
+        }
+    }
+}
+
+/// Audits a refusal; only a failing audit log changes the answer (to `audit_unavailable`).
+async fn deny(
+    app: &App,
+    ctx: &Ctx,
+    event: &str,
+    request: Option<&SigningRequest>,
+    error: &ApiError,
+) -> Result<(), ApiError> {
+    if matches!(error, ApiError::AuditUnavailable) {
+        return Ok(());
+    }
+    let mut record = fields([("code", json!(error.code()))]);
+    if let Some(request) = request {
+        record.insert("request_id".into(), json!(request.id.as_str()));
+        record.insert("account_id".into(), json!(request.account_id.as_str()));
+    }
+    app.audit(event, &ctx.caller.to_string(), record).await?;
+    Ok(())
+}
+
+/// `GET /v1/signing-requests/{id}` (only the service that created it).
+pub(crate) async fn get(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError> {
+    let service = service_of(&ctx)?;
+    let request = load_request(&app, ctx.param(0)).await?;
+    if request.service != service {
+        return Err(ApiError::Forbidden);
+    }
+    let now = app.clock.now();
+    let status = request.effective_status(now);
+    let mut body = json!({
+        "request_id": request.id.as_str(),
+        "status": status.as_str(),
+        "expires_at": rfc3339(request.expires_at),
+    });
+    if status == SigningStatus::Signed
+        && let Some(sealed) = &request.sealed_result
+    {
+        let plain = app
+            .unseal_bound("result", request.id.as_str(), sealed)
+            .await?;
+        let result: Value = serde_json::from_slice(&plain).map_err(|_| ApiError::Internal)?;
+        body["result"] = result;
+    }
+    Ok(Reply::ok(&body))
+}
+
+async fn load_request(app: &App, id: &str) -> Result<SigningRequest, ApiError> {
+    let id = RequestId::parse(id).map_err(|_| ApiError::NotFound("signing request"))?;
+    app.store(move |store| store.get_request(&id))
+        .await?
+        .ok_or(ApiError::NotFound("signing request"))
+}
+
+/// `GET /v1/accounts/{id}/signing-requests?status=pending` (gateway).
+pub(crate) async fn pending_for_account(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError> {
+    match ctx.query.get("status").map(String::as_str) {
+        None | Some("pending") => {}
+        Some(_) => {
+            return Err(ApiError::InvalidRequest(
+                "status: only pending requests are listed".into(),
+            ));
+        }
+    }
+    let account = load(&app, &account_id(ctx.param(0))?).await?;
+    let now = app.clock.now();
+    let id = account.id.clone();
+    let requests = app
+        .store(move |store| store.pending_requests(&id, now))
+        .await?;
+    let list: Vec<Value> = requests
+        .iter()
+        .map(|request| {
+            json!({
+                "request_id": request.id.as_str(),
+                "service": request.service.as_str(),
+                "identification_code": request.identification_code,
+                "hash_algorithm": request.hash_algorithm.as_str(),
+                "hash": STANDARD.encode(&request.hash),
+                "description": request.description,
+                "expires_at": rfc3339(request.expires_at),
+            })
+        })
+        .collect();
+    Ok(Reply::ok(&json!({"requests": list})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuthorisationBody {
+    decision: String,
+    device_signature: String,
+}
+
+/// `POST /v1/signing-requests/{id}/authorisation` (gateway).
+pub(crate) async fn authorise(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError> {
+    let body: AuthorisationBody = ctx.json()?;
+    let decision: Decision = body
+        .decision
+        .parse()
+        .map_err(|_| ApiError::InvalidRequest("decision must be approve or reject".into()))?;
+    let signature = STANDARD
+        .decode(&body.device_signature)
+        .map_err(|_| ApiError::InvalidRequest("device_signature must be standard base64".into()))?;
+    let mut request = load_request(&app, ctx.param(0)).await?;
+    let Some(_guard) = app.in_flight.enter(request.id.as_str()) else {
+        return Err(ApiError::RequestNotPending("being authorised"));
+    };
+    // Read again under the guard: another authorisation may have finished in between.
+    request = load_request(&app, ctx.param(0)).await?;
+    let now = app.clock.now();
+    let account = load(&app, &request.account_id).await?;
+    let statement = request.authorisation_statement(decision);
+    let outcome = if device_signature_valid(&account.device_public_key, &statement, &signature) {
+        AuthOutcome::Valid(decision)
+    } else {
+        AuthOutcome::BadSignature
+    };
+    match request.authorise(outcome, now) {
+        Err(flow) => {
+            let error = match flow {
+                FlowError::Expired => ApiError::RequestExpired,
+                FlowError::AuthorisationInvalid => ApiError::AuthorisationInvalid,
+                FlowError::TooManyAttempts => ApiError::TooManyAttempts,
+                _ => ApiError::RequestNotPending(request.effective_status(now).as_str()),
+            };
+            deny(&app, &ctx, "signing.authorisation_denied", Some(&request), &error).await?;
+            save_request(&app, &request).await?;
+            Err(error)
+        }
+        Ok(Transition::Rejected) => {
+            app.audit(
+                "signing.rejected",
+                &ctx.caller.to_string(),
+                fields([
+                    ("request_id", json!(request.id.as_str())),
+                    ("account_id", json!(request.account_id.as_str())),
+                ]),
+            )
+            .await?;
+            save_request(&app, &request).await?;
+            Ok(Reply::ok(
+                &json!({"request_id": request.id.as_str(), "status": "rejected"}),
+            ))
+        }
+        Ok(_) => {
+            let outcome = sign_approved(&app, &ctx, &account, &mut request, now).await;
+            if let Err(error) = &outcome {
+                request.mark_failed();
+                app.metrics.count_signature("unknown", "failed");
+                // The refusal is audited if the log takes it; the request is failed either way.
+                let _ = deny(&app, &ctx, "signing.failed", Some(&request), error).await;
+                save_request(&app, &request).await?;
+            }
+            outcome.map(|()| {
+                Reply::ok(&json!({"request_id": request.id.as_str(), "status": "signed"}))
+            })
+        }
+    }
+}
+
+fn device_signature_valid(device_spki: &[u8], statement: &str, signature: &[u8]) -> bool {
+    let Ok(key) = p256::ecdsa::VerifyingKey::from_public_key_der(device_spki) else {
+        return false;
+    };
+    let Ok(signature) = p256::ecdsa::Signature::from_der(signature) else {
+        return false;
+    };
+    key.verify(statement.as_bytes(), &signature).is_ok()
+}
+
+async fn save_request(app: &App, request: &SigningRequest) -> Result<(), ApiError> {
+    let request = request.clone();
+    app.store(move |store| store.update_request(&request)).await
+}
+
+/// Re-checks, audits, signs in the HSM, builds the CMS, audits the signature, stores it sealed.
+async fn sign_approved(
+    app: &App,
+    ctx: &Ctx,
+    account: &AccountRecord,
+    request: &mut SigningRequest,
+    now: OffsetDateTime,
+) -> Result<(), ApiError> {
+    let certificate = signable(app, account, now).await?;
+    if certificate.serial != request.certificate {
+        // The certificate changed since the request was made (renewal): the user authorised a
+        // signature under the other one.
+        return Err(ApiError::CertificateRevoked);
+    }
+    let key = certificate
+        .key_ref
+        .as_deref()
+        .map(UserKeyRef::from_bytes)
+        .transpose()?
+        .ok_or(ApiError::CertificateRevoked)?;
+    let actor = ctx.caller.to_string();
+    // Write before acting: the approval is durable before the HSM signs.
+    app.audit(
+        "signing.approved",
+        &actor,
+        fields([
+            ("request_id", json!(request.id.as_str())),
+            ("account_id", json!(request.account_id.as_str())),
+            ("serial", json!(certificate.serial.as_str())),
+        ]),
+    )
+    .await?;
+    let scheme = if key.algorithm().is_ec() {
+        SignatureScheme::Ecdsa
+    } else {
+        SignatureScheme::RsaPkcs1v15
+    };
+    let algorithm = signature_algorithm(key.algorithm(), request.hash_algorithm);
+    let digest = Digest::new(hsm_hash(request.hash_algorithm), request.hash.clone())?;
+    let started = Instant::now();
+    let signature = app.hsm.sign(&key, scheme, &digest).await?;
+    app.metrics.observe_hsm("sign", started.elapsed());
+
+    let certificate_der = app
+        .unseal("certificate", &account.id, &certificate.sealed_der)
+        .await?;
+    let signed_at = now.replace_nanosecond(0).unwrap_or(now);
+    let attributes = ca_bridge::signed_data::SignedAttributes::new(
+        cms_hash(request.hash_algorithm),
+        &request.hash,
+        signed_at.into(),
+        &certificate_der,
+    )
+    .map_err(|error| {
+        tracing::error!(%error, "cannot build the CMS signed attributes");
+        ApiError::Internal
+    })?;
+    let attributes_digest = Digest::new(
+        hsm_hash(request.hash_algorithm),
+        attributes.digest_to_sign(),
+    )?;
+    let started = Instant::now();
+    let attributes_signature = app.hsm.sign(&key, scheme, &attributes_digest).await?;
+    app.metrics.observe_hsm("sign", started.elapsed());
+    let mut certificates: Vec<&[u8]> = vec![&certificate_der];
+    certificates.extend(app.chain_der.iter().map(Vec::as_slice));
+    let cms = attributes
+        .into_content_info(
+            &attributes_signature,
+            cms_signature_algorithm(key.algorithm(), request.hash_algorithm),
+            &certificates,
+        )
+        .map_err(|error| {
+            tracing::error!(%error, "cannot assemble the CMS");
+            ApiError::Internal
+        })?;
+
+    // The signature exists only in memory until this record is durable; if it cannot be
+    // written, the signature is dropped and the request fails (fail closed).
+    app.audit(
+        "signing.signed",
+        &actor,
+        fields([
+            ("request_id", json!(request.id.as_str())),
+            ("account_id", json!(request.account_id.as_str())),
+            ("serial", json!(certificate.serial.as_str())),
+            ("signature_algorithm", json!(algorithm)),
+            (
+                "signature_sha256",
+                json!(hex::encode(sha2::Sha256::digest(&signature))),
+            ),
+        ]),
+    )
+    .await?;
+    let result = json!({
+        "signature": STANDARD.encode(&signature),
+        "signature_algorithm": algorithm,
+        "cms": STANDARD.encode(&cms),
+        "certificate": crate::app::pem("CERTIFICATE", &certificate_der),
+        "chain": app.chain_pem,
+        "signed_at": rfc3339(signed_at),
+    });
+    let plain = zeroize::Zeroizing::new(serde_json::to_vec(&result).map_err(|_| ApiError::Internal)?);
+    let sealed = app.seal_bound("result", request.id.as_str(), &plain).await?;
+    request.mark_signed(sealed, signed_at);
+    save_request(app, request).await?;
+    app.metrics.count_signature(&algorithm, "signed");
+    tracing::info!(request = request.id.as_str(), algorithm, "signed");
+    Ok(())
+}
+
+fn cms_signature_algorithm(
+    key: KeyAlgorithm,
+    hash: HashAlgorithm,
+) -> ca_bridge::signed_data::SignatureAlg {
+    use ca_bridge::signed_data::SignatureAlg as S;
+    match (key.is_ec(), hash) {
+        (true, HashAlgorithm::Sha256) => S::EcdsaSha256,
+        (true, HashAlgorithm::Sha384) => S::EcdsaSha384,
+        (true, HashAlgorithm::Sha512) => S::EcdsaSha512,
+        (false, HashAlgorithm::Sha256) => S::RsaPkcs1Sha256,
+        (false, HashAlgorithm::Sha384) => S::RsaPkcs1Sha384,
+        (false, HashAlgorithm::Sha512) => S::RsaPkcs1Sha512,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use p256::ecdsa::SigningKey;
+    use p256::ecdsa::signature::Signer;
+
+    #[test]
+    fn device_signature_verifies_only_for_the_exact_statement_and_key() {
+        let key = SigningKey::from_slice(&[7; 32]).unwrap();
+        let spki = spki::EncodePublicKey::to_public_key_der(key.verifying_key())
+            .unwrap()
+            .as_bytes()
+            .to_vec();
+        let statement = "smartsign-authorise-v1\nid\n1234\nsha256\n00\napprove";
+        let signature: p256::ecdsa::Signature = key.sign(statement.as_bytes());
+        let der = signature.to_der();
+        assert!(device_signature_valid(&spki, statement, der.as_bytes()));
+        assert!(!device_signature_valid(
+            &spki,
+            &statement.replace("approve", "reject"),
+            der.as_bytes()
+        ));
+        let other = SigningKey::from_slice(&[8; 32]).unwrap();
+        let other_spki = spki::EncodePublicKey::to_public_key_der(other.verifying_key())
+            .unwrap()
+            .as_bytes()
+            .to_vec();
+        assert!(!device_signature_valid(&other_spki, statement, der.as_bytes()));
+    }
+
+    #[test]
+    fn signature_algorithm_names_follow_the_api() {
+        assert_eq!(
+            signature_algorithm(KeyAlgorithm::EcP256, HashAlgorithm::Sha384),
+            "ecdsa_p256_sha384"
+        );
+        assert_eq!(
+            signature_algorithm(KeyAlgorithm::Rsa2048, HashAlgorithm::Sha256),
+            "rsa_pkcs1_sha256"
+        );
+    }
+}
