@@ -1,10 +1,37 @@
 //! Accounts, iAM Smart-Certs and signing requests as state machines, and the rules that move
 //! them: the age rules (11 to register, a guardian under 18, the certificate of a minor revoked at
-//! 18), the renewal window, validity, the rectification deadline and the seven-year retention.
+//! 18), the registration rule, the signing-request flow, and the store that keeps them.
 //!
-//! It owns the store (SQLite by default) and the sweeps. It does no network I/O and makes no
-//! PKCS#11 call: the HSM and the CA reach it as traits, and every rule takes `now` as a parameter.
-//!
-//! The daemon issue fills this crate; for now it only marks its place in the workspace.
+//! It owns the domain types with their wire names (API.md), HKIC number parsing, and the store
+//! (SQLite by default, behind [`Store`]). It does no network I/O and makes no PKCS#11 call, and it
+//! never sees personal data in plaintext apart from the HKIC number while it is parsed: names,
+//! dates of birth and results arrive sealed by the daemon. Every rule takes `now` as a parameter.
 
 #![forbid(unsafe_code)]
+
+mod account;
+mod age;
+mod certificate;
+mod error;
+mod hkic;
+mod ids;
+mod signing;
+mod store;
+mod wire;
+
+pub use account::{
+    AccountRecord, AccountStatus, RECTIFICATION_PERIOD, SuspendedBy, Tier, check_registration,
+};
+pub use age::{
+    ADULT_AGE, HK_OFFSET, MIN_REGISTRATION_AGE, adult_on, age_on, anniversary, hk_date, is_minor,
+    start_of_hk_day,
+};
+pub use certificate::{CertProfile, CertStatus, CertificateRecord, RevocationReason};
+pub use error::{FlowError, HkicReason, ParseError, RuleError, StoreError};
+pub use hkic::HkicNumber;
+pub use ids::{AccountId, CertSerial, RequestId, ServiceName};
+pub use signing::{
+    AuthOutcome, Decision, HashAlgorithm, MAX_BAD_ATTEMPTS, SigningRequest, SigningStatus,
+    Transition, identification_code_from_random,
+};
+pub use store::{SqliteStore, Store, TaidRecord};

@@ -1,0 +1,91 @@
+//! Where accounts, certificates, TAIDs and signing requests are kept.
+//!
+//! The trait is synchronous: the daemon calls it from `tokio::task::spawn_blocking`. It keeps a
+//! server database (several daemons in front of one HSM cluster) possible beside the embedded
+//! SQLite default.
+
+mod sqlite;
+
+use time::OffsetDateTime;
+
+pub use sqlite::SqliteStore;
+
+use crate::{
+    AccountId, AccountRecord, CertSerial, CertificateRecord, RequestId, ServiceName,
+    SigningRequest, StoreError,
+};
+
+/// A tokenised account identifier: the account's name at one online service (DESIGN.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaidRecord {
+    /// base64url of the truncated HMAC, made by the daemon.
+    pub taid: String,
+    /// The service it was made for.
+    pub service: ServiceName,
+    /// The account it stands for.
+    pub account_id: AccountId,
+}
+
+/// The records the appliance keeps. Every method is one transaction.
+pub trait Store: Send + Sync {
+    /// Adds a new account; `AlreadyExists` when the id is taken.
+    fn insert_account(&self, account: &AccountRecord) -> Result<(), StoreError>;
+
+    /// The account with this id.
+    fn get_account(&self, id: &AccountId) -> Result<Option<AccountRecord>, StoreError>;
+
+    /// Replaces the whole record; `NotFound` when there is none.
+    fn update_account(&self, account: &AccountRecord) -> Result<(), StoreError>;
+
+    /// Ids of the accounts whose HKIC hash is `hkic_hash` (one person, one account at a time).
+    fn accounts_with_hkic_hash(&self, hkic_hash: &[u8; 32]) -> Result<Vec<AccountId>, StoreError>;
+
+    /// Erases the account's sealed name and date of birth and its HKIC hash (to zeros); the
+    /// pseudonymous record stays for audit. `NotFound` when there is no such account.
+    fn delete_personal_data(&self, id: &AccountId) -> Result<(), StoreError>;
+
+    /// Adds a certificate of an existing account; `AlreadyExists` for a known serial, `Conflict`
+    /// for an unknown account.
+    fn insert_certificate(&self, certificate: &CertificateRecord) -> Result<(), StoreError>;
+
+    /// The certificate with this serial.
+    fn get_certificate(&self, serial: &CertSerial)
+    -> Result<Option<CertificateRecord>, StoreError>;
+
+    /// Replaces the whole record; `NotFound` when there is none.
+    fn update_certificate(&self, certificate: &CertificateRecord) -> Result<(), StoreError>;
+
+    /// The account's certificates, oldest `not_before` first.
+    fn certificates_of(&self, account: &AccountId) -> Result<Vec<CertificateRecord>, StoreError>;
+
+    /// The account and its current certificate, read together.
+    fn account_with_certificate(
+        &self,
+        id: &AccountId,
+    ) -> Result<Option<(AccountRecord, Option<CertificateRecord>)>, StoreError>;
+
+    /// Stores a TAID unless the account has one at this service already, and returns the stored
+    /// one. `AlreadyExists` when `taid` is taken by another (service, account): a collision.
+    fn put_taid(&self, taid: &TaidRecord) -> Result<TaidRecord, StoreError>;
+
+    /// The account a TAID stands for at `service`; `None` for a TAID of another service.
+    fn find_taid(&self, service: &ServiceName, taid: &str)
+    -> Result<Option<AccountId>, StoreError>;
+
+    /// Adds a signing request; `AlreadyExists` for a known id, `Conflict` for an unknown account
+    /// or certificate.
+    fn insert_request(&self, request: &SigningRequest) -> Result<(), StoreError>;
+
+    /// The signing request with this id.
+    fn get_request(&self, id: &RequestId) -> Result<Option<SigningRequest>, StoreError>;
+
+    /// Replaces the whole record; `NotFound` when there is none.
+    fn update_request(&self, request: &SigningRequest) -> Result<(), StoreError>;
+
+    /// The account's requests that are pending and not expired at `now`, oldest first.
+    fn pending_requests(
+        &self,
+        account: &AccountId,
+        now: OffsetDateTime,
+    ) -> Result<Vec<SigningRequest>, StoreError>;
+}

@@ -1,0 +1,1103 @@
+//! The embedded store: one SQLite file in WAL mode.
+//!
+//! One connection writes (behind a mutex, so writes are serialised in this process as SQLite
+//! serialises them anyway); reads take a read-only connection from a small pool and run beside the
+//! writer, which WAL allows. Every commit is synced (`synchronous=FULL`): a signing request's state
+//! is durable before the daemon acts on it. Times are unix seconds, enums their wire names.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use rusqlite::types::Type;
+use rusqlite::{
+    Connection, ErrorCode, OpenFlags, OptionalExtension, Row, TransactionBehavior, ffi, params,
+};
+use time::OffsetDateTime;
+
+use super::{Store, TaidRecord};
+use crate::{
+    AccountId, AccountRecord, CertSerial, CertificateRecord, RequestId, ServiceName,
+    SigningRequest, StoreError,
+};
+
+/// How long a connection waits for another process's lock before it fails.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Idle read connections kept for reuse; more are opened under load and closed after.
+const MAX_IDLE_READERS: usize = 4;
+
+/// The schema, one entry per version; `PRAGMA user_version` counts those applied.
+/// Append new versions, never edit an old one.
+const MIGRATIONS: &[&str] = &[
+    // Version 1.
+    "CREATE TABLE accounts (
+        id TEXT PRIMARY KEY,
+        tier TEXT NOT NULL,
+        status TEXT NOT NULL,
+        status_changed_at INTEGER NOT NULL,
+        suspended_by TEXT,
+        rectify_by INTEGER,
+        sealed_name BLOB NOT NULL,
+        sealed_dob BLOB NOT NULL,
+        hkic_hash BLOB NOT NULL,
+        device_public_key BLOB NOT NULL,
+        device_generation INTEGER NOT NULL,
+        current_certificate TEXT REFERENCES certificates(serial),
+        created_at INTEGER NOT NULL
+    ) STRICT;
+    CREATE INDEX accounts_hkic_hash ON accounts(hkic_hash);
+
+    CREATE TABLE certificates (
+        serial TEXT PRIMARY KEY,
+        account_id TEXT NOT NULL REFERENCES accounts(id),
+        profile TEXT NOT NULL,
+        not_before INTEGER NOT NULL,
+        not_after INTEGER NOT NULL,
+        status TEXT NOT NULL,
+        revocation_reason TEXT,
+        revoked_at INTEGER,
+        sealed_der BLOB NOT NULL,
+        key_ref BLOB,
+        key_algorithm TEXT NOT NULL
+    ) STRICT;
+    CREATE INDEX certificates_account ON certificates(account_id);
+
+    CREATE TABLE taids (
+        taid TEXT PRIMARY KEY,
+        service TEXT NOT NULL,
+        account_id TEXT NOT NULL REFERENCES accounts(id),
+        UNIQUE (service, account_id)
+    ) STRICT;
+
+    CREATE TABLE signing_requests (
+        id TEXT PRIMARY KEY,
+        service TEXT NOT NULL,
+        account_id TEXT NOT NULL REFERENCES accounts(id),
+        certificate TEXT NOT NULL REFERENCES certificates(serial),
+        identification_code TEXT NOT NULL,
+        hash_algorithm TEXT NOT NULL,
+        hash BLOB NOT NULL,
+        description TEXT,
+        status TEXT NOT NULL,
+        bad_attempts INTEGER NOT NULL,
+        device_generation INTEGER NOT NULL,
+        created_at INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL,
+        sealed_result BLOB,
+        signed_at INTEGER
+    ) STRICT;
+    CREATE INDEX signing_requests_account_status
+        ON signing_requests(account_id, status, expires_at);",
+];
+
+const ACCOUNT_COLUMNS: &str = "id, tier, status, status_changed_at, suspended_by, rectify_by, \
+    sealed_name, sealed_dob, hkic_hash, device_public_key, device_generation, \
+    current_certificate, created_at";
+
+const CERTIFICATE_COLUMNS: &str = "serial, account_id, profile, not_before, not_after, status, \
+    revocation_reason, revoked_at, sealed_der, key_ref, key_algorithm";
+
+const REQUEST_COLUMNS: &str = "id, service, account_id, certificate, identification_code, \
+    hash_algorithm, hash, description, status, bad_attempts, device_generation, created_at, \
+    expires_at, sealed_result, signed_at";
+
+/// The SQLite implementation of [`Store`].
+pub struct SqliteStore {
+    path: PathBuf,
+    writer: Mutex<Connection>,
+    readers: Mutex<Vec<Connection>>,
+}
+
+impl fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the store at `path` and brings its schema up to date.
+    ///
+    /// Fails with `Corrupt` when the file's schema is newer than this build.
+    pub fn open(path: impl AsRef<Path>) -> Result<SqliteStore, StoreError> {
+        let path = path.as_ref().to_path_buf();
+        let mut writer = Connection::open(&path)?;
+        writer.busy_timeout(BUSY_TIMEOUT)?;
+        let mode: String =
+            writer.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(StoreError::Corrupt(format!(
+                "cannot use WAL (journal mode {mode})"
+            )));
+        }
+        writer.pragma_update(None, "synchronous", "FULL")?;
+        writer.pragma_update(None, "foreign_keys", true)?;
+        // Deleted personal data is overwritten in the file, not left in free pages.
+        writer.pragma_update(None, "secure_delete", true)?;
+        migrate(&mut writer)?;
+        Ok(SqliteStore {
+            path,
+            writer: Mutex::new(writer),
+            readers: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// The schema version this build writes.
+    pub fn schema_version() -> usize {
+        MIGRATIONS.len()
+    }
+
+    fn write<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        f(&mut lock(&self.writer))
+    }
+
+    fn read<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let pooled = lock(&self.readers).pop();
+        let conn = match pooled {
+            Some(conn) => conn,
+            None => {
+                let flags = OpenFlags::SQLITE_OPEN_READ_ONLY
+                    | OpenFlags::SQLITE_OPEN_NO_MUTEX
+                    | OpenFlags::SQLITE_OPEN_URI;
+                let conn = Connection::open_with_flags(&self.path, flags)?;
+                conn.busy_timeout(BUSY_TIMEOUT)?;
+                conn
+            }
+        };
+        let result = f(&conn);
+        let mut idle = lock(&self.readers);
+        if idle.len() < MAX_IDLE_READERS {
+            idle.push(conn);
+        }
+        result
+    }
+}
+
+/// A panic while a connection was borrowed rolled its transaction back when the transaction
+/// dropped, so the connection is consistent and may be used again.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let version: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    let applied = usize::try_from(version)
+        .map_err(|_| StoreError::Corrupt(format!("schema version {version}")))?;
+    if applied > MIGRATIONS.len() {
+        return Err(StoreError::Corrupt(format!(
+            "schema version {applied} is newer than this build's {}",
+            MIGRATIONS.len()
+        )));
+    }
+    for sql in &MIGRATIONS[applied..] {
+        tx.execute_batch(sql)?;
+    }
+    tx.pragma_update(None, "user_version", MIGRATIONS.len())?;
+    tx.commit()?;
+    Ok(())
+}
+
+/// Sorts a failed write into the store's error kinds.
+fn write_error(e: rusqlite::Error) -> StoreError {
+    if let rusqlite::Error::SqliteFailure(failure, _) = &e
+        && failure.code == ErrorCode::ConstraintViolation
+    {
+        match failure.extended_code {
+            ffi::SQLITE_CONSTRAINT_PRIMARYKEY | ffi::SQLITE_CONSTRAINT_UNIQUE => {
+                return StoreError::AlreadyExists;
+            }
+            ffi::SQLITE_CONSTRAINT_FOREIGNKEY => return StoreError::Conflict,
+            _ => {}
+        }
+    }
+    StoreError::Database(e)
+}
+
+fn one_row_changed(changed: usize) -> Result<(), StoreError> {
+    if changed == 0 {
+        Err(StoreError::NotFound)
+    } else {
+        Ok(())
+    }
+}
+
+fn secs(t: OffsetDateTime) -> i64 {
+    t.unix_timestamp()
+}
+
+fn opt_secs(t: Option<OffsetDateTime>) -> Option<i64> {
+    t.map(secs)
+}
+
+fn conversion(
+    idx: usize,
+    ty: Type,
+    e: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(idx, ty, e.into())
+}
+
+/// A column holding a wire name or checked id.
+fn parsed<T>(row: &Row<'_>, idx: usize) -> rusqlite::Result<T>
+where
+    T: FromStr,
+    T::Err: std::error::Error + Send + Sync + 'static,
+{
+    let s: String = row.get(idx)?;
+    s.parse().map_err(|e| conversion(idx, Type::Text, e))
+}
+
+fn opt_parsed<T>(row: &Row<'_>, idx: usize) -> rusqlite::Result<Option<T>>
+where
+    T: FromStr,
+    T::Err: std::error::Error + Send + Sync + 'static,
+{
+    let s: Option<String> = row.get(idx)?;
+    s.map(|s| s.parse().map_err(|e| conversion(idx, Type::Text, e)))
+        .transpose()
+}
+
+fn time_at(row: &Row<'_>, idx: usize) -> rusqlite::Result<OffsetDateTime> {
+    let t: i64 = row.get(idx)?;
+    OffsetDateTime::from_unix_timestamp(t).map_err(|e| conversion(idx, Type::Integer, e))
+}
+
+fn opt_time_at(row: &Row<'_>, idx: usize) -> rusqlite::Result<Option<OffsetDateTime>> {
+    let t: Option<i64> = row.get(idx)?;
+    t.map(|t| OffsetDateTime::from_unix_timestamp(t).map_err(|e| conversion(idx, Type::Integer, e)))
+        .transpose()
+}
+
+fn account_from_row(row: &Row<'_>) -> rusqlite::Result<AccountRecord> {
+    let hkic_hash: Vec<u8> = row.get(8)?;
+    let hkic_hash = <[u8; 32]>::try_from(hkic_hash.as_slice())
+        .map_err(|_| conversion(8, Type::Blob, "hkic_hash is not 32 bytes"))?;
+    Ok(AccountRecord {
+        id: parsed(row, 0)?,
+        tier: parsed(row, 1)?,
+        status: parsed(row, 2)?,
+        status_changed_at: time_at(row, 3)?,
+        suspended_by: opt_parsed(row, 4)?,
+        rectify_by: opt_time_at(row, 5)?,
+        sealed_name: row.get(6)?,
+        sealed_dob: row.get(7)?,
+        hkic_hash,
+        device_public_key: row.get(9)?,
+        device_generation: row.get(10)?,
+        current_certificate: opt_parsed(row, 11)?,
+        created_at: time_at(row, 12)?,
+    })
+}
+
+fn certificate_from_row(row: &Row<'_>) -> rusqlite::Result<CertificateRecord> {
+    Ok(CertificateRecord {
+        serial: parsed(row, 0)?,
+        account_id: parsed(row, 1)?,
+        profile: parsed(row, 2)?,
+        not_before: time_at(row, 3)?,
+        not_after: time_at(row, 4)?,
+        status: parsed(row, 5)?,
+        revocation_reason: opt_parsed(row, 6)?,
+        revoked_at: opt_time_at(row, 7)?,
+        sealed_der: row.get(8)?,
+        key_ref: row.get(9)?,
+        key_algorithm: row.get(10)?,
+    })
+}
+
+fn request_from_row(row: &Row<'_>) -> rusqlite::Result<SigningRequest> {
+    Ok(SigningRequest {
+        id: parsed(row, 0)?,
+        service: parsed(row, 1)?,
+        account_id: parsed(row, 2)?,
+        certificate: parsed(row, 3)?,
+        identification_code: row.get(4)?,
+        hash_algorithm: parsed(row, 5)?,
+        hash: row.get(6)?,
+        description: row.get(7)?,
+        status: parsed(row, 8)?,
+        bad_attempts: row.get(9)?,
+        device_generation: row.get(10)?,
+        created_at: time_at(row, 11)?,
+        expires_at: time_at(row, 12)?,
+        sealed_result: row.get(13)?,
+        signed_at: opt_time_at(row, 14)?,
+    })
+}
+
+fn get_account(conn: &Connection, id: &AccountId) -> Result<Option<AccountRecord>, StoreError> {
+    let sql = format!("SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = ?1");
+    Ok(conn
+        .query_row(&sql, [id.as_str()], account_from_row)
+        .optional()?)
+}
+
+fn get_certificate(
+    conn: &Connection,
+    serial: &CertSerial,
+) -> Result<Option<CertificateRecord>, StoreError> {
+    let sql = format!("SELECT {CERTIFICATE_COLUMNS} FROM certificates WHERE serial = ?1");
+    Ok(conn
+        .query_row(&sql, [serial.as_str()], certificate_from_row)
+        .optional()?)
+}
+
+impl Store for SqliteStore {
+    fn insert_account(&self, a: &AccountRecord) -> Result<(), StoreError> {
+        let sql = format!(
+            "INSERT INTO accounts ({ACCOUNT_COLUMNS}) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"
+        );
+        self.write(|conn| {
+            conn.execute(
+                &sql,
+                params![
+                    a.id.as_str(),
+                    a.tier.as_str(),
+                    a.status.as_str(),
+                    secs(a.status_changed_at),
+                    a.suspended_by.map(|s| s.as_str()),
+                    opt_secs(a.rectify_by),
+                    a.sealed_name,
+                    a.sealed_dob,
+                    &a.hkic_hash[..],
+                    a.device_public_key,
+                    a.device_generation,
+                    a.current_certificate.as_ref().map(CertSerial::as_str),
+                    secs(a.created_at),
+                ],
+            )
+            .map_err(write_error)?;
+            Ok(())
+        })
+    }
+
+    fn get_account(&self, id: &AccountId) -> Result<Option<AccountRecord>, StoreError> {
+        self.read(|conn| get_account(conn, id))
+    }
+
+    fn update_account(&self, a: &AccountRecord) -> Result<(), StoreError> {
+        self.write(|conn| {
+            let changed = conn
+                .execute(
+                    "UPDATE accounts SET tier = ?2, status = ?3, status_changed_at = ?4, \
+                     suspended_by = ?5, rectify_by = ?6, sealed_name = ?7, sealed_dob = ?8, \
+                     hkic_hash = ?9, device_public_key = ?10, device_generation = ?11, \
+                     current_certificate = ?12, created_at = ?13 WHERE id = ?1",
+                    params![
+                        a.id.as_str(),
+                        a.tier.as_str(),
+                        a.status.as_str(),
+                        secs(a.status_changed_at),
+                        a.suspended_by.map(|s| s.as_str()),
+                        opt_secs(a.rectify_by),
+                        a.sealed_name,
+                        a.sealed_dob,
+                        &a.hkic_hash[..],
+                        a.device_public_key,
+                        a.device_generation,
+                        a.current_certificate.as_ref().map(CertSerial::as_str),
+                        secs(a.created_at),
+                    ],
+                )
+                .map_err(write_error)?;
+            one_row_changed(changed)
+        })
+    }
+
+    fn accounts_with_hkic_hash(&self, hkic_hash: &[u8; 32]) -> Result<Vec<AccountId>, StoreError> {
+        self.read(|conn| {
+            let mut stmt =
+                conn.prepare_cached("SELECT id FROM accounts WHERE hkic_hash = ?1 ORDER BY id")?;
+            let ids = stmt
+                .query_map([&hkic_hash[..]], |row| parsed(row, 0))?
+                .collect::<Result<Vec<AccountId>, _>>()?;
+            Ok(ids)
+        })
+    }
+
+    fn delete_personal_data(&self, id: &AccountId) -> Result<(), StoreError> {
+        self.write(|conn| {
+            let changed = conn.execute(
+                "UPDATE accounts SET sealed_name = x'', sealed_dob = x'', hkic_hash = zeroblob(32) \
+                 WHERE id = ?1",
+                [id.as_str()],
+            )?;
+            one_row_changed(changed)?;
+            // Copy the change into the main file and empty the WAL, so that the old values do
+            // not linger in it. A reader still using an old snapshot makes this a partial
+            // checkpoint; the next one finishes it.
+            conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+            Ok(())
+        })
+    }
+
+    fn insert_certificate(&self, c: &CertificateRecord) -> Result<(), StoreError> {
+        let sql = format!(
+            "INSERT INTO certificates ({CERTIFICATE_COLUMNS}) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
+        );
+        self.write(|conn| {
+            conn.execute(
+                &sql,
+                params![
+                    c.serial.as_str(),
+                    c.account_id.as_str(),
+                    c.profile.as_str(),
+                    secs(c.not_before),
+                    secs(c.not_after),
+                    c.status.as_str(),
+                    c.revocation_reason.map(|r| r.as_str()),
+                    opt_secs(c.revoked_at),
+                    c.sealed_der,
+                    c.key_ref,
+                    c.key_algorithm,
+                ],
+            )
+            .map_err(write_error)?;
+            Ok(())
+        })
+    }
+
+    fn get_certificate(
+        &self,
+        serial: &CertSerial,
+    ) -> Result<Option<CertificateRecord>, StoreError> {
+        self.read(|conn| get_certificate(conn, serial))
+    }
+
+    fn update_certificate(&self, c: &CertificateRecord) -> Result<(), StoreError> {
+        self.write(|conn| {
+            let changed = conn
+                .execute(
+                    "UPDATE certificates SET account_id = ?2, profile = ?3, not_before = ?4, \
+                     not_after = ?5, status = ?6, revocation_reason = ?7, revoked_at = ?8, \
+                     sealed_der = ?9, key_ref = ?10, key_algorithm = ?11 WHERE serial = ?1",
+                    params![
+                        c.serial.as_str(),
+                        c.account_id.as_str(),
+                        c.profile.as_str(),
+                        secs(c.not_before),
+                        secs(c.not_after),
+                        c.status.as_str(),
+                        c.revocation_reason.map(|r| r.as_str()),
+                        opt_secs(c.revoked_at),
+                        c.sealed_der,
+                        c.key_ref,
+                        c.key_algorithm,
+                    ],
+                )
+                .map_err(write_error)?;
+            one_row_changed(changed)
+        })
+    }
+
+    fn certificates_of(&self, account: &AccountId) -> Result<Vec<CertificateRecord>, StoreError> {
+        let sql = format!(
+            "SELECT {CERTIFICATE_COLUMNS} FROM certificates WHERE account_id = ?1 \
+             ORDER BY not_before, serial"
+        );
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(&sql)?;
+            let rows = stmt
+                .query_map([account.as_str()], certificate_from_row)?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn account_with_certificate(
+        &self,
+        id: &AccountId,
+    ) -> Result<Option<(AccountRecord, Option<CertificateRecord>)>, StoreError> {
+        self.read(|conn| {
+            // One read transaction: both records from the same snapshot.
+            let tx = conn.unchecked_transaction()?;
+            let Some(account) = get_account(&tx, id)? else {
+                return Ok(None);
+            };
+            let certificate = match &account.current_certificate {
+                Some(serial) => get_certificate(&tx, serial)?,
+                None => None,
+            };
+            tx.finish()?;
+            Ok(Some((account, certificate)))
+        })
+    }
+
+    fn put_taid(&self, t: &TaidRecord) -> Result<TaidRecord, StoreError> {
+        self.write(|conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let existing = tx
+                .query_row(
+                    "SELECT taid FROM taids WHERE service = ?1 AND account_id = ?2",
+                    [t.service.as_str(), t.account_id.as_str()],
+                    |row| row.get::<_, String>(0),
+                )
+                .optional()?;
+            let stored = match existing {
+                Some(taid) => TaidRecord { taid, ..t.clone() },
+                None => {
+                    tx.execute(
+                        "INSERT INTO taids (taid, service, account_id) VALUES (?1, ?2, ?3)",
+                        [t.taid.as_str(), t.service.as_str(), t.account_id.as_str()],
+                    )
+                    .map_err(write_error)?;
+                    t.clone()
+                }
+            };
+            tx.commit()?;
+            Ok(stored)
+        })
+    }
+
+    fn find_taid(
+        &self,
+        service: &ServiceName,
+        taid: &str,
+    ) -> Result<Option<AccountId>, StoreError> {
+        self.read(|conn| {
+            Ok(conn
+                .query_row(
+                    "SELECT account_id FROM taids WHERE service = ?1 AND taid = ?2",
+                    [service.as_str(), taid],
+                    |row| parsed(row, 0),
+                )
+                .optional()?)
+        })
+    }
+
+    fn insert_request(&self, r: &SigningRequest) -> Result<(), StoreError> {
+        let sql = format!(
+            "INSERT INTO signing_requests ({REQUEST_COLUMNS}) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
+        );
+        self.write(|conn| {
+            conn.execute(
+                &sql,
+                params![
+                    r.id.as_str(),
+                    r.service.as_str(),
+                    r.account_id.as_str(),
+                    r.certificate.as_str(),
+                    r.identification_code,
+                    r.hash_algorithm.as_str(),
+                    r.hash,
+                    r.description,
+                    r.status.as_str(),
+                    r.bad_attempts,
+                    r.device_generation,
+                    secs(r.created_at),
+                    secs(r.expires_at),
+                    r.sealed_result,
+                    opt_secs(r.signed_at),
+                ],
+            )
+            .map_err(write_error)?;
+            Ok(())
+        })
+    }
+
+    fn get_request(&self, id: &RequestId) -> Result<Option<SigningRequest>, StoreError> {
+        let sql = format!("SELECT {REQUEST_COLUMNS} FROM signing_requests WHERE id = ?1");
+        self.read(|conn| {
+            Ok(conn
+                .query_row(&sql, [id.as_str()], request_from_row)
+                .optional()?)
+        })
+    }
+
+    fn update_request(&self, r: &SigningRequest) -> Result<(), StoreError> {
+        self.write(|conn| {
+            let changed = conn
+                .execute(
+                    "UPDATE signing_requests SET service = ?2, account_id = ?3, certificate = ?4, \
+                     identification_code = ?5, hash_algorithm = ?6, hash = ?7, description = ?8, \
+                     status = ?9, bad_attempts = ?10, device_generation = ?11, created_at = ?12, \
+                     expires_at = ?13, sealed_result = ?14, signed_at = ?15 WHERE id = ?1",
+                    params![
+                        r.id.as_str(),
+                        r.service.as_str(),
+                        r.account_id.as_str(),
+                        r.certificate.as_str(),
+                        r.identification_code,
+                        r.hash_algorithm.as_str(),
+                        r.hash,
+                        r.description,
+                        r.status.as_str(),
+                        r.bad_attempts,
+                        r.device_generation,
+                        secs(r.created_at),
+                        secs(r.expires_at),
+                        r.sealed_result,
+                        opt_secs(r.signed_at),
+                    ],
+                )
+                .map_err(write_error)?;
+            one_row_changed(changed)
+        })
+    }
+
+    fn pending_requests(
+        &self,
+        account: &AccountId,
+        now: OffsetDateTime,
+    ) -> Result<Vec<SigningRequest>, StoreError> {
+        let sql = format!(
+            "SELECT {REQUEST_COLUMNS} FROM signing_requests \
+             WHERE account_id = ?1 AND status = 'pending' AND expires_at > ?2 \
+             ORDER BY created_at, id"
+        );
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(&sql)?;
+            let rows = stmt
+                .query_map(params![account.as_str(), secs(now)], request_from_row)?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use time::Duration;
+    use time::macros::datetime;
+
+    use super::*;
+    use crate::certificate::tests::record as certificate;
+    use crate::signing::tests::{CREATED, request};
+    use crate::{AccountStatus, CertStatus, RevocationReason, SigningStatus, SuspendedBy, Tier};
+
+    fn temp_store() -> (tempfile::TempDir, SqliteStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path().join("store.sqlite")).unwrap();
+        (dir, store)
+    }
+
+    fn id(s: &str) -> AccountId {
+        AccountId::parse(s).unwrap()
+    }
+
+    fn account(name: &str) -> AccountRecord {
+        AccountRecord {
+            id: id(name),
+            tier: Tier::IamSmartPlus,
+            status: AccountStatus::Active,
+            status_changed_at: datetime!(2026-01-01 00:00 UTC),
+            suspended_by: None,
+            rectify_by: None,
+            sealed_name: vec![1; 40],
+            sealed_dob: vec![2; 30],
+            hkic_hash: [3; 32],
+            device_public_key: vec![4; 91],
+            device_generation: 1,
+            current_certificate: None,
+            created_at: datetime!(2026-01-01 00:00 UTC),
+        }
+    }
+
+    /// An account with its current certificate, as registration leaves it.
+    fn registered(store: &SqliteStore, name: &str, serial: &str) -> AccountRecord {
+        let mut a = account(name);
+        store.insert_account(&a).unwrap();
+        store
+            .insert_certificate(&certificate(serial, name))
+            .unwrap();
+        a.current_certificate = Some(CertSerial::parse(serial).unwrap());
+        store.update_account(&a).unwrap();
+        a
+    }
+
+    #[test]
+    fn store_is_an_object_safe_send_sync_trait() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<SqliteStore>();
+        let (_dir, store) = temp_store();
+        let _: Arc<dyn Store> = Arc::new(store);
+    }
+
+    #[test]
+    fn store_uses_wal_full_sync_and_foreign_keys() {
+        let (dir, store) = temp_store();
+        let writer = lock(&store.writer);
+        let mode: String = writer
+            .pragma_query_value(None, "journal_mode", |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+        let sync: i64 = writer
+            .pragma_query_value(None, "synchronous", |r| r.get(0))
+            .unwrap();
+        assert_eq!(sync, 2, "FULL");
+        let fk: i64 = writer
+            .pragma_query_value(None, "foreign_keys", |r| r.get(0))
+            .unwrap();
+        assert_eq!(fk, 1);
+        // WAL is a property of the file: a fresh connection sees it too.
+        let other = Connection::open(dir.path().join("store.sqlite")).unwrap();
+        let mode: String = other
+            .pragma_query_value(None, "journal_mode", |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+    }
+
+    #[test]
+    fn account_round_trips_with_every_field() {
+        let (_dir, store) = temp_store();
+        let mut a = registered(&store, "u-000123", "3f9a");
+        a.status = AccountStatus::Suspended;
+        a.suspended_by = Some(SuspendedBy::Government);
+        a.rectify_by = Some(datetime!(2026-02-08 12:34:56 UTC));
+        a.device_generation = 7;
+        store.update_account(&a).unwrap();
+        assert_eq!(store.get_account(&a.id).unwrap(), Some(a.clone()));
+        assert_eq!(store.get_account(&id("nobody")).unwrap(), None);
+    }
+
+    #[test]
+    fn account_id_is_unique() {
+        let (_dir, store) = temp_store();
+        store.insert_account(&account("u-1")).unwrap();
+        assert!(matches!(
+            store.insert_account(&account("u-1")),
+            Err(StoreError::AlreadyExists)
+        ));
+    }
+
+    #[test]
+    fn updating_an_unknown_record_is_not_found() {
+        let (_dir, store) = temp_store();
+        assert!(matches!(
+            store.update_account(&account("u-1")),
+            Err(StoreError::NotFound)
+        ));
+        assert!(matches!(
+            store.update_certificate(&certificate("1", "u-1")),
+            Err(StoreError::NotFound)
+        ));
+        assert!(matches!(
+            store.update_request(&request(1, "u-1", "1")),
+            Err(StoreError::NotFound)
+        ));
+        assert!(matches!(
+            store.delete_personal_data(&id("u-1")),
+            Err(StoreError::NotFound)
+        ));
+    }
+
+    #[test]
+    fn current_certificate_must_exist() {
+        let (_dir, store) = temp_store();
+        let mut a = account("u-1");
+        a.current_certificate = Some(CertSerial::parse("abc").unwrap());
+        assert!(matches!(
+            store.insert_account(&a),
+            Err(StoreError::Conflict)
+        ));
+    }
+
+    #[test]
+    fn deregistered_account_keeps_no_personal_data() {
+        let (dir, store) = temp_store();
+        let mut a = account("u-1");
+        a.sealed_name = b"SEALED-NAME-MARKER".to_vec();
+        store.insert_account(&a).unwrap();
+        assert_eq!(
+            store.accounts_with_hkic_hash(&[3; 32]).unwrap(),
+            vec![id("u-1")]
+        );
+        store.delete_personal_data(&a.id).unwrap();
+        let after = store.get_account(&a.id).unwrap().unwrap();
+        assert!(after.personal_data_deleted());
+        assert_eq!(after.device_public_key, a.device_public_key);
+        assert!(store.accounts_with_hkic_hash(&[3; 32]).unwrap().is_empty());
+        // Neither the database file nor its WAL holds the old value any more.
+        drop(store);
+        for entry in std::fs::read_dir(dir.path()).unwrap() {
+            let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+            assert!(!bytes.windows(18).any(|w| w == b"SEALED-NAME-MARKER"));
+        }
+    }
+
+    #[test]
+    fn certificate_round_trips_and_is_listed_by_account() {
+        let (_dir, store) = temp_store();
+        let a = registered(&store, "u-1", "3f9a");
+        let mut old = store
+            .get_certificate(&CertSerial::parse("3f9a").unwrap())
+            .unwrap()
+            .unwrap();
+        assert_eq!(old, certificate("3f9a", "u-1"));
+
+        old.status = CertStatus::Revoked;
+        old.revocation_reason = Some(RevocationReason::Superseded);
+        old.revoked_at = Some(datetime!(2027-06-01 08:00 UTC));
+        old.key_ref = None;
+        store.update_certificate(&old).unwrap();
+        let mut new = certificate("4000", "u-1");
+        new.not_before = datetime!(2027-06-01 08:00 UTC);
+        store.insert_certificate(&new).unwrap();
+
+        assert_eq!(store.certificates_of(&a.id).unwrap(), vec![old, new]);
+        assert!(store.certificates_of(&id("u-2")).unwrap().is_empty());
+    }
+
+    #[test]
+    fn certificate_needs_a_known_account_and_a_new_serial() {
+        let (_dir, store) = temp_store();
+        assert!(matches!(
+            store.insert_certificate(&certificate("1", "u-1")),
+            Err(StoreError::Conflict)
+        ));
+        registered(&store, "u-1", "1");
+        assert!(matches!(
+            store.insert_certificate(&certificate("1", "u-1")),
+            Err(StoreError::AlreadyExists)
+        ));
+    }
+
+    #[test]
+    fn account_with_certificate_reads_both() {
+        let (_dir, store) = temp_store();
+        let a = registered(&store, "u-1", "3f9a");
+        let (got, cert) = store.account_with_certificate(&a.id).unwrap().unwrap();
+        assert_eq!(got, a);
+        assert_eq!(cert, Some(certificate("3f9a", "u-1")));
+        store.insert_account(&account("plain")).unwrap();
+        let (_, cert) = store
+            .account_with_certificate(&id("plain"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(cert, None);
+        assert!(
+            store
+                .account_with_certificate(&id("nobody"))
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    fn taid(taid: &str, service: &str, account: &str) -> TaidRecord {
+        TaidRecord {
+            taid: taid.to_owned(),
+            service: ServiceName::parse(service).unwrap(),
+            account_id: id(account),
+        }
+    }
+
+    #[test]
+    fn taid_is_made_once_per_service_and_account() {
+        let (_dir, store) = temp_store();
+        store.insert_account(&account("u-1")).unwrap();
+        assert_eq!(
+            store.put_taid(&taid("T1", "demo-a", "u-1")).unwrap(),
+            taid("T1", "demo-a", "u-1")
+        );
+        // Asking again returns the stored TAID, whatever the caller computed.
+        assert_eq!(
+            store.put_taid(&taid("T9", "demo-a", "u-1")).unwrap(),
+            taid("T1", "demo-a", "u-1")
+        );
+        assert_eq!(
+            store.put_taid(&taid("T2", "demo-b", "u-1")).unwrap(),
+            taid("T2", "demo-b", "u-1")
+        );
+    }
+
+    #[test]
+    fn taid_of_another_service_is_not_found() {
+        let (_dir, store) = temp_store();
+        store.insert_account(&account("u-1")).unwrap();
+        store.put_taid(&taid("T1", "demo-a", "u-1")).unwrap();
+        let demo_a = ServiceName::parse("demo-a").unwrap();
+        let demo_b = ServiceName::parse("demo-b").unwrap();
+        assert_eq!(store.find_taid(&demo_a, "T1").unwrap(), Some(id("u-1")));
+        assert_eq!(store.find_taid(&demo_b, "T1").unwrap(), None);
+        assert_eq!(store.find_taid(&demo_a, "T2").unwrap(), None);
+    }
+
+    #[test]
+    fn taid_collision_and_unknown_account_are_refused() {
+        let (_dir, store) = temp_store();
+        store.insert_account(&account("u-1")).unwrap();
+        store.insert_account(&account("u-2")).unwrap();
+        store.put_taid(&taid("T1", "demo-a", "u-1")).unwrap();
+        assert!(matches!(
+            store.put_taid(&taid("T1", "demo-a", "u-2")),
+            Err(StoreError::AlreadyExists)
+        ));
+        assert!(matches!(
+            store.put_taid(&taid("T1", "demo-b", "u-2")),
+            Err(StoreError::AlreadyExists)
+        ));
+        assert!(matches!(
+            store.put_taid(&taid("T3", "demo-a", "u-9")),
+            Err(StoreError::Conflict)
+        ));
+    }
+
+    #[test]
+    fn signing_request_round_trips_through_its_states() {
+        let (_dir, store) = temp_store();
+        registered(&store, "u-1", "3f9a");
+        let mut r = request(1, "u-1", "3f9a");
+        store.insert_request(&r).unwrap();
+        assert_eq!(store.get_request(&r.id).unwrap(), Some(r.clone()));
+        assert!(matches!(
+            store.insert_request(&r),
+            Err(StoreError::AlreadyExists)
+        ));
+
+        r.bad_attempts = 2;
+        r.mark_signed(vec![5; 600], CREATED + Duration::seconds(40));
+        store.update_request(&r).unwrap();
+        assert_eq!(store.get_request(&r.id).unwrap(), Some(r.clone()));
+
+        let mut plain = request(2, "u-1", "3f9a");
+        plain.description = None;
+        plain.hash_algorithm = crate::HashAlgorithm::Sha512;
+        plain.hash = vec![1; 64];
+        store.insert_request(&plain).unwrap();
+        assert_eq!(store.get_request(&plain.id).unwrap(), Some(plain));
+        assert_eq!(
+            store.get_request(&RequestId::from_random([9; 16])).unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn signing_request_needs_known_account_and_certificate() {
+        let (_dir, store) = temp_store();
+        registered(&store, "u-1", "3f9a");
+        assert!(matches!(
+            store.insert_request(&request(1, "u-9", "3f9a")),
+            Err(StoreError::Conflict)
+        ));
+        assert!(matches!(
+            store.insert_request(&request(1, "u-1", "ffff")),
+            Err(StoreError::Conflict)
+        ));
+    }
+
+    #[test]
+    fn pending_requests_leave_out_expired_finished_and_other_accounts() {
+        let (_dir, store) = temp_store();
+        registered(&store, "u-1", "1");
+        registered(&store, "u-2", "2");
+        let first = request(1, "u-1", "1");
+        let mut second = request(2, "u-1", "1");
+        second.created_at = CREATED + Duration::seconds(10);
+        second.expires_at = CREATED + Duration::seconds(60);
+        let mut signed = request(3, "u-1", "1");
+        signed.status = SigningStatus::Signed;
+        let other = request(4, "u-2", "2");
+        for r in [&first, &second, &signed, &other] {
+            store.insert_request(r).unwrap();
+        }
+        let u1 = id("u-1");
+        assert_eq!(
+            store
+                .pending_requests(&u1, CREATED + Duration::seconds(5))
+                .unwrap(),
+            vec![first.clone(), second.clone()]
+        );
+        // At its expiry instant a request no longer counts as pending.
+        assert_eq!(
+            store.pending_requests(&u1, second.expires_at).unwrap(),
+            vec![first.clone()]
+        );
+        assert!(
+            store
+                .pending_requests(&u1, first.expires_at)
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn reopened_store_keeps_its_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.sqlite");
+        let store = SqliteStore::open(&path).unwrap();
+        let a = registered(&store, "u-1", "3f9a");
+        let r = request(1, "u-1", "3f9a");
+        store.insert_request(&r).unwrap();
+        drop(store);
+        let store = SqliteStore::open(&path).unwrap();
+        assert_eq!(store.get_account(&a.id).unwrap(), Some(a));
+        assert_eq!(store.get_request(&r.id).unwrap(), Some(r));
+    }
+
+    #[test]
+    fn migrations_are_idempotent() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.sqlite");
+        for _ in 0..3 {
+            let store = SqliteStore::open(&path).unwrap();
+            let version: i64 = lock(&store.writer)
+                .pragma_query_value(None, "user_version", |r| r.get(0))
+                .unwrap();
+            assert_eq!(
+                version,
+                i64::try_from(SqliteStore::schema_version()).unwrap()
+            );
+        }
+    }
+
+    #[test]
+    fn newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.sqlite");
+        drop(SqliteStore::open(&path).unwrap());
+        let conn = Connection::open(&path).unwrap();
+        conn.pragma_update(None, "user_version", 99).unwrap();
+        drop(conn);
+        assert!(matches!(
+            SqliteStore::open(&path),
+            Err(StoreError::Corrupt(_))
+        ));
+    }
+
+    #[test]
+    fn readers_run_beside_the_writer_on_several_threads() {
+        let (_dir, store) = temp_store();
+        let store = Arc::new(store);
+        registered(&store, "u-1", "1");
+        let threads: Vec<_> = (0..6)
+            .map(|i| {
+                let store = Arc::clone(&store);
+                std::thread::spawn(move || {
+                    for j in 0..20u8 {
+                        let mut r = request(i * 20 + j, "u-1", "1");
+                        r.id = RequestId::from_random([
+                            i, j, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1,
+                        ]);
+                        store.insert_request(&r).unwrap();
+                        assert_eq!(store.get_request(&r.id).unwrap(), Some(r));
+                        assert!(store.get_account(&id("u-1")).unwrap().is_some());
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(
+            store.pending_requests(&id("u-1"), CREATED).unwrap().len(),
+            120
+        );
+        assert!(lock(&store.readers).len() <= MAX_IDLE_READERS);
+    }
+}
