@@ -5,6 +5,19 @@
 //!
 //! It does not decide *when* a certificate is issued, renewed or revoked: `cert-lifecycle` does.
 //!
-//! The CA-bridge issue fills this crate; for now it only marks its place in the workspace.
+//! Today it holds the embedded CA ([`EmbeddedCa`]: keys in the HSM, certificate profiles, its own
+//! issued/revoked state), the development TLS PKI ([`dev_pki`]) and detached CMS SignedData
+//! (`signed_data`); the CMP, OCSP and CRL services and clients come with the CA-bridge issue.
 
 #![forbid(unsafe_code)]
+
+pub mod dev_pki;
+mod embedded_ca;
+mod error;
+mod x509;
+
+pub use embedded_ca::{
+    CaProfileConfig, CertificateState, DEFAULT_ADULT_POLICY_OID, DEFAULT_MINOR_POLICY_OID,
+    EmbeddedCa, IssueRequest, IssuedCertificate, PolicyOid, Profile, Revocation,
+};
+pub use error::CaError;
