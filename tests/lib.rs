@@ -155,3 +155,164 @@ pub fn describe(output: &Output) -> String {
         String::from_utf8_lossy(&output.stderr)
     )
 }
+
+/// A `smartsignd --dev` on free loopback ports, with its state directory in a temporary
+/// directory (on tmpfs when there is one). Stopped with SIGTERM when dropped.
+#[derive(Debug)]
+pub struct DevDaemon {
+    child: Option<std::process::Child>,
+    dir: tempfile::TempDir,
+    extra_args: Vec<String>,
+    /// `https://127.0.0.1:PORT` of the API.
+    pub api: String,
+    /// `http://127.0.0.1:PORT` of the operations listener.
+    pub metrics: String,
+    /// `http://127.0.0.1:PORT` of the embedded CA.
+    pub ca: String,
+}
+
+impl DevDaemon {
+    /// Starts a daemon with a fresh state directory; `extra_args` go on its command line (for
+    /// example `--key-algorithm rsa-2048`).
+    pub fn start(extra_args: &[&str]) -> DevDaemon {
+        let base = if Path::new("/dev/shm").is_dir() {
+            tempfile::Builder::new()
+                .prefix("smartsignd-test-")
+                .tempdir_in("/dev/shm")
+        } else {
+            tempfile::Builder::new()
+                .prefix("smartsignd-test-")
+                .tempdir()
+        }
+        .expect("temporary state directory");
+        let mut daemon = DevDaemon {
+            child: None,
+            dir: base,
+            extra_args: extra_args.iter().map(|arg| (*arg).to_owned()).collect(),
+            api: String::new(),
+            metrics: String::new(),
+            ca: String::new(),
+        };
+        daemon.launch();
+        daemon
+    }
+
+    /// The state directory.
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// The daemon's standard error so far (its log).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default()
+    }
+
+    /// The daemon's standard output so far (the how-to).
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stdout.log")).unwrap_or_default()
+    }
+
+    fn launch(&mut self) {
+        let endpoints = self.state_dir().join("endpoints.json");
+        let _ = std::fs::remove_file(&endpoints);
+        let append = |name: &str| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(self.dir.path().join(name))
+                .expect("log file")
+        };
+        let child = Command::new(binary("smartsignd", "smartsignd"))
+            .arg("--dev")
+            .arg("--state-dir")
+            .arg(self.state_dir())
+            .args(["--listen", "127.0.0.1:0"])
+            .args(["--metrics-listen", "127.0.0.1:0"])
+            .args(["--ca-listen", "127.0.0.1:0"])
+            .args(&self.extra_args)
+            .stdout(append("stdout.log"))
+            .stderr(append("stderr.log"))
+            .spawn()
+            .expect("start smartsignd");
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        loop {
+            if let Ok(text) = std::fs::read_to_string(&endpoints)
+                && let Ok(value) = serde_json::from_str::<serde_json::Value>(&text)
+            {
+                self.api = value["api"].as_str().expect("api").to_owned();
+                self.metrics = value["metrics"].as_str().expect("metrics").to_owned();
+                self.ca = value["ca"].as_str().expect("ca").to_owned();
+                return;
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("smartsignd exited early ({status}):\n{}", self.log());
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "smartsignd did not write endpoints.json in time:\n{}",
+                self.log()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    /// Stops the daemon with SIGTERM and waits; returns its exit status.
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                return child.wait().ok();
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    /// Stops and starts the daemon again on the same state directory.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.launch();
+    }
+
+    /// An HTTPS client that presents `DIR/clients/NAME.pem` and trusts `DIR/tls/ca.pem`.
+    pub fn client(&self, name: &str) -> reqwest::blocking::Client {
+        let state = self.state_dir();
+        let mut identity = std::fs::read(state.join("clients").join(format!("{name}.pem")))
+            .expect("client certificate");
+        identity.extend(
+            std::fs::read(state.join("clients").join(format!("{name}.key"))).expect("client key"),
+        );
+        self.client_builder()
+            .identity(reqwest::Identity::from_pem(&identity).expect("identity"))
+            .build()
+            .expect("client")
+    }
+
+    /// A client builder that trusts the dev TLS CA but presents no certificate.
+    pub fn client_builder(&self) -> reqwest::blocking::ClientBuilder {
+        let ca = std::fs::read(self.state_dir().join("tls/ca.pem")).expect("tls ca");
+        reqwest::blocking::Client::builder()
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(&ca).expect("ca"))
+            .timeout(std::time::Duration::from_secs(60))
+    }
+}
+
+impl Drop for DevDaemon {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

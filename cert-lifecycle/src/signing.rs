@@ -214,11 +214,13 @@ impl fmt::Debug for SigningRequest {
     }
 }
 
-/// A four-digit identification code from four random bytes (the caller takes them from the HSM).
-///
-/// The modulo bias is below 2e-6 (2^32 mod 10000 = 7296 of 2^32 values).
-pub fn identification_code_from_random(bytes: [u8; 4]) -> String {
-    format!("{:04}", u32::from_be_bytes(bytes) % 10_000)
+/// A four-digit identification code from four random bytes (the caller takes them from the HSM),
+/// or `None` for the top 7296 of the 2^32 values, which would make some codes likelier than
+/// others: the caller then draws again (rejection sampling, so every code is equally likely).
+pub fn identification_code_from_random(bytes: [u8; 4]) -> Option<String> {
+    const UNBIASED: u32 = 4_294_960_000; // 10_000 * floor(2^32 / 10_000)
+    let value = u32::from_be_bytes(bytes);
+    (value < UNBIASED).then(|| format!("{:04}", value % 10_000))
 }
 
 #[cfg(test)]
@@ -404,9 +406,23 @@ pub(crate) mod tests {
 
     #[test]
     fn identification_code_is_four_digits() {
-        assert_eq!(identification_code_from_random([0, 0, 0, 7]), "0007");
-        assert_eq!(identification_code_from_random([0xff; 4]), "7295");
-        assert_eq!(identification_code_from_random([0, 0, 0x27, 0x0f]), "9999");
+        assert_eq!(
+            identification_code_from_random([0, 0, 0, 7]).unwrap(),
+            "0007"
+        );
+        assert_eq!(identification_code_from_random([0xff; 4]), None);
+        assert_eq!(
+            identification_code_from_random(4_294_959_999u32.to_be_bytes()).unwrap(),
+            "9999"
+        );
+        assert_eq!(
+            identification_code_from_random(4_294_960_000u32.to_be_bytes()),
+            None
+        );
+        assert_eq!(
+            identification_code_from_random([0, 0, 0x27, 0x0f]).unwrap(),
+            "9999"
+        );
     }
 
     #[test]

@@ -7,10 +7,11 @@ use std::sync::Arc;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use cert_lifecycle::Store;
 use cert_lifecycle::{
     AccountId, AccountRecord, AccountStatus, CertProfile, CertSerial, CertStatus,
-    CertificateRecord, HkicNumber, RECTIFICATION_PERIOD, RevocationReason, RuleError,
-    ServiceName, SuspendedBy, Tier,
+    CertificateRecord, HkicNumber, RECTIFICATION_PERIOD, RevocationReason, RuleError, ServiceName,
+    SuspendedBy, Tier,
 };
 use hsm_adapter::UserKeyRef;
 use hyper::StatusCode;
@@ -117,12 +118,17 @@ pub(crate) async fn register(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError>
     })?;
     {
         let id = id.clone();
-        if app.store(move |store| store.get_account(&id)).await?.is_some() {
+        if app
+            .store(move |store| store.get_account(&id))
+            .await?
+            .is_some()
+        {
             return Err(ApiError::AccountExists);
         }
     }
 
-    let name_json = zeroize::Zeroizing::new(serde_json::to_vec(&name).map_err(|_| ApiError::Internal)?);
+    let name_json =
+        zeroize::Zeroizing::new(serde_json::to_vec(&name).map_err(|_| ApiError::Internal)?);
     let mut record = AccountRecord {
         id: id.clone(),
         tier: Tier::IamSmart,
@@ -161,12 +167,9 @@ pub(crate) async fn register(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError>
         app.audit("account.registered", &ctx.caller.to_string(), audit_fields)
             .await?;
         let (record, certificate) = (record.clone(), certificate.clone());
-        app.store(move |store| {
-            store.insert_account(&record)?;
-            if let Some(certificate) = &certificate {
-                store.insert_certificate(certificate)?;
-            }
-            Ok(())
+        app.store(move |store| match &certificate {
+            Some(certificate) => store.insert_account_with_certificate(&record, certificate),
+            None => store.insert_account(&record),
         })
         .await
     }
@@ -174,20 +177,15 @@ pub(crate) async fn register(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError>
     if let Err(error) = stored {
         // Undo the half-done registration: the key must not outlive its record.
         if let Some(certificate) = &certificate {
-            discard_key(&app, certificate).await;
+            discard_certificate(&app, certificate).await;
         }
-        return Err(match error {
-            ApiError::Internal => {
-                let id = id.clone();
-                match app.store(move |store| store.get_account(&id)).await {
-                    Ok(Some(_)) => ApiError::AccountExists,
-                    _ => ApiError::Internal,
-                }
-            }
-            other => other,
-        });
+        return Err(error);
     }
-    tracing::info!(account = id.as_str(), tier = tier.as_str(), "account registered");
+    tracing::info!(
+        account = id.as_str(),
+        tier = tier.as_str(),
+        "account registered"
+    );
     Ok(Reply::json(
         StatusCode::CREATED,
         &account_view(&app, &record, now).await?,
@@ -264,7 +262,21 @@ async fn destroy_key(app: &App, key: &UserKeyRef) {
     }
 }
 
-async fn discard_key(app: &App, certificate: &CertificateRecord) {
+/// Undoes an issuance whose record could not be stored: the CA revokes the certificate (it was
+/// never handed out) and the key is destroyed.
+async fn discard_certificate(app: &App, certificate: &CertificateRecord) {
+    let now = app.clock.now();
+    if let Err(error) = app
+        .ca
+        .revoke(
+            certificate.serial.as_str(),
+            RevocationReason::CessationOfOperation.crl_reason_code(),
+            now.into(),
+        )
+        .await
+    {
+        tracing::error!(%error, serial = certificate.serial.as_str(), "could not revoke an unused certificate");
+    }
     if let Some(key) = certificate
         .key_ref
         .as_deref()
@@ -289,7 +301,10 @@ pub(crate) async fn account_view(
         None => Value::Null,
         Some(serial) => {
             let serial = serial.clone();
-            match app.store(move |store| store.get_certificate(&serial)).await? {
+            match app
+                .store(move |store| store.get_certificate(&serial))
+                .await?
+            {
                 None => Value::Null,
                 Some(certificate) => certificate_view(app, &certificate, now).await?,
             }
@@ -306,7 +321,10 @@ pub(crate) async fn account_view(
     }))
 }
 
-pub(crate) fn certificate_status(certificate: &CertificateRecord, now: OffsetDateTime) -> CertStatus {
+pub(crate) fn certificate_status(
+    certificate: &CertificateRecord,
+    now: OffsetDateTime,
+) -> CertStatus {
     if certificate.status == CertStatus::Revoked {
         CertStatus::Revoked
     } else if now >= certificate.not_after {
@@ -322,7 +340,11 @@ async fn certificate_view(
     now: OffsetDateTime,
 ) -> Result<Value, ApiError> {
     let der = app
-        .unseal("certificate", &certificate.account_id, &certificate.sealed_der)
+        .unseal(
+            "certificate",
+            &certificate.account_id,
+            &certificate.sealed_der,
+        )
         .await?;
     Ok(json!({
         "serial": certificate.serial.as_str(),
@@ -349,7 +371,9 @@ async fn save(app: &App, record: &AccountRecord) -> Result<(), ApiError> {
 }
 
 async fn reply_account(app: &App, record: &AccountRecord) -> Result<Reply, ApiError> {
-    Ok(Reply::ok(&account_view(app, record, app.clock.now()).await?))
+    Ok(Reply::ok(
+        &account_view(app, record, app.clock.now()).await?,
+    ))
 }
 
 fn require_empty_object(ctx: &Ctx) -> Result<(), ApiError> {
@@ -395,15 +419,12 @@ pub(crate) async fn upgrade(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError> 
         )
         .await?;
         let (record, certificate) = (record.clone(), certificate.clone());
-        app.store(move |store| {
-            store.insert_certificate(&certificate)?;
-            store.update_account(&record)
-        })
-        .await
+        app.store(move |store| store.attach_certificate(&record, &certificate))
+            .await
     }
     .await;
     if let Err(error) = result {
-        discard_key(&app, &certificate).await;
+        discard_certificate(&app, &certificate).await;
         return Err(error);
     }
     reply_account(&app, &record).await
@@ -459,8 +480,14 @@ pub(crate) async fn suspend(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError> 
         .by
         .parse()
         .map_err(|_| ApiError::InvalidRequest("by must be user or government".into()))?;
-    if body.reason.as_ref().is_some_and(|reason| reason.chars().count() > 500) {
-        return Err(ApiError::InvalidRequest("reason must be at most 500 characters".into()));
+    if body
+        .reason
+        .as_ref()
+        .is_some_and(|reason| reason.chars().count() > 500)
+    {
+        return Err(ApiError::InvalidRequest(
+            "reason must be at most 500 characters".into(),
+        ));
     }
     let now = app.clock.now();
     let mut record = load(&app, &account_id(ctx.param(0))?).await?;
@@ -607,11 +634,18 @@ pub(crate) async fn revoke_current(
         app.store(move |store| store.update_certificate(&certificate))
             .await?;
     }
-    if let Err(error) = app.ca.revoke(serial.as_str(), reason.code(), now.into()).await {
+    if let Err(error) = app
+        .ca
+        .revoke(serial.as_str(), reason.crl_reason_code(), now.into())
+        .await
+    {
         // Local state already refuses every signature; the CA learns of it on the next sweep.
         tracing::error!(%error, serial = serial.as_str(), "the CA did not take the revocation");
     }
-    if let Some(key) = key.as_deref().and_then(|bytes| UserKeyRef::from_bytes(bytes).ok()) {
+    if let Some(key) = key
+        .as_deref()
+        .and_then(|bytes| UserKeyRef::from_bytes(bytes).ok())
+    {
         destroy_key(app, &key).await;
     }
     Ok(())
@@ -626,8 +660,14 @@ pub(crate) async fn invalidate(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiErro
         reason: Option<String>,
     }
     let body: Body = ctx.json()?;
-    if body.reason.as_ref().is_some_and(|reason| reason.chars().count() > 500) {
-        return Err(ApiError::InvalidRequest("reason must be at most 500 characters".into()));
+    if body
+        .reason
+        .as_ref()
+        .is_some_and(|reason| reason.chars().count() > 500)
+    {
+        return Err(ApiError::InvalidRequest(
+            "reason must be at most 500 characters".into(),
+        ));
     }
     let now = app.clock.now();
     let mut record = load(&app, &account_id(ctx.param(0))?).await?;
@@ -660,7 +700,13 @@ pub(crate) async fn deregister(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiErro
         return Err(ApiError::AccountNotActive(record.status.as_str()));
     }
     let actor = ctx.caller.to_string();
-    revoke_current(&app, &record, RevocationReason::CessationOfOperation, &actor).await?;
+    revoke_current(
+        &app,
+        &record,
+        RevocationReason::CessationOfOperation,
+        &actor,
+    )
+    .await?;
     app.audit(
         "account.deregistered",
         &actor,
@@ -673,7 +719,8 @@ pub(crate) async fn deregister(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiErro
     record.rectify_by = None;
     save(&app, &record).await?;
     let id = record.id.clone();
-    app.store(move |store| store.delete_personal_data(&id)).await?;
+    app.store(move |store| store.delete_personal_data(&id))
+        .await?;
     Ok(Reply::empty(StatusCode::NO_CONTENT))
 }
 
@@ -702,7 +749,9 @@ pub(crate) async fn taid(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError> {
         };
         app.store(move |store| store.put_taid(&taid)).await?
     };
-    Ok(Reply::ok(&json!({"service": service.as_str(), "taid": stored.taid})))
+    Ok(Reply::ok(
+        &json!({"service": service.as_str(), "taid": stored.taid}),
+    ))
 }
 
 /// `POST /v1/accounts/{id}/certificate/revoke` (registrar, officer).

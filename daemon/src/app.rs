@@ -22,7 +22,6 @@ use crate::tls::NamePolicy;
 pub(crate) struct Policy {
     pub(crate) request_ttl: Duration,
     pub(crate) certificate_validity: time::Duration,
-    pub(crate) renewal_window: time::Duration,
     pub(crate) key_algorithm: KeyAlgorithm,
     pub(crate) key_mode: KeyMode,
 }

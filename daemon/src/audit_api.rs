@@ -20,8 +20,11 @@ pub(crate) struct HsmCheckpointSigner(pub(crate) Arc<Hsm>);
 
 impl CheckpointSigner for HsmCheckpointSigner {
     async fn sign(&self, message: &[u8]) -> Result<Vec<u8>, SignerError> {
-        let digest = Digest::new(HashAlgorithm::Sha256, sha2::Sha256::digest(message).to_vec())
-            .map_err(|error| SignerError::new(error.to_string()))?;
+        let digest = Digest::new(
+            HashAlgorithm::Sha256,
+            sha2::Sha256::digest(message).to_vec(),
+        )
+        .map_err(|error| SignerError::new(error.to_string()))?;
         self.0
             .sign_with_system_key(SystemKey::Audit, &digest)
             .await

@@ -40,20 +40,50 @@ struct Cli {
     dev: bool,
 
     /// The state directory of --dev.
-    #[arg(long, value_name = "DIR", default_value = ".dev-state", requires = "dev")]
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = ".dev-state",
+        requires = "dev"
+    )]
     state_dir: PathBuf,
 
     /// API listener of --dev (HTTPS, mutual TLS); port 0 picks a free port.
-    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8443", requires = "dev")]
+    #[arg(
+        long,
+        value_name = "ADDR",
+        default_value = "127.0.0.1:8443",
+        requires = "dev"
+    )]
     listen: SocketAddr,
 
     /// Operations listener of --dev (/healthz, /readyz, /metrics; plain HTTP).
-    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9090", requires = "dev")]
+    #[arg(
+        long,
+        value_name = "ADDR",
+        default_value = "127.0.0.1:9090",
+        requires = "dev"
+    )]
     metrics_listen: SocketAddr,
 
     /// Embedded CA listener of --dev (plain HTTP).
-    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080", requires = "dev")]
+    #[arg(
+        long,
+        value_name = "ADDR",
+        default_value = "127.0.0.1:8080",
+        requires = "dev"
+    )]
     ca_listen: SocketAddr,
+
+    /// Algorithm of new user keys in --dev: ec-p256, ec-p384, rsa-2048 or rsa-3072.
+    #[arg(long, value_name = "ALG", default_value = "ec-p256", requires = "dev",
+          value_parser = ["ec-p256", "ec-p384", "rsa-2048", "rsa-3072"])]
+    key_algorithm: String,
+
+    /// How user keys are held in --dev: wrapped (blobs under the KEK) or resident (token objects).
+    #[arg(long, value_name = "MODE", default_value = "wrapped", requires = "dev",
+          value_parser = ["wrapped", "resident"])]
+    key_mode: String,
 
     /// Log format, overriding the configuration: text or json.
     #[arg(long, value_name = "FORMAT", value_parser = ["text", "json"])]
@@ -101,27 +131,34 @@ fn run_dev(cli: &Cli) -> Result<ExitCode, String> {
     }
     let state_dir = std::fs::canonicalize(&cli.state_dir).map_err(|error| error.to_string())?;
     let runtime = runtime()?;
-    runtime.block_on(async {
-        let ca_listener = crate::http::bind(cli.ca_listen, "embedded CA").await?;
-        let ca_address = ca_listener.local_addr().map_err(|error| error.to_string())?;
-        ca_bridge::dev_pki::DevPki::ensure(&state_dir)
-            .map_err(|error| format!("cannot make the development TLS certificates: {error}"))?;
-        crate::dev::write_examples(&state_dir)?;
-        let config = crate::dev::config(&state_dir, cli.listen, cli.metrics_listen, ca_address);
-        crate::dev::write_config(&state_dir, &config)?;
-        init_logging(&config, cli.log_format.as_deref())?;
-        let so_pin = crate::server::read_pin(&state_dir.join("hsm/so.pin"))?;
-        crate::server::run(
-            config,
-            Some(crate::server::DevOptions {
-                so_pin,
-                state_dir,
-                ca_listener,
-            }),
-        )
-        .await
-    })
-    .map(|()| ExitCode::SUCCESS)
+    runtime
+        .block_on(async {
+            let ca_listener = crate::http::bind(cli.ca_listen, "embedded CA").await?;
+            let ca_address = ca_listener
+                .local_addr()
+                .map_err(|error| error.to_string())?;
+            ca_bridge::dev_pki::DevPki::ensure(&state_dir).map_err(|error| {
+                format!("cannot make the development TLS certificates: {error}")
+            })?;
+            crate::dev::write_examples(&state_dir)?;
+            let mut config =
+                crate::dev::config(&state_dir, cli.listen, cli.metrics_listen, ca_address);
+            config.policy.key_algorithm = cli.key_algorithm.clone();
+            config.hsm.key_mode = cli.key_mode.clone();
+            crate::dev::write_config(&state_dir, &config)?;
+            init_logging(&config, cli.log_format.as_deref())?;
+            let so_pin = crate::server::read_pin(&state_dir.join("hsm/so.pin"))?;
+            crate::server::run(
+                config,
+                Some(crate::server::DevOptions {
+                    so_pin,
+                    state_dir,
+                    ca_listener,
+                }),
+            )
+            .await
+        })
+        .map(|()| ExitCode::SUCCESS)
 }
 
 fn run(config: Config, log_format: Option<&str>) -> Result<(), String> {

@@ -141,17 +141,12 @@ fn default_organisation() -> String {
     "smartsign".into()
 }
 
-/// The default policy OIDs sit under the `2.25` arc (UUID-derived OIDs, ITU-T X.667), which needs
-/// no registration. A deployment replaces them with its CA's own arc.
-pub(crate) const DEFAULT_ADULT_POLICY_OID: &str = "2.25.329800735698586629295641978511506172918.1";
-pub(crate) const DEFAULT_MINOR_POLICY_OID: &str = "2.25.329800735698586629295641978511506172918.2";
-
 fn default_adult_policy() -> String {
-    DEFAULT_ADULT_POLICY_OID.into()
+    ca_bridge::DEFAULT_ADULT_POLICY_OID.into()
 }
 
 fn default_minor_policy() -> String {
-    DEFAULT_MINOR_POLICY_OID.into()
+    ca_bridge::DEFAULT_MINOR_POLICY_OID.into()
 }
 
 /// The rules' knobs.
@@ -320,7 +315,7 @@ impl Config {
             ("ca.adult_policy_oid", &self.ca.adult_policy_oid),
             ("ca.minor_policy_oid", &self.ca.minor_policy_oid),
         ] {
-            if der::asn1::ObjectIdentifier::new(oid).is_err() {
+            if oid.parse::<ca_bridge::PolicyOid>().is_err() {
                 problems.push(format!("{name} {oid:?} is not an object identifier"));
             }
         }

@@ -55,11 +55,14 @@ pub(crate) fn prepare(state_dir: &Path) -> Result<bool, String> {
     let wanted = std::fs::canonicalize(state_dir)
         .map(|dir| softhsm_conf(&dir))
         .unwrap_or(conf.clone());
-    if std::env::var_os("SOFTHSM2_CONF").is_some_and(|current| PathBuf::from(current) == wanted) {
+    if std::env::var_os("SOFTHSM2_CONF").is_some_and(|current| current == wanted.as_os_str()) {
         return Ok(false);
     }
     let hsm = state_dir.join("hsm");
-    eprintln!("smartsignd: preparing the SoftHSM token {TOKEN_LABEL} in {}", hsm.display());
+    eprintln!(
+        "smartsignd: preparing the SoftHSM token {TOKEN_LABEL} in {}",
+        hsm.display()
+    );
     let status = Command::new(setup_script())
         .arg("token")
         .arg("--dir")
@@ -78,7 +81,9 @@ pub(crate) fn prepare(state_dir: &Path) -> Result<bool, String> {
             )
         })?;
     if !status.success() {
-        return Err(format!("softhsm-setup could not prepare the token ({status})"));
+        return Err(format!(
+            "softhsm-setup could not prepare the token ({status})"
+        ));
     }
     Ok(true)
 }
@@ -133,8 +138,8 @@ pub(crate) fn config(
             organisation: "smartsign development CA".into(),
             ocsp_url: format!("http://{ca_address}/ocsp"),
             crl_url: format!("http://{ca_address}/crl"),
-            adult_policy_oid: crate::config::DEFAULT_ADULT_POLICY_OID.into(),
-            minor_policy_oid: crate::config::DEFAULT_MINOR_POLICY_OID.into(),
+            adult_policy_oid: ca_bridge::DEFAULT_ADULT_POLICY_OID.into(),
+            minor_policy_oid: ca_bridge::DEFAULT_MINOR_POLICY_OID.into(),
         },
         policy: PolicyConfig::default(),
         logging: LoggingConfig::default(),

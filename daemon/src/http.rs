@@ -12,7 +12,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{CONTENT_TYPE, HeaderValue};
 use hyper::service::service_fn;
-use hyper::{Method, Request, Response, StatusCode};
+use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
@@ -34,7 +34,6 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug)]
 pub(crate) struct Ctx {
     pub(crate) caller: Caller,
-    pub(crate) method: Method,
     pub(crate) params: Vec<String>,
     pub(crate) query: HashMap<String, String>,
     pub(crate) body: Bytes,
@@ -129,7 +128,11 @@ pub(crate) fn problem_response(error: &ApiError) -> Response<Full<Bytes>> {
 
 fn parse_query(query: Option<&str>) -> HashMap<String, String> {
     let mut out = HashMap::new();
-    for pair in query.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
+    for pair in query
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
         out.insert(percent_decode(key), percent_decode(value));
     }
@@ -177,8 +180,12 @@ async fn handle_api(
         } else {
             ApiError::NotFound("route")
         };
-        app.metrics
-            .observe_request("unmatched", method.as_str(), error.status().as_u16(), started.elapsed());
+        app.metrics.observe_request(
+            "unmatched",
+            method.as_str(),
+            error.status().as_u16(),
+            started.elapsed(),
+        );
         return Ok(problem_response(&error));
     };
     let result = match caller {
@@ -197,7 +204,6 @@ async fn handle_api(
             Ok(body) => {
                 let ctx = Ctx {
                     caller,
-                    method: method.clone(),
                     params,
                     query,
                     body: body.to_bytes(),
@@ -246,8 +252,7 @@ pub(crate) async fn serve_api(
         let app = app.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
-            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
-            {
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(error)) => {
                     tracing::info!(%peer, %error, "TLS handshake refused");
@@ -262,16 +267,20 @@ pub(crate) async fn serve_api(
                 Some([leaf, ..]) => app.names.caller(leaf).map_err(|error| error.to_string()),
                 _ => Err("no client certificate".to_owned()),
             };
-            let service = service_fn(move |request| handle_api(app.clone(), caller.clone(), request));
-            let connection =
-                auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(tls), service);
+            let service =
+                service_fn(move |request| handle_api(app.clone(), caller.clone(), request));
+            let builder = auto::Builder::new(TokioExecutor::new());
+            let connection = builder.serve_connection(TokioIo::new(tls), service);
             if let Err(error) = watcher.watch(connection.into_owned()).await {
                 tracing::debug!(%peer, %error, "connection ended with an error");
             }
         });
     }
     drop(listener);
-    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!("in-flight requests did not finish within the shutdown grace");
     }
 }

@@ -29,7 +29,10 @@ impl Metrics {
     pub(crate) fn new() -> Result<Self, prometheus::Error> {
         let registry = Registry::new_custom(Some("smartsign".into()), None)?;
         let http_requests = IntCounterVec::new(
-            Opts::new("http_requests_total", "API requests by route template and status"),
+            Opts::new(
+                "http_requests_total",
+                "API requests by route template and status",
+            ),
             &["route", "method", "status"],
         )?;
         let http_latency = HistogramVec::new(
@@ -49,7 +52,10 @@ impl Metrics {
             &["operation"],
         )?;
         let signatures = IntCounterVec::new(
-            Opts::new("signatures_total", "User signatures by algorithm and outcome"),
+            Opts::new(
+                "signatures_total",
+                "User signatures by algorithm and outcome",
+            ),
             &["algorithm", "outcome"],
         )?;
         let audit_append_latency = HistogramVec::new(

@@ -1,6 +1,7 @@
 //! The operations listener: `/healthz` (alive), `/readyz` (200 only when every component the
 //! signing path needs is usable; the body names what is not) and `/metrics`.
 
+use cert_lifecycle::Store;
 use hyper::{Method, StatusCode};
 use serde_json::json;
 
@@ -19,7 +20,7 @@ pub(crate) async fn readiness(app: &App) -> Vec<(&'static str, Option<String>)> 
         .store(|store| store.health())
         .await
         .err()
-        .map(|error| error.to_string());
+        .map(|error| error.code().to_owned());
     vec![
         ("sealed", None),
         ("hsm", hsm),
@@ -29,9 +30,17 @@ pub(crate) async fn readiness(app: &App) -> Vec<(&'static str, Option<String>)> 
     ]
 }
 
-pub(crate) async fn handle(app: &App, method: &Method, path: &str) -> (StatusCode, &'static str, Vec<u8>) {
+pub(crate) async fn handle(
+    app: &App,
+    method: &Method,
+    path: &str,
+) -> (StatusCode, &'static str, Vec<u8>) {
     if method != Method::GET {
-        return (StatusCode::METHOD_NOT_ALLOWED, "text/plain", b"GET only\n".to_vec());
+        return (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            b"GET only\n".to_vec(),
+        );
     }
     match path {
         "/healthz" => (StatusCode::OK, "text/plain", b"ok\n".to_vec()),
@@ -47,16 +56,24 @@ pub(crate) async fn handle(app: &App, method: &Method, path: &str) -> (StatusCod
                     })
                     .collect::<serde_json::Map<_, _>>(),
             });
-            let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+            let status = if ready {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
             (status, "application/json", body.to_string().into_bytes())
         }
         "/metrics" => {
             let now = app.clock.now();
             if let Ok(count) = app.store(move |store| store.count_pending(now)).await {
-                app.metrics.pending_requests.set(i64::try_from(count).unwrap_or(i64::MAX));
+                app.metrics
+                    .pending_requests
+                    .set(i64::try_from(count).unwrap_or(i64::MAX));
             }
             let stats = app.audit.stats();
-            app.metrics.audit_tree_size.set(i64::try_from(stats.tree_size).unwrap_or(i64::MAX));
+            app.metrics
+                .audit_tree_size
+                .set(i64::try_from(stats.tree_size).unwrap_or(i64::MAX));
             if let Some(checkpoint) = app.audit.latest_checkpoint()
                 && let Ok(at) = time::OffsetDateTime::parse(
                     checkpoint.timestamp().as_str(),

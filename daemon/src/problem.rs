@@ -35,7 +35,6 @@ pub(crate) enum ApiError {
     TooManyAttempts,
     HsmUnavailable,
     AuditUnavailable,
-    StatusUnavailable,
     /// 500: a fault of ours; the cause is logged, not shown.
     Internal,
 }
@@ -49,21 +48,15 @@ impl ApiError {
             Forbidden => StatusCode::FORBIDDEN,
             NotFound(_) => StatusCode::NOT_FOUND,
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            AccountExists
-            | AccountNotActive(_)
-            | NotIamSmartPlus
-            | AlreadyIamSmartPlus
-            | CertificateExpired
-            | CertificateRevoked
-            | NoCertificate
-            | RequestNotPending(_) => StatusCode::CONFLICT,
+            AccountExists | AccountNotActive(_) | NotIamSmartPlus | AlreadyIamSmartPlus
+            | CertificateExpired | CertificateRevoked | NoCertificate | RequestNotPending(_) => {
+                StatusCode::CONFLICT
+            }
             RequestExpired => StatusCode::GONE,
             Underage | GuardianRequired | GuardianUnderage | InvalidHkic(_) | HkicMismatch
             | AuthorisationInvalid => StatusCode::UNPROCESSABLE_ENTITY,
             TooManyAttempts => StatusCode::TOO_MANY_REQUESTS,
-            HsmUnavailable | AuditUnavailable | StatusUnavailable => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            HsmUnavailable | AuditUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -95,7 +88,6 @@ impl ApiError {
             TooManyAttempts => "too_many_attempts",
             HsmUnavailable => "hsm_unavailable",
             AuditUnavailable => "audit_unavailable",
-            StatusUnavailable => "status_unavailable",
             Internal => "internal_error",
         }
     }
@@ -127,7 +119,6 @@ impl ApiError {
             TooManyAttempts => "Too many attempts",
             HsmUnavailable => "HSM unavailable",
             AuditUnavailable => "Audit log unavailable",
-            StatusUnavailable => "Certificate status unavailable",
             Internal => "Internal error",
         }
     }
@@ -189,7 +180,13 @@ impl From<audit_log::AuditError> for ApiError {
 
 impl From<cert_lifecycle::StoreError> for ApiError {
     fn from(error: cert_lifecycle::StoreError) -> Self {
-        tracing::error!(%error, "store operation failed");
-        ApiError::Internal
+        match error {
+            // Only account ids are chosen by callers; every other key is random.
+            cert_lifecycle::StoreError::AlreadyExists => ApiError::AccountExists,
+            error => {
+                tracing::error!(%error, "store operation failed");
+                ApiError::Internal
+            }
+        }
     }
 }

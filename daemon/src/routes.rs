@@ -13,8 +13,7 @@ use crate::problem::ApiError;
 use crate::tls::Role::{self, *};
 use crate::{accounts, admin, audit_api, signing};
 
-type Handler =
-    fn(Arc<App>, Ctx) -> Pin<Box<dyn Future<Output = Result<Reply, ApiError>> + Send>>;
+type Handler = fn(Arc<App>, Ctx) -> Pin<Box<dyn Future<Output = Result<Reply, ApiError>> + Send>>;
 
 /// One route.
 #[derive(Debug)]
@@ -43,13 +42,48 @@ pub(crate) fn table() -> &'static [Route] {
         vec![
             route!(POST, "/v1/accounts", &[Registrar], accounts::register),
             route!(GET, "/v1/accounts/{id}", &[Registrar], accounts::get),
-            route!(DELETE, "/v1/accounts/{id}", &[Registrar], accounts::deregister),
-            route!(POST, "/v1/accounts/{id}/upgrade", &[Registrar], accounts::upgrade),
-            route!(PUT, "/v1/accounts/{id}/device", &[Registrar], accounts::switch_device),
-            route!(POST, "/v1/accounts/{id}/suspend", &[Registrar], accounts::suspend),
-            route!(POST, "/v1/accounts/{id}/resume", &[Registrar], accounts::resume),
-            route!(POST, "/v1/accounts/{id}/matching", &[Registrar], accounts::matching),
-            route!(POST, "/v1/accounts/{id}/invalidate", &[Registrar], accounts::invalidate),
+            route!(
+                DELETE,
+                "/v1/accounts/{id}",
+                &[Registrar],
+                accounts::deregister
+            ),
+            route!(
+                POST,
+                "/v1/accounts/{id}/upgrade",
+                &[Registrar],
+                accounts::upgrade
+            ),
+            route!(
+                PUT,
+                "/v1/accounts/{id}/device",
+                &[Registrar],
+                accounts::switch_device
+            ),
+            route!(
+                POST,
+                "/v1/accounts/{id}/suspend",
+                &[Registrar],
+                accounts::suspend
+            ),
+            route!(
+                POST,
+                "/v1/accounts/{id}/resume",
+                &[Registrar],
+                accounts::resume
+            ),
+            route!(
+                POST,
+                "/v1/accounts/{id}/matching",
+                &[Registrar],
+                accounts::matching
+            ),
+            route!(
+                POST,
+                "/v1/accounts/{id}/invalidate",
+                &[Registrar],
+                accounts::invalidate
+            ),
             route!(GET, "/v1/accounts/{id}/taid", &[Registrar], accounts::taid),
             route!(
                 POST,
@@ -72,10 +106,30 @@ pub(crate) fn table() -> &'static [Route] {
                 signing::authorise
             ),
             route!(GET, "/v1/audit/records", &[Auditor], audit_api::records),
-            route!(GET, "/v1/audit/checkpoint", &[Auditor], audit_api::checkpoint),
-            route!(GET, "/v1/audit/proofs/inclusion", &[Auditor], audit_api::inclusion),
-            route!(GET, "/v1/audit/proofs/consistency", &[Auditor], audit_api::consistency),
-            route!(GET, "/v1/audit/public-key", &[Auditor], audit_api::public_key),
+            route!(
+                GET,
+                "/v1/audit/checkpoint",
+                &[Auditor],
+                audit_api::checkpoint
+            ),
+            route!(
+                GET,
+                "/v1/audit/proofs/inclusion",
+                &[Auditor],
+                audit_api::inclusion
+            ),
+            route!(
+                GET,
+                "/v1/audit/proofs/consistency",
+                &[Auditor],
+                audit_api::consistency
+            ),
+            route!(
+                GET,
+                "/v1/audit/public-key",
+                &[Auditor],
+                audit_api::public_key
+            ),
             route!(GET, "/v1/admin/status", &[Officer], admin::status),
             route!(POST, "/v1/admin/clock", &[Officer], admin::set_clock),
         ]
@@ -122,11 +176,8 @@ mod tests {
 
     #[test]
     fn templates_match_with_parameters_in_order() {
-        let (route, params) = resolve(
-            &Method::POST,
-            "/v1/signing-requests/abc/authorisation",
-        )
-        .unwrap();
+        let (route, params) =
+            resolve(&Method::POST, "/v1/signing-requests/abc/authorisation").unwrap();
         assert_eq!(route.template, "/v1/signing-requests/{id}/authorisation");
         assert_eq!(params, ["abc"]);
         assert!(resolve(&Method::GET, "/v1/accounts/").is_none());

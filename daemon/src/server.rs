@@ -115,7 +115,10 @@ pub(crate) async fn run(config: Config, dev: Option<DevOptions>) -> Result<(), S
         .await
         .map_err(|error| error.to_string())?
         .map_err(|error| {
-            format!("cannot open the store {}: {error}", config.store.path.display())
+            format!(
+                "cannot open the store {}: {error}",
+                config.store.path.display()
+            )
         })?;
     let audit_key = hsm
         .system_public_key(SystemKey::Audit)
@@ -140,11 +143,13 @@ pub(crate) async fn run(config: Config, dev: Option<DevOptions>) -> Result<(), S
         hsm.clone(),
         &config.ca.dir,
         CaProfileConfig {
-            organisation: config.ca.organisation.clone(),
             adult_policy_oid: config.ca.adult_policy_oid.clone(),
             minor_policy_oid: config.ca.minor_policy_oid.clone(),
-            ocsp_url: config.ca.ocsp_url.clone(),
-            crl_url: config.ca.crl_url.clone(),
+            ..CaProfileConfig::new(
+                config.ca.organisation.clone(),
+                config.ca.ocsp_url.clone(),
+                config.ca.crl_url.clone(),
+            )
         },
         clock.now().into(),
     )
@@ -171,8 +176,9 @@ pub(crate) async fn run(config: Config, dev: Option<DevOptions>) -> Result<(), S
         metrics: Metrics::new().map_err(|error| error.to_string())?,
         policy: Policy {
             request_ttl: Duration::from_secs(config.policy.request_ttl_seconds),
-            certificate_validity: time::Duration::days(config.policy.certificate_validity_days.into()),
-            renewal_window: time::Duration::days(config.policy.renewal_window_days.into()),
+            certificate_validity: time::Duration::days(
+                config.policy.certificate_validity_days.into(),
+            ),
             key_algorithm: key_algorithm(&config.policy.key_algorithm),
             key_mode,
         },
@@ -249,7 +255,10 @@ pub(crate) async fn run(config: Config, dev: Option<DevOptions>) -> Result<(), S
         .checkpoint(&HsmCheckpointSigner(hsm.clone()))
         .await
     {
-        Ok(checkpoint) => tracing::info!(tree_size = checkpoint.tree_size(), "final checkpoint written"),
+        Ok(checkpoint) => tracing::info!(
+            tree_size = checkpoint.tree_size(),
+            "final checkpoint written"
+        ),
         Err(error) => tracing::error!(%error, "could not write the final checkpoint"),
     }
     let app = Arc::into_inner(app).ok_or("requests still hold the daemon's state")?;

@@ -10,6 +10,8 @@ use std::time::Instant;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
+use ca_bridge::signed_data::{HashAlg, SignatureAlg};
+use cert_lifecycle::Store;
 use cert_lifecycle::{
     AccountRecord, AccountStatus, AuthOutcome, CertProfile, CertStatus, CertificateRecord,
     Decision, FlowError, HashAlgorithm, RequestId, ServiceName, SigningRequest, SigningStatus,
@@ -60,20 +62,45 @@ fn signature_algorithm(key: KeyAlgorithm, hash: HashAlgorithm) -> String {
     format!("{prefix}_{}", hash.as_str())
 }
 
-fn hsm_hash(hash: HashAlgorithm) -> hsm_adapter::HashAlgorithm {
-    match hash {
-        HashAlgorithm::Sha256 => hsm_adapter::HashAlgorithm::Sha256,
-        HashAlgorithm::Sha384 => hsm_adapter::HashAlgorithm::Sha384,
-        HashAlgorithm::Sha512 => hsm_adapter::HashAlgorithm::Sha512,
-    }
+/// The hash algorithm as the HSM adapter and the CMS builder name it, and the CMS signature
+/// algorithm for a key of `key`'s kind.
+struct Algorithms {
+    hsm: hsm_adapter::HashAlgorithm,
+    cms: HashAlg,
+    cms_signature: SignatureAlg,
 }
 
-fn cms_hash(hash: HashAlgorithm) -> ca_bridge::signed_data::HashAlg {
-    match hash {
-        HashAlgorithm::Sha256 => ca_bridge::signed_data::HashAlg::Sha256,
-        HashAlgorithm::Sha384 => ca_bridge::signed_data::HashAlg::Sha384,
-        HashAlgorithm::Sha512 => ca_bridge::signed_data::HashAlg::Sha512,
-    }
+fn algorithms(key: KeyAlgorithm, hash: HashAlgorithm) -> Result<Algorithms, ApiError> {
+    let (hsm, cms, ec, rsa) = match hash {
+        HashAlgorithm::Sha256 => (
+            hsm_adapter::HashAlgorithm::Sha256,
+            HashAlg::Sha256,
+            SignatureAlg::EcdsaSha256,
+            SignatureAlg::RsaPkcs1Sha256,
+        ),
+        HashAlgorithm::Sha384 => (
+            hsm_adapter::HashAlgorithm::Sha384,
+            HashAlg::Sha384,
+            SignatureAlg::EcdsaSha384,
+            SignatureAlg::RsaPkcs1Sha384,
+        ),
+        HashAlgorithm::Sha512 => (
+            hsm_adapter::HashAlgorithm::Sha512,
+            HashAlg::Sha512,
+            SignatureAlg::EcdsaSha512,
+            SignatureAlg::RsaPkcs1Sha512,
+        ),
+        _ => {
+            return Err(ApiError::InvalidRequest(
+                "unsupported hash_algorithm".into(),
+            ));
+        }
+    };
+    Ok(Algorithms {
+        hsm,
+        cms,
+        cms_signature: if key.is_ec() { ec } else { rsa },
+    })
 }
 
 /// Requests being authorised right now: a second authorisation of the same request waits for
@@ -85,7 +112,10 @@ struct InFlightGuard<'a>(&'a InFlight, String);
 
 impl InFlight {
     fn enter(&self, id: &str) -> Option<InFlightGuard<'_>> {
-        let mut set = self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut set = self
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         set.insert(id.to_owned())
             .then(|| InFlightGuard(self, id.to_owned()))
     }
@@ -93,7 +123,11 @@ impl InFlight {
 
 impl Drop for InFlightGuard<'_> {
     fn drop(&mut self) {
-        let mut set = self.0.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut set = self
+            .0
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         set.remove(&self.1);
     }
 }
@@ -235,7 +269,8 @@ async fn create_checked(app: &App, ctx: &Ctx, service: &ServiceName) -> Result<R
     .await?;
     {
         let request = request.clone();
-        app.store(move |store| store.insert_request(&request)).await?;
+        app.store(move |store| store.insert_request(&request))
+            .await?;
     }
     Ok(Reply::json(
         StatusCode::CREATED,
@@ -382,7 +417,14 @@ pub(crate) async fn authorise(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError
                 FlowError::TooManyAttempts => ApiError::TooManyAttempts,
                 _ => ApiError::RequestNotPending(request.effective_status(now).as_str()),
             };
-            deny(&app, &ctx, "signing.authorisation_denied", Some(&request), &error).await?;
+            deny(
+                &app,
+                &ctx,
+                "signing.authorisation_denied",
+                Some(&request),
+                &error,
+            )
+            .await?;
             save_request(&app, &request).await?;
             Err(error)
         }
@@ -470,7 +512,8 @@ async fn sign_approved(
         SignatureScheme::RsaPkcs1v15
     };
     let algorithm = signature_algorithm(key.algorithm(), request.hash_algorithm);
-    let digest = Digest::new(hsm_hash(request.hash_algorithm), request.hash.clone())?;
+    let names = algorithms(key.algorithm(), request.hash_algorithm)?;
+    let digest = Digest::new(names.hsm, request.hash.clone())?;
     let started = Instant::now();
     let signature = app.hsm.sign(&key, scheme, &digest).await?;
     app.metrics.observe_hsm("sign", started.elapsed());
@@ -480,7 +523,7 @@ async fn sign_approved(
         .await?;
     let signed_at = now.replace_nanosecond(0).unwrap_or(now);
     let attributes = ca_bridge::signed_data::SignedAttributes::new(
-        cms_hash(request.hash_algorithm),
+        names.cms,
         &request.hash,
         signed_at.into(),
         &certificate_der,
@@ -489,21 +532,14 @@ async fn sign_approved(
         tracing::error!(%error, "cannot build the CMS signed attributes");
         ApiError::Internal
     })?;
-    let attributes_digest = Digest::new(
-        hsm_hash(request.hash_algorithm),
-        attributes.digest_to_sign(),
-    )?;
+    let attributes_digest = Digest::new(names.hsm, attributes.digest_to_sign())?;
     let started = Instant::now();
     let attributes_signature = app.hsm.sign(&key, scheme, &attributes_digest).await?;
     app.metrics.observe_hsm("sign", started.elapsed());
     let mut certificates: Vec<&[u8]> = vec![&certificate_der];
     certificates.extend(app.chain_der.iter().map(Vec::as_slice));
     let cms = attributes
-        .into_content_info(
-            &attributes_signature,
-            cms_signature_algorithm(key.algorithm(), request.hash_algorithm),
-            &certificates,
-        )
+        .into_content_info(&attributes_signature, names.cms_signature, &certificates)
         .map_err(|error| {
             tracing::error!(%error, "cannot assemble the CMS");
             ApiError::Internal
@@ -534,28 +570,16 @@ async fn sign_approved(
         "chain": app.chain_pem,
         "signed_at": rfc3339(signed_at),
     });
-    let plain = zeroize::Zeroizing::new(serde_json::to_vec(&result).map_err(|_| ApiError::Internal)?);
-    let sealed = app.seal_bound("result", request.id.as_str(), &plain).await?;
+    let plain =
+        zeroize::Zeroizing::new(serde_json::to_vec(&result).map_err(|_| ApiError::Internal)?);
+    let sealed = app
+        .seal_bound("result", request.id.as_str(), &plain)
+        .await?;
     request.mark_signed(sealed, signed_at);
     save_request(app, request).await?;
     app.metrics.count_signature(&algorithm, "signed");
     tracing::info!(request = request.id.as_str(), algorithm, "signed");
     Ok(())
-}
-
-fn cms_signature_algorithm(
-    key: KeyAlgorithm,
-    hash: HashAlgorithm,
-) -> ca_bridge::signed_data::SignatureAlg {
-    use ca_bridge::signed_data::SignatureAlg as S;
-    match (key.is_ec(), hash) {
-        (true, HashAlgorithm::Sha256) => S::EcdsaSha256,
-        (true, HashAlgorithm::Sha384) => S::EcdsaSha384,
-        (true, HashAlgorithm::Sha512) => S::EcdsaSha512,
-        (false, HashAlgorithm::Sha256) => S::RsaPkcs1Sha256,
-        (false, HashAlgorithm::Sha384) => S::RsaPkcs1Sha384,
-        (false, HashAlgorithm::Sha512) => S::RsaPkcs1Sha512,
-    }
 }
 
 #[cfg(test)]
@@ -585,7 +609,11 @@ mod tests {
             .unwrap()
             .as_bytes()
             .to_vec();
-        assert!(!device_signature_valid(&other_spki, statement, der.as_bytes()));
+        assert!(!device_signature_valid(
+            &other_spki,
+            statement,
+            der.as_bytes()
+        ));
     }
 
     #[test]

@@ -100,6 +100,22 @@ fn scheme_for(algorithm: KeyAlgorithm) -> SignatureScheme {
 /// it always finds the next job queued while replies travel back.
 const IN_FLIGHT_PER_WORKER: usize = 64;
 
+/// Measures signing with `key` through raw cryptoki alone, with `threads` sessions, for about
+/// `duration`: the baseline against which a whole pipeline built on the HSM (the daemon's signing
+/// flow) is compared.
+pub async fn raw(
+    config: &HsmConfig,
+    key: &UserKeyRef,
+    threads: NonZeroUsize,
+    duration: Duration,
+) -> Result<Throughput, HsmError> {
+    let (config, key) = (config.clone(), key.clone());
+    run_blocking("hsm-bench-raw", move || {
+        RawBaseline::new(&config, &key, threads)?.run(duration)
+    })
+    .await
+}
+
 /// Measures signing with `key` for about `duration` each through raw cryptoki and through the
 /// adapter, both with `threads` sessions. Call it inside a tokio runtime.
 pub async fn compare(

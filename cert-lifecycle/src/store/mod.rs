@@ -37,6 +37,20 @@ pub trait Store: Send + Sync {
     /// Replaces the whole record; `NotFound` when there is none.
     fn update_account(&self, account: &AccountRecord) -> Result<(), StoreError>;
 
+    /// Inserts an "iAM Smart+" account with its first certificate, in one transaction.
+    fn insert_account_with_certificate(
+        &self,
+        account: &AccountRecord,
+        certificate: &CertificateRecord,
+    ) -> Result<(), StoreError>;
+
+    /// Stores a new certificate and the account that now points at it, in one transaction.
+    fn attach_certificate(
+        &self,
+        account: &AccountRecord,
+        certificate: &CertificateRecord,
+    ) -> Result<(), StoreError>;
+
     /// Ids of the accounts whose HKIC hash is `hkic_hash` (one person, one account at a time).
     fn accounts_with_hkic_hash(&self, hkic_hash: &[u8; 32]) -> Result<Vec<AccountId>, StoreError>;
 
@@ -88,4 +102,10 @@ pub trait Store: Send + Sync {
         account: &AccountId,
         now: OffsetDateTime,
     ) -> Result<Vec<SigningRequest>, StoreError>;
+
+    /// How many requests of all accounts are pending and not expired at `now` (a metric).
+    fn count_pending(&self, now: OffsetDateTime) -> Result<u64, StoreError>;
+
+    /// Checks that the store answers a read (for readiness).
+    fn health(&self) -> Result<(), StoreError>;
 }

@@ -45,7 +45,7 @@ const MIGRATIONS: &[&str] = &[
         hkic_hash BLOB NOT NULL,
         device_public_key BLOB NOT NULL,
         device_generation INTEGER NOT NULL,
-        current_certificate TEXT REFERENCES certificates(serial),
+        current_certificate TEXT REFERENCES certificates(serial) DEFERRABLE INITIALLY DEFERRED,
         created_at INTEGER NOT NULL
     ) STRICT;
     CREATE INDEX accounts_hkic_hash ON accounts(hkic_hash);
@@ -181,6 +181,85 @@ impl SqliteStore {
         }
         result
     }
+}
+
+fn insert_account_row(conn: &Connection, a: &AccountRecord) -> Result<(), StoreError> {
+    let sql = format!(
+        "INSERT INTO accounts ({ACCOUNT_COLUMNS}) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"
+    );
+    conn.execute(
+        &sql,
+        params![
+            a.id.as_str(),
+            a.tier.as_str(),
+            a.status.as_str(),
+            secs(a.status_changed_at),
+            a.suspended_by.map(|s| s.as_str()),
+            opt_secs(a.rectify_by),
+            a.sealed_name,
+            a.sealed_dob,
+            &a.hkic_hash[..],
+            a.device_public_key,
+            a.device_generation,
+            a.current_certificate.as_ref().map(CertSerial::as_str),
+            secs(a.created_at),
+        ],
+    )
+    .map_err(write_error)?;
+    Ok(())
+}
+
+fn update_account_row(conn: &Connection, a: &AccountRecord) -> Result<(), StoreError> {
+    let changed = conn
+        .execute(
+            "UPDATE accounts SET tier = ?2, status = ?3, status_changed_at = ?4, \
+                 suspended_by = ?5, rectify_by = ?6, sealed_name = ?7, sealed_dob = ?8, \
+                 hkic_hash = ?9, device_public_key = ?10, device_generation = ?11, \
+                 current_certificate = ?12, created_at = ?13 WHERE id = ?1",
+            params![
+                a.id.as_str(),
+                a.tier.as_str(),
+                a.status.as_str(),
+                secs(a.status_changed_at),
+                a.suspended_by.map(|s| s.as_str()),
+                opt_secs(a.rectify_by),
+                a.sealed_name,
+                a.sealed_dob,
+                &a.hkic_hash[..],
+                a.device_public_key,
+                a.device_generation,
+                a.current_certificate.as_ref().map(CertSerial::as_str),
+                secs(a.created_at),
+            ],
+        )
+        .map_err(write_error)?;
+    one_row_changed(changed)
+}
+
+fn insert_certificate_row(conn: &Connection, c: &CertificateRecord) -> Result<(), StoreError> {
+    let sql = format!(
+        "INSERT INTO certificates ({CERTIFICATE_COLUMNS}) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
+    );
+    conn.execute(
+        &sql,
+        params![
+            c.serial.as_str(),
+            c.account_id.as_str(),
+            c.profile.as_str(),
+            secs(c.not_before),
+            secs(c.not_after),
+            c.status.as_str(),
+            c.revocation_reason.map(|r| r.as_str()),
+            opt_secs(c.revoked_at),
+            c.sealed_der,
+            c.key_ref,
+            c.key_algorithm,
+        ],
+    )
+    .map_err(write_error)?;
+    Ok(())
 }
 
 /// A panic while a connection was borrowed rolled its transaction back when the transaction
@@ -355,31 +434,32 @@ fn get_certificate(
 
 impl Store for SqliteStore {
     fn insert_account(&self, a: &AccountRecord) -> Result<(), StoreError> {
-        let sql = format!(
-            "INSERT INTO accounts ({ACCOUNT_COLUMNS}) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"
-        );
+        self.write(|conn| insert_account_row(conn, a))
+    }
+
+    fn insert_account_with_certificate(
+        &self,
+        account: &AccountRecord,
+        certificate: &CertificateRecord,
+    ) -> Result<(), StoreError> {
         self.write(|conn| {
-            conn.execute(
-                &sql,
-                params![
-                    a.id.as_str(),
-                    a.tier.as_str(),
-                    a.status.as_str(),
-                    secs(a.status_changed_at),
-                    a.suspended_by.map(|s| s.as_str()),
-                    opt_secs(a.rectify_by),
-                    a.sealed_name,
-                    a.sealed_dob,
-                    &a.hkic_hash[..],
-                    a.device_public_key,
-                    a.device_generation,
-                    a.current_certificate.as_ref().map(CertSerial::as_str),
-                    secs(a.created_at),
-                ],
-            )
-            .map_err(write_error)?;
-            Ok(())
+            let tx = conn.transaction().map_err(write_error)?;
+            insert_account_row(&tx, account)?;
+            insert_certificate_row(&tx, certificate)?;
+            tx.commit().map_err(write_error)
+        })
+    }
+
+    fn attach_certificate(
+        &self,
+        account: &AccountRecord,
+        certificate: &CertificateRecord,
+    ) -> Result<(), StoreError> {
+        self.write(|conn| {
+            let tx = conn.transaction().map_err(write_error)?;
+            insert_certificate_row(&tx, certificate)?;
+            update_account_row(&tx, account)?;
+            tx.commit().map_err(write_error)
         })
     }
 
@@ -388,32 +468,7 @@ impl Store for SqliteStore {
     }
 
     fn update_account(&self, a: &AccountRecord) -> Result<(), StoreError> {
-        self.write(|conn| {
-            let changed = conn
-                .execute(
-                    "UPDATE accounts SET tier = ?2, status = ?3, status_changed_at = ?4, \
-                     suspended_by = ?5, rectify_by = ?6, sealed_name = ?7, sealed_dob = ?8, \
-                     hkic_hash = ?9, device_public_key = ?10, device_generation = ?11, \
-                     current_certificate = ?12, created_at = ?13 WHERE id = ?1",
-                    params![
-                        a.id.as_str(),
-                        a.tier.as_str(),
-                        a.status.as_str(),
-                        secs(a.status_changed_at),
-                        a.suspended_by.map(|s| s.as_str()),
-                        opt_secs(a.rectify_by),
-                        a.sealed_name,
-                        a.sealed_dob,
-                        &a.hkic_hash[..],
-                        a.device_public_key,
-                        a.device_generation,
-                        a.current_certificate.as_ref().map(CertSerial::as_str),
-                        secs(a.created_at),
-                    ],
-                )
-                .map_err(write_error)?;
-            one_row_changed(changed)
-        })
+        self.write(|conn| update_account_row(conn, a))
     }
 
     fn accounts_with_hkic_hash(&self, hkic_hash: &[u8; 32]) -> Result<Vec<AccountId>, StoreError> {
@@ -444,30 +499,7 @@ impl Store for SqliteStore {
     }
 
     fn insert_certificate(&self, c: &CertificateRecord) -> Result<(), StoreError> {
-        let sql = format!(
-            "INSERT INTO certificates ({CERTIFICATE_COLUMNS}) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
-        );
-        self.write(|conn| {
-            conn.execute(
-                &sql,
-                params![
-                    c.serial.as_str(),
-                    c.account_id.as_str(),
-                    c.profile.as_str(),
-                    secs(c.not_before),
-                    secs(c.not_after),
-                    c.status.as_str(),
-                    c.revocation_reason.map(|r| r.as_str()),
-                    opt_secs(c.revoked_at),
-                    c.sealed_der,
-                    c.key_ref,
-                    c.key_algorithm,
-                ],
-            )
-            .map_err(write_error)?;
-            Ok(())
-        })
+        self.write(|conn| insert_certificate_row(conn, c))
     }
 
     fn get_certificate(
@@ -666,6 +698,22 @@ impl Store for SqliteStore {
                 .collect::<Result<Vec<_>, _>>()?;
             Ok(rows)
         })
+    }
+
+    fn count_pending(&self, now: OffsetDateTime) -> Result<u64, StoreError> {
+        self.read(|conn| {
+            let count: i64 = conn
+                .prepare_cached(
+                    "SELECT count(*) FROM signing_requests \
+                     WHERE status = 'pending' AND expires_at > ?1",
+                )?
+                .query_row(params![secs(now)], |row| row.get(0))?;
+            Ok(u64::try_from(count).unwrap_or(0))
+        })
+    }
+
+    fn health(&self) -> Result<(), StoreError> {
+        self.read(|conn| Ok(conn.query_row("SELECT 1", [], |_| Ok(()))?))
     }
 }
 
