@@ -14,6 +14,7 @@
 pub mod dev_pki;
 mod embedded_ca;
 mod error;
+pub mod signed_data;
 mod x509;
 
 pub use embedded_ca::{
