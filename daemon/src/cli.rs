@@ -126,8 +126,7 @@ pub fn main() -> ExitCode {
 
 fn run_dev(cli: &Cli) -> Result<ExitCode, String> {
     if crate::dev::prepare(&cli.state_dir)? {
-        let code = crate::dev::rerun_with_token(&cli.state_dir)?;
-        return Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)));
+        return Err(crate::dev::rerun_with_token(&cli.state_dir));
     }
     let state_dir = std::fs::canonicalize(&cli.state_dir).map_err(|error| error.to_string())?;
     let runtime = runtime()?;

@@ -13,8 +13,8 @@
 //! ```
 //!
 //! SoftHSM reads `SOFTHSM2_CONF` when the module loads, and a running process cannot safely set
-//! its own environment, so the first process makes the token and runs itself again with that
-//! variable set.
+//! its own environment, so the first process makes the token and replaces itself (exec) with
+//! the same command and that variable set.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -88,16 +88,24 @@ pub(crate) fn prepare(state_dir: &Path) -> Result<bool, String> {
     Ok(true)
 }
 
-/// Runs this same command again with `SOFTHSM2_CONF` set, and returns its exit code.
-pub(crate) fn rerun_with_token(state_dir: &Path) -> Result<i32, String> {
-    let dir = std::fs::canonicalize(state_dir).map_err(|error| error.to_string())?;
-    let exe = std::env::current_exe().map_err(|error| error.to_string())?;
-    let status = Command::new(exe)
+/// Replaces this process with the same command, `SOFTHSM2_CONF` set to the token's
+/// configuration. (Replacing, not spawning, keeps one process to signal and to wait for.)
+/// Returns only if that fails.
+pub(crate) fn rerun_with_token(state_dir: &Path) -> String {
+    use std::os::unix::process::CommandExt;
+    let dir = match std::fs::canonicalize(state_dir) {
+        Ok(dir) => dir,
+        Err(error) => return error.to_string(),
+    };
+    let exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(error) => return error.to_string(),
+    };
+    let error = Command::new(exe)
         .args(std::env::args_os().skip(1))
         .env("SOFTHSM2_CONF", softhsm_conf(&dir))
-        .status()
-        .map_err(|error| format!("cannot run smartsignd again: {error}"))?;
-    Ok(status.code().unwrap_or(1))
+        .exec();
+    format!("cannot run smartsignd again: {error}")
 }
 
 /// The configuration of a development run. Listener addresses come from the command line.

@@ -17,8 +17,13 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use serde::de::DeserializeOwned;
-use tokio::net::TcpListener;
+use std::future::Future;
+
+use hyper::Method;
+use hyper_util::server::graceful::Watcher;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
 use crate::app::App;
@@ -225,33 +230,60 @@ async fn handle_api(
     Ok(response)
 }
 
-/// Serves the mutual-TLS API on `listener` until `shutdown` turns true, then waits (at most
-/// `grace`) for in-flight connections.
+/// Accepts connections on `listener` and serves each with `serve` until `shutdown` turns true.
+/// Then it stops accepting, lets open connections finish their requests (hyper's graceful
+/// shutdown, at most `grace`), and aborts what is left, so that no connection outlives the
+/// listener and the daemon's state can be closed in order.
+async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    mut shutdown: watch::Receiver<bool>,
+    grace: Duration,
+    serve: F,
+) where
+    F: Fn(TcpStream, SocketAddr, Watcher) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let graceful = GracefulShutdown::new();
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    connections.spawn(serve(stream, peer, graceful.watcher()));
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            _ = shutdown.changed() => break,
+        }
+    }
+    drop(listener);
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("in-flight requests did not finish within the shutdown grace");
+    }
+    connections.abort_all();
+    while connections.join_next().await.is_some() {}
+}
+
+/// Serves the mutual-TLS API on `listener` until `shutdown` turns true.
 pub(crate) async fn serve_api(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     app: Arc<App>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
     grace: Duration,
 ) {
     let acceptor = TlsAcceptor::from(tls);
-    let graceful = GracefulShutdown::new();
-    loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.changed() => break,
-        };
+    accept_loop(listener, shutdown, grace, move |stream, peer, watcher| {
         let acceptor = acceptor.clone();
         let app = app.clone();
-        let watcher = graceful.watcher();
-        tokio::spawn(async move {
+        async move {
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(error)) => {
@@ -274,47 +306,41 @@ pub(crate) async fn serve_api(
             if let Err(error) = watcher.watch(connection.into_owned()).await {
                 tracing::debug!(%peer, %error, "connection ended with an error");
             }
-        });
-    }
-    drop(listener);
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("in-flight requests did not finish within the shutdown grace");
-    }
+        }
+    })
+    .await;
 }
 
-/// Serves `/healthz`, `/readyz` and `/metrics` over plain HTTP.
-pub(crate) async fn serve_operations(
+/// Serves a plain-HTTP listener (operations, embedded CA) with `answer` until `shutdown`.
+pub(crate) async fn serve_plain<F, Fut>(
     listener: TcpListener,
-    app: Arc<App>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    loop {
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(_) => continue,
-            },
-            _ = shutdown.changed() => return,
-        };
-        let app = app.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |request: Request<Incoming>| {
-                let app = app.clone();
-                async move {
-                    let (status, content_type, body) =
-                        crate::operations::handle(&app, request.method(), request.uri().path())
-                            .await;
-                    Ok::<_, Infallible>(response(status, content_type, body))
-                }
-            });
-            let _ = auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
-    }
+    shutdown: watch::Receiver<bool>,
+    answer: F,
+) where
+    F: Fn(Method, String) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = (StatusCode, &'static str, Vec<u8>)> + Send + 'static,
+{
+    accept_loop(
+        listener,
+        shutdown,
+        Duration::from_secs(2),
+        move |stream, _, watcher| {
+            let answer = answer.clone();
+            async move {
+                let service = service_fn(move |request: Request<Incoming>| {
+                    let reply = answer(request.method().clone(), request.uri().path().to_owned());
+                    async move {
+                        let (status, content_type, body) = reply.await;
+                        Ok::<_, Infallible>(response(status, content_type, body))
+                    }
+                });
+                let builder = auto::Builder::new(TokioExecutor::new());
+                let connection = builder.serve_connection(TokioIo::new(stream), service);
+                let _ = watcher.watch(connection.into_owned()).await;
+            }
+        },
+    )
+    .await;
 }
 
 /// Binds a listener, naming the address in the error.

@@ -203,18 +203,26 @@ pub(crate) async fn run(config: Config, dev: Option<DevOptions>) -> Result<(), S
         shutdown_rx.clone(),
         Duration::from_secs(config.server.shutdown_grace_seconds),
     ));
-    tasks.spawn(crate::http::serve_operations(
+    let operations_app = app.clone();
+    tasks.spawn(crate::http::serve_plain(
         metrics_listener,
-        app.clone(),
         shutdown_rx.clone(),
+        move |method, path| {
+            let app = operations_app.clone();
+            async move { crate::operations::handle(&app, &method, &path).await }
+        },
     ));
     let ca_address = match dev {
         Some(dev) => {
             let address = local(&dev.ca_listener)?;
-            tasks.spawn(crate::ca_http::serve(
+            let chain = app.chain_pem.clone();
+            tasks.spawn(crate::http::serve_plain(
                 dev.ca_listener,
-                app.clone(),
                 shutdown_rx.clone(),
+                move |_, path| {
+                    let answer = crate::ca_http::answer(&chain, &path);
+                    async move { answer }
+                },
             ));
             crate::dev::announce(&dev.state_dir, api_address, metrics_address, address)?;
             Some(address)
