@@ -1075,6 +1075,96 @@ mod tests {
     }
 
     #[test]
+    fn account_and_first_certificate_are_stored_together_or_not_at_all() {
+        let (_dir, store) = temp_store();
+        let mut a = account("u-1");
+        a.current_certificate = Some(CertSerial::parse("3f9a").unwrap());
+        store
+            .insert_account_with_certificate(&a, &certificate("3f9a", "u-1"))
+            .unwrap();
+        let (got, cert) = store.account_with_certificate(&a.id).unwrap().unwrap();
+        assert_eq!(got, a);
+        assert_eq!(cert, Some(certificate("3f9a", "u-1")));
+
+        // A taken serial rolls the new account back.
+        let mut b = account("u-2");
+        b.current_certificate = Some(CertSerial::parse("3f9a").unwrap());
+        assert!(matches!(
+            store.insert_account_with_certificate(&b, &certificate("3f9a", "u-2")),
+            Err(StoreError::AlreadyExists)
+        ));
+        assert_eq!(store.get_account(&b.id).unwrap(), None);
+
+        // An account pointing at a certificate that is not the one stored beside it.
+        let mut c = account("u-3");
+        c.current_certificate = Some(CertSerial::parse("ffff").unwrap());
+        assert!(
+            store
+                .insert_account_with_certificate(&c, &certificate("3000", "u-3"))
+                .is_err()
+        );
+        assert_eq!(store.get_account(&c.id).unwrap(), None);
+        assert_eq!(
+            store
+                .get_certificate(&CertSerial::parse("3000").unwrap())
+                .unwrap(),
+            None
+        );
+        // The failed commit left no transaction open on the writer.
+        store.insert_account(&account("u-4")).unwrap();
+    }
+
+    #[test]
+    fn attached_certificate_becomes_current_or_nothing_changes() {
+        let (_dir, store) = temp_store();
+        let mut a = account("u-1");
+        store.insert_account(&a).unwrap();
+        a.tier = Tier::IamSmartPlus;
+        a.current_certificate = Some(CertSerial::parse("4000").unwrap());
+        store
+            .attach_certificate(&a, &certificate("4000", "u-1"))
+            .unwrap();
+        let (got, cert) = store.account_with_certificate(&a.id).unwrap().unwrap();
+        assert_eq!(got, a);
+        assert_eq!(cert.map(|c| c.serial), a.current_certificate);
+
+        // An unknown account: the certificate is not kept either.
+        let mut ghost = account("u-9");
+        ghost.current_certificate = Some(CertSerial::parse("5000").unwrap());
+        assert!(
+            store
+                .attach_certificate(&ghost, &certificate("5000", "u-9"))
+                .is_err()
+        );
+        assert_eq!(
+            store
+                .get_certificate(&CertSerial::parse("5000").unwrap())
+                .unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn pending_count_and_health() {
+        let (_dir, store) = temp_store();
+        store.health().unwrap();
+        registered(&store, "u-1", "1");
+        registered(&store, "u-2", "2");
+        let mut signed = request(3, "u-1", "1");
+        signed.status = SigningStatus::Signed;
+        for r in [&request(1, "u-1", "1"), &request(2, "u-2", "2"), &signed] {
+            store.insert_request(r).unwrap();
+        }
+        assert_eq!(store.count_pending(CREATED).unwrap(), 2);
+        assert_eq!(
+            store
+                .count_pending(CREATED + Duration::seconds(120))
+                .unwrap(),
+            0
+        );
+    }
+
+    #[test]
     fn reopened_store_keeps_its_data() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("store.sqlite");
