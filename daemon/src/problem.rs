@@ -190,3 +190,67 @@ impl From<cert_lifecycle::StoreError> for ApiError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One of each variant: adding a variant without listing it here fails to compile in
+    /// `status()`/`code()`, and listing it here puts its code under the OpenAPI check below.
+    fn every_error() -> Vec<ApiError> {
+        use ApiError::*;
+        vec![
+            InvalidRequest("x".into()),
+            InvalidHash("x".into()),
+            ClientCertificateRequired,
+            Forbidden,
+            NotFound("x"),
+            MethodNotAllowed,
+            AccountExists,
+            AccountNotActive("suspended"),
+            NotIamSmartPlus,
+            AlreadyIamSmartPlus,
+            CertificateExpired,
+            CertificateRevoked,
+            NoCertificate,
+            RequestNotPending("signed"),
+            RequestExpired,
+            Underage,
+            GuardianRequired,
+            GuardianUnderage,
+            InvalidHkic("x".into()),
+            HkicMismatch,
+            AuthorisationInvalid,
+            TooManyAttempts,
+            HsmUnavailable,
+            AuditUnavailable,
+            Internal,
+        ]
+    }
+
+    #[test]
+    fn every_code_is_in_the_openapi_file_with_its_status() {
+        let spec: serde_json::Value =
+            serde_json::from_str(include_str!("../openapi.json")).unwrap();
+        let codes = spec["components"]["schemas"]["ProblemCode"]["enum"]
+            .as_array()
+            .unwrap();
+        for error in every_error() {
+            assert!(
+                codes.iter().any(|code| code == error.code()),
+                "{} is not in openapi.json",
+                error.code()
+            );
+            let body: serde_json::Value = serde_json::from_slice(&error.body()).unwrap();
+            assert_eq!(body["status"], error.status().as_u16());
+            assert_eq!(body["code"], error.code());
+            assert_eq!(body["type"], "about:blank");
+        }
+    }
+
+    #[test]
+    fn internal_errors_do_not_leak_their_cause() {
+        let body = String::from_utf8(ApiError::Internal.body()).unwrap();
+        assert!(body.contains("see the daemon's log"), "{body}");
+    }
+}

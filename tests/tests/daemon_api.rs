@@ -217,7 +217,7 @@ fn state_logs_and_audit_hold_no_personal_data_and_the_audit_export_verifies_offl
     let gateway = daemon.client("gateway");
     let service = daemon.client("demo-a");
     let key = device();
-    let hkic = "Z6837490";
+    let hkic = "Z6837493";
     let body = registration("u-pd-1", "1977-03-04", hkic, &key);
     let created = registrar
         .post(format!("{}/v1/accounts", daemon.api))
@@ -413,6 +413,15 @@ fn operations_endpoints_metrics_and_graceful_restart() {
         .get(format!("{}/v1/accounts/u-none", daemon.api))
         .send()
         .unwrap();
+    // A registration seals personal data in the HSM: HSM latency shows in the metrics.
+    let mut plain_account = registration("u-metrics", "1990-01-01", "A1234563", &device());
+    plain_account["tier"] = json!("iam_smart");
+    let registered = registrar
+        .post(format!("{}/v1/accounts", daemon.api))
+        .json(&plain_account)
+        .send()
+        .unwrap();
+    assert_eq!(registered.status(), 201);
     let metrics = plain
         .get(format!("{}/metrics", daemon.metrics))
         .send()
@@ -518,5 +527,49 @@ fn every_route_of_the_openapi_file_is_served() {
     assert!(
         unserved.is_empty(),
         "routes in openapi.json that are not served: {unserved:?}"
+    );
+}
+
+#[test]
+fn check_config_accepts_the_dev_configuration_and_explains_mistakes() {
+    let mut daemon = DevDaemon::start(&[]);
+    daemon.stop();
+    let written = daemon.state_dir().join("smartsignd.toml");
+    let smartsignd = binary("smartsignd", "smartsignd");
+    let check =
+        |path: &std::path::Path| run(Command::new(&smartsignd).arg("--check-config").arg(path));
+    let good = check(&written);
+    assert!(good.status.success(), "{}", describe(&good));
+
+    let text = std::fs::read_to_string(&written).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let unknown = dir.path().join("unknown.toml");
+    std::fs::write(
+        &unknown,
+        text.replace("[store]", "[store]\ncolour = \"red\""),
+    )
+    .unwrap();
+    let refused = check(&unknown);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("colour"),
+        "{}",
+        describe(&refused)
+    );
+
+    let bad_mode = dir.path().join("mode.toml");
+    std::fs::write(
+        &bad_mode,
+        text.replace("key_mode = \"wrapped\"", "key_mode = \"plaintext\""),
+    )
+    .unwrap();
+    let refused = check(&bad_mode);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("hsm.key_mode"), "{}", describe(&refused));
+    assert!(
+        stderr.contains("\"wrapped\" or \"resident\""),
+        "{}",
+        describe(&refused)
     );
 }
