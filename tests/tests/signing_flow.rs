@@ -262,39 +262,26 @@ fn verify_with_openssl(flow: &Flow, result: &Value, document: &[u8], digest: &st
         .map(|pem| pem.as_str().unwrap())
         .collect();
     assert!(!chain.is_empty());
-    let cms_verify = run(Command::new("openssl")
-        .args([
-            "cms", "-verify", "-binary", "-inform", "DER", "-purpose", "any",
-        ])
-        .arg("-content")
-        .arg(&doc)
-        .arg("-in")
-        .arg(dir.path().join("sig.p7s"))
-        .arg("-CAfile")
-        .arg(flow.daemon.state_dir().join("ca/root.pem"))
-        .arg("-out")
-        .arg("/dev/null"));
-    assert!(
-        cms_verify.status.success(),
-        "CMS: {}",
-        describe(&cms_verify)
-    );
+    let cms_verify = || {
+        run(Command::new("openssl")
+            .args([
+                "cms", "-verify", "-binary", "-inform", "DER", "-purpose", "any",
+            ])
+            .arg("-content")
+            .arg(&doc)
+            .arg("-in")
+            .arg(dir.path().join("sig.p7s"))
+            .arg("-CAfile")
+            .arg(flow.daemon.state_dir().join("ca/root.pem"))
+            .arg("-out")
+            .arg("/dev/null"))
+    };
+    let verified = cms_verify();
+    assert!(verified.status.success(), "CMS: {}", describe(&verified));
     // A changed document fails.
     write(&doc, b"something else");
-    let tampered = run(Command::new("openssl")
-        .args([
-            "cms", "-verify", "-binary", "-inform", "DER", "-purpose", "any",
-        ])
-        .arg("-content")
-        .arg(&doc)
-        .arg("-in")
-        .arg(dir.path().join("sig.p7s"))
-        .arg("-CAfile")
-        .arg(flow.daemon.state_dir().join("ca/root.pem"))
-        .arg("-out")
-        .arg("/dev/null"));
     assert!(
-        !tampered.status.success(),
+        !cms_verify().status.success(),
         "a changed document must not verify"
     );
 }

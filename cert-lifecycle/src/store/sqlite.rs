@@ -11,7 +11,8 @@ use std::str::FromStr;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use rusqlite::types::Type;
+use rusqlite::params_from_iter;
+use rusqlite::types::{Type, Value};
 use rusqlite::{
     Connection, ErrorCode, OpenFlags, OptionalExtension, Row, TransactionBehavior, ffi, params,
 };
@@ -188,25 +189,8 @@ fn insert_account_row(conn: &Connection, a: &AccountRecord) -> Result<(), StoreE
         "INSERT INTO accounts ({ACCOUNT_COLUMNS}) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"
     );
-    conn.execute(
-        &sql,
-        params![
-            a.id.as_str(),
-            a.tier.as_str(),
-            a.status.as_str(),
-            secs(a.status_changed_at),
-            a.suspended_by.map(|s| s.as_str()),
-            opt_secs(a.rectify_by),
-            a.sealed_name,
-            a.sealed_dob,
-            &a.hkic_hash[..],
-            a.device_public_key,
-            a.device_generation,
-            a.current_certificate.as_ref().map(CertSerial::as_str),
-            secs(a.created_at),
-        ],
-    )
-    .map_err(write_error)?;
+    conn.execute(&sql, params_from_iter(account_values(a)))
+        .map_err(write_error)?;
     Ok(())
 }
 
@@ -217,21 +201,7 @@ fn update_account_row(conn: &Connection, a: &AccountRecord) -> Result<(), StoreE
                  suspended_by = ?5, rectify_by = ?6, sealed_name = ?7, sealed_dob = ?8, \
                  hkic_hash = ?9, device_public_key = ?10, device_generation = ?11, \
                  current_certificate = ?12, created_at = ?13 WHERE id = ?1",
-            params![
-                a.id.as_str(),
-                a.tier.as_str(),
-                a.status.as_str(),
-                secs(a.status_changed_at),
-                a.suspended_by.map(|s| s.as_str()),
-                opt_secs(a.rectify_by),
-                a.sealed_name,
-                a.sealed_dob,
-                &a.hkic_hash[..],
-                a.device_public_key,
-                a.device_generation,
-                a.current_certificate.as_ref().map(CertSerial::as_str),
-                secs(a.created_at),
-            ],
+            params_from_iter(account_values(a)),
         )
         .map_err(write_error)?;
     one_row_changed(changed)
@@ -309,6 +279,49 @@ fn one_row_changed(changed: usize) -> Result<(), StoreError> {
     } else {
         Ok(())
     }
+}
+
+/// An account's columns in `ACCOUNT_COLUMNS` order (`?1` to `?13`), for insert and update alike.
+fn account_values(a: &AccountRecord) -> [Value; 13] {
+    [
+        a.id.as_str().to_owned().into(),
+        a.tier.as_str().to_owned().into(),
+        a.status.as_str().to_owned().into(),
+        secs(a.status_changed_at).into(),
+        a.suspended_by.map(|s| s.as_str().to_owned()).into(),
+        opt_secs(a.rectify_by).into(),
+        a.sealed_name.clone().into(),
+        a.sealed_dob.clone().into(),
+        a.hkic_hash.to_vec().into(),
+        a.device_public_key.clone().into(),
+        i64::from(a.device_generation).into(),
+        a.current_certificate
+            .as_ref()
+            .map(|serial| serial.as_str().to_owned())
+            .into(),
+        secs(a.created_at).into(),
+    ]
+}
+
+/// A request's columns in `REQUEST_COLUMNS` order (`?1` to `?15`), for insert and update alike.
+fn request_values(r: &SigningRequest) -> [Value; 15] {
+    [
+        r.id.as_str().to_owned().into(),
+        r.service.as_str().to_owned().into(),
+        r.account_id.as_str().to_owned().into(),
+        r.certificate.as_str().to_owned().into(),
+        r.identification_code.clone().into(),
+        r.hash_algorithm.as_str().to_owned().into(),
+        r.hash.clone().into(),
+        r.description.clone().into(),
+        r.status.as_str().to_owned().into(),
+        i64::from(r.bad_attempts).into(),
+        i64::from(r.device_generation).into(),
+        secs(r.created_at).into(),
+        secs(r.expires_at).into(),
+        r.sealed_result.clone().into(),
+        opt_secs(r.signed_at).into(),
+    ]
 }
 
 fn secs(t: OffsetDateTime) -> i64 {
@@ -616,27 +629,8 @@ impl Store for SqliteStore {
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
         );
         self.write(|conn| {
-            conn.execute(
-                &sql,
-                params![
-                    r.id.as_str(),
-                    r.service.as_str(),
-                    r.account_id.as_str(),
-                    r.certificate.as_str(),
-                    r.identification_code,
-                    r.hash_algorithm.as_str(),
-                    r.hash,
-                    r.description,
-                    r.status.as_str(),
-                    r.bad_attempts,
-                    r.device_generation,
-                    secs(r.created_at),
-                    secs(r.expires_at),
-                    r.sealed_result,
-                    opt_secs(r.signed_at),
-                ],
-            )
-            .map_err(write_error)?;
+            conn.execute(&sql, params_from_iter(request_values(r)))
+                .map_err(write_error)?;
             Ok(())
         })
     }
@@ -658,23 +652,7 @@ impl Store for SqliteStore {
                      identification_code = ?5, hash_algorithm = ?6, hash = ?7, description = ?8, \
                      status = ?9, bad_attempts = ?10, device_generation = ?11, created_at = ?12, \
                      expires_at = ?13, sealed_result = ?14, signed_at = ?15 WHERE id = ?1",
-                    params![
-                        r.id.as_str(),
-                        r.service.as_str(),
-                        r.account_id.as_str(),
-                        r.certificate.as_str(),
-                        r.identification_code,
-                        r.hash_algorithm.as_str(),
-                        r.hash,
-                        r.description,
-                        r.status.as_str(),
-                        r.bad_attempts,
-                        r.device_generation,
-                        secs(r.created_at),
-                        secs(r.expires_at),
-                        r.sealed_result,
-                        opt_secs(r.signed_at),
-                    ],
+                    params_from_iter(request_values(r)),
                 )
                 .map_err(write_error)?;
             one_row_changed(changed)
