@@ -162,6 +162,7 @@ pub fn describe(output: &Output) -> String {
 pub struct DevDaemon {
     child: Option<std::process::Child>,
     dir: tempfile::TempDir,
+    audit_quota_kib: Option<u32>,
     extra_args: Vec<String>,
     /// `https://127.0.0.1:PORT` of the API.
     pub api: String,
@@ -188,7 +189,33 @@ impl DevDaemon {
         let mut daemon = DevDaemon {
             child: None,
             dir: base,
+            audit_quota_kib: None,
             extra_args: extra_args.iter().map(|arg| (*arg).to_owned()).collect(),
+            api: String::new(),
+            metrics: String::new(),
+            ca: String::new(),
+        };
+        daemon.launch();
+        daemon
+    }
+
+    /// Starts a daemon whose audit directory is a tmpfs of `kib` KiB in a mount namespace of its
+    /// own (`unshare -m`, which needs root), so that a test can fill it and watch the daemon fail
+    /// closed.
+    pub fn start_with_audit_quota(kib: u32) -> DevDaemon {
+        let base = tempfile::Builder::new()
+            .prefix("smartsignd-test-")
+            .tempdir_in(if Path::new("/dev/shm").is_dir() {
+                "/dev/shm"
+            } else {
+                "/tmp"
+            })
+            .expect("temporary state directory");
+        let mut daemon = DevDaemon {
+            child: None,
+            dir: base,
+            audit_quota_kib: Some(kib),
+            extra_args: Vec::new(),
             api: String::new(),
             metrics: String::new(),
             ca: String::new(),
@@ -222,7 +249,24 @@ impl DevDaemon {
                 .open(self.dir.path().join(name))
                 .expect("log file")
         };
-        let child = Command::new(binary("smartsignd", "smartsignd"))
+        let mut command = match self.audit_quota_kib {
+            None => Command::new(binary("smartsignd", "smartsignd")),
+            Some(kib) => {
+                let mut command = Command::new("unshare");
+                command
+                    .args(["--mount", "--propagation", "private", "sh", "-c"])
+                    .arg(
+                        "mkdir -p \"$1\" && mount -t tmpfs -o size=\"$2\"k smartsign-audit \"$1\" \
+                         && shift 2 && exec \"$@\"",
+                    )
+                    .arg("sh")
+                    .arg(self.state_dir().join("audit"))
+                    .arg(kib.to_string())
+                    .arg(binary("smartsignd", "smartsignd"));
+                command
+            }
+        };
+        let child = command
             .arg("--dev")
             .arg("--state-dir")
             .arg(self.state_dir())

@@ -573,3 +573,85 @@ fn check_config_accepts_the_dev_configuration_and_explains_mistakes() {
         describe(&refused)
     );
 }
+
+/// Fail closed: when the audit log cannot be written, an approved request is not signed, the
+/// answer is 503 `audit_unavailable`, and `/readyz` says the audit log is the problem.
+#[test]
+fn full_audit_disk_fails_signing_closed_with_audit_unavailable() {
+    let daemon = DevDaemon::start_with_audit_quota(64);
+    let registrar = daemon.client("registrar");
+    let gateway = daemon.client("gateway");
+    let service = daemon.client("demo-a");
+    let key = device();
+    let registered = registrar
+        .post(format!("{}/v1/accounts", daemon.api))
+        .json(&registration("u-full-1", "1990-01-01", "A1234563", &key))
+        .send()
+        .unwrap();
+    assert_eq!(registered.status(), 201);
+    let taid: Value = registrar
+        .get(format!(
+            "{}/v1/accounts/u-full-1/taid?service=demo-a",
+            daemon.api
+        ))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let hash = sha2::Sha256::digest(b"document").to_vec();
+    let create = || {
+        service
+            .post(format!("{}/v1/signing-requests", daemon.api))
+            .json(&json!({"taid": taid["taid"], "hash_algorithm": "sha256",
+                          "hash": STANDARD.encode(&hash)}))
+            .send()
+            .unwrap()
+    };
+    let pending: Value = create().json().unwrap();
+    assert!(pending["request_id"].is_string(), "{pending}");
+
+    // Fill the audit file system with requests until the log refuses a record.
+    let mut refused = None;
+    for _ in 0..5000 {
+        let response = create();
+        if response.status() != 201 {
+            refused = Some(problem(response));
+            break;
+        }
+    }
+    assert_eq!(refused, Some((503, "audit_unavailable".to_owned())));
+
+    let statement = format!(
+        "smartsign-authorise-v1\n{}\n{}\nsha256\n{}\napprove",
+        pending["request_id"].as_str().unwrap(),
+        pending["identification_code"].as_str().unwrap(),
+        hex::encode(&hash)
+    );
+    let signature: p256::ecdsa::Signature = key.sign(statement.as_bytes());
+    let url = format!(
+        "{}/v1/signing-requests/{}",
+        daemon.api,
+        pending["request_id"].as_str().unwrap()
+    );
+    let authorised = gateway
+        .post(format!("{url}/authorisation"))
+        .json(&json!({"decision": "approve",
+                      "device_signature": STANDARD.encode(signature.to_der().as_bytes())}))
+        .send()
+        .unwrap();
+    assert_eq!(problem(authorised), (503, "audit_unavailable".into()));
+    let after: Value = service.get(&url).send().unwrap().json().unwrap();
+    assert_ne!(after["status"], "signed", "{after}");
+    assert!(
+        after.get("result").is_none(),
+        "no signature may leave: {after}"
+    );
+
+    let ready = reqwest::blocking::Client::new()
+        .get(format!("{}/readyz", daemon.metrics))
+        .send()
+        .unwrap();
+    assert_eq!(ready.status(), 503);
+    let body: Value = ready.json().unwrap();
+    assert_ne!(body["components"]["audit"], "ok", "{body}");
+}
