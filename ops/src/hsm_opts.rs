@@ -5,32 +5,67 @@ use std::path::PathBuf;
 use hsm_adapter::{Hsm, HsmConfig, SOFTHSM_MODULE, TokenSelector};
 use secrecy::SecretString;
 
-/// Which PKCS#11 module and token to open, and the file holding the user PIN.
+/// Which PKCS#11 module and token to open, and the file holding the user PIN: on the command
+/// line, or from the `[hsm]` section of the daemon's configuration file (`--config`).
 #[derive(Debug, clap::Args)]
 pub(crate) struct TokenArgs {
+    /// The daemon's configuration file (TOML): its `[hsm]` section names the module, the token
+    /// and the PIN file, so that officers and the daemon cannot disagree about them.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["token", "serial", "pin_file"])]
+    pub(crate) config: Option<PathBuf>,
     /// The PKCS#11 module.
     #[arg(long, env = "SMARTSIGN_PKCS11_MODULE", default_value = SOFTHSM_MODULE)]
     pub(crate) module: PathBuf,
     /// The token's label.
-    #[arg(long, conflicts_with = "serial", required_unless_present = "serial")]
+    #[arg(long, conflicts_with = "serial", required_unless_present_any = ["serial", "config"])]
     pub(crate) token: Option<String>,
     /// The token's serial number, instead of its label.
     #[arg(long)]
     pub(crate) serial: Option<String>,
     /// File holding the user PIN (its first line; mode 0600 expected).
-    #[arg(long)]
-    pub(crate) pin_file: PathBuf,
+    #[arg(long, required_unless_present = "config")]
+    pub(crate) pin_file: Option<PathBuf>,
+}
+
+/// The `[hsm]` section of the daemon's configuration, as far as opening the token needs it.
+#[derive(serde::Deserialize)]
+struct DaemonConfig {
+    hsm: HsmSection,
+}
+
+#[derive(serde::Deserialize)]
+struct HsmSection {
+    module: PathBuf,
+    token_label: Option<String>,
+    token_serial: Option<String>,
+    pin_file: PathBuf,
 }
 
 impl TokenArgs {
     pub(crate) async fn open(&self) -> Result<Hsm, Box<dyn std::error::Error>> {
-        let selector = match (&self.token, &self.serial) {
-            (Some(label), _) => TokenSelector::Label(label.clone()),
-            (None, Some(serial)) => TokenSelector::Serial(serial.clone()),
+        let (module, label, serial, pin_file) = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|error| format!("cannot read {}: {error}", path.display()))?;
+                let config: DaemonConfig = toml::from_str(&text)
+                    .map_err(|error| format!("{}: {error}", path.display()))?;
+                let hsm = config.hsm;
+                (hsm.module, hsm.token_label, hsm.token_serial, hsm.pin_file)
+            }
+            None => (
+                self.module.clone(),
+                self.token.clone(),
+                self.serial.clone(),
+                self.pin_file.clone().ok_or("give --pin-file")?,
+            ),
+        };
+        let selector = match (label, serial) {
+            (Some(label), _) => TokenSelector::Label(label),
+            (None, Some(serial)) => TokenSelector::Serial(serial),
             (None, None) => return Err("name the token with --token or --serial".into()),
         };
-        let pin = read_secret(&self.pin_file)?;
-        let config = HsmConfig::new(&self.module, selector, pin);
+        let pin = read_secret(&pin_file)?;
+        let config = HsmConfig::new(&module, selector, pin);
         Ok(Hsm::open(config).await?)
     }
 }

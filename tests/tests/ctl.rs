@@ -249,3 +249,41 @@ fn audit_verify_accepts_an_export_and_refuses_a_flipped_byte() {
         describe(&bad)
     );
 }
+
+#[test]
+fn keys_init_and_status_read_the_token_from_the_daemon_configuration() {
+    let token = SoftHsmToken::new("ctl-config");
+    let config = token.scratch().join("smartsignd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[hsm]\nmodule = \"/usr/lib/softhsm/libsofthsm2.so\"\ntoken_label = \"{}\"\n\
+             pin_file = \"{}\"\nkey_mode = \"wrapped\"\n\n[store]\npath = \"/unused\"\n",
+            token.label(),
+            token.pin_file().display()
+        ),
+    )
+    .unwrap();
+    let init = run(token
+        .command(ctl())
+        .args(["keys", "init", "--config"])
+        .arg(&config)
+        .arg("--so-pin-file")
+        .arg(token.so_pin_file()));
+    assert!(init.status.success(), "{}", describe(&init));
+    let status = run(token
+        .command(ctl())
+        .args(["keys", "status", "--config"])
+        .arg(&config));
+    assert!(status.status.success(), "{}", describe(&status));
+    let listed = String::from_utf8_lossy(&status.stdout);
+    for label in SYSTEM_KEY_LABELS {
+        assert!(listed.contains(&format!("{label:<22} ok")), "{listed}");
+    }
+    // --config and --token name the token twice: refused before anything is opened.
+    let both = run(token
+        .command(ctl())
+        .args(["keys", "status", "--token", "x", "--config"])
+        .arg(&config));
+    assert!(!both.status.success());
+}
