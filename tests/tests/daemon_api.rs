@@ -655,3 +655,80 @@ fn full_audit_disk_fails_signing_closed_with_audit_unavailable() {
     let body: Value = ready.json().unwrap();
     assert_ne!(body["components"]["audit"], "ok", "{body}");
 }
+
+/// Fail closed on the HSM: with the token gone (its directory moved away, as when a device is
+/// pulled), an approved request is not signed, the answer is 503 `hsm_unavailable`, and
+/// `/readyz` names the HSM.
+#[test]
+fn removed_token_fails_signing_closed_with_hsm_unavailable() {
+    let daemon = DevDaemon::start(&[]);
+    let registrar = daemon.client("registrar");
+    let gateway = daemon.client("gateway");
+    let service = daemon.client("demo-a");
+    let key = device();
+    let registered = registrar
+        .post(format!("{}/v1/accounts", daemon.api))
+        .json(&registration("u-hsm-1", "1990-01-01", "A1234563", &key))
+        .send()
+        .unwrap();
+    assert_eq!(registered.status(), 201);
+    let taid: Value = registrar
+        .get(format!(
+            "{}/v1/accounts/u-hsm-1/taid?service=demo-a",
+            daemon.api
+        ))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let hash = sha2::Sha256::digest(b"document").to_vec();
+    let pending: Value = service
+        .post(format!("{}/v1/signing-requests", daemon.api))
+        .json(&json!({"taid": taid["taid"], "hash_algorithm": "sha256",
+                      "hash": STANDARD.encode(&hash)}))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+
+    let tokens = daemon.state_dir().join("hsm/tokens");
+    let away = tempfile::tempdir_in(daemon.state_dir()).unwrap();
+    for entry in std::fs::read_dir(&tokens).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::rename(entry.path(), away.path().join(entry.file_name())).unwrap();
+    }
+
+    let statement = format!(
+        "smartsign-authorise-v1\n{}\n{}\nsha256\n{}\napprove",
+        pending["request_id"].as_str().unwrap(),
+        pending["identification_code"].as_str().unwrap(),
+        hex::encode(&hash)
+    );
+    let signature: p256::ecdsa::Signature = key.sign(statement.as_bytes());
+    let url = format!(
+        "{}/v1/signing-requests/{}",
+        daemon.api,
+        pending["request_id"].as_str().unwrap()
+    );
+    let authorised = gateway
+        .post(format!("{url}/authorisation"))
+        .json(&json!({"decision": "approve",
+                      "device_signature": STANDARD.encode(signature.to_der().as_bytes())}))
+        .send()
+        .unwrap();
+    assert_eq!(problem(authorised), (503, "hsm_unavailable".into()));
+    let after: Value = service.get(&url).send().unwrap().json().unwrap();
+    assert_eq!(after["status"], "failed", "{after}");
+    assert!(
+        after.get("result").is_none(),
+        "no signature may leave: {after}"
+    );
+
+    let ready = reqwest::blocking::Client::new()
+        .get(format!("{}/readyz", daemon.metrics))
+        .send()
+        .unwrap();
+    assert_eq!(ready.status(), 503);
+    let body: Value = ready.json().unwrap();
+    assert_ne!(body["components"]["hsm"], "ok", "{body}");
+}
