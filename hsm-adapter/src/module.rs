@@ -100,3 +100,14 @@ pub(crate) fn login(session: &Session, role: Role, pin: &SecretString) -> Result
         Err(e) => Err(HsmError::login(e, role)),
     }
 }
+
+/// Serialises writes of token objects (key generation, destruction) within this process.
+///
+/// SoftHSM keeps each token object in a file and guards the token directory with `fcntl` locks,
+/// which do not exclude threads of one process from each other: two sessions creating token
+/// objects at once can fail with CKR_GENERAL_ERROR. Token writes are rare (resident key
+/// generation and destruction, provisioning), so one lock costs nothing on the signing path.
+pub(crate) fn token_write_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(PoisonError::into_inner)
+}

@@ -247,9 +247,11 @@ impl WorkerCtx {
         }
         let (mechanism, public_template, private_template) =
             key_pair(algorithm, PairTarget::ResidentToken { id: &id })?;
-        let (public, private) =
+        let (public, private) = {
+            let _token_write = module::token_write_lock();
             self.session
-                .generate_key_pair(&mechanism, &public_template, &private_template)?;
+                .generate_key_pair(&mechanism, &public_template, &private_template)?
+        };
         let policy = Policy::Resident(algorithm, &id);
         let result = (|| {
             policy.check(&self.session, private)?;
@@ -541,6 +543,7 @@ pub(crate) fn destroy_resident(shared: &Shared, id: &[u8]) -> Result<(), HsmErro
     let session = module::open_user_session(&shared.pkcs11, shared.slot, shared.pin())?;
     let _exclusive = shared.exclusive();
     let private = shared.directory_mut().remove_resident(id)?;
+    let _token_write = module::token_write_lock();
     session.destroy_object(private)?;
     for public in session.find_objects(&resident_public_key_template(id))? {
         session.destroy_object(public)?;

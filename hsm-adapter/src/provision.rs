@@ -62,6 +62,7 @@ fn provision(
             }
             _ => return Err(HsmError::DuplicateKey { label: key.label() }),
         }
+        let _token_write = module::token_write_lock();
         match key.kind() {
             SystemKeyKind::KeyEncryption => {
                 create_as_security_officer(shared, session, key, so_pin)?
