@@ -430,6 +430,17 @@ pub(crate) async fn upgrade(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError> 
     reply_account(&app, &record).await
 }
 
+/// Free-text reasons may name the person: they are checked for size and then dropped, never
+/// stored or audited.
+fn check_reason(reason: Option<&str>) -> Result<(), ApiError> {
+    if reason.is_some_and(|reason| reason.chars().count() > 500) {
+        return Err(ApiError::InvalidRequest(
+            "reason must be at most 500 characters".into(),
+        ));
+    }
+    Ok(())
+}
+
 fn require_active(record: &AccountRecord) -> Result<(), ApiError> {
     if record.status == AccountStatus::Active {
         Ok(())
@@ -480,15 +491,7 @@ pub(crate) async fn suspend(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError> 
         .by
         .parse()
         .map_err(|_| ApiError::InvalidRequest("by must be user or government".into()))?;
-    if body
-        .reason
-        .as_ref()
-        .is_some_and(|reason| reason.chars().count() > 500)
-    {
-        return Err(ApiError::InvalidRequest(
-            "reason must be at most 500 characters".into(),
-        ));
-    }
+    check_reason(body.reason.as_deref())?;
     let now = app.clock.now();
     let mut record = load(&app, &account_id(ctx.param(0))?).await?;
     require_active(&record)?;
@@ -660,15 +663,7 @@ pub(crate) async fn invalidate(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiErro
         reason: Option<String>,
     }
     let body: Body = ctx.json()?;
-    if body
-        .reason
-        .as_ref()
-        .is_some_and(|reason| reason.chars().count() > 500)
-    {
-        return Err(ApiError::InvalidRequest(
-            "reason must be at most 500 characters".into(),
-        ));
-    }
+    check_reason(body.reason.as_deref())?;
     let now = app.clock.now();
     let mut record = load(&app, &account_id(ctx.param(0))?).await?;
     if matches!(

@@ -212,23 +212,8 @@ fn insert_certificate_row(conn: &Connection, c: &CertificateRecord) -> Result<()
         "INSERT INTO certificates ({CERTIFICATE_COLUMNS}) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
     );
-    conn.execute(
-        &sql,
-        params![
-            c.serial.as_str(),
-            c.account_id.as_str(),
-            c.profile.as_str(),
-            secs(c.not_before),
-            secs(c.not_after),
-            c.status.as_str(),
-            c.revocation_reason.map(|r| r.as_str()),
-            opt_secs(c.revoked_at),
-            c.sealed_der,
-            c.key_ref,
-            c.key_algorithm,
-        ],
-    )
-    .map_err(write_error)?;
+    conn.execute(&sql, params_from_iter(certificate_values(c)))
+        .map_err(write_error)?;
     Ok(())
 }
 
@@ -300,6 +285,23 @@ fn account_values(a: &AccountRecord) -> [Value; 13] {
             .map(|serial| serial.as_str().to_owned())
             .into(),
         secs(a.created_at).into(),
+    ]
+}
+
+/// A certificate's columns in `CERTIFICATE_COLUMNS` order (`?1` to `?11`), for insert and update.
+fn certificate_values(c: &CertificateRecord) -> [Value; 11] {
+    [
+        c.serial.as_str().to_owned().into(),
+        c.account_id.as_str().to_owned().into(),
+        c.profile.as_str().to_owned().into(),
+        secs(c.not_before).into(),
+        secs(c.not_after).into(),
+        c.status.as_str().to_owned().into(),
+        c.revocation_reason.map(|r| r.as_str().to_owned()).into(),
+        opt_secs(c.revoked_at).into(),
+        c.sealed_der.clone().into(),
+        c.key_ref.clone().into(),
+        c.key_algorithm.clone().into(),
     ]
 }
 
@@ -529,19 +531,7 @@ impl Store for SqliteStore {
                     "UPDATE certificates SET account_id = ?2, profile = ?3, not_before = ?4, \
                      not_after = ?5, status = ?6, revocation_reason = ?7, revoked_at = ?8, \
                      sealed_der = ?9, key_ref = ?10, key_algorithm = ?11 WHERE serial = ?1",
-                    params![
-                        c.serial.as_str(),
-                        c.account_id.as_str(),
-                        c.profile.as_str(),
-                        secs(c.not_before),
-                        secs(c.not_after),
-                        c.status.as_str(),
-                        c.revocation_reason.map(|r| r.as_str()),
-                        opt_secs(c.revoked_at),
-                        c.sealed_der,
-                        c.key_ref,
-                        c.key_algorithm,
-                    ],
+                    params_from_iter(certificate_values(c)),
                 )
                 .map_err(write_error)?;
             one_row_changed(changed)
