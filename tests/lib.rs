@@ -360,3 +360,16 @@ impl Drop for DevDaemon {
         self.stop();
     }
 }
+
+/// A new device key, as a user's phone would make it.
+pub fn device_key() -> p256::ecdsa::SigningKey {
+    p256::ecdsa::SigningKey::random(&mut p256::elliptic_curve::rand_core::OsRng)
+}
+
+/// The device's public key as the registrar sends it: SubjectPublicKeyInfo PEM.
+pub fn device_pem(key: &p256::ecdsa::SigningKey) -> String {
+    use p256::pkcs8::{EncodePublicKey, LineEnding};
+    key.verifying_key()
+        .to_public_key_pem(LineEnding::LF)
+        .expect("a P-256 key encodes")
+}

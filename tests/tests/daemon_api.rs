@@ -10,21 +10,10 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use p256::ecdsa::SigningKey;
 use p256::ecdsa::signature::Signer;
-use p256::pkcs8::{EncodePublicKey, LineEnding};
 use reqwest::blocking::Response;
 use serde_json::{Value, json};
 use sha2::Digest;
-use smartsign_tests::{DevDaemon, binary, describe, run, workspace_root};
-
-fn device() -> SigningKey {
-    SigningKey::random(&mut p256::elliptic_curve::rand_core::OsRng)
-}
-
-fn device_pem(key: &SigningKey) -> String {
-    key.verifying_key()
-        .to_public_key_pem(LineEnding::LF)
-        .unwrap()
-}
+use smartsign_tests::{DevDaemon, binary, describe, device_key, device_pem, run, workspace_root};
 
 fn problem(response: Response) -> (u16, String) {
     let status = response.status().as_u16();
@@ -135,7 +124,7 @@ fn registration_rules_and_their_error_codes() {
     let daemon = DevDaemon::start(&[]);
     let registrar = daemon.client("registrar");
     let url = format!("{}/v1/accounts", daemon.api);
-    let key = device();
+    let key = device_key();
     let post = |body: &Value| registrar.post(&url).json(body).send().unwrap();
 
     // Ages are counted on the Hong Kong date; the daemon's clock is set to a known instant:
@@ -216,7 +205,7 @@ fn state_logs_and_audit_hold_no_personal_data_and_the_audit_export_verifies_offl
     let registrar = daemon.client("registrar");
     let gateway = daemon.client("gateway");
     let service = daemon.client("demo-a");
-    let key = device();
+    let key = device_key();
     let hkic = "Z6837493";
     let body = registration("u-pd-1", "1977-03-04", hkic, &key);
     let created = registrar
@@ -414,7 +403,7 @@ fn operations_endpoints_metrics_and_graceful_restart() {
         .send()
         .unwrap();
     // A registration seals personal data in the HSM: HSM latency shows in the metrics.
-    let mut plain_account = registration("u-metrics", "1990-01-01", "A1234563", &device());
+    let mut plain_account = registration("u-metrics", "1990-01-01", "A1234563", &device_key());
     plain_account["tier"] = json!("iam_smart");
     let registered = registrar
         .post(format!("{}/v1/accounts", daemon.api))
@@ -582,7 +571,7 @@ fn full_audit_disk_fails_signing_closed_with_audit_unavailable() {
     let registrar = daemon.client("registrar");
     let gateway = daemon.client("gateway");
     let service = daemon.client("demo-a");
-    let key = device();
+    let key = device_key();
     let registered = registrar
         .post(format!("{}/v1/accounts", daemon.api))
         .json(&registration("u-full-1", "1990-01-01", "A1234563", &key))
@@ -665,7 +654,7 @@ fn removed_token_fails_signing_closed_with_hsm_unavailable() {
     let registrar = daemon.client("registrar");
     let gateway = daemon.client("gateway");
     let service = daemon.client("demo-a");
-    let key = device();
+    let key = device_key();
     let registered = registrar
         .post(format!("{}/v1/accounts", daemon.api))
         .json(&registration("u-hsm-1", "1990-01-01", "A1234563", &key))

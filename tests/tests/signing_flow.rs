@@ -12,11 +12,10 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use p256::ecdsa::SigningKey;
 use p256::ecdsa::signature::Signer;
-use p256::pkcs8::{EncodePublicKey, LineEnding};
 use reqwest::blocking::{Client, Response};
 use serde_json::{Value, json};
 use sha2::Digest;
-use smartsign_tests::{DevDaemon, describe, run};
+use smartsign_tests::{DevDaemon, describe, device_key, device_pem, run};
 
 /// An HKIC number with its check digit, computed here independently of the daemon.
 fn hkic(letters: &str, digits: &str) -> String {
@@ -33,16 +32,6 @@ fn hkic(letters: &str, digits: &str) -> String {
         n => char::from_digit(n, 10).unwrap(),
     };
     format!("{letters}{digits}{check}")
-}
-
-fn device() -> SigningKey {
-    SigningKey::random(&mut p256::elliptic_curve::rand_core::OsRng)
-}
-
-fn device_pem(key: &SigningKey) -> String {
-    key.verifying_key()
-        .to_public_key_pem(LineEnding::LF)
-        .unwrap()
 }
 
 struct Flow {
@@ -289,7 +278,7 @@ fn verify_with_openssl(flow: &Flow, result: &Value, document: &[u8], digest: &st
 #[test]
 fn ecdsa_p256_flow_signs_and_openssl_verifies_signature_and_cms() {
     let flow = Flow::start(&[]);
-    let key = device();
+    let key = device_key();
     let registered = flow.register("u-ec-1", "iam_smart_plus", "1990-01-01", &key);
     assert_eq!(registered.status(), 201);
     let account: Value = registered.json().unwrap();
@@ -310,7 +299,7 @@ fn ecdsa_p256_flow_signs_and_openssl_verifies_signature_and_cms() {
 #[test]
 fn rsa_2048_flow_signs_and_openssl_verifies_signature_and_cms() {
     let flow = Flow::start(&["--key-algorithm", "rsa-2048"]);
-    let key = device();
+    let key = device_key();
     assert_eq!(
         flow.register("u-rsa-1", "iam_smart_plus", "1985-06-30", &key)
             .status(),
@@ -325,7 +314,7 @@ fn rsa_2048_flow_signs_and_openssl_verifies_signature_and_cms() {
 #[test]
 fn resident_keys_sign_too() {
     let flow = Flow::start(&["--key-mode", "resident"]);
-    let key = device();
+    let key = device_key();
     assert_eq!(
         flow.register("u-res-1", "iam_smart_plus", "1970-12-31", &key)
             .status(),
@@ -340,7 +329,7 @@ fn resident_keys_sign_too() {
 #[test]
 fn refusals_of_the_signing_flow() {
     let flow = Flow::start(&[]);
-    let key = device();
+    let key = device_key();
     assert_eq!(
         flow.register("u-ref-1", "iam_smart_plus", "1990-01-01", &key)
             .status(),
@@ -416,7 +405,7 @@ fn refusals_of_the_signing_flow() {
 
     // Three bad authorisations lock the request.
     let request: Value = flow.create(&flow.demo_a, body(&taid_a)).json().unwrap();
-    let stranger = device();
+    let stranger = device_key();
     assert_eq!(
         problem_code(flow.authorise(&request, &hash, "approve", &stranger)),
         (422, "authorisation_invalid".into())
@@ -446,7 +435,7 @@ fn refusals_of_the_signing_flow() {
 
     // The old device stops working after a device switch; the new one works.
     let request: Value = flow.create(&flow.demo_a, body(&taid_a)).json().unwrap();
-    let new_device = device();
+    let new_device = device_key();
     let switched = flow
         .registrar
         .put(flow.url("/v1/accounts/u-ref-1/device"))
@@ -522,7 +511,7 @@ fn refusals_of_the_signing_flow() {
 fn requests_and_certificates_expire_on_the_daemon_clock() {
     let flow = Flow::start(&[]);
     let officer = flow.daemon.client("officer");
-    let key = device();
+    let key = device_key();
     let account: Value = flow
         .register("u-exp-1", "iam_smart_plus", "1990-01-01", &key)
         .json()
