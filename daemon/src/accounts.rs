@@ -252,7 +252,7 @@ async fn issue_certificate(
         revoked_at: None,
         sealed_der,
         key_ref: Some(key.to_bytes()),
-        key_algorithm: crate::signing::key_algorithm_name(key.algorithm()).into(),
+        key_algorithm: key.algorithm().to_string(),
     })
 }
 

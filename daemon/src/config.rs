@@ -291,10 +291,12 @@ impl Config {
         if self.hsm.workers == Some(0) {
             problems.push("hsm.workers must be at least 1".into());
         }
-        if !matches!(
-            self.policy.key_algorithm.as_str(),
-            "ec-p256" | "ec-p384" | "rsa-2048" | "rsa-3072"
-        ) {
+        if self
+            .policy
+            .key_algorithm
+            .parse::<hsm_adapter::KeyAlgorithm>()
+            .is_err()
+        {
             problems.push(format!(
                 "policy.key_algorithm is {:?}; use ec-p256, ec-p384, rsa-2048 or rsa-3072",
                 self.policy.key_algorithm

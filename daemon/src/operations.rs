@@ -21,13 +21,7 @@ pub(crate) async fn readiness(app: &App) -> Vec<(&'static str, Option<String>)> 
         .await
         .err()
         .map(|error| error.code().to_owned());
-    vec![
-        ("sealed", None),
-        ("hsm", hsm),
-        ("store", store),
-        ("audit", audit),
-        ("ca", None),
-    ]
+    vec![("hsm", hsm), ("store", store), ("audit", audit)]
 }
 
 pub(crate) async fn handle(

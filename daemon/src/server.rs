@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use audit_log::{AuditLog, AuditLogConfig, AuditPublicKey, Origin};
 use ca_bridge::{CaProfileConfig, EmbeddedCa};
 use cert_lifecycle::SqliteStore;
-use hsm_adapter::{Hsm, HsmConfig, KeyAlgorithm, KeyMode, SystemKey, TokenSelector};
+use hsm_adapter::{Hsm, HsmConfig, KeyMode, SystemKey, TokenSelector};
 use secrecy::SecretString;
 use tokio::sync::watch;
 
@@ -52,15 +52,6 @@ pub(crate) fn read_pin(path: &std::path::Path) -> Result<SecretString, String> {
         return Err(format!("the PIN file {} is empty", path.display()));
     }
     Ok(SecretString::from(pin.to_owned()))
-}
-
-fn key_algorithm(name: &str) -> KeyAlgorithm {
-    match name {
-        "ec-p384" => KeyAlgorithm::EcP384,
-        "rsa-2048" => KeyAlgorithm::Rsa2048,
-        "rsa-3072" => KeyAlgorithm::Rsa3072,
-        _ => KeyAlgorithm::EcP256,
-    }
 }
 
 /// Runs the daemon until a shutdown signal.
@@ -179,7 +170,11 @@ pub(crate) async fn run(config: Config, dev: Option<DevOptions>) -> Result<(), S
             certificate_validity: time::Duration::days(
                 config.policy.certificate_validity_days.into(),
             ),
-            key_algorithm: key_algorithm(&config.policy.key_algorithm),
+            key_algorithm: config
+                .policy
+                .key_algorithm
+                .parse()
+                .map_err(|error: hsm_adapter::HsmError| error.to_string())?,
             key_mode,
         },
         names: NamePolicy::new(&config.server.allowed_names),

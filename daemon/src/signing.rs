@@ -43,16 +43,6 @@ pub(crate) fn device_key(pem: &str) -> Result<Vec<u8>, ApiError> {
         .map_err(|_| ApiError::Internal)
 }
 
-/// The API name of a key algorithm.
-pub(crate) fn key_algorithm_name(algorithm: KeyAlgorithm) -> &'static str {
-    match algorithm {
-        KeyAlgorithm::EcP256 => "ec-p256",
-        KeyAlgorithm::EcP384 => "ec-p384",
-        KeyAlgorithm::Rsa2048 => "rsa-2048",
-        _ => "rsa-3072",
-    }
-}
-
 fn signature_algorithm(key: KeyAlgorithm, hash: HashAlgorithm) -> String {
     let prefix = match key {
         KeyAlgorithm::EcP256 => "ecdsa_p256",
@@ -395,12 +385,11 @@ pub(crate) async fn authorise(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError
     let signature = STANDARD
         .decode(&body.device_signature)
         .map_err(|_| ApiError::InvalidRequest("device_signature must be standard base64".into()))?;
-    let mut request = load_request(&app, ctx.param(0)).await?;
-    let Some(_guard) = app.in_flight.enter(request.id.as_str()) else {
+    // Enter the guard before reading, so that the state read is the state acted on.
+    let Some(_guard) = app.in_flight.enter(ctx.param(0)) else {
         return Err(ApiError::RequestNotPending("being authorised"));
     };
-    // Read again under the guard: another authorisation may have finished in between.
-    request = load_request(&app, ctx.param(0)).await?;
+    let mut request = load_request(&app, ctx.param(0)).await?;
     let now = app.clock.now();
     let account = load(&app, &request.account_id).await?;
     let statement = request.authorisation_statement(decision);

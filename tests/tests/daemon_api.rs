@@ -563,46 +563,119 @@ fn check_config_accepts_the_dev_configuration_and_explains_mistakes() {
     );
 }
 
+/// An account `id` with one pending signing request at demo-a, for the fail-closed tests.
+struct Pending {
+    key: SigningKey,
+    taid: String,
+    hash: Vec<u8>,
+    request: Value,
+}
+
+impl Pending {
+    fn new(daemon: &DevDaemon, id: &str) -> Pending {
+        let registrar = daemon.client("registrar");
+        let key = device_key();
+        let registered = registrar
+            .post(format!("{}/v1/accounts", daemon.api))
+            .json(&registration(id, "1990-01-01", "A1234563", &key))
+            .send()
+            .unwrap();
+        assert_eq!(registered.status(), 201);
+        let taid: Value = registrar
+            .get(format!(
+                "{}/v1/accounts/{id}/taid?service=demo-a",
+                daemon.api
+            ))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        let mut pending = Pending {
+            key,
+            taid: taid["taid"].as_str().unwrap().to_owned(),
+            hash: sha2::Sha256::digest(b"document").to_vec(),
+            request: Value::Null,
+        };
+        pending.request = pending.create(daemon).json().unwrap();
+        assert!(
+            pending.request["request_id"].is_string(),
+            "{}",
+            pending.request
+        );
+        pending
+    }
+
+    /// Another request for the same TAID and hash.
+    fn create(&self, daemon: &DevDaemon) -> Response {
+        daemon
+            .client("demo-a")
+            .post(format!("{}/v1/signing-requests", daemon.api))
+            .json(&json!({"taid": self.taid, "hash_algorithm": "sha256",
+                          "hash": STANDARD.encode(&self.hash)}))
+            .send()
+            .unwrap()
+    }
+
+    fn url(&self, daemon: &DevDaemon) -> String {
+        format!(
+            "{}/v1/signing-requests/{}",
+            daemon.api,
+            self.request["request_id"].as_str().unwrap()
+        )
+    }
+
+    /// The gateway sends the device's valid approval of the first request.
+    fn approve(&self, daemon: &DevDaemon) -> Response {
+        let statement = format!(
+            "smartsign-authorise-v1\n{}\n{}\nsha256\n{}\napprove",
+            self.request["request_id"].as_str().unwrap(),
+            self.request["identification_code"].as_str().unwrap(),
+            hex::encode(&self.hash)
+        );
+        let signature: p256::ecdsa::Signature = self.key.sign(statement.as_bytes());
+        daemon
+            .client("gateway")
+            .post(format!("{}/authorisation", self.url(daemon)))
+            .json(&json!({"decision": "approve",
+                          "device_signature": STANDARD.encode(signature.to_der().as_bytes())}))
+            .send()
+            .unwrap()
+    }
+
+    /// The first request as its service reads it now.
+    fn read(&self, daemon: &DevDaemon) -> Value {
+        daemon
+            .client("demo-a")
+            .get(self.url(daemon))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap()
+    }
+}
+
+/// `/readyz` is 503 and names `component` as the problem.
+fn assert_not_ready_because_of(daemon: &DevDaemon, component: &str) {
+    let ready = reqwest::blocking::Client::new()
+        .get(format!("{}/readyz", daemon.metrics))
+        .send()
+        .unwrap();
+    assert_eq!(ready.status(), 503);
+    let body: Value = ready.json().unwrap();
+    assert_ne!(body["components"][component], "ok", "{body}");
+}
+
 /// Fail closed: when the audit log cannot be written, an approved request is not signed, the
 /// answer is 503 `audit_unavailable`, and `/readyz` says the audit log is the problem.
 #[test]
 fn full_audit_disk_fails_signing_closed_with_audit_unavailable() {
     let daemon = DevDaemon::start_with_audit_quota(64);
-    let registrar = daemon.client("registrar");
-    let gateway = daemon.client("gateway");
-    let service = daemon.client("demo-a");
-    let key = device_key();
-    let registered = registrar
-        .post(format!("{}/v1/accounts", daemon.api))
-        .json(&registration("u-full-1", "1990-01-01", "A1234563", &key))
-        .send()
-        .unwrap();
-    assert_eq!(registered.status(), 201);
-    let taid: Value = registrar
-        .get(format!(
-            "{}/v1/accounts/u-full-1/taid?service=demo-a",
-            daemon.api
-        ))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
-    let hash = sha2::Sha256::digest(b"document").to_vec();
-    let create = || {
-        service
-            .post(format!("{}/v1/signing-requests", daemon.api))
-            .json(&json!({"taid": taid["taid"], "hash_algorithm": "sha256",
-                          "hash": STANDARD.encode(&hash)}))
-            .send()
-            .unwrap()
-    };
-    let pending: Value = create().json().unwrap();
-    assert!(pending["request_id"].is_string(), "{pending}");
+    let pending = Pending::new(&daemon, "u-full-1");
 
     // Fill the audit file system with requests until the log refuses a record.
     let mut refused = None;
     for _ in 0..5000 {
-        let response = create();
+        let response = pending.create(&daemon);
         if response.status() != 201 {
             refused = Some(problem(response));
             break;
@@ -610,39 +683,17 @@ fn full_audit_disk_fails_signing_closed_with_audit_unavailable() {
     }
     assert_eq!(refused, Some((503, "audit_unavailable".to_owned())));
 
-    let statement = format!(
-        "smartsign-authorise-v1\n{}\n{}\nsha256\n{}\napprove",
-        pending["request_id"].as_str().unwrap(),
-        pending["identification_code"].as_str().unwrap(),
-        hex::encode(&hash)
+    assert_eq!(
+        problem(pending.approve(&daemon)),
+        (503, "audit_unavailable".into())
     );
-    let signature: p256::ecdsa::Signature = key.sign(statement.as_bytes());
-    let url = format!(
-        "{}/v1/signing-requests/{}",
-        daemon.api,
-        pending["request_id"].as_str().unwrap()
-    );
-    let authorised = gateway
-        .post(format!("{url}/authorisation"))
-        .json(&json!({"decision": "approve",
-                      "device_signature": STANDARD.encode(signature.to_der().as_bytes())}))
-        .send()
-        .unwrap();
-    assert_eq!(problem(authorised), (503, "audit_unavailable".into()));
-    let after: Value = service.get(&url).send().unwrap().json().unwrap();
+    let after = pending.read(&daemon);
     assert_ne!(after["status"], "signed", "{after}");
     assert!(
         after.get("result").is_none(),
         "no signature may leave: {after}"
     );
-
-    let ready = reqwest::blocking::Client::new()
-        .get(format!("{}/readyz", daemon.metrics))
-        .send()
-        .unwrap();
-    assert_eq!(ready.status(), 503);
-    let body: Value = ready.json().unwrap();
-    assert_ne!(body["components"]["audit"], "ok", "{body}");
+    assert_not_ready_because_of(&daemon, "audit");
 }
 
 /// Fail closed on the HSM: with the token gone (its directory moved away, as when a device is
@@ -651,34 +702,7 @@ fn full_audit_disk_fails_signing_closed_with_audit_unavailable() {
 #[test]
 fn removed_token_fails_signing_closed_with_hsm_unavailable() {
     let daemon = DevDaemon::start(&[]);
-    let registrar = daemon.client("registrar");
-    let gateway = daemon.client("gateway");
-    let service = daemon.client("demo-a");
-    let key = device_key();
-    let registered = registrar
-        .post(format!("{}/v1/accounts", daemon.api))
-        .json(&registration("u-hsm-1", "1990-01-01", "A1234563", &key))
-        .send()
-        .unwrap();
-    assert_eq!(registered.status(), 201);
-    let taid: Value = registrar
-        .get(format!(
-            "{}/v1/accounts/u-hsm-1/taid?service=demo-a",
-            daemon.api
-        ))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
-    let hash = sha2::Sha256::digest(b"document").to_vec();
-    let pending: Value = service
-        .post(format!("{}/v1/signing-requests", daemon.api))
-        .json(&json!({"taid": taid["taid"], "hash_algorithm": "sha256",
-                      "hash": STANDARD.encode(&hash)}))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
+    let pending = Pending::new(&daemon, "u-hsm-1");
 
     let tokens = daemon.state_dir().join("hsm/tokens");
     let away = tempfile::tempdir_in(daemon.state_dir()).unwrap();
@@ -687,37 +711,15 @@ fn removed_token_fails_signing_closed_with_hsm_unavailable() {
         std::fs::rename(entry.path(), away.path().join(entry.file_name())).unwrap();
     }
 
-    let statement = format!(
-        "smartsign-authorise-v1\n{}\n{}\nsha256\n{}\napprove",
-        pending["request_id"].as_str().unwrap(),
-        pending["identification_code"].as_str().unwrap(),
-        hex::encode(&hash)
+    assert_eq!(
+        problem(pending.approve(&daemon)),
+        (503, "hsm_unavailable".into())
     );
-    let signature: p256::ecdsa::Signature = key.sign(statement.as_bytes());
-    let url = format!(
-        "{}/v1/signing-requests/{}",
-        daemon.api,
-        pending["request_id"].as_str().unwrap()
-    );
-    let authorised = gateway
-        .post(format!("{url}/authorisation"))
-        .json(&json!({"decision": "approve",
-                      "device_signature": STANDARD.encode(signature.to_der().as_bytes())}))
-        .send()
-        .unwrap();
-    assert_eq!(problem(authorised), (503, "hsm_unavailable".into()));
-    let after: Value = service.get(&url).send().unwrap().json().unwrap();
+    let after = pending.read(&daemon);
     assert_eq!(after["status"], "failed", "{after}");
     assert!(
         after.get("result").is_none(),
         "no signature may leave: {after}"
     );
-
-    let ready = reqwest::blocking::Client::new()
-        .get(format!("{}/readyz", daemon.metrics))
-        .send()
-        .unwrap();
-    assert_eq!(ready.status(), 503);
-    let body: Value = ready.json().unwrap();
-    assert_ne!(body["components"]["hsm"], "ok", "{body}");
+    assert_not_ready_because_of(&daemon, "hsm");
 }
