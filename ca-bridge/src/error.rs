@@ -47,6 +47,25 @@ pub enum CaError {
         /// The cause.
         source: std::io::Error,
     },
+    /// A CA endpoint (CMP, OCSP, CRL) could not be reached or did not answer in time, or
+    /// answered with an HTTP error.
+    #[error("{url}: {why}")]
+    Transport {
+        /// The endpoint.
+        url: String,
+        /// What happened (no message content).
+        why: String,
+    },
+    /// A CMP, OCSP or CRL message is malformed, unexpected or does not belong to the
+    /// transaction (wrong transaction id, nonce, status, or content type).
+    #[error("protocol: {0}")]
+    Protocol(String),
+    /// A message's protection or signature does not verify, or its signer is not trusted.
+    #[error("protection: {0}")]
+    Protection(String),
+    /// The CA answered, and refused (the text is the CA's status and reason).
+    #[error("refused by the CA: {0}")]
+    Refused(String),
     /// A software key could not be made, read or used (dev PKI only).
     #[error("software key: {0}")]
     Key(String),

@@ -11,10 +11,15 @@
 
 #![forbid(unsafe_code)]
 
+pub mod cmp;
+pub mod crl;
 pub mod dev_pki;
 mod embedded_ca;
 mod error;
+pub mod ocsp;
 pub mod signed_data;
+pub mod status;
+pub mod transport;
 mod x509;
 
 pub use embedded_ca::{

@@ -30,6 +30,9 @@ pub enum SystemKey {
     CaRoot,
     /// EC P-256 key of the embedded CA's issuing CA.
     CaIssuing,
+    /// EC P-256 key the daemon's CMP client signs its messages with (RFC 9483 signature
+    /// protection), certified by the CA as the daemon's registration authority.
+    CmpClient,
 }
 
 /// What a system key is and does; decides its template and its policy.
@@ -43,7 +46,7 @@ pub(crate) enum SystemKeyKind {
 
 impl SystemKey {
     /// Every system key, in provisioning order.
-    pub const ALL: [SystemKey; 7] = [
+    pub const ALL: [SystemKey; 8] = [
         SystemKey::Kek,
         SystemKey::Taid,
         SystemKey::Hkic,
@@ -51,6 +54,7 @@ impl SystemKey {
         SystemKey::Audit,
         SystemKey::CaRoot,
         SystemKey::CaIssuing,
+        SystemKey::CmpClient,
     ];
 
     /// The CKA_LABEL of the key on the token.
@@ -63,6 +67,7 @@ impl SystemKey {
             SystemKey::Audit => "smartsign-audit",
             SystemKey::CaRoot => "smartsign-ca-root",
             SystemKey::CaIssuing => "smartsign-ca-issuing",
+            SystemKey::CmpClient => "smartsign-cmp-client",
         }
     }
 
@@ -71,7 +76,9 @@ impl SystemKey {
             SystemKey::Kek => SystemKeyKind::KeyEncryption,
             SystemKey::Taid | SystemKey::Hkic => SystemKeyKind::Hmac,
             SystemKey::Data => SystemKeyKind::Aead,
-            SystemKey::Audit | SystemKey::CaIssuing => SystemKeyKind::Signing(EcCurve::P256),
+            SystemKey::Audit | SystemKey::CaIssuing | SystemKey::CmpClient => {
+                SystemKeyKind::Signing(EcCurve::P256)
+            }
             SystemKey::CaRoot => SystemKeyKind::Signing(EcCurve::P384),
         }
     }

@@ -14,8 +14,10 @@
 //! services of the CA-bridge issue can sit on top of [`EmbeddedCa::issue`],
 //! [`EmbeddedCa::revoke`], [`EmbeddedCa::status`] and [`EmbeddedCa::revocations`].
 
+mod cmp_support;
 mod policy_oid;
 mod profile;
+mod revocation_support;
 mod state;
 
 pub use policy_oid::PolicyOid;

@@ -1,0 +1,1 @@
+//! What the embedded CA offers its OCSP responder and CRL issuer.
