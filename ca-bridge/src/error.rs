@@ -69,6 +69,10 @@ pub enum CaError {
     /// A software key could not be made, read or used (dev PKI only).
     #[error("software key: {0}")]
     Key(String),
+    /// No certificate status satisfying the policy could be had (the text says why; no personal
+    /// data).
+    #[error("certificate status unavailable: {0}")]
+    StatusUnavailable(String),
     /// A bug or an impossible state.
     #[error("internal: {0}")]
     Internal(String),

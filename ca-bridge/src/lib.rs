@@ -20,6 +20,7 @@ pub mod ocsp;
 pub mod signed_data;
 pub mod status;
 pub mod transport;
+mod verify;
 mod x509;
 
 pub use embedded_ca::{

@@ -279,6 +279,7 @@ pub struct EmbeddedCa {
     issuing: CaCertificate,
     state: Arc<CaState>,
     dir: PathBuf,
+    crl_cache: revocation_support::CrlCache,
 }
 
 impl EmbeddedCa {
@@ -356,6 +357,7 @@ impl EmbeddedCa {
             issuing,
             state: Arc::new(state),
             dir: dir.to_path_buf(),
+            crl_cache: Default::default(),
         })
     }
 

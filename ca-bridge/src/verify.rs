@@ -1,0 +1,142 @@
+//! Signature and certificate checks shared by the OCSP and CRL clients: a signature over DER
+//! bytes by an issuer's public key (ECDSA P-256/P-384 or RSA PKCS#1 v1.5, with SHA-256/384/512),
+//! and the validity period of a certificate.
+
+use std::time::SystemTime;
+
+use const_oid::ObjectIdentifier;
+use const_oid::db::rfc5912::{
+    ECDSA_WITH_SHA_256, ECDSA_WITH_SHA_384, ECDSA_WITH_SHA_512, ID_EC_PUBLIC_KEY, RSA_ENCRYPTION,
+    SECP_256_R_1, SECP_384_R_1, SHA_256_WITH_RSA_ENCRYPTION, SHA_384_WITH_RSA_ENCRYPTION,
+    SHA_512_WITH_RSA_ENCRYPTION,
+};
+use der::asn1::BitString;
+use ecdsa::signature::hazmat::PrehashVerifier as _;
+use sha2::{Digest as _, Sha256, Sha384, Sha512};
+use spki::{AlgorithmIdentifierOwned, SubjectPublicKeyInfoOwned};
+use x509_cert::certificate::Certificate;
+
+use crate::error::CaError;
+
+/// The hash of a signature algorithm.
+#[derive(Debug, Clone, Copy)]
+enum Hash {
+    Sha256,
+    Sha384,
+    Sha512,
+}
+
+impl Hash {
+    fn digest(self, data: &[u8]) -> Vec<u8> {
+        match self {
+            Hash::Sha256 => Sha256::digest(data).to_vec(),
+            Hash::Sha384 => Sha384::digest(data).to_vec(),
+            Hash::Sha512 => Sha512::digest(data).to_vec(),
+        }
+    }
+}
+
+/// Checks that `signature` (by the algorithm `alg`) over `data` was made by the key of `spki`.
+/// [`CaError::Protection`] when it was not or the algorithm is not one this crate accepts.
+pub(crate) fn verify_signature(
+    spki: &SubjectPublicKeyInfoOwned,
+    alg: &AlgorithmIdentifierOwned,
+    data: &[u8],
+    signature: &BitString,
+) -> Result<(), CaError> {
+    let bad = |why: &str| CaError::Protection(why.to_owned());
+    let signature = signature
+        .as_bytes()
+        .ok_or_else(|| bad("the signature bit string is not whole octets"))?;
+    let key = spki
+        .subject_public_key
+        .as_bytes()
+        .ok_or_else(|| bad("the public key bit string is not whole octets"))?;
+    let (is_ecdsa, hash) = match alg.oid {
+        ECDSA_WITH_SHA_256 => (true, Hash::Sha256),
+        ECDSA_WITH_SHA_384 => (true, Hash::Sha384),
+        ECDSA_WITH_SHA_512 => (true, Hash::Sha512),
+        SHA_256_WITH_RSA_ENCRYPTION => (false, Hash::Sha256),
+        SHA_384_WITH_RSA_ENCRYPTION => (false, Hash::Sha384),
+        SHA_512_WITH_RSA_ENCRYPTION => (false, Hash::Sha512),
+        _ => return Err(bad("unsupported signature algorithm")),
+    };
+    let prehash = hash.digest(data);
+    let valid = match (is_ecdsa, spki.algorithm.oid) {
+        (true, ID_EC_PUBLIC_KEY) => {
+            let curve = spki
+                .algorithm
+                .parameters
+                .as_ref()
+                .and_then(|p| p.decode_as::<ObjectIdentifier>().ok());
+            match curve {
+                Some(SECP_256_R_1) => {
+                    let key = p256::ecdsa::VerifyingKey::from_sec1_bytes(key)
+                        .map_err(|_| bad("bad P-256 public key"))?;
+                    let sig = p256::ecdsa::Signature::from_der(signature)
+                        .map_err(|_| bad("malformed ECDSA signature"))?;
+                    key.verify_prehash(&prehash, &sig).is_ok()
+                }
+                Some(SECP_384_R_1) => {
+                    let key = p384::ecdsa::VerifyingKey::from_sec1_bytes(key)
+                        .map_err(|_| bad("bad P-384 public key"))?;
+                    let sig = p384::ecdsa::Signature::from_der(signature)
+                        .map_err(|_| bad("malformed ECDSA signature"))?;
+                    key.verify_prehash(&prehash, &sig).is_ok()
+                }
+                _ => return Err(bad("unsupported EC curve")),
+            }
+        }
+        (false, RSA_ENCRYPTION) => {
+            use rsa::pkcs1::DecodeRsaPublicKey as _;
+            let key =
+                rsa::RsaPublicKey::from_pkcs1_der(key).map_err(|_| bad("bad RSA public key"))?;
+            let scheme = match hash {
+                Hash::Sha256 => rsa::Pkcs1v15Sign::new::<Sha256>(),
+                Hash::Sha384 => rsa::Pkcs1v15Sign::new::<Sha384>(),
+                Hash::Sha512 => rsa::Pkcs1v15Sign::new::<Sha512>(),
+            };
+            key.verify(scheme, &prehash, signature).is_ok()
+        }
+        _ => return Err(bad("the signature algorithm does not fit the key")),
+    };
+    if valid {
+        Ok(())
+    } else {
+        Err(bad("the signature does not verify"))
+    }
+}
+
+/// Checks that `cert` was signed by `issuer` (name and signature).
+pub(crate) fn verify_issued_by(cert: &Certificate, issuer: &Certificate) -> Result<(), CaError> {
+    use der::Encode as _;
+    if cert.tbs_certificate.issuer != issuer.tbs_certificate.subject {
+        return Err(CaError::Protection(
+            "the certificate is not issued by the expected issuer".into(),
+        ));
+    }
+    verify_signature(
+        &issuer.tbs_certificate.subject_public_key_info,
+        &cert.signature_algorithm,
+        &cert.tbs_certificate.to_der()?,
+        &cert.signature,
+    )
+}
+
+/// Whether `now` lies within the certificate's validity period.
+pub(crate) fn valid_at(cert: &Certificate, now: SystemTime) -> bool {
+    let validity = &cert.tbs_certificate.validity;
+    validity.not_before.to_system_time() <= now && now <= validity.not_after.to_system_time()
+}
+
+/// A serial number as lowercase hex without leading zeros (the form the embedded CA keys its
+/// state by and API.md uses).
+pub(crate) fn serial_hex(bytes: &[u8]) -> String {
+    let hex = hex::encode(bytes);
+    let trimmed = hex.trim_start_matches('0');
+    if trimmed.is_empty() {
+        "0".to_owned()
+    } else {
+        trimmed.to_owned()
+    }
+}

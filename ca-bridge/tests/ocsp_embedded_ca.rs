@@ -1,0 +1,254 @@
+//! The embedded CA's OCSP responder and CRL, checked by openssl as the relying party: `openssl
+//! ocsp` through the loopback test server (good, revoked with the reason, unknown, several
+//! CertIDs in one request, the nonce echoed, "Response verify OK"), and `openssl crl` / `openssl
+//! verify -crl_check` on the CRL.
+// In tests a panic is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod revocation_common;
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use ca_bridge::EmbeddedCa;
+use ca_bridge::transport::{CRL_CONTENT_TYPE, OCSP_RESPONSE_CONTENT_TYPE};
+use der::Decode;
+use revocation_common::{embedded_ca, issue, openssl, run, run_any};
+use x509_ocsp::{OcspResponse, OcspResponseStatus};
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+/// The CA's OCSP responder on POST /ocsp and its CRL on GET /crl.
+async fn serve_ca(ca: Arc<EmbeddedCa>) -> support::TestServer {
+    support::serve(move |method, path, body| {
+        let ca = Arc::clone(&ca);
+        async move {
+            match (method.as_str(), path.as_str()) {
+                ("POST", "/ocsp") => (
+                    200,
+                    OCSP_RESPONSE_CONTENT_TYPE.to_owned(),
+                    ca.ocsp_response(&body, SystemTime::now(), HOUR).await,
+                ),
+                ("GET", "/crl") => match ca.crl(SystemTime::now(), 24 * HOUR).await {
+                    Ok(crl) => (200, CRL_CONTENT_TYPE.to_owned(), crl),
+                    Err(_) => (500, "text/plain".to_owned(), Vec::new()),
+                },
+                _ => (404, "text/plain".to_owned(), Vec::new()),
+            }
+        }
+    })
+    .await
+}
+
+/// `openssl ocsp` as a client for the certificates `certs` in `dir`; returns its output.
+async fn openssl_ocsp(dir: &Path, url: String, args: Vec<String>) -> String {
+    let dir = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let (ok, text) = run_any(
+            openssl()
+                .current_dir(&dir)
+                .args([
+                    "ocsp",
+                    "-issuer",
+                    "issuing.pem",
+                    "-url",
+                    &url,
+                    "-CAfile",
+                    "root.pem",
+                    "-verify_other",
+                    "issuing.pem",
+                    "-nonce",
+                    "-resp_text",
+                ])
+                .args(&args),
+        );
+        assert!(ok, "openssl ocsp failed:\n{text}");
+        text
+    })
+    .await
+    .unwrap()
+}
+
+fn assert_contains(text: &str, wanted: &[&str]) {
+    for w in wanted {
+        assert!(text.contains(w), "missing {w:?} in\n{text}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openssl_ocsp_sees_good_then_revoked_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Arc::new(
+        embedded_ca(
+            dir.path(),
+            "http://127.0.0.1:1/ocsp",
+            "http://127.0.0.1:1/crl",
+        )
+        .await,
+    );
+    let ee = issue(&ca, dir.path(), "ee.pem").await;
+    issue(&ca, dir.path(), "other.pem").await;
+    let server = serve_ca(Arc::clone(&ca)).await;
+    let url = server.url("/ocsp");
+    let certs = |names: &[&str]| -> Vec<String> {
+        names
+            .iter()
+            .flat_map(|n| ["-cert".to_owned(), (*n).to_owned()])
+            .collect()
+    };
+
+    let text = openssl_ocsp(dir.path(), url.clone(), certs(&["ee.pem"])).await;
+    assert_contains(
+        &text,
+        &[
+            "Response verify OK",
+            "ee.pem: good",
+            "OCSP Nonce",
+            "Next Update:",
+        ],
+    );
+
+    ca.revoke(&ee.serial_hex, 1, SystemTime::now())
+        .await
+        .unwrap();
+    // Two CertIDs in one request, and a serial this CA never issued.
+    let mut args = certs(&["ee.pem", "other.pem"]);
+    args.extend(["-serial".to_owned(), "0x1234".to_owned()]);
+    let text = openssl_ocsp(dir.path(), url.clone(), args).await;
+    assert_contains(
+        &text,
+        &[
+            "Response verify OK",
+            "ee.pem: revoked",
+            "Reason: keyCompromise",
+            "other.pem: good",
+            "0x1234: unknown",
+            "OCSP Nonce",
+        ],
+    );
+
+    // Bytes that are no OCSP request: malformedRequest.
+    let garbage = ca
+        .ocsp_response(b"not an OCSP request", SystemTime::now(), HOUR)
+        .await;
+    let response = OcspResponse::from_der(&garbage).unwrap();
+    assert_eq!(
+        response.response_status,
+        OcspResponseStatus::MalformedRequest
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openssl_verifies_the_crl_and_refuses_the_revoked_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Arc::new(
+        embedded_ca(
+            dir.path(),
+            "http://127.0.0.1:1/ocsp",
+            "http://127.0.0.1:1/crl",
+        )
+        .await,
+    );
+    let ee = issue(&ca, dir.path(), "ee.pem").await;
+    issue(&ca, dir.path(), "good.pem").await;
+    let server = serve_ca(Arc::clone(&ca)).await;
+    std::fs::write(
+        dir.path().join("chain.pem"),
+        format!("{}{}", ca.root_pem(), ca.issuing_pem()),
+    )
+    .unwrap();
+
+    let before = ca.crl(SystemTime::now(), 24 * HOUR).await.unwrap();
+    ca.revoke(&ee.serial_hex, 5, SystemTime::now())
+        .await
+        .unwrap();
+    // Fetched over HTTP, as a relying party does; made again since the revocations changed.
+    let crl = reqwest::get(server.url("/crl"))
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap()
+        .to_vec();
+    assert_ne!(crl, before);
+    // Unchanged revocations and little time passed: the cached CRL.
+    assert_eq!(ca.crl(SystemTime::now(), 24 * HOUR).await.unwrap(), crl);
+    let crl_der: PathBuf = dir.path().join("crl.der");
+    std::fs::write(&crl_der, &crl).unwrap();
+
+    let (ok, text) = run_any(openssl().current_dir(dir.path()).args([
+        "crl",
+        "-inform",
+        "DER",
+        "-in",
+        "crl.der",
+        "-text",
+        "-noout",
+        "-CAfile",
+        "chain.pem",
+    ]));
+    assert!(ok, "{text}");
+    assert_contains(
+        &text,
+        &[
+            "verify OK",
+            "Cessation Of Operation",
+            "X509v3 CRL Number",
+            "X509v3 Authority Key Identifier",
+            "Next Update:",
+            &ee.serial_hex.to_ascii_uppercase(),
+        ],
+    );
+
+    run(openssl()
+        .current_dir(dir.path())
+        .args(["crl", "-inform", "DER", "-in", "crl.der", "-out", "crl.pem"]));
+    let verify = |cert: &str| {
+        run_any(openssl().current_dir(dir.path()).args([
+            "verify",
+            "-crl_check",
+            "-CAfile",
+            "root.pem",
+            "-untrusted",
+            "issuing.pem",
+            "-CRLfile",
+            "crl.pem",
+            cert,
+        ]))
+    };
+    let (ok, text) = verify("ee.pem");
+    assert!(!ok && text.contains("certificate revoked"), "{text}");
+    let (ok, text) = verify("good.pem");
+    assert!(ok && text.contains("good.pem: OK"), "{text}");
+
+    // CRL numbers increase strictly, even within one second.
+    let number = |der: &[u8]| {
+        let list = x509_cert::crl::CertificateList::from_der(der).unwrap();
+        let ext = list
+            .tbs_cert_list
+            .crl_extensions
+            .unwrap()
+            .into_iter()
+            .find(|e| e.extn_id == const_oid::db::rfc5280::ID_CE_CRL_NUMBER)
+            .unwrap();
+        der::asn1::Uint::from_der(ext.extn_value.as_bytes())
+            .unwrap()
+            .as_bytes()
+            .to_vec()
+    };
+    ca.revoke(
+        &issue(&ca, dir.path(), "third.pem").await.serial_hex,
+        0,
+        SystemTime::now(),
+    )
+    .await
+    .unwrap();
+    let next = ca.crl(SystemTime::now(), 24 * HOUR).await.unwrap();
+    let (a, b) = (number(&crl), number(&next));
+    assert!(
+        a.len() < b.len() || (a.len() == b.len() && a < b),
+        "CRL number did not grow"
+    );
+}
