@@ -1,7 +1,8 @@
 //! What the OCSP, CRL and status tests share: the SoftHSM token with the embedded CA's system
 //! keys, an `openssl ca` PKI in a temporary directory, and running commands.
 
-#![allow(dead_code)] // each test binary uses its own part of this module
+// Each test binary uses its own part of this module; its items are `pub` for those binaries.
+#![allow(dead_code, unreachable_pub)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
