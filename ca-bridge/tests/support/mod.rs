@@ -17,8 +17,9 @@ use hyper_util::rt::TokioIo;
 
 /// What a handler answers: HTTP status, content type, body.
 pub type Answer = (u16, String, Vec<u8>);
-type Handler =
-    Arc<dyn Fn(String, String, Vec<u8>) -> Pin<Box<dyn Future<Output = Answer> + Send>> + Send + Sync>;
+type Handler = Arc<
+    dyn Fn(String, String, Vec<u8>) -> Pin<Box<dyn Future<Output = Answer> + Send>> + Send + Sync,
+>;
 
 /// A running server; dropped, it stops accepting.
 pub struct TestServer {
