@@ -8,6 +8,7 @@ use std::time::SystemTime;
 
 use cmpv2::body::PkiBody;
 use cmpv2::certified_key_pair::CertOrEncCert;
+use cmpv2::header::PkiHeader;
 use cmpv2::message::PkiMessage;
 use cmpv2::rev::RevDetails;
 use cmpv2::status::CertStatus;
@@ -29,9 +30,7 @@ use x509_cert::ext::pkix::SubjectKeyIdentifier;
 use x509_cert::ext::pkix::name::GeneralName;
 use x509_cert::name::Name;
 
-use super::message::{
-    self, ErrorContent, HeaderParts, NONCE_LEN, chains_to, describe_status, granted, octets,
-};
+use super::message::{self, HeaderParts, NONCE_LEN, chains_to, describe_status, granted, octets};
 use super::pbm;
 use crate::embedded_ca::policy_oid::certificate_policies;
 use crate::embedded_ca::profile::subscriber_name;
@@ -546,6 +545,7 @@ impl CmpClient {
             recip_nonce,
         }
         .into_header(SystemTime::now())?;
+        let body = message::body_any(&body)?;
         let protected = message::protected_part(&header, &body)?;
         let protection = match protector {
             Protector::Pbm { secret, .. } => pbm::mac(&protection_alg, secret, &protected)?,
@@ -562,7 +562,7 @@ impl CmpClient {
         if let Protector::Ra { extra, .. } = protector {
             extra_certs.extend(extra.iter().cloned());
         }
-        message::encode(header, body, &protection, extra_certs)
+        message::encode(&header, body, &protection, extra_certs)
     }
 
     async fn exchange(&self, request: Vec<u8>) -> Result<Vec<u8>, CaError> {
@@ -579,9 +579,9 @@ impl CmpClient {
         transaction: &Transaction,
         protector: &Protector<'_>,
     ) -> Result<PkiMessage<'a>, CaError> {
-        let message = PkiMessage::from_der(der)
-            .map_err(|e| CaError::Protocol(format!("response is not a PKIMessage: {e}")))?;
-        let header = &message.header;
+        let not_cmp = |e: CaError| CaError::Protocol(format!("response is not a PKIMessage: {e}"));
+        let received = message::received(der).map_err(not_cmp)?;
+        let header = received.header().map_err(not_cmp)?;
         if octets(header.trans_id.as_ref()) != Some(transaction.id.as_slice()) {
             return Err(CaError::Protocol(
                 "response for another transactionID".into(),
@@ -592,46 +592,44 @@ impl CmpClient {
                 "response's recipNonce is not our senderNonce".into(),
             ));
         }
-        self.check_protection(&message, protector)?;
-        if let PkiBody::Error(content) = &message.body {
-            let content = content.to_der()?;
-            let content = ErrorContent::from_der(&content)?;
-            return Err(CaError::Refused(describe_status(&content.status)));
+        self.check_protection(&header, &received, protector)?;
+        if let Some(text) = message::describe_error(&received.body)? {
+            return Err(CaError::Refused(text));
         }
-        Ok(message)
+        PkiMessage::from_der(der)
+            .map_err(|e| CaError::Protocol(format!("response is not a PKIMessage: {e}")))
     }
 
     fn check_protection(
         &self,
-        message: &PkiMessage<'_>,
+        header: &PkiHeader<'_>,
+        received: &message::Received,
         protector: &Protector<'_>,
     ) -> Result<(), CaError> {
-        let alg = message
-            .header
+        let alg = header
             .protection_alg
             .as_ref()
             .ok_or_else(|| CaError::Protection("response is not protected".into()))?;
-        let protection = message
+        let protection = received
             .protection
             .as_ref()
             .ok_or_else(|| CaError::Protection("response is not protected".into()))?;
-        let protected = message::protected_part(&message.header, &message.body)?;
         if alg.oid == pbm::ID_PASSWORD_BASED_MAC {
             let Protector::Pbm { secret, .. } = protector else {
                 return Err(CaError::Protection(
                     "PBM-protected response to a signed request".into(),
                 ));
             };
-            return pbm::verify(alg, secret, &protected, protection.raw_bytes());
+            return pbm::verify(alg, secret, &received.protected, protection.raw_bytes());
         }
-        let extra = message.extra_certs.as_deref().unwrap_or_default();
+        let extra = &received.extra_certs;
         let signer = extra
             .first()
             .ok_or_else(|| CaError::Protection("signed response without extraCerts".into()))?;
         message::verify_signature(
             &signer.tbs_certificate.subject_public_key_info,
             alg,
-            &protected,
+            &received.protected,
             protection.raw_bytes(),
         )?;
         if !chains_to(signer, &extra[1..], &self.trusted, SystemTime::now()) {

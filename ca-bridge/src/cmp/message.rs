@@ -5,16 +5,16 @@ use std::time::SystemTime;
 
 use cmpv2::body::PkiBody;
 use cmpv2::header::{PkiFreeText, PkiHeader, Pvno};
-use cmpv2::message::{PkiMessage, ProtectedPart};
-use cmpv2::status::{PkiFailureInfo, PkiStatus, PkiStatusInfo};
+
+use cmpv2::status::{PkiStatus, PkiStatusInfo};
 use const_oid::ObjectIdentifier;
 use const_oid::db::rfc5280::ID_CE_CERTIFICATE_POLICIES;
 use const_oid::db::rfc5912::{
     ECDSA_WITH_SHA_256, ECDSA_WITH_SHA_384, ID_EC_PUBLIC_KEY, RSA_ENCRYPTION, SECP_256_R_1,
     SECP_384_R_1, SHA_256_WITH_RSA_ENCRYPTION,
 };
-use der::asn1::{Any, BitString, GeneralizedTime, OctetString};
-use der::{Decode, Encode, Sequence, Tagged as _};
+use der::asn1::{Any, BitString, GeneralizedTime, OctetString, Utf8StringRef};
+use der::{Decode, Encode, Sequence, Tag, TagNumber, Tagged as _};
 use sha2::{Digest as _, Sha256, Sha384};
 use spki::{AlgorithmIdentifierOwned, SubjectPublicKeyInfoOwned};
 use x509_cert::certificate::Certificate;
@@ -27,13 +27,181 @@ use crate::error::CaError;
 /// Bytes of transaction ids and nonces (RFC 9483 section 3.1: at least 128 bits).
 pub(crate) const NONCE_LEN: usize = 16;
 
-/// ErrorMsgContent (RFC 4210 section 5.3.21), mirrored because cmpv2 0.2 keeps its fields
-/// private: messages are built and read through this type's DER.
+/// PKIFailureInfo bits (RFC 4210 section 5.2.3) this crate sends. cmpv2 0.2's
+/// `PkiFailureInfoValues` uses the bit numbers as masks, so its failInfo is wrong on the wire:
+/// failure bits are written and read here, through [`StatusInfo`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[allow(clippy::enum_variant_names)] // RFC 4210 names the bits so (systemFailure)
+pub(crate) enum Failure {
+    BadMessageCheck = 1,
+    BadRequest = 2,
+    BadCertId = 4,
+    BadDataFormat = 5,
+    BadPOP = 9,
+    CertRevoked = 10,
+    BadRecipientNonce = 13,
+    BadCertTemplate = 19,
+    TransactionIdInUse = 21,
+    NotAuthorized = 23,
+    SystemUnavail = 24,
+    SystemFailure = 25,
+}
+
+/// The names of PKIFailureInfo's bits, by bit number.
+const FAILURE_NAMES: [&str; 27] = [
+    "badAlg",
+    "badMessageCheck",
+    "badRequest",
+    "badTime",
+    "badCertId",
+    "badDataFormat",
+    "wrongAuthority",
+    "incorrectData",
+    "missingTimeStamp",
+    "badPOP",
+    "certRevoked",
+    "certConfirmed",
+    "wrongIntegrity",
+    "badRecipientNonce",
+    "timeNotAvailable",
+    "unacceptedPolicy",
+    "unacceptedExtension",
+    "addInfoNotAvailable",
+    "badSenderNonce",
+    "badCertTemplate",
+    "signerNotTrusted",
+    "transactionIdInUse",
+    "unsupportedVersion",
+    "notAuthorized",
+    "systemUnavail",
+    "systemFailure",
+    "duplicateCertReq",
+];
+
+/// PKIStatusInfo (RFC 4210 section 5.2.3) with failInfo as a plain BIT STRING.
+#[derive(Clone, Debug, Sequence)]
+pub(crate) struct StatusInfo<'a> {
+    pub(crate) status: PkiStatus,
+    pub(crate) status_string: Option<PkiFreeText<'a>>,
+    pub(crate) fail_info: Option<BitString>,
+}
+
+/// ErrorMsgContent (RFC 4210 section 5.3.21) over [`StatusInfo`].
 #[derive(Clone, Debug, Sequence)]
 pub(crate) struct ErrorContent<'a> {
-    pub(crate) status: PkiStatusInfo<'a>,
+    pub(crate) status: StatusInfo<'a>,
     pub(crate) error_code: Option<u64>,
     pub(crate) error_details: Option<PkiFreeText<'a>>,
+}
+
+/// PKIMessage with the header and body kept as they came: protection is checked over the
+/// received bytes, never over a re-encoding.
+#[derive(Clone, Debug, Sequence)]
+struct RawMessage {
+    header: Any,
+    body: Any,
+    #[asn1(context_specific = "0", tag_mode = "EXPLICIT", optional = "true")]
+    protection: Option<BitString>,
+    #[asn1(context_specific = "1", tag_mode = "EXPLICIT", optional = "true")]
+    extra_certs: Option<Vec<Certificate>>,
+}
+
+/// ProtectedPart (RFC 4210 section 5.1.3) over raw header and body.
+#[derive(Clone, Debug, Sequence)]
+struct RawProtectedPart {
+    header: Any,
+    body: Any,
+}
+
+/// The body tag of an error message: [23] EXPLICIT.
+fn error_tag() -> Tag {
+    Tag::ContextSpecific {
+        constructed: true,
+        number: TagNumber::new(23),
+    }
+}
+
+/// The error body for `failure` with `text`.
+pub(crate) fn error_body(failure: Failure, text: &str) -> Result<Any, CaError> {
+    let bit = failure as usize;
+    let mut bits = vec![0u8; bit / 8 + 1];
+    bits[bit / 8] = 0x80 >> (bit % 8);
+    let content = ErrorContent {
+        status: StatusInfo {
+            status: PkiStatus::Rejection,
+            status_string: Some(vec![Utf8StringRef::new(text)?]),
+            fail_info: Some(BitString::new((7 - bit % 8) as u8, bits)?),
+        },
+        error_code: None,
+        error_details: None,
+    };
+    Ok(Any::new(error_tag(), content.to_der()?)?)
+}
+
+/// The text of an error body (`None` if `body` is another message type).
+pub(crate) fn describe_error(body: &Any) -> Result<Option<String>, CaError> {
+    if body.tag() != error_tag() {
+        return Ok(None);
+    }
+    let content = ErrorContent::from_der(body.value())?;
+    Ok(Some(describe_status_info(&content.status)))
+}
+
+fn describe_status_info(status: &StatusInfo<'_>) -> String {
+    let mut text = format!("{:?}", status.status);
+    for line in status.status_string.iter().flatten() {
+        text.push_str(": ");
+        text.push_str(line.as_str());
+    }
+    if let Some(fail_info) = &status.fail_info {
+        let names: Vec<&str> = fail_info
+            .bits()
+            .enumerate()
+            .filter(|(_, set)| *set)
+            .map(|(bit, _)| FAILURE_NAMES.get(bit).copied().unwrap_or("unknown"))
+            .collect();
+        text.push_str(&format!(" (failInfo {})", names.join(", ")));
+    }
+    text
+}
+
+/// The received message's protected part (DER of ProtectedPart from the received header and
+/// body), its raw body, protection and extraCerts.
+pub(crate) struct Received {
+    header: Any,
+    pub(crate) protected: Vec<u8>,
+    pub(crate) body: Any,
+    pub(crate) protection: Option<BitString>,
+    pub(crate) extra_certs: Vec<Certificate>,
+}
+
+impl Received {
+    /// The header, parsed.
+    pub(crate) fn header(&self) -> Result<PkiHeader<'_>, CaError> {
+        Ok(self.header.decode_as()?)
+    }
+}
+
+/// Splits a received DER PKIMessage.
+pub(crate) fn received(der: &[u8]) -> Result<Received, CaError> {
+    let raw = RawMessage::from_der(der)?;
+    let protected = RawProtectedPart {
+        header: raw.header.clone(),
+        body: raw.body.clone(),
+    }
+    .to_der()?;
+    Ok(Received {
+        header: raw.header,
+        protected,
+        body: raw.body,
+        protection: raw.protection,
+        extra_certs: raw.extra_certs.unwrap_or_default(),
+    })
+}
+
+/// A body as raw DER.
+pub(crate) fn body_any(body: &PkiBody<'_>) -> Result<Any, CaError> {
+    Ok(Any::from_der(&body.to_der()?)?)
 }
 
 /// The header fields that differ between messages.
@@ -67,12 +235,9 @@ impl HeaderParts {
 }
 
 /// DER of ProtectedPart (RFC 4210 section 5.1.3): what the protection covers.
-pub(crate) fn protected_part(
-    header: &PkiHeader<'_>,
-    body: &PkiBody<'_>,
-) -> Result<Vec<u8>, CaError> {
-    Ok(ProtectedPart {
-        header: header.clone(),
+pub(crate) fn protected_part(header: &PkiHeader<'_>, body: &Any) -> Result<Vec<u8>, CaError> {
+    Ok(RawProtectedPart {
+        header: Any::from_der(&header.to_der()?)?,
         body: body.clone(),
     }
     .to_der()?)
@@ -80,13 +245,13 @@ pub(crate) fn protected_part(
 
 /// A complete message, DER.
 pub(crate) fn encode(
-    header: PkiHeader<'_>,
-    body: PkiBody<'_>,
+    header: &PkiHeader<'_>,
+    body: Any,
     protection: &[u8],
     extra_certs: Vec<Certificate>,
 ) -> Result<Vec<u8>, CaError> {
-    Ok(PkiMessage {
-        header,
+    Ok(RawMessage {
+        header: Any::from_der(&header.to_der()?)?,
         body,
         protection: Some(BitString::from_bytes(protection)?),
         extra_certs: (!extra_certs.is_empty()).then_some(extra_certs),
@@ -252,21 +417,19 @@ pub(crate) fn policies(extensions: Option<&Extensions>) -> Result<Vec<Any>, CaEr
             fields
                 .into_iter()
                 .next()
-                .filter(|oid| oid.tag() == der::Tag::ObjectIdentifier)
+                .filter(|oid| oid.tag() == Tag::ObjectIdentifier)
                 .ok_or_else(|| CaError::Protocol("policyInformation without a policy".into()))
         })
         .collect()
 }
 
-/// A status text for errors: the status, its texts and the failure bits (as a peer sent them).
+/// A status text for errors: the status and its texts. (cmpv2 0.2 misreads failInfo bits,
+/// so they are left out here; error messages are read with [`describe_error`].)
 pub(crate) fn describe_status(status: &PkiStatusInfo<'_>) -> String {
     let mut text = format!("{:?}", status.status);
     for line in status.status_string.iter().flatten() {
         text.push_str(": ");
         text.push_str(line.as_str());
-    }
-    if let Some(fail_info) = status.fail_info {
-        text.push_str(&format!(" (failInfo {fail_info:?})"));
     }
     text
 }
@@ -277,18 +440,6 @@ pub(crate) fn granted(status: &PkiStatusInfo<'_>) -> bool {
         status.status,
         PkiStatus::Accepted | PkiStatus::GrantedWithMods
     )
-}
-
-/// A rejection status with one text and failure bits.
-pub(crate) fn rejection<'a>(
-    fail_info: PkiFailureInfo,
-    text: &'a str,
-) -> Result<PkiStatusInfo<'a>, CaError> {
-    Ok(PkiStatusInfo {
-        status: PkiStatus::Rejection,
-        status_string: Some(vec![der::asn1::Utf8StringRef::new(text)?]),
-        fail_info: Some(fail_info),
-    })
 }
 
 /// An accepted status without text.
@@ -311,25 +462,30 @@ mod tests {
 
     #[test]
     fn garbage_is_not_a_message() {
+        use cmpv2::message::PkiMessage;
         assert!(PkiMessage::from_der(b"\x30\x03\x02\x01\x02").is_err());
         assert!(PkiMessage::from_der(b"not DER at all").is_err());
     }
 
     #[test]
-    fn error_content_round_trips_through_cmpv2() {
-        let content = ErrorContent {
-            status: rejection(
-                cmpv2::status::PkiFailureInfoValues::BadMessageCheck.into(),
-                "bad",
-            )
-            .unwrap(),
-            error_code: None,
-            error_details: None,
-        };
-        let der = content.to_der().unwrap();
-        let parsed = cmpv2::status::ErrorMsgContent::from_der(&der).unwrap();
-        assert_eq!(parsed.to_der().unwrap(), der);
-        let back = ErrorContent::from_der(&der).unwrap();
-        assert!(describe_status(&back.status).contains("BadMessageCheck"));
+    fn error_bodies_carry_the_right_failure_bit() {
+        let body = error_body(Failure::NotAuthorized, "no").unwrap();
+        let text = describe_error(&body).unwrap().unwrap();
+        assert_eq!(text, "Rejection: no (failInfo notAuthorized)");
+        let body = error_body(Failure::BadMessageCheck, "bad").unwrap();
+        // failInfo BIT STRING: one content octet 0x40 with 6 unused bits.
+        assert!(
+            body.value()
+                .windows(4)
+                .any(|w| w == [0x03, 0x02, 0x06, 0x40])
+        );
+        let ok = body_any(&PkiBody::PkiConf(der::asn1::Null)).unwrap();
+        assert_eq!(describe_error(&ok).unwrap(), None);
+    }
+
+    #[test]
+    fn truncated_messages_are_refused() {
+        assert!(received(b"\x30\x03\x02\x01\x02").is_err());
+        assert!(received(&[]).is_err());
     }
 }

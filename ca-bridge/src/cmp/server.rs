@@ -12,7 +12,7 @@ use cmpv2::header::PkiHeader;
 use cmpv2::message::PkiMessage;
 use cmpv2::response::{CertRepMessage, CertResponse};
 use cmpv2::rev::{RevDetails, RevRepContent};
-use cmpv2::status::{CertStatus, ErrorMsgContent, PkiFailureInfoValues as Fail};
+use cmpv2::status::CertStatus;
 use const_oid::db::rfc5280::ID_CE_CRL_REASONS;
 use crmf::pop::ProofOfPossession;
 use crmf::request::CertReqMsg;
@@ -25,8 +25,8 @@ use x509_cert::ext::pkix::name::GeneralName;
 use x509_cert::name::Name;
 
 use super::message::{
-    self, ErrorContent, HeaderParts, NONCE_LEN, accepted, granted, issued_by, octets, policies,
-    rejection,
+    self, Failure as Fail, HeaderParts, NONCE_LEN, Received, accepted, granted, issued_by, octets,
+    policies,
 };
 use super::pbm;
 use crate::embedded_ca::cmp_support::ID_KP_CMC_RA;
@@ -142,8 +142,12 @@ impl CmpServer {
                 return Vec::new();
             }
         };
-        let message = match PkiMessage::from_der(request_der) {
-            Ok(message) => message,
+        let parsed = message::received(request_der).and_then(|received| {
+            let message = PkiMessage::from_der(request_der)?;
+            Ok((received, message))
+        });
+        let (received, message) = match parsed {
+            Ok(parsed) => parsed,
             Err(_) => {
                 let refusal = refuse(Fail::BadDataFormat, "not a DER PKIMessage");
                 return self.error_response(None, None, nonce, refusal, now).await;
@@ -159,7 +163,7 @@ impl CmpServer {
                 .error_response(Some(header), None, nonce, refusal, now)
                 .await;
         }
-        let sender = match self.authenticate(&message, now).await {
+        let sender = match self.authenticate(&message, &received, now).await {
             Ok(sender) => sender,
             Err(refusal) => {
                 tracing::info!(reason = %refusal.text, "CMP request not authenticated");
@@ -170,7 +174,7 @@ impl CmpServer {
         };
         match self.dispatch(&message, &sender, &nonce, now).await {
             Ok(body) => match self
-                .respond(Some(header), Some(&sender), nonce.clone(), body, now)
+                .respond_with(Some(header), Some(&sender), nonce.clone(), &body, now)
                 .await
             {
                 Ok(der) => der,
@@ -193,17 +197,17 @@ impl CmpServer {
     async fn authenticate(
         &self,
         message: &PkiMessage<'_>,
+        received: &Received,
         now: SystemTime,
     ) -> Result<Sender, Refusal> {
         let header = &message.header;
-        let (Some(alg), Some(protection)) = (&header.protection_alg, &message.protection) else {
+        let (Some(alg), Some(protection)) = (&header.protection_alg, &received.protection) else {
             return Err(refuse(
                 Fail::BadMessageCheck,
                 "the request is not protected",
             ));
         };
-        let protected = message::protected_part(header, &message.body)
-            .map_err(|_| refuse(Fail::BadDataFormat, "cannot encode the protected part"))?;
+        let protected = &received.protected;
         if alg.oid == pbm::ID_PASSWORD_BASED_MAC {
             let kid = octets(header.sender_kid.as_ref())
                 .ok_or_else(|| refuse(Fail::BadMessageCheck, "PBM without a senderKID"))?;
@@ -214,19 +218,18 @@ impl CmpServer {
                 .position(|(reference, _)| reference.as_slice() == kid)
                 .ok_or_else(|| refuse(Fail::NotAuthorized, "unknown PBM reference"))?;
             let secret = &self.config.pbm_secrets[index].1;
-            pbm::verify(alg, secret, &protected, protection.raw_bytes())
-                .map_err(|_| refuse(Fail::BadMessageCheck, "PBM protection does not verify"))?;
+            pbm::verify(alg, secret, protected, protection.raw_bytes())
+                .map_err(|e| refuse(Fail::BadMessageCheck, e.to_string()))?;
             return Ok(Sender::Pbm(index));
         }
-        let signer = message
+        let signer = received
             .extra_certs
-            .as_deref()
-            .and_then(<[Certificate]>::first)
+            .first()
             .ok_or_else(|| refuse(Fail::BadMessageCheck, "signed request without extraCerts"))?;
         message::verify_signature(
             &signer.tbs_certificate.subject_public_key_info,
             alg,
-            &protected,
+            protected,
             protection.raw_bytes(),
         )
         .map_err(|_| {
@@ -573,15 +576,8 @@ impl CmpServer {
         now: SystemTime,
     ) -> Vec<u8> {
         let made = async {
-            let content = ErrorContent {
-                status: rejection(refusal.fail.into(), &refusal.text)?,
-                error_code: None,
-                error_details: None,
-            }
-            .to_der()?;
-            let content = ErrorMsgContent::from_der(&content)?;
-            self.respond(request, sender, nonce, PkiBody::Error(content), now)
-                .await
+            let body = message::error_body(refusal.fail, &refusal.text)?;
+            self.respond(request, sender, nonce, body, now).await
         };
         match made.await {
             Ok(der) => der,
@@ -592,6 +588,18 @@ impl CmpServer {
         }
     }
 
+    async fn respond_with(
+        &self,
+        request: Option<&PkiHeader<'_>>,
+        sender: Option<&Sender>,
+        nonce: Vec<u8>,
+        body: &PkiBody<'_>,
+        now: SystemTime,
+    ) -> Result<Vec<u8>, CaError> {
+        let body = message::body_any(body)?;
+        self.respond(request, sender, nonce, body, now).await
+    }
+
     /// A response to `request`, protected as the request was (PBM with the same secret) or by
     /// the issuing CA's signature.
     async fn respond(
@@ -599,7 +607,7 @@ impl CmpServer {
         request: Option<&PkiHeader<'_>>,
         sender: Option<&Sender>,
         nonce: Vec<u8>,
-        body: PkiBody<'_>,
+        body: der::asn1::Any,
         now: SystemTime,
     ) -> Result<Vec<u8>, CaError> {
         let recipient = match request.map(|h| &h.sender) {
@@ -650,7 +658,7 @@ impl CmpServer {
                     .collect::<Result<Vec<_>, _>>()?,
             ),
         };
-        message::encode(header, body, &protection, extra_certs)
+        message::encode(&header, body, &protection, extra_certs)
     }
 }
 
