@@ -14,9 +14,9 @@
 //! services of the CA-bridge issue can sit on top of [`EmbeddedCa::issue`],
 //! [`EmbeddedCa::revoke`], [`EmbeddedCa::status`] and [`EmbeddedCa::revocations`].
 
-mod cmp_support;
-mod policy_oid;
-mod profile;
+pub(crate) mod cmp_support;
+pub(crate) mod policy_oid;
+pub(crate) mod profile;
 mod revocation_support;
 mod state;
 
@@ -36,6 +36,7 @@ use sha2::{Digest as _, Sha256, Sha384};
 use spki::SubjectPublicKeyInfoOwned;
 use x509_cert::certificate::Certificate;
 use x509_cert::ext::pkix::SubjectKeyIdentifier;
+use x509_cert::name::Name;
 
 use crate::error::CaError;
 use crate::x509::{
@@ -364,14 +365,34 @@ impl EmbeddedCa {
     /// Issues a subscriber certificate signed by the issuing CA in the HSM and records it. The
     /// serial is 16 random bytes from the HSM's generator.
     pub async fn issue(&self, request: IssueRequest) -> Result<IssuedCertificate, CaError> {
-        let spki = subject_key(&request.public_key_spki_der)?;
         let subject = profile::subscriber_name(
             &self.organisation,
             &request.surname,
             request.given_name.as_deref(),
             &request.hkic_hash_hex,
         )?;
-        let validity = validity(request.not_before, request.not_after)?;
+        self.issue_named(
+            subject,
+            &request.public_key_spki_der,
+            request.profile,
+            request.not_before,
+            request.not_after,
+        )
+        .await
+    }
+
+    /// [`EmbeddedCa::issue`] for a subject name made elsewhere (a CMP certificate template, or
+    /// the subject of the certificate a key update replaces).
+    pub(crate) async fn issue_named(
+        &self,
+        subject: Name,
+        public_key_spki_der: &[u8],
+        profile: Profile,
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Result<IssuedCertificate, CaError> {
+        let spki = subject_key(public_key_spki_der)?;
+        let validity = validity(not_before, not_after)?;
         if validity.not_after.to_system_time()
             > self
                 .issuing
@@ -383,7 +404,7 @@ impl EmbeddedCa {
         {
             return Err(CaError::OutsideCaValidity);
         }
-        let policy = match request.profile {
+        let policy = match profile {
             Profile::Adult => &self.subscriber.adult_policy,
             Profile::Minor => &self.subscriber.minor_policy,
         };
@@ -405,8 +426,6 @@ impl EmbeddedCa {
 
         let state = Arc::clone(&self.state);
         let row_serial = serial_hex.clone();
-        let (profile, not_before, not_after) =
-            (request.profile, request.not_before, request.not_after);
         blocking(move || {
             state.insert(&IssuedRow {
                 serial_hex: &row_serial,

@@ -75,7 +75,7 @@ pub(super) fn issuing_extensions(
 
 /// The subscriber's name: `C=HK, O=..., CN=<given_name surname | surname>, SN=surname,
 /// GN=given_name, serialNumber=<keyed HKIC hash, hex>` (never the HKIC number itself).
-pub(super) fn subscriber_name(
+pub(crate) fn subscriber_name(
     organisation: &str,
     surname: &str,
     given_name: Option<&str>,
