@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod revocation_common;
+#[allow(unreachable_pub)] // the shared server's items are `pub` for every test binary
 mod support;
 
 use std::path::{Path, PathBuf};
