@@ -27,8 +27,8 @@ pub struct StatusPolicy {
     /// The oldest a "good" answer may be (since its thisUpdate) to be used.
     pub max_age: Duration,
     /// `None` (the default) fails closed: without a fresh status the certificate's status is
-    /// unavailable. `Some(g)`: a good answer up to `max_age + g` old is still accepted when no
-    /// fresh one can be had.
+    /// unavailable. `Some(g)`: a good OCSP answer up to `max_age + g` old (and before its
+    /// nextUpdate, RFC 5019 section 4) is still accepted when no fresh one can be had.
     pub grace: Option<Duration>,
     /// The time limit of each request to the CA.
     pub timeout: Duration,
