@@ -65,6 +65,14 @@ impl VerifiedCrl {
             &list.signature,
         )
         .map_err(|e| CaError::Protection(format!("CRL: {e}")))?;
+        // A critical extension this client does not understand (a delta CRL indicator, an
+        // issuing distribution point narrowing the scope) makes the CRL unusable (RFC 5280
+        // section 5.2).
+        if tbs.crl_extensions.iter().flatten().any(|e| e.critical) {
+            return Err(protocol(
+                "a critical CRL extension this client does not support",
+            ));
+        }
         let this_update = tbs.this_update.to_system_time();
         let next_update = tbs
             .next_update

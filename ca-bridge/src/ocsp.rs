@@ -2,7 +2,8 @@
 //! OpenSSL expect, with a 16-byte nonce), POST it (RFC 6960 appendix A.1), and check the
 //! response: successful, signed by the issuer itself or by a delegated responder certificate
 //! that the issuer issued for id-kp-OCSPSigning (section 4.2.2.2), our nonce, our CertID, a
-//! thisUpdate not in the future and a nextUpdate not passed.
+//! thisUpdate not in the future and a nextUpdate not passed. GET requests (appendix A.1) are
+//! built by [`OcspQuery::send_get`] and read back by a responder with [`request_from_get_path`].
 
 use std::time::{Duration, SystemTime};
 
@@ -151,6 +152,20 @@ impl OcspQuery {
         self.check_response(&response, now)
     }
 
+    /// Sends the request with GET, the base64 of its DER appended to `url` (RFC 6960 appendix
+    /// A.1; RFC 5019 responders prefer it for caching), and checks the response at `now`.
+    pub async fn send_get(
+        &self,
+        transport: &HttpTransport,
+        url: &str,
+        now: SystemTime,
+    ) -> Result<OcspAnswer, CaError> {
+        let response = transport
+            .get(&get_url(url, &self.der), OCSP_RESPONSE_CONTENT_TYPE)
+            .await?;
+        self.check_response(&response, now)
+    }
+
     /// Checks a DER OCSPResponse against this request at `now`: [`CaError::Refused`] for an
     /// unsuccessful status, [`CaError::Protection`] for a signature or signer that does not
     /// verify, [`CaError::Protocol`] for anything else that does not fit.
@@ -261,6 +276,48 @@ impl OcspQuery {
     }
 }
 
+/// The URL of a GET request: `base`, a slash, and the URL-encoded base64 of `request_der`.
+pub fn get_url(base: &str, request_der: &[u8]) -> String {
+    use base64::Engine as _;
+    let encoded = base64::engine::general_purpose::STANDARD.encode(request_der);
+    let mut url = base.trim_end_matches('/').to_owned();
+    url.push('/');
+    for c in encoded.chars() {
+        match c {
+            '+' => url.push_str("%2B"),
+            '/' => url.push_str("%2F"),
+            '=' => url.push_str("%3D"),
+            c => url.push(c),
+        }
+    }
+    url
+}
+
+/// The DER request of a GET: `encoded` is the part of the path after the responder's own
+/// (URL-encoded base64, RFC 6960 appendix A.1). [`CaError::Protocol`] when it does not decode;
+/// a responder answers that with `malformedRequest`.
+pub fn request_from_get_path(encoded: &str) -> Result<Vec<u8>, CaError> {
+    use base64::Engine as _;
+    let bad = || CaError::Protocol("OCSP GET: not URL-encoded base64".into());
+    let bytes = encoded.as_bytes();
+    let mut text = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes.get(i + 1..i + 3).ok_or_else(bad)?;
+            let hex = std::str::from_utf8(hex).map_err(|_| bad())?;
+            text.push(u8::from_str_radix(hex, 16).map_err(|_| bad())?);
+            i += 3;
+        } else {
+            text.push(bytes[i]);
+            i += 1;
+        }
+    }
+    base64::engine::general_purpose::STANDARD
+        .decode(&text)
+        .map_err(|_| bad())
+}
+
 /// Whether the responderID names `cert` (by name, or by the SHA-1 of its key).
 fn names(id: &ResponderId, cert: &Certificate) -> Result<bool, CaError> {
     let tbs = &cert.tbs_certificate;
@@ -280,4 +337,20 @@ fn same_cert_id(a: &CertId, b: &CertId) -> bool {
         && a.issuer_name_hash == b.issuer_name_hash
         && a.issuer_key_hash == b.issuer_key_hash
         && a.serial_number == b.serial_number
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn get_paths_round_trip() {
+        let der: Vec<u8> = (0..=255u8).collect();
+        let url = get_url("http://127.0.0.1:1/ocsp/", &der);
+        let encoded = url.strip_prefix("http://127.0.0.1:1/ocsp/").unwrap();
+        assert!(!encoded.contains(['+', '/', '=']));
+        assert_eq!(request_from_get_path(encoded).unwrap(), der);
+        assert!(request_from_get_path("%zz").is_err());
+        assert!(request_from_get_path("%4").is_err());
+    }
 }

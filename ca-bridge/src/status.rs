@@ -27,8 +27,8 @@ pub struct StatusPolicy {
     /// The oldest a "good" answer may be (since its thisUpdate) to be used.
     pub max_age: Duration,
     /// `None` (the default) fails closed: without a fresh status the certificate's status is
-    /// unavailable. `Some(g)`: a good answer up to `max_age + g` old is still accepted when no
-    /// fresh one can be had.
+    /// unavailable. `Some(g)`: a good OCSP answer up to `max_age + g` old (and before its
+    /// nextUpdate, RFC 5019 section 4) is still accepted when no fresh one can be had.
     pub grace: Option<Duration>,
     /// The time limit of each request to the CA.
     pub timeout: Duration,
@@ -168,7 +168,7 @@ impl StatusChecker {
     /// [`CaError::Protection`].
     pub async fn check(&self, cert_der: &[u8], now: SystemTime) -> Result<CertStatus, CaError> {
         let target = self.target(cert_der)?;
-        if let Some(status) = self.from_cache(&target, now)? {
+        if let Some(status) = self.cached_status(&target, now)? {
             return Ok(status);
         }
 
@@ -213,7 +213,11 @@ impl StatusChecker {
     }
 
     /// A cached answer usable at `now`, starting a background refresh past half its life.
-    fn from_cache(&self, target: &Target, now: SystemTime) -> Result<Option<CertStatus>, CaError> {
+    fn cached_status(
+        &self,
+        target: &Target,
+        now: SystemTime,
+    ) -> Result<Option<CertStatus>, CaError> {
         let mut answers = lock(&self.inner.answers)?;
         let Some(cached) = answers.get_mut(&target.serial_hex) else {
             self.inner.observer.cache_lookup(false);
@@ -226,29 +230,31 @@ impl StatusChecker {
             _ => None,
         };
         self.inner.observer.cache_lookup(status.is_some());
-        if status.is_some() && half_life_passed(&answer, now) && !cached.refreshing {
-            if let OcspStatus::Good = answer.status {
-                cached.refreshing = true;
-                let checker = self.clone();
-                let target = Target {
-                    cert_der: target.cert_der.clone(),
-                    serial_hex: target.serial_hex.clone(),
-                    ocsp_url: target.ocsp_url.clone(),
-                    crl_url: None,
-                };
-                tokio::spawn(async move {
-                    let fetched = checker.fetch_ocsp(&target, now).await;
-                    if let Ok(mut answers) = lock(&checker.inner.answers) {
-                        if let Some(cached) = answers.get_mut(&target.serial_hex) {
-                            cached.refreshing = false;
-                        }
-                    }
-                    if let Err(e) = fetched {
-                        tracing::warn!(serial = %target.serial_hex, error = %e,
-                            "background OCSP refresh failed");
-                    }
-                });
-            }
+        if status.is_some()
+            && answer.status == OcspStatus::Good
+            && half_life_passed(&answer, now)
+            && !cached.refreshing
+        {
+            cached.refreshing = true;
+            let checker = self.clone();
+            let target = Target {
+                cert_der: target.cert_der.clone(),
+                serial_hex: target.serial_hex.clone(),
+                ocsp_url: target.ocsp_url.clone(),
+                crl_url: None,
+            };
+            tokio::spawn(async move {
+                let fetched = checker.fetch_ocsp(&target, now).await;
+                if let Ok(mut answers) = lock(&checker.inner.answers)
+                    && let Some(cached) = answers.get_mut(&target.serial_hex)
+                {
+                    cached.refreshing = false;
+                }
+                if let Err(e) = fetched {
+                    tracing::warn!(serial = %target.serial_hex, error = %e,
+                        "background OCSP refresh failed");
+                }
+            });
         }
         Ok(status)
     }
@@ -274,20 +280,19 @@ impl StatusChecker {
             Ok(_) => "the OCSP answer is older than max_age".to_owned(),
             Err(e) => e.to_string(),
         };
-        let crl_error = match self.from_crl(target, now).await {
+        let crl_error = match self.crl_status(target, now).await {
             Ok(status) => return Ok(status),
             Err(e) => e.to_string(),
         };
         if let Some(grace) = self.inner.policy.grace {
             let cached = lock(&self.inner.answers)?.get(&target.serial_hex).copied();
-            if let Some(Cached { answer, .. }) = cached {
-                if answer.status == OcspStatus::Good
-                    && fresh(&answer, now, self.inner.policy.max_age + grace)
-                {
-                    tracing::warn!(serial = %target.serial_hex,
-                        "no fresh status; using a good answer within the grace period");
-                    return Ok(to_status(&answer, true));
-                }
+            if let Some(Cached { answer, .. }) = cached
+                && answer.status == OcspStatus::Good
+                && fresh(&answer, now, self.inner.policy.max_age + grace)
+            {
+                tracing::warn!(serial = %target.serial_hex,
+                    "no fresh status; using a good answer within the grace period");
+                return Ok(to_status(&answer, true));
             }
         }
         Err(CaError::StatusUnavailable(format!(
@@ -329,7 +334,7 @@ impl StatusChecker {
 
     /// The status from the CRL, fetched when none is cached for this URL or the cached one's
     /// nextUpdate has passed.
-    async fn from_crl(&self, target: &Target, now: SystemTime) -> Result<CertStatus, CaError> {
+    async fn crl_status(&self, target: &Target, now: SystemTime) -> Result<CertStatus, CaError> {
         let url = target
             .crl_url
             .as_deref()

@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod revocation_common;
+#[allow(unreachable_pub)] // the shared server's items are `pub` for every test binary
 mod support;
 
 use std::path::{Path, PathBuf};
@@ -13,7 +14,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use ca_bridge::EmbeddedCa;
-use ca_bridge::transport::{CRL_CONTENT_TYPE, OCSP_RESPONSE_CONTENT_TYPE};
+use ca_bridge::ocsp::{OcspQuery, OcspStatus};
+use ca_bridge::transport::{CRL_CONTENT_TYPE, HttpTransport, OCSP_RESPONSE_CONTENT_TYPE};
 use der::Decode;
 use revocation_common::{embedded_ca, issue, openssl, run, run_any};
 use x509_ocsp::{OcspResponse, OcspResponseStatus};
@@ -31,6 +33,13 @@ async fn serve_ca(ca: Arc<EmbeddedCa>) -> support::TestServer {
                     OCSP_RESPONSE_CONTENT_TYPE.to_owned(),
                     ca.ocsp_response(&body, SystemTime::now(), HOUR).await,
                 ),
+                ("GET", path) if path.starts_with("/ocsp/") => {
+                    let body = match ca_bridge::ocsp::request_from_get_path(&path[6..]) {
+                        Ok(der) => ca.ocsp_response(&der, SystemTime::now(), HOUR).await,
+                        Err(_) => ca.ocsp_response(b"", SystemTime::now(), HOUR).await,
+                    };
+                    (200, OCSP_RESPONSE_CONTENT_TYPE.to_owned(), body)
+                }
                 ("GET", "/crl") => match ca.crl(SystemTime::now(), 24 * HOUR).await {
                     Ok(crl) => (200, CRL_CONTENT_TYPE.to_owned(), crl),
                     Err(_) => (500, "text/plain".to_owned(), Vec::new()),
@@ -128,6 +137,32 @@ async fn openssl_ocsp_sees_good_then_revoked_with_the_reason() {
             "OCSP Nonce",
         ],
     );
+
+    // Our client by POST and by GET: revoked with the reason, other.pem good.
+    let transport = HttpTransport::new(Duration::from_secs(5)).unwrap();
+    let query = OcspQuery::new(ca.issuing_der(), &ee.der).unwrap();
+    let by_post = query
+        .send(&transport, &url, SystemTime::now())
+        .await
+        .unwrap();
+    let by_get = query
+        .send_get(&transport, &url, SystemTime::now())
+        .await
+        .unwrap();
+    for answer in [by_post, by_get] {
+        assert!(
+            matches!(answer.status, OcspStatus::Revoked { reason_code: 1, .. }),
+            "{answer:?}"
+        );
+    }
+    let other_der = std::fs::read_to_string(dir.path().join("other.pem")).unwrap();
+    let other_der = der::pem::decode_vec(other_der.as_bytes()).unwrap().1;
+    let query = OcspQuery::new(ca.issuing_der(), &other_der).unwrap();
+    let answer = query
+        .send_get(&transport, &url, SystemTime::now())
+        .await
+        .unwrap();
+    assert_eq!(answer.status, OcspStatus::Good);
 
     // Bytes that are no OCSP request: malformedRequest.
     let garbage = ca

@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod revocation_common;
+#[allow(unreachable_pub)] // the shared server's items are `pub` for every test binary
 mod support;
 
 use std::sync::Arc;
@@ -82,11 +83,12 @@ async fn serve_ca(ca: Arc<EmbeddedCa>, mode: Arc<AtomicU8>) -> support::TestServ
 fn checker(
     ca: &EmbeddedCa,
     server: &support::TestServer,
+    max_age: Duration,
     grace: Option<Duration>,
 ) -> (StatusChecker, Arc<Counts>) {
     let counts = Arc::new(Counts::default());
     let policy = StatusPolicy {
-        max_age: 10 * MINUTE,
+        max_age,
         grace,
         timeout: Duration::from_secs(5),
         ocsp_url: Some(server.url("/ocsp")),
@@ -124,7 +126,7 @@ async fn status_checker_uses_ocsp_the_cache_and_the_crl() {
     let now = SystemTime::now();
 
     // Good from OCSP, then from the cache.
-    let (strict, counts) = checker(&ca, &server, None);
+    let (strict, counts) = checker(&ca, &server, 10 * MINUTE, None);
     let status = strict.check(&ee.der, now).await.unwrap();
     assert!(is_good(&status, StatusSource::Ocsp, false), "{status:?}");
     assert_eq!(counts.ocsp.load(Ordering::SeqCst), 1);
@@ -151,7 +153,7 @@ async fn status_checker_uses_ocsp_the_cache_and_the_crl() {
 
     // Concurrent checks of a cold serial share one fetch.
     let good = issue(&ca, dir.path(), "good.pem").await;
-    let (lenient, lenient_counts) = checker(&ca, &server, Some(HOUR));
+    let (lenient, lenient_counts) = checker(&ca, &server, 10 * MINUTE, Some(HOUR));
     let (a, b, c) = tokio::join!(
         strict.check(&good.der, now),
         strict.check(&good.der, now),
@@ -167,16 +169,33 @@ async fn status_checker_uses_ocsp_the_cache_and_the_crl() {
     );
     assert_eq!(lenient_counts.ocsp.load(Ordering::SeqCst), 1);
 
+    // An answer past half its life (thisUpdate to nextUpdate) is returned at once and refreshed
+    // in the background.
+    let (relaxed, relaxed_counts) = checker(&ca, &server, 2 * HOUR, None);
+    relaxed.check(&good.der, now).await.unwrap();
+    let half_life_later = now + 31 * MINUTE;
+    let status = relaxed.check(&good.der, half_life_later).await.unwrap();
+    assert!(is_good(&status, StatusSource::Ocsp, false), "{status:?}");
+    assert_eq!(relaxed_counts.hits.load(Ordering::SeqCst), 1);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while relaxed_counts.ocsp.load(Ordering::SeqCst) < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no background refresh"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
     // OCSP answers garbage, the CRL is reachable: good from the CRL, revoked from the CRL.
     mode.store(OCSP_GARBAGE, Ordering::SeqCst);
     let other = issue(&ca, dir.path(), "other.pem").await;
-    let (crl_checker, crl_counts) = checker(&ca, &server, None);
+    let (crl_checker, crl_counts) = checker(&ca, &server, 10 * MINUTE, None);
     let status = crl_checker.check(&other.der, now).await.unwrap();
     assert!(is_good(&status, StatusSource::Crl, false), "{status:?}");
     assert_eq!(crl_counts.crl.load(Ordering::SeqCst), 1);
     assert!(crl_counts.crl_ages.load(Ordering::SeqCst) >= 1);
     ca.revoke(&other.serial_hex, 4, now).await.unwrap();
-    let (crl_checker, _) = checker(&ca, &server, None);
+    let (crl_checker, _) = checker(&ca, &server, 10 * MINUTE, None);
     let status = crl_checker.check(&other.der, now).await.unwrap();
     assert!(
         matches!(status, CertStatus::Revoked { reason_code: 4, .. }),
