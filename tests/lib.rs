@@ -7,6 +7,8 @@
 // Test support: a panic, with the reason, is how it reports a failure.
 #![allow(clippy::expect_used)]
 
+pub mod flow;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::{Mutex, OnceLock};

@@ -27,8 +27,9 @@ pub struct StatusPolicy {
     /// The oldest a "good" answer may be (since its thisUpdate) to be used.
     pub max_age: Duration,
     /// `None` (the default) fails closed: without a fresh status the certificate's status is
-    /// unavailable. `Some(g)`: a good OCSP answer up to `max_age + g` old (and before its
-    /// nextUpdate, RFC 5019 section 4) is still accepted when no fresh one can be had.
+    /// unavailable. `Some(g)`: when no fresh answer can be had, the last good OCSP answer is
+    /// still accepted for `g` after it stopped being fresh (the earlier of its nextUpdate and
+    /// `max_age` after its thisUpdate): a bounded ride-through of a CA outage.
     pub grace: Option<Duration>,
     /// The time limit of each request to the CA.
     pub timeout: Duration,
@@ -288,7 +289,7 @@ impl StatusChecker {
             let cached = lock(&self.inner.answers)?.get(&target.serial_hex).copied();
             if let Some(Cached { answer, .. }) = cached
                 && answer.status == OcspStatus::Good
-                && fresh(&answer, now, self.inner.policy.max_age + grace)
+                && within_grace(&answer, now, self.inner.policy.max_age, grace)
             {
                 tracing::warn!(serial = %target.serial_hex,
                     "no fresh status; using a good answer within the grace period");
@@ -393,10 +394,25 @@ async fn within<T>(
         })?
 }
 
-/// A good answer is fresh while younger than `max_age` and before its nextUpdate.
+/// How far a cached answer's thisUpdate may lie ahead of `now` (the caller's clock may have been
+/// moved back, or differ a little from the responder's) before the answer is not used.
+const CLOCK_SKEW: Duration = Duration::from_secs(300);
+
+/// When a good answer stops being fresh: its nextUpdate, or `max_age` after its thisUpdate if
+/// that is earlier.
+fn fresh_until(answer: &OcspAnswer, max_age: Duration) -> SystemTime {
+    answer.next_update.min(answer.this_update + max_age)
+}
+
+/// A good answer is fresh while younger than `max_age`, before its nextUpdate, and not from
+/// the future.
 fn fresh(answer: &OcspAnswer, now: SystemTime, max_age: Duration) -> bool {
-    let age = now.duration_since(answer.this_update).unwrap_or_default();
-    age <= max_age && now < answer.next_update
+    now + CLOCK_SKEW >= answer.this_update && now < fresh_until(answer, max_age)
+}
+
+/// A good answer that is no longer fresh, but stopped being fresh less than `grace` ago.
+fn within_grace(answer: &OcspAnswer, now: SystemTime, max_age: Duration, grace: Duration) -> bool {
+    now + CLOCK_SKEW >= answer.this_update && now < fresh_until(answer, max_age) + grace
 }
 
 /// A just-fetched answer is usable when revoked or unknown, or fresh when good.

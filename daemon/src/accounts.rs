@@ -225,10 +225,10 @@ async fn issue_certificate(
         not_before: not_before.into(),
         not_after: not_after.into(),
     };
-    let issued = match app.ca.issue(request).await {
+    let issued = match app.ca.cmp.issue(&request, &key).await {
         Ok(issued) => issued,
         Err(error) => {
-            tracing::error!(%error, account = account.id.as_str(), "the CA refused to issue");
+            tracing::error!(%error, account = account.id.as_str(), "the CA did not issue");
             destroy_key(app, &key).await;
             return Err(ApiError::Internal);
         }
@@ -265,16 +265,8 @@ async fn destroy_key(app: &App, key: &UserKeyRef) {
 /// Undoes an issuance whose record could not be stored: the CA revokes the certificate (it was
 /// never handed out) and the key is destroyed.
 async fn discard_certificate(app: &App, certificate: &CertificateRecord) {
-    let now = app.clock.now();
-    if let Err(error) = app
-        .ca
-        .revoke(
-            certificate.serial.as_str(),
-            RevocationReason::CessationOfOperation.crl_reason_code(),
-            now.into(),
-        )
-        .await
-    {
+    let reason = RevocationReason::CessationOfOperation;
+    if let Err(error) = revoke_at_ca(app, certificate, reason).await {
         tracing::error!(%error, serial = certificate.serial.as_str(), "could not revoke an unused certificate");
     }
     if let Some(key) = certificate
@@ -284,6 +276,30 @@ async fn discard_certificate(app: &App, certificate: &CertificateRecord) {
     {
         destroy_key(app, &key).await;
     }
+}
+
+/// Asks the CA (over CMP) to revoke `certificate`, and forgets its cached status.
+async fn revoke_at_ca(
+    app: &App,
+    certificate: &CertificateRecord,
+    reason: RevocationReason,
+) -> Result<(), String> {
+    let der = app
+        .unseal(
+            "certificate",
+            &certificate.account_id,
+            &certificate.sealed_der,
+        )
+        .await
+        .map_err(|error| error.code().to_owned())?;
+    let result = app
+        .ca
+        .cmp
+        .revoke(&der, reason.crl_reason_code())
+        .await
+        .map_err(|error| error.to_string());
+    app.ca.status.forget(certificate.serial.as_str());
+    result
 }
 
 /// The body of every account route.
@@ -637,11 +653,7 @@ pub(crate) async fn revoke_current(
         app.store(move |store| store.update_certificate(&certificate))
             .await?;
     }
-    if let Err(error) = app
-        .ca
-        .revoke(serial.as_str(), reason.crl_reason_code(), now.into())
-        .await
-    {
+    if let Err(error) = revoke_at_ca(app, &certificate, reason).await {
         // Local state already refuses every signature; the CA learns of it on the next sweep.
         tracing::error!(%error, serial = serial.as_str(), "the CA did not take the revocation");
     }

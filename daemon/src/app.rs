@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use audit_log::{Actor, AuditEvent, AuditLog, EventName};
-use ca_bridge::EmbeddedCa;
 use cert_lifecycle::{AccountId, SqliteStore};
 use hsm_adapter::{Hsm, KeyAlgorithm, KeyMode};
 use serde_json::{Map, Value};
@@ -31,7 +30,7 @@ pub(crate) struct Policy {
 pub(crate) struct App {
     pub(crate) hsm: Arc<Hsm>,
     pub(crate) store: Arc<SqliteStore>,
-    pub(crate) ca: Arc<EmbeddedCa>,
+    pub(crate) ca: crate::ca::CaLink,
     pub(crate) audit: Arc<AuditLog>,
     pub(crate) clock: Arc<DaemonClock>,
     pub(crate) metrics: Metrics,
@@ -39,10 +38,6 @@ pub(crate) struct App {
     pub(crate) names: NamePolicy,
     /// `--dev`: enables `POST /v1/admin/clock`.
     pub(crate) dev: bool,
-    /// The issuing CA and root, PEM, for signing results.
-    pub(crate) chain_pem: Vec<String>,
-    /// The issuing CA and root, DER, for the CMS certificates.
-    pub(crate) chain_der: Vec<Vec<u8>>,
     pub(crate) started: Instant,
     /// Signing requests being authorised now.
     pub(crate) in_flight: crate::signing::InFlight,

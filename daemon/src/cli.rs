@@ -85,6 +85,16 @@ struct Cli {
           value_parser = ["wrapped", "resident"])]
     key_mode: String,
 
+    /// Ask for certificate status (`/ocsp` and `/crl`) under this base URL instead of the
+    /// embedded CA's listener in --dev, e.g. a proxy that a test can stop.
+    #[arg(long, value_name = "URL", requires = "dev")]
+    status_via: Option<String>,
+
+    /// When no fresh certificate status can be had in --dev, accept a good answer this many
+    /// seconds past its maximum age (default 0: refuse with `status_unavailable`).
+    #[arg(long, value_name = "SECONDS", default_value_t = 0, requires = "dev")]
+    status_grace: u64,
+
     /// Log format, overriding the configuration: text or json.
     #[arg(long, value_name = "FORMAT", value_parser = ["text", "json"])]
     log_format: Option<String>,
@@ -144,6 +154,15 @@ fn run_dev(cli: &Cli) -> Result<ExitCode, String> {
                 crate::dev::config(&state_dir, cli.listen, cli.metrics_listen, ca_address);
             config.policy.key_algorithm = cli.key_algorithm.clone();
             config.hsm.key_mode = cli.key_mode.clone();
+            if let Some(base) = &cli.status_via {
+                let base = base.trim_end_matches('/');
+                config.status.ocsp_url = Some(format!("{base}/ocsp"));
+                config.status.crl_url = Some(format!("{base}/crl"));
+            }
+            if cli.status_grace > 0 {
+                config.status.on_unavailable = "grace".into();
+                config.status.grace_seconds = cli.status_grace;
+            }
             crate::dev::write_config(&state_dir, &config)?;
             init_logging(&config, cli.log_format.as_deref())?;
             let so_pin = crate::server::read_pin(&state_dir.join("hsm/so.pin"))?;
@@ -152,7 +171,7 @@ fn run_dev(cli: &Cli) -> Result<ExitCode, String> {
                 Some(crate::server::DevOptions {
                     so_pin,
                     state_dir,
-                    ca_listener,
+                    ca_listener: Some(ca_listener),
                 }),
             )
             .await

@@ -21,6 +21,8 @@ pub(crate) struct Config {
     pub(crate) audit: AuditConfig,
     pub(crate) ca: CaConfig,
     #[serde(default)]
+    pub(crate) status: StatusConfig,
+    #[serde(default)]
     pub(crate) policy: PolicyConfig,
     #[serde(default)]
     pub(crate) logging: LoggingConfig,
@@ -116,25 +118,71 @@ fn default_checkpoint_interval() -> u64 {
     60
 }
 
-/// The certification authority.
+/// The certification authority, reached over CMP (RFC 9483 over HTTP), and the embedded CA.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct CaConfig {
-    /// The embedded CA's directory (root and issuing certificates, its own state).
-    pub(crate) dir: PathBuf,
-    /// Organisation name in the CA certificates and the subscribers' certificates.
+    /// The CA's CMP endpoint (RFC 6712 HTTP transfer), e.g. `http://ca.example:8080/cmp`.
+    pub(crate) cmp_url: String,
+    /// The issuing CA certificate (PEM) of the iAM Smart-Certs: it signs the certificates, the
+    /// OCSP answers and the CRL, and it is the first certificate of every signature's chain.
+    pub(crate) issuing_certificate: PathBuf,
+    /// The root certificate (PEM) above the issuing CA.
+    pub(crate) root_certificate: PathBuf,
+    /// Signature protection of CMP messages: this daemon's RA certificate (PEM), certifying the
+    /// HSM key `smartsign-cmp-client`. Set this, or `pbm_reference` and `pbm_secret_file`.
+    pub(crate) ra_certificate: Option<PathBuf>,
+    /// PBM protection of CMP messages (RFC 4210 section 5.1.3.1): the reference (senderKID)
+    /// the CA knows the shared secret by.
+    pub(crate) pbm_reference: Option<String>,
+    /// PBM protection: the file holding the shared secret (first line). Never the secret itself.
+    pub(crate) pbm_secret_file: Option<PathBuf>,
+    /// Seconds a CMP, OCSP or CRL request to the CA may take.
+    #[serde(default = "default_ca_timeout")]
+    pub(crate) timeout_seconds: u64,
+    /// Organisation (O) in the subscribers' certificate subjects.
     #[serde(default = "default_organisation")]
     pub(crate) organisation: String,
-    /// The OCSP URL written into issued certificates (AIA).
-    pub(crate) ocsp_url: String,
-    /// The CRL URL written into issued certificates (CRL distribution point).
-    pub(crate) crl_url: String,
-    /// Certificate policy OID of the adult profile.
+    /// Certificate policy OID of the adult profile (sent in the CMP certificate template).
     #[serde(default = "default_adult_policy")]
     pub(crate) adult_policy_oid: String,
     /// Certificate policy OID of the minor profile.
     #[serde(default = "default_minor_policy")]
     pub(crate) minor_policy_oid: String,
+    /// The embedded CA, hosted by this daemon (development and staging; `--dev` sets it up).
+    pub(crate) embedded: Option<EmbeddedCaConfig>,
+}
+
+/// The embedded CA: keys in the HSM, serving CMP, OCSP and the CRL over plain HTTP.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct EmbeddedCaConfig {
+    /// Its directory (root and issuing certificates, its own state, no personal data).
+    pub(crate) dir: PathBuf,
+    /// Where it listens: `POST /cmp`, `GET|POST /ocsp`, `GET /crl`, `GET /ca/*.pem`.
+    pub(crate) listen: SocketAddr,
+    /// The OCSP URL written into the certificates it issues (AIA).
+    pub(crate) ocsp_url: String,
+    /// The CRL URL written into the certificates it issues (CRL distribution point).
+    pub(crate) crl_url: String,
+    /// Seconds between an OCSP answer's thisUpdate and nextUpdate.
+    #[serde(default = "default_ocsp_validity")]
+    pub(crate) ocsp_validity_seconds: u64,
+    /// Seconds between a CRL's thisUpdate and nextUpdate.
+    #[serde(default = "default_crl_validity")]
+    pub(crate) crl_validity_seconds: u64,
+}
+
+fn default_ca_timeout() -> u64 {
+    10
+}
+
+fn default_ocsp_validity() -> u64 {
+    600
+}
+
+fn default_crl_validity() -> u64 {
+    3600
 }
 
 fn default_organisation() -> String {
@@ -147,6 +195,46 @@ fn default_adult_policy() -> String {
 
 fn default_minor_policy() -> String {
     ca_bridge::DEFAULT_MINOR_POLICY_OID.into()
+}
+
+/// The certificate status check before every signature (OCSP, then the CRL).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct StatusConfig {
+    /// The oldest a "good" answer may be, in seconds since the CA produced it, to be used.
+    #[serde(default = "default_status_max_age")]
+    pub(crate) max_age_seconds: u64,
+    /// When no fresh answer can be had: `refuse` (fail closed, `status_unavailable`) or `grace`
+    /// (accept a good answer up to `grace_seconds` older than `max_age_seconds`).
+    #[serde(default = "default_on_unavailable")]
+    pub(crate) on_unavailable: String,
+    /// With `on_unavailable = "grace"`: how much older than `max_age_seconds` a good answer may be.
+    #[serde(default)]
+    pub(crate) grace_seconds: u64,
+    /// Ask this OCSP responder instead of the certificates' AIA URL.
+    pub(crate) ocsp_url: Option<String>,
+    /// Fetch this CRL instead of the certificates' distribution point.
+    pub(crate) crl_url: Option<String>,
+}
+
+impl Default for StatusConfig {
+    fn default() -> Self {
+        Self {
+            max_age_seconds: default_status_max_age(),
+            on_unavailable: default_on_unavailable(),
+            grace_seconds: 0,
+            ocsp_url: None,
+            crl_url: None,
+        }
+    }
+}
+
+fn default_status_max_age() -> u64 {
+    3600
+}
+
+fn default_on_unavailable() -> String {
+    "refuse".into()
 }
 
 /// The rules' knobs.
@@ -324,6 +412,7 @@ impl Config {
         if self.ca.adult_policy_oid == self.ca.minor_policy_oid {
             problems.push("ca.adult_policy_oid and ca.minor_policy_oid must differ".into());
         }
+        problems.extend(self.check_ca());
         for role in self.server.allowed_names.keys() {
             if crate::tls::Role::parse(role).is_none() {
                 problems.push(format!(
@@ -346,6 +435,94 @@ impl Config {
         }
         if self.audit.checkpoint_interval_seconds == 0 {
             problems.push("audit.checkpoint_interval_seconds must be at least 1".into());
+        }
+        problems
+    }
+
+    /// The CA, CMP protection and status-check settings.
+    fn check_ca(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        let url = |problems: &mut Vec<String>, name: &str, value: &str| {
+            if !(value.starts_with("http://") || value.starts_with("https://")) {
+                problems.push(format!(
+                    "{name} {value:?} must be an http:// or https:// URL"
+                ));
+            }
+        };
+        url(&mut problems, "ca.cmp_url", &self.ca.cmp_url);
+        let embedded = self.ca.embedded.as_ref();
+        // The embedded CA writes its certificates on first start.
+        if embedded.is_none() {
+            for (name, path) in [
+                ("ca.issuing_certificate", &self.ca.issuing_certificate),
+                ("ca.root_certificate", &self.ca.root_certificate),
+            ] {
+                if !path.is_file() {
+                    problems.push(format!("{name} {} does not exist", path.display()));
+                }
+            }
+        }
+        let pbm = (&self.ca.pbm_reference, &self.ca.pbm_secret_file);
+        match (&self.ca.ra_certificate, pbm) {
+            (Some(_), (None, None)) => {}
+            (None, (Some(_), Some(file))) => {
+                if !file.is_file() {
+                    problems.push(format!(
+                        "ca.pbm_secret_file {} does not exist",
+                        file.display()
+                    ));
+                }
+            }
+            (None, (None, None)) => problems.push(
+                "set ca.ra_certificate (signature protection) or ca.pbm_reference and \
+                 ca.pbm_secret_file (PBM) to protect CMP messages"
+                    .into(),
+            ),
+            (Some(_), _) => problems
+                .push("set either ca.ra_certificate or the ca.pbm_* settings, not both".into()),
+            (None, _) => {
+                problems.push("ca.pbm_reference and ca.pbm_secret_file go together".into())
+            }
+        }
+        if let Some(ra) = &self.ca.ra_certificate
+            && embedded.is_none()
+            && !ra.is_file()
+        {
+            problems.push(format!("ca.ra_certificate {} does not exist", ra.display()));
+        }
+        if !(1..=120).contains(&self.ca.timeout_seconds) {
+            problems.push("ca.timeout_seconds must be between 1 and 120".into());
+        }
+        if let Some(embedded) = embedded {
+            url(&mut problems, "ca.embedded.ocsp_url", &embedded.ocsp_url);
+            url(&mut problems, "ca.embedded.crl_url", &embedded.crl_url);
+            if !(60..=7 * 86_400).contains(&embedded.ocsp_validity_seconds) {
+                problems.push("ca.embedded.ocsp_validity_seconds must be 60 to 604800".into());
+            }
+            if !(60..=30 * 86_400).contains(&embedded.crl_validity_seconds) {
+                problems.push("ca.embedded.crl_validity_seconds must be 60 to 2592000".into());
+            }
+        }
+        if self.status.max_age_seconds == 0 {
+            problems.push("status.max_age_seconds must be at least 1".into());
+        }
+        match self.status.on_unavailable.as_str() {
+            "refuse" => {}
+            "grace" if self.status.grace_seconds > 0 => {}
+            "grace" => problems.push(
+                "status.on_unavailable = \"grace\" needs status.grace_seconds above 0".into(),
+            ),
+            other => problems.push(format!(
+                "status.on_unavailable is {other:?}; use \"refuse\" (fail closed) or \"grace\""
+            )),
+        }
+        for (name, value) in [
+            ("status.ocsp_url", &self.status.ocsp_url),
+            ("status.crl_url", &self.status.crl_url),
+        ] {
+            if let Some(value) = value {
+                url(&mut problems, name, value);
+            }
         }
         problems
     }

@@ -6,7 +6,8 @@
 //! DIR/tls/ca.pem      root of the server and client certificates
 //! DIR/tls/server.*    the API's server certificate (localhost, 127.0.0.1, ::1)
 //! DIR/clients/NAME.*  client certificates: registrar, gateway, officer, auditor, demo-a, demo-b
-//! DIR/ca/root.pem     the embedded CA's root (its keys are in the token)
+//! DIR/ca/root.pem     the embedded CA's root (its keys are in the token), issuing.pem, and
+//!                     cmp-client.pem: the daemon's RA certificate for CMP signature protection
 //! DIR/smartsign.sqlite, DIR/audit/   the store and the audit log
 //! DIR/smartsignd.toml the configuration this run uses, as an example for production
 //! DIR/endpoints.json  where the listeners are, written after binding
@@ -21,12 +22,15 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::config::{
-    AuditConfig, CaConfig, Config, HsmSection, LoggingConfig, PolicyConfig, ServerConfig,
-    StoreConfig,
+    AuditConfig, CaConfig, Config, EmbeddedCaConfig, HsmSection, LoggingConfig, PolicyConfig,
+    ServerConfig, StatusConfig, StoreConfig,
 };
 
 /// The token's label.
 pub(crate) const TOKEN_LABEL: &str = "smartsign-dev";
+/// The daemon's RA certificate, made by the embedded CA on first start (the CA operator's
+/// enrolment of the RA, done in-process because both run here).
+pub(crate) const RA_CERTIFICATE: &str = "ca/cmp-client.pem";
 
 /// The SoftHSM set-up script: `SMARTSIGN_SOFTHSM_SETUP` when set, else the one in the source tree
 /// this binary was built from.
@@ -142,12 +146,30 @@ pub(crate) fn config(
             checkpoint_interval_seconds: 60,
         },
         ca: CaConfig {
-            dir: state_dir.join("ca"),
+            cmp_url: format!("http://{ca_address}/cmp"),
+            issuing_certificate: state_dir.join("ca/issuing.pem"),
+            root_certificate: state_dir.join("ca/root.pem"),
+            ra_certificate: Some(state_dir.join(RA_CERTIFICATE)),
+            pbm_reference: None,
+            pbm_secret_file: None,
+            timeout_seconds: 10,
             organisation: "smartsign development CA".into(),
-            ocsp_url: format!("http://{ca_address}/ocsp"),
-            crl_url: format!("http://{ca_address}/crl"),
             adult_policy_oid: ca_bridge::DEFAULT_ADULT_POLICY_OID.into(),
             minor_policy_oid: ca_bridge::DEFAULT_MINOR_POLICY_OID.into(),
+            embedded: Some(EmbeddedCaConfig {
+                dir: state_dir.join("ca"),
+                listen: ca_address,
+                ocsp_url: format!("http://{ca_address}/ocsp"),
+                crl_url: format!("http://{ca_address}/crl"),
+                ocsp_validity_seconds: 600,
+                crl_validity_seconds: 3600,
+            }),
+        },
+        // The listener's port may differ from the one in certificates of an earlier start.
+        status: StatusConfig {
+            ocsp_url: Some(format!("http://{ca_address}/ocsp")),
+            crl_url: Some(format!("http://{ca_address}/crl")),
+            ..StatusConfig::default()
         },
         policy: PolicyConfig::default(),
         logging: LoggingConfig::default(),

@@ -317,7 +317,7 @@ pub(crate) async fn serve_plain<F, Fut>(
     shutdown: watch::Receiver<bool>,
     answer: F,
 ) where
-    F: Fn(Method, String) -> Fut + Clone + Send + Sync + 'static,
+    F: Fn(Method, String, Vec<u8>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = (StatusCode, &'static str, Vec<u8>)> + Send + 'static,
 {
     accept_loop(
@@ -328,9 +328,21 @@ pub(crate) async fn serve_plain<F, Fut>(
             let answer = answer.clone();
             async move {
                 let service = service_fn(move |request: Request<Incoming>| {
-                    let reply = answer(request.method().clone(), request.uri().path().to_owned());
+                    let answer = answer.clone();
                     async move {
-                        let (status, content_type, body) = reply.await;
+                        let method = request.method().clone();
+                        let path = request.uri().path().to_owned();
+                        let reply =
+                            match Limited::new(request.into_body(), MAX_BODY).collect().await {
+                                Ok(body) => answer(method, path, body.to_bytes().to_vec()).await,
+                                Err(_) => (
+                                    StatusCode::PAYLOAD_TOO_LARGE,
+                                    "text/plain",
+                                    format!("the request body must be at most {MAX_BODY} bytes\n")
+                                        .into_bytes(),
+                                ),
+                            };
+                        let (status, content_type, body) = reply;
                         Ok::<_, Infallible>(response(status, content_type, body))
                     }
                 });

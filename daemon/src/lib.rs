@@ -11,6 +11,7 @@ mod accounts;
 mod admin;
 mod app;
 mod audit_api;
+mod ca;
 mod ca_http;
 mod cli;
 mod clock;

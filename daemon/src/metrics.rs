@@ -1,6 +1,8 @@
 //! Prometheus metrics, served as text on the operations listener. Labels carry route templates,
 //! algorithms and outcomes, never ids, names or hashes.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use prometheus::{
@@ -19,6 +21,49 @@ pub(crate) struct Metrics {
     pub(crate) pending_requests: IntGauge,
     pub(crate) checkpoint_age: IntGauge,
     pub(crate) audit_tree_size: IntGauge,
+    status: Arc<StatusMetrics>,
+}
+
+/// What the certificate status checker reports: cache use, CA requests and the CRL's age.
+#[derive(Debug)]
+pub(crate) struct StatusMetrics {
+    cache: IntCounterVec,
+    ca_latency: HistogramVec,
+    ca_errors: IntCounterVec,
+    crl_age: IntGauge,
+    /// Whether the latest request to the CA (OCSP or CRL) succeeded, for `/readyz`.
+    last_ok: AtomicBool,
+}
+
+impl StatusMetrics {
+    /// `None` while the CA answers; otherwise why not.
+    pub(crate) fn problem(&self) -> Option<String> {
+        (!self.last_ok.load(Ordering::Relaxed))
+            .then(|| "the latest OCSP or CRL request to the CA failed".to_owned())
+    }
+}
+
+impl ca_bridge::status::StatusObserver for StatusMetrics {
+    fn cache_lookup(&self, hit: bool) {
+        self.cache
+            .with_label_values(&[if hit { "hit" } else { "miss" }])
+            .inc();
+    }
+
+    fn ca_request(&self, kind: &'static str, elapsed: Duration, ok: bool) {
+        self.ca_latency
+            .with_label_values(&[kind])
+            .observe(elapsed.as_secs_f64());
+        if !ok {
+            self.ca_errors.with_label_values(&[kind]).inc();
+        }
+        self.last_ok.store(ok, Ordering::Relaxed);
+    }
+
+    fn crl_age(&self, age: Duration) {
+        self.crl_age
+            .set(i64::try_from(age.as_secs()).unwrap_or(i64::MAX));
+    }
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -75,6 +120,39 @@ impl Metrics {
             "Seconds since the latest signed audit checkpoint",
         )?;
         let audit_tree_size = IntGauge::new("audit_tree_size", "Records in the audit log")?;
+        let status = Arc::new(StatusMetrics {
+            cache: IntCounterVec::new(
+                Opts::new(
+                    "status_cache_total",
+                    "Certificate status lookups by cache result (hit or miss)",
+                ),
+                &["result"],
+            )?,
+            ca_latency: HistogramVec::new(
+                HistogramOpts::new(
+                    "ca_request_duration_seconds",
+                    "Latency of status requests to the CA, by kind (ocsp or crl)",
+                )
+                .buckets(LATENCY_BUCKETS.to_vec()),
+                &["kind"],
+            )?,
+            ca_errors: IntCounterVec::new(
+                Opts::new(
+                    "ca_request_errors_total",
+                    "Failed status requests to the CA, by kind (ocsp or crl)",
+                ),
+                &["kind"],
+            )?,
+            crl_age: IntGauge::new(
+                "crl_age_seconds",
+                "Seconds since the thisUpdate of the latest CRL fetched",
+            )?,
+            last_ok: AtomicBool::new(true),
+        });
+        registry.register(Box::new(status.cache.clone()))?;
+        registry.register(Box::new(status.ca_latency.clone()))?;
+        registry.register(Box::new(status.ca_errors.clone()))?;
+        registry.register(Box::new(status.crl_age.clone()))?;
         registry.register(Box::new(http_requests.clone()))?;
         registry.register(Box::new(http_latency.clone()))?;
         registry.register(Box::new(hsm_latency.clone()))?;
@@ -93,7 +171,13 @@ impl Metrics {
             pending_requests,
             checkpoint_age,
             audit_tree_size,
+            status,
         })
+    }
+
+    /// The status checker's observer.
+    pub(crate) fn status(&self) -> Arc<StatusMetrics> {
+        Arc::clone(&self.status)
     }
 
     pub(crate) fn observe_request(

@@ -21,7 +21,8 @@ pub(crate) async fn readiness(app: &App) -> Vec<(&'static str, Option<String>)> 
         .await
         .err()
         .map(|error| error.code().to_owned());
-    vec![("hsm", hsm), ("store", store), ("audit", audit)]
+    let ca = app.metrics.status().problem();
+    vec![("hsm", hsm), ("store", store), ("audit", audit), ("ca", ca)]
 }
 
 pub(crate) async fn handle(

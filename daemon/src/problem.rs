@@ -35,6 +35,7 @@ pub(crate) enum ApiError {
     TooManyAttempts,
     HsmUnavailable,
     AuditUnavailable,
+    StatusUnavailable,
     /// 500: a fault of ours; the cause is logged, not shown.
     Internal,
 }
@@ -56,7 +57,9 @@ impl ApiError {
             Underage | GuardianRequired | GuardianUnderage | InvalidHkic(_) | HkicMismatch
             | AuthorisationInvalid => StatusCode::UNPROCESSABLE_ENTITY,
             TooManyAttempts => StatusCode::TOO_MANY_REQUESTS,
-            HsmUnavailable | AuditUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            HsmUnavailable | AuditUnavailable | StatusUnavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -88,6 +91,7 @@ impl ApiError {
             TooManyAttempts => "too_many_attempts",
             HsmUnavailable => "hsm_unavailable",
             AuditUnavailable => "audit_unavailable",
+            StatusUnavailable => "status_unavailable",
             Internal => "internal_error",
         }
     }
@@ -119,6 +123,7 @@ impl ApiError {
             TooManyAttempts => "Too many attempts",
             HsmUnavailable => "HSM unavailable",
             AuditUnavailable => "Audit log unavailable",
+            StatusUnavailable => "Certificate status unavailable",
             Internal => "Internal error",
         }
     }
@@ -137,6 +142,9 @@ impl ApiError {
             TooManyAttempts => "the request is locked after 3 bad authorisations".into(),
             HsmUnavailable => "the HSM cannot be used now; nothing was signed".into(),
             AuditUnavailable => "the audit log cannot be written; nothing was signed".into(),
+            StatusUnavailable => {
+                "no fresh certificate status could be had from the CA; nothing was signed".into()
+            }
             Internal => "see the daemon's log".into(),
             _ => self.title().to_lowercase(),
         }
@@ -224,6 +232,7 @@ mod tests {
             TooManyAttempts,
             HsmUnavailable,
             AuditUnavailable,
+            StatusUnavailable,
             Internal,
         ]
     }

@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use audit_log::{AuditLog, AuditLogConfig, AuditPublicKey, Origin};
-use ca_bridge::{CaProfileConfig, EmbeddedCa};
 use cert_lifecycle::SqliteStore;
 use hsm_adapter::{Hsm, HsmConfig, KeyMode, SystemKey, TokenSelector};
 use secrecy::SecretString;
@@ -28,18 +27,18 @@ pub(crate) struct DevOptions {
     pub(crate) so_pin: SecretString,
     /// The state directory, for `endpoints.json` and the how-to.
     pub(crate) state_dir: PathBuf,
-    /// The CA listener, bound before the configuration was made (its URL is in certificates).
-    pub(crate) ca_listener: tokio::net::TcpListener,
+    /// The CA listener, bound before the configuration was made (its URL is in certificates);
+    /// taken when the embedded CA starts serving.
+    pub(crate) ca_listener: Option<tokio::net::TcpListener>,
 }
 
-/// The system keys the daemon needs (the KEK only in wrapped mode).
+/// The system keys every daemon needs; the KEK (wrapped mode), the CMP client key (signature
+/// protection) and the CA keys (embedded CA) are added when configured.
 const REQUIRED_KEYS: &[SystemKey] = &[
     SystemKey::Taid,
     SystemKey::Hkic,
     SystemKey::Data,
     SystemKey::Audit,
-    SystemKey::CaRoot,
-    SystemKey::CaIssuing,
 ];
 
 pub(crate) fn read_pin(path: &std::path::Path) -> Result<SecretString, String> {
@@ -55,7 +54,7 @@ pub(crate) fn read_pin(path: &std::path::Path) -> Result<SecretString, String> {
 }
 
 /// Runs the daemon until a shutdown signal.
-pub(crate) async fn run(config: Config, dev: Option<DevOptions>) -> Result<(), String> {
+pub(crate) async fn run(config: Config, mut dev: Option<DevOptions>) -> Result<(), String> {
     let started = Instant::now();
     let clock = Arc::new(DaemonClock::default());
     let key_mode = if config.hsm.key_mode == "resident" {
@@ -90,6 +89,12 @@ pub(crate) async fn run(config: Config, dev: Option<DevOptions>) -> Result<(), S
     let mut required = REQUIRED_KEYS.to_vec();
     if key_mode == KeyMode::Wrapped {
         required.push(SystemKey::Kek);
+    }
+    if config.ca.ra_certificate.is_some() {
+        required.push(SystemKey::CmpClient);
+    }
+    if config.ca.embedded.is_some() {
+        required.extend([SystemKey::CaRoot, SystemKey::CaIssuing]);
     }
     for key in required {
         hsm.check_system_key(key).await.map_err(|error| {
@@ -130,27 +135,15 @@ pub(crate) async fn run(config: Config, dev: Option<DevOptions>) -> Result<(), S
             config.audit.dir.display()
         )
     })?;
-    let ca = EmbeddedCa::open(
-        hsm.clone(),
-        &config.ca.dir,
-        CaProfileConfig {
-            adult_policy_oid: config.ca.adult_policy_oid.clone(),
-            minor_policy_oid: config.ca.minor_policy_oid.clone(),
-            ..CaProfileConfig::new(
-                config.ca.organisation.clone(),
-                config.ca.ocsp_url.clone(),
-                config.ca.crl_url.clone(),
-            )
-        },
-        clock.now().into(),
-    )
-    .await
-    .map_err(|error| format!("cannot open the embedded CA: {error}"))?;
-    let chain_der = ca.chain_der();
-    let chain_pem = chain_der
-        .iter()
-        .map(|der| crate::app::pem("CERTIFICATE", der))
-        .collect();
+    let embedded = match &config.ca.embedded {
+        Some(embedded) => Some(Arc::new(
+            crate::ca_http::EmbeddedHost::open(&config, embedded, hsm.clone(), clock.now().into())
+                .await?,
+        )),
+        None => None,
+    };
+    let metrics = Metrics::new().map_err(|error| error.to_string())?;
+    let ca = crate::ca::connect(&config, hsm.clone(), metrics.status())?;
 
     let tls = crate::tls::server_config(
         &config.server.tls_certificate,
@@ -161,10 +154,10 @@ pub(crate) async fn run(config: Config, dev: Option<DevOptions>) -> Result<(), S
     let app = Arc::new(App {
         hsm: hsm.clone(),
         store: Arc::new(store),
-        ca: Arc::new(ca),
+        ca,
         audit: Arc::new(audit),
         clock,
-        metrics: Metrics::new().map_err(|error| error.to_string())?,
+        metrics,
         policy: Policy {
             request_ttl: Duration::from_secs(config.policy.request_ttl_seconds),
             certificate_validity: time::Duration::days(
@@ -179,8 +172,6 @@ pub(crate) async fn run(config: Config, dev: Option<DevOptions>) -> Result<(), S
         },
         names: NamePolicy::new(&config.server.allowed_names),
         dev: dev.is_some(),
-        chain_pem,
-        chain_der,
         started,
         in_flight: Default::default(),
     });
@@ -202,28 +193,37 @@ pub(crate) async fn run(config: Config, dev: Option<DevOptions>) -> Result<(), S
     tasks.spawn(crate::http::serve_plain(
         metrics_listener,
         shutdown_rx.clone(),
-        move |method, path| {
+        move |method, path, _body| {
             let app = operations_app.clone();
             async move { crate::operations::handle(&app, &method, &path).await }
         },
     ));
-    let ca_address = match dev {
-        Some(dev) => {
-            let address = local(&dev.ca_listener)?;
-            let chain = app.chain_pem.clone();
+    let ca_address = match (embedded, &config.ca.embedded) {
+        (Some(host), Some(settings)) => {
+            let bound = dev.as_mut().and_then(|dev| dev.ca_listener.take());
+            let listener = match bound {
+                Some(listener) => listener,
+                None => crate::http::bind(settings.listen, "embedded CA").await?,
+            };
+            let address = local(&listener)?;
+            let clock = app.clock.clone();
             tasks.spawn(crate::http::serve_plain(
-                dev.ca_listener,
+                listener,
                 shutdown_rx.clone(),
-                move |_, path| {
-                    let answer = crate::ca_http::answer(&chain, &path);
-                    async move { answer }
+                move |method, path, body| {
+                    let host = host.clone();
+                    let now = clock.now().into();
+                    async move { host.answer(&method, &path, &body, now).await }
                 },
             ));
-            crate::dev::announce(&dev.state_dir, api_address, metrics_address, address)?;
             Some(address)
         }
-        None => None,
+        _ => None,
     };
+    if let Some(dev) = &dev {
+        let ca = ca_address.ok_or("--dev needs the embedded CA")?;
+        crate::dev::announce(&dev.state_dir, api_address, metrics_address, ca)?;
+    }
     tasks.spawn(checkpoints(
         app.clone(),
         Duration::from_secs(config.audit.checkpoint_interval_seconds),

@@ -25,6 +25,7 @@ use serde_json::{Value, json};
 use sha2::Digest as _;
 use spki::DecodePublicKey;
 use time::OffsetDateTime;
+use zeroize::Zeroizing;
 
 use crate::accounts::{account_id, certificate_status, load, rfc3339};
 use crate::app::{App, fields};
@@ -122,12 +123,13 @@ impl Drop for InFlightGuard<'_> {
     }
 }
 
-/// Checks that `account` may sign now with its current certificate; gives the certificate.
+/// Checks that `account` may sign now with its current certificate, the CA's status included;
+/// gives the certificate and its DER.
 async fn signable(
     app: &App,
     account: &AccountRecord,
     now: OffsetDateTime,
-) -> Result<CertificateRecord, ApiError> {
+) -> Result<(CertificateRecord, Zeroizing<Vec<u8>>), ApiError> {
     if account.tier != Tier::IamSmartPlus {
         return Err(ApiError::NotIamSmartPlus);
     }
@@ -157,7 +159,11 @@ async fn signable(
             return Err(ApiError::CertificateRevoked);
         }
     }
-    Ok(certificate)
+    let der = app
+        .unseal("certificate", &account.id, &certificate.sealed_der)
+        .await?;
+    crate::ca::confirm_good(app, &certificate.serial, &der, now).await?;
+    Ok((certificate, der))
 }
 
 #[derive(Deserialize)]
@@ -221,7 +227,7 @@ async fn create_checked(app: &App, ctx: &Ctx, service: &ServiceName) -> Result<R
             .ok_or(ApiError::NotFound("TAID at this service"))?
     };
     let account = load(app, &account_id).await?;
-    let certificate = signable(app, &account, now).await?;
+    let (certificate, _) = signable(app, &account, now).await?;
     if let Some(hkic) = hkic {
         // Used only to check the signer, then dropped (zeroized): never stored (DOMAIN.md).
         let hash = app.hkic_hash(&hkic).await?;
@@ -471,7 +477,7 @@ async fn sign_approved(
     request: &mut SigningRequest,
     now: OffsetDateTime,
 ) -> Result<(), ApiError> {
-    let certificate = signable(app, account, now).await?;
+    let (certificate, certificate_der) = signable(app, account, now).await?;
     if certificate.serial != request.certificate {
         // The certificate changed since the request was made (renewal): the user authorised a
         // signature under the other one.
@@ -507,9 +513,6 @@ async fn sign_approved(
     let signature = app.hsm.sign(&key, scheme, &digest).await?;
     app.metrics.observe_hsm("sign", started.elapsed());
 
-    let certificate_der = app
-        .unseal("certificate", &account.id, &certificate.sealed_der)
-        .await?;
     let signed_at = now.replace_nanosecond(0).unwrap_or(now);
     let attributes = ca_bridge::signed_data::SignedAttributes::new(
         names.cms,
@@ -526,7 +529,7 @@ async fn sign_approved(
     let attributes_signature = app.hsm.sign(&key, scheme, &attributes_digest).await?;
     app.metrics.observe_hsm("sign", started.elapsed());
     let mut certificates: Vec<&[u8]> = vec![&certificate_der];
-    certificates.extend(app.chain_der.iter().map(Vec::as_slice));
+    certificates.extend(app.ca.chain_der.iter().map(Vec::as_slice));
     let cms = attributes
         .into_content_info(&attributes_signature, names.cms_signature, &certificates)
         .map_err(|error| {
@@ -556,11 +559,10 @@ async fn sign_approved(
         "signature_algorithm": algorithm,
         "cms": STANDARD.encode(&cms),
         "certificate": crate::app::pem("CERTIFICATE", &certificate_der),
-        "chain": app.chain_pem,
+        "chain": app.ca.chain_pem,
         "signed_at": rfc3339(signed_at),
     });
-    let plain =
-        zeroize::Zeroizing::new(serde_json::to_vec(&result).map_err(|_| ApiError::Internal)?);
+    let plain = Zeroizing::new(serde_json::to_vec(&result).map_err(|_| ApiError::Internal)?);
     let sealed = app
         .seal_bound("result", request.id.as_str(), &plain)
         .await?;

@@ -1,0 +1,133 @@
+//! A registered "iAM Smart+" account with one pending signing request, and the small helpers
+//! the black-box tests share around it.
+
+// Test support: a panic, with the reason, is how it reports a failure.
+#![allow(clippy::unwrap_used)]
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use p256::ecdsa::SigningKey;
+use p256::ecdsa::signature::Signer;
+use reqwest::blocking::Response;
+use serde_json::{Value, json};
+use sha2::Digest;
+
+use crate::{DevDaemon, device_key, device_pem};
+
+/// The status and problem `code` of an error response.
+pub fn problem(response: Response) -> (u16, String) {
+    let status = response.status().as_u16();
+    let body: Value = response.json().unwrap();
+    (status, body["code"].as_str().unwrap_or_default().to_owned())
+}
+
+/// A fictional person's registration body for an "iAM Smart+" account.
+pub fn registration(id: &str, dob: &str, hkic: &str, key: &SigningKey) -> Value {
+    json!({
+        "account_id": id,
+        "tier": "iam_smart_plus",
+        "surname": "WONGSURNAME",
+        "given_name": "Siu Ming Given",
+        "date_of_birth": dob,
+        "hkic_number": hkic,
+        "device_public_key": device_pem(key),
+    })
+}
+
+/// An account with one pending signing request at demo-a.
+#[derive(Debug)]
+pub struct Pending {
+    /// The device's key.
+    pub key: SigningKey,
+    /// The account's TAID at `demo-a`.
+    pub taid: String,
+    /// The hash to sign.
+    pub hash: Vec<u8>,
+    /// The create answer of the first request.
+    pub request: Value,
+}
+
+impl Pending {
+    /// Registers `id` (born 1990), gets its TAID at demo-a and creates one request.
+    pub fn new(daemon: &DevDaemon, id: &str) -> Pending {
+        let registrar = daemon.client("registrar");
+        let key = device_key();
+        let registered = registrar
+            .post(format!("{}/v1/accounts", daemon.api))
+            .json(&registration(id, "1990-01-01", "A1234563", &key))
+            .send()
+            .unwrap();
+        assert_eq!(registered.status(), 201);
+        let taid: Value = registrar
+            .get(format!(
+                "{}/v1/accounts/{id}/taid?service=demo-a",
+                daemon.api
+            ))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        let mut pending = Pending {
+            key,
+            taid: taid["taid"].as_str().unwrap().to_owned(),
+            hash: sha2::Sha256::digest(b"document").to_vec(),
+            request: Value::Null,
+        };
+        pending.request = pending.create(daemon).json().unwrap();
+        assert!(
+            pending.request["request_id"].is_string(),
+            "{}",
+            pending.request
+        );
+        pending
+    }
+
+    /// Another request for the same TAID and hash.
+    pub fn create(&self, daemon: &DevDaemon) -> Response {
+        daemon
+            .client("demo-a")
+            .post(format!("{}/v1/signing-requests", daemon.api))
+            .json(&json!({"taid": self.taid, "hash_algorithm": "sha256",
+                          "hash": STANDARD.encode(&self.hash)}))
+            .send()
+            .unwrap()
+    }
+
+    /// The first request's URL.
+    pub fn url(&self, daemon: &DevDaemon) -> String {
+        format!(
+            "{}/v1/signing-requests/{}",
+            daemon.api,
+            self.request["request_id"].as_str().unwrap()
+        )
+    }
+
+    /// The gateway sends the device's valid approval of the first request.
+    pub fn approve(&self, daemon: &DevDaemon) -> Response {
+        let statement = format!(
+            "smartsign-authorise-v1\n{}\n{}\nsha256\n{}\napprove",
+            self.request["request_id"].as_str().unwrap(),
+            self.request["identification_code"].as_str().unwrap(),
+            hex::encode(&self.hash)
+        );
+        let signature: p256::ecdsa::Signature = self.key.sign(statement.as_bytes());
+        daemon
+            .client("gateway")
+            .post(format!("{}/authorisation", self.url(daemon)))
+            .json(&json!({"decision": "approve",
+                          "device_signature": STANDARD.encode(signature.to_der().as_bytes())}))
+            .send()
+            .unwrap()
+    }
+
+    /// The first request as its service reads it now.
+    pub fn read(&self, daemon: &DevDaemon) -> Value {
+        daemon
+            .client("demo-a")
+            .get(self.url(daemon))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap()
+    }
+}
