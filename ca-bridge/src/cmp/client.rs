@@ -696,3 +696,36 @@ fn unexpected(body: &PkiBody<'_>, expected: &str) -> CaError {
         .map_or(0, |tag| tag & 0x1f);
     CaError::Protocol(format!("expected {expected}, got body type {tag}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_shows_no_secret() {
+        let config = CmpClientConfig {
+            url: "http://127.0.0.1:1/cmp".into(),
+            organisation: "o".into(),
+            adult_policy_oid: "1.2.3".into(),
+            minor_policy_oid: "1.2.4".into(),
+            protection: ClientProtection::Pbm {
+                reference: b"ref".to_vec(),
+                secret: b"hunter2".to_vec().into(),
+            },
+            trusted_der: vec![],
+        };
+        let shown = format!("{config:?}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("104, 117"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn unexpected_bodies_are_named_by_their_tag() {
+        assert_eq!(
+            unexpected(&PkiBody::PkiConf(der::asn1::Null), "ip").to_string(),
+            "protocol: expected ip, got body type 19"
+        );
+    }
+}
