@@ -14,6 +14,8 @@ use cmpv2::response::{CertRepMessage, CertResponse};
 use cmpv2::rev::{RevDetails, RevRepContent};
 use cmpv2::status::CertStatus;
 use const_oid::db::rfc5280::ID_CE_CRL_REASONS;
+use const_oid::db::rfc5912::ID_REG_CTRL_OLD_CERT_ID;
+use crmf::controls::CertId;
 use crmf::pop::ProofOfPossession;
 use crmf::request::CertReqMsg;
 use der::asn1::Null;
@@ -288,6 +290,11 @@ impl CmpServer {
                     .await?;
                 Ok(PkiBody::Kup(content))
             }
+            (PkiBody::KUr(msgs), Sender::Ra(_)) => {
+                self.check_old_cert_id(msgs).await?;
+                let content = self.enroll(header, msgs, None, sender, nonce, now).await?;
+                Ok(PkiBody::Kup(content))
+            }
             (PkiBody::CertConf(statuses), _) => {
                 self.confirm(header, statuses, sender, now).await?;
                 Ok(PkiBody::PkiConf(Null))
@@ -304,9 +311,9 @@ impl CmpServer {
                 Fail::NotAuthorized,
                 "ir/cr need an RA certificate or PBM",
             )),
-            (PkiBody::KUr(_), _) => Err(refuse(
+            (PkiBody::KUr(_), Sender::Pbm(_)) => Err(refuse(
                 Fail::NotAuthorized,
-                "kur must be signed with the certificate being updated",
+                "kur needs the certificate being updated or an RA certificate",
             )),
             _ => Err(refuse(Fail::BadRequest, "unsupported message type")),
         }
@@ -412,6 +419,40 @@ impl CmpServer {
                 rsp_info: None,
             }],
         })
+    }
+
+    /// An RA's kur names the certificate it updates in the oldCertID control (RFC 4211
+    /// section 6.5), which must be a good certificate of this CA. The CA keeps no copy of the
+    /// certificates it issued, so the new one takes the subject and profile of the template.
+    async fn check_old_cert_id(&self, msgs: &[CertReqMsg]) -> Result<(), Refusal> {
+        let bad = |text: &str| refuse(Fail::BadCertId, text);
+        let control = msgs
+            .first()
+            .and_then(|msg| msg.cert_req.controls.as_ref())
+            .into_iter()
+            .flatten()
+            .find(|control| control.oid == ID_REG_CTRL_OLD_CERT_ID)
+            .ok_or_else(|| bad("an RA's kur must name the old certificate in oldCertID"))?;
+        let id: CertId = control
+            .value
+            .decode_as()
+            .map_err(|_| bad("malformed oldCertID"))?;
+        let issuer = &self.ca.issuing_certificate().tbs_certificate.subject;
+        if !matches!(&id.issuer, GeneralName::DirectoryName(name) if name == issuer) {
+            return Err(bad("oldCertID names another CA"));
+        }
+        match self
+            .ca
+            .status(&serial_hex(id.serial_number.as_bytes()))
+            .await
+        {
+            Ok(CertificateState::Good { .. }) => Ok(()),
+            Ok(CertificateState::Revoked { .. }) => {
+                Err(refuse(Fail::CertRevoked, "the old certificate is revoked"))
+            }
+            Ok(_) | Err(CaError::InvalidRequest(_)) => Err(bad("unknown old certificate")),
+            Err(_) => Err(refuse(Fail::SystemUnavail, "CA state unavailable")),
+        }
     }
 
     /// The profile named by exactly one configured policy in `extensions`' certificatePolicies.
