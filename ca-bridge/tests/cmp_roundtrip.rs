@@ -122,6 +122,26 @@ async fn issue_rekey_and_revoke_round_trip() {
         matches!(&again, Err(CaError::Refused(text)) if text.contains("certRevoked")),
         "{again:?}"
     );
+    // A certificate this CA never issued (same keys, another state): badCertId.
+    let other_dir = tempfile::tempdir().unwrap();
+    let other = open_ca(
+        other_dir.path(),
+        DEFAULT_ADULT_POLICY_OID,
+        DEFAULT_MINOR_POLICY_OID,
+    )
+    .await;
+    let stranger = other
+        .issue(request(
+            new_key.public_key().as_der().to_vec(),
+            Profile::Adult,
+        ))
+        .await
+        .unwrap();
+    let unknown = client.revoke(&stranger.der, 0).await;
+    assert!(
+        matches!(&unknown, Err(CaError::Refused(text)) if text.contains("badCertId")),
+        "{unknown:?}"
+    );
     // A revoked certificate cannot be re-keyed.
     let refused = client
         .rekey(
