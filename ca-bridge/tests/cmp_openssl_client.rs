@@ -302,4 +302,57 @@ async fn openssl_client_enrolls_updates_and_revokes() {
         ca.status(&serial1).await.unwrap(),
         CertificateState::Good { .. }
     ));
+
+    // openssl rejects a certificate it cannot verify (-out_trusted names another root) in its
+    // certConf: the CA revokes it (cessationOfOperation) and still answers pkiConf.
+    run(Command::new("openssl").current_dir(work).args([
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        "other.key",
+        "-out",
+        "other.pem",
+        "-subj",
+        "/CN=Other Root",
+        "-days",
+        "2",
+    ]));
+    let before = ca.revocations().await.unwrap().len();
+    let out = openssl_cmp(
+        work,
+        &url,
+        &[
+            "-cmd",
+            "ir",
+            "-ref",
+            "ra-1",
+            "-secret",
+            "pass:s3cret",
+            "-newkey",
+            "k1.pem",
+            "-subject",
+            SUBJECT,
+            "-policy_oids",
+            ADULT,
+            "-out_trusted",
+            "other.pem",
+            "-certout",
+            "rejected.pem",
+        ],
+    )
+    .await;
+    assert!(!out.status.success());
+    let revocations = ca.revocations().await.unwrap();
+    assert_eq!(
+        revocations.len(),
+        before + 1,
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(revocations.iter().any(|r| r.reason_code == 5));
 }
