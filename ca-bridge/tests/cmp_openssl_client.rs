@@ -219,6 +219,8 @@ async fn openssl_client_enrolls_updates_and_revokes() {
             "ra.key",
             "-newkey",
             "k3.pem",
+            "-days",
+            "30",
             "-subject",
             SUBJECT,
             "-policy_oids",
@@ -237,6 +239,17 @@ async fn openssl_client_enrolls_updates_and_revokes() {
         .unwrap()
         .1;
     let text = verify_and_print(&ca_dir, &c3);
+    // -days 30 travels as the template's OptionalValidity.
+    let cert = <x509_cert::Certificate as der::Decode>::from_der(&c3).unwrap();
+    let validity = &cert.tbs_certificate.validity;
+    let days = validity
+        .not_after
+        .to_system_time()
+        .duration_since(validity.not_before.to_system_time())
+        .unwrap()
+        .as_secs()
+        / 86400;
+    assert_eq!(days, 30);
     assert!(text.contains(&format!("Policy: {ADULT}")), "{text}");
     let out = openssl_cmp(
         work,
