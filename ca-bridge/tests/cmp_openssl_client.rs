@@ -12,6 +12,7 @@ mod support;
 use std::path::Path;
 use std::process::{Command, Output};
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use ca_bridge::CertificateState;
 use ca_bridge::cmp::CmpServer;
@@ -187,6 +188,102 @@ async fn openssl_client_enrolls_updates_and_revokes() {
     let serial2 = serial_of(work, "c2.pem");
     assert_ne!(serial1, serial2);
 
+    // An RA with a software key, certified by issue_ra_certificate: ir, and kur naming the old
+    // certificate in oldCertID, both signed by the RA.
+    genkey(work, "ra.key");
+    genkey(work, "k3.pem");
+    genkey(work, "k4.pem");
+    let ra_spki = run(Command::new("openssl")
+        .current_dir(work)
+        .args(["pkey", "-pubout", "-outform", "DER", "-in", "ra.key"]))
+    .stdout;
+    let ra = ca
+        .issue_ra_certificate(&ra_spki, "test RA", SystemTime::now())
+        .await
+        .unwrap();
+    std::fs::write(work.join("ra.pem"), ra.to_pem()).unwrap();
+    let text = verify_and_print(&ca_dir, &ra.der);
+    assert!(
+        text.contains("CMC Registration Authority") || text.contains("1.3.6.1.5.5.7.3.28"),
+        "{text}"
+    );
+    let out = openssl_cmp(
+        work,
+        &url,
+        &[
+            "-cmd",
+            "ir",
+            "-cert",
+            "ra.pem",
+            "-key",
+            "ra.key",
+            "-newkey",
+            "k3.pem",
+            "-days",
+            "30",
+            "-subject",
+            SUBJECT,
+            "-policy_oids",
+            ADULT,
+            "-trusted",
+            "root.pem",
+            "-untrusted",
+            "issuing.pem",
+            "-certout",
+            "c3.pem",
+        ],
+    )
+    .await;
+    assert_ok(&out);
+    let c3 = der::pem::decode_vec(&std::fs::read(work.join("c3.pem")).unwrap())
+        .unwrap()
+        .1;
+    let text = verify_and_print(&ca_dir, &c3);
+    // -days 30 travels as the template's OptionalValidity.
+    let cert = <x509_cert::Certificate as der::Decode>::from_der(&c3).unwrap();
+    let validity = &cert.tbs_certificate.validity;
+    let days = validity
+        .not_after
+        .to_system_time()
+        .duration_since(validity.not_before.to_system_time())
+        .unwrap()
+        .as_secs()
+        / 86400;
+    assert_eq!(days, 30);
+    assert!(text.contains(&format!("Policy: {ADULT}")), "{text}");
+    let out = openssl_cmp(
+        work,
+        &url,
+        &[
+            "-cmd",
+            "kur",
+            "-cert",
+            "ra.pem",
+            "-key",
+            "ra.key",
+            "-oldcert",
+            "c3.pem",
+            "-newkey",
+            "k4.pem",
+            "-policy_oids",
+            ADULT,
+            "-trusted",
+            "root.pem",
+            "-untrusted",
+            "issuing.pem",
+            "-certout",
+            "c4.pem",
+        ],
+    )
+    .await;
+    assert_ok(&out);
+    let c4 = der::pem::decode_vec(&std::fs::read(work.join("c4.pem")).unwrap())
+        .unwrap()
+        .1;
+    let text = verify_and_print(&ca_dir, &c4);
+    assert!(text.contains(&format!("Policy: {ADULT}")), "{text}");
+    assert!(text.contains("CN=Tai Man CHAN"), "{text}");
+
     // rr of c2, signed with c2's own key, reason keyCompromise (1).
     let out = openssl_cmp(
         work,
@@ -218,4 +315,57 @@ async fn openssl_client_enrolls_updates_and_revokes() {
         ca.status(&serial1).await.unwrap(),
         CertificateState::Good { .. }
     ));
+
+    // openssl rejects a certificate it cannot verify (-out_trusted names another root) in its
+    // certConf: the CA revokes it (cessationOfOperation) and still answers pkiConf.
+    run(Command::new("openssl").current_dir(work).args([
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        "other.key",
+        "-out",
+        "other.pem",
+        "-subj",
+        "/CN=Other Root",
+        "-days",
+        "2",
+    ]));
+    let before = ca.revocations().await.unwrap().len();
+    let out = openssl_cmp(
+        work,
+        &url,
+        &[
+            "-cmd",
+            "ir",
+            "-ref",
+            "ra-1",
+            "-secret",
+            "pass:s3cret",
+            "-newkey",
+            "k1.pem",
+            "-subject",
+            SUBJECT,
+            "-policy_oids",
+            ADULT,
+            "-out_trusted",
+            "other.pem",
+            "-certout",
+            "rejected.pem",
+        ],
+    )
+    .await;
+    assert!(!out.status.success());
+    let revocations = ca.revocations().await.unwrap();
+    assert_eq!(
+        revocations.len(),
+        before + 1,
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(revocations.iter().any(|r| r.reason_code == 5));
 }

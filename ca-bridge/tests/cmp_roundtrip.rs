@@ -122,6 +122,26 @@ async fn issue_rekey_and_revoke_round_trip() {
         matches!(&again, Err(CaError::Refused(text)) if text.contains("certRevoked")),
         "{again:?}"
     );
+    // A certificate this CA never issued (same keys, another state): badCertId.
+    let other_dir = tempfile::tempdir().unwrap();
+    let other = open_ca(
+        other_dir.path(),
+        DEFAULT_ADULT_POLICY_OID,
+        DEFAULT_MINOR_POLICY_OID,
+    )
+    .await;
+    let stranger = other
+        .issue(request(
+            new_key.public_key().as_der().to_vec(),
+            Profile::Adult,
+        ))
+        .await
+        .unwrap();
+    let unknown = client.revoke(&stranger.der, 0).await;
+    assert!(
+        matches!(&unknown, Err(CaError::Refused(text)) if text.contains("badCertId")),
+        "{unknown:?}"
+    );
     // A revoked certificate cannot be re-keyed.
     let refused = client
         .rekey(
@@ -230,4 +250,137 @@ async fn replayed_responses_are_rejected() {
         matches!(&transaction, Err(CaError::Protocol(text)) if text.contains("transactionID")),
         "{transaction:?}"
     );
+}
+
+/// Whether `der` holds the failInfo BIT STRING with exactly this bit set.
+fn has_fail_bit(der: &[u8], bit: usize) -> bool {
+    let mut bits = vec![0u8; bit / 8 + 1];
+    bits[bit / 8] = 0x80 >> (bit % 8);
+    let mut wanted = vec![0x03, bits.len() as u8 + 1, (7 - bit % 8) as u8];
+    wanted.extend(bits);
+    der.windows(wanted.len()).any(|w| w == wanted)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn server_answers_bad_requests_with_error_messages() {
+    use cmpv2::body::PkiBody;
+    use cmpv2::message::PkiMessage;
+    use der::Decode as _;
+
+    let dir = tempfile::tempdir().unwrap();
+    let ca = open_ca(
+        dir.path(),
+        DEFAULT_ADULT_POLICY_OID,
+        DEFAULT_MINOR_POLICY_OID,
+    )
+    .await;
+    let server = Arc::new(CmpServer::new(Arc::clone(&ca), server_config(&[])));
+
+    // Not a PKIMessage: badDataFormat (bit 5), signed by the issuing CA.
+    for garbage in [&b""[..], b"garbage", b"\x30\x03\x02\x01\x02"] {
+        let answer = server.handle(garbage, SystemTime::now()).await;
+        let message = PkiMessage::from_der(&answer).unwrap();
+        assert!(matches!(message.body, PkiBody::Error(_)));
+        assert!(has_fail_bit(&answer, 5));
+        assert_eq!(
+            message.extra_certs.unwrap()[0],
+            der::Decode::from_der(ca.issuing_der()).unwrap()
+        );
+    }
+
+    // A template whose policy is neither profile's: badCertTemplate.
+    let http = serve_cmp(Arc::clone(&server)).await;
+    let mut client = CmpClient::new(
+        hsm(),
+        HttpTransport::new(Duration::from_secs(20)).unwrap(),
+        CmpClientConfig {
+            url: http.url("/cmp"),
+            organisation: cmp_fixture::ORGANISATION.into(),
+            adult_policy_oid: "1.2.3.4".into(),
+            minor_policy_oid: DEFAULT_MINOR_POLICY_OID.into(),
+            protection: ra_protection(&ca).await,
+            trusted_der: vec![ca.root_der().to_vec()],
+        },
+    )
+    .unwrap();
+    let key = hsm()
+        .generate_user_key(KeyAlgorithm::EcP256, KeyMode::Resident)
+        .await
+        .unwrap();
+    let refused = client
+        .issue(
+            &request(key.public_key().as_der().to_vec(), Profile::Adult),
+            &key,
+        )
+        .await;
+    assert!(
+        matches!(&refused, Err(CaError::Refused(text)) if text.contains("badCertTemplate")),
+        "{refused:?}"
+    );
+
+    // A subscriber certificate may not enrol others: its signature protects nothing the RA key
+    // signed, so the protection does not verify.
+    let issued = ca
+        .issue(request(key.public_key().as_der().to_vec(), Profile::Adult))
+        .await
+        .unwrap();
+    client = CmpClient::new(
+        hsm(),
+        HttpTransport::new(Duration::from_secs(20)).unwrap(),
+        CmpClientConfig {
+            url: http.url("/cmp"),
+            organisation: cmp_fixture::ORGANISATION.into(),
+            adult_policy_oid: DEFAULT_ADULT_POLICY_OID.into(),
+            minor_policy_oid: DEFAULT_MINOR_POLICY_OID.into(),
+            protection: ClientProtection::Signature {
+                certificate_der: issued.der.clone(),
+                extra_certs_der: vec![],
+            },
+            trusted_der: vec![ca.root_der().to_vec()],
+        },
+    )
+    .unwrap();
+    let refused = client
+        .issue(
+            &request(key.public_key().as_der().to_vec(), Profile::Adult),
+            &key,
+        )
+        .await;
+    assert!(
+        matches!(&refused, Err(CaError::Refused(text)) if text.contains("badMessageCheck")),
+        "{refused:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn client_rejects_malformed_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = open_ca(
+        dir.path(),
+        DEFAULT_ADULT_POLICY_OID,
+        DEFAULT_MINOR_POLICY_OID,
+    )
+    .await;
+    let http = support::serve(|_method, path, _body| async move {
+        if path == "/garbage" {
+            (
+                200,
+                CMP_CONTENT_TYPE.to_owned(),
+                b"\x30\x03\x02\x01\x02".to_vec(),
+            )
+        } else {
+            (200, "text/html".to_owned(), b"<html/>".to_vec())
+        }
+    })
+    .await;
+    let key = hsm()
+        .generate_user_key(KeyAlgorithm::EcP256, KeyMode::Resident)
+        .await
+        .unwrap();
+    let request = request(key.public_key().as_der().to_vec(), Profile::Adult);
+    for path in ["/garbage", "/html"] {
+        let client = client(&ca, http.url(path), ra_protection(&ca).await);
+        let refused = client.issue(&request, &key).await;
+        assert!(matches!(refused, Err(CaError::Protocol(_))), "{refused:?}");
+    }
 }

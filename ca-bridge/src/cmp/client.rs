@@ -16,7 +16,7 @@ use const_oid::db::rfc5280::{ID_CE_CERTIFICATE_POLICIES, ID_CE_CRL_REASONS};
 use const_oid::db::rfc5912::ID_REG_CTRL_OLD_CERT_ID;
 use crmf::controls::CertId;
 use crmf::pop::{PopoSigningKey, ProofOfPossession};
-use crmf::request::{CertReqMsg, CertRequest, CertTemplate};
+use crmf::request::{CertRequest, CertTemplate};
 use der::asn1::{Any, BitString, Int, OctetString};
 use der::{Decode, Encode};
 use hsm_adapter::{Digest, HashAlgorithm, Hsm, SignatureScheme, SystemKey, UserKeyRef};
@@ -211,8 +211,7 @@ impl CmpClient {
 
     /// ir + certConf/pkiConf. POP: signature by `key` (the user key in the HSM) over the DER
     /// CertRequest (ECDSA for EC keys, PKCS#1 v1.5 SHA-256 for RSA). The template carries the
-    /// subject, the public key and the profile's certificatePolicies; the CA chooses the
-    /// validity (see the module documentation).
+    /// subject, the validity, the public key and the profile's certificatePolicies.
     pub async fn issue(
         &self,
         request: &IssueRequest,
@@ -224,17 +223,11 @@ impl CmpClient {
             request.given_name.as_deref(),
             &request.hkic_hash_hex,
         )?;
-        let cert_req_msg = self
-            .cert_req_msg(subject.clone(), request, key, None)
+        let body = self
+            .cert_request_body(false, subject.clone(), request, key, None)
             .await?;
         let protector = self.own_protector();
-        self.enroll(
-            &protector,
-            subject,
-            PkiBody::Ir(vec![cert_req_msg]),
-            request,
-        )
-        .await
+        self.enroll(&protector, subject, false, body, request).await
     }
 
     /// kur for re-key: protected by the CURRENT certificate's key (current_key,
@@ -264,20 +257,20 @@ impl CmpClient {
             })?,
         };
         let subject = current.tbs_certificate.subject.clone();
-        let cert_req_msg = self
-            .cert_req_msg(subject.clone(), request, new_key, Some(vec![old_cert_id]))
+        let body = self
+            .cert_request_body(
+                true,
+                subject.clone(),
+                request,
+                new_key,
+                Some(vec![old_cert_id]),
+            )
             .await?;
         let protector = Protector::User {
             key: current_key,
             certificate: &current,
         };
-        self.enroll(
-            &protector,
-            subject,
-            PkiBody::KUr(vec![cert_req_msg]),
-            request,
-        )
-        .await
+        self.enroll(&protector, subject, true, body, request).await
     }
 
     /// rr with an RFC 5280 reason code; the revDetails name the certificate's issuer and
@@ -311,7 +304,7 @@ impl CmpClient {
                 None,
                 tbs.subject.clone(),
                 tbs.issuer.clone(),
-                PkiBody::Rr(vec![details]),
+                message::body_any(&PkiBody::Rr(vec![details]))?,
             )
             .await?;
         let response = self.exchange(request).await?;
@@ -343,14 +336,16 @@ impl CmpClient {
         }
     }
 
-    /// One CertReqMsg (certReqId 0) with a signature POP by `key`.
-    async fn cert_req_msg(
+    /// The ir or kur body: one CertReqMsg (certReqId 0) whose template has the subject, the
+    /// key, the profile's policy and the request's validity, with a signature POP by `key`.
+    async fn cert_request_body(
         &self,
+        kur: bool,
         subject: Name,
         request: &IssueRequest,
         key: &UserKeyRef,
         controls: Option<Vec<AttributeTypeAndValue>>,
-    ) -> Result<CertReqMsg, CaError> {
+    ) -> Result<Any, CaError> {
         if key.public_key().as_der() != request.public_key_spki_der.as_slice() {
             return Err(CaError::InvalidRequest(
                 "the request's public key is not the signing key's".into(),
@@ -374,16 +369,15 @@ impl CmpClient {
             },
             controls,
         };
-        let (alg_id, signature) = self.sign_with_user_key(key, &cert_req.to_der()?).await?;
-        Ok(CertReqMsg {
-            cert_req,
-            popo: Some(ProofOfPossession::Signature(Box::new(PopoSigningKey {
-                poposk_input: None,
-                alg_id,
-                signature: BitString::from_bytes(&signature)?,
-            }))),
-            reg_info: None,
-        })
+        let cert_req =
+            message::with_validity(&cert_req.to_der()?, request.not_before, request.not_after)?;
+        let (alg_id, signature) = self.sign_with_user_key(key, &cert_req).await?;
+        let popo = ProofOfPossession::Signature(Box::new(PopoSigningKey {
+            poposk_input: None,
+            alg_id,
+            signature: BitString::from_bytes(&signature)?,
+        }));
+        message::cert_request_body(kur, &cert_req, &popo)
     }
 
     async fn sign_with_user_key(
@@ -407,16 +401,13 @@ impl CmpClient {
         &self,
         protector: &Protector<'_>,
         subject: Name,
-        body: PkiBody<'_>,
+        kur: bool,
+        body: Any,
         request: &IssueRequest,
     ) -> Result<IssuedCertificate, CaError> {
         let recipient = self.trusted_recipient();
         let transaction = Transaction::new(&self.hsm).await?;
-        let expected = if matches!(body, PkiBody::KUr(_)) {
-            "kup"
-        } else {
-            "ip"
-        };
+        let expected = if kur { "kup" } else { "ip" };
         let der = self
             .request(
                 protector,
@@ -483,7 +474,7 @@ impl CmpClient {
                 Some(sender_nonce),
                 subject,
                 recipient,
-                cert_conf,
+                message::body_any(&cert_conf)?,
             )
             .await?;
         let response = self.exchange(der).await?;
@@ -513,7 +504,7 @@ impl CmpClient {
         recip_nonce: Option<Vec<u8>>,
         sender: Name,
         recipient: Name,
-        body: PkiBody<'_>,
+        body: Any,
     ) -> Result<Vec<u8>, CaError> {
         let (sender, protection_alg, sender_kid, signer) = match protector {
             Protector::Pbm { reference, .. } => (
@@ -545,7 +536,6 @@ impl CmpClient {
             recip_nonce,
         }
         .into_header(SystemTime::now())?;
-        let body = message::body_any(&body)?;
         let protected = message::protected_part(&header, &body)?;
         let protection = match protector {
             Protector::Pbm { secret, .. } => pbm::mac(&protection_alg, secret, &protected)?,
@@ -695,4 +685,37 @@ fn unexpected(body: &PkiBody<'_>, expected: &str) -> CaError {
         .and_then(|der| der.first().copied())
         .map_or(0, |tag| tag & 0x1f);
     CaError::Protocol(format!("expected {expected}, got body type {tag}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_shows_no_secret() {
+        let config = CmpClientConfig {
+            url: "http://127.0.0.1:1/cmp".into(),
+            organisation: "o".into(),
+            adult_policy_oid: "1.2.3".into(),
+            minor_policy_oid: "1.2.4".into(),
+            protection: ClientProtection::Pbm {
+                reference: b"ref".to_vec(),
+                secret: b"hunter2".to_vec().into(),
+            },
+            trusted_der: vec![],
+        };
+        let shown = format!("{config:?}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("104, 117"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn unexpected_bodies_are_named_by_their_tag() {
+        assert_eq!(
+            unexpected(&PkiBody::PkiConf(der::asn1::Null), "ip").to_string(),
+            "protocol: expected ip, got body type 19"
+        );
+    }
 }

@@ -21,6 +21,7 @@ use x509_cert::certificate::Certificate;
 use x509_cert::ext::Extensions;
 use x509_cert::ext::pkix::name::GeneralName;
 use x509_cert::name::Name;
+use x509_cert::time::Time;
 
 use crate::error::CaError;
 
@@ -197,6 +198,142 @@ pub(crate) fn received(der: &[u8]) -> Result<Received, CaError> {
         protection: raw.protection,
         extra_certs: raw.extra_certs.unwrap_or_default(),
     })
+}
+
+/// CertReqMsg (RFC 4211 section 3) with its parts kept as DER: the CertRequest is signed by
+/// the POP as it is, and crmf 0.2 cannot hold a template's OptionalValidity.
+#[derive(Clone, Debug, Sequence)]
+struct RawCertReqMsg {
+    cert_req: Any,
+    popo: Option<Any>,
+    reg_info: Option<Any>,
+}
+
+/// CertRequest (RFC 4211 section 5) with its parts kept as DER.
+#[derive(Clone, Debug, Sequence)]
+struct RawCertRequest {
+    cert_req_id: Any,
+    cert_template: Any,
+    controls: Option<Any>,
+}
+
+/// OptionalValidity (RFC 4211 section 5), with its fields' tags EXPLICIT and constructed
+/// (crmf 0.2's type marks them primitive).
+#[derive(Clone, Debug, Sequence)]
+struct TemplateValidity {
+    #[asn1(context_specific = "0", tag_mode = "EXPLICIT", optional = "true")]
+    not_before: Option<Time>,
+    #[asn1(context_specific = "1", tag_mode = "EXPLICIT", optional = "true")]
+    not_after: Option<Time>,
+}
+
+/// The tag of OptionalValidity in a CertTemplate: [4] IMPLICIT.
+fn validity_tag() -> Tag {
+    Tag::ContextSpecific {
+        constructed: true,
+        number: TagNumber::new(4),
+    }
+}
+
+/// What crmf 0.2 loses of a received certificate request: the DER of the CertRequest (what the
+/// POP signs) and the template's validity.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct RequestExtras {
+    pub(crate) cert_req_der: Vec<u8>,
+    pub(crate) not_before: Option<SystemTime>,
+    pub(crate) not_after: Option<SystemTime>,
+}
+
+/// For ir, cr and kur: the message without the templates' validities (which crmf 0.2 cannot
+/// decode), and per CertReqMsg what was taken out. Other messages come back unchanged.
+pub(crate) fn split_validity(der: &[u8]) -> Result<(Vec<u8>, Vec<RequestExtras>), CaError> {
+    let raw = RawMessage::from_der(der)?;
+    let is_request = matches!(
+        raw.body.tag(),
+        Tag::ContextSpecific { constructed: true, number } if [0, 2, 7].contains(&number.value())
+    );
+    if !is_request {
+        return Ok((der.to_vec(), Vec::new()));
+    }
+    let msgs = Vec::<RawCertReqMsg>::from_der(raw.body.value())?;
+    let mut extras = Vec::with_capacity(msgs.len());
+    let mut rewritten = Vec::with_capacity(msgs.len());
+    for mut msg in msgs {
+        let cert_req_der = msg.cert_req.to_der()?;
+        let mut request: RawCertRequest = msg.cert_req.decode_as()?;
+        let fields: Vec<Any> = request.cert_template.decode_as()?;
+        let mut extra = RequestExtras {
+            cert_req_der,
+            ..RequestExtras::default()
+        };
+        let mut kept = Vec::new();
+        for field in fields {
+            if field.tag() == validity_tag() {
+                let validity =
+                    TemplateValidity::from_der(&Any::new(Tag::Sequence, field.value())?.to_der()?)?;
+                extra.not_before = validity.not_before.map(|t| t.to_system_time());
+                extra.not_after = validity.not_after.map(|t| t.to_system_time());
+            } else {
+                kept.extend(field.to_der()?);
+            }
+        }
+        request.cert_template = Any::new(Tag::Sequence, kept)?;
+        msg.cert_req = Any::encode_from(&request)?;
+        extras.push(extra);
+        rewritten.push(msg);
+    }
+    let body = Any::new(raw.body.tag(), rewritten.to_der()?)?;
+    let message = RawMessage { body, ..raw }.to_der()?;
+    Ok((message, extras))
+}
+
+/// `cert_request` (DER CertRequest without a validity) with the template's OptionalValidity
+/// set to `not_before`..`not_after`, in its place among the template's fields.
+pub(crate) fn with_validity(
+    cert_request: &[u8],
+    not_before: SystemTime,
+    not_after: SystemTime,
+) -> Result<Vec<u8>, CaError> {
+    let mut request = RawCertRequest::from_der(cert_request)?;
+    let validity = TemplateValidity {
+        not_before: Some(crate::x509::x509_time(not_before)?),
+        not_after: Some(crate::x509::x509_time(not_after)?),
+    };
+    let validity = Any::new(validity_tag(), Any::encode_from(&validity)?.value())?;
+    let mut fields: Vec<Any> = request.cert_template.decode_as()?;
+    let position = fields
+        .iter()
+        .position(|field| match field.tag() {
+            Tag::ContextSpecific { number, .. } => number.value() > 4,
+            _ => true,
+        })
+        .unwrap_or(fields.len());
+    fields.insert(position, validity);
+    let mut contents = Vec::new();
+    for field in &fields {
+        contents.extend(field.to_der()?);
+    }
+    request.cert_template = Any::new(Tag::Sequence, contents)?;
+    Ok(request.to_der()?)
+}
+
+/// The body of an ir (`kur` false) or kur with one CertReqMsg: `cert_request` as it was
+/// signed, and its POP.
+pub(crate) fn cert_request_body(
+    kur: bool,
+    cert_request: &[u8],
+    popo: &crmf::pop::ProofOfPossession,
+) -> Result<Any, CaError> {
+    let msg = RawCertReqMsg {
+        cert_req: Any::from_der(cert_request)?,
+        popo: Some(Any::encode_from(popo)?),
+        reg_info: None,
+    };
+    let tag = Tag::ContextSpecific {
+        constructed: true,
+        number: TagNumber::new(if kur { 7 } else { 0 }),
+    };
+    Ok(Any::new(tag, vec![msg].to_der()?)?)
 }
 
 /// A body as raw DER.
@@ -481,6 +618,37 @@ mod tests {
         );
         let ok = body_any(&PkiBody::PkiConf(der::asn1::Null)).unwrap();
         assert_eq!(describe_error(&ok).unwrap(), None);
+    }
+
+    #[test]
+    fn template_validity_is_inserted_with_explicit_constructed_tags() {
+        let request = crmf::request::CertRequest {
+            cert_req_id: der::asn1::Int::new(&[0]).unwrap(),
+            cert_template: crmf::request::CertTemplate {
+                version: None,
+                serial_number: None,
+                signature: None,
+                issuer: None,
+                validity: None,
+                subject: Some(Name::default()),
+                subject_public_key_info: None,
+                issuer_unique_id: None,
+                subject_unique_id: None,
+                extensions: None,
+            },
+            controls: None,
+        };
+        let at = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
+        let der = with_validity(&request.to_der().unwrap(), at, at).unwrap();
+        // CertRequest { INTEGER 0, CertTemplate { [4] { [0] { UTCTime }, [1] { UTCTime } },
+        // [5] { Name } } }
+        let hex = hex::encode(&der);
+        assert!(
+            hex.contains(
+                "a422a00f170d3233313131343232313332305aa10f170d3233313131343232313332305aa502"
+            ),
+            "{hex}"
+        );
     }
 
     #[test]

@@ -18,6 +18,9 @@ pub(crate) const ID_PASSWORD_BASED_MAC: ObjectIdentifier =
     ObjectIdentifier::new_unwrap("1.2.840.113533.7.66.13");
 /// hmacWithSHA256 (RFC 4231 section 3.1, RFC 8018 appendix B.1.2).
 const ID_HMAC_WITH_SHA_256: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.113549.2.9");
+/// hmac-sha1 (RFC 3370 section 2.1.1 via 1.3.6.1.5.5.8.1.2): OpenSSL's default PBM MAC,
+/// accepted in received messages only; this crate protects with HMAC-SHA-256.
+const ID_HMAC_SHA1: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.6.1.5.5.8.1.2");
 /// Iterations of the one-way function in the messages we protect (OpenSSL's limit is 100000).
 const ITERATIONS: u64 = 10_000;
 /// The most iterations accepted in a received message (a bound on the work a peer can ask).
@@ -61,23 +64,31 @@ pub(crate) fn mac(
         .ok_or_else(|| bad("no parameters"))?;
     let parameter =
         PbmParameter::from_der(&parameter.to_der()?).map_err(|_| bad("malformed parameters"))?;
-    if parameter.owf.oid != ID_SHA_256 || parameter.mac.oid != ID_HMAC_WITH_SHA_256 {
-        return Err(bad("only SHA-256 and HMAC-SHA-256 are accepted"));
+    if parameter.owf.oid != ID_SHA_256 {
+        return Err(bad("only SHA-256 is accepted as the one-way function"));
     }
+    let sha1 = match parameter.mac.oid {
+        ID_HMAC_WITH_SHA_256 => false,
+        ID_HMAC_SHA1 => true,
+        _ => return Err(bad("only HMAC-SHA-256 and HMAC-SHA1 are accepted")),
+    };
     if parameter.iteration_count == 0 || parameter.iteration_count > MAX_ITERATIONS {
         return Err(bad("iteration count out of range"));
     }
-    Ok(compute(
+    let key = base_key(
         secret.expose_secret(),
         parameter.salt.as_bytes(),
         parameter.iteration_count,
-        data,
-    ))
+    );
+    Ok(if sha1 {
+        hmac::<Hmac<sha1::Sha1>>(&key, data)
+    } else {
+        hmac::<Hmac<Sha256>>(&key, data)
+    })
 }
 
-/// RFC 4210 section 5.1.3.1: BASEKEY = OWF^iterations(secret || salt), then
-/// HMAC(BASEKEY, data).
-fn compute(secret: &[u8], salt: &[u8], iterations: u64, data: &[u8]) -> Vec<u8> {
+/// RFC 4210 section 5.1.3.1: BASEKEY = OWF^iterations(secret || salt) with SHA-256.
+fn base_key(secret: &[u8], salt: &[u8], iterations: u64) -> Vec<u8> {
     let mut key = Sha256::new()
         .chain_update(secret)
         .chain_update(salt)
@@ -85,11 +96,15 @@ fn compute(secret: &[u8], salt: &[u8], iterations: u64, data: &[u8]) -> Vec<u8> 
     for _ in 1..iterations {
         key = Sha256::digest(key);
     }
+    key.to_vec()
+}
+
+fn hmac<M: Mac + hmac::digest::KeyInit>(key: &[u8], data: &[u8]) -> Vec<u8> {
     // HMAC accepts keys of any length: `new_from_slice` cannot fail for it.
-    let mut hmac = <Hmac<Sha256> as Mac>::new_from_slice(&key)
+    let mut mac = <M as hmac::digest::KeyInit>::new_from_slice(key)
         .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
-    hmac.update(data);
-    hmac.finalize().into_bytes().to_vec()
+    mac.update(data);
+    mac.finalize().into_bytes().to_vec()
 }
 
 /// Checks `tag` against the MAC of `data`, in constant time.
@@ -118,7 +133,7 @@ mod tests {
     /// H(secret||salt), then 9 more of H, then HMAC-SHA-256).
     #[test]
     fn pbm_known_answer() {
-        let tag = compute(b"secret", b"salt", 10, b"data");
+        let tag = hmac::<Hmac<Sha256>>(&base_key(b"secret", b"salt", 10), b"data");
         assert_eq!(hex::encode(tag), KNOWN);
     }
 

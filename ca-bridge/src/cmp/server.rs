@@ -14,6 +14,8 @@ use cmpv2::response::{CertRepMessage, CertResponse};
 use cmpv2::rev::{RevDetails, RevRepContent};
 use cmpv2::status::CertStatus;
 use const_oid::db::rfc5280::ID_CE_CRL_REASONS;
+use const_oid::db::rfc5912::ID_REG_CTRL_OLD_CERT_ID;
+use crmf::controls::CertId;
 use crmf::pop::ProofOfPossession;
 use crmf::request::CertReqMsg;
 use der::asn1::Null;
@@ -25,8 +27,8 @@ use x509_cert::ext::pkix::name::GeneralName;
 use x509_cert::name::Name;
 
 use super::message::{
-    self, Failure as Fail, HeaderParts, NONCE_LEN, Received, accepted, granted, issued_by, octets,
-    policies,
+    self, Failure as Fail, HeaderParts, NONCE_LEN, Received, RequestExtras, accepted, granted,
+    issued_by, octets, policies,
 };
 use super::pbm;
 use crate::embedded_ca::cmp_support::ID_KP_CMC_RA;
@@ -142,12 +144,19 @@ impl CmpServer {
                 return Vec::new();
             }
         };
-        let parsed = message::received(request_der).and_then(|received| {
-            let message = PkiMessage::from_der(request_der)?;
-            Ok((received, message))
+        let split = message::received(request_der).and_then(|received| {
+            let (rewritten, extras) = message::split_validity(request_der)?;
+            Ok((received, rewritten, extras))
         });
-        let (received, message) = match parsed {
+        let (received, rewritten, extras) = match split {
             Ok(parsed) => parsed,
+            Err(_) => {
+                let refusal = refuse(Fail::BadDataFormat, "not a DER PKIMessage");
+                return self.error_response(None, None, nonce, refusal, now).await;
+            }
+        };
+        let message = match PkiMessage::from_der(&rewritten) {
+            Ok(message) => message,
             Err(_) => {
                 let refusal = refuse(Fail::BadDataFormat, "not a DER PKIMessage");
                 return self.error_response(None, None, nonce, refusal, now).await;
@@ -172,7 +181,7 @@ impl CmpServer {
                     .await;
             }
         };
-        match self.dispatch(&message, &sender, &nonce, now).await {
+        match self.dispatch(&message, &extras, &sender, &nonce, now).await {
             Ok(body) => match self
                 .respond_with(Some(header), Some(&sender), nonce.clone(), &body, now)
                 .await
@@ -268,6 +277,7 @@ impl CmpServer {
     async fn dispatch(
         &self,
         message: &PkiMessage<'_>,
+        extras: &[RequestExtras],
         sender: &Sender,
         nonce: &[u8],
         now: SystemTime,
@@ -275,16 +285,27 @@ impl CmpServer {
         let header = &message.header;
         match (&message.body, sender) {
             (PkiBody::Ir(msgs), Sender::Pbm(_) | Sender::Ra(_)) => {
-                let content = self.enroll(header, msgs, None, sender, nonce, now).await?;
+                let content = self
+                    .enroll(header, msgs, extras, None, sender, nonce, now)
+                    .await?;
                 Ok(PkiBody::Ip(content))
             }
             (PkiBody::Cr(msgs), Sender::Pbm(_) | Sender::Ra(_)) => {
-                let content = self.enroll(header, msgs, None, sender, nonce, now).await?;
+                let content = self
+                    .enroll(header, msgs, extras, None, sender, nonce, now)
+                    .await?;
                 Ok(PkiBody::Cp(content))
             }
             (PkiBody::KUr(msgs), Sender::Subscriber { cert, .. }) => {
                 let content = self
-                    .enroll(header, msgs, Some(cert), sender, nonce, now)
+                    .enroll(header, msgs, extras, Some(cert), sender, nonce, now)
+                    .await?;
+                Ok(PkiBody::Kup(content))
+            }
+            (PkiBody::KUr(msgs), Sender::Ra(_)) => {
+                self.check_old_cert_id(msgs).await?;
+                let content = self
+                    .enroll(header, msgs, extras, None, sender, nonce, now)
                     .await?;
                 Ok(PkiBody::Kup(content))
             }
@@ -304,25 +325,27 @@ impl CmpServer {
                 Fail::NotAuthorized,
                 "ir/cr need an RA certificate or PBM",
             )),
-            (PkiBody::KUr(_), _) => Err(refuse(
+            (PkiBody::KUr(_), Sender::Pbm(_)) => Err(refuse(
                 Fail::NotAuthorized,
-                "kur must be signed with the certificate being updated",
+                "kur needs the certificate being updated or an RA certificate",
             )),
             _ => Err(refuse(Fail::BadRequest, "unsupported message type")),
         }
     }
 
     /// ir/cr (`old` is None) or kur (`old` is the certificate being updated).
+    #[allow(clippy::too_many_arguments)] // one transaction's parts, each used once
     async fn enroll(
         &self,
         header: &PkiHeader<'_>,
         msgs: &[CertReqMsg],
+        extras: &[RequestExtras],
         old: Option<&Certificate>,
         sender: &Sender,
         nonce: &[u8],
         now: SystemTime,
     ) -> Result<CertRepMessage<'static>, Refusal> {
-        let [msg] = msgs else {
+        let ([msg], [extra]) = (msgs, extras) else {
             return Err(refuse(
                 Fail::BadRequest,
                 "exactly one certReqMsg is accepted",
@@ -342,8 +365,8 @@ impl CmpServer {
         let bad_pop = || refuse(Fail::BadPOP, "proof of possession does not verify");
         match &msg.popo {
             Some(ProofOfPossession::Signature(popo)) if popo.poposk_input.is_none() => {
-                let request = msg.cert_req.to_der().map_err(|_| bad_pop())?;
-                message::verify_signature(spki, &popo.alg_id, &request, popo.signature.raw_bytes())
+                let request = &extra.cert_req_der;
+                message::verify_signature(spki, &popo.alg_id, request, popo.signature.raw_bytes())
                     .map_err(|_| bad_pop())?;
             }
             _ => return Err(refuse(Fail::BadPOP, "a signature POP is required")),
@@ -363,13 +386,11 @@ impl CmpServer {
                 self.profile(old.tbs_certificate.extensions.as_ref())?,
             ),
         };
-        let (not_before, not_after) = match &template.validity {
-            Some(validity) => (
-                validity.not_before.to_system_time(),
-                validity.not_after.to_system_time(),
-            ),
-            None => (now, now + self.config.default_validity),
-        };
+        // The template's validity (RFC 4211 OptionalValidity), else from now.
+        let not_before = extra.not_before.unwrap_or(now);
+        let not_after = extra
+            .not_after
+            .unwrap_or(not_before + self.config.default_validity);
         let spki_der = spki
             .to_der()
             .map_err(|_| refuse(Fail::BadCertTemplate, "bad public key"))?;
@@ -412,6 +433,40 @@ impl CmpServer {
                 rsp_info: None,
             }],
         })
+    }
+
+    /// An RA's kur names the certificate it updates in the oldCertID control (RFC 4211
+    /// section 6.5), which must be a good certificate of this CA. The CA keeps no copy of the
+    /// certificates it issued, so the new one takes the subject and profile of the template.
+    async fn check_old_cert_id(&self, msgs: &[CertReqMsg]) -> Result<(), Refusal> {
+        let bad = |text: &str| refuse(Fail::BadCertId, text);
+        let control = msgs
+            .first()
+            .and_then(|msg| msg.cert_req.controls.as_ref())
+            .into_iter()
+            .flatten()
+            .find(|control| control.oid == ID_REG_CTRL_OLD_CERT_ID)
+            .ok_or_else(|| bad("an RA's kur must name the old certificate in oldCertID"))?;
+        let id: CertId = control
+            .value
+            .decode_as()
+            .map_err(|_| bad("malformed oldCertID"))?;
+        let issuer = &self.ca.issuing_certificate().tbs_certificate.subject;
+        if !matches!(&id.issuer, GeneralName::DirectoryName(name) if name == issuer) {
+            return Err(bad("oldCertID names another CA"));
+        }
+        match self
+            .ca
+            .status(&serial_hex(id.serial_number.as_bytes()))
+            .await
+        {
+            Ok(CertificateState::Good { .. }) => Ok(()),
+            Ok(CertificateState::Revoked { .. }) => {
+                Err(refuse(Fail::CertRevoked, "the old certificate is revoked"))
+            }
+            Ok(_) | Err(CaError::InvalidRequest(_)) => Err(bad("unknown old certificate")),
+            Err(_) => Err(refuse(Fail::SystemUnavail, "CA state unavailable")),
+        }
     }
 
     /// The profile named by exactly one configured policy in `extensions`' certificatePolicies.

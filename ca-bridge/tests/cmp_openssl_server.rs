@@ -1,0 +1,354 @@
+//! Our CMP client against the `openssl cmp` mock server (PEERS.md): ir with PBM, ir with the RA
+//! key's signature, same-key kur, rr with a reason; a response under another secret or signed by
+//! an untrusted server certificate is rejected.
+//!
+//! `openssl cmp -port` listens on every interface, so the test re-runs itself inside a network
+//! namespace of its own (`unshare -n`, only loopback up): the mock servers cannot be reached
+//! from outside.
+// In tests a panic is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[allow(unreachable_pub)] // shared test modules: `pub` for the binaries that use them
+mod cmp_fixture;
+#[allow(unreachable_pub)]
+mod support;
+
+use std::io::{BufRead as _, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use ca_bridge::cmp::{ClientProtection, CmpClient, CmpClientConfig};
+use ca_bridge::transport::HttpTransport;
+use ca_bridge::{CaError, DEFAULT_ADULT_POLICY_OID, DEFAULT_MINOR_POLICY_OID, Profile};
+use cmp_fixture::{hsm, request, run};
+use hsm_adapter::{KeyAlgorithm, KeyMode, SystemKey, UserKeyRef};
+
+/// Set in the re-run inside the namespace.
+const IN_NAMESPACE: &str = "CA_BRIDGE_CMP_NETNS";
+const SECRET: &str = "mock-secret";
+
+#[test]
+fn client_against_openssl_mock_server() {
+    if std::env::var_os(IN_NAMESPACE).is_some() {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(against_mock_server());
+        return;
+    }
+    let exe = std::env::current_exe().unwrap();
+    let status = Command::new("unshare")
+        .args(["-n", "sh", "-c", "ip link set lo up && exec \"$0\" \"$@\""])
+        .arg(exe)
+        .args([
+            "--exact",
+            "client_against_openssl_mock_server",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
+        .env(IN_NAMESPACE, "1")
+        .status()
+        .unwrap();
+    assert!(
+        status.success(),
+        "the test inside the network namespace failed"
+    );
+}
+
+/// A running `openssl cmp` mock server; killed (by its own pid) when dropped.
+struct MockServer {
+    child: Child,
+    url: String,
+}
+
+impl Drop for MockServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn mock_server(dir: &Path, args: &[&str]) -> MockServer {
+    let mut child = Command::new("sh")
+        .current_dir(dir)
+        .args([
+            "-c",
+            "exec openssl cmp -config '' -port 0 \"$@\" 2>&1",
+            "sh",
+        ])
+        .args(args)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let port = loop {
+        let line = lines.next().expect("mock server ended").unwrap();
+        if let Some(rest) = line.strip_prefix("ACCEPT ") {
+            let addr = rest.split_whitespace().next().unwrap();
+            break addr.rsplit(':').next().unwrap().to_owned();
+        }
+    };
+    // Keep draining its output so it never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    MockServer {
+        child,
+        url: format!("http://127.0.0.1:{port}/pkix/"),
+    }
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    run(Command::new("openssl").current_dir(dir).args(args));
+}
+
+/// root -> ica -> {srv, c1 (for the HSM user key), ra (for the HSM CMP client key)}; and a
+/// rogue self-signed server certificate.
+fn make_pki(dir: &Path, user_spki: &[u8], ra_spki: &[u8]) {
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "[ca]\nbasicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,cRLSign\n\
+         subjectKeyIdentifier=hash\n\
+         [ee]\nbasicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n\
+         subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n",
+    )
+    .unwrap();
+    let pem =
+        |der: &[u8]| der::pem::encode_string("PUBLIC KEY", der::pem::LineEnding::LF, der).unwrap();
+    std::fs::write(dir.join("user.pub"), pem(user_spki)).unwrap();
+    std::fs::write(dir.join("ra.pub"), pem(ra_spki)).unwrap();
+    let mut args = vec!["req", "-x509"];
+    args.extend(ec);
+    args.extend([
+        "-keyout",
+        "root.key",
+        "-out",
+        "root.pem",
+        "-subj",
+        "/CN=Mock Root",
+        "-days",
+        "30",
+        "-extensions",
+        "ca",
+        "-config",
+        "ext.cnf",
+    ]);
+    // `req -config ext.cnf` needs a [req] section: give it one.
+    std::fs::write(
+        dir.join("ext.cnf"),
+        format!(
+            "[req]\ndistinguished_name=dn\n[dn]\n{}",
+            std::fs::read_to_string(dir.join("ext.cnf")).unwrap()
+        ),
+    )
+    .unwrap();
+    openssl(dir, &args);
+    let mut args = vec!["req", "-x509"];
+    args.extend(ec);
+    args.extend([
+        "-keyout",
+        "rogue.key",
+        "-out",
+        "rogue.pem",
+        "-subj",
+        "/CN=Mock CMP Server",
+        "-days",
+        "30",
+        "-extensions",
+        "ee",
+        "-config",
+        "ext.cnf",
+    ]);
+    openssl(dir, &args);
+    let issue = |name: &str, subject: &str, signer: &str, ext: &str, pubkey: Option<&str>| {
+        let mut args = vec!["req", "-new"];
+        args.extend(ec);
+        let key = format!("{name}.key");
+        let csr = format!("{name}.csr");
+        args.extend([
+            "-keyout", &key, "-out", &csr, "-subj", subject, "-config", "ext.cnf",
+        ]);
+        openssl(dir, &args);
+        let ca = format!("{signer}.pem");
+        let ca_key = format!("{signer}.key");
+        let out = format!("{name}.pem");
+        let mut args = vec![
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &ca,
+            "-CAkey",
+            &ca_key,
+            "-CAcreateserial",
+            "-days",
+            "20",
+            "-extfile",
+            "ext.cnf",
+            "-extensions",
+            ext,
+            "-out",
+            &out,
+        ];
+        if let Some(pubkey) = pubkey {
+            args.extend(["-force_pubkey", pubkey]);
+        }
+        openssl(dir, &args);
+    };
+    issue("ica", "/CN=Mock Issuing CA", "root", "ca", None);
+    issue("srv", "/CN=Mock CMP Server", "ica", "ee", None);
+    issue(
+        "c1",
+        "/O=smartsign test/CN=Tai Man CHAN",
+        "ica",
+        "ee",
+        Some("user.pub"),
+    );
+    issue(
+        "ra",
+        "/O=smartsign test/CN=smartsign RA",
+        "ica",
+        "ee",
+        Some("ra.pub"),
+    );
+}
+
+fn read_der(dir: &Path, name: &str) -> Vec<u8> {
+    der::pem::decode_vec(&std::fs::read(dir.join(name)).unwrap())
+        .unwrap()
+        .1
+}
+
+fn client(url: &str, protection: ClientProtection, trusted: Vec<Vec<u8>>) -> CmpClient {
+    CmpClient::new(
+        hsm(),
+        HttpTransport::new(Duration::from_secs(20)).unwrap(),
+        CmpClientConfig {
+            url: url.to_owned(),
+            organisation: cmp_fixture::ORGANISATION.into(),
+            adult_policy_oid: DEFAULT_ADULT_POLICY_OID.into(),
+            minor_policy_oid: DEFAULT_MINOR_POLICY_OID.into(),
+            protection,
+            trusted_der: trusted,
+        },
+    )
+    .unwrap()
+}
+
+fn pbm(secret: &str) -> ClientProtection {
+    ClientProtection::Pbm {
+        reference: b"mock-ref".to_vec(),
+        secret: secret.as_bytes().to_vec().into(),
+    }
+}
+
+async fn against_mock_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path();
+    let hsm = hsm();
+    let key: UserKeyRef = hsm
+        .generate_user_key(KeyAlgorithm::EcP256, KeyMode::Resident)
+        .await
+        .unwrap();
+    let user_spki = key.public_key().as_der().to_vec();
+    let ra_spki = hsm
+        .system_public_key(SystemKey::CmpClient)
+        .await
+        .unwrap()
+        .as_der()
+        .to_vec();
+    make_pki(work, &user_spki, &ra_spki);
+    let root = read_der(work, "root.pem");
+    let ica = read_der(work, "ica.pem");
+    let c1 = read_der(work, "c1.pem");
+    let ra = read_der(work, "ra.pem");
+    let common = [
+        "-srv_trusted",
+        "root.pem",
+        "-srv_untrusted",
+        "ica.pem",
+        "-rsp_cert",
+        "c1.pem",
+        "-rsp_extracerts",
+        "ica.pem",
+        "-rsp_capubs",
+        "root.pem",
+    ];
+    let with_secret = |cert: &'static str, key: &'static str| {
+        let mut args = vec![
+            "-srv_ref",
+            "mock-ref",
+            "-srv_secret",
+            "pass:mock-secret",
+            "-mac",
+            "hmacWithSHA256",
+            "-srv_cert",
+            cert,
+            "-srv_key",
+            key,
+        ];
+        args.extend(common);
+        args
+    };
+    let signing = |cert: &'static str, key: &'static str| {
+        let mut args = vec!["-srv_cert", cert, "-srv_key", key];
+        args.extend(common);
+        args
+    };
+    let pbm_server = mock_server(work, &with_secret("srv.pem", "srv.key"));
+    let sig_server = mock_server(work, &signing("srv.pem", "srv.key"));
+    let rogue_server = mock_server(work, &signing("rogue.pem", "rogue.key"));
+    let ee_request = request(user_spki.clone(), Profile::Adult);
+
+    // ir with PBM.
+    let pbm_client = client(&pbm_server.url, pbm(SECRET), vec![root.clone()]);
+    let issued = pbm_client.issue(&ee_request, &key).await.unwrap();
+    assert_eq!(issued.der, c1);
+
+    // rr with a reason, PBM.
+    pbm_client.revoke(&c1, 4).await.unwrap();
+
+    // ir with the RA key's signature; the response is signed by srv.pem (via ica to root).
+    let ra_protection = || ClientProtection::Signature {
+        certificate_der: ra.clone(),
+        extra_certs_der: vec![ica.clone()],
+    };
+    let sig_client = client(&sig_server.url, ra_protection(), vec![root.clone()]);
+    let issued = sig_client.issue(&ee_request, &key).await.unwrap();
+    assert_eq!(issued.der, c1);
+
+    // Same-key kur, protected by c1's key.
+    let renewed = sig_client
+        .rekey(&c1, &key, &ee_request, &key)
+        .await
+        .unwrap();
+    assert_eq!(renewed.der, c1);
+
+    // rr with a reason, RA signature.
+    sig_client.revoke(&c1, 1).await.unwrap();
+
+    // A response under another secret.
+    let wrong = client(&pbm_server.url, pbm("not the secret"), vec![root.clone()]);
+    let refused = wrong.issue(&ee_request, &key).await;
+    assert!(
+        matches!(refused, Err(CaError::Protection(_))),
+        "{refused:?}"
+    );
+
+    // A response signed by a server certificate that does not chain to the trusted root.
+    let rogue = client(&rogue_server.url, ra_protection(), vec![root.clone()]);
+    let refused = rogue.issue(&ee_request, &key).await;
+    assert!(
+        matches!(refused, Err(CaError::Protection(_))),
+        "{refused:?}"
+    );
+}
