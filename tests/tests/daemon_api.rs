@@ -108,37 +108,38 @@ fn registration_rules_and_their_error_codes() {
     let post = |body: &Value| registrar.post(&url).json(body).send().unwrap();
 
     // Ages are counted on the Hong Kong date; the daemon's clock is set to a known instant:
-    // 2026-06-15 00:30 HKT is 2026-06-14 16:30 UTC.
+    // 2027-06-15 00:30 HKT is 2027-06-14 16:30 UTC. (Forward, not back: the embedded CA's
+    // certificates, which the CMP server checks, start at the daemon's first start.)
     let officer = daemon.client("officer");
     let set = officer
         .post(format!("{}/v1/admin/clock", daemon.api))
-        .json(&json!({"now": "2026-06-14T16:30:00Z"}))
+        .json(&json!({"now": "2027-06-14T16:30:00Z"}))
         .send()
         .unwrap();
     assert_eq!(set.status(), 200);
 
     // Turning 11 today (Hong Kong date) is old enough; tomorrow is not.
-    let mut minor = registration("u-11-today", "2015-06-15", "A1234563", &key);
+    let mut minor = registration("u-11-today", "2016-06-15", "A1234563", &key);
     minor["guardian"] = json!({"hkic_number": "A1234563", "date_of_birth": "1980-02-29"});
     let accepted = post(&minor);
     assert_eq!(accepted.status(), 201);
     let account: Value = accepted.json().unwrap();
     assert_eq!(account["minor"], true);
-    assert_eq!(account["adult_on"], "2033-06-15");
+    assert_eq!(account["adult_on"], "2034-06-15");
     assert_eq!(account["certificate"]["profile"], "minor");
 
-    let mut too_young = registration("u-11-tomorrow", "2015-06-16", "A1234563", &key);
+    let mut too_young = registration("u-11-tomorrow", "2016-06-16", "A1234563", &key);
     too_young["guardian"] = minor["guardian"].clone();
     assert_eq!(problem(post(&too_young)), (422, "underage".into()));
 
-    let no_guardian = registration("u-minor", "2010-01-01", "A1234563", &key);
+    let no_guardian = registration("u-minor", "2011-01-01", "A1234563", &key);
     assert_eq!(
         problem(post(&no_guardian)),
         (422, "guardian_required".into())
     );
 
-    let mut young_guardian = registration("u-minor", "2010-01-01", "A1234563", &key);
-    young_guardian["guardian"] = json!({"hkic_number": "A1234563", "date_of_birth": "2009-01-01"});
+    let mut young_guardian = registration("u-minor", "2011-01-01", "A1234563", &key);
+    young_guardian["guardian"] = json!({"hkic_number": "A1234563", "date_of_birth": "2010-01-01"});
     assert_eq!(
         problem(post(&young_guardian)),
         (422, "guardian_underage".into())
