@@ -5,9 +5,16 @@
 //!
 //! It does not decide *when* a certificate is issued, renewed or revoked: `cert-lifecycle` does.
 //!
-//! Today it holds the embedded CA ([`EmbeddedCa`]: keys in the HSM, certificate profiles, its own
-//! issued/revoked state), the development TLS PKI ([`dev_pki`]) and detached CMS SignedData
-//! (`signed_data`); the CMP, OCSP and CRL services and clients come with the CA-bridge issue.
+//! - [`cmp`]: the CMP client (ir, kur, rr, certConf; signature or PBM protection; proof of
+//!   possession by the user key in the HSM) and the embedded CA's CMP server;
+//! - [`ocsp`], [`crl`]: OCSP requests and verified answers, verified CRLs;
+//! - [`status`]: the status check before every signature (cache, OCSP, then the CRL, with a
+//!   fail-closed policy and an optional grace);
+//! - [`EmbeddedCa`]: keys in the HSM, the certificate profiles, its own issued/revoked state, its
+//!   OCSP responder and CRL issuer;
+//! - [`transport`]: plain HTTP for these protocols, whose messages carry their own protection;
+//! - [`dev_pki`]: the development TLS PKI; [`signed_data`]: detached CMS SignedData around an HSM
+//!   signature.
 
 #![forbid(unsafe_code)]
 

@@ -225,7 +225,10 @@ async fn issue_certificate(
         not_before: not_before.into(),
         not_after: not_after.into(),
     };
-    let issued = match app.ca.cmp.issue(&request, &key).await {
+    let started = std::time::Instant::now();
+    let issued = app.ca.cmp.issue(&request, &key).await;
+    app.metrics.observe_cmp(started.elapsed(), issued.is_ok());
+    let issued = match issued {
         Ok(issued) => issued,
         Err(error) => {
             tracing::error!(%error, account = account.id.as_str(), "the CA did not issue");
@@ -292,12 +295,14 @@ async fn revoke_at_ca(
         )
         .await
         .map_err(|error| error.code().to_owned())?;
+    let started = std::time::Instant::now();
     let result = app
         .ca
         .cmp
         .revoke(&der, reason.crl_reason_code())
         .await
         .map_err(|error| error.to_string());
+    app.metrics.observe_cmp(started.elapsed(), result.is_ok());
     app.ca.status.forget(certificate.serial.as_str());
     result
 }

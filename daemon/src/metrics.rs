@@ -31,7 +31,7 @@ pub(crate) struct StatusMetrics {
     ca_latency: HistogramVec,
     ca_errors: IntCounterVec,
     crl_age: IntGauge,
-    /// Whether the latest request to the CA (OCSP or CRL) succeeded, for `/readyz`.
+    /// Whether the latest request to the CA (CMP, OCSP or CRL) succeeded, for `/readyz`.
     last_ok: AtomicBool,
 }
 
@@ -39,7 +39,7 @@ impl StatusMetrics {
     /// `None` while the CA answers; otherwise why not.
     pub(crate) fn problem(&self) -> Option<String> {
         (!self.last_ok.load(Ordering::Relaxed))
-            .then(|| "the latest OCSP or CRL request to the CA failed".to_owned())
+            .then(|| "the latest request to the CA (CMP, OCSP or CRL) failed".to_owned())
     }
 }
 
@@ -131,7 +131,7 @@ impl Metrics {
             ca_latency: HistogramVec::new(
                 HistogramOpts::new(
                     "ca_request_duration_seconds",
-                    "Latency of status requests to the CA, by kind (ocsp or crl)",
+                    "Latency of requests to the CA, by kind (cmp, ocsp or crl)",
                 )
                 .buckets(LATENCY_BUCKETS.to_vec()),
                 &["kind"],
@@ -139,7 +139,7 @@ impl Metrics {
             ca_errors: IntCounterVec::new(
                 Opts::new(
                     "ca_request_errors_total",
-                    "Failed status requests to the CA, by kind (ocsp or crl)",
+                    "Failed requests to the CA, by kind (cmp, ocsp or crl)",
                 ),
                 &["kind"],
             )?,
@@ -173,6 +173,13 @@ impl Metrics {
             audit_tree_size,
             status,
         })
+    }
+
+    /// A CMP transaction with the CA (issue or revoke), in the same series as the status
+    /// requests (`kind="cmp"`).
+    pub(crate) fn observe_cmp(&self, elapsed: Duration, ok: bool) {
+        use ca_bridge::status::StatusObserver as _;
+        self.status.ca_request("cmp", elapsed, ok);
     }
 
     /// The status checker's observer.

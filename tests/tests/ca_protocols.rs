@@ -150,10 +150,10 @@ fn signing_stops_with_status_unavailable_when_the_ca_is_unreachable() {
         text.contains("smartsign_status_cache_total{result=\"hit\"}"),
         "{text}"
     );
-    assert!(
-        text.contains("smartsign_ca_request_duration_seconds_count{kind=\"ocsp\"}"),
-        "{text}"
-    );
+    for kind in ["cmp", "ocsp"] {
+        let series = format!("smartsign_ca_request_duration_seconds_count{{kind=\"{kind}\"}}");
+        assert!(text.contains(&series), "{series} in {text}");
+    }
 
     proxy.stop();
     // A fresh cached answer still serves.
