@@ -13,6 +13,7 @@
 //! - [`EmbeddedCa`]: keys in the HSM, the certificate profiles, its own issued/revoked state, its
 //!   OCSP responder and CRL issuer;
 //! - [`transport`]: plain HTTP for these protocols, whose messages carry their own protection;
+//! - [`enrolment`]: the PKCS#10 request that enrols the daemon's CMP key as an RA;
 //! - [`dev_pki`]: the development TLS PKI; [`signed_data`]: detached CMS SignedData around an HSM
 //!   signature.
 
@@ -22,6 +23,7 @@ pub mod cmp;
 pub mod crl;
 pub mod dev_pki;
 mod embedded_ca;
+pub mod enrolment;
 mod error;
 pub mod ocsp;
 pub mod signed_data;

@@ -16,6 +16,22 @@ pub(crate) struct InitArgs {
     so_pin_file: PathBuf,
 }
 
+/// Arguments of `keys ra-request`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct RaRequestArgs {
+    #[command(flatten)]
+    token: TokenArgs,
+    /// The RA's common name, e.g. the appliance's host name.
+    #[arg(long)]
+    common_name: String,
+    /// The organisation (O) of the request's subject.
+    #[arg(long, default_value = "smartsign")]
+    organisation: String,
+    /// Write the PEM request here instead of standard output.
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
+}
+
 /// Arguments of `keys status`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct StatusArgs {
@@ -66,4 +82,26 @@ pub(crate) async fn status(args: StatusArgs) -> Result<(), Box<dyn std::error::E
                 .into(),
         ),
     }
+}
+
+pub(crate) async fn ra_request(args: RaRequestArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let hsm = args.token.open().await?;
+    let request =
+        ca_bridge::enrolment::ra_certification_request(&hsm, &args.organisation, &args.common_name)
+            .await;
+    hsm.shutdown().await;
+    let pem = der::pem::encode_string("CERTIFICATE REQUEST", der::pem::LineEnding::LF, &request?)
+        .map_err(|error| format!("cannot encode the request as PEM: {error}"))?;
+    match &args.out {
+        Some(path) => {
+            std::fs::write(path, pem)?;
+            eprintln!(
+                "wrote {}: give it to the CA operator to certify as an RA (id-kp-cmcRA); \
+                 the certificate they return is ca.ra_certificate",
+                path.display()
+            );
+        }
+        None => print!("{pem}"),
+    }
+    Ok(())
 }

@@ -56,12 +56,16 @@ enum Command {
 #[derive(Debug, Subcommand)]
 enum KeysCommand {
     /// Create the system keys that are missing (key-encryption key, TAID and HKIC MAC keys,
-    /// data key, audit key, embedded-CA keys) and list them all. Needs the SO PIN because only
+    /// data key, audit key, embedded-CA keys, CMP client key) and list them all. Needs the SO PIN because only
     /// the security officer may mark the key-encryption key as trusted. Safe to run again: keys
     /// that exist are found, not replaced.
     Init(keys::InitArgs),
     /// List the system keys on the token and check each against the key policy.
     Status(keys::StatusArgs),
+    /// Write a PKCS#10 request for the daemon's CMP client key (smartsign-cmp-client), signed
+    /// in the HSM, for the CA operator to certify as a registration authority. The returned
+    /// certificate is `ca.ra_certificate` (CMP signature protection).
+    RaRequest(keys::RaRequestArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -113,6 +117,7 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
         match command {
             Command::Keys(KeysCommand::Init(args)) => keys::init(args).await,
             Command::Keys(KeysCommand::Status(args)) => keys::status(args).await,
+            Command::Keys(KeysCommand::RaRequest(args)) => keys::ra_request(args).await,
             Command::Bench(BenchCommand::Hsm(args)) => match scratch::ensure_token(&args.token)? {
                 scratch::Token::Given => bench_hsm::run(args).await,
                 // The scratch token lives in a child process's environment; it has already run.

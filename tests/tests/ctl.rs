@@ -5,11 +5,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
+use std::process::Command;
 
 use audit_log::{Actor, AuditEvent, AuditLog, AuditLogConfig, EventName, Origin, SoftwareSigner};
 use smartsign_tests::{SoftHsmToken, binary, describe, run};
 
-const SYSTEM_KEY_LABELS: [&str; 7] = [
+const SYSTEM_KEY_LABELS: [&str; 8] = [
     "smartsign-kek",
     "smartsign-taid",
     "smartsign-hkic",
@@ -17,6 +18,7 @@ const SYSTEM_KEY_LABELS: [&str; 7] = [
     "smartsign-audit",
     "smartsign-ca-root",
     "smartsign-ca-issuing",
+    "smartsign-cmp-client",
 ];
 
 fn ctl() -> std::path::PathBuf {
@@ -155,7 +157,7 @@ fn keys_status_on_a_token_without_system_keys_fails() {
 
 /// Writes an audit log signed with a key openssl made, and exports it as an auditor receives it.
 fn write_export(dir: &Path) -> (Vec<u8>, Vec<u8>, String) {
-    let key = run(std::process::Command::new("openssl").args([
+    let key = run(Command::new("openssl").args([
         "genpkey",
         "-algorithm",
         "EC",
@@ -165,7 +167,7 @@ fn write_export(dir: &Path) -> (Vec<u8>, Vec<u8>, String) {
     assert!(key.status.success(), "{}", describe(&key));
     let key_pem = String::from_utf8(key.stdout).unwrap();
     std::fs::write(dir.join("audit.key"), &key_pem).unwrap();
-    let public = run(std::process::Command::new("openssl")
+    let public = run(Command::new("openssl")
         .args(["pkey", "-pubout", "-in"])
         .arg(dir.join("audit.key")));
     assert!(public.status.success(), "{}", describe(&public));
@@ -196,7 +198,7 @@ fn verify(dir: &Path, records: &[u8], checkpoint: &[u8], public_pem: &str) -> st
     std::fs::write(dir.join("records.ndjson"), records).unwrap();
     std::fs::write(dir.join("checkpoint.json"), checkpoint).unwrap();
     std::fs::write(dir.join("audit-key.pem"), public_pem).unwrap();
-    run(std::process::Command::new(ctl())
+    run(Command::new(ctl())
         .args(["audit", "verify", "--records"])
         .arg(dir.join("records.ndjson"))
         .arg("--checkpoint")
@@ -286,4 +288,50 @@ fn keys_init_and_status_read_the_token_from_the_daemon_configuration() {
         .args(["keys", "status", "--token", "x", "--config"])
         .arg(&config));
     assert!(!both.status.success());
+}
+
+/// The RA enrolment request is signed in the HSM by the CMP client key: openssl verifies its
+/// self-signature, and its public key is the one the token holds.
+#[test]
+fn keys_ra_request_writes_a_request_openssl_verifies() {
+    let token = SoftHsmToken::new("ctl-ra");
+    let init = keys_init(&token);
+    assert!(init.status.success(), "{}", describe(&init));
+    let csr = token.scratch().join("ra.csr");
+    let made = run(token
+        .command(ctl())
+        .args(["keys", "ra-request", "--token", token.label()])
+        .arg("--pin-file")
+        .arg(token.pin_file())
+        .args(["--common-name", "appliance-1.example", "--out"])
+        .arg(&csr));
+    assert!(made.status.success(), "{}", describe(&made));
+    let verified = run(Command::new("openssl")
+        .args(["req", "-verify", "-noout", "-subject", "-in"])
+        .arg(&csr));
+    let text = describe(&verified);
+    assert!(verified.status.success(), "{text}");
+    assert!(text.contains("verify OK"), "{text}");
+    assert!(text.contains("CN = appliance-1.example"), "{text}");
+
+    // Another token's request does not carry this token's key.
+    let other = SoftHsmToken::new("ctl-ra-other");
+    assert!(keys_init(&other).status.success());
+    let other_csr = other.scratch().join("ra.csr");
+    let made = run(other
+        .command(ctl())
+        .args(["keys", "ra-request", "--token", other.label()])
+        .arg("--pin-file")
+        .arg(other.pin_file())
+        .args(["--common-name", "appliance-2.example", "--out"])
+        .arg(&other_csr));
+    assert!(made.status.success(), "{}", describe(&made));
+    let pubkey = |path: &Path| {
+        let output = run(Command::new("openssl")
+            .args(["req", "-noout", "-pubkey", "-in"])
+            .arg(path));
+        assert!(output.status.success(), "{}", describe(&output));
+        output.stdout
+    };
+    assert_ne!(pubkey(&csr), pubkey(&other_csr));
 }
