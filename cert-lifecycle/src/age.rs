@@ -66,6 +66,22 @@ pub fn age_on(dob: Date, date: Date) -> u32 {
     }
 }
 
+/// Years of inaction after a suspension or invalidation before the account is deregistered and
+/// its personal data deleted (DOMAIN.md).
+pub const RETENTION_YEARS: u32 = 7;
+
+/// The instant a minor's certificate stops: 00:00 Hong Kong time on the 18th birthday.
+pub fn minor_certificate_ends(dob: Date) -> OffsetDateTime {
+    start_of_hk_day(adult_on(dob))
+}
+
+/// The instant an account suspended or invalidated at `changed` (and left so) is deregistered:
+/// 00:00 Hong Kong time on the seventh anniversary of that Hong Kong date, counted like ages
+/// (29 February falls on 1 March in a common year).
+pub fn retention_ends(changed: OffsetDateTime) -> OffsetDateTime {
+    start_of_hk_day(anniversary(hk_date(changed), RETENTION_YEARS))
+}
+
 /// Whether a person born on `dob` is under 18 at `now` (Hong Kong date).
 pub fn is_minor(dob: Date, now: OffsetDateTime) -> bool {
     age_on(dob, hk_date(now)) < ADULT_AGE
@@ -76,6 +92,33 @@ mod tests {
     use time::macros::{date, datetime};
 
     use super::*;
+
+    #[test]
+    fn a_minor_certificate_ends_at_hk_midnight_of_the_18th_birthday() {
+        assert_eq!(
+            minor_certificate_ends(date!(2008 - 06 - 15)),
+            datetime!(2026-06-14 16:00 UTC)
+        );
+        // 29 February: 1 March in the common year 2026.
+        assert_eq!(
+            minor_certificate_ends(date!(2008 - 02 - 29)),
+            datetime!(2026-02-28 16:00 UTC)
+        );
+    }
+
+    #[test]
+    fn retention_counts_seven_years_from_the_hk_date_of_the_change() {
+        // 2026-03-01 02:00 HKT is 2026-02-28 18:00 UTC: the HK date is 1 March.
+        assert_eq!(
+            retention_ends(datetime!(2026-02-28 18:00 UTC)),
+            datetime!(2033-02-28 16:00 UTC)
+        );
+        // Suspended on 29 February 2028 (HK): ends on 1 March 2035.
+        assert_eq!(
+            retention_ends(datetime!(2028-02-29 04:00 UTC)),
+            datetime!(2035-02-28 16:00 UTC)
+        );
+    }
 
     #[test]
     fn hk_date_is_utc_plus_8() {

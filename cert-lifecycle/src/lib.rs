@@ -23,8 +23,8 @@ pub use account::{
     AccountRecord, AccountStatus, RECTIFICATION_PERIOD, SuspendedBy, Tier, check_registration,
 };
 pub use age::{
-    ADULT_AGE, HK_OFFSET, MIN_REGISTRATION_AGE, adult_on, age_on, anniversary, hk_date, is_minor,
-    start_of_hk_day,
+    ADULT_AGE, HK_OFFSET, MIN_REGISTRATION_AGE, RETENTION_YEARS, adult_on, age_on, anniversary,
+    hk_date, is_minor, minor_certificate_ends, retention_ends, start_of_hk_day,
 };
 pub use certificate::{CertProfile, CertStatus, CertificateRecord, RevocationReason};
 pub use error::{FlowError, HkicReason, ParseError, RuleError, StoreError};

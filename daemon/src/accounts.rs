@@ -689,19 +689,29 @@ pub(crate) async fn invalidate(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiErro
     ) {
         return Err(ApiError::AccountNotActive(record.status.as_str()));
     }
-    let actor = ctx.caller.to_string();
-    revoke_current(&app, &record, RevocationReason::PrivilegeWithdrawn, &actor).await?;
+    invalidate_account(&app, &mut record, &ctx.caller.to_string(), now).await?;
+    reply_account(&app, &record).await
+}
+
+/// Invalidates an account: its certificate revoked (privilege_withdrawn) and key destroyed. The
+/// invalidate route and the rectification-deadline sweep.
+pub(crate) async fn invalidate_account(
+    app: &App,
+    record: &mut AccountRecord,
+    actor: &str,
+    now: OffsetDateTime,
+) -> Result<(), ApiError> {
+    revoke_current(app, record, RevocationReason::PrivilegeWithdrawn, actor).await?;
     record.status = AccountStatus::Invalidated;
     record.status_changed_at = now;
     record.rectify_by = None;
     app.audit(
         "account.invalidated",
-        &actor,
+        actor,
         fields([("account_id", json!(record.id.as_str()))]),
     )
     .await?;
-    save(&app, &record).await?;
-    reply_account(&app, &record).await
+    save(app, record).await
 }
 
 /// `DELETE /v1/accounts/{id}`: revoke, destroy the key, delete the personal data.
@@ -711,17 +721,22 @@ pub(crate) async fn deregister(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiErro
     if record.status == AccountStatus::Deregistered {
         return Err(ApiError::AccountNotActive(record.status.as_str()));
     }
-    let actor = ctx.caller.to_string();
-    revoke_current(
-        &app,
-        &record,
-        RevocationReason::CessationOfOperation,
-        &actor,
-    )
-    .await?;
+    deregister_account(&app, &mut record, &ctx.caller.to_string(), now).await?;
+    Ok(Reply::empty(StatusCode::NO_CONTENT))
+}
+
+/// Deregisters an account: its certificate revoked (cessation_of_operation), key destroyed,
+/// personal data deleted. The deregister route and the seven-year retention sweep.
+pub(crate) async fn deregister_account(
+    app: &App,
+    record: &mut AccountRecord,
+    actor: &str,
+    now: OffsetDateTime,
+) -> Result<(), ApiError> {
+    revoke_current(app, record, RevocationReason::CessationOfOperation, actor).await?;
     app.audit(
         "account.deregistered",
-        &actor,
+        actor,
         fields([("account_id", json!(record.id.as_str()))]),
     )
     .await?;
@@ -729,11 +744,9 @@ pub(crate) async fn deregister(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiErro
     record.status_changed_at = now;
     record.suspended_by = None;
     record.rectify_by = None;
-    save(&app, &record).await?;
+    save(app, record).await?;
     let id = record.id.clone();
-    app.store(move |store| store.delete_personal_data(&id))
-        .await?;
-    Ok(Reply::empty(StatusCode::NO_CONTENT))
+    app.store(move |store| store.delete_personal_data(&id)).await
 }
 
 /// `GET /v1/accounts/{id}/taid?service=NAME`.

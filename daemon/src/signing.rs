@@ -155,7 +155,7 @@ async fn signable(
     // the revocation has reached the CA yet (DOMAIN.md).
     if certificate.profile == CertProfile::Minor {
         let dob = app.date_of_birth(&account.id, &account.sealed_dob).await?;
-        if now >= cert_lifecycle::start_of_hk_day(cert_lifecycle::adult_on(dob)) {
+        if now >= cert_lifecycle::minor_certificate_ends(dob) {
             return Err(ApiError::CertificateRevoked);
         }
     }

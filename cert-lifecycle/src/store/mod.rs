@@ -11,7 +11,7 @@ use time::OffsetDateTime;
 pub use sqlite::SqliteStore;
 
 use crate::{
-    AccountId, AccountRecord, CertSerial, CertificateRecord, RequestId, ServiceName,
+    AccountId, AccountRecord, AccountStatus, CertSerial, CertificateRecord, RequestId, ServiceName,
     SigningRequest, StoreError,
 };
 
@@ -77,6 +77,14 @@ pub trait Store: Send + Sync {
         &self,
         id: &AccountId,
     ) -> Result<Option<(AccountRecord, Option<CertificateRecord>)>, StoreError>;
+
+    /// Every certificate that still has its key reference, oldest `not_before` first: what the
+    /// lifecycle sweeps look at (a minor's that must end at 18, expired ones whose key must go).
+    fn certificates_with_keys(&self) -> Result<Vec<CertificateRecord>, StoreError>;
+
+    /// Every account in `status`, oldest status change first (for the retention and
+    /// rectification sweeps).
+    fn accounts_in_status(&self, status: AccountStatus) -> Result<Vec<AccountRecord>, StoreError>;
 
     /// Stores a TAID unless the account has one at this service already, and returns the stored
     /// one. `AlreadyExists` when `taid` is taken by another (service, account): a collision.

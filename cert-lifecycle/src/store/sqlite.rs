@@ -20,7 +20,7 @@ use time::OffsetDateTime;
 
 use super::{Store, TaidRecord};
 use crate::{
-    AccountId, AccountRecord, CertSerial, CertificateRecord, RequestId, ServiceName,
+    AccountId, AccountRecord, AccountStatus, CertSerial, CertificateRecord, RequestId, ServiceName,
     SigningRequest, StoreError,
 };
 
@@ -568,6 +568,34 @@ impl Store for SqliteStore {
             };
             tx.finish()?;
             Ok(Some((account, certificate)))
+        })
+    }
+
+    fn certificates_with_keys(&self) -> Result<Vec<CertificateRecord>, StoreError> {
+        let sql = format!(
+            "SELECT {CERTIFICATE_COLUMNS} FROM certificates WHERE key_ref IS NOT NULL \
+             ORDER BY not_before, serial"
+        );
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(&sql)?;
+            let rows = stmt
+                .query_map([], certificate_from_row)?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn accounts_in_status(&self, status: AccountStatus) -> Result<Vec<AccountRecord>, StoreError> {
+        let sql = format!(
+            "SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE status = ?1 \
+             ORDER BY status_changed_at, id"
+        );
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(&sql)?;
+            let rows = stmt
+                .query_map([status.as_str()], account_from_row)?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
         })
     }
 
