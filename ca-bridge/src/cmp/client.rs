@@ -36,6 +36,7 @@ use crate::embedded_ca::policy_oid::certificate_policies;
 use crate::embedded_ca::profile::subscriber_name;
 use crate::error::CaError;
 use crate::transport::{CMP_CONTENT_TYPE, HttpTransport};
+use crate::verify::verify_signature;
 use crate::{IssueRequest, IssuedCertificate, PolicyOid, Profile};
 
 /// How the client protects its requests. `Debug` shows no secret.
@@ -616,11 +617,11 @@ impl CmpClient {
         let signer = extra
             .first()
             .ok_or_else(|| CaError::Protection("signed response without extraCerts".into()))?;
-        message::verify_signature(
+        verify_signature(
             &signer.tbs_certificate.subject_public_key_info,
             alg,
             &received.protected,
-            protection.raw_bytes(),
+            protection,
         )?;
         if !chains_to(signer, &extra[1..], &self.trusted, SystemTime::now()) {
             return Err(CaError::Protection(
