@@ -17,7 +17,7 @@ use std::process::{Command, Stdio};
 use ca_bridge::cmp::{ClientProtection, CmpClient};
 use ca_bridge::{CaError, Profile};
 use common::{
-    ServerProcess, cert_der, cmp_client, cmp_config, hsm, in_network_namespace, openssl_in, request,
+    OpensslPki, ServerProcess, cert_der, cmp_client, cmp_config, hsm, in_network_namespace, request,
 };
 use hsm_adapter::{KeyAlgorithm, KeyMode, SystemKey, UserKeyRef};
 
@@ -65,118 +65,25 @@ fn mock_server(dir: &Path, args: &[&str]) -> ServerProcess {
 /// root -> ica -> {srv, c1 (for the HSM user key), ra (for the HSM CMP client key)}; and a
 /// rogue self-signed server certificate.
 fn make_pki(dir: &Path, user_spki: &[u8], ra_spki: &[u8]) {
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-    ];
-    std::fs::write(
-        dir.join("ext.cnf"),
-        "[ca]\nbasicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,cRLSign\n\
-         subjectKeyIdentifier=hash\n\
-         [ee]\nbasicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n\
-         subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n",
-    )
-    .unwrap();
+    let pki = OpensslPki::new(dir);
     let pem =
         |der: &[u8]| der::pem::encode_string("PUBLIC KEY", der::pem::LineEnding::LF, der).unwrap();
     std::fs::write(dir.join("user.pub"), pem(user_spki)).unwrap();
     std::fs::write(dir.join("ra.pub"), pem(ra_spki)).unwrap();
-    let mut args = vec!["req", "-x509"];
-    args.extend(ec);
-    args.extend([
-        "-keyout",
-        "root.key",
-        "-out",
-        "root.pem",
-        "-subj",
-        "/CN=Mock Root",
-        "-days",
-        "30",
-        "-extensions",
-        "ca",
-        "-config",
-        "ext.cnf",
-    ]);
-    // `req -config ext.cnf` needs a [req] section: give it one.
-    std::fs::write(
-        dir.join("ext.cnf"),
-        format!(
-            "[req]\ndistinguished_name=dn\n[dn]\n{}",
-            std::fs::read_to_string(dir.join("ext.cnf")).unwrap()
-        ),
-    )
-    .unwrap();
-    openssl_in(dir, &args);
-    let mut args = vec!["req", "-x509"];
-    args.extend(ec);
-    args.extend([
-        "-keyout",
-        "rogue.key",
-        "-out",
-        "rogue.pem",
-        "-subj",
-        "/CN=Mock CMP Server",
-        "-days",
-        "30",
-        "-extensions",
-        "ee",
-        "-config",
-        "ext.cnf",
-    ]);
-    openssl_in(dir, &args);
-    let issue = |name: &str, subject: &str, signer: &str, ext: &str, pubkey: Option<&str>| {
-        let mut args = vec!["req", "-new"];
-        args.extend(ec);
-        let key = format!("{name}.key");
-        let csr = format!("{name}.csr");
-        args.extend([
-            "-keyout", &key, "-out", &csr, "-subj", subject, "-config", "ext.cnf",
-        ]);
-        openssl_in(dir, &args);
-        let ca = format!("{signer}.pem");
-        let ca_key = format!("{signer}.key");
-        let out = format!("{name}.pem");
-        let mut args = vec![
-            "x509",
-            "-req",
-            "-in",
-            &csr,
-            "-CA",
-            &ca,
-            "-CAkey",
-            &ca_key,
-            "-CAcreateserial",
-            "-days",
-            "20",
-            "-extfile",
-            "ext.cnf",
-            "-extensions",
-            ext,
-            "-out",
-            &out,
-        ];
-        if let Some(pubkey) = pubkey {
-            args.extend(["-force_pubkey", pubkey]);
-        }
-        openssl_in(dir, &args);
-    };
-    issue("ica", "/CN=Mock Issuing CA", "root", "ca", None);
-    issue("srv", "/CN=Mock CMP Server", "ica", "ee", None);
-    issue(
+    pki.self_signed("rogue", "/CN=Mock CMP Server", "signer_ext");
+    pki.issue_by("srv", "/CN=Mock CMP Server", "ica", "signer_ext");
+    pki.issue_for_key(
         "c1",
         "/O=smartsign test/CN=Tai Man CHAN",
         "ica",
-        "ee",
+        "signer_ext",
         Some("user.pub"),
     );
-    issue(
+    pki.issue_for_key(
         "ra",
         "/O=smartsign test/CN=smartsign RA",
         "ica",
-        "ee",
+        "signer_ext",
         Some("ra.pub"),
     );
 }

@@ -53,6 +53,18 @@ async fn issue(
     client.issue(&request_for(key, profile), key).await
 }
 
+/// `client` re-keys the minor certificate `old` of `old_key` to `new_key`.
+async fn rekey(
+    client: &CmpClient,
+    old: &[u8],
+    old_key: &UserKeyRef,
+    new_key: &UserKeyRef,
+) -> Result<IssuedCertificate, CaError> {
+    client
+        .rekey(old, old_key, &request_for(new_key, Profile::Minor), new_key)
+        .await
+}
+
 /// The certificate verifies against the CA in `dir` and names the policy and the holder.
 fn assert_issued(dir: &Path, der: &[u8], policy: &str) {
     let text = verify_and_print(dir, der);
@@ -103,15 +115,7 @@ async fn issue_rekey_and_revoke_round_trip() {
 
     // Re-key: kur protected by the old key, POP by the new one; the old one stays good.
     let new_key = user_key().await;
-    let renewed = client
-        .rekey(
-            &issued.der,
-            &key,
-            &request_for(&new_key, Profile::Minor),
-            &new_key,
-        )
-        .await
-        .unwrap();
+    let renewed = rekey(&client, &issued.der, &key, &new_key).await.unwrap();
     assert_ne!(renewed.serial_hex, issued.serial_hex);
     assert_issued(dir.path(), &renewed.der, DEFAULT_MINOR_POLICY_OID);
     assert_good(&ca, &issued.serial_hex).await;
@@ -134,14 +138,7 @@ async fn issue_rekey_and_revoke_round_trip() {
     let unknown = client.revoke(&stranger.der, 0).await;
     assert_refused(&unknown, "badCertId");
     // A revoked certificate cannot be re-keyed.
-    let refused = client
-        .rekey(
-            &issued.der,
-            &key,
-            &request_for(&new_key, Profile::Minor),
-            &new_key,
-        )
-        .await;
+    let refused = rekey(&client, &issued.der, &key, &new_key).await;
     assert!(matches!(refused, Err(CaError::Refused(_))), "{refused:?}");
 }
 

@@ -16,8 +16,8 @@ use common::{DAY, OpensslPki, openssl_in};
 fn openssl_crl_lists_the_revoked_serial_with_its_reason() {
     let dir = tempfile::tempdir().unwrap();
     let pki = OpensslPki::new(dir.path());
-    pki.issue("ee", "Subscriber One", "ee_ext");
-    pki.issue("good", "Subscriber Two", "ee_ext");
+    pki.issue("ee", "/CN=Subscriber One", "ee_ext");
+    pki.issue("good", "/CN=Subscriber Two", "ee_ext");
     pki.revoke("ee", "cessationOfOperation");
     let crl_pem = std::fs::read(pki.gencrl(24)).unwrap();
     let ica = pki.der("ica.pem");

@@ -81,11 +81,11 @@ fn in_namespace() {
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let pki = OpensslPki::new(dir.path());
-    pki.issue("ocsp", "Test OCSP Responder", "ocsp_ext");
-    pki.issue("ee", "Subscriber", "ee_ext");
+    pki.issue("ocsp", "/CN=Test OCSP Responder", "ocsp_ext");
+    pki.issue("ee", "/CN=Subscriber", "ee_ext");
     // A responder certificate for OCSP signing, from a CA that is not the issuer.
-    pki.self_signed("other", "Other CA");
-    pki.issue_by("rogue", "Rogue OCSP Responder", "other", "ocsp_ext");
+    pki.self_signed("other", "/CN=Other CA", "ca_ext");
+    pki.issue_by("rogue", "/CN=Rogue OCSP Responder", "other", "ocsp_ext");
     let ica = pki.der("ica.pem");
     let ee = pki.der("ee.pem");
     let transport = HttpTransport::new(Duration::from_secs(5)).unwrap();

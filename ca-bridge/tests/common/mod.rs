@@ -290,7 +290,9 @@ pub fn server_config(pbm: &[(&str, &str)]) -> CmpServerConfig {
     }
 }
 
-/// An `openssl ca` PKI: root, issuing CA `ica` (with its index.txt), all EC P-256.
+/// An `openssl ca` PKI: root, issuing CA `ica` (with its index.txt), all EC P-256. The
+/// extension sections of its `ca.cnf`: `ca_ext`, `ee_ext`, `ocsp_ext`, `signer_ext` (an end
+/// entity that signs, with SKI and AKI).
 pub struct OpensslPki {
     pub dir: PathBuf,
 }
@@ -315,6 +317,9 @@ impl OpensslPki {
                  default_crl_days = 7\npolicy = any\nunique_subject = no\n\
                  [ any ]\ncommonName = supplied\n\
                  [ ee_ext ]\nbasicConstraints = CA:FALSE\nkeyUsage = critical,digitalSignature\n\
+                 [ signer_ext ]\nbasicConstraints = critical,CA:FALSE\n\
+                 keyUsage = critical,digitalSignature\nsubjectKeyIdentifier = hash\n\
+                 authorityKeyIdentifier = keyid\n\
                  [ ocsp_ext ]\nbasicConstraints = CA:FALSE\nkeyUsage = critical,digitalSignature\n\
                  extendedKeyUsage = OCSPSigning\n\
                  [ ca_ext ]\nbasicConstraints = critical,CA:TRUE\n\
@@ -325,31 +330,8 @@ impl OpensslPki {
             ),
         )
         .unwrap();
-        pki.self_signed("root", "Test Root");
-        pki.key("ica");
-        pki.csr("ica", "Test Issuing CA");
-        openssl_in(
-            dir,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                "ica.csr",
-                "-CA",
-                "root.pem",
-                "-CAkey",
-                "root.key",
-                "-CAcreateserial",
-                "-days",
-                "30",
-                "-extfile",
-                "ca.cnf",
-                "-extensions",
-                "ca_ext",
-                "-out",
-                "ica.pem",
-            ],
-        );
+        pki.self_signed("root", "/CN=Test Root", "ca_ext");
+        pki.issue_by("ica", "/CN=Test Issuing CA", "root", "ca_ext");
         pki
     }
 
@@ -365,7 +347,9 @@ impl OpensslPki {
         genkey(&self.dir, &format!("{name}.key"), P256);
     }
 
-    fn csr(&self, name: &str, cn: &str) {
+    /// A fresh key `name.key` and a request `name.csr` for `subject` (`/CN=...`).
+    fn key_and_csr(&self, name: &str, subject: &str) {
+        self.key(name);
         openssl_in(
             &self.dir,
             &[
@@ -374,15 +358,16 @@ impl OpensslPki {
                 "-key",
                 &format!("{name}.key"),
                 "-subj",
-                &format!("/CN={cn}"),
+                subject,
                 "-out",
                 &format!("{name}.csr"),
             ],
         );
     }
 
-    /// A self-signed CA certificate `name.pem` with key `name.key`.
-    pub fn self_signed(&self, name: &str, cn: &str) {
+    /// A self-signed certificate `name.pem` for `subject` with key `name.key` and the
+    /// `extensions` section (`ca_ext` for a CA).
+    pub fn self_signed(&self, name: &str, subject: &str, extensions: &str) {
         self.key(name);
         openssl_in(
             &self.dir,
@@ -393,23 +378,23 @@ impl OpensslPki {
                 "-key",
                 &format!("{name}.key"),
                 "-subj",
-                &format!("/CN={cn}"),
+                subject,
                 "-days",
                 "30",
                 "-config",
                 "ca.cnf",
                 "-extensions",
-                "ca_ext",
+                extensions,
                 "-out",
                 &format!("{name}.pem"),
             ],
         );
     }
 
-    /// `name.pem` issued by the issuing CA through `openssl ca` with the `extensions` section.
-    pub fn issue(&self, name: &str, cn: &str, extensions: &str) {
-        self.key(name);
-        self.csr(name, cn);
+    /// `name.pem` for `subject` issued by the issuing CA through `openssl ca` with the
+    /// `extensions` section.
+    pub fn issue(&self, name: &str, subject: &str, extensions: &str) {
+        self.key_and_csr(name, subject);
         openssl_in(
             &self.dir,
             &[
@@ -428,32 +413,52 @@ impl OpensslPki {
         );
     }
 
-    /// `name.pem` issued by another CA certificate `ca` (not recorded in the index).
-    pub fn issue_by(&self, name: &str, cn: &str, ca: &str, extensions: &str) {
-        self.key(name);
-        self.csr(name, cn);
-        openssl_in(
-            &self.dir,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &format!("{name}.csr"),
-                "-CA",
-                &format!("{ca}.pem"),
-                "-CAkey",
-                &format!("{ca}.key"),
-                "-CAcreateserial",
-                "-days",
-                "30",
-                "-extfile",
-                "ca.cnf",
-                "-extensions",
-                extensions,
-                "-out",
-                &format!("{name}.pem"),
-            ],
+    /// `name.pem` for `subject` issued by another CA certificate `ca` (not recorded in the
+    /// index).
+    pub fn issue_by(&self, name: &str, subject: &str, ca: &str, extensions: &str) {
+        self.issue_for_key(name, subject, ca, extensions, None);
+    }
+
+    /// [`OpensslPki::issue_by`], for the public key in the PEM file `public_key` if given
+    /// (a key held elsewhere, e.g. in the HSM) instead of `name.key`'s.
+    pub fn issue_for_key(
+        &self,
+        name: &str,
+        subject: &str,
+        ca: &str,
+        extensions: &str,
+        public_key: Option<&str>,
+    ) {
+        self.key_and_csr(name, subject);
+        let (csr, ca_pem, ca_key, out) = (
+            format!("{name}.csr"),
+            format!("{ca}.pem"),
+            format!("{ca}.key"),
+            format!("{name}.pem"),
         );
+        let mut args = vec![
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &ca_pem,
+            "-CAkey",
+            &ca_key,
+            "-CAcreateserial",
+            "-days",
+            "30",
+            "-extfile",
+            "ca.cnf",
+            "-extensions",
+            extensions,
+            "-out",
+            &out,
+        ];
+        if let Some(public_key) = public_key {
+            args.extend(["-force_pubkey", public_key]);
+        }
+        openssl_in(&self.dir, &args);
     }
 
     /// `openssl ca -revoke` with a CRLReason name (e.g. `cessationOfOperation`).
