@@ -12,40 +12,21 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use ca_bridge::ocsp::{OcspQuery, OcspStatus};
-use ca_bridge::transport::{CRL_CONTENT_TYPE, HttpTransport, OCSP_RESPONSE_CONTENT_TYPE};
+use ca_bridge::transport::HttpTransport;
 use ca_bridge::{EmbeddedCa, IssuedCertificate};
-use common::{TestServer, assert_contains, cert_der, issue, open_ca, openssl, openssl_in, run_any};
+use common::{
+    HOUR, TestServer, assert_contains, ca_endpoints, cert_der, issue, open_ca, openssl, openssl_in,
+    run_any,
+};
 use der::Decode;
 use tempfile::TempDir;
 use x509_ocsp::{OcspResponse, OcspResponseStatus};
 
-const HOUR: Duration = Duration::from_secs(3600);
-
-/// The CA's OCSP responder on POST /ocsp and its CRL on GET /crl.
+/// The CA's OCSP responder on POST /ocsp and GET /ocsp/..., its CRL on GET /crl.
 async fn serve_ca(ca: Arc<EmbeddedCa>) -> TestServer {
     common::serve(move |method, path, body| {
         let ca = Arc::clone(&ca);
-        async move {
-            match (method.as_str(), path.as_str()) {
-                ("POST", "/ocsp") => (
-                    200,
-                    OCSP_RESPONSE_CONTENT_TYPE.to_owned(),
-                    ca.ocsp_response(&body, SystemTime::now(), HOUR).await,
-                ),
-                ("GET", path) if path.starts_with("/ocsp/") => {
-                    let body = match ca_bridge::ocsp::request_from_get_path(&path[6..]) {
-                        Ok(der) => ca.ocsp_response(&der, SystemTime::now(), HOUR).await,
-                        Err(_) => ca.ocsp_response(b"", SystemTime::now(), HOUR).await,
-                    };
-                    (200, OCSP_RESPONSE_CONTENT_TYPE.to_owned(), body)
-                }
-                ("GET", "/crl") => match ca.crl(SystemTime::now(), 24 * HOUR).await {
-                    Ok(crl) => (200, CRL_CONTENT_TYPE.to_owned(), crl),
-                    Err(_) => (500, "text/plain".to_owned(), Vec::new()),
-                },
-                _ => (404, "text/plain".to_owned(), Vec::new()),
-            }
-        }
+        async move { ca_endpoints(&ca, &method, &path, &body).await }
     })
     .await
 }

@@ -12,12 +12,11 @@ use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
 use ca_bridge::status::{CertStatus, StatusChecker, StatusObserver, StatusPolicy, StatusSource};
-use ca_bridge::transport::{CRL_CONTENT_TYPE, HttpTransport, OCSP_RESPONSE_CONTENT_TYPE};
+use ca_bridge::transport::{HttpTransport, OCSP_RESPONSE_CONTENT_TYPE};
 use ca_bridge::{CaError, EmbeddedCa};
-use common::{issue, open_ca};
+use common::{HOUR, ca_endpoints, issue, open_ca};
 
 const MINUTE: Duration = Duration::from_secs(60);
-const HOUR: Duration = Duration::from_secs(3600);
 
 /// What the test server does.
 const SERVE: u8 = 0;
@@ -50,28 +49,19 @@ impl StatusObserver for Counts {
     }
 }
 
+/// The CA's endpoints ([`common::ca_endpoints`]), down or with OCSP garbage as `mode` says.
 async fn serve_ca(ca: Arc<EmbeddedCa>, mode: Arc<AtomicU8>) -> common::TestServer {
     common::serve(move |method, path, body| {
         let (ca, mode) = (Arc::clone(&ca), Arc::clone(&mode));
         async move {
-            let down = (503, "text/plain".to_owned(), Vec::new());
             match (mode.load(Ordering::SeqCst), method.as_str(), path.as_str()) {
-                (DOWN, _, _) => down,
+                (DOWN, _, _) => (503, "text/plain".to_owned(), Vec::new()),
                 (OCSP_GARBAGE, "POST", "/ocsp") => (
                     200,
                     OCSP_RESPONSE_CONTENT_TYPE.to_owned(),
                     b"garbage".to_vec(),
                 ),
-                (_, "POST", "/ocsp") => (
-                    200,
-                    OCSP_RESPONSE_CONTENT_TYPE.to_owned(),
-                    ca.ocsp_response(&body, SystemTime::now(), HOUR).await,
-                ),
-                (_, "GET", "/crl") => match ca.crl(SystemTime::now(), 24 * HOUR).await {
-                    Ok(crl) => (200, CRL_CONTENT_TYPE.to_owned(), crl),
-                    Err(_) => down,
-                },
-                _ => (404, "text/plain".to_owned(), Vec::new()),
+                _ => ca_endpoints(&ca, &method, &path, &body).await,
             }
         }
     })

@@ -13,7 +13,9 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ca_bridge::cmp::{ClientProtection, CmpClient, CmpClientConfig, CmpServer, CmpServerConfig};
-use ca_bridge::transport::{CMP_CONTENT_TYPE, HttpTransport};
+use ca_bridge::transport::{
+    CMP_CONTENT_TYPE, CRL_CONTENT_TYPE, HttpTransport, OCSP_RESPONSE_CONTENT_TYPE,
+};
 use ca_bridge::{
     CaError, CaProfileConfig, CertificateState, DEFAULT_ADULT_POLICY_OID, DEFAULT_MINOR_POLICY_OID,
     EmbeddedCa, IssueRequest, IssuedCertificate, Profile,
@@ -21,8 +23,9 @@ use ca_bridge::{
 use hsm_adapter::{Hsm, HsmConfig, TokenSelector};
 use secrecy::SecretString;
 
-pub use http::{TestServer, serve};
+pub use http::{Answer, TestServer, serve};
 
+pub const HOUR: Duration = Duration::from_secs(3600);
 pub const DAY: Duration = Duration::from_secs(24 * 3600);
 /// The organisation of the test CA's profile.
 pub const ORGANISATION: &str = "smartsign test";
@@ -260,6 +263,31 @@ pub async fn issue(ca: &EmbeddedCa, dir: &Path, name: &str) -> IssuedCertificate
         .unwrap();
     std::fs::write(dir.join(name), issued.to_pem()).unwrap();
     issued
+}
+
+/// The embedded CA's OCSP and CRL endpoints as the tests serve them: OCSP responses (valid for
+/// an hour) to POST /ocsp and GET /ocsp/<base64 request>, the CRL (valid for a day) on GET /crl
+/// (500 when it cannot be made); 404 elsewhere.
+pub async fn ca_endpoints(ca: &EmbeddedCa, method: &str, path: &str, body: &[u8]) -> Answer {
+    match (method, path) {
+        ("POST", "/ocsp") => (
+            200,
+            OCSP_RESPONSE_CONTENT_TYPE.to_owned(),
+            ca.ocsp_response(body, SystemTime::now(), HOUR).await,
+        ),
+        ("GET", path) if path.starts_with("/ocsp/") => {
+            let body = match ca_bridge::ocsp::request_from_get_path(&path[6..]) {
+                Ok(der) => ca.ocsp_response(&der, SystemTime::now(), HOUR).await,
+                Err(_) => ca.ocsp_response(b"", SystemTime::now(), HOUR).await,
+            };
+            (200, OCSP_RESPONSE_CONTENT_TYPE.to_owned(), body)
+        }
+        ("GET", "/crl") => match ca.crl(SystemTime::now(), 24 * HOUR).await {
+            Ok(crl) => (200, CRL_CONTENT_TYPE.to_owned(), crl),
+            Err(_) => (500, "text/plain".to_owned(), Vec::new()),
+        },
+        _ => (404, "text/plain".to_owned(), Vec::new()),
+    }
 }
 
 /// `CmpServer::handle` behind the loopback test server (any path).
