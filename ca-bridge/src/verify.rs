@@ -1,6 +1,7 @@
-//! Signature and certificate checks shared by the OCSP and CRL clients: a signature over DER
+//! Signature and certificate checks shared by the CMP, OCSP and CRL code: a signature over DER
 //! bytes by an issuer's public key (ECDSA P-256/P-384 or RSA PKCS#1 v1.5, with SHA-256/384/512),
-//! and the validity period of a certificate.
+//! the validity period of a certificate, the update window of an OCSP response or a CRL, and
+//! serial numbers as hex.
 
 use std::time::{Duration, SystemTime};
 
