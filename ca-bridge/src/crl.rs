@@ -11,7 +11,7 @@ use x509_cert::ext::pkix::CrlReason;
 
 use crate::error::CaError;
 use crate::transport::{CRL_CONTENT_TYPE, HttpTransport};
-use crate::verify::{serial_hex, verify_signature};
+use crate::verify::{check_update_window, serial_hex, verify_signature};
 
 /// One revoked certificate's entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,16 +74,12 @@ impl VerifiedCrl {
             ));
         }
         let this_update = tbs.this_update.to_system_time();
-        let next_update = tbs
-            .next_update
-            .ok_or_else(|| protocol("no nextUpdate"))?
-            .to_system_time();
-        if next_update <= now {
-            return Err(protocol("nextUpdate has passed"));
-        }
-        if this_update > now + std::time::Duration::from_secs(300) {
-            return Err(protocol("thisUpdate is in the future"));
-        }
+        let next_update = check_update_window(
+            "CRL",
+            this_update,
+            tbs.next_update.map(|t| t.to_system_time()),
+            now,
+        )?;
         let mut revoked = HashMap::new();
         for entry in tbs.revoked_certificates.iter().flatten() {
             let reason_code = match entry.crl_entry_extensions.as_ref() {

@@ -30,17 +30,14 @@ use spki::SubjectPublicKeyInfoOwned;
 use x509_cert::certificate::Certificate;
 use x509_cert::ext::Extension;
 use x509_cert::ext::pkix::name::GeneralName;
-use x509_cert::ext::pkix::{
-    AuthorityKeyIdentifier, BasicConstraints, ExtendedKeyUsage, KeyUsage, KeyUsages,
-    SubjectAltName, SubjectKeyIdentifier,
-};
+use x509_cert::ext::pkix::{KeyUsage, KeyUsages, SubjectAltName};
 use x509_cert::name::Name;
 
 use crate::embedded_ca::write_atomically;
 use crate::error::CaError;
 use crate::x509::{
-    CaSignatureAlg, NameBuilder, TbsParts, assemble, extension, key_identifier, serial_from_random,
-    validity,
+    CaSignatureAlg, NameBuilder, TbsParts, assemble, basic_constraints, extension, key_identifier,
+    serial_from_random, signing_end_entity_extensions, subject_key_id, validity,
 };
 
 /// The dev clients made by [`DevPki::ensure`]: (role, name). Services use their name as CN.
@@ -168,27 +165,12 @@ impl SoftwareCa {
             .build();
         let key_id = key_identifier(&spki)?;
         let extensions = vec![
-            extension(
-                &BasicConstraints {
-                    ca: true,
-                    path_len_constraint: Some(0),
-                },
-                true,
-            )?,
+            basic_constraints(true, Some(0))?,
             extension(&KeyUsage(KeyUsages::KeyCertSign | KeyUsages::CRLSign), true)?,
-            extension(&SubjectKeyIdentifier(key_id.clone()), false)?,
+            subject_key_id(&spki)?,
         ];
         let ca = SoftwareCa { key, name, key_id };
-        let not_before = now - DAY;
-        let cert = ca.sign(TbsParts {
-            serial: serial_from_random(random_serial())?.0,
-            alg: CaSignatureAlg::EcdsaSha256,
-            issuer: ca.name.clone(),
-            validity: validity(not_before, not_before + CA_VALIDITY)?,
-            subject: ca.name.clone(),
-            spki,
-            extensions,
-        })?;
+        let cert = ca.sign(ca.name.clone(), spki, extensions, CA_VALIDITY, now)?;
         write_key(key_path, &ca.key)?;
         write_atomically(cert_path, cert.to_pem(LineEnding::LF)?.as_bytes())?;
         Ok(ca)
@@ -223,31 +205,13 @@ impl SoftwareCa {
     ) -> Result<(), CaError> {
         let key = SigningKey::random(&mut OsRng);
         let spki = spki_of(&key)?;
-        let mut extensions: Vec<Extension> = vec![
-            extension(
-                &BasicConstraints {
-                    ca: false,
-                    path_len_constraint: None,
-                },
-                true,
-            )?,
-            extension(&KeyUsage(KeyUsages::DigitalSignature.into()), true)?,
-            extension(&SubjectKeyIdentifier(key_identifier(&spki)?), false)?,
-            extension(
-                &AuthorityKeyIdentifier {
-                    key_identifier: Some(self.key_id.clone()),
-                    authority_cert_issuer: None,
-                    authority_cert_serial_number: None,
-                },
-                false,
-            )?,
-        ];
+        let purpose = match leaf {
+            Leaf::Server => ID_KP_SERVER_AUTH,
+            Leaf::Client { .. } => ID_KP_CLIENT_AUTH,
+        };
+        let mut extensions = signing_end_entity_extensions(&spki, &self.key_id, vec![purpose])?;
         let subject = match leaf {
             Leaf::Server => {
-                extensions.push(extension(
-                    &ExtendedKeyUsage(vec![ID_KP_SERVER_AUTH]),
-                    false,
-                )?);
                 let localhost = Ia5String::new("localhost")?;
                 extensions.push(extension(
                     &SubjectAltName(vec![
@@ -262,34 +226,38 @@ impl SoftwareCa {
                     .utf8(COMMON_NAME, "localhost")?
                     .build()
             }
-            Leaf::Client { role, name } => {
-                extensions.push(extension(
-                    &ExtendedKeyUsage(vec![ID_KP_CLIENT_AUTH]),
-                    false,
-                )?);
-                NameBuilder::default()
-                    .utf8(ORGANIZATION_NAME, ORGANISATION)?
-                    .utf8(ORGANIZATIONAL_UNIT_NAME, role)?
-                    .utf8(COMMON_NAME, name)?
-                    .build()
-            }
+            Leaf::Client { role, name } => NameBuilder::default()
+                .utf8(ORGANIZATION_NAME, ORGANISATION)?
+                .utf8(ORGANIZATIONAL_UNIT_NAME, role)?
+                .utf8(COMMON_NAME, name)?
+                .build(),
         };
-        let not_before = now - DAY;
-        let cert = self.sign(TbsParts {
-            serial: serial_from_random(random_serial())?.0,
-            alg: CaSignatureAlg::EcdsaSha256,
-            issuer: self.name.clone(),
-            validity: validity(not_before, not_before + LEAF_VALIDITY)?,
-            subject,
-            spki,
-            extensions,
-        })?;
+        let cert = self.sign(subject, spki, extensions, LEAF_VALIDITY, now)?;
         write_key(key_path, &key)?;
         write_atomically(cert_path, cert.to_pem(LineEnding::LF)?.as_bytes())
     }
 
-    fn sign(&self, parts: TbsParts) -> Result<Certificate, CaError> {
-        let tbs = parts.into_tbs();
+    /// A certificate for `subject` and `spki` signed by this CA, valid from a day before `now`
+    /// for `lifetime`.
+    fn sign(
+        &self,
+        subject: Name,
+        spki: SubjectPublicKeyInfoOwned,
+        extensions: Vec<Extension>,
+        lifetime: Duration,
+        now: SystemTime,
+    ) -> Result<Certificate, CaError> {
+        let not_before = now - DAY;
+        let tbs = TbsParts {
+            serial: serial_from_random(random_serial())?.0,
+            alg: CaSignatureAlg::EcdsaSha256,
+            issuer: self.name.clone(),
+            validity: validity(not_before, not_before + lifetime)?,
+            subject,
+            spki,
+            extensions,
+        }
+        .into_tbs();
         let signature: DerSignature = self.key.sign(&tbs.to_der()?);
         assemble(tbs, signature.as_bytes())
     }

@@ -5,7 +5,7 @@
 //! thisUpdate not in the future and a nextUpdate not passed. GET requests (appendix A.1) are
 //! built by [`OcspQuery::send_get`] and read back by a responder with [`request_from_get_path`].
 
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use const_oid::db::rfc5280::ID_KP_OCSP_SIGNING;
 use const_oid::db::rfc5912::ID_SHA_1;
@@ -25,12 +25,12 @@ use x509_ocsp::{
 
 use crate::error::CaError;
 use crate::transport::{HttpTransport, OCSP_REQUEST_CONTENT_TYPE, OCSP_RESPONSE_CONTENT_TYPE};
-use crate::verify::{serial_hex, valid_at, verify_issued_by, verify_signature};
+use crate::verify::{
+    check_update_window, serial_hex, valid_at, verify_issued_by, verify_signature,
+};
 
 /// Bytes of the request nonce (RFC 8954 section 2.1 asks for 1 to 32; 16 is what OpenSSL sends).
 const NONCE_LEN: usize = 16;
-/// How far in the future a thisUpdate may be, for clocks that differ a little.
-const CLOCK_SKEW: Duration = Duration::from_secs(300);
 
 /// The status one OCSP response gives a certificate (RFC 6960 section 2.2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,6 +68,15 @@ pub struct OcspQuery {
     cert_id: CertId,
     issuer: Certificate,
     serial_hex: String,
+}
+
+/// How a request travels to the responder.
+#[derive(Debug, Clone, Copy)]
+enum Method {
+    /// POST with the DER as the body.
+    Post,
+    /// GET with the base64 of the DER in the URL.
+    Get,
 }
 
 impl OcspQuery {
@@ -141,15 +150,7 @@ impl OcspQuery {
         url: &str,
         now: SystemTime,
     ) -> Result<OcspAnswer, CaError> {
-        let response = transport
-            .post(
-                url,
-                OCSP_REQUEST_CONTENT_TYPE,
-                self.der.clone(),
-                OCSP_RESPONSE_CONTENT_TYPE,
-            )
-            .await?;
-        self.check_response(&response, now)
+        self.exchange(transport, url, Method::Post, now).await
     }
 
     /// Sends the request with GET, the base64 of its DER appended to `url` (RFC 6960 appendix
@@ -160,9 +161,34 @@ impl OcspQuery {
         url: &str,
         now: SystemTime,
     ) -> Result<OcspAnswer, CaError> {
-        let response = transport
-            .get(&get_url(url, &self.der), OCSP_RESPONSE_CONTENT_TYPE)
-            .await?;
+        self.exchange(transport, url, Method::Get, now).await
+    }
+
+    /// Sends the request to `url` by `method` and checks the response at `now`.
+    async fn exchange(
+        &self,
+        transport: &HttpTransport,
+        url: &str,
+        method: Method,
+        now: SystemTime,
+    ) -> Result<OcspAnswer, CaError> {
+        let response = match method {
+            Method::Post => {
+                transport
+                    .post(
+                        url,
+                        OCSP_REQUEST_CONTENT_TYPE,
+                        self.der.clone(),
+                        OCSP_RESPONSE_CONTENT_TYPE,
+                    )
+                    .await?
+            }
+            Method::Get => {
+                transport
+                    .get(&get_url(url, &self.der), OCSP_RESPONSE_CONTENT_TYPE)
+                    .await?
+            }
+        };
         self.check_response(&response, now)
     }
 
@@ -206,17 +232,12 @@ impl OcspQuery {
             .find(|r| same_cert_id(&r.cert_id, &self.cert_id))
             .ok_or_else(|| protocol("no answer for the requested certificate"))?;
         let this_update = single.this_update.0.to_system_time();
-        if this_update > now + CLOCK_SKEW {
-            return Err(protocol("thisUpdate is in the future"));
-        }
-        let next_update = single
-            .next_update
-            .ok_or_else(|| protocol("no nextUpdate"))?
-            .0
-            .to_system_time();
-        if next_update <= now {
-            return Err(protocol("nextUpdate has passed"));
-        }
+        let next_update = check_update_window(
+            "OCSP",
+            this_update,
+            single.next_update.map(|t| t.0.to_system_time()),
+            now,
+        )?;
         let status = match &single.cert_status {
             x509_ocsp::CertStatus::Good(_) => OcspStatus::Good,
             x509_ocsp::CertStatus::Revoked(info) => OcspStatus::Revoked {

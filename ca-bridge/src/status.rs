@@ -19,7 +19,7 @@ use crate::crl::VerifiedCrl;
 use crate::error::CaError;
 use crate::ocsp::{OcspAnswer, OcspQuery, OcspStatus};
 use crate::transport::HttpTransport;
-use crate::verify::{serial_hex, verify_issued_by};
+use crate::verify::{CLOCK_SKEW, serial_hex, verify_issued_by};
 
 /// How fresh a status must be, and where to ask for it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -393,10 +393,6 @@ async fn within<T>(
             why: "timed out".into(),
         })?
 }
-
-/// How far a cached answer's thisUpdate may lie ahead of `now` (the caller's clock may have been
-/// moved back, or differ a little from the responder's) before the answer is not used.
-const CLOCK_SKEW: Duration = Duration::from_secs(300);
 
 /// When a good answer stops being fresh: its nextUpdate, or `max_age` after its thisUpdate if
 /// that is earlier.

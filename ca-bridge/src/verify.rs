@@ -1,8 +1,9 @@
-//! Signature and certificate checks shared by the OCSP and CRL clients: a signature over DER
+//! Signature and certificate checks shared by the CMP, OCSP and CRL code: a signature over DER
 //! bytes by an issuer's public key (ECDSA P-256/P-384 or RSA PKCS#1 v1.5, with SHA-256/384/512),
-//! and the validity period of a certificate.
+//! the validity period of a certificate, the update window of an OCSP response or a CRL, and
+//! serial numbers as hex.
 
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use const_oid::ObjectIdentifier;
 use const_oid::db::rfc5912::{
@@ -129,6 +130,29 @@ pub(crate) fn valid_at(cert: &Certificate, now: SystemTime) -> bool {
     validity.not_before.to_system_time() <= now && now <= validity.not_after.to_system_time()
 }
 
+/// How far a thisUpdate may lie ahead of the local clock (the two clocks may differ a little).
+pub(crate) const CLOCK_SKEW: Duration = Duration::from_secs(300);
+
+/// Checks the update window of an OCSP response or a CRL (`what`, in the error) at `now`:
+/// thisUpdate not ahead by more than [`CLOCK_SKEW`], a nextUpdate that has not passed. Returns
+/// the nextUpdate.
+pub(crate) fn check_update_window(
+    what: &str,
+    this_update: SystemTime,
+    next_update: Option<SystemTime>,
+    now: SystemTime,
+) -> Result<SystemTime, CaError> {
+    let protocol = |why: &str| CaError::Protocol(format!("{what}: {why}"));
+    if this_update > now + CLOCK_SKEW {
+        return Err(protocol("thisUpdate is in the future"));
+    }
+    let next_update = next_update.ok_or_else(|| protocol("no nextUpdate"))?;
+    if next_update <= now {
+        return Err(protocol("nextUpdate has passed"));
+    }
+    Ok(next_update)
+}
+
 /// A serial number as lowercase hex without leading zeros (the form the embedded CA keys its
 /// state by and API.md uses).
 pub(crate) fn serial_hex(bytes: &[u8]) -> String {
@@ -138,5 +162,16 @@ pub(crate) fn serial_hex(bytes: &[u8]) -> String {
         "0".to_owned()
     } else {
         trimmed.to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serials_drop_leading_zeros() {
+        assert_eq!(serial_hex(&[0, 0x4a, 0x0f]), "4a0f");
+        assert_eq!(serial_hex(&[0]), "0");
     }
 }

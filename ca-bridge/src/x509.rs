@@ -18,6 +18,10 @@ use spki::{AlgorithmIdentifierOwned, SubjectPublicKeyInfoOwned};
 use x509_cert::attr::AttributeTypeAndValue;
 use x509_cert::certificate::{Certificate, TbsCertificate, Version};
 use x509_cert::ext::Extension;
+use x509_cert::ext::pkix::{
+    AuthorityKeyIdentifier, BasicConstraints, ExtendedKeyUsage, KeyUsage, KeyUsages,
+    SubjectKeyIdentifier,
+};
 use x509_cert::name::{Name, RdnSequence, RelativeDistinguishedName};
 use x509_cert::serial_number::SerialNumber;
 use x509_cert::time::{Time, Validity};
@@ -113,6 +117,53 @@ pub(crate) fn extension<T: Encode + AssociatedOid>(
         critical,
         extn_value: OctetString::new(value.to_der()?)?,
     })
+}
+
+/// basicConstraints, critical: a CA with this path length limit, or (`ca` false) an end entity.
+pub(crate) fn basic_constraints(
+    ca: bool,
+    path_len_constraint: Option<u8>,
+) -> Result<Extension, CaError> {
+    extension(
+        &BasicConstraints {
+            ca,
+            path_len_constraint,
+        },
+        true,
+    )
+}
+
+/// subjectKeyIdentifier: the [`key_identifier`] of `spki`.
+pub(crate) fn subject_key_id(spki: &SubjectPublicKeyInfoOwned) -> Result<Extension, CaError> {
+    extension(&SubjectKeyIdentifier(key_identifier(spki)?), false)
+}
+
+/// authorityKeyIdentifier: the issuer's key identifier only.
+pub(crate) fn authority_key_id(issuer_key_id: &OctetString) -> Result<Extension, CaError> {
+    extension(
+        &AuthorityKeyIdentifier {
+            key_identifier: Some(issuer_key_id.clone()),
+            authority_cert_issuer: None,
+            authority_cert_serial_number: None,
+        },
+        false,
+    )
+}
+
+/// An end entity that signs for `purposes` (extKeyUsage): not a CA, keyUsage digitalSignature
+/// (critical), its SKI and the issuer's AKI.
+pub(crate) fn signing_end_entity_extensions(
+    spki: &SubjectPublicKeyInfoOwned,
+    issuer_key_id: &OctetString,
+    purposes: Vec<ObjectIdentifier>,
+) -> Result<Vec<Extension>, CaError> {
+    Ok(vec![
+        basic_constraints(false, None)?,
+        extension(&KeyUsage(KeyUsages::DigitalSignature.into()), true)?,
+        subject_key_id(spki)?,
+        authority_key_id(issuer_key_id)?,
+        extension(&ExtendedKeyUsage(purposes), false)?,
+    ])
 }
 
 /// Key identifier of a public key: SHA-256 of the subjectPublicKey BIT STRING's bytes, truncated

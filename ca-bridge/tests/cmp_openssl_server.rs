@@ -8,70 +8,33 @@
 // In tests a panic is the failure report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-#[allow(unreachable_pub)] // shared test modules: `pub` for the binaries that use them
-mod cmp_fixture;
-#[allow(unreachable_pub)]
-mod support;
+mod common;
 
 use std::io::{BufRead as _, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::process::{Command, Stdio};
 
-use ca_bridge::cmp::{ClientProtection, CmpClient, CmpClientConfig};
-use ca_bridge::transport::HttpTransport;
-use ca_bridge::{CaError, DEFAULT_ADULT_POLICY_OID, DEFAULT_MINOR_POLICY_OID, Profile};
-use cmp_fixture::{hsm, request, run};
+use ca_bridge::cmp::{ClientProtection, CmpClient};
+use ca_bridge::{CaError, Profile};
+use common::{
+    OpensslPki, ServerProcess, cert_der, cmp_client, cmp_config, hsm, in_network_namespace, request,
+};
 use hsm_adapter::{KeyAlgorithm, KeyMode, SystemKey, UserKeyRef};
 
-/// Set in the re-run inside the namespace.
-const IN_NAMESPACE: &str = "CA_BRIDGE_CMP_NETNS";
 const SECRET: &str = "mock-secret";
 
 #[test]
 fn client_against_openssl_mock_server() {
-    if std::env::var_os(IN_NAMESPACE).is_some() {
+    in_network_namespace("client_against_openssl_mock_server", || {
         tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
             .unwrap()
             .block_on(against_mock_server());
-        return;
-    }
-    let exe = std::env::current_exe().unwrap();
-    let status = Command::new("unshare")
-        .args(["-n", "sh", "-c", "ip link set lo up && exec \"$0\" \"$@\""])
-        .arg(exe)
-        .args([
-            "--exact",
-            "client_against_openssl_mock_server",
-            "--nocapture",
-            "--test-threads",
-            "1",
-        ])
-        .env(IN_NAMESPACE, "1")
-        .status()
-        .unwrap();
-    assert!(
-        status.success(),
-        "the test inside the network namespace failed"
-    );
+    });
 }
 
-/// A running `openssl cmp` mock server; killed (by its own pid) when dropped.
-struct MockServer {
-    child: Child,
-    url: String,
-}
-
-impl Drop for MockServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn mock_server(dir: &Path, args: &[&str]) -> MockServer {
+fn mock_server(dir: &Path, args: &[&str]) -> ServerProcess {
     let mut child = Command::new("sh")
         .current_dir(dir)
         .args([
@@ -93,155 +56,40 @@ fn mock_server(dir: &Path, args: &[&str]) -> MockServer {
     };
     // Keep draining its output so it never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines {});
-    MockServer {
+    ServerProcess {
         child,
         url: format!("http://127.0.0.1:{port}/pkix/"),
     }
 }
 
-fn openssl(dir: &Path, args: &[&str]) {
-    run(Command::new("openssl").current_dir(dir).args(args));
-}
-
 /// root -> ica -> {srv, c1 (for the HSM user key), ra (for the HSM CMP client key)}; and a
 /// rogue self-signed server certificate.
 fn make_pki(dir: &Path, user_spki: &[u8], ra_spki: &[u8]) {
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-    ];
-    std::fs::write(
-        dir.join("ext.cnf"),
-        "[ca]\nbasicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,cRLSign\n\
-         subjectKeyIdentifier=hash\n\
-         [ee]\nbasicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n\
-         subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n",
-    )
-    .unwrap();
+    let pki = OpensslPki::new(dir);
     let pem =
         |der: &[u8]| der::pem::encode_string("PUBLIC KEY", der::pem::LineEnding::LF, der).unwrap();
     std::fs::write(dir.join("user.pub"), pem(user_spki)).unwrap();
     std::fs::write(dir.join("ra.pub"), pem(ra_spki)).unwrap();
-    let mut args = vec!["req", "-x509"];
-    args.extend(ec);
-    args.extend([
-        "-keyout",
-        "root.key",
-        "-out",
-        "root.pem",
-        "-subj",
-        "/CN=Mock Root",
-        "-days",
-        "30",
-        "-extensions",
-        "ca",
-        "-config",
-        "ext.cnf",
-    ]);
-    // `req -config ext.cnf` needs a [req] section: give it one.
-    std::fs::write(
-        dir.join("ext.cnf"),
-        format!(
-            "[req]\ndistinguished_name=dn\n[dn]\n{}",
-            std::fs::read_to_string(dir.join("ext.cnf")).unwrap()
-        ),
-    )
-    .unwrap();
-    openssl(dir, &args);
-    let mut args = vec!["req", "-x509"];
-    args.extend(ec);
-    args.extend([
-        "-keyout",
-        "rogue.key",
-        "-out",
-        "rogue.pem",
-        "-subj",
-        "/CN=Mock CMP Server",
-        "-days",
-        "30",
-        "-extensions",
-        "ee",
-        "-config",
-        "ext.cnf",
-    ]);
-    openssl(dir, &args);
-    let issue = |name: &str, subject: &str, signer: &str, ext: &str, pubkey: Option<&str>| {
-        let mut args = vec!["req", "-new"];
-        args.extend(ec);
-        let key = format!("{name}.key");
-        let csr = format!("{name}.csr");
-        args.extend([
-            "-keyout", &key, "-out", &csr, "-subj", subject, "-config", "ext.cnf",
-        ]);
-        openssl(dir, &args);
-        let ca = format!("{signer}.pem");
-        let ca_key = format!("{signer}.key");
-        let out = format!("{name}.pem");
-        let mut args = vec![
-            "x509",
-            "-req",
-            "-in",
-            &csr,
-            "-CA",
-            &ca,
-            "-CAkey",
-            &ca_key,
-            "-CAcreateserial",
-            "-days",
-            "20",
-            "-extfile",
-            "ext.cnf",
-            "-extensions",
-            ext,
-            "-out",
-            &out,
-        ];
-        if let Some(pubkey) = pubkey {
-            args.extend(["-force_pubkey", pubkey]);
-        }
-        openssl(dir, &args);
-    };
-    issue("ica", "/CN=Mock Issuing CA", "root", "ca", None);
-    issue("srv", "/CN=Mock CMP Server", "ica", "ee", None);
-    issue(
+    pki.self_signed("rogue", "/CN=Mock CMP Server", "signer_ext");
+    pki.issue_by("srv", "/CN=Mock CMP Server", "ica", "signer_ext");
+    pki.issue_for_key(
         "c1",
         "/O=smartsign test/CN=Tai Man CHAN",
         "ica",
-        "ee",
+        "signer_ext",
         Some("user.pub"),
     );
-    issue(
+    pki.issue_for_key(
         "ra",
         "/O=smartsign test/CN=smartsign RA",
         "ica",
-        "ee",
+        "signer_ext",
         Some("ra.pub"),
     );
 }
 
-fn read_der(dir: &Path, name: &str) -> Vec<u8> {
-    der::pem::decode_vec(&std::fs::read(dir.join(name)).unwrap())
-        .unwrap()
-        .1
-}
-
 fn client(url: &str, protection: ClientProtection, trusted: Vec<Vec<u8>>) -> CmpClient {
-    CmpClient::new(
-        hsm(),
-        HttpTransport::new(Duration::from_secs(20)).unwrap(),
-        CmpClientConfig {
-            url: url.to_owned(),
-            organisation: cmp_fixture::ORGANISATION.into(),
-            adult_policy_oid: DEFAULT_ADULT_POLICY_OID.into(),
-            minor_policy_oid: DEFAULT_MINOR_POLICY_OID.into(),
-            protection,
-            trusted_der: trusted,
-        },
-    )
-    .unwrap()
+    cmp_client(cmp_config(url.to_owned(), protection, trusted))
 }
 
 fn pbm(secret: &str) -> ClientProtection {
@@ -267,10 +115,10 @@ async fn against_mock_server() {
         .as_der()
         .to_vec();
     make_pki(work, &user_spki, &ra_spki);
-    let root = read_der(work, "root.pem");
-    let ica = read_der(work, "ica.pem");
-    let c1 = read_der(work, "c1.pem");
-    let ra = read_der(work, "ra.pem");
+    let root = cert_der(work, "root.pem");
+    let ica = cert_der(work, "ica.pem");
+    let c1 = cert_der(work, "c1.pem");
+    let ra = cert_der(work, "ra.pem");
     let common = [
         "-srv_trusted",
         "root.pem",

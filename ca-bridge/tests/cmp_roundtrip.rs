@@ -4,37 +4,88 @@
 // In tests a panic is the failure report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-#[allow(unreachable_pub)] // shared test modules: `pub` for the binaries that use them
-mod cmp_fixture;
-#[allow(unreachable_pub)]
-mod support;
+mod common;
 
+use std::fmt::Debug;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use ca_bridge::cmp::{ClientProtection, CmpClient, CmpClientConfig, CmpServer};
-use ca_bridge::transport::{CMP_CONTENT_TYPE, HttpTransport};
+use ca_bridge::transport::CMP_CONTENT_TYPE;
 use ca_bridge::{
     CaError, CertificateState, DEFAULT_ADULT_POLICY_OID, DEFAULT_MINOR_POLICY_OID, EmbeddedCa,
-    Profile,
+    IssuedCertificate, Profile,
 };
-use cmp_fixture::{hsm, open_ca, request, serve_cmp, server_config, verify_and_print};
-use hsm_adapter::{KeyAlgorithm, KeyMode, SystemKey};
+use common::{
+    assert_good, cmp_client, cmp_config, hsm, open_ca, request, serve_cmp, server_config,
+    verify_and_print,
+};
+use hsm_adapter::{KeyAlgorithm, KeyMode, SystemKey, UserKeyRef};
+
+fn config(ca: &EmbeddedCa, url: String, protection: ClientProtection) -> CmpClientConfig {
+    cmp_config(url, protection, vec![ca.root_der().to_vec()])
+}
 
 fn client(ca: &EmbeddedCa, url: String, protection: ClientProtection) -> CmpClient {
-    CmpClient::new(
-        hsm(),
-        HttpTransport::new(Duration::from_secs(20)).unwrap(),
-        CmpClientConfig {
-            url,
-            organisation: cmp_fixture::ORGANISATION.into(),
-            adult_policy_oid: DEFAULT_ADULT_POLICY_OID.into(),
-            minor_policy_oid: DEFAULT_MINOR_POLICY_OID.into(),
-            protection,
-            trusted_der: vec![ca.root_der().to_vec()],
-        },
-    )
-    .unwrap()
+    cmp_client(config(ca, url, protection))
+}
+
+/// A fresh P-256 user key on the token.
+async fn user_key() -> UserKeyRef {
+    hsm()
+        .generate_user_key(KeyAlgorithm::EcP256, KeyMode::Resident)
+        .await
+        .unwrap()
+}
+
+/// A request for `key`'s public key.
+fn request_for(key: &UserKeyRef, profile: Profile) -> ca_bridge::IssueRequest {
+    request(key.public_key().as_der().to_vec(), profile)
+}
+
+/// `client` enrols `key` for `profile`.
+async fn issue(
+    client: &CmpClient,
+    key: &UserKeyRef,
+    profile: Profile,
+) -> Result<IssuedCertificate, CaError> {
+    client.issue(&request_for(key, profile), key).await
+}
+
+/// `client` re-keys the minor certificate `old` of `old_key` to `new_key`.
+async fn rekey(
+    client: &CmpClient,
+    old: &[u8],
+    old_key: &UserKeyRef,
+    new_key: &UserKeyRef,
+) -> Result<IssuedCertificate, CaError> {
+    client
+        .rekey(old, old_key, &request_for(new_key, Profile::Minor), new_key)
+        .await
+}
+
+/// The certificate verifies against the CA in `dir` and names the policy and the holder.
+fn assert_issued(dir: &Path, der: &[u8], policy: &str) {
+    let text = verify_and_print(dir, der);
+    assert!(text.contains(&format!("Policy: {policy}")), "{text}");
+    assert!(text.contains("CN=Tai Man CHAN"), "{text}");
+}
+
+/// The CA refused with a message naming `fail_info`.
+fn assert_refused<T: Debug>(result: &Result<T, CaError>, fail_info: &str) {
+    assert!(
+        matches!(result, Err(CaError::Refused(text)) if text.contains(fail_info)),
+        "{result:?}"
+    );
+}
+
+/// The client found a protocol error naming `wanted`.
+fn assert_protocol_error<T: Debug>(result: &Result<T, CaError>, wanted: &str) {
+    assert!(
+        matches!(result, Err(CaError::Protocol(text)) if text.contains(wanted)),
+        "{result:?}"
+    );
 }
 
 async fn ra_protection(ca: &EmbeddedCa) -> ClientProtection {
@@ -52,64 +103,22 @@ async fn ra_protection(ca: &EmbeddedCa) -> ClientProtection {
 #[tokio::test(flavor = "multi_thread")]
 async fn issue_rekey_and_revoke_round_trip() {
     let dir = tempfile::tempdir().unwrap();
-    let ca = open_ca(
-        dir.path(),
-        DEFAULT_ADULT_POLICY_OID,
-        DEFAULT_MINOR_POLICY_OID,
-    )
-    .await;
+    let ca = open_ca(dir.path()).await;
     let server = Arc::new(CmpServer::new(Arc::clone(&ca), server_config(&[])));
     let http = serve_cmp(server).await;
     let client = client(&ca, http.url("/cmp"), ra_protection(&ca).await);
 
-    let hsm = hsm();
-    let key = hsm
-        .generate_user_key(KeyAlgorithm::EcP256, KeyMode::Resident)
-        .await
-        .unwrap();
-    let issued = client
-        .issue(
-            &request(key.public_key().as_der().to_vec(), Profile::Minor),
-            &key,
-        )
-        .await
-        .unwrap();
-    let text = verify_and_print(dir.path(), &issued.der);
-    assert!(
-        text.contains(&format!("Policy: {DEFAULT_MINOR_POLICY_OID}")),
-        "{text}"
-    );
-    assert!(text.contains("CN=Tai Man CHAN"), "{text}");
-    assert!(matches!(
-        ca.status(&issued.serial_hex).await.unwrap(),
-        CertificateState::Good { .. }
-    ));
+    let key = user_key().await;
+    let issued = issue(&client, &key, Profile::Minor).await.unwrap();
+    assert_issued(dir.path(), &issued.der, DEFAULT_MINOR_POLICY_OID);
+    assert_good(&ca, &issued.serial_hex).await;
 
     // Re-key: kur protected by the old key, POP by the new one; the old one stays good.
-    let new_key = hsm
-        .generate_user_key(KeyAlgorithm::EcP256, KeyMode::Resident)
-        .await
-        .unwrap();
-    let renewed = client
-        .rekey(
-            &issued.der,
-            &key,
-            &request(new_key.public_key().as_der().to_vec(), Profile::Minor),
-            &new_key,
-        )
-        .await
-        .unwrap();
+    let new_key = user_key().await;
+    let renewed = rekey(&client, &issued.der, &key, &new_key).await.unwrap();
     assert_ne!(renewed.serial_hex, issued.serial_hex);
-    let text = verify_and_print(dir.path(), &renewed.der);
-    assert!(
-        text.contains(&format!("Policy: {DEFAULT_MINOR_POLICY_OID}")),
-        "{text}"
-    );
-    assert!(text.contains("CN=Tai Man CHAN"), "{text}");
-    assert!(matches!(
-        ca.status(&issued.serial_hex).await.unwrap(),
-        CertificateState::Good { .. }
-    ));
+    assert_issued(dir.path(), &renewed.der, DEFAULT_MINOR_POLICY_OID);
+    assert_good(&ca, &issued.serial_hex).await;
 
     // Revoke the old one as superseded (4).
     client.revoke(&issued.der, 4).await.unwrap();
@@ -118,51 +127,25 @@ async fn issue_rekey_and_revoke_round_trip() {
         CertificateState::Revoked { reason_code: 4, .. }
     ));
     let again = client.revoke(&issued.der, 4).await;
-    assert!(
-        matches!(&again, Err(CaError::Refused(text)) if text.contains("certRevoked")),
-        "{again:?}"
-    );
+    assert_refused(&again, "certRevoked");
     // A certificate this CA never issued (same keys, another state): badCertId.
     let other_dir = tempfile::tempdir().unwrap();
-    let other = open_ca(
-        other_dir.path(),
-        DEFAULT_ADULT_POLICY_OID,
-        DEFAULT_MINOR_POLICY_OID,
-    )
-    .await;
+    let other = open_ca(other_dir.path()).await;
     let stranger = other
-        .issue(request(
-            new_key.public_key().as_der().to_vec(),
-            Profile::Adult,
-        ))
+        .issue(request_for(&new_key, Profile::Adult))
         .await
         .unwrap();
     let unknown = client.revoke(&stranger.der, 0).await;
-    assert!(
-        matches!(&unknown, Err(CaError::Refused(text)) if text.contains("badCertId")),
-        "{unknown:?}"
-    );
+    assert_refused(&unknown, "badCertId");
     // A revoked certificate cannot be re-keyed.
-    let refused = client
-        .rekey(
-            &issued.der,
-            &key,
-            &request(new_key.public_key().as_der().to_vec(), Profile::Minor),
-            &new_key,
-        )
-        .await;
+    let refused = rekey(&client, &issued.der, &key, &new_key).await;
     assert!(matches!(refused, Err(CaError::Refused(_))), "{refused:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn pbm_round_trip_and_wrong_secret() {
     let dir = tempfile::tempdir().unwrap();
-    let ca = open_ca(
-        dir.path(),
-        DEFAULT_ADULT_POLICY_OID,
-        DEFAULT_MINOR_POLICY_OID,
-    )
-    .await;
+    let ca = open_ca(dir.path()).await;
     let server = Arc::new(CmpServer::new(
         Arc::clone(&ca),
         server_config(&[("ra-1", "correct horse")]),
@@ -172,23 +155,10 @@ async fn pbm_round_trip_and_wrong_secret() {
         reference: b"ra-1".to_vec(),
         secret: secret.as_bytes().to_vec().into(),
     };
-    let key = hsm()
-        .generate_user_key(KeyAlgorithm::EcP256, KeyMode::Resident)
-        .await
-        .unwrap();
+    let key = user_key().await;
     let good = client(&ca, http.url("/cmp"), pbm("correct horse"));
-    let issued = good
-        .issue(
-            &request(key.public_key().as_der().to_vec(), Profile::Adult),
-            &key,
-        )
-        .await
-        .unwrap();
-    let text = verify_and_print(dir.path(), &issued.der);
-    assert!(
-        text.contains(&format!("Policy: {DEFAULT_ADULT_POLICY_OID}")),
-        "{text}"
-    );
+    let issued = issue(&good, &key, Profile::Adult).await.unwrap();
+    assert_issued(dir.path(), &issued.der, DEFAULT_ADULT_POLICY_OID);
     good.revoke(&issued.der, 1).await.unwrap();
     assert!(matches!(
         ca.status(&issued.serial_hex).await.unwrap(),
@@ -197,32 +167,19 @@ async fn pbm_round_trip_and_wrong_secret() {
 
     // The server refuses with an error message it signs; nothing is issued.
     let wrong = client(&ca, http.url("/cmp"), pbm("wrong"));
-    let refused = wrong
-        .issue(
-            &request(key.public_key().as_der().to_vec(), Profile::Adult),
-            &key,
-        )
-        .await;
-    assert!(
-        matches!(&refused, Err(CaError::Refused(text)) if text.contains("badMessageCheck")),
-        "{refused:?}"
-    );
+    let refused = issue(&wrong, &key, Profile::Adult).await;
+    assert_refused(&refused, "badMessageCheck");
     assert_eq!(ca.revocations().await.unwrap().len(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn replayed_responses_are_rejected() {
     let dir = tempfile::tempdir().unwrap();
-    let ca = open_ca(
-        dir.path(),
-        DEFAULT_ADULT_POLICY_OID,
-        DEFAULT_MINOR_POLICY_OID,
-    )
-    .await;
+    let ca = open_ca(dir.path()).await;
     let server = Arc::new(CmpServer::new(Arc::clone(&ca), server_config(&[])));
     // A man in the middle that answers every request with the first response it saw.
     let first: Arc<Mutex<Option<Vec<u8>>>> = Arc::default();
-    let http = support::serve(move |_method, _path, body| {
+    let http = common::serve(move |_method, _path, body| {
         let server = Arc::clone(&server);
         let first = Arc::clone(&first);
         async move {
@@ -233,23 +190,14 @@ async fn replayed_responses_are_rejected() {
     })
     .await;
     let client = client(&ca, http.url("/cmp"), ra_protection(&ca).await);
-    let key = hsm()
-        .generate_user_key(KeyAlgorithm::EcP256, KeyMode::Resident)
-        .await
-        .unwrap();
-    let request = request(key.public_key().as_der().to_vec(), Profile::Adult);
+    let key = user_key().await;
+    let request = request_for(&key, Profile::Adult);
     // The ip is genuine; the certConf gets it again: its recipNonce is not the certConf's nonce.
     let nonce = client.issue(&request, &key).await;
-    assert!(
-        matches!(&nonce, Err(CaError::Protocol(text)) if text.contains("recipNonce")),
-        "{nonce:?}"
-    );
+    assert_protocol_error(&nonce, "recipNonce");
     // A new transaction gets the old transaction's ip.
     let transaction = client.issue(&request, &key).await;
-    assert!(
-        matches!(&transaction, Err(CaError::Protocol(text)) if text.contains("transactionID")),
-        "{transaction:?}"
-    );
+    assert_protocol_error(&transaction, "transactionID");
 }
 
 /// Whether `der` holds the failInfo BIT STRING with exactly this bit set.
@@ -268,12 +216,7 @@ async fn server_answers_bad_requests_with_error_messages() {
     use der::Decode as _;
 
     let dir = tempfile::tempdir().unwrap();
-    let ca = open_ca(
-        dir.path(),
-        DEFAULT_ADULT_POLICY_OID,
-        DEFAULT_MINOR_POLICY_OID,
-    )
-    .await;
+    let ca = open_ca(dir.path()).await;
     let server = Arc::new(CmpServer::new(Arc::clone(&ca), server_config(&[])));
 
     // Not a PKIMessage: badDataFormat (bit 5), signed by the issuing CA.
@@ -290,78 +233,34 @@ async fn server_answers_bad_requests_with_error_messages() {
 
     // A template whose policy is neither profile's: badCertTemplate.
     let http = serve_cmp(Arc::clone(&server)).await;
-    let mut client = CmpClient::new(
-        hsm(),
-        HttpTransport::new(Duration::from_secs(20)).unwrap(),
-        CmpClientConfig {
-            url: http.url("/cmp"),
-            organisation: cmp_fixture::ORGANISATION.into(),
-            adult_policy_oid: "1.2.3.4".into(),
-            minor_policy_oid: DEFAULT_MINOR_POLICY_OID.into(),
-            protection: ra_protection(&ca).await,
-            trusted_der: vec![ca.root_der().to_vec()],
-        },
-    )
-    .unwrap();
-    let key = hsm()
-        .generate_user_key(KeyAlgorithm::EcP256, KeyMode::Resident)
-        .await
-        .unwrap();
-    let refused = client
-        .issue(
-            &request(key.public_key().as_der().to_vec(), Profile::Adult),
-            &key,
-        )
-        .await;
-    assert!(
-        matches!(&refused, Err(CaError::Refused(text)) if text.contains("badCertTemplate")),
-        "{refused:?}"
-    );
+    let wrong_policy = cmp_client(CmpClientConfig {
+        adult_policy_oid: "1.2.3.4".into(),
+        ..config(&ca, http.url("/cmp"), ra_protection(&ca).await)
+    });
+    let key = user_key().await;
+    let refused = issue(&wrong_policy, &key, Profile::Adult).await;
+    assert_refused(&refused, "badCertTemplate");
 
     // A subscriber certificate may not enrol others: its signature protects nothing the RA key
     // signed, so the protection does not verify.
-    let issued = ca
-        .issue(request(key.public_key().as_der().to_vec(), Profile::Adult))
-        .await
-        .unwrap();
-    client = CmpClient::new(
-        hsm(),
-        HttpTransport::new(Duration::from_secs(20)).unwrap(),
-        CmpClientConfig {
-            url: http.url("/cmp"),
-            organisation: cmp_fixture::ORGANISATION.into(),
-            adult_policy_oid: DEFAULT_ADULT_POLICY_OID.into(),
-            minor_policy_oid: DEFAULT_MINOR_POLICY_OID.into(),
-            protection: ClientProtection::Signature {
-                certificate_der: issued.der.clone(),
-                extra_certs_der: vec![],
-            },
-            trusted_der: vec![ca.root_der().to_vec()],
+    let issued = ca.issue(request_for(&key, Profile::Adult)).await.unwrap();
+    let subscriber = client(
+        &ca,
+        http.url("/cmp"),
+        ClientProtection::Signature {
+            certificate_der: issued.der.clone(),
+            extra_certs_der: vec![],
         },
-    )
-    .unwrap();
-    let refused = client
-        .issue(
-            &request(key.public_key().as_der().to_vec(), Profile::Adult),
-            &key,
-        )
-        .await;
-    assert!(
-        matches!(&refused, Err(CaError::Refused(text)) if text.contains("badMessageCheck")),
-        "{refused:?}"
     );
+    let refused = issue(&subscriber, &key, Profile::Adult).await;
+    assert_refused(&refused, "badMessageCheck");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn client_rejects_malformed_answers() {
     let dir = tempfile::tempdir().unwrap();
-    let ca = open_ca(
-        dir.path(),
-        DEFAULT_ADULT_POLICY_OID,
-        DEFAULT_MINOR_POLICY_OID,
-    )
-    .await;
-    let http = support::serve(|_method, path, _body| async move {
+    let ca = open_ca(dir.path()).await;
+    let http = common::serve(|_method, path, _body| async move {
         if path == "/garbage" {
             (
                 200,
@@ -373,11 +272,8 @@ async fn client_rejects_malformed_answers() {
         }
     })
     .await;
-    let key = hsm()
-        .generate_user_key(KeyAlgorithm::EcP256, KeyMode::Resident)
-        .await
-        .unwrap();
-    let request = request(key.public_key().as_der().to_vec(), Profile::Adult);
+    let key = user_key().await;
+    let request = request_for(&key, Profile::Adult);
     for path in ["/garbage", "/html"] {
         let client = client(&ca, http.url(path), ra_protection(&ca).await);
         let refused = client.issue(&request, &key).await;

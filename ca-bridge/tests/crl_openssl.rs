@@ -4,20 +4,20 @@
 // In tests a panic is the failure report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod revocation_common;
+mod common;
 
 use std::time::{Duration, SystemTime};
 
 use ca_bridge::CaError;
 use ca_bridge::crl::VerifiedCrl;
-use revocation_common::{DAY, OpensslPki, openssl, run};
+use common::{DAY, OpensslPki, openssl_in};
 
 #[test]
 fn openssl_crl_lists_the_revoked_serial_with_its_reason() {
     let dir = tempfile::tempdir().unwrap();
     let pki = OpensslPki::new(dir.path());
-    pki.issue("ee", "Subscriber One", "ee_ext");
-    pki.issue("good", "Subscriber Two", "ee_ext");
+    pki.issue("ee", "/CN=Subscriber One", "ee_ext");
+    pki.issue("good", "/CN=Subscriber Two", "ee_ext");
     pki.revoke("ee", "cessationOfOperation");
     let crl_pem = std::fs::read(pki.gencrl(24)).unwrap();
     let ica = pki.der("ica.pem");
@@ -30,10 +30,7 @@ fn openssl_crl_lists_the_revoked_serial_with_its_reason() {
     assert!(entry.revoked_at <= now + Duration::from_secs(1));
     assert!(crl.lookup(&pki.serial("good.pem")).is_none());
     assert!(crl.next_update() > now && crl.this_update() <= now);
-    let der = run(openssl()
-        .current_dir(dir.path())
-        .args(["crl", "-outform", "DER", "-in", "crl.pem"]))
-    .stdout;
+    let der = openssl_in(dir.path(), &["crl", "-outform", "DER", "-in", "crl.pem"]).stdout;
     let from_der = VerifiedCrl::parse(&der, &ica, now).unwrap();
     assert_eq!(from_der.lookup(&pki.serial("ee.pem")), Some(entry));
 

@@ -3,151 +3,43 @@
 // In tests a panic is the failure report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::{Arc, OnceLock};
+mod common;
+
+use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ca_bridge::{
-    CaError, CaProfileConfig, CertificateState, DEFAULT_ADULT_POLICY_OID, DEFAULT_MINOR_POLICY_OID,
-    EmbeddedCa, IssueRequest, Profile,
+    CaError, CertificateState, DEFAULT_ADULT_POLICY_OID, DEFAULT_MINOR_POLICY_OID, IssueRequest,
+    Profile,
 };
-use hsm_adapter::{Hsm, HsmConfig, TokenSelector};
-use secrecy::SecretString;
-
-const OCSP_URL: &str = "http://127.0.0.1:8090/ocsp";
-const CRL_URL: &str = "http://127.0.0.1:8090/crl/issuing.crl";
-const DAY: Duration = Duration::from_secs(24 * 3600);
-
-/// This process's token with its system keys provisioned (the pattern of
-/// hsm-adapter/tests/common: `softhsm-setup token` under `SOFTHSM2_CONF`'s directory).
-fn hsm() -> Arc<Hsm> {
-    static HSM: OnceLock<Arc<Hsm>> = OnceLock::new();
-    HSM.get_or_init(|| {
-        let conf = PathBuf::from(std::env::var_os("SOFTHSM2_CONF").expect("SOFTHSM2_CONF"));
-        let dir = conf.parent().unwrap().to_path_buf();
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos();
-        let label = format!("ca{}-{nanos}", std::process::id());
-        let pins = dir.join("pins");
-        std::fs::create_dir_all(&pins).unwrap();
-        let pin_file = pins.join(format!("{label}.pin"));
-        let so_pin_file = pins.join(format!("{label}.so-pin"));
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../softhsm-config/softhsm-setup");
-        let status = Command::new(&script)
-            .args(["token", "--dir"])
-            .arg(&dir)
-            .args(["--label", &label, "--so-pin-file"])
-            .arg(&so_pin_file)
-            .arg("--pin-file")
-            .arg(&pin_file)
-            .status()
-            .unwrap();
-        assert!(status.success(), "softhsm-setup token");
-        let module = Command::new(&script).arg("module").output().unwrap();
-        let module = PathBuf::from(String::from_utf8(module.stdout).unwrap().trim());
-        let read = |p: &Path| std::fs::read_to_string(p).unwrap().trim().to_owned();
-        let config = HsmConfig::new(
-            &module,
-            TokenSelector::Label(label),
-            SecretString::from(read(&pin_file)),
-        );
-        let so_pin = SecretString::from(read(&so_pin_file));
-        // Opened on a runtime of its own: the fixture is shared by the tests' runtimes.
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
-                let hsm = Hsm::open(config).await.unwrap();
-                hsm.provision_system_keys(&so_pin).await.unwrap();
-                Arc::new(hsm)
-            })
-        })
-        .join()
-        .unwrap()
-    })
-    .clone()
-}
-
-fn config() -> CaProfileConfig {
-    CaProfileConfig::new("smartsign test", OCSP_URL, CRL_URL)
-}
-
-async fn open(dir: &Path) -> Result<EmbeddedCa, CaError> {
-    EmbeddedCa::open(hsm(), dir, config(), SystemTime::now()).await
-}
+use common::{
+    CRL_URL, DAY, OCSP_URL, P256, assert_contains, ca_config, genkey, open_ca, request, spki_of,
+    try_open_ca, verify_and_print, verify_with_ca, x509_text,
+};
 
 /// A subject public key made by openssl, as SPKI DER.
 fn openssl_key(dir: &Path, algorithm: &[&str]) -> Vec<u8> {
-    let key = dir.join("subject.key");
-    run(Command::new("openssl")
-        .arg("genpkey")
-        .args(algorithm)
-        .arg("-out")
-        .arg(&key));
-    let out = run(Command::new("openssl")
-        .args(["pkey", "-pubout", "-outform", "DER", "-in"])
-        .arg(&key));
-    out.stdout
+    genkey(dir, "subject.key", algorithm);
+    spki_of(dir, "subject.key")
 }
 
-fn run(cmd: &mut Command) -> std::process::Output {
-    let out = cmd.output().expect("run openssl");
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn request(spki: Vec<u8>, profile: Profile, given_name: Option<&str>) -> IssueRequest {
-    let now = SystemTime::now();
+/// [`common::request`] without a given name.
+fn surname_only(spki: Vec<u8>, profile: Profile) -> IssueRequest {
     IssueRequest {
-        surname: "CHAN".into(),
-        given_name: given_name.map(str::to_owned),
-        hkic_hash_hex: "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08".into(),
-        public_key_spki_der: spki,
-        profile,
-        not_before: now - Duration::from_secs(60),
-        not_after: now + 3 * 365 * DAY,
+        given_name: None,
+        ..request(spki, profile)
     }
 }
 
-/// Writes the certificate beside the CA files and checks it with `openssl verify`; returns the
-/// `openssl x509 -text` output.
-fn verify_and_print(ca_dir: &Path, pem: &str) -> String {
-    let ee = ca_dir.join("ee.pem");
-    std::fs::write(&ee, pem).unwrap();
-    let out = run(Command::new("openssl")
-        .arg("verify")
-        .arg("-CAfile")
-        .arg(ca_dir.join("root.pem"))
-        .arg("-untrusted")
-        .arg(ca_dir.join("issuing.pem"))
-        .arg(&ee));
-    assert!(String::from_utf8_lossy(&out.stdout).contains(": OK"));
-    let out = run(Command::new("openssl")
-        .args(["x509", "-noout", "-text", "-nameopt", "RFC2253", "-in"])
-        .arg(&ee));
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn assert_contains(text: &str, wanted: &[&str]) {
-    for w in wanted {
-        assert!(text.contains(w), "missing {w:?} in\n{text}");
-    }
+/// The issuing CA in `dir` verifies against the root.
+fn assert_issuing_verifies(dir: &Path) {
+    verify_with_ca(dir, &dir.join("issuing.pem"));
 }
 
 #[tokio::test]
 async fn issues_p256_and_rsa_certificates_that_openssl_verifies() {
     let dir = tempfile::tempdir().unwrap();
-    let ca = open(dir.path()).await.unwrap();
+    let ca = open_ca(dir.path()).await;
     assert_eq!(
         std::fs::read_to_string(dir.path().join("root.pem")).unwrap(),
         ca.root_pem()
@@ -157,17 +49,11 @@ async fn issues_p256_and_rsa_certificates_that_openssl_verifies() {
         vec![ca.issuing_der().to_vec(), ca.root_der().to_vec()]
     );
 
-    let spki = openssl_key(
-        dir.path(),
-        &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"],
-    );
-    let issued = ca
-        .issue(request(spki, Profile::Adult, Some("Tai Man")))
-        .await
-        .unwrap();
+    let spki = openssl_key(dir.path(), P256);
+    let issued = ca.issue(request(spki, Profile::Adult)).await.unwrap();
     assert_eq!(issued.serial_hex.len(), 32);
     assert!(!issued.serial_hex.starts_with('0'));
-    let text = verify_and_print(dir.path(), &issued.to_pem());
+    let text = verify_and_print(dir.path(), &issued.der);
     let serial_colons = issued
         .serial_hex
         .as_bytes()
@@ -208,8 +94,8 @@ async fn issues_p256_and_rsa_certificates_that_openssl_verifies() {
         dir.path(),
         &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"],
     );
-    let issued = ca.issue(request(spki, Profile::Minor, None)).await.unwrap();
-    let text = verify_and_print(dir.path(), &issued.to_pem());
+    let issued = ca.issue(surname_only(spki, Profile::Minor)).await.unwrap();
+    let text = verify_and_print(dir.path(), &issued.der);
     assert_contains(
         &text,
         &[
@@ -230,13 +116,8 @@ async fn issues_p256_and_rsa_certificates_that_openssl_verifies() {
 #[tokio::test]
 async fn ca_certificates_have_the_ca_profile() {
     let dir = tempfile::tempdir().unwrap();
-    let ca = open(dir.path()).await.unwrap();
-    let print = |file: &str| {
-        let out = run(Command::new("openssl")
-            .args(["x509", "-noout", "-text", "-nameopt", "RFC2253", "-in"])
-            .arg(dir.path().join(file)));
-        String::from_utf8(out.stdout).unwrap()
-    };
+    let ca = open_ca(dir.path()).await;
+    let print = |file: &str| x509_text(&dir.path().join(file));
     assert_contains(
         &print("root.pem"),
         &[
@@ -260,24 +141,17 @@ async fn ca_certificates_have_the_ca_profile() {
         ],
     );
     // The issuing CA verifies against the root.
-    run(Command::new("openssl")
-        .arg("verify")
-        .arg("-CAfile")
-        .arg(dir.path().join("root.pem"))
-        .arg(dir.path().join("issuing.pem")));
+    assert_issuing_verifies(dir.path());
     assert_eq!(ca.chain_pem().len(), 2);
 }
 
 #[tokio::test]
 async fn reopening_reuses_the_ca_and_its_state() {
     let dir = tempfile::tempdir().unwrap();
-    let first = open(dir.path()).await.unwrap();
-    let spki = openssl_key(
-        dir.path(),
-        &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"],
-    );
+    let first = open_ca(dir.path()).await;
+    let spki = openssl_key(dir.path(), P256);
     let issued = first
-        .issue(request(spki, Profile::Adult, None))
+        .issue(surname_only(spki, Profile::Adult))
         .await
         .unwrap();
     let revoked_at = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
@@ -287,12 +161,12 @@ async fn reopening_reuses_the_ca_and_its_state() {
         .unwrap();
     drop(first);
 
-    let again = open(dir.path()).await.unwrap();
+    let again = open_ca(dir.path()).await;
     assert_eq!(
         std::fs::read_to_string(dir.path().join("root.pem")).unwrap(),
         again.root_pem()
     );
-    verify_and_print(dir.path(), &issued.to_pem());
+    verify_and_print(dir.path(), &issued.der);
     assert_eq!(
         again
             .status(&format!("00{}", issued.serial_hex))
@@ -309,20 +183,16 @@ async fn reopening_reuses_the_ca_and_its_state() {
 
     // A lost issuing certificate is made again from the root.
     std::fs::remove_file(dir.path().join("issuing.pem")).unwrap();
-    let third = open(dir.path()).await.unwrap();
+    let third = open_ca(dir.path()).await;
     assert_eq!(third.root_pem(), again.root_pem());
     assert_ne!(third.issuing_pem(), again.issuing_pem());
-    run(Command::new("openssl")
-        .arg("verify")
-        .arg("-CAfile")
-        .arg(dir.path().join("root.pem"))
-        .arg(dir.path().join("issuing.pem")));
+    assert_issuing_verifies(dir.path());
 }
 
 #[tokio::test]
 async fn revocation_checks_serial_and_reason() {
     let dir = tempfile::tempdir().unwrap();
-    let ca = open(dir.path()).await.unwrap();
+    let ca = open_ca(dir.path()).await;
     let now = SystemTime::now();
     assert!(matches!(
         ca.revoke("4f00aa", 1, now).await,
@@ -341,11 +211,8 @@ async fn revocation_checks_serial_and_reason() {
         CertificateState::Unknown
     );
 
-    let spki = openssl_key(
-        dir.path(),
-        &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"],
-    );
-    let issued = ca.issue(request(spki, Profile::Minor, None)).await.unwrap();
+    let spki = openssl_key(dir.path(), P256);
+    let issued = ca.issue(surname_only(spki, Profile::Minor)).await.unwrap();
     assert!(matches!(
         ca.status(&issued.serial_hex).await.unwrap(),
         CertificateState::Good { .. }
@@ -362,41 +229,38 @@ async fn revocation_checks_serial_and_reason() {
 #[tokio::test]
 async fn bad_requests_are_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let ca = open(dir.path()).await.unwrap();
-    let spki = openssl_key(
-        dir.path(),
-        &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"],
-    );
+    let ca = open_ca(dir.path()).await;
+    let spki = openssl_key(dir.path(), P256);
 
-    let mut outlives = request(spki.clone(), Profile::Adult, None);
+    let mut outlives = surname_only(spki.clone(), Profile::Adult);
     outlives.not_after = SystemTime::now() + 100 * 365 * DAY;
     assert!(matches!(
         ca.issue(outlives).await,
         Err(CaError::OutsideCaValidity)
     ));
 
-    let mut backwards = request(spki.clone(), Profile::Adult, None);
+    let mut backwards = surname_only(spki.clone(), Profile::Adult);
     backwards.not_after = backwards.not_before;
     assert!(matches!(
         ca.issue(backwards).await,
         Err(CaError::InvalidRequest(_))
     ));
 
-    let mut no_surname = request(spki.clone(), Profile::Adult, None);
+    let mut no_surname = surname_only(spki.clone(), Profile::Adult);
     no_surname.surname = " ".into();
     assert!(matches!(
         ca.issue(no_surname).await,
         Err(CaError::InvalidRequest(_))
     ));
 
-    let mut bad_hash = request(spki.clone(), Profile::Adult, None);
+    let mut bad_hash = surname_only(spki.clone(), Profile::Adult);
     bad_hash.hkic_hash_hex = "A1234563".into();
     assert!(matches!(
         ca.issue(bad_hash).await,
         Err(CaError::InvalidRequest(_))
     ));
 
-    let mut not_a_key = request(spki, Profile::Adult, None);
+    let mut not_a_key = surname_only(spki, Profile::Adult);
     not_a_key.public_key_spki_der = vec![0x30, 0x00];
     assert!(matches!(
         ca.issue(not_a_key).await,
@@ -413,7 +277,7 @@ async fn a_root_for_another_key_is_refused() {
     std::fs::create_dir_all(&ca_dir).unwrap();
     std::fs::copy(&pki.ca_cert, ca_dir.join("root.pem")).unwrap();
     assert!(matches!(
-        open(&ca_dir).await,
+        try_open_ca(&ca_dir, ca_config()).await,
         Err(CaError::KeyMismatch {
             file: "root.pem",
             ..

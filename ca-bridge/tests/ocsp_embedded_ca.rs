@@ -5,50 +5,40 @@
 // In tests a panic is the failure report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod revocation_common;
-#[allow(unreachable_pub)] // the shared server's items are `pub` for every test binary
-mod support;
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use ca_bridge::EmbeddedCa;
 use ca_bridge::ocsp::{OcspQuery, OcspStatus};
-use ca_bridge::transport::{CRL_CONTENT_TYPE, HttpTransport, OCSP_RESPONSE_CONTENT_TYPE};
+use ca_bridge::transport::HttpTransport;
+use ca_bridge::{EmbeddedCa, IssuedCertificate};
+use common::{
+    HOUR, TestServer, assert_contains, ca_endpoints, cert_der, issue, open_ca, openssl, openssl_in,
+    run_any,
+};
 use der::Decode;
-use revocation_common::{embedded_ca, issue, openssl, run, run_any};
+use tempfile::TempDir;
 use x509_ocsp::{OcspResponse, OcspResponseStatus};
 
-const HOUR: Duration = Duration::from_secs(3600);
-
-/// The CA's OCSP responder on POST /ocsp and its CRL on GET /crl.
-async fn serve_ca(ca: Arc<EmbeddedCa>) -> support::TestServer {
-    support::serve(move |method, path, body| {
+/// The CA's OCSP responder on POST /ocsp and GET /ocsp/..., its CRL on GET /crl.
+async fn serve_ca(ca: Arc<EmbeddedCa>) -> TestServer {
+    common::serve(move |method, path, body| {
         let ca = Arc::clone(&ca);
-        async move {
-            match (method.as_str(), path.as_str()) {
-                ("POST", "/ocsp") => (
-                    200,
-                    OCSP_RESPONSE_CONTENT_TYPE.to_owned(),
-                    ca.ocsp_response(&body, SystemTime::now(), HOUR).await,
-                ),
-                ("GET", path) if path.starts_with("/ocsp/") => {
-                    let body = match ca_bridge::ocsp::request_from_get_path(&path[6..]) {
-                        Ok(der) => ca.ocsp_response(&der, SystemTime::now(), HOUR).await,
-                        Err(_) => ca.ocsp_response(b"", SystemTime::now(), HOUR).await,
-                    };
-                    (200, OCSP_RESPONSE_CONTENT_TYPE.to_owned(), body)
-                }
-                ("GET", "/crl") => match ca.crl(SystemTime::now(), 24 * HOUR).await {
-                    Ok(crl) => (200, CRL_CONTENT_TYPE.to_owned(), crl),
-                    Err(_) => (500, "text/plain".to_owned(), Vec::new()),
-                },
-                _ => (404, "text/plain".to_owned(), Vec::new()),
-            }
-        }
+        async move { ca_endpoints(&ca, &method, &path, &body).await }
     })
     .await
+}
+
+/// A served embedded CA in a temporary directory that has issued `ee.pem` and `second`.
+async fn served_ca(second: &str) -> (TempDir, Arc<EmbeddedCa>, IssuedCertificate, TestServer) {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = open_ca(dir.path()).await;
+    let ee = issue(&ca, dir.path(), "ee.pem").await;
+    issue(&ca, dir.path(), second).await;
+    let server = serve_ca(Arc::clone(&ca)).await;
+    (dir, ca, ee, server)
 }
 
 /// `openssl ocsp` as a client for the certificates `certs` in `dir`; returns its output.
@@ -80,26 +70,9 @@ async fn openssl_ocsp(dir: &Path, url: String, args: Vec<String>) -> String {
     .unwrap()
 }
 
-fn assert_contains(text: &str, wanted: &[&str]) {
-    for w in wanted {
-        assert!(text.contains(w), "missing {w:?} in\n{text}");
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openssl_ocsp_sees_good_then_revoked_with_the_reason() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = Arc::new(
-        embedded_ca(
-            dir.path(),
-            "http://127.0.0.1:1/ocsp",
-            "http://127.0.0.1:1/crl",
-        )
-        .await,
-    );
-    let ee = issue(&ca, dir.path(), "ee.pem").await;
-    issue(&ca, dir.path(), "other.pem").await;
-    let server = serve_ca(Arc::clone(&ca)).await;
+    let (dir, ca, ee, server) = served_ca("other.pem").await;
     let url = server.url("/ocsp");
     let certs = |names: &[&str]| -> Vec<String> {
         names
@@ -155,8 +128,7 @@ async fn openssl_ocsp_sees_good_then_revoked_with_the_reason() {
             "{answer:?}"
         );
     }
-    let other_der = std::fs::read_to_string(dir.path().join("other.pem")).unwrap();
-    let other_der = der::pem::decode_vec(other_der.as_bytes()).unwrap().1;
+    let other_der = cert_der(dir.path(), "other.pem");
     let query = OcspQuery::new(ca.issuing_der(), &other_der).unwrap();
     let answer = query
         .send_get(&transport, &url, SystemTime::now())
@@ -177,18 +149,7 @@ async fn openssl_ocsp_sees_good_then_revoked_with_the_reason() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openssl_verifies_the_crl_and_refuses_the_revoked_certificate() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = Arc::new(
-        embedded_ca(
-            dir.path(),
-            "http://127.0.0.1:1/ocsp",
-            "http://127.0.0.1:1/crl",
-        )
-        .await,
-    );
-    let ee = issue(&ca, dir.path(), "ee.pem").await;
-    issue(&ca, dir.path(), "good.pem").await;
-    let server = serve_ca(Arc::clone(&ca)).await;
+    let (dir, ca, ee, server) = served_ca("good.pem").await;
     std::fs::write(
         dir.path().join("chain.pem"),
         format!("{}{}", ca.root_pem(), ca.issuing_pem()),
@@ -237,9 +198,10 @@ async fn openssl_verifies_the_crl_and_refuses_the_revoked_certificate() {
         ],
     );
 
-    run(openssl()
-        .current_dir(dir.path())
-        .args(["crl", "-inform", "DER", "-in", "crl.der", "-out", "crl.pem"]));
+    openssl_in(
+        dir.path(),
+        &["crl", "-inform", "DER", "-in", "crl.der", "-out", "crl.pem"],
+    );
     let verify = |cert: &str| {
         run_any(openssl().current_dir(dir.path()).args([
             "verify",

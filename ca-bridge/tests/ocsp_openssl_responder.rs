@@ -9,113 +9,69 @@
 // In tests a panic is the failure report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod revocation_common;
+mod common;
 
 use std::net::TcpListener;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime};
 
 use ca_bridge::CaError;
 use ca_bridge::ocsp::{OcspQuery, OcspStatus};
 use ca_bridge::transport::{HttpTransport, OCSP_REQUEST_CONTENT_TYPE, OCSP_RESPONSE_CONTENT_TYPE};
+use common::{OpensslPki, ServerProcess, in_network_namespace, openssl};
 use der::{Decode, Encode};
-use revocation_common::{OpensslPki, openssl, run};
 use x509_ocsp::{BasicOcspResponse, OcspResponse};
-
-/// Set in the child that runs inside the network namespace.
-const IN_NAMESPACE: &str = "SMARTSIGN_TEST_IN_NETNS";
-const TEST_NAME: &str = "openssl_responder_answers_are_verified";
 
 #[test]
 fn openssl_responder_answers_are_verified() {
-    if std::env::var_os(IN_NAMESPACE).is_some() {
-        return in_namespace();
+    in_network_namespace("openssl_responder_answers_are_verified", in_namespace);
+}
+
+/// An `openssl ocsp` responder process over `pki`'s index, signing as `signer`.
+fn start_responder(pki: &OpensslPki, signer: &str) -> ServerProcess {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let log = pki.path(&format!("responder-{port}.log"));
+    let child = openssl()
+        .current_dir(&pki.dir)
+        .args([
+            "ocsp",
+            "-index",
+            "index.txt",
+            "-port",
+            &port.to_string(),
+            "-rsigner",
+            &format!("{signer}.pem"),
+            "-rkey",
+            &format!("{signer}.key"),
+            "-CA",
+            "ica.pem",
+            "-rmd",
+            "sha256",
+            "-nmin",
+            "5",
+        ])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    // Not probed with a connection: the responder serves one connection at a time and
+    // waits on one that sends no request.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(&log)
+        .unwrap()
+        .contains("waiting for OCSP client connections")
+    {
+        assert!(Instant::now() < deadline, "openssl ocsp did not start");
+        std::thread::sleep(Duration::from_millis(50));
     }
-    let out = Command::new("unshare")
-        .args(["-n", "sh", "-c", "ip link set lo up && exec \"$0\" \"$@\""])
-        .arg(std::env::current_exe().unwrap())
-        .args(["--exact", TEST_NAME, "--nocapture", "--test-threads=1"])
-        .env(IN_NAMESPACE, "1")
-        .output()
-        .expect("run unshare (util-linux)");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success() && text.contains("1 passed"),
-        "the test in the network namespace failed:\n{text}"
-    );
-}
-
-/// An `openssl ocsp` responder process; killed when dropped.
-struct Responder {
-    child: Child,
-    url: String,
-}
-
-impl Responder {
-    fn start(pki: &OpensslPki, signer: &str) -> Responder {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let log = pki.path(&format!("responder-{port}.log"));
-        let child = openssl()
-            .current_dir(&pki.dir)
-            .args([
-                "ocsp",
-                "-index",
-                "index.txt",
-                "-port",
-                &port.to_string(),
-                "-rsigner",
-                &format!("{signer}.pem"),
-                "-rkey",
-                &format!("{signer}.key"),
-                "-CA",
-                "ica.pem",
-                "-rmd",
-                "sha256",
-                "-nmin",
-                "5",
-            ])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        // Not probed with a connection: the responder serves one connection at a time and
-        // waits on one that sends no request.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !std::fs::read_to_string(&log)
-            .unwrap()
-            .contains("waiting for OCSP client connections")
-        {
-            assert!(Instant::now() < deadline, "openssl ocsp did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Responder {
-            child,
-            url: format!("http://127.0.0.1:{port}/"),
-        }
+    ServerProcess {
+        child,
+        url: format!("http://127.0.0.1:{port}/"),
     }
-}
-
-impl Drop for Responder {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn der_of(dir: &Path, name: &str) -> Vec<u8> {
-    run(openssl()
-        .current_dir(dir)
-        .args(["x509", "-outform", "DER", "-in", name]))
-    .stdout
 }
 
 fn in_namespace() {
@@ -125,13 +81,13 @@ fn in_namespace() {
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let pki = OpensslPki::new(dir.path());
-    pki.issue("ocsp", "Test OCSP Responder", "ocsp_ext");
-    pki.issue("ee", "Subscriber", "ee_ext");
+    pki.issue("ocsp", "/CN=Test OCSP Responder", "ocsp_ext");
+    pki.issue("ee", "/CN=Subscriber", "ee_ext");
     // A responder certificate for OCSP signing, from a CA that is not the issuer.
-    pki.self_signed("other", "Other CA");
-    pki.issue_by("rogue", "Rogue OCSP Responder", "other", "ocsp_ext");
-    let ica = der_of(dir.path(), "ica.pem");
-    let ee = der_of(dir.path(), "ee.pem");
+    pki.self_signed("other", "/CN=Other CA", "ca_ext");
+    pki.issue_by("rogue", "/CN=Rogue OCSP Responder", "other", "ocsp_ext");
+    let ica = pki.der("ica.pem");
+    let ee = pki.der("ee.pem");
     let transport = HttpTransport::new(Duration::from_secs(5)).unwrap();
     let post = |url: String, query: OcspQuery| {
         let transport = transport.clone();
@@ -149,7 +105,7 @@ fn in_namespace() {
     };
 
     // Good, through the client's own POST.
-    let responder = Responder::start(&pki, "ocsp");
+    let responder = start_responder(&pki, "ocsp");
     let now = SystemTime::now();
     let query = OcspQuery::new(&ica, &ee).unwrap();
     let answer = rt
@@ -185,7 +141,7 @@ fn in_namespace() {
 
     // Revoked; the responder reads index.txt again when restarted.
     pki.revoke("ee", "cessationOfOperation");
-    let responder = Responder::start(&pki, "ocsp");
+    let responder = start_responder(&pki, "ocsp");
     let query = OcspQuery::new(&ica, &ee).unwrap();
     let answer = rt
         .block_on(query.send(&transport, &responder.url, SystemTime::now()))
@@ -197,7 +153,7 @@ fn in_namespace() {
     drop(responder);
 
     // A responder whose certificate the issuer did not issue.
-    let rogue = Responder::start(&pki, "rogue");
+    let rogue = start_responder(&pki, "rogue");
     let query = OcspQuery::new(&ica, &ee).unwrap();
     let result = rt.block_on(query.send(&transport, &rogue.url, SystemTime::now()));
     assert!(matches!(result, Err(CaError::Protection(_))), "{result:?}");

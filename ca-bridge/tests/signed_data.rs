@@ -4,14 +4,18 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::SystemTime;
 
 use ca_bridge::signed_data::{HashAlg, SignatureAlg, SignedAttributes};
 use p256::ecdsa::signature::hazmat::PrehashSigner;
 use p256::pkcs8::DecodePrivateKey;
 use tempfile::TempDir;
+
+use common::{P256, cert_der, genkey, openssl, openssl_in};
 
 const EXTENSIONS: &str = "\
 [root]
@@ -50,33 +54,15 @@ struct TestPki {
     document: PathBuf,
 }
 
-fn openssl(dir: &Path, args: &[&str]) -> Output {
-    Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("run openssl")
-}
-
-fn openssl_ok(dir: &Path, args: &[&str]) -> Output {
-    let output = openssl(dir, args);
-    assert!(
-        output.status.success(),
-        "openssl {args:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    output
-}
-
-fn generate_key(dir: &Path, name: &str, kind: KeyKind) {
-    let options: &[&str] = match kind {
-        KeyKind::P256 => &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"],
-        KeyKind::P384 => &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-384"],
-        KeyKind::Rsa2048 => &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"],
-    };
-    let mut args = vec!["genpkey", "-out", name];
-    args.extend_from_slice(options);
-    openssl_ok(dir, &args);
+impl KeyKind {
+    /// The `openssl genpkey` options for this kind of key.
+    fn genpkey_options(self) -> &'static [&'static str] {
+        match self {
+            KeyKind::P256 => P256,
+            KeyKind::P384 => &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-384"],
+            KeyKind::Rsa2048 => &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"],
+        }
+    }
 }
 
 /// Makes `name.pem` with subject `subject`, signed by `issuer` (or by itself).
@@ -91,7 +77,7 @@ fn make_certificate(
     let key = format!("{name}.key");
     let csr = format!("{name}.csr");
     let pem = format!("{name}.pem");
-    openssl_ok(
+    openssl_in(
         dir,
         &[
             "req", "-new", "-utf8", "-key", &key, "-subj", subject, "-out", &csr,
@@ -122,15 +108,7 @@ fn make_certificate(
         }
         None => args.extend_from_slice(&["-signkey", &key]),
     }
-    openssl_ok(dir, &args);
-}
-
-fn pem_to_der(dir: &Path, name: &str) -> Vec<u8> {
-    openssl_ok(
-        dir,
-        &["x509", "-in", &format!("{name}.pem"), "-outform", "DER"],
-    )
-    .stdout
+    openssl_in(dir, &args);
 }
 
 impl TestPki {
@@ -139,7 +117,7 @@ impl TestPki {
         let path = dir.path();
         std::fs::write(path.join("ext.cnf"), EXTENSIONS).expect("write ext.cnf");
 
-        generate_key(path, "root.key", KeyKind::P384);
+        genkey(path, "root.key", KeyKind::P384.genpkey_options());
         make_certificate(
             path,
             "root",
@@ -148,7 +126,7 @@ impl TestPki {
             "1",
             None,
         );
-        generate_key(path, "issuing.key", KeyKind::P256);
+        genkey(path, "issuing.key", KeyKind::P256.genpkey_options());
         make_certificate(
             path,
             "issuing",
@@ -157,7 +135,7 @@ impl TestPki {
             "2",
             Some("root"),
         );
-        generate_key(path, "signer.key", kind);
+        genkey(path, "signer.key", kind.genpkey_options());
         // Like the embedded CA's end-entity subject: several attributes, a non-ASCII name and a
         // 16-byte serial with the high bit set (a leading zero byte in DER).
         make_certificate(
@@ -177,9 +155,9 @@ impl TestPki {
 
         TestPki {
             signer_key: path.join("signer.key"),
-            signer_der: pem_to_der(path, "signer"),
-            issuing_der: pem_to_der(path, "issuing"),
-            root_der: pem_to_der(path, "root"),
+            signer_der: cert_der(path, "signer.pem"),
+            issuing_der: cert_der(path, "issuing.pem"),
+            root_der: cert_der(path, "root.pem"),
             document,
             dir,
         }
@@ -198,7 +176,7 @@ impl TestPki {
             _ => unreachable!(),
         };
         let document = self.document.to_str().expect("utf-8 path");
-        openssl_ok(self.path(), &["dgst", name, "-binary", document]).stdout
+        openssl_in(self.path(), &["dgst", name, "-binary", document]).stdout
     }
 
     /// Signs `digest` with the signer's software key, as the HSM signs a digest.
@@ -259,9 +237,9 @@ impl TestPki {
     }
 
     fn verify(&self, cms: &Path, content: &Path) -> Output {
-        openssl(
-            self.path(),
-            &[
+        openssl()
+            .current_dir(self.path())
+            .args([
                 "cms",
                 "-verify",
                 "-binary",
@@ -275,8 +253,9 @@ impl TestPki {
                 "root.pem",
                 "-out",
                 "/dev/null",
-            ],
-        )
+            ])
+            .output()
+            .expect("run openssl")
     }
 
     fn assert_verifies_and_tampering_fails(&self, cms: &Path) {
@@ -312,7 +291,7 @@ fn openssl_digest(dir: &Path, alg: HashAlg, data: &[u8]) -> Vec<u8> {
         HashAlg::Sha512 => "-sha512",
         _ => unreachable!(),
     };
-    openssl_ok(
+    openssl_in(
         dir,
         &["dgst", name, "-binary", file.to_str().expect("utf-8 path")],
     )
@@ -399,7 +378,7 @@ fn a_signature_by_another_key_fails() {
 fn openssl_prints_the_four_signed_attributes_and_a_detached_signed_data() {
     let pki = TestPki::new(KeyKind::P256);
     let cms = pki.sign(KeyKind::P256, SignatureAlg::EcdsaSha256, false);
-    let printed = openssl_ok(
+    let printed = openssl_in(
         pki.path(),
         &[
             "cms",

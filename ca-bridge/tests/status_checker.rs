@@ -5,21 +5,18 @@
 // In tests a panic is the failure report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod revocation_common;
-#[allow(unreachable_pub)] // the shared server's items are `pub` for every test binary
-mod support;
+mod common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
 use ca_bridge::status::{CertStatus, StatusChecker, StatusObserver, StatusPolicy, StatusSource};
-use ca_bridge::transport::{CRL_CONTENT_TYPE, HttpTransport, OCSP_RESPONSE_CONTENT_TYPE};
+use ca_bridge::transport::{HttpTransport, OCSP_RESPONSE_CONTENT_TYPE};
 use ca_bridge::{CaError, EmbeddedCa};
-use revocation_common::{embedded_ca, issue};
+use common::{HOUR, ca_endpoints, issue, open_ca};
 
 const MINUTE: Duration = Duration::from_secs(60);
-const HOUR: Duration = Duration::from_secs(3600);
 
 /// What the test server does.
 const SERVE: u8 = 0;
@@ -52,28 +49,19 @@ impl StatusObserver for Counts {
     }
 }
 
-async fn serve_ca(ca: Arc<EmbeddedCa>, mode: Arc<AtomicU8>) -> support::TestServer {
-    support::serve(move |method, path, body| {
+/// The CA's endpoints ([`common::ca_endpoints`]), down or with OCSP garbage as `mode` says.
+async fn serve_ca(ca: Arc<EmbeddedCa>, mode: Arc<AtomicU8>) -> common::TestServer {
+    common::serve(move |method, path, body| {
         let (ca, mode) = (Arc::clone(&ca), Arc::clone(&mode));
         async move {
-            let down = (503, "text/plain".to_owned(), Vec::new());
             match (mode.load(Ordering::SeqCst), method.as_str(), path.as_str()) {
-                (DOWN, _, _) => down,
+                (DOWN, _, _) => (503, "text/plain".to_owned(), Vec::new()),
                 (OCSP_GARBAGE, "POST", "/ocsp") => (
                     200,
                     OCSP_RESPONSE_CONTENT_TYPE.to_owned(),
                     b"garbage".to_vec(),
                 ),
-                (_, "POST", "/ocsp") => (
-                    200,
-                    OCSP_RESPONSE_CONTENT_TYPE.to_owned(),
-                    ca.ocsp_response(&body, SystemTime::now(), HOUR).await,
-                ),
-                (_, "GET", "/crl") => match ca.crl(SystemTime::now(), 24 * HOUR).await {
-                    Ok(crl) => (200, CRL_CONTENT_TYPE.to_owned(), crl),
-                    Err(_) => down,
-                },
-                _ => (404, "text/plain".to_owned(), Vec::new()),
+                _ => ca_endpoints(&ca, &method, &path, &body).await,
             }
         }
     })
@@ -82,7 +70,7 @@ async fn serve_ca(ca: Arc<EmbeddedCa>, mode: Arc<AtomicU8>) -> support::TestServ
 
 fn checker(
     ca: &EmbeddedCa,
-    server: &support::TestServer,
+    server: &common::TestServer,
     max_age: Duration,
     grace: Option<Duration>,
 ) -> (StatusChecker, Arc<Counts>) {
@@ -112,14 +100,7 @@ fn is_good(status: &CertStatus, source: StatusSource, grace: bool) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_checker_uses_ocsp_the_cache_and_the_crl() {
     let dir = tempfile::tempdir().unwrap();
-    let ca = Arc::new(
-        embedded_ca(
-            dir.path(),
-            "http://127.0.0.1:1/ocsp",
-            "http://127.0.0.1:1/crl",
-        )
-        .await,
-    );
+    let ca = open_ca(dir.path()).await;
     let mode = Arc::new(AtomicU8::new(SERVE));
     let server = serve_ca(Arc::clone(&ca), Arc::clone(&mode)).await;
     let ee = issue(&ca, dir.path(), "ee.pem").await;
@@ -227,12 +208,7 @@ async fn status_checker_uses_ocsp_the_cache_and_the_crl() {
 #[tokio::test]
 async fn a_certificate_of_another_issuer_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let ca = embedded_ca(
-        dir.path(),
-        "http://127.0.0.1:1/ocsp",
-        "http://127.0.0.1:1/crl",
-    )
-    .await;
+    let ca = open_ca(dir.path()).await;
     let counts = Arc::new(Counts::default());
     // The root as the expected issuer: the subscriber certificate is not its own.
     let checker = StatusChecker::new(

@@ -36,6 +36,7 @@ use crate::embedded_ca::policy_oid::certificate_policies;
 use crate::embedded_ca::profile::subscriber_name;
 use crate::error::CaError;
 use crate::transport::{CMP_CONTENT_TYPE, HttpTransport};
+use crate::verify::{serial_hex, verify_signature};
 use crate::{IssueRequest, IssuedCertificate, PolicyOid, Profile};
 
 /// How the client protects its requests. `Debug` shows no secret.
@@ -483,7 +484,7 @@ impl CmpClient {
             return Err(unexpected(&message.body, "pkiconf"));
         }
         Ok(IssuedCertificate {
-            serial_hex: serial_hex(cert),
+            serial_hex: serial_hex(cert.tbs_certificate.serial_number.as_bytes()),
             der: cert_der,
         })
     }
@@ -616,11 +617,11 @@ impl CmpClient {
         let signer = extra
             .first()
             .ok_or_else(|| CaError::Protection("signed response without extraCerts".into()))?;
-        message::verify_signature(
+        verify_signature(
             &signer.tbs_certificate.subject_public_key_info,
             alg,
             &received.protected,
-            protection.raw_bytes(),
+            protection,
         )?;
         if !chains_to(signer, &extra[1..], &self.trusted, SystemTime::now()) {
             return Err(CaError::Protection(
@@ -665,16 +666,6 @@ fn subject_key_id(cert: &Certificate) -> Option<Vec<u8>> {
     match cert.tbs_certificate.get::<SubjectKeyIdentifier>() {
         Ok(Some((_, ski))) => Some(ski.0.as_bytes().to_vec()),
         _ => None,
-    }
-}
-
-fn serial_hex(cert: &Certificate) -> String {
-    let hex = hex::encode(cert.tbs_certificate.serial_number.as_bytes());
-    let trimmed = hex.trim_start_matches('0');
-    if trimmed.is_empty() {
-        "0".into()
-    } else {
-        trimmed.into()
     }
 }
 

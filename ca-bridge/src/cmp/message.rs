@@ -7,16 +7,12 @@ use cmpv2::body::PkiBody;
 use cmpv2::header::{PkiFreeText, PkiHeader, Pvno};
 
 use cmpv2::status::{PkiStatus, PkiStatusInfo};
-use const_oid::ObjectIdentifier;
 use const_oid::db::rfc5280::ID_CE_CERTIFICATE_POLICIES;
-use const_oid::db::rfc5912::{
-    ECDSA_WITH_SHA_256, ECDSA_WITH_SHA_384, ID_EC_PUBLIC_KEY, RSA_ENCRYPTION, SECP_256_R_1,
-    SECP_384_R_1, SHA_256_WITH_RSA_ENCRYPTION,
-};
+use const_oid::db::rfc5912::{ECDSA_WITH_SHA_256, ECDSA_WITH_SHA_384, SHA_256_WITH_RSA_ENCRYPTION};
 use der::asn1::{Any, BitString, GeneralizedTime, OctetString, Utf8StringRef};
 use der::{Decode, Encode, Sequence, Tag, TagNumber, Tagged as _};
 use sha2::{Digest as _, Sha256, Sha384};
-use spki::{AlgorithmIdentifierOwned, SubjectPublicKeyInfoOwned};
+use spki::AlgorithmIdentifierOwned;
 use x509_cert::certificate::Certificate;
 use x509_cert::ext::Extensions;
 use x509_cert::ext::pkix::name::GeneralName;
@@ -24,6 +20,7 @@ use x509_cert::name::Name;
 use x509_cert::time::Time;
 
 use crate::error::CaError;
+use crate::verify::{valid_at, verify_issued_by};
 
 /// Bytes of transaction ids and nonces (RFC 9483 section 3.1: at least 128 bits).
 pub(crate) const NONCE_LEN: usize = 16;
@@ -411,87 +408,9 @@ pub(crate) fn sha256_signature_alg(ec: bool) -> AlgorithmIdentifierOwned {
     }
 }
 
-/// Verifies `signature` over `data` by `spki` under `alg`: ECDSA (P-256, P-384) with SHA-256 or
-/// SHA-384, RSA PKCS#1 v1.5 with SHA-256. [`CaError::Protection`] when it does not verify.
-pub(crate) fn verify_signature(
-    spki: &SubjectPublicKeyInfoOwned,
-    alg: &AlgorithmIdentifierOwned,
-    data: &[u8],
-    signature: &[u8],
-) -> Result<(), CaError> {
-    use ecdsa::signature::hazmat::PrehashVerifier as _;
-    use rsa::signature::Verifier as _;
-
-    let bad = |why: &str| CaError::Protection(format!("signature: {why}"));
-    let digest = match alg.oid {
-        ECDSA_WITH_SHA_256 => Sha256::digest(data).to_vec(),
-        ECDSA_WITH_SHA_384 => Sha384::digest(data).to_vec(),
-        SHA_256_WITH_RSA_ENCRYPTION => {
-            if spki.algorithm.oid != RSA_ENCRYPTION {
-                return Err(bad("algorithm does not match the key"));
-            }
-            let key = <rsa::RsaPublicKey as rsa::pkcs8::DecodePublicKey>::from_public_key_der(
-                &spki.to_der()?,
-            )
-            .map_err(|_| bad("malformed RSA key"))?;
-            let signature = rsa::pkcs1v15::Signature::try_from(signature)
-                .map_err(|_| bad("malformed RSA signature"))?;
-            return rsa::pkcs1v15::VerifyingKey::<Sha256>::new(key)
-                .verify(data, &signature)
-                .map_err(|_| bad("does not verify"));
-        }
-        _ => return Err(bad("unsupported algorithm")),
-    };
-    if spki.algorithm.oid != ID_EC_PUBLIC_KEY {
-        return Err(bad("algorithm does not match the key"));
-    }
-    let curve = spki
-        .algorithm
-        .parameters
-        .as_ref()
-        .and_then(|p| p.decode_as::<ObjectIdentifier>().ok());
-    let point = spki.subject_public_key.raw_bytes();
-    let verified = match curve {
-        Some(SECP_256_R_1) => {
-            let key = p256::ecdsa::VerifyingKey::from_sec1_bytes(point)
-                .map_err(|_| bad("malformed P-256 key"))?;
-            let signature = p256::ecdsa::Signature::from_der(signature)
-                .map_err(|_| bad("malformed ECDSA signature"))?;
-            key.verify_prehash(&digest, &signature)
-        }
-        Some(SECP_384_R_1) => {
-            let key = p384::ecdsa::VerifyingKey::from_sec1_bytes(point)
-                .map_err(|_| bad("malformed P-384 key"))?;
-            let signature = p384::ecdsa::Signature::from_der(signature)
-                .map_err(|_| bad("malformed ECDSA signature"))?;
-            key.verify_prehash(&digest, &signature)
-        }
-        _ => return Err(bad("unsupported curve")),
-    };
-    verified.map_err(|_| bad("does not verify"))
-}
-
 /// Whether `cert` was signed by `issuer` (names and signature) and is valid at `now`.
 pub(crate) fn issued_by(cert: &Certificate, issuer: &Certificate, now: SystemTime) -> bool {
-    let tbs = &cert.tbs_certificate;
-    let Ok(tbs_der) = tbs.to_der() else {
-        return false;
-    };
-    tbs.issuer == issuer.tbs_certificate.subject
-        && valid_at(cert, now)
-        && verify_signature(
-            &issuer.tbs_certificate.subject_public_key_info,
-            &cert.signature_algorithm,
-            &tbs_der,
-            cert.signature.raw_bytes(),
-        )
-        .is_ok()
-}
-
-/// Whether `now` is inside the certificate's validity.
-pub(crate) fn valid_at(cert: &Certificate, now: SystemTime) -> bool {
-    let validity = &cert.tbs_certificate.validity;
-    validity.not_before.to_system_time() <= now && now <= validity.not_after.to_system_time()
+    valid_at(cert, now) && verify_issued_by(cert, issuer).is_ok()
 }
 
 /// Whether `signer` is one of `trusted` or chains to one of them through `untrusted` (at most

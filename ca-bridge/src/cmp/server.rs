@@ -33,6 +33,7 @@ use super::message::{
 use super::pbm;
 use crate::embedded_ca::cmp_support::ID_KP_CMC_RA;
 use crate::error::CaError;
+use crate::verify::{serial_hex, verify_signature};
 use crate::{CertificateState, EmbeddedCa, Profile};
 
 /// How long the CA waits for the certConf of an issued certificate.
@@ -235,11 +236,11 @@ impl CmpServer {
             .extra_certs
             .first()
             .ok_or_else(|| refuse(Fail::BadMessageCheck, "signed request without extraCerts"))?;
-        message::verify_signature(
+        verify_signature(
             &signer.tbs_certificate.subject_public_key_info,
             alg,
             protected,
-            protection.raw_bytes(),
+            protection,
         )
         .map_err(|_| {
             refuse(
@@ -366,7 +367,7 @@ impl CmpServer {
         match &msg.popo {
             Some(ProofOfPossession::Signature(popo)) if popo.poposk_input.is_none() => {
                 let request = &extra.cert_req_der;
-                message::verify_signature(spki, &popo.alg_id, request, popo.signature.raw_bytes())
+                verify_signature(spki, &popo.alg_id, request, &popo.signature)
                     .map_err(|_| bad_pop())?;
             }
             _ => return Err(refuse(Fail::BadPOP, "a signature POP is required")),
@@ -714,27 +715,5 @@ impl CmpServer {
             ),
         };
         message::encode(&header, body, &protection, extra_certs)
-    }
-}
-
-/// Lowercase hex without leading zeros.
-fn serial_hex(bytes: &[u8]) -> String {
-    let hex = hex::encode(bytes);
-    let trimmed = hex.trim_start_matches('0');
-    if trimmed.is_empty() {
-        "0".into()
-    } else {
-        trimmed.into()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn serials_drop_leading_zeros() {
-        assert_eq!(serial_hex(&[0, 0x4a, 0x0f]), "4a0f");
-        assert_eq!(serial_hex(&[0]), "0");
     }
 }

@@ -5,21 +5,14 @@
 use std::time::{Duration, SystemTime};
 
 use const_oid::ObjectIdentifier;
-use const_oid::db::rfc4519::{COMMON_NAME, COUNTRY_NAME, ORGANIZATION_NAME};
-use der::Encode;
+use const_oid::db::rfc4519::COMMON_NAME;
 use der::asn1::{Any, OctetString};
 use x509_cert::certificate::Certificate;
-use x509_cert::ext::pkix::{
-    AuthorityKeyIdentifier, BasicConstraints, ExtendedKeyUsage, KeyUsage, KeyUsages,
-    SubjectKeyIdentifier,
-};
 
-use super::{CA_BACKDATE, EmbeddedCa, IssuedCertificate, Profile, SERIAL_LEN};
+use super::profile::organisation_name;
+use super::{CA_BACKDATE, EmbeddedCa, IssuedCertificate, Profile};
 use crate::error::CaError;
-use crate::x509::{
-    CaSignatureAlg, NameBuilder, TbsParts, assemble, extension, key_identifier, serial_from_random,
-    subject_key, validity,
-};
+use crate::x509::{signing_end_entity_extensions, subject_key, validity};
 
 /// id-kp-cmcRA (RFC 6402 section 2.10): the key purpose of a CMP registration authority.
 pub(crate) const ID_KP_CMC_RA: ObjectIdentifier =
@@ -45,54 +38,22 @@ impl EmbeddedCa {
                 "RA common name must be 1 to 64 characters".into(),
             ));
         }
-        let subject = NameBuilder::default()
-            .printable(COUNTRY_NAME, "HK")?
-            .utf8(ORGANIZATION_NAME, &self.organisation)?
+        let subject = organisation_name(&self.organisation)?
             .utf8(COMMON_NAME, common_name)?
             .build();
-        let ca_not_after = self
-            .issuing
-            .cert
-            .tbs_certificate
-            .validity
-            .not_after
-            .to_system_time();
-        let not_after = (now + RA_VALIDITY).min(ca_not_after);
-        let extensions = vec![
-            extension(
-                &BasicConstraints {
-                    ca: false,
-                    path_len_constraint: None,
-                },
-                true,
-            )?,
-            extension(&KeyUsage(KeyUsages::DigitalSignature.into()), true)?,
-            extension(&ExtendedKeyUsage(vec![ID_KP_CMC_RA]), false)?,
-            extension(&SubjectKeyIdentifier(key_identifier(&spki)?), false)?,
-            extension(
-                &AuthorityKeyIdentifier {
-                    key_identifier: Some(self.issuing.key_id.clone()),
-                    authority_cert_issuer: None,
-                    authority_cert_serial_number: None,
-                },
-                false,
-            )?,
-        ];
-        let (serial, serial_hex) = serial_from_random(self.hsm.random(SERIAL_LEN).await?)?;
-        let tbs = TbsParts {
-            serial,
-            alg: CaSignatureAlg::EcdsaSha256,
-            issuer: self.issuing.cert.tbs_certificate.subject.clone(),
-            validity: validity(now - CA_BACKDATE, not_after)?,
-            subject,
-            spki,
-            extensions,
-        }
-        .into_tbs();
-        let signature = self.sign_as_issuing(&tbs.to_der()?).await?;
-        let der = assemble(tbs, &signature)?.to_der()?;
-        tracing::info!(serial = %serial_hex, "RA certificate issued");
-        Ok(IssuedCertificate { serial_hex, der })
+        let not_after = (now + RA_VALIDITY).min(self.issuing_not_after());
+        let extensions =
+            signing_end_entity_extensions(&spki, &self.issuing.key_id, vec![ID_KP_CMC_RA])?;
+        let issued = self
+            .sign_certificate(
+                subject,
+                spki,
+                validity(now - CA_BACKDATE, not_after)?,
+                extensions,
+            )
+            .await?;
+        tracing::info!(serial = %issued.serial_hex, "RA certificate issued");
+        Ok(issued)
     }
 
     /// `len` random bytes from the HSM (transaction ids, nonces, salts).

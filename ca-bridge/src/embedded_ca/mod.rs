@@ -35,8 +35,10 @@ use hsm_adapter::{Digest, HashAlgorithm, Hsm, SystemKey};
 use sha2::{Digest as _, Sha256, Sha384};
 use spki::SubjectPublicKeyInfoOwned;
 use x509_cert::certificate::Certificate;
+use x509_cert::ext::Extension;
 use x509_cert::ext::pkix::SubjectKeyIdentifier;
 use x509_cert::name::Name;
+use x509_cert::time::Validity;
 
 use crate::error::CaError;
 use crate::x509::{
@@ -393,15 +395,7 @@ impl EmbeddedCa {
     ) -> Result<IssuedCertificate, CaError> {
         let spki = subject_key(public_key_spki_der)?;
         let validity = validity(not_before, not_after)?;
-        if validity.not_after.to_system_time()
-            > self
-                .issuing
-                .cert
-                .tbs_certificate
-                .validity
-                .not_after
-                .to_system_time()
-        {
+        if validity.not_after.to_system_time() > self.issuing_not_after() {
             return Err(CaError::OutsideCaValidity);
         }
         let policy = match profile {
@@ -410,19 +404,9 @@ impl EmbeddedCa {
         };
         let extensions =
             profile::subscriber_extensions(&self.subscriber, policy, &spki, &self.issuing.key_id)?;
-        let (serial, serial_hex) = serial_from_random(self.hsm.random(SERIAL_LEN).await?)?;
-        let tbs = TbsParts {
-            serial,
-            alg: CaSignatureAlg::EcdsaSha256,
-            issuer: self.issuing.cert.tbs_certificate.subject.clone(),
-            validity,
-            subject,
-            spki,
-            extensions,
-        }
-        .into_tbs();
-        let signature = self.sign_as_issuing(&tbs.to_der()?).await?;
-        let der = assemble(tbs, &signature)?.to_der()?;
+        let IssuedCertificate { serial_hex, der } = self
+            .sign_certificate(subject, spki, validity, extensions)
+            .await?;
 
         let state = Arc::clone(&self.state);
         let row_serial = serial_hex.clone();
@@ -508,6 +492,41 @@ impl EmbeddedCa {
         &self.dir
     }
 
+    /// The end of the issuing CA's validity: no certificate it issues outlives it.
+    pub(crate) fn issuing_not_after(&self) -> SystemTime {
+        self.issuing
+            .cert
+            .tbs_certificate
+            .validity
+            .not_after
+            .to_system_time()
+    }
+
+    /// A certificate for `subject` and `spki` signed by the issuing CA (ecdsa-with-SHA256), with
+    /// a serial of random bytes from the HSM.
+    pub(crate) async fn sign_certificate(
+        &self,
+        subject: Name,
+        spki: SubjectPublicKeyInfoOwned,
+        validity: Validity,
+        extensions: Vec<Extension>,
+    ) -> Result<IssuedCertificate, CaError> {
+        let (serial, serial_hex) = serial_from_random(self.hsm.random(SERIAL_LEN).await?)?;
+        let tbs = TbsParts {
+            serial,
+            alg: CaSignatureAlg::EcdsaSha256,
+            issuer: self.issuing.cert.tbs_certificate.subject.clone(),
+            validity,
+            subject,
+            spki,
+            extensions,
+        }
+        .into_tbs();
+        let signature = self.sign_as_issuing(&tbs.to_der()?).await?;
+        let der = assemble(tbs, &signature)?.to_der()?;
+        Ok(IssuedCertificate { serial_hex, der })
+    }
+
     /// Signs `data` (a TBSCertificate, and later a TBSCertList or an OCSP ResponseData) with
     /// the issuing CA key: ecdsa-with-SHA256, DER `Ecdsa-Sig-Value`.
     pub(crate) async fn sign_as_issuing(&self, data: &[u8]) -> Result<Vec<u8>, CaError> {
@@ -527,23 +546,9 @@ async fn make_root(
 ) -> Result<Certificate, CaError> {
     let name = profile::ca_name(&config.organisation, "Root CA")?;
     let not_before = now - CA_BACKDATE;
-    let (serial, _) = serial_from_random(hsm.random(SERIAL_LEN).await?)?;
-    let tbs = TbsParts {
-        serial,
-        alg: CaSignatureAlg::EcdsaSha384,
-        issuer: name.clone(),
-        validity: validity(not_before, not_before + config.root_validity)?,
-        subject: name,
-        extensions: profile::root_extensions(&spki)?,
-        spki,
-    }
-    .into_tbs();
-    let digest = Digest::new(
-        HashAlgorithm::Sha384,
-        Sha384::digest(tbs.to_der()?).to_vec(),
-    )?;
-    let signature = hsm.sign_with_system_key(SystemKey::CaRoot, &digest).await?;
-    assemble(tbs, &signature)
+    let validity = validity(not_before, not_before + config.root_validity)?;
+    let extensions = profile::root_extensions(&spki)?;
+    sign_with_root(hsm, name.clone(), name, validity, spki, extensions).await
 }
 
 async fn make_issuing(
@@ -564,15 +569,37 @@ async fn make_issuing(
     if not_after > root_not_after {
         not_after = root_not_after;
     }
+    let extensions = profile::issuing_extensions(&spki, &root.key_id)?;
+    sign_with_root(
+        hsm,
+        root.cert.tbs_certificate.subject.clone(),
+        profile::ca_name(&config.organisation, "Issuing CA")?,
+        validity(not_before, not_after)?,
+        spki,
+        extensions,
+    )
+    .await
+}
+
+/// A CA certificate signed by the root key (ecdsa-with-SHA384), with a serial of random bytes
+/// from the HSM.
+async fn sign_with_root(
+    hsm: &Hsm,
+    issuer: Name,
+    subject: Name,
+    validity: Validity,
+    spki: SubjectPublicKeyInfoOwned,
+    extensions: Vec<Extension>,
+) -> Result<Certificate, CaError> {
     let (serial, _) = serial_from_random(hsm.random(SERIAL_LEN).await?)?;
     let tbs = TbsParts {
         serial,
         alg: CaSignatureAlg::EcdsaSha384,
-        issuer: root.cert.tbs_certificate.subject.clone(),
-        validity: validity(not_before, not_after)?,
-        subject: profile::ca_name(&config.organisation, "Issuing CA")?,
-        extensions: profile::issuing_extensions(&spki, &root.key_id)?,
+        issuer,
+        validity,
+        subject,
         spki,
+        extensions,
     }
     .into_tbs();
     let digest = Digest::new(

@@ -11,14 +11,13 @@ use x509_cert::ext::Extension;
 use x509_cert::ext::pkix::crl::dp::DistributionPoint;
 use x509_cert::ext::pkix::name::{DistributionPointName, GeneralName};
 use x509_cert::ext::pkix::{
-    AccessDescription, AuthorityInfoAccessSyntax, AuthorityKeyIdentifier, BasicConstraints,
-    CrlDistributionPoints, KeyUsage, KeyUsages, SubjectKeyIdentifier,
+    AccessDescription, AuthorityInfoAccessSyntax, CrlDistributionPoints, KeyUsage, KeyUsages,
 };
 use x509_cert::name::Name;
 
 use super::policy_oid::{PolicyOid, certificate_policies};
 use crate::error::CaError;
-use crate::x509::{NameBuilder, extension, key_identifier};
+use crate::x509::{NameBuilder, authority_key_id, basic_constraints, extension, subject_key_id};
 
 /// Longest common name written (X.520 ub-common-name); longer "given surname" strings are cut
 /// there, the full names stay in the surname and givenName attributes.
@@ -26,11 +25,16 @@ const MAX_COMMON_NAME: usize = 64;
 /// Longest surname or given name accepted (a sanity bound, far above real names).
 const MAX_NAME: usize = 128;
 
+/// `C=HK, O=<organisation>`: the start of every name the embedded CA writes.
+pub(super) fn organisation_name(organisation: &str) -> Result<NameBuilder, CaError> {
+    NameBuilder::default()
+        .printable(COUNTRY_NAME, "HK")?
+        .utf8(ORGANIZATION_NAME, organisation)
+}
+
 /// `C=HK, O=<organisation>, CN=<organisation> <what>` for the CA certificates.
 pub(super) fn ca_name(organisation: &str, what: &str) -> Result<Name, CaError> {
-    Ok(NameBuilder::default()
-        .printable(COUNTRY_NAME, "HK")?
-        .utf8(ORGANIZATION_NAME, organisation)?
+    Ok(organisation_name(organisation)?
         .utf8(COMMON_NAME, &format!("{organisation} {what}"))?
         .build())
 }
@@ -38,15 +42,9 @@ pub(super) fn ca_name(organisation: &str, what: &str) -> Result<Name, CaError> {
 /// Root: CA without a path length limit, signs certificates and CRLs.
 pub(super) fn root_extensions(spki: &SubjectPublicKeyInfoOwned) -> Result<Vec<Extension>, CaError> {
     Ok(vec![
-        extension(
-            &BasicConstraints {
-                ca: true,
-                path_len_constraint: None,
-            },
-            true,
-        )?,
+        basic_constraints(true, None)?,
         extension(&KeyUsage(KeyUsages::KeyCertSign | KeyUsages::CRLSign), true)?,
-        extension(&SubjectKeyIdentifier(key_identifier(spki)?), false)?,
+        subject_key_id(spki)?,
     ])
 }
 
@@ -57,19 +55,13 @@ pub(super) fn issuing_extensions(
     root_key_id: &OctetString,
 ) -> Result<Vec<Extension>, CaError> {
     Ok(vec![
-        extension(
-            &BasicConstraints {
-                ca: true,
-                path_len_constraint: Some(0),
-            },
-            true,
-        )?,
+        basic_constraints(true, Some(0))?,
         extension(
             &KeyUsage(KeyUsages::DigitalSignature | KeyUsages::KeyCertSign | KeyUsages::CRLSign),
             true,
         )?,
-        extension(&SubjectKeyIdentifier(key_identifier(spki)?), false)?,
-        extension(&authority_key_id(root_key_id), false)?,
+        subject_key_id(spki)?,
+        authority_key_id(root_key_id)?,
     ])
 }
 
@@ -100,9 +92,7 @@ pub(crate) fn subscriber_name(
         None => surname.to_owned(),
     };
     let common: String = full.chars().take(MAX_COMMON_NAME).collect();
-    let mut name = NameBuilder::default()
-        .printable(COUNTRY_NAME, "HK")?
-        .utf8(ORGANIZATION_NAME, organisation)?
+    let mut name = organisation_name(organisation)?
         .utf8(COMMON_NAME, &common)?
         .utf8(SURNAME, surname)?;
     if let Some(given) = given_name {
@@ -139,13 +129,7 @@ pub(super) fn subscriber_extensions(
     issuer_key_id: &OctetString,
 ) -> Result<Vec<Extension>, CaError> {
     Ok(vec![
-        extension(
-            &BasicConstraints {
-                ca: false,
-                path_len_constraint: None,
-            },
-            true,
-        )?,
+        basic_constraints(false, None)?,
         extension(
             &KeyUsage(KeyUsages::DigitalSignature | KeyUsages::NonRepudiation),
             true,
@@ -172,15 +156,7 @@ pub(super) fn subscriber_extensions(
             }]),
             false,
         )?,
-        extension(&SubjectKeyIdentifier(key_identifier(spki)?), false)?,
-        extension(&authority_key_id(issuer_key_id), false)?,
+        subject_key_id(spki)?,
+        authority_key_id(issuer_key_id)?,
     ])
-}
-
-fn authority_key_id(key_id: &OctetString) -> AuthorityKeyIdentifier {
-    AuthorityKeyIdentifier {
-        key_identifier: Some(key_id.clone()),
-        authority_cert_issuer: None,
-        authority_cert_serial_number: None,
-    }
 }

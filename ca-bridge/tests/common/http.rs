@@ -2,8 +2,6 @@
 //! clients reach the embedded CA's protocol handlers through it. (The daemon serves the same
 //! handlers on its own `--ca-listen` listener.)
 
-#![allow(dead_code)] // each test binary uses its own part of this module
-
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
