@@ -104,7 +104,7 @@ async fn against_mock_server() {
     let work = dir.path();
     let hsm = hsm();
     let key: UserKeyRef = hsm
-        .generate_user_key(KeyAlgorithm::EcP256, KeyMode::Resident)
+        .generate_user_key(KeyAlgorithm::EcP256, KeyMode::Wrapped)
         .await
         .unwrap();
     let user_spki = key.public_key().as_der().to_vec();

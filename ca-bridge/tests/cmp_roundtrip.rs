@@ -31,10 +31,11 @@ fn client(ca: &EmbeddedCa, url: String, protection: ClientProtection) -> CmpClie
     cmp_client(config(ca, url, protection))
 }
 
-/// A fresh P-256 user key on the token.
+/// A fresh P-256 user key, wrapped (the default mode; resident keys are token objects, and
+/// SoftHSM fails token-object writes now and then while other threads use the token).
 async fn user_key() -> UserKeyRef {
     hsm()
-        .generate_user_key(KeyAlgorithm::EcP256, KeyMode::Resident)
+        .generate_user_key(KeyAlgorithm::EcP256, KeyMode::Wrapped)
         .await
         .unwrap()
 }
