@@ -296,15 +296,17 @@ async fn revoke_at_ca(
         .await
         .map_err(|error| error.code().to_owned())?;
     let started = std::time::Instant::now();
-    let result = app
-        .ca
-        .cmp
-        .revoke(&der, reason.crl_reason_code())
-        .await
-        .map_err(|error| error.to_string());
+    let result = app.ca.cmp.revoke(&der, reason.crl_reason_code()).await;
     app.metrics.observe_cmp(started.elapsed(), result.is_ok());
     app.ca.status.forget(certificate.serial.as_str());
-    result
+    let Err(error) = result else {
+        return Ok(());
+    };
+    // A revocation repeated after a crash is refused by the CA: ask it what it has.
+    match app.ca.status.check(&der, app.clock.now().into()).await {
+        Ok(ca_bridge::status::CertStatus::Revoked { .. }) => Ok(()),
+        _ => Err(error.to_string()),
+    }
 }
 
 /// The body of every account route.
@@ -616,8 +618,9 @@ pub(crate) async fn matching(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError>
     reply_account(&app, &record).await
 }
 
-/// Revokes the account's current certificate (local state first, then the CA) and destroys its
-/// key. Audited before anything changes.
+/// Revokes the account's current certificate: audited, then the local state (which refuses every
+/// signature from then on), then the CA, then the key. Safe to repeat: a revocation that stopped
+/// half-way is finished by the next call or the next sweep ([`finish_revocation`]).
 pub(crate) async fn revoke_current(
     app: &App,
     record: &AccountRecord,
@@ -634,41 +637,78 @@ pub(crate) async fn revoke_current(
             .await?
             .ok_or(ApiError::NoCertificate)?
     };
-    if certificate.status == CertStatus::Revoked && certificate.key_ref.is_none() {
-        return Ok(());
-    }
-    app.audit(
-        "certificate.revoked",
-        actor,
-        fields([
-            ("account_id", json!(record.id.as_str())),
-            ("serial", json!(serial.as_str())),
-            ("reason", json!(reason.as_str())),
-        ]),
-    )
-    .await?;
-    let key = certificate.key_ref.take();
     if certificate.status != CertStatus::Revoked {
+        app.audit(
+            "certificate.revoked",
+            actor,
+            fields([
+                ("account_id", json!(record.id.as_str())),
+                ("serial", json!(serial.as_str())),
+                ("reason", json!(reason.as_str())),
+            ]),
+        )
+        .await?;
         certificate.status = CertStatus::Revoked;
         certificate.revocation_reason = Some(reason);
         certificate.revoked_at = Some(now);
-    }
-    {
-        let certificate = certificate.clone();
-        app.store(move |store| store.update_certificate(&certificate))
+        let stored = certificate.clone();
+        app.store(move |store| store.update_certificate(&stored))
             .await?;
     }
+    finish_revocation(app, certificate, actor).await
+}
+
+/// For a locally revoked certificate that still has its key: the CA revokes it, then the key is
+/// destroyed. While the CA cannot be reached the key stays (unusable: the local state refuses
+/// it) and the next sweep tries again.
+pub(crate) async fn finish_revocation(
+    app: &App,
+    certificate: CertificateRecord,
+    actor: &str,
+) -> Result<(), ApiError> {
+    if certificate.key_ref.is_none() {
+        return Ok(());
+    }
+    let reason = certificate
+        .revocation_reason
+        .unwrap_or(RevocationReason::CessationOfOperation);
     if let Err(error) = revoke_at_ca(app, &certificate, reason).await {
-        // Local state already refuses every signature; the CA learns of it on the next sweep.
-        tracing::error!(%error, serial = serial.as_str(), "the CA did not take the revocation");
+        tracing::error!(%error, serial = certificate.serial.as_str(),
+            "the CA did not take the revocation; the next sweep tries again");
+        return Ok(());
     }
-    if let Some(key) = key
-        .as_deref()
-        .and_then(|bytes| UserKeyRef::from_bytes(bytes).ok())
-    {
-        destroy_key(app, &key).await;
+    destroy_key_of(app, certificate, "revoked", actor).await
+}
+
+/// Destroys a certificate's key (audited first), then drops the reference. A key the HSM no
+/// longer has counts as destroyed, so a destruction cut short is finished by repeating it.
+pub(crate) async fn destroy_key_of(
+    app: &App,
+    mut certificate: CertificateRecord,
+    why: &str,
+    actor: &str,
+) -> Result<(), ApiError> {
+    let Some(bytes) = certificate.key_ref.take() else {
+        return Ok(());
+    };
+    app.audit(
+        "certificate.key_destroyed",
+        actor,
+        fields([
+            ("account_id", json!(certificate.account_id.as_str())),
+            ("serial", json!(certificate.serial.as_str())),
+            ("why", json!(why)),
+        ]),
+    )
+    .await?;
+    let key = UserKeyRef::from_bytes(&bytes)?;
+    match app.hsm.destroy_user_key(&key).await {
+        Ok(()) => {}
+        Err(error) if error.kind() == hsm_adapter::ErrorKind::NotFound => {}
+        Err(error) => return Err(error.into()),
     }
-    Ok(())
+    app.store(move |store| store.update_certificate(&certificate))
+        .await
 }
 
 /// `POST /v1/accounts/{id}/invalidate`.
@@ -746,7 +786,8 @@ pub(crate) async fn deregister_account(
     record.rectify_by = None;
     save(app, record).await?;
     let id = record.id.clone();
-    app.store(move |store| store.delete_personal_data(&id)).await
+    app.store(move |store| store.delete_personal_data(&id))
+        .await
 }
 
 /// `GET /v1/accounts/{id}/taid?service=NAME`.

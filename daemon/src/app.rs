@@ -41,6 +41,8 @@ pub(crate) struct App {
     pub(crate) started: Instant,
     /// Signing requests being authorised now.
     pub(crate) in_flight: crate::signing::InFlight,
+    /// Held while the lifecycle sweeps run: one run at a time.
+    pub(crate) sweeping: tokio::sync::Mutex<()>,
 }
 
 /// The personal data of an account, only ever in memory.

@@ -7,10 +7,11 @@ use std::time::{Duration, SystemTime};
 
 use time::OffsetDateTime;
 
-/// The system clock plus a settable offset (whole seconds).
+/// The system clock plus a settable offset, in nanoseconds (±292 years), so that a clock set to a
+/// boundary instant reads that instant, not up to a second before it.
 #[derive(Debug, Default)]
 pub(crate) struct DaemonClock {
-    offset_seconds: AtomicI64,
+    offset_nanos: AtomicI64,
 }
 
 impl DaemonClock {
@@ -20,20 +21,21 @@ impl DaemonClock {
     }
 
     fn system_now(&self) -> SystemTime {
-        let offset = self.offset_seconds.load(Ordering::Relaxed);
+        let offset = self.offset_nanos.load(Ordering::Relaxed);
         let real = SystemTime::now();
         if offset >= 0 {
-            real + Duration::from_secs(offset.unsigned_abs())
+            real + Duration::from_nanos(offset.unsigned_abs())
         } else {
-            real - Duration::from_secs(offset.unsigned_abs())
+            real - Duration::from_nanos(offset.unsigned_abs())
         }
     }
 
     /// Moves the clock so that it reads `now` at this instant.
     pub(crate) fn set(&self, now: OffsetDateTime) {
         let real = OffsetDateTime::now_utc();
-        let offset = (now - real).whole_seconds();
-        self.offset_seconds.store(offset, Ordering::Relaxed);
+        let offset = (now - real).whole_nanoseconds();
+        let offset = i64::try_from(offset).unwrap_or(if offset < 0 { i64::MIN } else { i64::MAX });
+        self.offset_nanos.store(offset, Ordering::Relaxed);
     }
 }
 
@@ -53,7 +55,8 @@ mod tests {
         let target = time::macros::datetime!(2030-01-01 0:00 UTC);
         clock.set(target);
         let now = clock.now();
-        assert!((now - target).whole_seconds().abs() <= 1, "{now}");
+        // Never before the instant set (a boundary test sets the clock to the boundary).
+        assert!(now >= target && (now - target).whole_seconds() < 1, "{now}");
         let audit_now = OffsetDateTime::from(audit_log::Clock::now(&clock));
         assert!((audit_now - target).whole_seconds().abs() <= 1);
     }

@@ -253,6 +253,9 @@ pub(crate) struct PolicyConfig {
     /// Algorithm of new user keys: `ec-p256`, `ec-p384`, `rsa-2048` or `rsa-3072`.
     #[serde(default = "default_key_algorithm")]
     pub(crate) key_algorithm: String,
+    /// Seconds between runs of the lifecycle sweeps (also run at start and on request).
+    #[serde(default = "default_sweep_interval")]
+    pub(crate) sweep_interval_seconds: u64,
 }
 
 impl Default for PolicyConfig {
@@ -262,6 +265,7 @@ impl Default for PolicyConfig {
             certificate_validity_days: default_validity(),
             renewal_window_days: default_renewal_window(),
             key_algorithm: default_key_algorithm(),
+            sweep_interval_seconds: default_sweep_interval(),
         }
     }
 }
@@ -276,6 +280,10 @@ fn default_validity() -> u32 {
 
 fn default_renewal_window() -> u32 {
     60
+}
+
+fn default_sweep_interval() -> u64 {
+    3600
 }
 
 fn default_key_algorithm() -> String {
@@ -392,6 +400,9 @@ impl Config {
         }
         if !(10..=3600).contains(&self.policy.request_ttl_seconds) {
             problems.push("policy.request_ttl_seconds must be between 10 and 3600".into());
+        }
+        if !(60..=86_400).contains(&self.policy.sweep_interval_seconds) {
+            problems.push("policy.sweep_interval_seconds must be between 60 and 86400".into());
         }
         if !(1..=3650).contains(&self.policy.certificate_validity_days) {
             problems.push("policy.certificate_validity_days must be between 1 and 3650".into());

@@ -24,6 +24,7 @@ mod problem;
 mod routes;
 mod server;
 mod signing;
+mod sweeps;
 mod tls;
 
 pub use cli::main;

@@ -11,7 +11,7 @@ use crate::app::App;
 use crate::http::{Ctx, Reply};
 use crate::problem::ApiError;
 use crate::tls::Role::{self, *};
-use crate::{accounts, admin, audit_api, signing};
+use crate::{accounts, admin, audit_api, signing, sweeps};
 
 type Handler = fn(Arc<App>, Ctx) -> Pin<Box<dyn Future<Output = Result<Reply, ApiError>> + Send>>;
 
@@ -132,6 +132,7 @@ pub(crate) fn table() -> &'static [Route] {
             ),
             route!(GET, "/v1/admin/status", &[Officer], admin::status),
             route!(POST, "/v1/admin/clock", &[Officer], admin::set_clock),
+            route!(POST, "/v1/admin/sweep", &[Officer], sweeps::sweep_now),
         ]
     })
 }

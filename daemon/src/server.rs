@@ -174,6 +174,7 @@ pub(crate) async fn run(config: Config, mut dev: Option<DevOptions>) -> Result<(
         dev: dev.is_some(),
         started,
         in_flight: Default::default(),
+        sweeping: Default::default(),
     });
 
     let api_listener = crate::http::bind(config.server.listen, "API").await?;
@@ -224,6 +225,11 @@ pub(crate) async fn run(config: Config, mut dev: Option<DevOptions>) -> Result<(
         let ca = ca_address.ok_or("--dev needs the embedded CA")?;
         crate::dev::announce(&dev.state_dir, api_address, metrics_address, ca)?;
     }
+    tasks.spawn(crate::sweeps::scheduler(
+        app.clone(),
+        Duration::from_secs(config.policy.sweep_interval_seconds),
+        shutdown_rx.clone(),
+    ));
     tasks.spawn(checkpoints(
         app.clone(),
         Duration::from_secs(config.audit.checkpoint_interval_seconds),

@@ -441,7 +441,6 @@ const LATER: &[&str] = &[
     "GET /v1/accounts/{id}/consent-challenge",
     "POST /v1/accounts/{id}/certificate/renewal",
     "POST /v1/accounts/{id}/certificate/reapply",
-    "POST /v1/admin/sweep",
     "POST /v1/admin/unseal",
 ];
 
