@@ -259,7 +259,10 @@ fn rectification_deadline_invalidates_after_seven_days() {
     let ocsp = life.ocsp(&after);
     // openssl 3.0 has no name for privilegeWithdrawn (9): "Revocation Reason: (UNKNOWN) (0x9)".
     assert!(ocsp.contains("Cert Status: revoked"), "{ocsp}");
-    assert!(ocsp.contains("Revocation Reason: (UNKNOWN) (0x9)"), "{ocsp}");
+    assert!(
+        ocsp.contains("Revocation Reason: (UNKNOWN) (0x9)"),
+        "{ocsp}"
+    );
 }
 
 /// Seven years after a suspension with no action, at 00:00 HKT on the seventh anniversary of
