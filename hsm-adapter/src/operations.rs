@@ -27,6 +27,9 @@ use crate::templates::{
 
 /// Bytes of a resident key's CKA_ID, drawn from the HSM's generator.
 const RESIDENT_ID_LEN: usize = 16;
+/// Tries at making a resident key pair when SoftHSM fails the token write (see
+/// `generate_resident`).
+const RESIDENT_GENERATE_ATTEMPTS: u64 = 3;
 /// AES-GCM nonce (NIST SP 800-38D section 8.2.2: 96-bit random IVs) and tag lengths.
 pub(crate) const GCM_NONCE_LEN: usize = 12;
 pub(crate) const GCM_TAG_LEN: usize = 16;
@@ -238,19 +241,37 @@ impl WorkerCtx {
     }
 
     fn generate_resident(&mut self, algorithm: KeyAlgorithm) -> Result<UserKeyRef, HsmError> {
-        let mut id = vec![0u8; RESIDENT_ID_LEN];
-        self.session.generate_random_slice(&mut id)?;
-        if self.shared.directory().contains_resident(&id) {
-            return Err(HsmError::UnexpectedResponse(
-                "the RNG repeated a 128-bit key id",
-            ));
-        }
-        let (mechanism, public_template, private_template) =
-            key_pair(algorithm, PairTarget::ResidentToken { id: &id })?;
-        let (public, private) = {
-            let _token_write = module::token_write_lock();
-            self.session
-                .generate_key_pair(&mechanism, &public_template, &private_template)?
+        let mut attempt = 1;
+        let (id, public, private) = loop {
+            let mut id = vec![0u8; RESIDENT_ID_LEN];
+            self.session.generate_random_slice(&mut id)?;
+            if self.shared.directory().contains_resident(&id) {
+                return Err(HsmError::UnexpectedResponse(
+                    "the RNG repeated a 128-bit key id",
+                ));
+            }
+            let (mechanism, public_template, private_template) =
+                key_pair(algorithm, PairTarget::ResidentToken { id: &id })?;
+            let generated = {
+                let _token_write = module::token_write_lock();
+                self.session
+                    .generate_key_pair(&mechanism, &public_template, &private_template)
+            };
+            match generated {
+                Ok((public, private)) => break (id, public, private),
+                // SoftHSM's file store now and then fails a token-object write with
+                // CKR_GENERAL_ERROR while other sessions use the token. Another attempt succeeds;
+                // it takes a fresh id, so nothing a failed attempt may have left on the token is
+                // ever taken for the new key.
+                Err(CryptokiError::Pkcs11(RvError::GeneralError, _))
+                    if attempt < RESIDENT_GENERATE_ATTEMPTS =>
+                {
+                    tracing::warn!(attempt, "resident key generation failed; trying again");
+                    attempt += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(5 * attempt));
+                }
+                Err(error) => return Err(error.into()),
+            }
         };
         let policy = Policy::Resident(algorithm, &id);
         let result = (|| {
