@@ -190,6 +190,27 @@ impl StatusChecker {
         result
     }
 
+    /// The cached answer for a serial (hex, any case, leading zeros allowed) when it serves at
+    /// `now` without the CA: a revoked answer, or a good one that is fresh and not yet past half
+    /// its life. `None` sends the caller to [`StatusChecker::check`], which also refreshes. It
+    /// spares the hot path decoding (and verifying) the certificate.
+    pub fn cached(&self, serial_hex: &str, now: SystemTime) -> Option<CertStatus> {
+        let serial = serial_hex.trim_start_matches('0').to_ascii_lowercase();
+        let answer = lock(&self.inner.answers).ok()?.get(&serial)?.answer;
+        let status = match answer.status {
+            OcspStatus::Revoked { .. } => to_status(&answer, false),
+            OcspStatus::Good
+                if fresh(&answer, now, self.inner.policy.max_age)
+                    && !half_life_passed(&answer, now) =>
+            {
+                to_status(&answer, false)
+            }
+            _ => return None,
+        };
+        self.inner.observer.cache_lookup(true);
+        Some(status)
+    }
+
     /// Drops the cached answer for a serial (hex, any case, leading zeros allowed); the daemon
     /// calls it after revoking locally.
     pub fn forget(&self, serial_hex: &str) {

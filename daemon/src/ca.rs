@@ -9,7 +9,7 @@ use std::time::Duration;
 use ca_bridge::cmp::{ClientProtection, CmpClient, CmpClientConfig};
 use ca_bridge::status::{CertStatus, StatusChecker, StatusPolicy};
 use ca_bridge::transport::HttpTransport;
-use cert_lifecycle::CertSerial;
+use cert_lifecycle::CertificateRecord;
 use der::{DecodePem, Encode};
 use hsm_adapter::Hsm;
 use secrecy::SecretSlice;
@@ -101,14 +101,36 @@ pub(crate) fn connect(
 
 /// Refuses unless the CA says the certificate is good now (or, with a configured grace, was
 /// good recently enough). Called when a signing request is made and again just before the HSM
-/// signs.
+/// signs. A fresh cached answer is used as it is; otherwise the certificate (unsealed here unless
+/// the caller has it) goes to the status checker.
 pub(crate) async fn confirm_good(
     app: &App,
-    serial: &CertSerial,
-    certificate_der: &[u8],
+    certificate: &CertificateRecord,
+    certificate_der: Option<&[u8]>,
     now: OffsetDateTime,
 ) -> Result<(), ApiError> {
-    match app.ca.status.check(certificate_der, now.into()).await {
+    let serial = &certificate.serial;
+    let status = match app.ca.status.cached(serial.as_str(), now.into()) {
+        Some(status) => Ok(status),
+        None => {
+            let unsealed;
+            let der = match certificate_der {
+                Some(der) => der,
+                None => {
+                    unsealed = app
+                        .unseal(
+                            "certificate",
+                            &certificate.account_id,
+                            &certificate.sealed_der,
+                        )
+                        .await?;
+                    unsealed.as_slice()
+                }
+            };
+            app.ca.status.check(der, now.into()).await
+        }
+    };
+    match status {
         Ok(CertStatus::Good { within_grace, .. }) => {
             if within_grace {
                 tracing::warn!(

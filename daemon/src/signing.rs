@@ -123,13 +123,13 @@ impl Drop for InFlightGuard<'_> {
     }
 }
 
-/// Checks that `account` may sign now with its current certificate, the CA's status included;
-/// gives the certificate and its DER.
+/// Checks that `account` may sign now with its current certificate by the local state (the
+/// CA's status is [`crate::ca::confirm_good`]); gives the certificate.
 async fn signable(
     app: &App,
     account: &AccountRecord,
     now: OffsetDateTime,
-) -> Result<(CertificateRecord, Zeroizing<Vec<u8>>), ApiError> {
+) -> Result<CertificateRecord, ApiError> {
     if account.tier != Tier::IamSmartPlus {
         return Err(ApiError::NotIamSmartPlus);
     }
@@ -159,11 +159,7 @@ async fn signable(
             return Err(ApiError::CertificateRevoked);
         }
     }
-    let der = app
-        .unseal("certificate", &account.id, &certificate.sealed_der)
-        .await?;
-    crate::ca::confirm_good(app, &certificate.serial, &der, now).await?;
-    Ok((certificate, der))
+    Ok(certificate)
 }
 
 #[derive(Deserialize)]
@@ -227,7 +223,8 @@ async fn create_checked(app: &App, ctx: &Ctx, service: &ServiceName) -> Result<R
             .ok_or(ApiError::NotFound("TAID at this service"))?
     };
     let account = load(app, &account_id).await?;
-    let (certificate, _) = signable(app, &account, now).await?;
+    let certificate = signable(app, &account, now).await?;
+    crate::ca::confirm_good(app, &certificate, None, now).await?;
     if let Some(hkic) = hkic {
         // Used only to check the signer, then dropped (zeroized): never stored (DOMAIN.md).
         let hash = app.hkic_hash(&hkic).await?;
@@ -477,7 +474,11 @@ async fn sign_approved(
     request: &mut SigningRequest,
     now: OffsetDateTime,
 ) -> Result<(), ApiError> {
-    let (certificate, certificate_der) = signable(app, account, now).await?;
+    let certificate = signable(app, account, now).await?;
+    let certificate_der = app
+        .unseal("certificate", &account.id, &certificate.sealed_der)
+        .await?;
+    crate::ca::confirm_good(app, &certificate, Some(&certificate_der), now).await?;
     if certificate.serial != request.certificate {
         // The certificate changed since the request was made (renewal): the user authorised a
         // signature under the other one.
