@@ -436,10 +436,7 @@ fn operations_endpoints_metrics_and_graceful_restart() {
 
 /// Routes of API.md that later issues bring: the lifecycle issue (renewal, re-application,
 /// sweeps) and the key-ceremony issue (quorum unseal). Each must leave this list when it lands.
-const LATER: &[&str] = &[
-    "POST /v1/admin/sweep",
-    "POST /v1/admin/unseal",
-];
+const LATER: &[&str] = &["POST /v1/admin/sweep", "POST /v1/admin/unseal"];
 
 #[test]
 fn every_route_of_the_openapi_file_is_served() {
