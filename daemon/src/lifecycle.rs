@@ -40,7 +40,7 @@ const RECOVERY_ACTOR: &str = "system";
 
 /// Test hook: with `--dev` and `SMARTSIGND_FAILPOINT=NAME` in the environment, the daemon aborts
 /// (as a SIGKILL would end it) when a key change reaches step `NAME` (`renewal-after-key`,
-/// `renewal-after-issue`, `renewal-after-store`, `reapply-after-issue`, `reapply-after-store`),
+/// `renewal-after-issue`, `renewal-after-store`, and the same three of `reapply-`),
 /// so that the tests can check the recovery. It never acts without `--dev`.
 fn failpoint(app: &App, purpose: ConsentPurpose, step: &str) {
     if !app.dev {
