@@ -76,15 +76,19 @@ fn not_after(account: &Value) -> OffsetDateTime {
     parse_time(account["certificate"]["not_after"].as_str().unwrap())
 }
 
-fn challenge(daemon: &DevDaemon, id: &str, purpose: &str) -> String {
-    let response = daemon
+fn challenge_response(daemon: &DevDaemon, id: &str, purpose: &str) -> reqwest::blocking::Response {
+    daemon
         .client("gateway")
         .get(format!(
             "{}/v1/accounts/{id}/consent-challenge?purpose={purpose}",
             daemon.api
         ))
         .send()
-        .unwrap();
+        .unwrap()
+}
+
+fn challenge(daemon: &DevDaemon, id: &str, purpose: &str) -> String {
+    let response = challenge_response(daemon, id, purpose);
     assert_eq!(response.status(), 200);
     let body: Value = response.json().unwrap();
     assert_eq!(body["purpose"], purpose);
@@ -327,16 +331,7 @@ fn renewal_is_possible_from_the_window_opening_until_just_before_not_after() {
         (409, "renewal_not_due".into())
     );
     assert_eq!(
-        problem(
-            daemon
-                .client("gateway")
-                .get(format!(
-                    "{}/v1/accounts/u-plain/consent-challenge?purpose=renew",
-                    daemon.api
-                ))
-                .send()
-                .unwrap()
-        ),
+        problem(challenge_response(&daemon, "u-plain", "renew")),
         (409, "not_iam_smart_plus".into())
     );
 
@@ -421,8 +416,28 @@ fn renewal_is_possible_from_the_window_opening_until_just_before_not_after() {
         problem(consent_and_send(&daemon, "u-revoked", "renewal", &keys[4])),
         (409, "certificate_revoked".into())
     );
+    // A suspended account gets no challenge; nor a renewal with a challenge from before.
+    let nonce = challenge(&daemon, "u-early", "renew");
+    let suspend = |id: &str| {
+        let response = registrar
+            .post(format!("{}/v1/accounts/{id}/suspend", daemon.api))
+            .json(&json!({"by": "government"}))
+            .send()
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    };
     assert_eq!(
-        problem(consent_and_send(&daemon, "u-paused", "renewal", &keys[5])),
+        problem(challenge_response(&daemon, "u-paused", "renew")),
+        (409, "account_not_active".into())
+    );
+    suspend("u-early");
+    assert_eq!(
+        problem(send(
+            &daemon,
+            "u-early",
+            "renewal",
+            &consent("u-early", "renew", &nonce, &keys[0])
+        )),
         (409, "account_not_active".into())
     );
 
