@@ -24,14 +24,16 @@ use crate::x509::{
 /// id-kp-cmcRA (RFC 6402 section 2.10): the key purpose of a CMP registration authority.
 pub(crate) const ID_KP_CMC_RA: ObjectIdentifier =
     ObjectIdentifier::new_unwrap("1.3.6.1.5.5.7.3.28");
-/// Validity of an RA certificate when the issuing CA lives longer.
-const RA_VALIDITY: Duration = Duration::from_secs(3 * 365 * 24 * 3600);
+/// Validity of an RA certificate when the issuing CA lives longer: well beyond a subscriber
+/// certificate's (three years), so that the dev clock can pass a subscriber's expiry and the
+/// daemon can still ask for the re-application's certificate.
+const RA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
 impl EmbeddedCa {
     /// Issues the certificate of a CMP registration authority (the daemon's CMP client key,
     /// `SystemKey::CmpClient`), for the development bootstrap before CMP can be used:
     /// `C=HK, O=<organisation>, CN=<common_name>`, keyUsage digitalSignature, extKeyUsage
-    /// id-kp-cmcRA, valid for three years or until the issuing CA expires if sooner. It is not
+    /// id-kp-cmcRA, valid for ten years or until the issuing CA expires if sooner. It is not
     /// recorded in the subscriber state (it has no adult/minor profile).
     pub async fn issue_ra_certificate(
         &self,
