@@ -556,10 +556,11 @@ fn verify_audit(daemon: &DevDaemon, dir: &Path) -> String {
 }
 
 /// The daemon dies (abort, as SIGKILL) at three steps of a renewal: after the new key, after
-/// the CA issued, and after the new certificate became current. After each restart every
-/// account has one current valid certificate with its key and signs; a certificate issued but
-/// not kept is revoked at the CA; the old one is superseded where the renewal got through; the
-/// audit log verifies.
+/// the CA issued, and after the new certificate became current; and after the CA issued a
+/// re-application's certificate. After the restarts every renewed account has one current valid
+/// certificate with its key and signs; a certificate issued but not kept is revoked at the CA;
+/// the old one is superseded where the renewal got through; the re-application can be made
+/// again; the audit log verifies.
 #[test]
 fn renewal_killed_at_any_step_is_finished_or_undone_at_the_next_start() {
     let mut daemon = DevDaemon::start(&[]);
@@ -568,14 +569,31 @@ fn renewal_killed_at_any_step_is_finished_or_undone_at_the_next_start() {
         "renewal-after-key",
         "renewal-after-issue",
         "renewal-after-store",
+        "reapply-after-issue",
     ];
     let keys: Vec<SigningKey> = steps.iter().map(|_| device_key()).collect();
-    let ids = ["u-crash-key", "u-crash-issue", "u-crash-store"];
+    let ids = [
+        "u-crash-key",
+        "u-crash-issue",
+        "u-crash-store",
+        "u-crash-reapply",
+    ];
     let registered: Vec<Value> = ids
         .iter()
         .zip(&keys)
         .map(|(id, key)| register(&daemon, &registration(id, "1990-01-01", "A1234563", key)))
         .collect();
+    // The last one re-applies after a revocation.
+    let revoked = daemon
+        .client("registrar")
+        .post(format!(
+            "{}/v1/accounts/u-crash-reapply/certificate/revoke",
+            daemon.api
+        ))
+        .json(&json!({"reason": "key_compromise"}))
+        .send()
+        .unwrap();
+    assert_eq!(revoked.status(), 200);
     // Inside the renewal window of all three; the clock goes back to real time at each start,
     // so it is moved again (a little further) each time.
     let mut now = not_after(&registered[0]) - Duration::days(10);
@@ -585,14 +603,19 @@ fn renewal_killed_at_any_step_is_finished_or_undone_at_the_next_start() {
         daemon.restart();
         now += Duration::minutes(1);
         set_clock(&daemon, now);
-        let nonce = challenge(&daemon, ids[i], "renew");
+        let (purpose, route) = if i < 3 {
+            ("renew", "renewal")
+        } else {
+            ("reapply", "reapply")
+        };
+        let nonce = challenge(&daemon, ids[i], purpose);
         let answer = daemon
             .client("gateway")
             .post(format!(
-                "{}/v1/accounts/{}/certificate/renewal",
+                "{}/v1/accounts/{}/certificate/{route}",
                 daemon.api, ids[i]
             ))
-            .json(&consent(ids[i], "renew", &nonce, &keys[i]))
+            .json(&consent(ids[i], purpose, &nonce, &keys[i]))
             .send();
         assert!(answer.is_err(), "the daemon answered at {step}: {answer:?}");
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
@@ -607,7 +630,17 @@ fn renewal_killed_at_any_step_is_finished_or_undone_at_the_next_start() {
     set_clock(&daemon, now);
 
     let log = daemon.log();
-    for (i, id) in ids.iter().enumerate() {
+    // The interrupted re-application left the revoked certificate current; a new one works.
+    let reapply = account(&daemon, ids[3]);
+    assert_eq!(serial_of(&reapply), serial_of(&registered[3]));
+    assert_eq!(reapply["certificate"]["status"], "revoked");
+    let reapplied = consent_and_send(&daemon, ids[3], "reapply", &keys[3]);
+    assert_eq!(reapplied.status(), 200, "{log}");
+    let reapplied: Value = reapplied.json().unwrap();
+    assert_ne!(serial_of(&reapplied), serial_of(&registered[3]));
+    sign(&daemon, ids[3], &keys[3]);
+
+    for (i, id) in ids.iter().take(3).enumerate() {
         let before = &registered[i];
         let after = account(&daemon, id);
         assert_eq!(after["certificate"]["status"], "valid", "{id}: {after}");
@@ -643,27 +676,30 @@ fn renewal_killed_at_any_step_is_finished_or_undone_at_the_next_start() {
     }
 
     let records = verify_audit(&daemon, dir.path());
-    // The certificate issued at "renewal-after-issue" was revoked by the recovery: the records
-    // say so, and the CA's OCSP knows it.
+    // The certificates issued at "renewal-after-issue" and "reapply-after-issue" were revoked by
+    // the recovery: the records say so, and the CA's OCSP knows it.
     let undone: Vec<Value> = records
         .lines()
         .map(|line| serde_json::from_str::<Value>(line).unwrap())
         .filter(|record| record.to_string().contains("certificate.key_change_undone"))
         .collect();
-    assert_eq!(undone.len(), 2, "{undone:?}");
-    let issued = undone
+    assert_eq!(undone.len(), 3, "{undone:?}");
+    let issued: Vec<String> = undone
         .iter()
         .map(Value::to_string)
-        .find(|record| record.contains("\"revoked_at_ca\":true"))
-        .unwrap_or_else(|| panic!("no undone issuance: {undone:?}"));
-    let serial = issued
-        .split("\"serial\":\"")
-        .nth(1)
-        .and_then(|rest| rest.split('"').next())
-        .unwrap();
-    let answer = ocsp_serial(&daemon, serial);
-    assert!(answer.contains(": revoked"), "{answer}");
-    assert!(answer.contains("Reason: cessationOfOperation"), "{answer}");
+        .filter(|record| record.contains("\"revoked_at_ca\":true"))
+        .collect();
+    assert_eq!(issued.len(), 2, "{undone:?}");
+    for record in issued {
+        let serial = record
+            .split("\"serial\":\"")
+            .nth(1)
+            .and_then(|rest| rest.split('"').next())
+            .unwrap();
+        let answer = ocsp_serial(&daemon, serial);
+        assert!(answer.contains(": revoked"), "{answer}");
+        assert!(answer.contains("Reason: cessationOfOperation"), "{answer}");
+    }
     let finished = records
         .lines()
         .filter(|line| line.contains("certificate.key_change_finished"))
