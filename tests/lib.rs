@@ -314,6 +314,10 @@ impl DevDaemon {
     /// Stops the daemon with SIGTERM and waits; returns its exit status.
     pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
         let mut child = self.child.take()?;
+        if let Ok(Some(status)) = child.try_wait() {
+            // Exited already (a failpoint's abort): nothing to signal.
+            return Some(status);
+        }
         let _ = Command::new("kill")
             .args(["-TERM", &child.id().to_string()])
             .status();
