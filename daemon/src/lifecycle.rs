@@ -435,7 +435,17 @@ async fn certify(
         ApiError::Internal
     })?;
     let serial = CertSerial::parse(&issued.serial_hex).map_err(|_| ApiError::Internal)?;
-    let sealed_der = app.seal("certificate", &record.id, &issued.der).await?;
+    let sealed_der = match app.seal("certificate", &record.id, &issued.der).await {
+        Ok(sealed) => sealed,
+        Err(error) => {
+            // The journal cannot name the certificate: revoke it here, while it is in hand.
+            let reason = RevocationReason::CessationOfOperation.crl_reason_code();
+            if let Err(error) = app.ca.cmp.revoke(&issued.der, reason).await {
+                tracing::error!(%error, "could not revoke an unused certificate");
+            }
+            return Err(error);
+        }
+    };
     journal.new_serial = Some(serial.clone());
     journal.new_sealed_der = Some(sealed_der.clone());
     save_journal(app, journal).await?;
