@@ -166,6 +166,7 @@ pub struct DevDaemon {
     dir: tempfile::TempDir,
     audit_quota_kib: Option<u32>,
     extra_args: Vec<String>,
+    env: Vec<(String, String)>,
     /// `https://127.0.0.1:PORT` of the API.
     pub api: String,
     /// `http://127.0.0.1:PORT` of the operations listener.
@@ -193,6 +194,7 @@ impl DevDaemon {
             dir: base,
             audit_quota_kib: None,
             extra_args: extra_args.iter().map(|arg| (*arg).to_owned()).collect(),
+            env: Vec::new(),
             api: String::new(),
             metrics: String::new(),
             ca: String::new(),
@@ -218,6 +220,7 @@ impl DevDaemon {
             dir: base,
             audit_quota_kib: Some(kib),
             extra_args: Vec::new(),
+            env: Vec::new(),
             api: String::new(),
             metrics: String::new(),
             ca: String::new(),
@@ -276,6 +279,7 @@ impl DevDaemon {
             .args(["--metrics-listen", "127.0.0.1:0"])
             .args(["--ca-listen", "127.0.0.1:0"])
             .args(&self.extra_args)
+            .envs(self.env.iter().map(|(name, value)| (name, value)))
             .stdout(append("stdout.log"))
             .stderr(append("stderr.log"))
             .spawn()
@@ -310,6 +314,10 @@ impl DevDaemon {
     /// Stops the daemon with SIGTERM and waits; returns its exit status.
     pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
         let mut child = self.child.take()?;
+        if let Ok(Some(status)) = child.try_wait() {
+            // Exited already (a failpoint's abort): nothing to signal.
+            return Some(status);
+        }
         let _ = Command::new("kill")
             .args(["-TERM", &child.id().to_string()])
             .status();
@@ -324,6 +332,22 @@ impl DevDaemon {
             }
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
+    }
+
+    /// Sets (or with `None` removes) an environment variable for the next start, e.g. the test
+    /// failpoint `SMARTSIGND_FAILPOINT`.
+    pub fn set_env(&mut self, name: &str, value: Option<&str>) {
+        self.env.retain(|(known, _)| known != name);
+        if let Some(value) = value {
+            self.env.push((name.to_owned(), value.to_owned()));
+        }
+    }
+
+    /// Whether the daemon process has exited (e.g. at a failpoint).
+    pub fn exited(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_none_or(|child| child.try_wait().ok().flatten().is_some())
     }
 
     /// Stops and starts the daemon again on the same state directory.

@@ -2,11 +2,11 @@
 
 use std::fmt;
 
-use time::{Date, OffsetDateTime};
+use time::{Date, Duration, OffsetDateTime};
 
 use crate::age::is_minor;
 use crate::wire::wire_enum;
-use crate::{AccountId, CertSerial};
+use crate::{AccountId, CertSerial, RuleError};
 
 wire_enum! {
     /// The certificate profile, told apart by its certificate policy OID.
@@ -107,6 +107,24 @@ impl CertificateRecord {
         }
     }
 
+    /// When the renewal window opens: `window` before `not_after`.
+    pub fn renewal_opens(&self, window: Duration) -> OffsetDateTime {
+        self.not_after - window
+    }
+
+    /// The renewal rule (DOMAIN.md, "iAM Smart-Cert lifecycle"): renewal is possible from the
+    /// instant the window opens until just before `not_after`; at `not_after` the certificate has
+    /// expired (as the API shows it) and the user must re-apply. Revocation is checked apart.
+    pub fn check_renewal(&self, window: Duration, now: OffsetDateTime) -> Result<(), RuleError> {
+        if now >= self.not_after {
+            Err(RuleError::RenewalTooLate)
+        } else if now < self.renewal_opens(window) {
+            Err(RuleError::RenewalNotDue)
+        } else {
+            Ok(())
+        }
+    }
+
     /// Whether its key may sign at `now`: valid, within its validity period, key not destroyed.
     pub fn usable_at(&self, now: OffsetDateTime) -> bool {
         self.effective_status(now) == CertStatus::Valid
@@ -159,9 +177,28 @@ pub(crate) mod tests {
         let c = record("3f9a", "u-1");
         assert_eq!(c.effective_status(c.not_after), CertStatus::Valid);
         assert!(c.usable_at(c.not_after));
-        let later = c.not_after + time::Duration::SECOND;
+        let later = c.not_after + Duration::SECOND;
         assert_eq!(c.effective_status(later), CertStatus::Expired);
         assert!(!c.usable_at(later));
+    }
+
+    #[test]
+    fn renewal_window_opens_its_length_before_not_after_and_closes_at_it() {
+        let c = record("3f9a", "u-1");
+        let window = Duration::days(60);
+        let opens = c.not_after - window;
+        let second = Duration::SECOND;
+        assert_eq!(c.renewal_opens(window), opens);
+        assert_eq!(
+            c.check_renewal(window, opens - second),
+            Err(RuleError::RenewalNotDue)
+        );
+        assert_eq!(c.check_renewal(window, opens), Ok(()));
+        assert_eq!(c.check_renewal(window, c.not_after - second), Ok(()));
+        assert_eq!(
+            c.check_renewal(window, c.not_after),
+            Err(RuleError::RenewalTooLate)
+        );
     }
 
     #[test]
@@ -171,7 +208,7 @@ pub(crate) mod tests {
         let now = datetime!(2027-01-01 00:00 UTC);
         assert_eq!(c.effective_status(now), CertStatus::Revoked);
         assert_eq!(
-            c.effective_status(c.not_after + time::Duration::DAY),
+            c.effective_status(c.not_after + Duration::DAY),
             CertStatus::Revoked
         );
         assert!(!c.usable_at(now));
@@ -187,7 +224,7 @@ pub(crate) mod tests {
     #[test]
     fn certificate_not_yet_valid_is_not_usable() {
         let c = record("3f9a", "u-1");
-        assert!(!c.usable_at(c.not_before - time::Duration::SECOND));
+        assert!(!c.usable_at(c.not_before - Duration::SECOND));
     }
 
     #[test]

@@ -46,7 +46,8 @@ pub enum HkicReason {
     CheckDigitMismatch,
 }
 
-/// A registration refused by the age rules (DOMAIN.md, "The actors").
+/// A registration refused by the age rules (DOMAIN.md, "The actors"), or a renewal outside its
+/// window (DOMAIN.md, "iAM Smart-Cert lifecycle").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
 #[non_exhaustive]
 pub enum RuleError {
@@ -62,6 +63,12 @@ pub enum RuleError {
     /// The applicant is an adult and a guardian was given (`invalid_request`).
     #[error("an adult applicant registers without a guardian")]
     GuardianNotAllowed,
+    /// Renewal before the renewal window opens (`renewal_not_due`).
+    #[error("the renewal window has not opened")]
+    RenewalNotDue,
+    /// Renewal at or after `not_after`: the user must re-apply (`renewal_too_late`).
+    #[error("the certificate has expired; re-apply instead")]
+    RenewalTooLate,
 }
 
 /// An authorisation that the signing-request state machine refuses.

@@ -15,6 +15,7 @@ mod certificate;
 mod error;
 mod hkic;
 mod ids;
+mod renewal;
 mod signing;
 mod store;
 mod wire;
@@ -30,6 +31,7 @@ pub use certificate::{CertProfile, CertStatus, CertificateRecord, RevocationReas
 pub use error::{FlowError, HkicReason, ParseError, RuleError, StoreError};
 pub use hkic::HkicNumber;
 pub use ids::{AccountId, CertSerial, RequestId, ServiceName};
+pub use renewal::{ConsentChallenge, ConsentPurpose, KeyChangeJournal};
 pub use signing::{
     AuthOutcome, Decision, HashAlgorithm, MAX_BAD_ATTEMPTS, SigningRequest, SigningStatus,
     Transition, identification_code_from_random,

@@ -464,7 +464,7 @@ fn check_reason(reason: Option<&str>) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn require_active(record: &AccountRecord) -> Result<(), ApiError> {
+pub(crate) fn require_active(record: &AccountRecord) -> Result<(), ApiError> {
     if record.status == AccountStatus::Active {
         Ok(())
     } else {

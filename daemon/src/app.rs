@@ -21,6 +21,8 @@ use crate::tls::NamePolicy;
 pub(crate) struct Policy {
     pub(crate) request_ttl: Duration,
     pub(crate) certificate_validity: time::Duration,
+    /// How long before `not_after` renewal opens.
+    pub(crate) renewal_window: time::Duration,
     pub(crate) key_algorithm: KeyAlgorithm,
     pub(crate) key_mode: KeyMode,
 }

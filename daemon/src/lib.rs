@@ -18,6 +18,7 @@ mod clock;
 mod config;
 mod dev;
 mod http;
+mod lifecycle;
 mod metrics;
 mod operations;
 mod problem;

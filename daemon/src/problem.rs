@@ -24,6 +24,8 @@ pub(crate) enum ApiError {
     CertificateExpired,
     CertificateRevoked,
     NoCertificate,
+    RenewalNotDue,
+    RenewalTooLate,
     RequestNotPending(&'static str),
     RequestExpired,
     Underage,
@@ -50,9 +52,8 @@ impl ApiError {
             NotFound(_) => StatusCode::NOT_FOUND,
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             AccountExists | AccountNotActive(_) | NotIamSmartPlus | AlreadyIamSmartPlus
-            | CertificateExpired | CertificateRevoked | NoCertificate | RequestNotPending(_) => {
-                StatusCode::CONFLICT
-            }
+            | CertificateExpired | CertificateRevoked | NoCertificate | RenewalNotDue
+            | RenewalTooLate | RequestNotPending(_) => StatusCode::CONFLICT,
             RequestExpired => StatusCode::GONE,
             Underage | GuardianRequired | GuardianUnderage | InvalidHkic(_) | HkicMismatch
             | AuthorisationInvalid => StatusCode::UNPROCESSABLE_ENTITY,
@@ -80,6 +81,8 @@ impl ApiError {
             CertificateExpired => "certificate_expired",
             CertificateRevoked => "certificate_revoked",
             NoCertificate => "no_certificate",
+            RenewalNotDue => "renewal_not_due",
+            RenewalTooLate => "renewal_too_late",
             RequestNotPending(_) => "request_not_pending",
             RequestExpired => "request_expired",
             Underage => "underage",
@@ -112,6 +115,8 @@ impl ApiError {
             CertificateExpired => "Certificate expired",
             CertificateRevoked => "Certificate revoked",
             NoCertificate => "No certificate",
+            RenewalNotDue => "Renewal not due",
+            RenewalTooLate => "Renewal too late",
             RequestNotPending(_) => "Request not pending",
             RequestExpired => "Request expired",
             Underage => "Applicant under 11",
@@ -145,6 +150,12 @@ impl ApiError {
             StatusUnavailable => {
                 "no fresh certificate status could be had from the CA; nothing was signed".into()
             }
+            RenewalNotDue => {
+                "the renewal window has not opened, or the certificate is still valid (renew it \
+                 rather than re-apply)"
+                    .into()
+            }
+            RenewalTooLate => "the certificate has expired; re-apply for a new one".into(),
             Internal => "see the daemon's log".into(),
             _ => self.title().to_lowercase(),
         }
@@ -221,6 +232,8 @@ mod tests {
             CertificateExpired,
             CertificateRevoked,
             NoCertificate,
+            RenewalNotDue,
+            RenewalTooLate,
             RequestNotPending("signed"),
             RequestExpired,
             Underage,

@@ -11,7 +11,7 @@ use crate::app::App;
 use crate::http::{Ctx, Reply};
 use crate::problem::ApiError;
 use crate::tls::Role::{self, *};
-use crate::{accounts, admin, audit_api, signing, sweeps};
+use crate::{accounts, admin, audit_api, lifecycle, signing, sweeps};
 
 type Handler = fn(Arc<App>, Ctx) -> Pin<Box<dyn Future<Output = Result<Reply, ApiError>> + Send>>;
 
@@ -90,6 +90,25 @@ pub(crate) fn table() -> &'static [Route] {
                 "/v1/accounts/{id}/certificate/revoke",
                 &[Registrar, Officer],
                 accounts::revoke_certificate
+            ),
+            route!(GET, "/v1/renewals/due", &[Registrar], lifecycle::due),
+            route!(
+                GET,
+                "/v1/accounts/{id}/consent-challenge",
+                &[Gateway],
+                lifecycle::consent_challenge
+            ),
+            route!(
+                POST,
+                "/v1/accounts/{id}/certificate/renewal",
+                &[Gateway],
+                lifecycle::renew
+            ),
+            route!(
+                POST,
+                "/v1/accounts/{id}/certificate/reapply",
+                &[Gateway],
+                lifecycle::reapply
             ),
             route!(POST, "/v1/signing-requests", &[Service], signing::create),
             route!(GET, "/v1/signing-requests/{id}", &[Service], signing::get),

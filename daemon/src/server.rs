@@ -163,6 +163,7 @@ pub(crate) async fn run(config: Config, mut dev: Option<DevOptions>) -> Result<(
             certificate_validity: time::Duration::days(
                 config.policy.certificate_validity_days.into(),
             ),
+            renewal_window: time::Duration::days(config.policy.renewal_window_days.into()),
             key_algorithm: config
                 .policy
                 .key_algorithm
@@ -183,13 +184,6 @@ pub(crate) async fn run(config: Config, mut dev: Option<DevOptions>) -> Result<(
     let metrics_address = local(&metrics_listener)?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(crate::http::serve_api(
-        api_listener,
-        tls,
-        app.clone(),
-        shutdown_rx.clone(),
-        Duration::from_secs(config.server.shutdown_grace_seconds),
-    ));
     let operations_app = app.clone();
     tasks.spawn(crate::http::serve_plain(
         metrics_listener,
@@ -221,6 +215,16 @@ pub(crate) async fn run(config: Config, mut dev: Option<DevOptions>) -> Result<(
         }
         _ => None,
     };
+    // A renewal or re-application that a crash interrupted is finished or undone before the API
+    // serves; the CA (the embedded one too) is reachable by now.
+    crate::lifecycle::recover(&app).await?;
+    tasks.spawn(crate::http::serve_api(
+        api_listener,
+        tls,
+        app.clone(),
+        shutdown_rx.clone(),
+        Duration::from_secs(config.server.shutdown_grace_seconds),
+    ));
     if let Some(dev) = &dev {
         let ca = ca_address.ok_or("--dev needs the embedded CA")?;
         crate::dev::announce(&dev.state_dir, api_address, metrics_address, ca)?;

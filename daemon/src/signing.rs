@@ -451,7 +451,11 @@ pub(crate) async fn authorise(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError
     }
 }
 
-fn device_signature_valid(device_spki: &[u8], statement: &str, signature: &[u8]) -> bool {
+pub(crate) fn device_signature_valid(
+    device_spki: &[u8],
+    statement: &str,
+    signature: &[u8],
+) -> bool {
     let Ok(key) = p256::ecdsa::VerifyingKey::from_public_key_der(device_spki) else {
         return false;
     };

@@ -17,8 +17,9 @@ use crate::x509::{signing_end_entity_extensions, subject_key, validity};
 /// id-kp-cmcRA (RFC 6402 section 2.10): the key purpose of a CMP registration authority.
 pub(crate) const ID_KP_CMC_RA: ObjectIdentifier =
     ObjectIdentifier::new_unwrap("1.3.6.1.5.5.7.3.28");
-/// Validity of an RA certificate when the issuing CA lives longer (ten years: the dev clock may
-/// be moved years ahead, and the CMP server checks the RA certificate at that clock).
+/// Validity of an RA certificate when the issuing CA lives longer (ten years, well beyond a
+/// subscriber certificate's three): the dev clock may be moved years ahead, past a subscriber's
+/// expiry, and the CMP server checks the RA certificate at that clock.
 const RA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
 impl EmbeddedCa {

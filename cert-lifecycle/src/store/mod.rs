@@ -11,8 +11,8 @@ use time::OffsetDateTime;
 pub use sqlite::SqliteStore;
 
 use crate::{
-    AccountId, AccountRecord, AccountStatus, CertSerial, CertificateRecord, RequestId, ServiceName,
-    SigningRequest, StoreError,
+    AccountId, AccountRecord, AccountStatus, CertSerial, CertificateRecord, ConsentChallenge,
+    KeyChangeJournal, RequestId, ServiceName, SigningRequest, StoreError,
 };
 
 /// A tokenised account identifier: the account's name at one online service (DESIGN.md).
@@ -116,4 +116,35 @@ pub trait Store: Send + Sync {
 
     /// Checks that the store answers a read (for readiness).
     fn health(&self) -> Result<(), StoreError>;
+
+    /// Stores a consent challenge, replacing the account's live one for the same purpose.
+    fn put_consent_challenge(&self, challenge: &ConsentChallenge) -> Result<(), StoreError>;
+
+    /// Removes and returns the account's challenge with this nonce, whatever its purpose (used
+    /// once, even when the answer is refused).
+    fn take_consent_challenge(
+        &self,
+        account: &AccountId,
+        nonce: &str,
+    ) -> Result<Option<ConsentChallenge>, StoreError>;
+
+    /// Starts a key change: `AlreadyExists` while the account has one in progress.
+    fn insert_key_change(&self, journal: &KeyChangeJournal) -> Result<(), StoreError>;
+
+    /// Records a key change's progress; `NotFound` when there is none for the account.
+    fn update_key_change(&self, journal: &KeyChangeJournal) -> Result<(), StoreError>;
+
+    /// Ends a key change (done, or undone by recovery).
+    fn delete_key_change(&self, account: &AccountId) -> Result<(), StoreError>;
+
+    /// The unfinished key changes, oldest first.
+    fn key_changes(&self) -> Result<Vec<KeyChangeJournal>, StoreError>;
+
+    /// The active "iAM Smart+" accounts whose current certificate is not revoked and has
+    /// `not_after` in `(after, until]`, with that certificate, soonest `not_after` first.
+    fn current_certificates_ending(
+        &self,
+        after: OffsetDateTime,
+        until: OffsetDateTime,
+    ) -> Result<Vec<(AccountId, CertificateRecord)>, StoreError>;
 }

@@ -20,8 +20,8 @@ use time::OffsetDateTime;
 
 use super::{Store, TaidRecord};
 use crate::{
-    AccountId, AccountRecord, AccountStatus, CertSerial, CertificateRecord, RequestId, ServiceName,
-    SigningRequest, StoreError,
+    AccountId, AccountRecord, AccountStatus, CertSerial, CertificateRecord, ConsentChallenge,
+    KeyChangeJournal, RequestId, ServiceName, SigningRequest, StoreError,
 };
 
 /// How long a connection waits for another process's lock before it fails.
@@ -92,6 +92,25 @@ const MIGRATIONS: &[&str] = &[
     ) STRICT;
     CREATE INDEX signing_requests_account_status
         ON signing_requests(account_id, status, expires_at);",
+    // Version 2: consent challenges and the key-change journal (renewal, re-application).
+    "CREATE TABLE consent_challenges (
+        account_id TEXT NOT NULL REFERENCES accounts(id),
+        purpose TEXT NOT NULL,
+        nonce TEXT NOT NULL UNIQUE,
+        expires_at INTEGER NOT NULL,
+        PRIMARY KEY (account_id, purpose)
+    ) STRICT;
+
+    CREATE TABLE key_changes (
+        account_id TEXT PRIMARY KEY REFERENCES accounts(id),
+        purpose TEXT NOT NULL,
+        old_serial TEXT,
+        new_key_ref BLOB,
+        new_serial TEXT,
+        new_sealed_der BLOB,
+        started_at INTEGER NOT NULL
+    ) STRICT;
+    CREATE INDEX certificates_not_after ON certificates(not_after);",
 ];
 
 const ACCOUNT_COLUMNS: &str = "id, tier, status, status_changed_at, suspended_by, rectify_by, \
@@ -100,6 +119,11 @@ const ACCOUNT_COLUMNS: &str = "id, tier, status, status_changed_at, suspended_by
 
 const CERTIFICATE_COLUMNS: &str = "serial, account_id, profile, not_before, not_after, status, \
     revocation_reason, revoked_at, sealed_der, key_ref, key_algorithm";
+
+const CHALLENGE_COLUMNS: &str = "account_id, purpose, nonce, expires_at";
+
+const KEY_CHANGE_COLUMNS: &str =
+    "account_id, purpose, old_serial, new_key_ref, new_serial, new_sealed_der, started_at";
 
 const REQUEST_COLUMNS: &str = "id, service, account_id, certificate, identification_code, \
     hash_algorithm, hash, description, status, bad_attempts, device_generation, created_at, \
@@ -324,6 +348,40 @@ fn request_values(r: &SigningRequest) -> [Value; 15] {
         r.sealed_result.clone().into(),
         opt_secs(r.signed_at).into(),
     ]
+}
+
+/// A journal row's columns in `KEY_CHANGE_COLUMNS` order (`?1` to `?7`).
+fn key_change_values(j: &KeyChangeJournal) -> [Value; 7] {
+    [
+        j.account_id.as_str().to_owned().into(),
+        j.purpose.as_str().to_owned().into(),
+        j.old_serial.as_ref().map(|s| s.as_str().to_owned()).into(),
+        j.new_key_ref.clone().into(),
+        j.new_serial.as_ref().map(|s| s.as_str().to_owned()).into(),
+        j.new_sealed_der.clone().into(),
+        secs(j.started_at).into(),
+    ]
+}
+
+fn challenge_from_row(row: &Row<'_>) -> rusqlite::Result<ConsentChallenge> {
+    Ok(ConsentChallenge {
+        account_id: parsed(row, 0)?,
+        purpose: parsed(row, 1)?,
+        nonce: row.get(2)?,
+        expires_at: time_at(row, 3)?,
+    })
+}
+
+fn key_change_from_row(row: &Row<'_>) -> rusqlite::Result<KeyChangeJournal> {
+    Ok(KeyChangeJournal {
+        account_id: parsed(row, 0)?,
+        purpose: parsed(row, 1)?,
+        old_serial: opt_parsed(row, 2)?,
+        new_key_ref: row.get(3)?,
+        new_serial: opt_parsed(row, 4)?,
+        new_sealed_der: row.get(5)?,
+        started_at: time_at(row, 6)?,
+    })
 }
 
 fn secs(t: OffsetDateTime) -> i64 {
@@ -711,6 +769,114 @@ impl Store for SqliteStore {
     fn health(&self) -> Result<(), StoreError> {
         self.read(|conn| Ok(conn.query_row("SELECT 1", [], |_| Ok(()))?))
     }
+
+    fn put_consent_challenge(&self, c: &ConsentChallenge) -> Result<(), StoreError> {
+        let sql = format!(
+            "INSERT OR REPLACE INTO consent_challenges ({CHALLENGE_COLUMNS}) VALUES (?1, ?2, ?3, ?4)"
+        );
+        self.write(|conn| {
+            conn.execute(
+                &sql,
+                params![
+                    c.account_id.as_str(),
+                    c.purpose.as_str(),
+                    c.nonce,
+                    secs(c.expires_at)
+                ],
+            )
+            .map_err(write_error)?;
+            Ok(())
+        })
+    }
+
+    fn take_consent_challenge(
+        &self,
+        account: &AccountId,
+        nonce: &str,
+    ) -> Result<Option<ConsentChallenge>, StoreError> {
+        let sql = format!(
+            "DELETE FROM consent_challenges WHERE account_id = ?1 AND nonce = ?2 \
+             RETURNING {CHALLENGE_COLUMNS}"
+        );
+        self.write(|conn| {
+            Ok(conn
+                .query_row(&sql, params![account.as_str(), nonce], challenge_from_row)
+                .optional()?)
+        })
+    }
+
+    fn insert_key_change(&self, j: &KeyChangeJournal) -> Result<(), StoreError> {
+        let sql = format!(
+            "INSERT INTO key_changes ({KEY_CHANGE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
+        );
+        self.write(|conn| {
+            conn.execute(&sql, params_from_iter(key_change_values(j)))
+                .map_err(write_error)?;
+            Ok(())
+        })
+    }
+
+    fn update_key_change(&self, j: &KeyChangeJournal) -> Result<(), StoreError> {
+        self.write(|conn| {
+            let changed = conn
+                .execute(
+                    "UPDATE key_changes SET purpose = ?2, old_serial = ?3, new_key_ref = ?4, \
+                     new_serial = ?5, new_sealed_der = ?6, started_at = ?7 WHERE account_id = ?1",
+                    params_from_iter(key_change_values(j)),
+                )
+                .map_err(write_error)?;
+            one_row_changed(changed)
+        })
+    }
+
+    fn delete_key_change(&self, account: &AccountId) -> Result<(), StoreError> {
+        self.write(|conn| {
+            conn.execute(
+                "DELETE FROM key_changes WHERE account_id = ?1",
+                [account.as_str()],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn key_changes(&self) -> Result<Vec<KeyChangeJournal>, StoreError> {
+        let sql =
+            format!("SELECT {KEY_CHANGE_COLUMNS} FROM key_changes ORDER BY started_at, account_id");
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(&sql)?;
+            let rows = stmt
+                .query_map([], key_change_from_row)?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn current_certificates_ending(
+        &self,
+        after: OffsetDateTime,
+        until: OffsetDateTime,
+    ) -> Result<Vec<(AccountId, CertificateRecord)>, StoreError> {
+        let columns = CERTIFICATE_COLUMNS
+            .split(", ")
+            .map(|column| format!("c.{column}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!(
+            "SELECT {columns} FROM accounts a JOIN certificates c \
+             ON c.serial = a.current_certificate \
+             WHERE a.status = 'active' AND a.tier = 'iam_smart_plus' AND c.status = 'valid' \
+             AND c.not_after > ?1 AND c.not_after <= ?2 \
+             ORDER BY c.not_after, a.id"
+        );
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(&sql)?;
+            let rows = stmt
+                .query_map([secs(after), secs(until)], certificate_from_row)?
+                .map(|row| row.map(|c| (c.account_id.clone(), c)))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+    }
 }
 
 #[cfg(test)]
@@ -723,7 +889,10 @@ mod tests {
     use super::*;
     use crate::certificate::tests::record as certificate;
     use crate::signing::tests::{CREATED, request};
-    use crate::{AccountStatus, CertStatus, RevocationReason, SigningStatus, SuspendedBy, Tier};
+    use crate::{
+        AccountStatus, CertStatus, ConsentPurpose, RevocationReason, SigningStatus, SuspendedBy,
+        Tier,
+    };
 
     fn temp_store() -> (tempfile::TempDir, SqliteStore) {
         let dir = tempfile::tempdir().unwrap();
@@ -1172,6 +1341,115 @@ mod tests {
         let store = SqliteStore::open(&path).unwrap();
         assert_eq!(store.get_account(&a.id).unwrap(), Some(a));
         assert_eq!(store.get_request(&r.id).unwrap(), Some(r));
+    }
+
+    #[test]
+    fn consent_challenge_is_replaced_per_purpose_and_taken_once() {
+        let (_dir, store) = temp_store();
+        registered(&store, "u-1", "a1");
+        let challenge = |purpose, nonce: &str| ConsentChallenge {
+            account_id: id("u-1"),
+            purpose,
+            nonce: nonce.to_owned(),
+            expires_at: datetime!(2027-01-01 00:00 UTC),
+        };
+        store
+            .put_consent_challenge(&challenge(ConsentPurpose::Renew, "n1"))
+            .unwrap();
+        store
+            .put_consent_challenge(&challenge(ConsentPurpose::Renew, "n2"))
+            .unwrap();
+        store
+            .put_consent_challenge(&challenge(ConsentPurpose::Reapply, "n3"))
+            .unwrap();
+        assert_eq!(
+            store.take_consent_challenge(&id("u-1"), "n1").unwrap(),
+            None
+        );
+        assert_eq!(
+            store.take_consent_challenge(&id("u-1"), "n2").unwrap(),
+            Some(challenge(ConsentPurpose::Renew, "n2"))
+        );
+        assert_eq!(
+            store.take_consent_challenge(&id("u-1"), "n2").unwrap(),
+            None
+        );
+        assert_eq!(
+            store.take_consent_challenge(&id("u-2"), "n3").unwrap(),
+            None
+        );
+        assert!(
+            store
+                .take_consent_challenge(&id("u-1"), "n3")
+                .unwrap()
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn key_change_journal_is_one_per_account_and_follows_its_steps() {
+        let (_dir, store) = temp_store();
+        registered(&store, "u-1", "a1");
+        let mut journal = KeyChangeJournal {
+            account_id: id("u-1"),
+            purpose: ConsentPurpose::Renew,
+            old_serial: Some(CertSerial::parse("a1").unwrap()),
+            new_key_ref: None,
+            new_serial: None,
+            new_sealed_der: None,
+            started_at: datetime!(2027-01-01 00:00 UTC),
+        };
+        store.insert_key_change(&journal).unwrap();
+        assert!(matches!(
+            store.insert_key_change(&journal),
+            Err(StoreError::AlreadyExists)
+        ));
+        journal.new_key_ref = Some(vec![7; 8]);
+        journal.new_serial = Some(CertSerial::parse("b1").unwrap());
+        journal.new_sealed_der = Some(vec![1, 2]);
+        store.update_key_change(&journal).unwrap();
+        assert_eq!(store.key_changes().unwrap(), vec![journal.clone()]);
+        store.delete_key_change(&id("u-1")).unwrap();
+        assert!(store.key_changes().unwrap().is_empty());
+        assert!(matches!(
+            store.update_key_change(&journal),
+            Err(StoreError::NotFound)
+        ));
+    }
+
+    #[test]
+    fn certificates_ending_lists_only_active_plus_accounts_with_valid_current_certificates() {
+        let (_dir, store) = temp_store();
+        let ends = certificate("a1", "u-1").not_after;
+        registered(&store, "u-1", "a1");
+        let mut revoked = registered(&store, "u-2", "b1");
+        let mut c = store
+            .get_certificate(&CertSerial::parse("b1").unwrap())
+            .unwrap()
+            .unwrap();
+        c.status = CertStatus::Revoked;
+        store.update_certificate(&c).unwrap();
+        revoked.status = AccountStatus::Active;
+        let mut suspended = registered(&store, "u-3", "c1");
+        suspended.status = AccountStatus::Suspended;
+        store.update_account(&suspended).unwrap();
+        let found = store
+            .current_certificates_ending(ends - Duration::days(60), ends)
+            .unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].0, id("u-1"));
+        assert!(
+            store
+                .current_certificates_ending(ends, ends + Duration::days(60))
+                .unwrap()
+                .is_empty()
+        );
+        assert!(
+            store
+                .current_certificates_ending(ends - Duration::days(60), ends - Duration::SECOND)
+                .unwrap()
+                .is_empty()
+        );
     }
 
     #[test]
