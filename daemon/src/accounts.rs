@@ -206,25 +206,8 @@ async fn issue_certificate(
         .generate_user_key(app.policy.key_algorithm, app.policy.key_mode)
         .await?;
     app.metrics.observe_hsm("generate", started.elapsed());
-    let profile = if cert_lifecycle::is_minor(dob, now) {
-        CertProfile::Minor
-    } else {
-        CertProfile::Adult
-    };
-    let not_before = now.replace_nanosecond(0).unwrap_or(now);
-    let not_after = not_before + app.policy.certificate_validity;
-    let request = ca_bridge::IssueRequest {
-        surname: name.surname.clone(),
-        given_name: name.given_name.clone(),
-        hkic_hash_hex: hex::encode(account.hkic_hash),
-        public_key_spki_der: key.public_key().as_der().to_vec(),
-        profile: match profile {
-            CertProfile::Minor => ca_bridge::Profile::Minor,
-            _ => ca_bridge::Profile::Adult,
-        },
-        not_before: not_before.into(),
-        not_after: not_after.into(),
-    };
+    let (profile, request) = issue_request(app, account, name, dob, &key, now);
+    let (not_before, not_after) = (request.not_before.into(), request.not_after.into());
     let started = std::time::Instant::now();
     let issued = app.ca.cmp.issue(&request, &key).await;
     app.metrics.observe_cmp(started.elapsed(), issued.is_ok());
@@ -257,6 +240,37 @@ async fn issue_certificate(
         key_ref: Some(key.to_bytes()),
         key_algorithm: key.algorithm().to_string(),
     })
+}
+
+/// What the CA is asked to certify for `key`: the account's name and keyed HKIC hash, the
+/// profile that fits the holder's age at `now`, and the configured validity from `now`.
+pub(crate) fn issue_request(
+    app: &App,
+    account: &AccountRecord,
+    name: &PersonalName,
+    dob: Date,
+    key: &UserKeyRef,
+    now: OffsetDateTime,
+) -> (CertProfile, ca_bridge::IssueRequest) {
+    let profile = if cert_lifecycle::is_minor(dob, now) {
+        CertProfile::Minor
+    } else {
+        CertProfile::Adult
+    };
+    let not_before = now.replace_nanosecond(0).unwrap_or(now);
+    let request = ca_bridge::IssueRequest {
+        surname: name.surname.clone(),
+        given_name: name.given_name.clone(),
+        hkic_hash_hex: hex::encode(account.hkic_hash),
+        public_key_spki_der: key.public_key().as_der().to_vec(),
+        profile: match profile {
+            CertProfile::Minor => ca_bridge::Profile::Minor,
+            _ => ca_bridge::Profile::Adult,
+        },
+        not_before: not_before.into(),
+        not_after: (not_before + app.policy.certificate_validity).into(),
+    };
+    (profile, request)
 }
 
 async fn destroy_key(app: &App, key: &UserKeyRef) {

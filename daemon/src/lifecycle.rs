@@ -19,8 +19,8 @@ use std::sync::Arc;
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use cert_lifecycle::{
-    AccountRecord, CertProfile, CertSerial, CertStatus, CertificateRecord, ConsentChallenge,
-    ConsentPurpose, KeyChangeJournal, RevocationReason, RuleError, Store, StoreError, Tier,
+    AccountRecord, CertSerial, CertStatus, CertificateRecord, ConsentChallenge, ConsentPurpose,
+    KeyChangeJournal, RevocationReason, RuleError, Store, StoreError, Tier,
 };
 use hsm_adapter::UserKeyRef;
 use serde::Deserialize;
@@ -405,25 +405,9 @@ async fn certify(
     journal.new_key_ref = Some(key.to_bytes());
     save_journal(app, journal).await?;
     failpoint(app, journal.purpose, "after-key");
-    let profile = if cert_lifecycle::is_minor(dob, now) {
-        CertProfile::Minor
-    } else {
-        CertProfile::Adult
-    };
-    let not_before = now.replace_nanosecond(0).unwrap_or(now);
-    let not_after = not_before + app.policy.certificate_validity;
-    let request = ca_bridge::IssueRequest {
-        surname: name.surname.clone(),
-        given_name: name.given_name.clone(),
-        hkic_hash_hex: hex::encode(record.hkic_hash),
-        public_key_spki_der: key.public_key().as_der().to_vec(),
-        profile: match profile {
-            CertProfile::Minor => ca_bridge::Profile::Minor,
-            _ => ca_bridge::Profile::Adult,
-        },
-        not_before: not_before.into(),
-        not_after: not_after.into(),
-    };
+    let (profile, request) = crate::accounts::issue_request(app, record, name, dob, &key, now);
+    let (not_before, not_after): (OffsetDateTime, OffsetDateTime) =
+        (request.not_before.into(), request.not_after.into());
     let started = std::time::Instant::now();
     let issued = match via {
         Via::Rekey { old_der, old_key } => app.ca.cmp.rekey(old_der, old_key, &request, &key).await,
