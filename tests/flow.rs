@@ -4,6 +4,9 @@
 // Test support: a panic, with the reason, is how it reports a failure.
 #![allow(clippy::unwrap_used)]
 
+use std::path::Path;
+use std::process::Command;
+
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use p256::ecdsa::SigningKey;
@@ -12,7 +15,7 @@ use reqwest::blocking::Response;
 use serde_json::{Value, json};
 use sha2::Digest;
 
-use crate::{DevDaemon, device_key, device_pem};
+use crate::{DevDaemon, binary, describe, device_key, device_pem, run};
 
 /// The status and problem `code` of an error response.
 pub fn problem(response: Response) -> (u16, String) {
@@ -130,4 +133,49 @@ impl Pending {
             .json()
             .unwrap()
     }
+}
+
+/// Exports the audit log as an auditor would, verifies it offline with `smartsign-ctl audit
+/// verify`, and returns the records (NDJSON).
+pub fn verify_audit(daemon: &DevDaemon, dir: &Path) -> String {
+    let auditor = daemon.client("auditor");
+    let checkpoint = auditor
+        .get(format!("{}/v1/audit/checkpoint", daemon.api))
+        .send()
+        .unwrap()
+        .bytes()
+        .unwrap()
+        .to_vec();
+    let size = serde_json::from_slice::<Value>(&checkpoint).unwrap()["tree_size"]
+        .as_u64()
+        .unwrap();
+    let records = auditor
+        .get(format!(
+            "{}/v1/audit/records?from=0&limit={size}",
+            daemon.api
+        ))
+        .send()
+        .unwrap()
+        .bytes()
+        .unwrap()
+        .to_vec();
+    let public_key = auditor
+        .get(format!("{}/v1/audit/public-key", daemon.api))
+        .send()
+        .unwrap()
+        .bytes()
+        .unwrap()
+        .to_vec();
+    std::fs::write(dir.join("records.ndjson"), &records).unwrap();
+    std::fs::write(dir.join("checkpoint.json"), &checkpoint).unwrap();
+    std::fs::write(dir.join("audit.pem"), &public_key).unwrap();
+    let verified = run(Command::new(binary("smartsign-ops", "smartsign-ctl"))
+        .args(["audit", "verify", "--records"])
+        .arg(dir.join("records.ndjson"))
+        .arg("--checkpoint")
+        .arg(dir.join("checkpoint.json"))
+        .arg("--public-key")
+        .arg(dir.join("audit.pem")));
+    assert!(verified.status.success(), "{}", describe(&verified));
+    String::from_utf8_lossy(&records).into_owned()
 }

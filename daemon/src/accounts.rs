@@ -668,6 +668,7 @@ pub(crate) async fn revoke_current(
         let stored = certificate.clone();
         app.store(move |store| store.update_certificate(&stored))
             .await?;
+        app.failpoint("revocation-after-local");
     }
     finish_revocation(app, certificate, actor).await
 }
@@ -691,6 +692,7 @@ pub(crate) async fn finish_revocation(
             "the CA did not take the revocation; the next sweep tries again");
         return Ok(());
     }
+    app.failpoint("revocation-after-ca");
     destroy_key_of(app, certificate, "revoked", actor).await
 }
 

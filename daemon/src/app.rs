@@ -55,6 +55,19 @@ pub(crate) struct PersonalName {
 }
 
 impl App {
+    /// Test hook: with `--dev` and `SMARTSIGND_FAILPOINT=NAME` in the environment, the daemon
+    /// aborts (as a SIGKILL would end it: nothing is flushed or undone) when it reaches the step
+    /// `NAME`, so that the tests can check what the next start makes of it. The steps are the key
+    /// changes' (`lifecycle.rs`) and a revocation's: `revocation-after-local` (stored, the CA not
+    /// told) and `revocation-after-ca` (the CA told, the key not destroyed). It never acts
+    /// without `--dev`.
+    pub(crate) fn failpoint(&self, name: &str) {
+        if self.dev && std::env::var("SMARTSIGND_FAILPOINT").is_ok_and(|wanted| wanted == name) {
+            tracing::error!(failpoint = name, "test failpoint reached: aborting");
+            std::process::abort();
+        }
+    }
+
     /// Appends one audit record and waits until it is durable. Any failure is
     /// `audit_unavailable`: the caller must not act (fail closed).
     pub(crate) async fn audit(

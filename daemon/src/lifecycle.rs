@@ -38,22 +38,14 @@ use crate::signing::device_signature_valid;
 /// The actor of what start-up recovery does.
 const RECOVERY_ACTOR: &str = "system";
 
-/// Test hook: with `--dev` and `SMARTSIGND_FAILPOINT=NAME` in the environment, the daemon aborts
-/// (as a SIGKILL would end it) when a key change reaches step `NAME` (`renewal-after-key`,
-/// `renewal-after-issue`, `renewal-after-store`, and the same three of `reapply-`),
-/// so that the tests can check the recovery. It never acts without `--dev`.
+/// The failpoint ([`App::failpoint`]) of a key-change step: `renewal-after-key`,
+/// `renewal-after-issue`, `renewal-after-store`, and the same three of `reapply-`.
 fn failpoint(app: &App, purpose: ConsentPurpose, step: &str) {
-    if !app.dev {
-        return;
-    }
     let name = match purpose {
         ConsentPurpose::Renew => format!("renewal-{step}"),
         _ => format!("reapply-{step}"),
     };
-    if std::env::var("SMARTSIGND_FAILPOINT").is_ok_and(|wanted| wanted == name) {
-        tracing::error!(failpoint = name, "test failpoint reached: aborting");
-        std::process::abort();
-    }
+    app.failpoint(&name);
 }
 
 /// `GET /v1/renewals/due` (registrar).

@@ -16,8 +16,8 @@ use p256::ecdsa::SigningKey;
 use p256::ecdsa::signature::Signer;
 use serde_json::{Value, json};
 use sha2::Digest;
-use smartsign_tests::flow::{Pending, problem, registration};
-use smartsign_tests::{DevDaemon, binary, describe, device_key, run};
+use smartsign_tests::flow::{Pending, problem, registration, verify_audit};
+use smartsign_tests::{DevDaemon, describe, device_key, run};
 use time::format_description::well_known::Rfc3339;
 use time::{Duration, OffsetDateTime};
 
@@ -509,50 +509,6 @@ fn minor_whose_certificate_was_revoked_reapplies_at_18_as_an_adult() {
     assert_eq!(reapplied["certificate"]["status"], "valid");
     assert_ne!(serial_of(&reapplied), serial_of(&minor));
     sign(&daemon, "u-minor", &key);
-}
-
-/// Exports the audit log as an auditor would and verifies it offline.
-fn verify_audit(daemon: &DevDaemon, dir: &Path) -> String {
-    let auditor = daemon.client("auditor");
-    let checkpoint = auditor
-        .get(format!("{}/v1/audit/checkpoint", daemon.api))
-        .send()
-        .unwrap()
-        .bytes()
-        .unwrap()
-        .to_vec();
-    let size = serde_json::from_slice::<Value>(&checkpoint).unwrap()["tree_size"]
-        .as_u64()
-        .unwrap();
-    let records = auditor
-        .get(format!(
-            "{}/v1/audit/records?from=0&limit={size}",
-            daemon.api
-        ))
-        .send()
-        .unwrap()
-        .bytes()
-        .unwrap()
-        .to_vec();
-    let public_key = auditor
-        .get(format!("{}/v1/audit/public-key", daemon.api))
-        .send()
-        .unwrap()
-        .bytes()
-        .unwrap()
-        .to_vec();
-    std::fs::write(dir.join("records.ndjson"), &records).unwrap();
-    std::fs::write(dir.join("checkpoint.json"), &checkpoint).unwrap();
-    std::fs::write(dir.join("audit.pem"), &public_key).unwrap();
-    let verified = run(Command::new(binary("smartsign-ops", "smartsign-ctl"))
-        .args(["audit", "verify", "--records"])
-        .arg(dir.join("records.ndjson"))
-        .arg("--checkpoint")
-        .arg(dir.join("checkpoint.json"))
-        .arg("--public-key")
-        .arg(dir.join("audit.pem")));
-    assert!(verified.status.success(), "{}", describe(&verified));
-    String::from_utf8_lossy(&records).into_owned()
 }
 
 /// The daemon dies (abort, as SIGKILL) at three steps of a renewal: after the new key, after

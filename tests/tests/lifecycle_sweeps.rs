@@ -10,7 +10,7 @@ use std::process::Command;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use serde_json::{Value, json};
-use smartsign_tests::flow::{problem, registration};
+use smartsign_tests::flow::{problem, registration, verify_audit};
 use smartsign_tests::{DevDaemon, describe, device_key, run};
 
 struct Lifecycle {
@@ -305,4 +305,68 @@ fn sweep_is_for_officers() {
         .send()
         .unwrap();
     assert_eq!(problem(response), (403, "forbidden".into()));
+}
+
+/// A sweep killed half-way through a revocation (the daemon aborts, as on SIGKILL) is finished
+/// by the sweep of the next start: once after the local state was stored and before the CA was
+/// told, once after the CA was told and before the key was destroyed. Each time the certificate
+/// ends revoked at the CA, its revocation and its key's destruction are each audited exactly
+/// once, and the audit log verifies.
+#[test]
+fn a_sweep_killed_mid_revocation_is_finished_at_the_next_start() {
+    for (n, step) in ["revocation-after-local", "revocation-after-ca"]
+        .into_iter()
+        .enumerate()
+    {
+        let mut life = Lifecycle::start();
+        let id = format!("u-crash-{n}");
+        let account = life.register(&id, "2009-06-15");
+        let serial = account["certificate"]["serial"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        life.daemon.set_env("SMARTSIGND_FAILPOINT", Some(step));
+        life.daemon.restart();
+        life.set_clock("2027-06-14T16:00:00Z");
+        let killed = life
+            .daemon
+            .client("officer")
+            .post(life.url("/v1/admin/sweep"))
+            .send();
+        assert!(killed.is_err(), "{step}: the daemon answered the sweep");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !life.daemon.exited() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{step}: still running"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        life.daemon.set_env("SMARTSIGND_FAILPOINT", None);
+        life.daemon.restart();
+
+        // The start-up sweep has finished it (the clock is back to today: no new revocation).
+        let after = life.account(&id);
+        assert_eq!(after["certificate"]["status"], "revoked", "{step}: {after}");
+        let ocsp = life.ocsp(&after);
+        assert!(
+            ocsp.contains("Reason: cessationOfOperation"),
+            "{step}: {ocsp}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let records = verify_audit(&life.daemon, dir.path());
+        let count = |event: &str| {
+            records
+                .lines()
+                .map(|line| serde_json::from_str::<Value>(line).unwrap())
+                .filter(|record| {
+                    record["event"] == event && record["fields"]["serial"] == serial.as_str()
+                })
+                .count()
+        };
+        assert_eq!(count("certificate.revoked"), 1, "{step}");
+        assert_eq!(count("certificate.key_destroyed"), 1, "{step}");
+        // Nothing is left for a later sweep.
+        assert_eq!(life.sweep()["revocations_finished"], json!([]), "{step}");
+    }
 }
