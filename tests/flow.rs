@@ -61,7 +61,14 @@ impl Pending {
             .send()
             .unwrap();
         assert_eq!(registered.status(), 201);
-        let taid: Value = registrar
+        Pending::for_account(daemon, id, key, sha2::Sha256::digest(b"document").to_vec())
+    }
+
+    /// A request at demo-a to sign `hash` for the registered account `id`, whose device holds
+    /// `key`.
+    pub fn for_account(daemon: &DevDaemon, id: &str, key: SigningKey, hash: Vec<u8>) -> Pending {
+        let taid: Value = daemon
+            .client("registrar")
             .get(format!(
                 "{}/v1/accounts/{id}/taid?service=demo-a",
                 daemon.api
@@ -73,7 +80,7 @@ impl Pending {
         let mut pending = Pending {
             key,
             taid: taid["taid"].as_str().unwrap().to_owned(),
-            hash: sha2::Sha256::digest(b"document").to_vec(),
+            hash,
             request: Value::Null,
         };
         pending.request = pending.create(daemon).json().unwrap();

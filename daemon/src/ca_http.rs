@@ -69,8 +69,10 @@ impl EmbeddedHost {
         }
         let pbm_secrets = match (&config.ca.pbm_reference, &config.ca.pbm_secret_file) {
             (Some(reference), Some(_)) => {
-                let link_secret = crate::ca::secret_file(config)?;
-                vec![(reference.clone().into_bytes(), link_secret)]
+                vec![(
+                    reference.clone().into_bytes(),
+                    crate::ca::secret_file(config)?,
+                )]
             }
             _ => Vec::new(),
         };

@@ -133,27 +133,11 @@ fn consent_and_send(
 
 /// Signs a hash as `id` through the whole flow (TAID, request, approval) and returns the result.
 fn sign(daemon: &DevDaemon, id: &str, key: &SigningKey) -> Value {
-    let taid: Value = daemon
-        .client("registrar")
-        .get(format!(
-            "{}/v1/accounts/{id}/taid?service=demo-a",
-            daemon.api
-        ))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
-    let mut pending = Pending {
-        key: key.clone(),
-        taid: taid["taid"].as_str().unwrap().to_owned(),
-        hash: sha2::Sha256::digest(id.as_bytes()).to_vec(),
-        request: Value::Null,
-    };
-    pending.request = pending.create(daemon).json().unwrap();
-    assert!(
-        pending.request["request_id"].is_string(),
-        "{}",
-        pending.request
+    let pending = Pending::for_account(
+        daemon,
+        id,
+        key.clone(),
+        sha2::Sha256::digest(id.as_bytes()).to_vec(),
     );
     let approved = pending.approve(daemon);
     assert_eq!(approved.status(), 200, "{}", approved.text().unwrap());
