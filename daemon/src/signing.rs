@@ -19,7 +19,6 @@ use cert_lifecycle::{
 };
 use hsm_adapter::{Digest, KeyAlgorithm, SignatureScheme, UserKeyRef};
 use hyper::StatusCode;
-use p256::ecdsa::signature::Verifier;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use sha2::Digest as _;
@@ -232,12 +231,13 @@ async fn create_checked(app: &App, ctx: &Ctx, service: &ServiceName) -> Result<R
             return Err(ApiError::HkicMismatch);
         }
     }
+    let (id, code) = id_and_code(app).await?;
     let request = SigningRequest {
-        id: RequestId::from_random(app.random::<16>().await?),
+        id,
         service: service.clone(),
         account_id: account.id.clone(),
         certificate: certificate.serial.clone(),
-        identification_code: identification_code(app).await?,
+        identification_code: code,
         hash_algorithm,
         hash,
         description: body.description,
@@ -276,12 +276,19 @@ async fn create_checked(app: &App, ctx: &Ctx, service: &ServiceName) -> Result<R
     ))
 }
 
-/// Four decimal digits from the HSM's generator, without modulo bias.
-async fn identification_code(app: &App) -> Result<String, ApiError> {
+/// A request id (16 bytes) and its four-digit identification code from the HSM's generator, in
+/// one call to the HSM; the code is drawn again only in the rare case that its bytes would bias
+/// it (rejection sampling, see [`cert_lifecycle::identification_code_from_random`]).
+async fn id_and_code(app: &App) -> Result<(RequestId, String), ApiError> {
+    let random = app.random::<20>().await?;
+    let (id, code) = random.split_at(16);
+    let id = RequestId::from_random(id.try_into().map_err(|_| ApiError::Internal)?);
+    let mut code = code.try_into().map_err(|_| ApiError::Internal)?;
     loop {
-        if let Some(code) = cert_lifecycle::identification_code_from_random(app.random().await?) {
-            return Ok(code);
+        if let Some(code) = cert_lifecycle::identification_code_from_random(code) {
+            return Ok((id, code));
         }
+        code = app.random().await?;
     }
 }
 
@@ -451,18 +458,27 @@ pub(crate) async fn authorise(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError
     }
 }
 
+/// Whether `signature` (ECDSA P-256 / SHA-256, DER) is the device's signature over
+/// `statement`. The key is the device's SubjectPublicKeyInfo as registration stored it; anything
+/// but a P-256 key is refused.
 pub(crate) fn device_signature_valid(
     device_spki: &[u8],
     statement: &str,
     signature: &[u8],
 ) -> bool {
-    let Ok(key) = p256::ecdsa::VerifyingKey::from_public_key_der(device_spki) else {
+    use const_oid::db::rfc5912::{ID_EC_PUBLIC_KEY, SECP_256_R_1};
+    let Ok(spki) = spki::SubjectPublicKeyInfoRef::try_from(device_spki) else {
         return false;
     };
-    let Ok(signature) = p256::ecdsa::Signature::from_der(signature) else {
+    if spki.algorithm.oids() != Ok((ID_EC_PUBLIC_KEY, Some(SECP_256_R_1))) {
+        return false;
+    }
+    let Some(point) = spki.subject_public_key.as_bytes() else {
         return false;
     };
-    key.verify(statement.as_bytes(), &signature).is_ok()
+    ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_ASN1, point)
+        .verify(statement.as_bytes(), signature)
+        .is_ok()
 }
 
 async fn save_request(app: &App, request: &SigningRequest) -> Result<(), ApiError> {
@@ -610,6 +626,39 @@ mod tests {
             statement,
             der.as_bytes()
         ));
+    }
+
+    #[test]
+    fn device_signature_refuses_keys_other_than_p256_and_malformed_input() {
+        use p384::ecdsa::signature::Signer as _;
+        let statement = "smartsign-authorise-v1\nid\n1234\nsha256\n00\napprove";
+        let key = p384::ecdsa::SigningKey::from_slice(&[7; 48]).unwrap();
+        let spki = spki::EncodePublicKey::to_public_key_der(key.verifying_key())
+            .unwrap()
+            .as_bytes()
+            .to_vec();
+        let signature: p384::ecdsa::Signature = key.sign(statement.as_bytes());
+        let der = signature.to_der();
+        assert!(!device_signature_valid(&spki, statement, der.as_bytes()));
+
+        let key = SigningKey::from_slice(&[7; 32]).unwrap();
+        let spki = spki::EncodePublicKey::to_public_key_der(key.verifying_key())
+            .unwrap()
+            .as_bytes()
+            .to_vec();
+        let signature: p256::ecdsa::Signature = key.sign(statement.as_bytes());
+        let der = signature.to_der();
+        assert!(!device_signature_valid(
+            &spki[..spki.len() - 1],
+            statement,
+            der.as_bytes()
+        ));
+        assert!(!device_signature_valid(
+            &spki,
+            statement,
+            &signature.to_bytes()
+        ));
+        assert!(!device_signature_valid(&spki, statement, &[]));
     }
 
     #[test]

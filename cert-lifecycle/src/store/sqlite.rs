@@ -29,6 +29,9 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Idle read connections kept for reuse; more are opened under load and closed after.
 const MAX_IDLE_READERS: usize = 4;
+/// Prepared statements kept per connection: every statement of this file fits, so that none is
+/// parsed again on the signing path.
+const STATEMENT_CACHE: usize = 64;
 
 /// The schema, one entry per version; `PRAGMA user_version` counts those applied.
 /// Append new versions, never edit an old one.
@@ -163,6 +166,7 @@ impl SqliteStore {
         writer.pragma_update(None, "foreign_keys", true)?;
         // Deleted personal data is overwritten in the file, not left in free pages.
         writer.pragma_update(None, "secure_delete", true)?;
+        writer.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         migrate(&mut writer)?;
         Ok(SqliteStore {
             path,
@@ -196,6 +200,7 @@ impl SqliteStore {
                     | OpenFlags::SQLITE_OPEN_URI;
                 let conn = Connection::open_with_flags(&self.path, flags)?;
                 conn.busy_timeout(BUSY_TIMEOUT)?;
+                conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
                 conn
             }
         };
@@ -213,20 +218,21 @@ fn insert_account_row(conn: &Connection, a: &AccountRecord) -> Result<(), StoreE
         "INSERT INTO accounts ({ACCOUNT_COLUMNS}) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"
     );
-    conn.execute(&sql, params_from_iter(account_values(a)))
+    conn.prepare_cached(&sql)?
+        .execute(params_from_iter(account_values(a)))
         .map_err(write_error)?;
     Ok(())
 }
 
 fn update_account_row(conn: &Connection, a: &AccountRecord) -> Result<(), StoreError> {
     let changed = conn
-        .execute(
+        .prepare_cached(
             "UPDATE accounts SET tier = ?2, status = ?3, status_changed_at = ?4, \
                  suspended_by = ?5, rectify_by = ?6, sealed_name = ?7, sealed_dob = ?8, \
                  hkic_hash = ?9, device_public_key = ?10, device_generation = ?11, \
                  current_certificate = ?12, created_at = ?13 WHERE id = ?1",
-            params_from_iter(account_values(a)),
-        )
+        )?
+        .execute(params_from_iter(account_values(a)))
         .map_err(write_error)?;
     one_row_changed(changed)
 }
@@ -236,7 +242,8 @@ fn insert_certificate_row(conn: &Connection, c: &CertificateRecord) -> Result<()
         "INSERT INTO certificates ({CERTIFICATE_COLUMNS}) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
     );
-    conn.execute(&sql, params_from_iter(certificate_values(c)))
+    conn.prepare_cached(&sql)?
+        .execute(params_from_iter(certificate_values(c)))
         .map_err(write_error)?;
     Ok(())
 }
@@ -491,7 +498,8 @@ fn request_from_row(row: &Row<'_>) -> rusqlite::Result<SigningRequest> {
 fn get_account(conn: &Connection, id: &AccountId) -> Result<Option<AccountRecord>, StoreError> {
     let sql = format!("SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = ?1");
     Ok(conn
-        .query_row(&sql, [id.as_str()], account_from_row)
+        .prepare_cached(&sql)?
+        .query_row([id.as_str()], account_from_row)
         .optional()?)
 }
 
@@ -501,7 +509,8 @@ fn get_certificate(
 ) -> Result<Option<CertificateRecord>, StoreError> {
     let sql = format!("SELECT {CERTIFICATE_COLUMNS} FROM certificates WHERE serial = ?1");
     Ok(conn
-        .query_row(&sql, [serial.as_str()], certificate_from_row)
+        .prepare_cached(&sql)?
+        .query_row([serial.as_str()], certificate_from_row)
         .optional()?)
 }
 
@@ -585,12 +594,12 @@ impl Store for SqliteStore {
     fn update_certificate(&self, c: &CertificateRecord) -> Result<(), StoreError> {
         self.write(|conn| {
             let changed = conn
-                .execute(
+                .prepare_cached(
                     "UPDATE certificates SET account_id = ?2, profile = ?3, not_before = ?4, \
                      not_after = ?5, status = ?6, revocation_reason = ?7, revoked_at = ?8, \
                      sealed_der = ?9, key_ref = ?10, key_algorithm = ?11 WHERE serial = ?1",
-                    params_from_iter(certificate_values(c)),
-                )
+                )?
+                .execute(params_from_iter(certificate_values(c)))
                 .map_err(write_error)?;
             one_row_changed(changed)
         })
@@ -661,19 +670,18 @@ impl Store for SqliteStore {
         self.write(|conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let existing = tx
-                .query_row(
-                    "SELECT taid FROM taids WHERE service = ?1 AND account_id = ?2",
-                    [t.service.as_str(), t.account_id.as_str()],
-                    |row| row.get::<_, String>(0),
-                )
+                .prepare_cached("SELECT taid FROM taids WHERE service = ?1 AND account_id = ?2")?
+                .query_row([t.service.as_str(), t.account_id.as_str()], |row| {
+                    row.get::<_, String>(0)
+                })
                 .optional()?;
             let stored = match existing {
                 Some(taid) => TaidRecord { taid, ..t.clone() },
                 None => {
-                    tx.execute(
+                    tx.prepare_cached(
                         "INSERT INTO taids (taid, service, account_id) VALUES (?1, ?2, ?3)",
-                        [t.taid.as_str(), t.service.as_str(), t.account_id.as_str()],
-                    )
+                    )?
+                    .execute([t.taid.as_str(), t.service.as_str(), t.account_id.as_str()])
                     .map_err(write_error)?;
                     t.clone()
                 }
@@ -690,11 +698,8 @@ impl Store for SqliteStore {
     ) -> Result<Option<AccountId>, StoreError> {
         self.read(|conn| {
             Ok(conn
-                .query_row(
-                    "SELECT account_id FROM taids WHERE service = ?1 AND taid = ?2",
-                    [service.as_str(), taid],
-                    |row| parsed(row, 0),
-                )
+                .prepare_cached("SELECT account_id FROM taids WHERE service = ?1 AND taid = ?2")?
+                .query_row([service.as_str(), taid], |row| parsed(row, 0))
                 .optional()?)
         })
     }
@@ -705,7 +710,8 @@ impl Store for SqliteStore {
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
         );
         self.write(|conn| {
-            conn.execute(&sql, params_from_iter(request_values(r)))
+            conn.prepare_cached(&sql)?
+                .execute(params_from_iter(request_values(r)))
                 .map_err(write_error)?;
             Ok(())
         })
@@ -715,7 +721,8 @@ impl Store for SqliteStore {
         let sql = format!("SELECT {REQUEST_COLUMNS} FROM signing_requests WHERE id = ?1");
         self.read(|conn| {
             Ok(conn
-                .query_row(&sql, [id.as_str()], request_from_row)
+                .prepare_cached(&sql)?
+                .query_row([id.as_str()], request_from_row)
                 .optional()?)
         })
     }
@@ -723,13 +730,13 @@ impl Store for SqliteStore {
     fn update_request(&self, r: &SigningRequest) -> Result<(), StoreError> {
         self.write(|conn| {
             let changed = conn
-                .execute(
+                .prepare_cached(
                     "UPDATE signing_requests SET service = ?2, account_id = ?3, certificate = ?4, \
                      identification_code = ?5, hash_algorithm = ?6, hash = ?7, description = ?8, \
                      status = ?9, bad_attempts = ?10, device_generation = ?11, created_at = ?12, \
                      expires_at = ?13, sealed_result = ?14, signed_at = ?15 WHERE id = ?1",
-                    params_from_iter(request_values(r)),
-                )
+                )?
+                .execute(params_from_iter(request_values(r)))
                 .map_err(write_error)?;
             one_row_changed(changed)
         })
@@ -767,7 +774,7 @@ impl Store for SqliteStore {
     }
 
     fn health(&self) -> Result<(), StoreError> {
-        self.read(|conn| Ok(conn.query_row("SELECT 1", [], |_| Ok(()))?))
+        self.read(|conn| Ok(conn.prepare_cached("SELECT 1")?.query_row([], |_| Ok(()))?))
     }
 
     fn put_consent_challenge(&self, c: &ConsentChallenge) -> Result<(), StoreError> {
@@ -775,16 +782,14 @@ impl Store for SqliteStore {
             "INSERT OR REPLACE INTO consent_challenges ({CHALLENGE_COLUMNS}) VALUES (?1, ?2, ?3, ?4)"
         );
         self.write(|conn| {
-            conn.execute(
-                &sql,
-                params![
+            conn.prepare_cached(&sql)?
+                .execute(params![
                     c.account_id.as_str(),
                     c.purpose.as_str(),
                     c.nonce,
                     secs(c.expires_at)
-                ],
-            )
-            .map_err(write_error)?;
+                ])
+                .map_err(write_error)?;
             Ok(())
         })
     }
@@ -800,7 +805,8 @@ impl Store for SqliteStore {
         );
         self.write(|conn| {
             Ok(conn
-                .query_row(&sql, params![account.as_str(), nonce], challenge_from_row)
+                .prepare_cached(&sql)?
+                .query_row(params![account.as_str(), nonce], challenge_from_row)
                 .optional()?)
         })
     }
@@ -810,7 +816,8 @@ impl Store for SqliteStore {
             "INSERT INTO key_changes ({KEY_CHANGE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
         );
         self.write(|conn| {
-            conn.execute(&sql, params_from_iter(key_change_values(j)))
+            conn.prepare_cached(&sql)?
+                .execute(params_from_iter(key_change_values(j)))
                 .map_err(write_error)?;
             Ok(())
         })
@@ -819,11 +826,11 @@ impl Store for SqliteStore {
     fn update_key_change(&self, j: &KeyChangeJournal) -> Result<(), StoreError> {
         self.write(|conn| {
             let changed = conn
-                .execute(
+                .prepare_cached(
                     "UPDATE key_changes SET purpose = ?2, old_serial = ?3, new_key_ref = ?4, \
                      new_serial = ?5, new_sealed_der = ?6, started_at = ?7 WHERE account_id = ?1",
-                    params_from_iter(key_change_values(j)),
-                )
+                )?
+                .execute(params_from_iter(key_change_values(j)))
                 .map_err(write_error)?;
             one_row_changed(changed)
         })
@@ -831,10 +838,8 @@ impl Store for SqliteStore {
 
     fn delete_key_change(&self, account: &AccountId) -> Result<(), StoreError> {
         self.write(|conn| {
-            conn.execute(
-                "DELETE FROM key_changes WHERE account_id = ?1",
-                [account.as_str()],
-            )?;
+            conn.prepare_cached("DELETE FROM key_changes WHERE account_id = ?1")?
+                .execute([account.as_str()])?;
             Ok(())
         })
     }
