@@ -379,10 +379,8 @@ impl WorkerCtx {
         let handle =
             self.session
                 .unwrap_key(&wrap_mechanism(), kek, blob, &unwrap_template(algorithm))?;
-        // Always check the unwrapped copy: its attributes come from our template and the
-        // module, and a module that ignored part of the template must not get to sign.
-        let result = Policy::Unwrapped(algorithm)
-            .check(&self.session, handle)
+        let result = self
+            .check_unwrapped(algorithm, handle)
             .and_then(|()| Ok(self.session.sign(&mechanism, handle, request.data())?));
         match (&mut self.cache, &result) {
             (Some(cache), Ok(_)) => {
@@ -393,6 +391,24 @@ impl WorkerCtx {
             _ => self.destroy_quietly(handle),
         }
         result
+    }
+
+    /// Checks an unwrapped copy against the policy, once per algorithm and session. Its
+    /// attributes come from our unwrap template and the module, and neither changes while the
+    /// session lives: a module that ignores part of the template is caught on the session's
+    /// first unwrap of that algorithm, before that copy signs, and every later copy is made the
+    /// same way. A new session, or keys found again after a recovery, check again.
+    fn check_unwrapped(
+        &mut self,
+        algorithm: KeyAlgorithm,
+        handle: ObjectHandle,
+    ) -> Result<(), HsmError> {
+        let bit = 1 << algorithm.code();
+        if self.unwraps_checked & bit == 0 {
+            Policy::Unwrapped(algorithm).check(&self.session, handle)?;
+            self.unwraps_checked |= bit;
+        }
+        Ok(())
     }
 
     /// Drops this worker's unwrapped copy of a wrapped key.

@@ -114,6 +114,9 @@ pub(crate) struct WorkerCtx {
     seen_sessions_lost: u64,
     /// Unwrapped keys by wrapped blob; `None` when the cache is disabled.
     pub(crate) cache: Option<LruCache<Box<[u8]>, CachedKey>>,
+    /// Algorithms (bit `1 << code`) whose unwrapped copies this session has checked against the
+    /// policy; see `WorkerCtx::check_unwrapped`.
+    pub(crate) unwraps_checked: u8,
 }
 
 impl fmt::Debug for WorkerCtx {
@@ -136,6 +139,7 @@ impl WorkerCtx {
             seen_epoch,
             seen_sessions_lost,
             cache: NonZeroUsize::new(cache_size).map(LruCache::new),
+            unwraps_checked: 0,
         }
     }
 
@@ -153,6 +157,7 @@ impl WorkerCtx {
             if let Some(cache) = &mut self.cache {
                 cache.clear();
             }
+            self.unwraps_checked = 0;
             self.seen_epoch = epoch;
         }
     }
@@ -168,6 +173,7 @@ impl WorkerCtx {
                 if let Some(cache) = &mut self.cache {
                     cache.clear();
                 }
+                self.unwraps_checked = 0;
                 let old = std::mem::replace(&mut self.session, session);
                 if recovery == Recovery::SessionLost {
                     // Closing a lost session's handle could close a session that now carries
