@@ -505,6 +505,49 @@ fn refusals_of_the_signing_flow() {
         problem_code(flow.create(&flow.demo_a, body(&taid_plain))),
         (409, "not_iam_smart_plus".into())
     );
+
+    // An "iAM Smart+" account whose store row lost its current certificate (a state the daemon
+    // never writes, as after a bad restore) fails closed: no signing, no revocation, and the
+    // denial is audited with its code.
+    assert_eq!(
+        flow.register("u-nocert", "iam_smart_plus", "1990-01-01", &key)
+            .status(),
+        201
+    );
+    let taid_nocert = flow.taid("u-nocert", "demo-a");
+    let store =
+        rusqlite::Connection::open(flow.daemon.state_dir().join("smartsign.sqlite")).unwrap();
+    store
+        .busy_timeout(std::time::Duration::from_secs(5))
+        .unwrap();
+    let changed = store
+        .execute(
+            "UPDATE accounts SET current_certificate = NULL WHERE id = 'u-nocert'",
+            [],
+        )
+        .unwrap();
+    assert_eq!(changed, 1);
+    drop(store);
+    assert_eq!(
+        problem_code(flow.create(&flow.demo_a, body(&taid_nocert))),
+        (409, "no_certificate".into())
+    );
+    let revoke = flow
+        .registrar
+        .post(flow.url("/v1/accounts/u-nocert/certificate/revoke"))
+        .json(&json!({"reason": "key_compromise"}))
+        .send()
+        .unwrap();
+    assert_eq!(problem_code(revoke), (409, "no_certificate".into()));
+    let export = tempfile::tempdir().unwrap();
+    let audit = smartsign_tests::flow::verify_audit(&flow.daemon, export.path());
+    assert!(
+        audit
+            .lines()
+            .any(|line| line.contains("\"signing.create_denied\"")
+                && line.contains("\"no_certificate\"")),
+        "the denial is audited"
+    );
 }
 
 #[test]
