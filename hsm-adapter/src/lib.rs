@@ -27,6 +27,7 @@ mod operations;
 mod policy;
 mod provision;
 mod public_key;
+pub mod quorum;
 mod session_pool;
 mod templates;
 
