@@ -172,6 +172,7 @@ fn run_dev(cli: &Cli) -> Result<ExitCode, String> {
                     so_pin,
                     state_dir,
                     ca_listener: Some(ca_listener),
+                    ca_address: None,
                 }),
             )
             .await
