@@ -40,7 +40,7 @@ pub(crate) async fn handle(
         );
     }
     let Some(app) = gate.app() else {
-        return sealed(gate, path).await;
+        return sealed(gate, path);
     };
     match path {
         "/healthz" => (StatusCode::OK, "text/plain", b"ok\n".to_vec()),
@@ -94,11 +94,11 @@ pub(crate) async fn handle(
 }
 
 /// The operations listener before the HSM is open.
-async fn sealed(gate: &Gate, path: &str) -> (StatusCode, &'static str, Vec<u8>) {
+fn sealed(gate: &Gate, path: &str) -> (StatusCode, &'static str, Vec<u8>) {
     match path {
         "/healthz" => (StatusCode::OK, "text/plain", b"ok\n".to_vec()),
         "/readyz" => {
-            let (received, threshold) = gate.progress().await.unwrap_or_default();
+            let (received, threshold) = gate.progress().unwrap_or_default();
             let body = json!({
                 "ready": false,
                 "sealed": true,

@@ -60,6 +60,7 @@ pub(crate) fn read_pin(path: &std::path::Path) -> Result<SecretString, String> {
 
 /// What start-up has before the HSM is open: the parts the sealed listeners need too.
 struct Base {
+    token: TokenSelector,
     started: Instant,
     clock: Arc<DaemonClock>,
     metrics: Metrics,
@@ -71,7 +72,13 @@ struct Base {
 /// With `hsm.pin_file` it opens everything, then serves. With `[hsm.quorum]` it serves sealed
 /// first ([`crate::unseal`]) and opens everything when the officers' shares rebuild the PIN.
 pub(crate) async fn run(config: Config, mut dev: Option<DevOptions>) -> Result<(), String> {
+    let token = match (&config.hsm.token_label, &config.hsm.token_serial) {
+        (Some(label), _) => TokenSelector::Label(label.clone()),
+        (None, Some(serial)) => TokenSelector::Serial(serial.clone()),
+        (None, None) => return Err("set hsm.token_label or hsm.token_serial".into()),
+    };
     let base = Base {
+        token,
         started: Instant::now(),
         clock: Arc::new(DaemonClock::default()),
         metrics: Metrics::new().map_err(|error| error.to_string())?,
@@ -90,7 +97,7 @@ pub(crate) async fn run(config: Config, mut dev: Option<DevOptions>) -> Result<(
 
     let app = match (&config.hsm.pin_file, &config.hsm.quorum) {
         (Some(pin_file), None) => {
-            let hsm = open_hsm(&config, read_pin(pin_file)?)
+            let hsm = open_hsm(&config, &base, read_pin(pin_file)?)
                 .await
                 .map_err(|error| format!("cannot open the HSM: {error}"))?;
             let app = start(&config, &base, hsm, &mut dev, &mut tasks, &shutdown_rx, &[]).await?;
@@ -177,14 +184,8 @@ pub(crate) async fn run(config: Config, mut dev: Option<DevOptions>) -> Result<(
 }
 
 /// Opens the HSM with `pin`.
-async fn open_hsm(config: &Config, pin: SecretString) -> Result<Arc<Hsm>, HsmError> {
-    let token = match (&config.hsm.token_label, &config.hsm.token_serial) {
-        (Some(label), _) => TokenSelector::Label(label.clone()),
-        (None, Some(serial)) => TokenSelector::Serial(serial.clone()),
-        // `Config::check` refuses a configuration without either.
-        (None, None) => TokenSelector::Label(String::new()),
-    };
-    let mut hsm_config = HsmConfig::new(&config.hsm.module, token, pin);
+async fn open_hsm(config: &Config, base: &Base, pin: SecretString) -> Result<Arc<Hsm>, HsmError> {
+    let mut hsm_config = HsmConfig::new(&config.hsm.module, base.token.clone(), pin);
     if let Some(workers) = config.hsm.workers.and_then(NonZeroUsize::new) {
         hsm_config = hsm_config.with_workers(workers);
     }
@@ -202,7 +203,7 @@ async fn unseal(
     tasks: &mut tokio::task::JoinSet<()>,
     shutdown: &watch::Receiver<bool>,
 ) -> Result<Arc<App>, String> {
-    let hsm = open_hsm(config, pin).await.map_err(|error| {
+    let hsm = open_hsm(config, base, pin).await.map_err(|error| {
         tracing::error!(%error, "unsealing failed: the HSM did not open; staying sealed");
         match error {
             HsmError::PinRejected { .. } => {

@@ -11,6 +11,7 @@
 //! Shares are secrets: they are held zeroized, compared by digest, and never logged, audited or
 //! echoed; the audit record `admin.unsealed` names the officers who gave them.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
@@ -45,6 +46,8 @@ struct Sealed {
     policy: QuorumPolicy,
     /// Held across a whole unseal attempt, so that shares given meanwhile wait for its outcome.
     shares: Mutex<Vec<Given>>,
+    /// How many shares are held, readable without waiting for an attempt (`/readyz`).
+    received: AtomicUsize,
     attempts: mpsc::Sender<Attempt>,
 }
 
@@ -84,11 +87,13 @@ impl Gate {
         metrics: Metrics,
         started: Instant,
     ) -> Self {
+        metrics.sealed.set(1);
         Self {
             app: OnceLock::new(),
             sealed: Some(Sealed {
                 policy,
                 shares: Mutex::new(Vec::new()),
+                received: AtomicUsize::new(0),
                 attempts,
             }),
             names,
@@ -106,29 +111,31 @@ impl Gate {
     pub(crate) fn unseal(&self, app: Arc<App>) {
         // Only the start-up task sets it, once; a second call would be a bug and is ignored.
         let _ = self.app.set(app);
+        self.metrics.sealed.set(0);
     }
 
     /// Answers a request that passed the certificate and role checks while sealed.
     pub(crate) async fn sealed_route(&self, route: &Route, ctx: Ctx) -> Result<Reply, ApiError> {
         match route.template {
-            "/v1/admin/status" => Ok(Reply::ok(&self.sealed_status().await)),
+            "/v1/admin/status" => Ok(Reply::ok(&self.sealed_status())),
             "/v1/admin/unseal" => self.give_share(ctx).await,
             _ => Err(ApiError::Sealed),
         }
     }
 
     /// `(shares received, threshold)` while sealed.
-    pub(crate) async fn progress(&self) -> Option<(usize, usize)> {
+    pub(crate) fn progress(&self) -> Option<(usize, usize)> {
         match (&self.sealed, self.app()) {
-            (Some(sealed), None) => {
-                Some((sealed.shares.lock().await.len(), sealed.policy.threshold()))
-            }
+            (Some(sealed), None) => Some((
+                sealed.received.load(Ordering::Relaxed),
+                sealed.policy.threshold(),
+            )),
             _ => None,
         }
     }
 
-    async fn sealed_status(&self) -> serde_json::Value {
-        let (received, threshold) = self.progress().await.unwrap_or_default();
+    fn sealed_status(&self) -> serde_json::Value {
+        let (received, threshold) = self.progress().unwrap_or_default();
         json!({
             "sealed": true,
             "shares_received": received,
@@ -166,6 +173,7 @@ impl Gate {
         } else {
             tracing::info!(officer = %officer, index = share.index(), "unseal share accepted");
             shares.push(Given { share, officer });
+            sealed.received.store(shares.len(), Ordering::Relaxed);
         }
         let threshold = sealed.policy.threshold();
         if shares.len() < threshold {
@@ -176,6 +184,7 @@ impl Gate {
         }
         // Whatever happens next, these shares are forgotten (zeroized on drop).
         let given = std::mem::take(&mut *shares);
+        sealed.received.store(0, Ordering::Relaxed);
         let mut officers: Vec<String> = given.iter().map(|g| g.officer.clone()).collect();
         officers.sort();
         officers.dedup();

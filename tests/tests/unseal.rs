@@ -75,6 +75,30 @@ fn without_pin_file(config: &str) -> String {
     kept.join("\n") + "\n"
 }
 
+/// Runs `smartsignd --config` on the dev configuration with `block` (`[hsm.quorum]`) in place
+/// of `hsm.pin_file`, on free ports.
+fn start_sealed(daemon: &mut DevDaemon, config: &str, block: &str) {
+    let (api, metrics) = (free_address(), free_address());
+    let quorum = without_pin_file(config)
+        .replace(
+            "metrics_listen = \"127.0.0.1:0\"",
+            &format!("metrics_listen = \"{metrics}\""),
+        )
+        .replace(
+            "\nlisten = \"127.0.0.1:0\"",
+            &format!("\nlisten = \"{api}\""),
+        )
+        + "\n"
+        + block;
+    let path = daemon.state_dir().join("quorum.toml");
+    std::fs::write(&path, &quorum).unwrap();
+    daemon.launch_with_config(
+        &path,
+        &format!("https://{api}"),
+        &format!("http://{metrics}"),
+    );
+}
+
 fn unseal(daemon: &DevDaemon, who: &str, share: &str) -> reqwest::blocking::Response {
     daemon
         .client(who)
@@ -105,25 +129,7 @@ fn readyz(daemon: &DevDaemon) -> (u16, String) {
 #[test]
 fn quorum_unseal_opens_the_hsm_with_two_of_three_shares() {
     let (mut daemon, shares, block, config) = ceremony();
-    let (api, metrics) = (free_address(), free_address());
-    let quorum = without_pin_file(&config)
-        .replace(
-            "metrics_listen = \"127.0.0.1:0\"",
-            &format!("metrics_listen = \"{metrics}\""),
-        )
-        .replace(
-            "\nlisten = \"127.0.0.1:0\"",
-            &format!("\nlisten = \"{api}\""),
-        )
-        + "\n"
-        + &block;
-    let path = daemon.state_dir().join("quorum.toml");
-    std::fs::write(&path, &quorum).unwrap();
-    daemon.launch_with_config(
-        &path,
-        &format!("https://{api}"),
-        &format!("http://{metrics}"),
-    );
+    start_sealed(&mut daemon, &config, &block);
 
     // Sealed: alive, not ready, and every route but the officer's two is 503 `sealed`.
     let (status, body) = readyz(&daemon);
@@ -134,6 +140,11 @@ fn quorum_unseal_opens_the_hsm_with_two_of_three_shares() {
         .send()
         .unwrap();
     assert_eq!(metrics_text.status(), 200);
+    let metrics_text = metrics_text.text().unwrap();
+    assert!(
+        metrics_text.contains("smartsign_sealed 1"),
+        "{metrics_text}"
+    );
     let account = daemon
         .client("registrar")
         .get(format!("{}/v1/accounts/x", daemon.api))
@@ -236,6 +247,56 @@ fn quorum_unseal_opens_the_hsm_with_two_of_three_shares() {
     for share in &shares {
         let payload = share.rsplit('.').next().unwrap();
         assert!(!records.contains(payload), "a share is in the audit log");
+        assert!(!log.contains(payload), "a share is in the daemon's log");
+    }
+}
+
+/// Shares of a ceremony on another PIN (their digests configured, as after a PIN change that
+/// skipped the ceremony): the quorum is reached, the HSM refuses the PIN, the officer is told,
+/// the shares are forgotten and the daemon stays sealed.
+#[test]
+fn a_quorum_whose_pin_the_hsm_refuses_leaves_the_daemon_sealed() {
+    let (mut daemon, _shares, _block, config) = ceremony();
+    let state = daemon.state_dir();
+    let wrong_pin = state.join("wrong.pin");
+    std::fs::write(&wrong_pin, "not-the-pin-0000\n").unwrap();
+    let out = state.join("wrong-shares");
+    let output = split(&wrong_pin, "2", "2", &out);
+    assert!(output.status.success(), "{}", describe(&output));
+    let block = String::from_utf8(output.stdout).unwrap();
+    let shares: Vec<String> = (1..=2)
+        .map(|i| {
+            std::fs::read_to_string(out.join(format!("share-{i}.txt")))
+                .unwrap()
+                .trim()
+                .to_owned()
+        })
+        .collect();
+    start_sealed(&mut daemon, &config, &block);
+
+    assert_eq!(unseal(&daemon, "officer", &shares[0]).status(), 202);
+    let refused = unseal(&daemon, "officer", &shares[1]);
+    assert_eq!(refused.status(), 503);
+    let body: Value = refused.json().unwrap();
+    assert_eq!(body["code"], "sealed", "{body}");
+    let detail = body["detail"].as_str().unwrap();
+    assert!(detail.contains("refused the PIN"), "{detail}");
+    assert!(detail.contains("stays sealed"), "{detail}");
+    let status = admin_status(&daemon);
+    assert_eq!(status["sealed"], true, "{status}");
+    assert_eq!(
+        status["shares_received"], 0,
+        "the shares are forgotten: {status}"
+    );
+    assert_eq!(readyz(&daemon).0, 503);
+    // The same shares again: the same answer, not a crash or a half-open daemon.
+    assert_eq!(unseal(&daemon, "officer", &shares[0]).status(), 202);
+    assert_eq!(unseal(&daemon, "officer", &shares[1]).status(), 503);
+    daemon.stop();
+    let log = daemon.log();
+    assert!(!log.contains("not-the-pin-0000"), "the PIN is in the log");
+    for share in &shares {
+        let payload = share.rsplit('.').next().unwrap();
         assert!(!log.contains(payload), "a share is in the daemon's log");
     }
 }
