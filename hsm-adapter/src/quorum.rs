@@ -130,7 +130,8 @@ impl ShareDigest {
     /// Parses 64 hex digits (either case).
     pub fn from_hex(text: &str) -> Result<Self, QuorumError> {
         let bad = || QuorumError::BadDigest(format!("{text:?}"));
-        if text.len() != 64 {
+        // Checked first: `from_str_radix` would also take a sign.
+        if text.len() != 64 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(bad());
         }
         let mut out = [0u8; 32];
@@ -461,10 +462,16 @@ mod tests {
             QuorumPolicy::new(2, &[digest.clone(), digest.clone()]),
             Err(QuorumError::DuplicateDigest(_))
         ));
-        assert!(matches!(
-            QuorumPolicy::new(2, &[digest, "zz".repeat(32)]),
-            Err(QuorumError::BadDigest(_))
-        ));
+        for bad in [
+            "zz".repeat(32),
+            format!("+f{}", "0".repeat(62)),
+            "ab".repeat(31),
+        ] {
+            assert!(matches!(
+                QuorumPolicy::new(2, &[digest.clone(), bad]),
+                Err(QuorumError::BadDigest(_))
+            ));
+        }
     }
 
     #[test]
