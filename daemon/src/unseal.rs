@@ -208,14 +208,23 @@ impl Gate {
                 outcome,
             })
             .await
-            .map_err(|_| ApiError::UnsealFailed("the daemon is shutting down".into()))?;
+            .map_err(|_| self.no_attempt())?;
         match answer.await {
             Ok(Ok(())) => Ok(Reply::ok(&json!({"sealed": false}))),
             Ok(Err(error)) => Err(ApiError::UnsealFailed(format!(
                 "{error}; the shares were forgotten and the daemon stays sealed: give the shares \
                  again once this is fixed"
             ))),
-            Err(_) => Err(ApiError::UnsealFailed("the daemon is shutting down".into())),
+            Err(_) => Err(self.no_attempt()),
+        }
+    }
+
+    /// Why the start-up task took no attempt: it unsealed with another one (whose request was
+    /// cancelled while it ran), or it is shutting down.
+    fn no_attempt(&self) -> ApiError {
+        match self.app() {
+            Some(_) => ApiError::AlreadyUnsealed,
+            None => ApiError::UnsealFailed("the daemon is shutting down".into()),
         }
     }
 }
