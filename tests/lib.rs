@@ -311,6 +311,57 @@ impl DevDaemon {
         }
     }
 
+    /// Starts `smartsignd --config FILE` in place of the `--dev` run (stopped first), on the same
+    /// state directory and token, its output appended to the same logs. `api` and `metrics` are
+    /// the URLs of the listeners the file configures; it returns once `/healthz` answers, which
+    /// a sealed daemon does too.
+    pub fn launch_with_config(&mut self, config: &Path, api: &str, metrics: &str) {
+        self.stop();
+        let append = |name: &str| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(self.dir.path().join(name))
+                .expect("log file")
+        };
+        let child = Command::new(binary("smartsignd", "smartsignd"))
+            .arg("--config")
+            .arg(config)
+            .env("SOFTHSM2_CONF", self.state_dir().join("hsm/softhsm2.conf"))
+            .envs(self.env.iter().map(|(name, value)| (name, value)))
+            .stdout(append("stdout.log"))
+            .stderr(append("stderr.log"))
+            .spawn()
+            .expect("start smartsignd --config");
+        self.child = Some(child);
+        self.api = api.to_owned();
+        self.metrics = metrics.to_owned();
+        let plain = reqwest::blocking::Client::new();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            if plain
+                .get(format!("{metrics}/healthz"))
+                .send()
+                .is_ok_and(|response| response.status() == 200)
+            {
+                return;
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("smartsignd exited early ({status}):\n{}", self.log());
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "smartsignd --config did not answer /healthz in time:\n{}",
+                self.log()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
     /// Stops the daemon with SIGTERM and waits; returns its exit status.
     pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
         let mut child = self.child.take()?;

@@ -23,6 +23,8 @@ use crate::config::Config;
   smartsignd --config /etc/smartsign/smartsignd.toml
 
 Production tokens get their system keys from `smartsign-ctl keys init` while the daemon is stopped.
+With [hsm.quorum] instead of hsm.pin_file (`smartsign-ctl ceremony split` prints it) the daemon
+starts sealed and opens the HSM when enough officers give their shares (POST /v1/admin/unseal).
 SIGTERM or Ctrl-C stops the daemon: in-flight requests finish and a final checkpoint is signed."
 )]
 struct Cli {
@@ -172,6 +174,7 @@ fn run_dev(cli: &Cli) -> Result<ExitCode, String> {
                     so_pin,
                     state_dir,
                     ca_listener: Some(ca_listener),
+                    ca_address: None,
                 }),
             )
             .await

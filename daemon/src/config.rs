@@ -66,8 +66,14 @@ pub(crate) struct HsmSection {
     pub(crate) token_label: Option<String>,
     /// The token's serial number.
     pub(crate) token_serial: Option<String>,
-    /// File holding the user PIN (first line). Never the PIN itself.
-    pub(crate) pin_file: PathBuf,
+    /// File holding the user PIN (first line). Never the PIN itself. Exactly one of
+    /// `pin_file` and `[hsm.quorum]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) pin_file: Option<PathBuf>,
+    /// The unseal quorum (`smartsign-ctl ceremony split`): the daemon starts sealed and opens the
+    /// HSM when `threshold` officers have given their shares.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) quorum: Option<QuorumConfig>,
     /// `wrapped` (default) or `resident`, see the README.
     #[serde(default = "default_key_mode")]
     pub(crate) key_mode: String,
@@ -83,9 +89,29 @@ impl fmt::Debug for HsmSection {
             .field("token_label", &self.token_label)
             .field("token_serial", &self.token_serial)
             .field("pin_file", &self.pin_file)
+            .field("quorum", &self.quorum)
             .field("key_mode", &self.key_mode)
             .field("workers", &self.workers)
             .finish()
+    }
+}
+
+/// `[hsm.quorum]`: what `smartsign-ctl ceremony split` prints. Only digests of the shares, which
+/// rebuild nothing.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct QuorumConfig {
+    /// How many distinct shares rebuild the PIN.
+    pub(crate) threshold: usize,
+    /// SHA-256 (hex) of the text of each share of the ceremony.
+    pub(crate) share_digests: Vec<String>,
+}
+
+impl QuorumConfig {
+    /// The checked policy; [`Config::check`] has refused a configuration where this fails.
+    pub(crate) fn policy(&self) -> Result<hsm_adapter::quorum::QuorumPolicy, String> {
+        hsm_adapter::quorum::QuorumPolicy::new(self.threshold, &self.share_digests)
+            .map_err(|error| format!("hsm.quorum: {error}"))
     }
 }
 
@@ -370,7 +396,27 @@ impl Config {
         file("server.tls_private_key", &self.server.tls_private_key);
         file("server.client_ca", &self.server.client_ca);
         file("hsm.module", &self.hsm.module);
-        file("hsm.pin_file", &self.hsm.pin_file);
+        match (&self.hsm.pin_file, &self.hsm.quorum) {
+            (Some(pin_file), None) => file("hsm.pin_file", pin_file),
+            (None, Some(quorum)) => {
+                if let Err(error) = quorum.policy() {
+                    problems.push(format!(
+                        "{error}; use the [hsm.quorum] section that `smartsign-ctl ceremony \
+                         split` printed"
+                    ));
+                }
+            }
+            (Some(_), Some(_)) => problems.push(
+                "set either hsm.pin_file or [hsm.quorum], not both: with a quorum the PIN is \
+                 rebuilt from the officers' shares and must not also be in a file"
+                    .into(),
+            ),
+            (None, None) => problems.push(
+                "set hsm.pin_file (the user PIN's file) or [hsm.quorum] (officers unseal the \
+                 daemon with shares from `smartsign-ctl ceremony split`)"
+                    .into(),
+            ),
+        }
         match (&self.hsm.token_label, &self.hsm.token_serial) {
             (Some(_), Some(_)) => {
                 problems.push("set only one of hsm.token_label and hsm.token_serial".into())

@@ -26,9 +26,9 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
-use crate::app::App;
 use crate::problem::ApiError;
 use crate::tls::Caller;
+use crate::unseal::Gate;
 
 /// The largest request body accepted; API bodies are a few KiB.
 const MAX_BODY: usize = 64 * 1024;
@@ -171,7 +171,7 @@ fn percent_decode(text: &str) -> String {
 }
 
 async fn handle_api(
-    app: Arc<App>,
+    gate: Arc<Gate>,
     caller: Result<Caller, String>,
     request: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
@@ -185,7 +185,7 @@ async fn handle_api(
         } else {
             ApiError::NotFound("route")
         };
-        app.metrics.observe_request(
+        gate.metrics.observe_request(
             "unmatched",
             method.as_str(),
             error.status().as_u16(),
@@ -213,7 +213,10 @@ async fn handle_api(
                     query,
                     body: body.to_bytes(),
                 };
-                (route.handler)(app.clone(), ctx).await
+                match gate.app() {
+                    Some(app) => (route.handler)(app.clone(), ctx).await,
+                    None => gate.sealed_route(route, ctx).await,
+                }
             }
         },
     };
@@ -221,7 +224,7 @@ async fn handle_api(
         Ok(reply) => response(reply.status, reply.content_type, reply.body),
         Err(error) => problem_response(&error),
     };
-    app.metrics.observe_request(
+    gate.metrics.observe_request(
         route.template,
         method.as_str(),
         response.status().as_u16(),
@@ -271,18 +274,19 @@ async fn accept_loop<F, Fut>(
     while connections.join_next().await.is_some() {}
 }
 
-/// Serves the mutual-TLS API on `listener` until `shutdown` turns true.
+/// Serves the mutual-TLS API on `listener` until `shutdown` turns true: the sealed routes until
+/// `gate` opens, then the route table.
 pub(crate) async fn serve_api(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
-    app: Arc<App>,
+    gate: Arc<Gate>,
     shutdown: watch::Receiver<bool>,
     grace: Duration,
 ) {
     let acceptor = TlsAcceptor::from(tls);
     accept_loop(listener, shutdown, grace, move |stream, peer, watcher| {
         let acceptor = acceptor.clone();
-        let app = app.clone();
+        let gate = gate.clone();
         async move {
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                 Ok(Ok(tls)) => tls,
@@ -296,11 +300,11 @@ pub(crate) async fn serve_api(
                 }
             };
             let caller = match tls.get_ref().1.peer_certificates() {
-                Some([leaf, ..]) => app.names.caller(leaf).map_err(|error| error.to_string()),
+                Some([leaf, ..]) => gate.names.caller(leaf).map_err(|error| error.to_string()),
                 _ => Err("no client certificate".to_owned()),
             };
             let service =
-                service_fn(move |request| handle_api(app.clone(), caller.clone(), request));
+                service_fn(move |request| handle_api(gate.clone(), caller.clone(), request));
             let builder = auto::Builder::new(TokioExecutor::new());
             let connection = builder.serve_connection(TokioIo::new(tls), service);
             if let Err(error) = watcher.watch(connection.into_owned()).await {

@@ -27,5 +27,6 @@ mod server;
 mod signing;
 mod sweeps;
 mod tls;
+mod unseal;
 
 pub use cli::main;

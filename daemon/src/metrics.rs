@@ -21,6 +21,8 @@ pub(crate) struct Metrics {
     pub(crate) pending_requests: IntGauge,
     pub(crate) checkpoint_age: IntGauge,
     pub(crate) audit_tree_size: IntGauge,
+    /// 1 while the daemon waits for the officers' unseal shares.
+    pub(crate) sealed: IntGauge,
     status: Arc<StatusMetrics>,
 }
 
@@ -120,6 +122,10 @@ impl Metrics {
             "Seconds since the latest signed audit checkpoint",
         )?;
         let audit_tree_size = IntGauge::new("audit_tree_size", "Records in the audit log")?;
+        let sealed = IntGauge::new(
+            "sealed",
+            "1 while the daemon is sealed, waiting for the officers' unseal shares",
+        )?;
         let status = Arc::new(StatusMetrics {
             cache: IntCounterVec::new(
                 Opts::new(
@@ -161,6 +167,7 @@ impl Metrics {
         registry.register(Box::new(pending_requests.clone()))?;
         registry.register(Box::new(checkpoint_age.clone()))?;
         registry.register(Box::new(audit_tree_size.clone()))?;
+        registry.register(Box::new(sealed.clone()))?;
         Ok(Self {
             registry,
             http_requests,
@@ -171,6 +178,7 @@ impl Metrics {
             pending_requests,
             checkpoint_age,
             audit_tree_size,
+            sealed,
             status,
         })
     }

@@ -1,11 +1,13 @@
-//! The operations listener: `/healthz` (alive), `/readyz` (200 only when every component the
-//! signing path needs is usable; the body names what is not) and `/metrics`.
+//! The operations listener: `/healthz` (alive), `/readyz` (200 only when unsealed and every
+//! component the signing path needs is usable; the body names what is not) and `/metrics`.
+//! While sealed, `/readyz` is 503 naming `sealed`, and `/metrics` gives what it has.
 
 use cert_lifecycle::Store;
 use hyper::{Method, StatusCode};
 use serde_json::json;
 
 use crate::app::App;
+use crate::unseal::Gate;
 
 /// Each component and what is wrong with it, if anything.
 pub(crate) async fn readiness(app: &App) -> Vec<(&'static str, Option<String>)> {
@@ -26,7 +28,7 @@ pub(crate) async fn readiness(app: &App) -> Vec<(&'static str, Option<String>)> 
 }
 
 pub(crate) async fn handle(
-    app: &App,
+    gate: &Gate,
     method: &Method,
     path: &str,
 ) -> (StatusCode, &'static str, Vec<u8>) {
@@ -37,6 +39,9 @@ pub(crate) async fn handle(
             b"GET only\n".to_vec(),
         );
     }
+    let Some(app) = gate.app() else {
+        return sealed(gate, path);
+    };
     match path {
         "/healthz" => (StatusCode::OK, "text/plain", b"ok\n".to_vec()),
         "/readyz" => {
@@ -44,6 +49,7 @@ pub(crate) async fn handle(
             let ready = components.iter().all(|(_, problem)| problem.is_none());
             let body = json!({
                 "ready": ready,
+                "sealed": false,
                 "components": components
                     .iter()
                     .map(|(name, problem)| {
@@ -83,6 +89,41 @@ pub(crate) async fn handle(
                 app.metrics.render(),
             )
         }
-        _ => (StatusCode::NOT_FOUND, "text/plain", b"not found\n".to_vec()),
+        _ => not_found(),
     }
+}
+
+/// The operations listener before the HSM is open.
+fn sealed(gate: &Gate, path: &str) -> (StatusCode, &'static str, Vec<u8>) {
+    match path {
+        "/healthz" => (StatusCode::OK, "text/plain", b"ok\n".to_vec()),
+        "/readyz" => {
+            let (received, threshold) = gate.progress().unwrap_or_default();
+            let body = json!({
+                "ready": false,
+                "sealed": true,
+                "components": {
+                    "sealed": format!(
+                        "sealed: {received} of {threshold} unseal shares received \
+                         (POST /v1/admin/unseal)"
+                    ),
+                },
+            });
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "application/json",
+                body.to_string().into_bytes(),
+            )
+        }
+        "/metrics" => (
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            gate.metrics.render(),
+        ),
+        _ => not_found(),
+    }
+}
+
+fn not_found() -> (StatusCode, &'static str, Vec<u8>) {
+    (StatusCode::NOT_FOUND, "text/plain", b"not found\n".to_vec())
 }

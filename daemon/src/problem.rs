@@ -35,6 +35,14 @@ pub(crate) enum ApiError {
     HkicMismatch,
     AuthorisationInvalid,
     TooManyAttempts,
+    /// 409 `already_unsealed`: an unseal share given to a daemon that is not sealed.
+    AlreadyUnsealed,
+    /// 422 `invalid_share`: not a share, or one whose digest is not configured.
+    InvalidShare,
+    /// 503 `sealed`: the route needs the HSM, which a quorum of officers has not unsealed yet.
+    Sealed,
+    /// 503 `sealed`: the quorum was reached but unsealing failed; `detail` says why.
+    UnsealFailed(String),
     HsmUnavailable,
     AuditUnavailable,
     StatusUnavailable,
@@ -53,12 +61,12 @@ impl ApiError {
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             AccountExists | AccountNotActive(_) | NotIamSmartPlus | AlreadyIamSmartPlus
             | CertificateExpired | CertificateRevoked | NoCertificate | RenewalNotDue
-            | RenewalTooLate | RequestNotPending(_) => StatusCode::CONFLICT,
+            | RenewalTooLate | RequestNotPending(_) | AlreadyUnsealed => StatusCode::CONFLICT,
             RequestExpired => StatusCode::GONE,
             Underage | GuardianRequired | GuardianUnderage | InvalidHkic(_) | HkicMismatch
-            | AuthorisationInvalid => StatusCode::UNPROCESSABLE_ENTITY,
+            | AuthorisationInvalid | InvalidShare => StatusCode::UNPROCESSABLE_ENTITY,
             TooManyAttempts => StatusCode::TOO_MANY_REQUESTS,
-            HsmUnavailable | AuditUnavailable | StatusUnavailable => {
+            Sealed | UnsealFailed(_) | HsmUnavailable | AuditUnavailable | StatusUnavailable => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -92,6 +100,9 @@ impl ApiError {
             HkicMismatch => "hkic_mismatch",
             AuthorisationInvalid => "authorisation_invalid",
             TooManyAttempts => "too_many_attempts",
+            AlreadyUnsealed => "already_unsealed",
+            InvalidShare => "invalid_share",
+            Sealed | UnsealFailed(_) => "sealed",
             HsmUnavailable => "hsm_unavailable",
             AuditUnavailable => "audit_unavailable",
             StatusUnavailable => "status_unavailable",
@@ -126,6 +137,10 @@ impl ApiError {
             HkicMismatch => "HKIC number does not match",
             AuthorisationInvalid => "Authorisation invalid",
             TooManyAttempts => "Too many attempts",
+            AlreadyUnsealed => "Already unsealed",
+            InvalidShare => "Invalid share",
+            Sealed => "Sealed",
+            UnsealFailed(_) => "Unsealing failed",
             HsmUnavailable => "HSM unavailable",
             AuditUnavailable => "Audit log unavailable",
             StatusUnavailable => "Certificate status unavailable",
@@ -136,7 +151,10 @@ impl ApiError {
     fn detail(&self) -> String {
         use ApiError::*;
         match self {
-            InvalidRequest(detail) | InvalidHash(detail) | InvalidHkic(detail) => detail.clone(),
+            InvalidRequest(detail)
+            | InvalidHash(detail)
+            | InvalidHkic(detail)
+            | UnsealFailed(detail) => detail.clone(),
             NotFound(what) => format!("no such {what}"),
             AccountNotActive(status) => format!("the account is {status}"),
             RequestNotPending(status) => format!("the request is {status}"),
@@ -145,6 +163,15 @@ impl ApiError {
             }
             Forbidden => "this caller may not use this route or resource".into(),
             TooManyAttempts => "the request is locked after 3 bad authorisations".into(),
+            AlreadyUnsealed => "already unsealed: the HSM is open; no share is needed".into(),
+            InvalidShare => {
+                "not a share of this appliance's quorum: give the whole text of your share file \
+                 (smartsign-share-v1....) from the ceremony whose digests are configured"
+                    .into()
+            }
+            Sealed => "the daemon is sealed: a quorum of officers must unseal it with \
+                 POST /v1/admin/unseal before the HSM can be used"
+                .into(),
             HsmUnavailable => "the HSM cannot be used now; nothing was signed".into(),
             AuditUnavailable => "the audit log cannot be written; nothing was signed".into(),
             StatusUnavailable => {
@@ -243,6 +270,10 @@ mod tests {
             HkicMismatch,
             AuthorisationInvalid,
             TooManyAttempts,
+            AlreadyUnsealed,
+            InvalidShare,
+            Sealed,
+            UnsealFailed("x".into()),
             HsmUnavailable,
             AuditUnavailable,
             StatusUnavailable,

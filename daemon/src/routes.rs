@@ -11,7 +11,7 @@ use crate::app::App;
 use crate::http::{Ctx, Reply};
 use crate::problem::ApiError;
 use crate::tls::Role::{self, *};
-use crate::{accounts, admin, audit_api, lifecycle, signing, sweeps};
+use crate::{accounts, admin, audit_api, lifecycle, signing, sweeps, unseal};
 
 type Handler = fn(Arc<App>, Ctx) -> Pin<Box<dyn Future<Output = Result<Reply, ApiError>> + Send>>;
 
@@ -150,6 +150,12 @@ pub(crate) fn table() -> &'static [Route] {
                 audit_api::public_key
             ),
             route!(GET, "/v1/admin/status", &[Officer], admin::status),
+            route!(
+                POST,
+                "/v1/admin/unseal",
+                &[Officer],
+                unseal::already_unsealed
+            ),
             route!(POST, "/v1/admin/clock", &[Officer], admin::set_clock),
             route!(POST, "/v1/admin/sweep", &[Officer], sweeps::sweep_now),
         ]

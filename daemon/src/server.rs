@@ -1,6 +1,7 @@
-//! Start-up and shutdown: open the HSM, the store, the audit log and the CA; bind the listeners;
-//! serve until SIGTERM or Ctrl-C; then let in-flight requests finish, write a final checkpoint,
-//! and close everything in order.
+//! Start-up and shutdown: open the HSM (with the PIN file, or once a quorum of officers unsealed
+//! the daemon), the store, the audit log and the CA; bind the listeners; serve until SIGTERM or
+//! Ctrl-C; then let in-flight requests finish, write a final checkpoint, and close everything in
+//! order.
 
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
@@ -10,16 +11,18 @@ use std::time::{Duration, Instant};
 
 use audit_log::{AuditLog, AuditLogConfig, AuditPublicKey, Origin};
 use cert_lifecycle::SqliteStore;
-use hsm_adapter::{Hsm, HsmConfig, KeyMode, SystemKey, TokenSelector};
+use hsm_adapter::{Hsm, HsmConfig, HsmError, KeyMode, SystemKey, TokenSelector};
 use secrecy::SecretString;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use crate::app::{App, Policy, fields};
 use crate::audit_api::HsmCheckpointSigner;
+use crate::ca_http::EmbeddedHost;
 use crate::clock::DaemonClock;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::tls::NamePolicy;
+use crate::unseal::Gate;
 
 /// What `--dev` adds to a normal start.
 pub(crate) struct DevOptions {
@@ -30,6 +33,8 @@ pub(crate) struct DevOptions {
     /// The CA listener, bound before the configuration was made (its URL is in certificates);
     /// taken when the embedded CA starts serving.
     pub(crate) ca_listener: Option<tokio::net::TcpListener>,
+    /// Where the embedded CA listens once it serves, for `endpoints.json`.
+    pub(crate) ca_address: Option<SocketAddr>,
 }
 
 /// The system keys every daemon needs; the KEK (wrapped mode), the CMP client key (signature
@@ -53,31 +58,280 @@ pub(crate) fn read_pin(path: &std::path::Path) -> Result<SecretString, String> {
     Ok(SecretString::from(pin.to_owned()))
 }
 
+/// What start-up has before the HSM is open: the parts the sealed listeners need too.
+struct Base {
+    token: TokenSelector,
+    started: Instant,
+    clock: Arc<DaemonClock>,
+    metrics: Metrics,
+    names: NamePolicy,
+}
+
 /// Runs the daemon until a shutdown signal.
+///
+/// With `hsm.pin_file` it opens everything, then serves. With `[hsm.quorum]` it serves sealed
+/// first ([`crate::unseal`]) and opens everything when the officers' shares rebuild the PIN.
 pub(crate) async fn run(config: Config, mut dev: Option<DevOptions>) -> Result<(), String> {
-    let started = Instant::now();
-    let clock = Arc::new(DaemonClock::default());
-    let key_mode = if config.hsm.key_mode == "resident" {
-        KeyMode::Resident
-    } else {
-        KeyMode::Wrapped
-    };
     let token = match (&config.hsm.token_label, &config.hsm.token_serial) {
         (Some(label), _) => TokenSelector::Label(label.clone()),
         (None, Some(serial)) => TokenSelector::Serial(serial.clone()),
         (None, None) => return Err("set hsm.token_label or hsm.token_serial".into()),
     };
-    let mut hsm_config = HsmConfig::new(&config.hsm.module, token, read_pin(&config.hsm.pin_file)?);
+    let base = Base {
+        token,
+        started: Instant::now(),
+        clock: Arc::new(DaemonClock::default()),
+        metrics: Metrics::new().map_err(|error| error.to_string())?,
+        names: NamePolicy::new(&config.server.allowed_names),
+    };
+    let tls = crate::tls::server_config(
+        &config.server.tls_certificate,
+        &config.server.tls_private_key,
+        &config.server.client_ca,
+    )
+    .map_err(|error| error.to_string())?;
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+
+    let app = match (&config.hsm.pin_file, &config.hsm.quorum) {
+        (Some(pin_file), None) => {
+            let hsm = open_hsm(&config, &base, read_pin(pin_file)?)
+                .await
+                .map_err(|error| format!("cannot open the HSM: {error}"))?;
+            let app = start(&config, &base, hsm, &mut dev, &mut tasks, &shutdown_rx, &[]).await?;
+            let gate = Arc::new(Gate::open(app.clone()));
+            let (api, metrics) = listen(&config, tls, &gate, &mut tasks, &shutdown_rx).await?;
+            if let Some(dev) = &dev {
+                let ca = dev.ca_address.ok_or("--dev needs the embedded CA")?;
+                crate::dev::announce(&dev.state_dir, api, metrics, ca)?;
+            }
+            app
+        }
+        (None, Some(quorum)) => {
+            let (attempts, mut attempt_rx) = mpsc::channel(1);
+            let gate = Arc::new(Gate::sealed(
+                quorum.policy()?,
+                attempts,
+                base.names.clone(),
+                base.metrics.clone(),
+                base.started,
+            ));
+            listen(&config, tls, &gate, &mut tasks, &shutdown_rx).await?;
+            tracing::warn!(
+                threshold = quorum.threshold,
+                "sealed: the HSM opens when a quorum of officers gives its shares \
+                 (POST /v1/admin/unseal)"
+            );
+            loop {
+                let attempt = tokio::select! {
+                    () = &mut shutdown => {
+                        tracing::info!("shutting down while sealed");
+                        let _ = shutdown_tx.send(true);
+                        while tasks.join_next().await.is_some() {}
+                        tracing::info!("stopped");
+                        return Ok(());
+                    }
+                    Some(attempt) = attempt_rx.recv() => attempt,
+                };
+                match unseal(
+                    &config,
+                    &base,
+                    attempt.pin,
+                    &attempt.officers,
+                    &mut tasks,
+                    &shutdown_rx,
+                )
+                .await
+                {
+                    Ok(app) => {
+                        gate.unseal(app.clone());
+                        let _ = attempt.outcome.send(Ok(()));
+                        break app;
+                    }
+                    Err(failure) => {
+                        let _ = attempt.outcome.send(Err(failure));
+                    }
+                }
+            }
+        }
+        _ => return Err("set either hsm.pin_file or [hsm.quorum] (see --check-config)".into()),
+    };
+    tracing::info!("smartsignd is serving");
+
+    (&mut shutdown).await;
+    tracing::info!("shutting down: finishing in-flight requests");
+    let _ = shutdown_tx.send(true);
+    while tasks.join_next().await.is_some() {}
+    let _ = app
+        .audit("daemon.stopped", "system", serde_json::Map::new())
+        .await;
+    match app
+        .audit
+        .checkpoint(&HsmCheckpointSigner(app.hsm.clone()))
+        .await
+    {
+        Ok(checkpoint) => tracing::info!(
+            tree_size = checkpoint.tree_size(),
+            "final checkpoint written"
+        ),
+        Err(error) => tracing::error!(%error, "could not write the final checkpoint"),
+    }
+    close(app).await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Opens the HSM with `pin`.
+async fn open_hsm(config: &Config, base: &Base, pin: SecretString) -> Result<Arc<Hsm>, HsmError> {
+    let mut hsm_config = HsmConfig::new(&config.hsm.module, base.token.clone(), pin);
     if let Some(workers) = config.hsm.workers.and_then(NonZeroUsize::new) {
         hsm_config = hsm_config.with_workers(workers);
     }
     tracing::info!(module = %config.hsm.module.display(), "opening the HSM");
-    let hsm = Arc::new(
-        Hsm::open(hsm_config)
+    Ok(Arc::new(Hsm::open(hsm_config).await?))
+}
+
+/// One unseal attempt with the PIN the shares rebuilt. The error is what the officer is told;
+/// the whole cause goes to the log. A failure leaves nothing open.
+async fn unseal(
+    config: &Config,
+    base: &Base,
+    pin: SecretString,
+    officers: &[String],
+    tasks: &mut tokio::task::JoinSet<()>,
+    shutdown: &watch::Receiver<bool>,
+) -> Result<Arc<App>, String> {
+    let hsm = open_hsm(config, base, pin).await.map_err(|error| {
+        tracing::error!(%error, "unsealing failed: the HSM did not open; staying sealed");
+        match error {
+            HsmError::PinRejected { .. } => {
+                format!("the HSM refused the PIN rebuilt from the shares ({error})")
+            }
+            error => format!("the HSM could not be opened ({error})"),
+        }
+    })?;
+    start(config, base, hsm, &mut None, tasks, shutdown, officers)
+        .await
+        .map_err(|error| {
+            tracing::error!(%error, "start-up after unsealing failed; staying sealed");
+            "the HSM opened but start-up failed (the daemon's log says why)".to_owned()
+        })
+}
+
+/// Everything after the HSM opened: system keys, store, audit log (and `admin.unsealed` when
+/// officers unsealed), the embedded CA's listener, crash recovery, the start-up audit record,
+/// then the sweeps and checkpoints in the background. On failure it closes what it opened.
+async fn start(
+    config: &Config,
+    base: &Base,
+    hsm: Arc<Hsm>,
+    dev: &mut Option<DevOptions>,
+    tasks: &mut tokio::task::JoinSet<()>,
+    shutdown: &watch::Receiver<bool>,
+    officers: &[String],
+) -> Result<Arc<App>, String> {
+    let key_mode = if config.hsm.key_mode == "resident" {
+        KeyMode::Resident
+    } else {
+        KeyMode::Wrapped
+    };
+    let (app, embedded) = match assemble(config, base, hsm.clone(), dev.as_ref(), key_mode).await {
+        Ok(parts) => parts,
+        Err(error) => {
+            if let Some(hsm) = Arc::into_inner(hsm) {
+                hsm.shutdown().await;
+            }
+            return Err(error);
+        }
+    };
+    drop(hsm);
+    let ca_listener = dev.as_mut().and_then(|dev| dev.ca_listener.take());
+    let mut ca_task = None;
+    let started = async {
+        if !officers.is_empty() {
+            app.audit(
+                "admin.unsealed",
+                "system",
+                fields([("officers", officers.into())]),
+            )
             .await
-            .map_err(|error| format!("cannot open the HSM: {error}"))?,
-    );
-    if let Some(dev) = &dev {
+            .map_err(|_| "cannot write the unseal audit record".to_string())?;
+        }
+        if let (Some(host), Some(settings)) = (embedded, &config.ca.embedded) {
+            let listener = match ca_listener {
+                Some(listener) => listener,
+                None => crate::http::bind(settings.listen, "embedded CA").await?,
+            };
+            let address = local(&listener)?;
+            if let Some(dev) = dev.as_mut() {
+                dev.ca_address = Some(address);
+            }
+            let clock = app.clock.clone();
+            ca_task = Some(tokio::spawn(crate::http::serve_plain(
+                listener,
+                shutdown.clone(),
+                move |method, path, body| {
+                    let host = host.clone();
+                    let now = clock.now().into();
+                    async move { host.answer(&method, &path, &body, now).await }
+                },
+            )));
+            tracing::info!(ca = %address, "embedded CA listening");
+        }
+        // A renewal or re-application that a crash interrupted is finished or undone before the
+        // API serves; the CA (the embedded one too) is reachable by now.
+        crate::lifecycle::recover(&app).await?;
+        app.audit(
+            "daemon.started",
+            "system",
+            fields([
+                ("version", env!("CARGO_PKG_VERSION").into()),
+                ("dev", app.dev.into()),
+            ]),
+        )
+        .await
+        .map_err(|_| "cannot write the start-up audit record".to_string())
+    }
+    .await;
+    if let Err(error) = started {
+        if let Some(task) = ca_task {
+            task.abort();
+            let _ = task.await;
+        }
+        if let Err(closing) = close(app).await {
+            tracing::error!(error = %closing, "closing after a failed start-up");
+        }
+        return Err(error);
+    }
+    if let Some(task) = ca_task {
+        tasks.spawn(async move {
+            let _ = task.await;
+        });
+    }
+    tasks.spawn(crate::sweeps::scheduler(
+        app.clone(),
+        Duration::from_secs(config.policy.sweep_interval_seconds),
+        shutdown.clone(),
+    ));
+    tasks.spawn(checkpoints(
+        app.clone(),
+        Duration::from_secs(config.audit.checkpoint_interval_seconds),
+        shutdown.clone(),
+    ));
+    Ok(app)
+}
+
+/// Checks the system keys and opens the store, the audit log, the embedded CA and the CA link.
+async fn assemble(
+    config: &Config,
+    base: &Base,
+    hsm: Arc<Hsm>,
+    dev: Option<&DevOptions>,
+    key_mode: KeyMode,
+) -> Result<(Arc<App>, Option<Arc<EmbeddedHost>>), String> {
+    if let Some(dev) = dev {
         let report = hsm
             .provision_system_keys(&dev.so_pin)
             .await
@@ -123,7 +377,7 @@ pub(crate) async fn run(config: Config, mut dev: Option<DevOptions>) -> Result<(
     let audit = AuditLog::open(
         &config.audit.dir,
         AuditLogConfig::new(Origin::new(&config.audit.origin).map_err(|e| e.to_string())?)
-            .with_clock(clock.clone())
+            .with_clock(base.clock.clone())
             .with_checkpoint_key(
                 AuditPublicKey::from_spki_der(audit_key.as_der()).map_err(|e| e.to_string())?,
             ),
@@ -135,145 +389,91 @@ pub(crate) async fn run(config: Config, mut dev: Option<DevOptions>) -> Result<(
             config.audit.dir.display()
         )
     })?;
-    let embedded = match &config.ca.embedded {
-        Some(embedded) => Some(Arc::new(
-            crate::ca_http::EmbeddedHost::open(&config, embedded, hsm.clone(), clock.now().into())
-                .await?,
-        )),
-        None => None,
+    let audit = Arc::new(audit);
+    let opened = async {
+        let embedded = match &config.ca.embedded {
+            Some(embedded) => Some(Arc::new(
+                EmbeddedHost::open(config, embedded, hsm.clone(), base.clock.now().into()).await?,
+            )),
+            None => None,
+        };
+        let ca = crate::ca::connect(config, hsm.clone(), base.metrics.status())?;
+        let key_algorithm = config
+            .policy
+            .key_algorithm
+            .parse()
+            .map_err(|error: HsmError| error.to_string())?;
+        Ok::<_, String>((embedded, ca, key_algorithm))
+    }
+    .await;
+    let (embedded, ca, key_algorithm) = match opened {
+        Ok(parts) => parts,
+        Err(error) => {
+            if let Some(audit) = Arc::into_inner(audit) {
+                let _ = audit.close().await;
+            }
+            return Err(error);
+        }
     };
-    let metrics = Metrics::new().map_err(|error| error.to_string())?;
-    let ca = crate::ca::connect(&config, hsm.clone(), metrics.status())?;
-
-    let tls = crate::tls::server_config(
-        &config.server.tls_certificate,
-        &config.server.tls_private_key,
-        &config.server.client_ca,
-    )
-    .map_err(|error| error.to_string())?;
     let app = Arc::new(App {
-        hsm: hsm.clone(),
+        hsm,
         store: Arc::new(store),
         ca,
-        audit: Arc::new(audit),
-        clock,
-        metrics,
+        audit,
+        clock: base.clock.clone(),
+        metrics: base.metrics.clone(),
         policy: Policy {
             request_ttl: Duration::from_secs(config.policy.request_ttl_seconds),
             certificate_validity: time::Duration::days(
                 config.policy.certificate_validity_days.into(),
             ),
             renewal_window: time::Duration::days(config.policy.renewal_window_days.into()),
-            key_algorithm: config
-                .policy
-                .key_algorithm
-                .parse()
-                .map_err(|error: hsm_adapter::HsmError| error.to_string())?,
+            key_algorithm,
             key_mode,
         },
-        names: NamePolicy::new(&config.server.allowed_names),
+        names: base.names.clone(),
         dev: dev.is_some(),
-        started,
+        started: base.started,
         in_flight: Default::default(),
         sweeping: Default::default(),
     });
+    Ok((app, embedded))
+}
 
+/// Binds the API and operations listeners and serves `gate` on them.
+async fn listen(
+    config: &Config,
+    tls: Arc<rustls::ServerConfig>,
+    gate: &Arc<Gate>,
+    tasks: &mut tokio::task::JoinSet<()>,
+    shutdown: &watch::Receiver<bool>,
+) -> Result<(SocketAddr, SocketAddr), String> {
     let api_listener = crate::http::bind(config.server.listen, "API").await?;
     let metrics_listener = crate::http::bind(config.server.metrics_listen, "metrics").await?;
-    let api_address = local(&api_listener)?;
-    let metrics_address = local(&metrics_listener)?;
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let mut tasks = tokio::task::JoinSet::new();
-    let operations_app = app.clone();
+    let api = local(&api_listener)?;
+    let metrics = local(&metrics_listener)?;
+    let operations = gate.clone();
     tasks.spawn(crate::http::serve_plain(
         metrics_listener,
-        shutdown_rx.clone(),
+        shutdown.clone(),
         move |method, path, _body| {
-            let app = operations_app.clone();
-            async move { crate::operations::handle(&app, &method, &path).await }
+            let gate = operations.clone();
+            async move { crate::operations::handle(&gate, &method, &path).await }
         },
     ));
-    let ca_address = match (embedded, &config.ca.embedded) {
-        (Some(host), Some(settings)) => {
-            let bound = dev.as_mut().and_then(|dev| dev.ca_listener.take());
-            let listener = match bound {
-                Some(listener) => listener,
-                None => crate::http::bind(settings.listen, "embedded CA").await?,
-            };
-            let address = local(&listener)?;
-            let clock = app.clock.clone();
-            tasks.spawn(crate::http::serve_plain(
-                listener,
-                shutdown_rx.clone(),
-                move |method, path, body| {
-                    let host = host.clone();
-                    let now = clock.now().into();
-                    async move { host.answer(&method, &path, &body, now).await }
-                },
-            ));
-            Some(address)
-        }
-        _ => None,
-    };
-    // A renewal or re-application that a crash interrupted is finished or undone before the API
-    // serves; the CA (the embedded one too) is reachable by now.
-    crate::lifecycle::recover(&app).await?;
     tasks.spawn(crate::http::serve_api(
         api_listener,
         tls,
-        app.clone(),
-        shutdown_rx.clone(),
+        gate.clone(),
+        shutdown.clone(),
         Duration::from_secs(config.server.shutdown_grace_seconds),
     ));
-    if let Some(dev) = &dev {
-        let ca = ca_address.ok_or("--dev needs the embedded CA")?;
-        crate::dev::announce(&dev.state_dir, api_address, metrics_address, ca)?;
-    }
-    tasks.spawn(crate::sweeps::scheduler(
-        app.clone(),
-        Duration::from_secs(config.policy.sweep_interval_seconds),
-        shutdown_rx.clone(),
-    ));
-    tasks.spawn(checkpoints(
-        app.clone(),
-        Duration::from_secs(config.audit.checkpoint_interval_seconds),
-        shutdown_rx,
-    ));
-    app.audit(
-        "daemon.started",
-        "system",
-        fields([
-            ("version", env!("CARGO_PKG_VERSION").into()),
-            ("dev", app.dev.into()),
-        ]),
-    )
-    .await
-    .map_err(|_| "cannot write the start-up audit record".to_string())?;
-    tracing::info!(
-        api = %api_address,
-        metrics = %metrics_address,
-        ca = ?ca_address,
-        "smartsignd is serving"
-    );
+    tracing::info!(api = %api, metrics = %metrics, "listening");
+    Ok((api, metrics))
+}
 
-    shutdown_signal().await;
-    tracing::info!("shutting down: finishing in-flight requests");
-    let _ = shutdown_tx.send(true);
-    while tasks.join_next().await.is_some() {}
-    let _ = app
-        .audit("daemon.stopped", "system", serde_json::Map::new())
-        .await;
-    match app
-        .audit
-        .checkpoint(&HsmCheckpointSigner(hsm.clone()))
-        .await
-    {
-        Ok(checkpoint) => tracing::info!(
-            tree_size = checkpoint.tree_size(),
-            "final checkpoint written"
-        ),
-        Err(error) => tracing::error!(%error, "could not write the final checkpoint"),
-    }
+/// Closes the daemon's state in order: the audit log, the CA link, the store, the HSM.
+async fn close(app: Arc<App>) -> Result<(), String> {
     let app = Arc::into_inner(app).ok_or("requests still hold the daemon's state")?;
     if let Some(audit) = Arc::into_inner(app.audit) {
         audit.close().await.map_err(|error| error.to_string())?;
@@ -283,8 +483,6 @@ pub(crate) async fn run(config: Config, mut dev: Option<DevOptions>) -> Result<(
     if let Some(hsm) = Arc::into_inner(app.hsm) {
         hsm.shutdown().await;
     }
-    drop(hsm);
-    tracing::info!("stopped");
     Ok(())
 }
 

@@ -8,6 +8,9 @@
 //! data, EC keys for the audit log and the embedded CA), checks every key against the key policy
 //! before use, and turns PKCS#11 failures into one error type.
 //!
+//! It also holds the secret sharing of the user PIN among the officers ([`quorum`]), which the
+//! daemon (unseal) and `smartsign-ctl` (the ceremony) share.
+//!
 //! It does not decide *whether* to sign (that is the daemon's signing flow), store key references
 //! (the caller persists [`UserKeyRef::to_bytes`]), or build certificates and CMS structures.
 //!
@@ -27,6 +30,7 @@ mod operations;
 mod policy;
 mod provision;
 mod public_key;
+pub mod quorum;
 mod session_pool;
 mod templates;
 

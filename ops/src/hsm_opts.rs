@@ -38,7 +38,8 @@ struct HsmSection {
     module: PathBuf,
     token_label: Option<String>,
     token_serial: Option<String>,
-    pin_file: PathBuf,
+    /// Absent when the daemon unseals with a quorum (`[hsm.quorum]`).
+    pin_file: Option<PathBuf>,
 }
 
 impl TokenArgs {
@@ -50,7 +51,14 @@ impl TokenArgs {
                 let config: DaemonConfig = toml::from_str(&text)
                     .map_err(|error| format!("{}: {error}", path.display()))?;
                 let hsm = config.hsm;
-                (hsm.module, hsm.token_label, hsm.token_serial, hsm.pin_file)
+                let pin_file = hsm.pin_file.ok_or_else(|| {
+                    format!(
+                        "{} has no hsm.pin_file (the daemon unseals with a quorum): name the \
+                         token with --token or --serial and give --pin-file instead of --config",
+                        path.display()
+                    )
+                })?;
+                (hsm.module, hsm.token_label, hsm.token_serial, pin_file)
             }
             None => (
                 self.module.clone(),

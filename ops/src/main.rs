@@ -1,6 +1,7 @@
 //! `smartsign-ctl`: the command line of smartsign's security officers and auditors.
 //!
-//! It provisions the system keys on a token, verifies audit-log exports offline, and measures the
+//! It provisions the system keys on a token, splits the HSM user PIN into the officers' unseal
+//! shares (the key ceremony), verifies audit-log exports offline, and measures the
 //! HSM adapter and the audit log against their raw baselines. Commands that open the token run
 //! while the daemon is stopped: the daemon is the only process that opens the token while it
 //! runs (DESIGN.md).
@@ -17,6 +18,7 @@ mod audit_cmd;
 mod bench_audit;
 mod bench_hsm;
 mod bench_sign;
+mod ceremony;
 mod hsm_opts;
 mod keys;
 mod scratch;
@@ -31,6 +33,7 @@ use clap::{Parser, Subcommand};
 #[command(name = "smartsign-ctl", version, propagate_version = true)]
 #[command(after_help = "Examples:\n  \
     smartsign-ctl keys init --token smartsign --pin-file user.pin --so-pin-file so.pin\n  \
+    smartsign-ctl ceremony split --pin-file user.pin --threshold 2 --shares 3 --out-dir shares\n  \
     smartsign-ctl audit verify --records audit.ndjson --checkpoint checkpoint.json \\\n      \
     --public-key audit-key.pem\n  \
     smartsign-ctl bench hsm --seconds 3\n  \
@@ -45,6 +48,10 @@ enum Command {
     /// System keys on the HSM token (run while the daemon is stopped).
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// The key ceremony: split the HSM user PIN into the officers' unseal shares, so that the
+    /// daemon starts sealed and opens the HSM only when a quorum of officers unseals it.
+    #[command(subcommand)]
+    Ceremony(CeremonyCommand),
     /// The signed audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -66,6 +73,14 @@ enum KeysCommand {
     /// in the HSM, for the CA operator to certify as a registration authority. The returned
     /// certificate is `ca.ra_certificate` (CMP signature protection).
     RaRequest(keys::RaRequestArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum CeremonyCommand {
+    /// Split the user PIN into N shares of which any K rebuild it (Shamir over GF(2^8)), write
+    /// one file per officer, and print the [hsm.quorum] section for smartsignd.toml. Needs no
+    /// HSM: run it on an offline machine.
+    Split(ceremony::SplitArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -125,6 +140,7 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             },
             Command::Bench(BenchCommand::Audit(args)) => bench_audit::run(args).await,
             Command::Audit(AuditCommand::Verify(args)) => audit_cmd::verify(args),
+            Command::Ceremony(CeremonyCommand::Split(args)) => ceremony::split(args),
             Command::Bench(BenchCommand::Sign(_)) => Ok(()),
         }
     })
