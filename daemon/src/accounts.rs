@@ -396,9 +396,7 @@ async fn certificate_view(
 
 /// Loads an account or gives `not_found`.
 pub(crate) async fn load(app: &App, id: &AccountId) -> Result<AccountRecord, ApiError> {
-    let id = id.clone();
-    app.store(move |store| store.get_account(&id))
-        .await?
+    app.lookup(|store| store.get_account(id))?
         .ok_or(ApiError::NotFound("account"))
 }
 

@@ -177,6 +177,17 @@ impl App {
         bytes.try_into().map_err(|_| ApiError::Internal)
     }
 
+    /// A read of one row by its key, on the caller's thread. From SQLite's page cache (WAL:
+    /// readers do not wait for the writer) it takes microseconds, less than handing it to the
+    /// blocking pool and back, which costs two thread wake-ups. Writes (which wait for fsync)
+    /// and scans go through [`App::store`].
+    pub(crate) fn lookup<T>(
+        &self,
+        call: impl FnOnce(&SqliteStore) -> Result<T, cert_lifecycle::StoreError>,
+    ) -> Result<T, ApiError> {
+        call(&self.store).map_err(ApiError::from)
+    }
+
     /// Runs a blocking store call off the async threads.
     pub(crate) async fn store<T, F>(&self, call: F) -> Result<T, ApiError>
     where

@@ -139,8 +139,7 @@ async fn signable(
         return Err(ApiError::NoCertificate);
     };
     let certificate = app
-        .store(move |store| store.get_certificate(&serial))
-        .await?
+        .lookup(|store| store.get_certificate(&serial))?
         .ok_or(ApiError::NoCertificate)?;
     match certificate_status(&certificate, now) {
         CertStatus::Revoked => return Err(ApiError::CertificateRevoked),
@@ -215,12 +214,9 @@ async fn create_checked(app: &App, ctx: &Ctx, service: &ServiceName) -> Result<R
         .map(cert_lifecycle::HkicNumber::parse)
         .transpose()
         .map_err(|error| ApiError::InvalidHkic(format!("hkic_number: {error}")))?;
-    let account_id = {
-        let (service, taid) = (service.clone(), body.taid.clone());
-        app.store(move |store| store.find_taid(&service, &taid))
-            .await?
-            .ok_or(ApiError::NotFound("TAID at this service"))?
-    };
+    let account_id = app
+        .lookup(|store| store.find_taid(service, &body.taid))?
+        .ok_or(ApiError::NotFound("TAID at this service"))?;
     let account = load(app, &account_id).await?;
     let certificate = signable(app, &account, now).await?;
     crate::ca::confirm_good(app, &certificate, None, now).await?;
@@ -340,8 +336,7 @@ pub(crate) async fn get(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError> {
 
 async fn load_request(app: &App, id: &str) -> Result<SigningRequest, ApiError> {
     let id = RequestId::parse(id).map_err(|_| ApiError::NotFound("signing request"))?;
-    app.store(move |store| store.get_request(&id))
-        .await?
+    app.lookup(|store| store.get_request(&id))?
         .ok_or(ApiError::NotFound("signing request"))
 }
 
@@ -530,10 +525,6 @@ async fn sign_approved(
     let algorithm = signature_algorithm(key.algorithm(), request.hash_algorithm);
     let names = algorithms(key.algorithm(), request.hash_algorithm)?;
     let digest = Digest::new(names.hsm, request.hash.clone())?;
-    let started = Instant::now();
-    let signature = app.hsm.sign(&key, scheme, &digest).await?;
-    app.metrics.observe_hsm("sign", started.elapsed());
-
     let signed_at = now.replace_nanosecond(0).unwrap_or(now);
     let attributes = ca_bridge::signed_data::SignedAttributes::new(
         names.cms,
@@ -546,8 +537,15 @@ async fn sign_approved(
         ApiError::Internal
     })?;
     let attributes_digest = Digest::new(names.hsm, attributes.digest_to_sign())?;
+    // The raw signature over the hash and the CMS signature over the signed attributes, in one
+    // trip to the HSM.
     let started = Instant::now();
-    let attributes_signature = app.hsm.sign(&key, scheme, &attributes_digest).await?;
+    let [signature, attributes_signature]: [Vec<u8>; 2] = app
+        .hsm
+        .sign_each(&key, scheme, &[digest, attributes_digest])
+        .await?
+        .try_into()
+        .map_err(|_| ApiError::Internal)?;
     app.metrics.observe_hsm("sign", started.elapsed());
     let mut certificates: Vec<&[u8]> = vec![&certificate_der];
     certificates.extend(app.ca.chain_der.iter().map(Vec::as_slice));

@@ -118,6 +118,37 @@ impl Hsm {
         encoding.finish(raw)
     }
 
+    /// Signs each of `digests` with one user key, in one job on one worker: one hand-over and
+    /// one key lookup (or unwrap, when the wrapped-key cache keeps the copy) for all of them.
+    /// The signatures come back in the order of `digests`, encoded as [`Hsm::sign`] encodes
+    /// them. A retry after a lost session signs them all again.
+    pub async fn sign_each(
+        &self,
+        key: &UserKeyRef,
+        scheme: SignatureScheme,
+        digests: &[Digest],
+    ) -> Result<Vec<Vec<u8>>, HsmError> {
+        let requests = digests
+            .iter()
+            .map(|digest| SignRequest::new(key.algorithm(), scheme, digest))
+            .collect::<Result<Vec<_>, _>>()?;
+        let encodings: Vec<_> = requests.iter().map(SignRequest::encoding).collect();
+        let signing_key = SigningKey::from_ref(key);
+        let raw = self
+            .call(Retry::Once, Cost::Short, move |ctx| {
+                let mut signatures = Vec::with_capacity(requests.len());
+                for request in &requests {
+                    signatures.push(ctx.sign_user(&signing_key, request)?);
+                }
+                Ok(signatures)
+            })
+            .await?;
+        raw.into_iter()
+            .zip(encodings)
+            .map(|(raw, encoding)| encoding.finish(raw))
+            .collect()
+    }
+
     /// Destroys a user key. A resident key is destroyed on the token. A wrapped key has nothing
     /// in the HSM but the workers' unwrapped copies, which are destroyed here: **the caller must
     /// delete the stored reference**, which is the key.

@@ -123,6 +123,35 @@ async fn key_reference_survives_its_byte_encoding() {
 }
 
 #[tokio::test]
+async fn sign_each_signs_every_digest_in_order_and_openssl_verifies_them() {
+    const OTHER: &[u8] = b"the CMS signed attributes, or any second message";
+    for (algorithm, mode) in [
+        (KeyAlgorithm::EcP256, KeyMode::Wrapped),
+        (KeyAlgorithm::Rsa2048, KeyMode::Resident),
+    ] {
+        let key = user_key(algorithm, mode).await;
+        let pem = key.public_key().to_pem();
+        let (scheme, padding) = schemes(algorithm)[0];
+        let signatures = hsm()
+            .sign_each(key, scheme, &[sha256(DATA), sha384(OTHER), sha256(OTHER)])
+            .await
+            .unwrap();
+        assert_eq!(signatures.len(), 3);
+        openssl_verify(&pem, "sha256", DATA, &signatures[0], padding);
+        openssl_verify(&pem, "sha384", OTHER, &signatures[1], padding);
+        openssl_verify(&pem, "sha256", OTHER, &signatures[2], padding);
+        assert!(hsm().sign_each(key, scheme, &[]).await.unwrap().is_empty());
+    }
+    // A scheme that does not fit the key is refused before anything is signed.
+    let key = user_key(KeyAlgorithm::EcP256, KeyMode::Wrapped).await;
+    let err = hsm()
+        .sign_each(key, SignatureScheme::RsaPss, &[sha256(DATA)])
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidInput);
+}
+
+#[tokio::test]
 async fn scheme_that_does_not_fit_the_key_is_refused() {
     let key = user_key(KeyAlgorithm::EcP256, KeyMode::Wrapped).await;
     let err = hsm()

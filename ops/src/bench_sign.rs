@@ -16,7 +16,10 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use hsm_adapter::{Hsm, HsmConfig, KeyAlgorithm, KeyMode, SOFTHSM_MODULE, TokenSelector};
+use hsm_adapter::bench::Throughput;
+use hsm_adapter::{
+    Hsm, HsmConfig, HsmError, KeyAlgorithm, KeyMode, SOFTHSM_MODULE, TokenSelector, UserKeyRef,
+};
 use p256::pkcs8::{EncodePublicKey, LineEnding};
 use ring::rand::SystemRandom;
 use ring::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, KeyPair};
@@ -161,22 +164,53 @@ fn measure(args: &BenchSignArgs, state: &Path) -> Result<(), Box<dyn std::error:
         .as_str()
         .ok_or("endpoints.json has no api")?;
     let cores = std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN);
+    let duration = Duration::from_secs(args.seconds);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async {
+        let raw = RawSide::open(state, algorithm, mode, cores).await?;
+        let flow = FlowSide::open(state, api, args.clients).await?;
         eprintln!(
-            "measuring raw cryptoki signing ({algorithm:?}, {mode:?}) with {cores} sessions for {} s",
-            args.seconds
+            "measuring {} s each of raw cryptoki signing ({algorithm:?}, {mode:?}, {cores} \
+             sessions) and the full flow ({} clients), in alternating rounds",
+            args.seconds, args.clients
         );
-        let raw = raw_rate(state, algorithm, mode, cores, Duration::from_secs(args.seconds)).await?;
-        let flow = full_flow(state, api, args.clients, Duration::from_secs(args.seconds)).await?;
-        let ratio = flow.per_second / raw;
-        println!("key: {algorithm:?} {mode:?}; {} clients; {} s", args.clients, args.seconds);
+        // A short warm-up fills the connection pools and the daemon's key cache.
+        flow.run(Duration::from_secs(1)).await;
+        // Rounds in the order ABBA ABBA ...: a machine whose speed drifts (a shared VM does)
+        // slows both sides alike, and a linear drift cancels out.
+        let rounds = (duration.as_nanos() / ROUND.as_nanos()).max(1) as u32;
+        let round = duration / rounds;
+        let mut raw_ops = 0u64;
+        let mut raw_time = Duration::ZERO;
+        let mut flows = FlowRound::default();
+        for i in 0..rounds * 2 {
+            if i % 4 == 0 || i % 4 == 3 {
+                let measured = raw.run(round).await?;
+                raw_ops += measured.operations;
+                raw_time += measured.elapsed;
+            } else {
+                flows.add(flow.run(round).await);
+            }
+        }
+        raw.close().await?;
+        let raw = raw_ops as f64 / raw_time.as_secs_f64();
+        let per_second = flows.latencies.len() as f64 / flows.elapsed.as_secs_f64();
+        let (p50, p99) = (flows.percentile(0.50), flows.percentile(0.99));
+        let ratio = per_second / raw;
+        println!(
+            "key: {algorithm:?} {mode:?}; {} clients; {} s",
+            args.clients, args.seconds
+        );
         println!("raw HSM signatures/s ({cores} sessions)    {raw:>10.0}");
-        println!("full flow signatures/s                 {:>10.0}", flow.per_second);
-        println!("full flow latency p50 / p99 (ms)       {:>10.1} / {:.1}", flow.p50_ms, flow.p99_ms);
-        println!("flows completed / failed               {:>10} / {}", flow.completed, flow.failed);
+        println!("full flow signatures/s                 {per_second:>10.0}");
+        println!("full flow latency p50 / p99 (ms)       {p50:>10.1} / {p99:.1}");
+        println!(
+            "flows completed / failed               {:>10} / {}",
+            flows.latencies.len(),
+            flows.failed
+        );
         println!("ratio to raw                           {ratio:>10.3}");
         println!(
             "full flow >= {TARGET_RATIO} of raw: {}",
@@ -186,32 +220,75 @@ fn measure(args: &BenchSignArgs, state: &Path) -> Result<(), Box<dyn std::error:
     })
 }
 
-async fn raw_rate(
-    state: &Path,
-    algorithm: KeyAlgorithm,
-    mode: KeyMode,
+/// Length of one measuring round of either side.
+const ROUND: Duration = Duration::from_millis(2500);
+
+/// The raw baseline: a key of the daemon's algorithm and mode on the daemon's own token.
+struct RawSide {
+    hsm: Hsm,
+    config: HsmConfig,
+    key: UserKeyRef,
     threads: NonZeroUsize,
-    duration: Duration,
-) -> Result<f64, Box<dyn std::error::Error>> {
-    let config = HsmConfig::new(
-        SOFTHSM_MODULE,
-        TokenSelector::Label("smartsign-dev".into()),
-        read_secret(&state.join("hsm/user.pin"))?,
-    );
-    let hsm = Hsm::open(config.clone()).await?;
-    let key = hsm.generate_user_key(algorithm, mode).await?;
-    let throughput = hsm_adapter::bench::raw(&config, &key, threads, duration).await?;
-    hsm.destroy_user_key(&key).await?;
-    hsm.shutdown().await;
-    Ok(throughput.per_second())
 }
 
-struct FlowResult {
-    per_second: f64,
-    p50_ms: f64,
-    p99_ms: f64,
-    completed: u64,
+impl RawSide {
+    async fn open(
+        state: &Path,
+        algorithm: KeyAlgorithm,
+        mode: KeyMode,
+        threads: NonZeroUsize,
+    ) -> Result<RawSide, Box<dyn std::error::Error>> {
+        let config = HsmConfig::new(
+            SOFTHSM_MODULE,
+            TokenSelector::Label("smartsign-dev".into()),
+            read_secret(&state.join("hsm/user.pin"))?,
+        )
+        .with_workers(NonZeroUsize::MIN);
+        let hsm = Hsm::open(config.clone()).await?;
+        let key = hsm.generate_user_key(algorithm, mode).await?;
+        Ok(RawSide {
+            hsm,
+            config,
+            key,
+            threads,
+        })
+    }
+
+    async fn run(&self, duration: Duration) -> Result<Throughput, HsmError> {
+        hsm_adapter::bench::raw(&self.config, &self.key, self.threads, duration).await
+    }
+
+    async fn close(self) -> Result<(), HsmError> {
+        self.hsm.destroy_user_key(&self.key).await?;
+        self.hsm.shutdown().await;
+        Ok(())
+    }
+}
+
+/// What the flow's rounds measured.
+#[derive(Default)]
+struct FlowRound {
+    latencies: Vec<Duration>,
     failed: u64,
+    elapsed: Duration,
+}
+
+impl FlowRound {
+    fn add(&mut self, mut other: FlowRound) {
+        self.latencies.append(&mut other.latencies);
+        self.failed += other.failed;
+        self.elapsed += other.elapsed;
+    }
+
+    fn percentile(&mut self, p: f64) -> f64 {
+        self.latencies.sort();
+        let index = ((self.latencies.len() as f64 * p) as usize)
+            .min(self.latencies.len().saturating_sub(1));
+        self.latencies
+            .get(index)
+            .map(|d| d.as_secs_f64() * 1000.0)
+            .unwrap_or(0.0)
+    }
 }
 
 struct Party {
@@ -233,104 +310,99 @@ fn client(state: &Path, name: &str) -> Result<reqwest::Client, Box<dyn std::erro
         .build()?)
 }
 
-async fn full_flow(
-    state: &Path,
-    api: &str,
-    clients: usize,
-    duration: Duration,
-) -> Result<FlowResult, Box<dyn std::error::Error>> {
-    let registrar = client(state, "registrar")?;
-    let party = Arc::new(Party {
-        service: client(state, "demo-a")?,
-        gateway: client(state, "gateway")?,
-        api: api.to_owned(),
-    });
-    let run_id = std::process::id();
-    eprintln!("registering {clients} accounts");
-    let mut accounts = Vec::new();
-    let rng = SystemRandom::new();
-    for i in 0..clients {
-        // The phones sign with ring: they run on this machine too, and the faster they sign,
-        // the more of the machine is left to the daemon being measured.
-        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &rng)
-            .map_err(|_| "cannot make a device key")?;
-        let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, pkcs8.as_ref(), &rng)
-            .map_err(|_| "cannot load a device key")?;
-        let device_public_key = p256::PublicKey::from_sec1_bytes(key.public_key().as_ref())?
-            .to_public_key_pem(LineEnding::LF)?;
-        let id = format!("bench-{run_id}-{i}");
-        let response = registrar
-            .post(format!("{api}/v1/accounts"))
-            .json(&json!({
-                "account_id": id, "tier": "iam_smart_plus", "surname": "BENCH",
-                "date_of_birth": "1980-01-01", "hkic_number": "A1234563",
-                "device_public_key": device_public_key,
-            }))
-            .send()
-            .await?;
-        if response.status() != 201 {
-            return Err(format!("registration failed: {}", response.text().await?).into());
+/// The clients of the full flow: one account (TAID and device key) each, and the parties.
+struct FlowSide {
+    party: Arc<Party>,
+    accounts: Vec<Arc<(String, EcdsaKeyPair)>>,
+}
+
+impl FlowSide {
+    /// Registers one "iAM Smart+" account per client.
+    async fn open(
+        state: &Path,
+        api: &str,
+        clients: usize,
+    ) -> Result<FlowSide, Box<dyn std::error::Error>> {
+        let registrar = client(state, "registrar")?;
+        let party = Arc::new(Party {
+            service: client(state, "demo-a")?,
+            gateway: client(state, "gateway")?,
+            api: api.to_owned(),
+        });
+        let run_id = std::process::id();
+        eprintln!("registering {clients} accounts");
+        let mut accounts = Vec::new();
+        let rng = SystemRandom::new();
+        for i in 0..clients {
+            // The phones sign with ring: they run on this machine too, and the faster they
+            // sign, the more of the machine is left to the daemon being measured.
+            let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &rng)
+                .map_err(|_| "cannot make a device key")?;
+            let key =
+                EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, pkcs8.as_ref(), &rng)
+                    .map_err(|_| "cannot load a device key")?;
+            let device_public_key = p256::PublicKey::from_sec1_bytes(key.public_key().as_ref())?
+                .to_public_key_pem(LineEnding::LF)?;
+            let id = format!("bench-{run_id}-{i}");
+            let response = registrar
+                .post(format!("{api}/v1/accounts"))
+                .json(&json!({
+                    "account_id": id, "tier": "iam_smart_plus", "surname": "BENCH",
+                    "date_of_birth": "1980-01-01", "hkic_number": "A1234563",
+                    "device_public_key": device_public_key,
+                }))
+                .send()
+                .await?;
+            if response.status() != 201 {
+                return Err(format!("registration failed: {}", response.text().await?).into());
+            }
+            let taid: Value = registrar
+                .get(format!("{api}/v1/accounts/{id}/taid?service=demo-a"))
+                .send()
+                .await?
+                .json()
+                .await?;
+            let taid = taid["taid"].as_str().ok_or("no taid")?.to_owned();
+            accounts.push(Arc::new((taid, key)));
         }
-        let taid: Value = registrar
-            .get(format!("{api}/v1/accounts/{id}/taid?service=demo-a"))
-            .send()
-            .await?
-            .json()
-            .await?;
-        let taid = taid["taid"].as_str().ok_or("no taid")?.to_owned();
-        accounts.push((taid, key));
+        Ok(FlowSide { party, accounts })
     }
-    eprintln!(
-        "running the flow with {clients} clients for {} s",
-        duration.as_secs()
-    );
-    // A short warm-up fills connection pools and the HSM's key cache.
-    let warm_up = Duration::from_secs(1);
-    let start = Instant::now() + warm_up;
-    let end = start + duration;
-    let mut tasks = tokio::task::JoinSet::new();
-    for (taid, key) in accounts {
-        let party = party.clone();
-        tasks.spawn(async move {
-            let mut latencies = Vec::new();
-            let mut failed = 0u64;
-            let mut counter = 0u64;
-            while Instant::now() < end {
-                counter += 1;
-                let began = Instant::now();
-                let ok = one_flow(&party, &taid, &key, counter).await;
-                if began >= start {
-                    match ok {
-                        Ok(()) if Instant::now() <= end => latencies.push(began.elapsed()),
+
+    /// Every client loops through the flow for `duration`; flows that end after it are not
+    /// counted (their work is in the next round's time, of whichever side).
+    async fn run(&self, duration: Duration) -> FlowRound {
+        let start = Instant::now();
+        let end = start + duration;
+        let mut tasks = tokio::task::JoinSet::new();
+        for account in &self.accounts {
+            let (party, account) = (self.party.clone(), account.clone());
+            tasks.spawn(async move {
+                let (taid, key) = &*account;
+                let mut round = FlowRound::default();
+                let mut counter = 0u64;
+                while Instant::now() < end {
+                    counter += 1;
+                    let began = Instant::now();
+                    match one_flow(&party, taid, key, counter).await {
+                        Ok(()) if Instant::now() <= end => round.latencies.push(began.elapsed()),
                         Ok(()) => {}
-                        Err(_) => failed += 1,
+                        Err(_) => round.failed += 1,
                     }
                 }
+                round
+            });
+        }
+        let mut round = FlowRound::default();
+        while let Some(joined) = tasks.join_next().await {
+            if let Ok(client) = joined {
+                round.add(client);
+            } else {
+                round.failed += 1;
             }
-            (latencies, failed)
-        });
+        }
+        round.elapsed = duration;
+        round
     }
-    let mut latencies = Vec::new();
-    let mut failed = 0;
-    while let Some(joined) = tasks.join_next().await {
-        let (mut some, bad) = joined?;
-        latencies.append(&mut some);
-        failed += bad;
-    }
-    latencies.sort();
-    let percentile = |p: f64| {
-        latencies
-            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
-            .map(|d| d.as_secs_f64() * 1000.0)
-            .unwrap_or(0.0)
-    };
-    Ok(FlowResult {
-        per_second: latencies.len() as f64 / duration.as_secs_f64(),
-        p50_ms: percentile(0.50),
-        p99_ms: percentile(0.99),
-        completed: latencies.len() as u64,
-        failed,
-    })
 }
 
 async fn one_flow(
