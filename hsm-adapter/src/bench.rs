@@ -96,9 +96,10 @@ fn scheme_for(algorithm: KeyAlgorithm) -> SignatureScheme {
     }
 }
 
-/// Requests kept in flight per worker: twice the replies a busy worker may hold back, so that
-/// it always finds the next job queued while replies travel back.
-const IN_FLIGHT_PER_WORKER: usize = 64;
+/// Requests kept in flight per worker: many times the replies a busy worker may hold back (32),
+/// so that it always finds the next job queued while replies travel back and while the caller
+/// waits for a core (on two cores with two workers, the caller runs only when one gives way).
+const IN_FLIGHT_PER_WORKER: usize = 256;
 
 /// Measures signing with `key` through raw cryptoki alone, with `threads` sessions, for about
 /// `duration`: the baseline against which a whole pipeline built on the HSM (the daemon's signing
