@@ -285,16 +285,25 @@ impl DevDaemon {
             .spawn()
             .expect("start smartsignd");
         self.child = Some(child);
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-        loop {
-            if let Ok(text) = std::fs::read_to_string(&endpoints)
-                && let Ok(value) = serde_json::from_str::<serde_json::Value>(&text)
-            {
-                self.api = value["api"].as_str().expect("api").to_owned();
-                self.metrics = value["metrics"].as_str().expect("metrics").to_owned();
-                self.ca = value["ca"].as_str().expect("ca").to_owned();
-                return;
-            }
+        self.wait_for("write endpoints.json", 120, |daemon| {
+            let Ok(text) = std::fs::read_to_string(&endpoints) else {
+                return false;
+            };
+            let Ok(value) = serde_json::from_str::<serde_json::Value>(&text) else {
+                return false;
+            };
+            daemon.api = value["api"].as_str().expect("api").to_owned();
+            daemon.metrics = value["metrics"].as_str().expect("metrics").to_owned();
+            daemon.ca = value["ca"].as_str().expect("ca").to_owned();
+            true
+        });
+    }
+
+    /// Waits until `ready` says so; fails the test, with the daemon's log, if the daemon exits
+    /// first or `seconds` pass.
+    fn wait_for(&mut self, what: &str, seconds: u64, mut ready: impl FnMut(&mut Self) -> bool) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(seconds);
+        while !ready(self) {
             if let Some(status) = self
                 .child
                 .as_mut()
@@ -304,7 +313,7 @@ impl DevDaemon {
             }
             assert!(
                 std::time::Instant::now() < deadline,
-                "smartsignd did not write endpoints.json in time:\n{}",
+                "smartsignd did not {what} in time:\n{}",
                 self.log()
             );
             std::thread::sleep(std::time::Duration::from_millis(50));
@@ -337,29 +346,12 @@ impl DevDaemon {
         self.api = api.to_owned();
         self.metrics = metrics.to_owned();
         let plain = reqwest::blocking::Client::new();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        loop {
-            if plain
+        self.wait_for("answer /healthz", 60, |_| {
+            plain
                 .get(format!("{metrics}/healthz"))
                 .send()
                 .is_ok_and(|response| response.status() == 200)
-            {
-                return;
-            }
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                panic!("smartsignd exited early ({status}):\n{}", self.log());
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "smartsignd --config did not answer /healthz in time:\n{}",
-                self.log()
-            );
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
+        });
     }
 
     /// Stops the daemon with SIGTERM and waits; returns its exit status.

@@ -39,6 +39,8 @@ pub(crate) enum ApiError {
     AlreadyUnsealed,
     /// 422 `invalid_share`: not a share, or one whose digest is not configured.
     InvalidShare,
+    /// 409 `share_already_given`: this officer has given another share of the quorum.
+    ShareAlreadyGiven,
     /// 503 `sealed`: the route needs the HSM, which a quorum of officers has not unsealed yet.
     Sealed,
     /// 503 `sealed`: the quorum was reached but unsealing failed; `detail` says why.
@@ -61,7 +63,9 @@ impl ApiError {
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             AccountExists | AccountNotActive(_) | NotIamSmartPlus | AlreadyIamSmartPlus
             | CertificateExpired | CertificateRevoked | NoCertificate | RenewalNotDue
-            | RenewalTooLate | RequestNotPending(_) | AlreadyUnsealed => StatusCode::CONFLICT,
+            | RenewalTooLate | RequestNotPending(_) | AlreadyUnsealed | ShareAlreadyGiven => {
+                StatusCode::CONFLICT
+            }
             RequestExpired => StatusCode::GONE,
             Underage | GuardianRequired | GuardianUnderage | InvalidHkic(_) | HkicMismatch
             | AuthorisationInvalid | InvalidShare => StatusCode::UNPROCESSABLE_ENTITY,
@@ -102,6 +106,7 @@ impl ApiError {
             TooManyAttempts => "too_many_attempts",
             AlreadyUnsealed => "already_unsealed",
             InvalidShare => "invalid_share",
+            ShareAlreadyGiven => "share_already_given",
             Sealed | UnsealFailed(_) => "sealed",
             HsmUnavailable => "hsm_unavailable",
             AuditUnavailable => "audit_unavailable",
@@ -139,6 +144,7 @@ impl ApiError {
             TooManyAttempts => "Too many attempts",
             AlreadyUnsealed => "Already unsealed",
             InvalidShare => "Invalid share",
+            ShareAlreadyGiven => "Share already given",
             Sealed => "Sealed",
             UnsealFailed(_) => "Unsealing failed",
             HsmUnavailable => "HSM unavailable",
@@ -169,6 +175,9 @@ impl ApiError {
                  (smartsign-share-v1....) from the ceremony whose digests are configured"
                     .into()
             }
+            ShareAlreadyGiven => "this officer has given another share already: each share of \
+                 the quorum comes from a different officer"
+                .into(),
             Sealed => "the daemon is sealed: a quorum of officers must unseal it with \
                  POST /v1/admin/unseal before the HSM can be used"
                 .into(),
@@ -272,6 +281,7 @@ mod tests {
             TooManyAttempts,
             AlreadyUnsealed,
             InvalidShare,
+            ShareAlreadyGiven,
             Sealed,
             UnsealFailed("x".into()),
             HsmUnavailable,

@@ -8,6 +8,10 @@
 //! PIN is rebuilt, the shares are forgotten, and the start-up task ([`crate::server`]) opens the
 //! HSM and everything after it; the gate then holds the [`App`] and serves the normal routes.
 //!
+//! Each share must come from a different officer: a second share from the same client
+//! certificate's principal is refused (409 `share_already_given`), so that one person holding
+//! several shares cannot unseal alone.
+//!
 //! Shares are secrets: they are held zeroized, compared by digest, and never logged, audited or
 //! echoed; the audit record `admin.unsealed` names the officers who gave them.
 
@@ -168,6 +172,15 @@ impl Gate {
             ApiError::InvalidShare
         })?;
         let digest = share.digest();
+        // Dual control: each share comes from another officer (client certificate). A second,
+        // different share from the same officer is refused, and the held ones stay.
+        if shares
+            .iter()
+            .any(|given| given.officer == officer && given.share.digest() != digest)
+        {
+            tracing::warn!(officer = %officer, "second unseal share from one officer refused");
+            return Err(ApiError::ShareAlreadyGiven);
+        }
         if shares.iter().any(|given| given.share.digest() == digest) {
             tracing::info!(officer = %officer, "unseal share given again; counted once");
         } else {

@@ -99,6 +99,57 @@ fn start_sealed(daemon: &mut DevDaemon, config: &str, block: &str) {
     );
 }
 
+/// Gives the dev PKI a second officer, `officer-2`, as a CA operator would: openssl makes the key
+/// and the request, and the dev TLS CA certifies it (OU officer, clientAuth).
+fn second_officer(daemon: &DevDaemon) {
+    let state = daemon.state_dir();
+    let clients = state.join("clients");
+    let scratch = tempfile::tempdir().unwrap();
+    let request = scratch.path().join("officer-2.csr");
+    let output = run(Command::new("openssl")
+        .args([
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
+        .args(["-nodes", "-subj", "/OU=officer/CN=officer-2", "-keyout"])
+        .arg(clients.join("officer-2.key"))
+        .arg("-out")
+        .arg(&request));
+    assert!(output.status.success(), "{}", describe(&output));
+    let extensions = scratch.path().join("ext.cnf");
+    std::fs::write(
+        &extensions,
+        "basicConstraints=critical,CA:FALSE\n\
+         keyUsage=critical,digitalSignature\n\
+         extendedKeyUsage=clientAuth\n",
+    )
+    .unwrap();
+    let output = run(Command::new("openssl")
+        .args([
+            "x509",
+            "-req",
+            "-days",
+            "30",
+            "-set_serial",
+            "0x51d2",
+            "-in",
+        ])
+        .arg(&request)
+        .arg("-CA")
+        .arg(state.join("tls/ca.pem"))
+        .arg("-CAkey")
+        .arg(state.join("tls/ca.key"))
+        .arg("-extfile")
+        .arg(&extensions)
+        .arg("-out")
+        .arg(clients.join("officer-2.pem")));
+    assert!(output.status.success(), "{}", describe(&output));
+}
+
 fn unseal(daemon: &DevDaemon, who: &str, share: &str) -> reqwest::blocking::Response {
     daemon
         .client(who)
@@ -129,6 +180,7 @@ fn readyz(daemon: &DevDaemon) -> (u16, String) {
 #[test]
 fn quorum_unseal_opens_the_hsm_with_two_of_three_shares() {
     let (mut daemon, shares, block, config) = ceremony();
+    second_officer(&daemon);
     start_sealed(&mut daemon, &config, &block);
 
     // Sealed: alive, not ready, and every route but the officer's two is 503 `sealed`.
@@ -186,8 +238,15 @@ fn quorum_unseal_opens_the_hsm_with_two_of_three_shares() {
             json!({"sealed": true, "shares_received": 1, "threshold": 2})
         );
     }
+    // A second, different share from the same officer is refused: one person cannot unseal
+    // alone. The share held stays.
+    assert_eq!(
+        problem(unseal(&daemon, "officer", &shares[2])),
+        (409, "share_already_given".into())
+    );
+    assert_eq!(admin_status(&daemon)["shares_received"], 1);
     // Another officer's share reaches the threshold: the HSM opens and start-up runs.
-    let response = unseal(&daemon, "officer", &shares[2]);
+    let response = unseal(&daemon, "officer-2", &shares[2]);
     assert_eq!(response.status(), 200);
     assert_eq!(response.json::<Value>().unwrap(), json!({"sealed": false}));
     assert_eq!(admin_status(&daemon)["sealed"], false);
@@ -236,10 +295,10 @@ fn quorum_unseal_opens_the_hsm_with_two_of_three_shares() {
         .filter(|record| record["event"] == "admin.unsealed")
         .collect();
     assert_eq!(unsealed.len(), 1, "{records}");
+    let named = unsealed[0].to_string();
     assert!(
-        unsealed[0].to_string().contains("\"officer\""),
-        "{}",
-        unsealed[0]
+        named.contains("\"officer\"") && named.contains("\"officer-2\""),
+        "{named}"
     );
     daemon.stop();
     let log = daemon.log();
@@ -257,6 +316,7 @@ fn quorum_unseal_opens_the_hsm_with_two_of_three_shares() {
 #[test]
 fn a_quorum_whose_pin_the_hsm_refuses_leaves_the_daemon_sealed() {
     let (mut daemon, _shares, _block, config) = ceremony();
+    second_officer(&daemon);
     let state = daemon.state_dir();
     let wrong_pin = state.join("wrong.pin");
     std::fs::write(&wrong_pin, "not-the-pin-0000\n").unwrap();
@@ -275,7 +335,7 @@ fn a_quorum_whose_pin_the_hsm_refuses_leaves_the_daemon_sealed() {
     start_sealed(&mut daemon, &config, &block);
 
     assert_eq!(unseal(&daemon, "officer", &shares[0]).status(), 202);
-    let refused = unseal(&daemon, "officer", &shares[1]);
+    let refused = unseal(&daemon, "officer-2", &shares[1]);
     assert_eq!(refused.status(), 503);
     let body: Value = refused.json().unwrap();
     assert_eq!(body["code"], "sealed", "{body}");
@@ -291,7 +351,7 @@ fn a_quorum_whose_pin_the_hsm_refuses_leaves_the_daemon_sealed() {
     assert_eq!(readyz(&daemon).0, 503);
     // The same shares again: the same answer, not a crash or a half-open daemon.
     assert_eq!(unseal(&daemon, "officer", &shares[0]).status(), 202);
-    assert_eq!(unseal(&daemon, "officer", &shares[1]).status(), 503);
+    assert_eq!(unseal(&daemon, "officer-2", &shares[1]).status(), 503);
     daemon.stop();
     let log = daemon.log();
     assert!(!log.contains("not-the-pin-0000"), "the PIN is in the log");
