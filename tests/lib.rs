@@ -244,16 +244,68 @@ impl DevDaemon {
         std::fs::read_to_string(self.dir.path().join("stdout.log")).unwrap_or_default()
     }
 
+    /// One of the daemon's log files, opened for appending (every run of the test adds to it).
+    fn log_file(&self, name: &str) -> std::fs::File {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(name))
+            .expect("log file")
+    }
+
+    /// Has the dev TLS CA certify a new client, `clients/NAME.pem` and `.key`, as a CA operator
+    /// would with openssl: an EC P-256 key, subject `OU=ou, CN=name`, clientAuth, a random serial
+    /// (openssl 3 with no serial file). Then
+    /// [`DevDaemon::client`] connects as it.
+    pub fn issue_client_certificate(&self, name: &str, ou: &str) {
+        let state = self.state_dir();
+        let clients = state.join("clients");
+        let scratch = tempfile::tempdir().expect("scratch directory");
+        let request = scratch.path().join("client.csr");
+        let made = run(Command::new("openssl")
+            .args([
+                "req",
+                "-new",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+            ])
+            .args([
+                "-nodes",
+                "-subj",
+                &format!("/O=smartsign dev/OU={ou}/CN={name}"),
+            ])
+            .arg("-keyout")
+            .arg(clients.join(format!("{name}.key")))
+            .arg("-out")
+            .arg(&request));
+        assert!(made.status.success(), "{}", describe(&made));
+        let extensions = scratch.path().join("ext.cnf");
+        std::fs::write(
+            &extensions,
+            "basicConstraints = critical, CA:FALSE\n\
+             keyUsage = critical, digitalSignature\n\
+             extendedKeyUsage = clientAuth\n",
+        )
+        .expect("extensions file");
+        let signed = run(Command::new("openssl")
+            .args(["x509", "-req", "-days", "30", "-in"])
+            .arg(&request)
+            .arg("-CA")
+            .arg(state.join("tls/ca.pem"))
+            .arg("-CAkey")
+            .arg(state.join("tls/ca.key"))
+            .arg("-extfile")
+            .arg(&extensions)
+            .arg("-out")
+            .arg(clients.join(format!("{name}.pem"))));
+        assert!(signed.status.success(), "{}", describe(&signed));
+    }
+
     fn launch(&mut self) {
         let endpoints = self.state_dir().join("endpoints.json");
         let _ = std::fs::remove_file(&endpoints);
-        let append = |name: &str| {
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(self.dir.path().join(name))
-                .expect("log file")
-        };
         let mut command = match self.audit_quota_kib {
             None => Command::new(binary("smartsignd", "smartsignd")),
             Some(kib) => {
@@ -280,8 +332,8 @@ impl DevDaemon {
             .args(["--ca-listen", "127.0.0.1:0"])
             .args(&self.extra_args)
             .envs(self.env.iter().map(|(name, value)| (name, value)))
-            .stdout(append("stdout.log"))
-            .stderr(append("stderr.log"))
+            .stdout(self.log_file("stdout.log"))
+            .stderr(self.log_file("stderr.log"))
             .spawn()
             .expect("start smartsignd");
         self.child = Some(child);
@@ -326,20 +378,13 @@ impl DevDaemon {
     /// a sealed daemon does too.
     pub fn launch_with_config(&mut self, config: &Path, api: &str, metrics: &str) {
         self.stop();
-        let append = |name: &str| {
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(self.dir.path().join(name))
-                .expect("log file")
-        };
         let child = Command::new(binary("smartsignd", "smartsignd"))
             .arg("--config")
             .arg(config)
             .env("SOFTHSM2_CONF", self.state_dir().join("hsm/softhsm2.conf"))
             .envs(self.env.iter().map(|(name, value)| (name, value)))
-            .stdout(append("stdout.log"))
-            .stderr(append("stderr.log"))
+            .stdout(self.log_file("stdout.log"))
+            .stderr(self.log_file("stderr.log"))
             .spawn()
             .expect("start smartsignd --config");
         self.child = Some(child);

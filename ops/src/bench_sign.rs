@@ -223,9 +223,10 @@ fn measure(args: &BenchSignArgs, state: &Path) -> Result<(), Box<dyn std::error:
 /// Length of one measuring round of either side.
 const ROUND: Duration = Duration::from_millis(2500);
 
-/// The raw baseline: a key of the daemon's algorithm and mode on the daemon's own token.
+/// The raw baseline: a key of the daemon's algorithm and mode on the daemon's own token. The
+/// adapter that makes the key is closed again, so that no idle session of this set-up stands by
+/// while either side measures.
 struct RawSide {
-    hsm: Hsm,
     config: HsmConfig,
     key: UserKeyRef,
     threads: NonZeroUsize,
@@ -245,11 +246,11 @@ impl RawSide {
         )
         .with_workers(NonZeroUsize::MIN);
         let hsm = Hsm::open(config.clone()).await?;
-        let key = hsm.generate_user_key(algorithm, mode).await?;
+        let key = hsm.generate_user_key(algorithm, mode).await;
+        hsm.shutdown().await;
         Ok(RawSide {
-            hsm,
             config,
-            key,
+            key: key?,
             threads,
         })
     }
@@ -258,10 +259,12 @@ impl RawSide {
         hsm_adapter::bench::raw(&self.config, &self.key, self.threads, duration).await
     }
 
+    /// Destroys the key (a resident one would otherwise stay on the token).
     async fn close(self) -> Result<(), HsmError> {
-        self.hsm.destroy_user_key(&self.key).await?;
-        self.hsm.shutdown().await;
-        Ok(())
+        let hsm = Hsm::open(self.config).await?;
+        let destroyed = hsm.destroy_user_key(&self.key).await;
+        hsm.shutdown().await;
+        destroyed
     }
 }
 

@@ -25,48 +25,8 @@ fn connection_without_a_client_certificate_is_refused_at_tls() {
     assert!(error.is_connect() || error.is_request(), "{error:?}");
 
     // A certificate from the client CA whose OU names no role: 401.
-    let dir = tempfile::tempdir().unwrap();
-    let tls = daemon.state_dir().join("tls");
-    let key = dir.path().join("nobody.key");
-    let csr = dir.path().join("nobody.csr");
-    let cert = dir.path().join("nobody.pem");
-    let made = run(Command::new("openssl")
-        .args([
-            "req",
-            "-new",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-        ])
-        .args(["-subj", "/O=smartsign dev/OU=visitor/CN=nobody", "-keyout"])
-        .arg(&key)
-        .arg("-out")
-        .arg(&csr));
-    assert!(made.status.success(), "{}", describe(&made));
-    let extensions = dir.path().join("ext.cnf");
-    std::fs::write(&extensions, "extendedKeyUsage = clientAuth\n").unwrap();
-    let signed = run(Command::new("openssl")
-        .args(["x509", "-req", "-days", "1", "-in"])
-        .arg(&csr)
-        .arg("-CA")
-        .arg(tls.join("ca.pem"))
-        .arg("-CAkey")
-        .arg(tls.join("ca.key"))
-        .arg("-CAcreateserial")
-        .arg("-extfile")
-        .arg(&extensions)
-        .arg("-out")
-        .arg(&cert));
-    assert!(signed.status.success(), "{}", describe(&signed));
-    let mut identity = std::fs::read(&cert).unwrap();
-    identity.extend(std::fs::read(&key).unwrap());
-    let visitor = daemon
-        .client_builder()
-        .identity(reqwest::Identity::from_pem(&identity).unwrap())
-        .build()
-        .unwrap();
+    daemon.issue_client_certificate("nobody", "visitor");
+    let visitor = daemon.client("nobody");
     assert_eq!(
         problem(
             visitor

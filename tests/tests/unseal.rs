@@ -99,57 +99,6 @@ fn start_sealed(daemon: &mut DevDaemon, config: &str, block: &str) {
     );
 }
 
-/// Gives the dev PKI a second officer, `officer-2`, as a CA operator would: openssl makes the key
-/// and the request, and the dev TLS CA certifies it (OU officer, clientAuth).
-fn second_officer(daemon: &DevDaemon) {
-    let state = daemon.state_dir();
-    let clients = state.join("clients");
-    let scratch = tempfile::tempdir().unwrap();
-    let request = scratch.path().join("officer-2.csr");
-    let output = run(Command::new("openssl")
-        .args([
-            "req",
-            "-new",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-        ])
-        .args(["-nodes", "-subj", "/OU=officer/CN=officer-2", "-keyout"])
-        .arg(clients.join("officer-2.key"))
-        .arg("-out")
-        .arg(&request));
-    assert!(output.status.success(), "{}", describe(&output));
-    let extensions = scratch.path().join("ext.cnf");
-    std::fs::write(
-        &extensions,
-        "basicConstraints=critical,CA:FALSE\n\
-         keyUsage=critical,digitalSignature\n\
-         extendedKeyUsage=clientAuth\n",
-    )
-    .unwrap();
-    let output = run(Command::new("openssl")
-        .args([
-            "x509",
-            "-req",
-            "-days",
-            "30",
-            "-set_serial",
-            "0x51d2",
-            "-in",
-        ])
-        .arg(&request)
-        .arg("-CA")
-        .arg(state.join("tls/ca.pem"))
-        .arg("-CAkey")
-        .arg(state.join("tls/ca.key"))
-        .arg("-extfile")
-        .arg(&extensions)
-        .arg("-out")
-        .arg(clients.join("officer-2.pem")));
-    assert!(output.status.success(), "{}", describe(&output));
-}
-
 fn unseal(daemon: &DevDaemon, who: &str, share: &str) -> reqwest::blocking::Response {
     daemon
         .client(who)
@@ -180,7 +129,7 @@ fn readyz(daemon: &DevDaemon) -> (u16, String) {
 #[test]
 fn quorum_unseal_opens_the_hsm_with_two_of_three_shares() {
     let (mut daemon, shares, block, config) = ceremony();
-    second_officer(&daemon);
+    daemon.issue_client_certificate("officer-2", "officer");
     start_sealed(&mut daemon, &config, &block);
 
     // Sealed: alive, not ready, and every route but the officer's two is 503 `sealed`.
@@ -316,7 +265,7 @@ fn quorum_unseal_opens_the_hsm_with_two_of_three_shares() {
 #[test]
 fn a_quorum_whose_pin_the_hsm_refuses_leaves_the_daemon_sealed() {
     let (mut daemon, _shares, _block, config) = ceremony();
-    second_officer(&daemon);
+    daemon.issue_client_certificate("officer-2", "officer");
     let state = daemon.state_dir();
     let wrong_pin = state.join("wrong.pin");
     std::fs::write(&wrong_pin, "not-the-pin-0000\n").unwrap();
