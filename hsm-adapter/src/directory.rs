@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::sync::atomic::{AtomicU8, Ordering};
 
+use cryptoki::error::RvError;
 use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
 
@@ -92,13 +93,17 @@ impl Directory {
             Attribute::Label(RESIDENT_KEY_LABEL.as_bytes().to_vec()),
         ];
         for handle in session.find_objects(&template)? {
-            let id = session
-                .get_attributes(handle, &[AttributeType::Id])?
-                .into_iter()
-                .find_map(|a| match a {
-                    Attribute::Id(id) if !id.is_empty() => Some(id),
-                    _ => None,
-                });
+            let attributes = match session.get_attributes(handle, &[AttributeType::Id]) {
+                Ok(attributes) => attributes,
+                // Destroyed between the search and this read (by another session, which may be
+                // another process's): a key that is gone is not in the directory.
+                Err(cryptoki::error::Error::Pkcs11(RvError::ObjectHandleInvalid, _)) => continue,
+                Err(error) => return Err(error.into()),
+            };
+            let id = attributes.into_iter().find_map(|a| match a {
+                Attribute::Id(id) if !id.is_empty() => Some(id),
+                _ => None,
+            });
             let Some(id) = id else {
                 tracing::warn!("a resident user key without CKA_ID is ignored");
                 continue;

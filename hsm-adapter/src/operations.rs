@@ -259,13 +259,16 @@ impl WorkerCtx {
             };
             match generated {
                 Ok((public, private)) => break (id, public, private),
-                // SoftHSM's file store now and then fails a token-object write with
-                // CKR_GENERAL_ERROR while other sessions use the token. Another attempt succeeds;
-                // it takes a fresh id, so nothing a failed attempt may have left on the token is
-                // ever taken for the new key.
-                Err(CryptokiError::Pkcs11(RvError::GeneralError, _))
-                    if attempt < RESIDENT_GENERATE_ATTEMPTS =>
-                {
+                // SoftHSM's file store now and then fails a token-object write while other
+                // sessions use the token, with CKR_GENERAL_ERROR or, when it stores the
+                // template's attributes, CKR_TEMPLATE_INCONSISTENT. Another attempt succeeds; it
+                // takes a fresh id, so nothing a failed attempt may have left on the token is
+                // ever taken for the new key. The template is the same each time: one that is
+                // really inconsistent fails every attempt and is reported.
+                Err(CryptokiError::Pkcs11(
+                    RvError::GeneralError | RvError::TemplateInconsistent,
+                    _,
+                )) if attempt < RESIDENT_GENERATE_ATTEMPTS => {
                     tracing::warn!(attempt, "resident key generation failed; trying again");
                     attempt += 1;
                     std::thread::sleep(std::time::Duration::from_millis(5 * attempt));
