@@ -170,8 +170,8 @@ fn scheme_for(algorithm: KeyAlgorithm) -> SignatureScheme {
 const IN_FLIGHT_PER_WORKER: usize = 256;
 
 /// Measures signing with `key` through raw cryptoki alone, with `threads` sessions, for about
-/// `duration`: the baseline against which a whole pipeline built on the HSM (the daemon's signing
-/// flow) is compared.
+/// `duration`: a round of the baseline in [`compare`], and the baseline against which a whole
+/// pipeline built on the HSM (the daemon's signing flow) is compared.
 pub async fn raw(
     config: &HsmConfig,
     key: &UserKeyRef,
@@ -201,38 +201,23 @@ pub async fn compare(
     let round = duration / (2 * blocks);
     let mut comparison = Comparison::default();
     for _ in 0..blocks {
+        // Each round sets up its side afresh and tears it down after, so that neither side
+        // measures with the other's sessions and threads standing by (on SoftHSM, idle sessions
+        // of the other side cost the measured one up to a quarter of its throughput).
         let mut block = Comparison::default();
-        block.raw.add(raw_round(config, key, threads, round).await?);
+        block.raw.add(raw(config, key, threads, round).await?);
         block
             .adapter
             .add(adapter_round(config, key, threads, round, load).await?);
         block
             .adapter
             .add(adapter_round(config, key, threads, round, load).await?);
-        block.raw.add(raw_round(config, key, threads, round).await?);
+        block.raw.add(raw(config, key, threads, round).await?);
         comparison.raw.add(block.raw);
         comparison.adapter.add(block.adapter);
         comparison.block_ratios.push(block.overall_ratio());
     }
     Ok(comparison)
-}
-
-// Each round sets up its side afresh and tears it down after, so that neither side measures
-// with the other's sessions and threads standing by (on SoftHSM, idle sessions of the other side
-// cost the measured one up to a quarter of its throughput).
-
-/// One round of the baseline.
-async fn raw_round(
-    config: &HsmConfig,
-    key: &UserKeyRef,
-    threads: NonZeroUsize,
-    round: Duration,
-) -> Result<Throughput, HsmError> {
-    let (config, key) = (config.clone(), key.clone());
-    run_blocking("hsm-bench-raw", move || {
-        RawBaseline::new(&config, &key, threads)?.run(round)
-    })
-    .await
 }
 
 /// One round of the adapter: opened, driven and closed on the caller's runtime, a
