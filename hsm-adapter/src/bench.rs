@@ -23,6 +23,10 @@
 //! or at the end of its time slice) instead of cutting in. Its work is still done on the same
 //! cores within the measured time. [`LoadScheduling::Normal`] measures the default policy.
 //!
+//! Raw thread `i` and worker `i` can be pinned to the same CPU ([`Placement::cpus`]; `bench
+//! hsm` does so by default), so that both sides run on the same cores and neither loses its
+//! caches to a move. The load generator is not pinned.
+//!
 //! The two alternate in blocks of four short rounds (baseline, adapter, adapter, baseline) so
 //! that a machine whose speed drifts (a shared VM does) slows both alike within a block, and the
 //! ratio reported is the median of the blocks' ratios ([`Comparison::ratio`]), so that a burst of
@@ -36,6 +40,7 @@ use std::time::{Duration, Instant};
 use cryptoki::object::{Attribute, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
 
+use crate::affinity;
 use crate::config::HsmConfig;
 use crate::directory::system_key_template;
 use crate::error::HsmError;
@@ -172,29 +177,43 @@ const IN_FLIGHT_PER_WORKER: usize = 256;
 /// Measures signing with `key` through raw cryptoki alone, with `threads` sessions, for about
 /// `duration`: a round of the baseline in [`compare`], and the baseline against which a whole
 /// pipeline built on the HSM (the daemon's signing flow) is compared.
+/// Thread `i` runs on `cpus[i % cpus.len()]`; with no CPUs the threads float.
 pub async fn raw(
     config: &HsmConfig,
     key: &UserKeyRef,
     threads: NonZeroUsize,
     duration: Duration,
+    cpus: &[usize],
 ) -> Result<Throughput, HsmError> {
-    let (config, key) = (config.clone(), key.clone());
+    let (config, key, cpus) = (config.clone(), key.clone(), cpus.to_vec());
     run_blocking("hsm-bench-raw", move || {
-        RawBaseline::new(&config, &key, threads)?.run(duration)
+        RawBaseline::new(&config, &key, threads)?.run(duration, &cpus)
     })
     .await
 }
 
+/// Where the benchmark's threads run.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Placement {
+    /// How the thread that sends the adapter its requests is scheduled.
+    pub load: LoadScheduling,
+    /// Raw thread `i` and adapter worker `i` both run on `cpus[i % cpus.len()]`, so that both
+    /// sides get the same cores and neither loses its caches to a move; empty, they float.
+    pub cpus: Vec<usize>,
+}
+
 /// Measures signing with `key` for about `duration` each through raw cryptoki and through the
-/// adapter, both with `threads` sessions, the adapter's requests sent from a thread scheduled
-/// by `load`. Call it inside a tokio runtime.
+/// adapter, both with `threads` sessions, their threads placed by `placement`. Call it inside a
+/// tokio runtime.
 pub async fn compare(
     config: &HsmConfig,
     key: &UserKeyRef,
     threads: NonZeroUsize,
     duration: Duration,
-    load: LoadScheduling,
+    placement: &Placement,
 ) -> Result<Comparison, HsmError> {
+    let cpus = &placement.cpus;
+    let config = &config.clone().with_worker_cpus(cpus.clone());
     // Blocks of four rounds in the order raw, adapter, adapter, raw: a linear drift within a
     // block cancels out.
     let blocks = (duration.as_nanos() / (2 * ROUND.as_nanos())).max(1) as u32;
@@ -205,14 +224,14 @@ pub async fn compare(
         // measures with the other's sessions and threads standing by (on SoftHSM, idle sessions
         // of the other side cost the measured one up to a quarter of its throughput).
         let mut block = Comparison::default();
-        block.raw.add(raw(config, key, threads, round).await?);
+        block.raw.add(raw(config, key, threads, round, cpus).await?);
         block
             .adapter
-            .add(adapter_round(config, key, threads, round, load).await?);
+            .add(adapter_round(config, key, threads, round, placement.load).await?);
         block
             .adapter
-            .add(adapter_round(config, key, threads, round, load).await?);
-        block.raw.add(raw(config, key, threads, round).await?);
+            .add(adapter_round(config, key, threads, round, placement.load).await?);
+        block.raw.add(raw(config, key, threads, round, cpus).await?);
         comparison.raw.add(block.raw);
         comparison.adapter.add(block.adapter);
         comparison.block_ratios.push(block.overall_ratio());
@@ -304,8 +323,8 @@ impl RawBaseline {
         })
     }
 
-    /// Every thread signs until `duration` has passed.
-    fn run(&mut self, duration: Duration) -> Result<Throughput, HsmError> {
+    /// Every thread signs until `duration` has passed, thread `i` on `cpus[i % cpus.len()]`.
+    fn run(&mut self, duration: Duration, cpus: &[usize]) -> Result<Throughput, HsmError> {
         let operations = AtomicU64::new(0);
         let start_line = Barrier::new(self.sessions.len() + 1);
         let (target, request) = (&self.target, &self.request);
@@ -313,11 +332,15 @@ impl RawBaseline {
             let threads: Vec<_> = self
                 .sessions
                 .iter_mut()
-                .map(|session| {
+                .enumerate()
+                .map(|(i, session)| {
                     let (operations, start_line) = (&operations, &start_line);
+                    let cpu = cpus.get(i % cpus.len().max(1)).copied();
                     scope.spawn(move || -> Result<Instant, HsmError> {
                         let (mechanism, data) = (request.mechanism(), request.data());
+                        let pinned = cpu.map(affinity::pin_current_thread).transpose();
                         start_line.wait();
+                        pinned.map_err(HsmError::WorkerSpawn)?;
                         let deadline = Instant::now() + duration;
                         let mut done = 0;
                         while Instant::now() < deadline {

@@ -40,6 +40,7 @@ pub struct HsmConfig {
     pub(crate) wrapped_key_cache: usize,
     pub(crate) queue_capacity: usize,
     pub(crate) max_reply_delay: Duration,
+    pub(crate) worker_cpus: Vec<usize>,
 }
 
 impl HsmConfig {
@@ -62,6 +63,7 @@ impl HsmConfig {
             wrapped_key_cache: Self::DEFAULT_WRAPPED_KEY_CACHE,
             queue_capacity: Self::DEFAULT_QUEUE_CAPACITY,
             max_reply_delay: Self::DEFAULT_MAX_REPLY_DELAY,
+            worker_cpus: Vec::new(),
         }
     }
 
@@ -91,6 +93,15 @@ impl HsmConfig {
     /// `Duration::ZERO` hands every reply over at once.
     pub fn with_max_reply_delay(mut self, delay: Duration) -> Self {
         self.max_reply_delay = delay;
+        self
+    }
+
+    /// Pins worker `i` to CPU `cpus[i % cpus.len()]` (numbers as in `/proc/cpuinfo`); empty, the
+    /// default, lets the workers float. Each CPU must be one the process may run on
+    /// ([`crate::allowed_cpus`]), or opening fails. Worth it where the HSM's work is CPU work
+    /// (a software token) and the workers share the cores with the async runtime.
+    pub fn with_worker_cpus(mut self, cpus: Vec<usize>) -> Self {
+        self.worker_cpus = cpus;
         self
     }
 
@@ -125,6 +136,7 @@ impl fmt::Debug for HsmConfig {
             .field("wrapped_key_cache", &self.wrapped_key_cache)
             .field("queue_capacity", &self.queue_capacity)
             .field("max_reply_delay", &self.max_reply_delay)
+            .field("worker_cpus", &self.worker_cpus)
             .finish()
     }
 }

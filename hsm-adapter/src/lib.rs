@@ -20,6 +20,7 @@
 //! directory: SoftHSM is for development and tests only.
 #![forbid(unsafe_code)]
 
+mod affinity;
 mod config;
 mod directory;
 mod error;
@@ -37,6 +38,7 @@ mod templates;
 #[cfg(feature = "bench")]
 pub mod bench;
 
+pub use affinity::allowed_cpus;
 pub use config::{HsmConfig, SOFTHSM_MODULE, TokenSelector};
 pub use error::{ErrorKind, HsmError, Role};
 pub use hsm::Hsm;

@@ -31,6 +31,7 @@ use lru::LruCache;
 use secrecy::SecretString;
 use tokio::sync::oneshot;
 
+use crate::affinity;
 use crate::config::HsmConfig;
 use crate::directory::Directory;
 use crate::error::{HsmError, Recovery, Role};
@@ -459,6 +460,12 @@ impl Pool {
         config: &HsmConfig,
         dispatcher: Option<Dispatcher>,
     ) -> Result<Pool, HsmError> {
+        let allowed = affinity::allowed_cpus().map_err(HsmError::WorkerSpawn)?;
+        if let Some(cpu) = config.worker_cpus.iter().find(|cpu| !allowed.contains(cpu)) {
+            return Err(HsmError::InvalidInput(format!(
+                "CPU {cpu} for the HSM workers is not one this process may run on ({allowed:?})"
+            )));
+        }
         let pkcs11 = module::load(&config.module)?;
         let slot = module::find_token(&pkcs11, &config.token)?;
         let mut sessions = Vec::with_capacity(config.workers.get());
@@ -487,9 +494,19 @@ impl Pool {
             let ctx = WorkerCtx::new(Arc::clone(&shared), session, config.wrapped_key_cache);
             let job_queue = job_queue.clone();
             let dispatcher = dispatcher.clone();
+            let cpu = match config.worker_cpus.len() {
+                0 => None,
+                n => config.worker_cpus.get(i % n).copied(),
+            };
             let thread = std::thread::Builder::new()
                 .name(format!("hsm-worker-{i}"))
                 .spawn(move || {
+                    if let Some(cpu) = cpu
+                        && let Err(err) = affinity::pin_current_thread(cpu)
+                    {
+                        // Checked above; only a cpuset changed meanwhile gets here.
+                        tracing::warn!(cpu, error = %err, "HSM worker left unpinned");
+                    }
                     let held = HeldReplies::new(max_reply_delay, dispatcher);
                     worker_loop(ctx, job_queue, control_queue, held)
                 })

@@ -7,8 +7,8 @@ mod common;
 use std::num::NonZeroUsize;
 use std::time::Duration;
 
-use hsm_adapter::bench::{self, Comparison, LoadScheduling, Throughput};
-use hsm_adapter::{KeyAlgorithm, KeyMode};
+use hsm_adapter::bench::{self, Comparison, LoadScheduling, Placement, Throughput};
+use hsm_adapter::{KeyAlgorithm, KeyMode, allowed_cpus};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bench_compare_runs_and_reports_positive_rates() {
@@ -25,7 +25,11 @@ async fn bench_compare_runs_and_reports_positive_rates() {
     let duration = Duration::from_millis(env("BENCH_MS", 200));
     for mode in [KeyMode::Resident, KeyMode::Wrapped] {
         let key = common::user_key(KeyAlgorithm::EcP256, mode).await;
-        let result = bench::compare(&config, key, threads, duration, LoadScheduling::Batch)
+        let placement = Placement {
+            load: LoadScheduling::Batch,
+            cpus: allowed_cpus().unwrap(),
+        };
+        let result = bench::compare(&config, key, threads, duration, &placement)
             .await
             .unwrap();
         assert!(result.raw.operations > 0 && result.raw.per_second() > 0.0);

@@ -9,7 +9,7 @@ use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use hsm_adapter::bench::{self, Comparison, LoadScheduling};
+use hsm_adapter::bench::{self, Comparison, LoadScheduling, Placement};
 use hsm_adapter::{
     Hsm, HsmConfig, HsmError, KeyAlgorithm, KeyMode, SOFTHSM_MODULE, SystemKey, TokenSelector,
     UserKeyRef,
@@ -62,6 +62,11 @@ pub(crate) struct BenchHsmArgs {
     /// preempts a worker, often while it holds a lock inside a software HSM.
     #[arg(long, default_value = "batch", value_parser = parse_load)]
     pub(crate) load_scheduling: LoadScheduling,
+    /// Pin raw thread i and adapter worker i to the same CPU (the i-th this process may use,
+    /// round robin), so that both sides run on the same cores and no thread loses its caches to
+    /// a move. `--pin false` lets them float.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub(crate) pin: bool,
 }
 
 fn parse_load(name: &str) -> Result<LoadScheduling, String> {
@@ -138,13 +143,21 @@ pub(crate) async fn run(args: BenchHsmArgs) -> Result<(), Box<dyn std::error::Er
     hsm.shutdown().await;
     generated?;
 
+    let placement = Placement {
+        load: args.load_scheduling,
+        cpus: if args.pin {
+            hsm_adapter::allowed_cpus()?
+        } else {
+            Vec::new()
+        },
+    };
     let mut rows = Vec::new();
     let measured = measure(
         &config,
         &keys,
         &args.threads,
         duration,
-        args.load_scheduling,
+        &placement,
         &mut rows,
     )
     .await;
@@ -199,7 +212,7 @@ async fn measure(
     keys: &[UserKeyRef],
     threads: &[NonZeroUsize],
     duration: Duration,
-    load: LoadScheduling,
+    placement: &Placement,
     rows: &mut Vec<Row>,
 ) -> Result<(), HsmError> {
     for key in keys {
@@ -210,7 +223,7 @@ async fn measure(
                 duration.as_secs(),
                 duration.as_secs()
             );
-            let result = bench::compare(config, key, threads, duration, load).await?;
+            let result = bench::compare(config, key, threads, duration, placement).await?;
             rows.push(Row {
                 algorithm,
                 mode,

@@ -256,7 +256,7 @@ impl RawSide {
     }
 
     async fn run(&self, duration: Duration) -> Result<Throughput, HsmError> {
-        hsm_adapter::bench::raw(&self.config, &self.key, self.threads, duration).await
+        hsm_adapter::bench::raw(&self.config, &self.key, self.threads, duration, &[]).await
     }
 
     /// Destroys the key (a resident one would otherwise stay on the token).
