@@ -79,6 +79,9 @@ pub(crate) struct HsmSection {
     pub(crate) key_mode: String,
     /// HSM worker threads, each with one logged-in session. Default: one per core.
     pub(crate) workers: Option<usize>,
+    /// CPUs to pin the workers to, worker `i` on `worker_cpus[i % len]`. Default: not pinned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) worker_cpus: Option<Vec<usize>>,
 }
 
 // Written by hand so that the path of the PIN file shows but nothing else could leak.
@@ -92,6 +95,7 @@ impl fmt::Debug for HsmSection {
             .field("quorum", &self.quorum)
             .field("key_mode", &self.key_mode)
             .field("workers", &self.workers)
+            .field("worker_cpus", &self.worker_cpus)
             .finish()
     }
 }
@@ -432,6 +436,21 @@ impl Config {
         }
         if self.hsm.workers == Some(0) {
             problems.push("hsm.workers must be at least 1".into());
+        }
+        if let Some(cpus) = &self.hsm.worker_cpus {
+            match hsm_adapter::allowed_cpus() {
+                Ok(allowed) => {
+                    for cpu in cpus.iter().filter(|cpu| !allowed.contains(cpu)) {
+                        problems.push(format!(
+                            "hsm.worker_cpus: CPU {cpu} is not one smartsignd may run on \
+                             (allowed: {allowed:?})"
+                        ));
+                    }
+                }
+                Err(err) => problems.push(format!(
+                    "hsm.worker_cpus: the CPUs this process may use are unknown: {err}"
+                )),
+            }
         }
         if self
             .policy

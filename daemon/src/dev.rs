@@ -137,6 +137,7 @@ pub(crate) fn config(
             quorum: None,
             key_mode: "wrapped".into(),
             workers: None,
+            worker_cpus: None,
         },
         store: StoreConfig {
             path: state_dir.join("smartsign.sqlite"),

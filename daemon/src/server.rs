@@ -189,6 +189,9 @@ async fn open_hsm(config: &Config, base: &Base, pin: SecretString) -> Result<Arc
     if let Some(workers) = config.hsm.workers.and_then(NonZeroUsize::new) {
         hsm_config = hsm_config.with_workers(workers);
     }
+    if let Some(cpus) = &config.hsm.worker_cpus {
+        hsm_config = hsm_config.with_worker_cpus(cpus.clone());
+    }
     tracing::info!(module = %config.hsm.module.display(), "opening the HSM");
     Ok(Arc::new(Hsm::open(hsm_config).await?))
 }

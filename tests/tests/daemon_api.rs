@@ -488,6 +488,31 @@ fn check_config_accepts_the_dev_configuration_and_explains_mistakes() {
         "{}",
         describe(&refused)
     );
+
+    // Worker CPUs: one this process may use is accepted, one it may not is named.
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let allowed = status
+        .lines()
+        .find_map(|line| line.strip_prefix("Cpus_allowed_list:"))
+        .unwrap()
+        .trim();
+    let first: usize = allowed.split(['-', ',']).next().unwrap().parse().unwrap();
+    let pinned = |cpus: &str, name: &str| {
+        let path = dir.path().join(name);
+        let line = format!("key_mode = \"wrapped\"\nworker_cpus = [{cpus}]");
+        std::fs::write(&path, text.replace("key_mode = \"wrapped\"", &line)).unwrap();
+        check(&path)
+    };
+    let good = pinned(&first.to_string(), "cpus.toml");
+    assert!(good.status.success(), "{}", describe(&good));
+    let refused = pinned(&format!("{first}, 100000"), "no-cpu.toml");
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr)
+            .contains("hsm.worker_cpus: CPU 100000 is not one smartsignd may run on"),
+        "{}",
+        describe(&refused)
+    );
 }
 
 /// `/readyz` is 503 and names `component` as the problem.
