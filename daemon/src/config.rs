@@ -438,12 +438,24 @@ impl Config {
             problems.push("hsm.workers must be at least 1".into());
         }
         if let Some(cpus) = &self.hsm.worker_cpus {
+            if cpus.is_empty() {
+                problems
+                    .push("hsm.worker_cpus is empty; leave it out to let the workers float".into());
+            }
+            if let Some(cpu) = cpus.iter().enumerate().find_map(|(i, cpu)| {
+                cpus.get(..i)
+                    .is_some_and(|before| before.contains(cpu))
+                    .then_some(cpu)
+            }) {
+                problems.push(format!("hsm.worker_cpus names CPU {cpu} twice"));
+            }
             match hsm_adapter::allowed_cpus() {
                 Ok(allowed) => {
                     for cpu in cpus.iter().filter(|cpu| !allowed.contains(cpu)) {
                         problems.push(format!(
                             "hsm.worker_cpus: CPU {cpu} is not one smartsignd may run on \
-                             (allowed: {allowed:?})"
+                             (allowed: {})",
+                            hsm_adapter::describe_cpus(&allowed)
                         ));
                     }
                 }

@@ -32,3 +32,37 @@ pub(crate) fn pin_current_thread(cpu: usize) -> io::Result<()> {
     set.set(cpu);
     Ok(sched_setaffinity(None, &set)?)
 }
+
+/// CPU numbers as ranges, the way `/proc/*/status` lists them: `0-3,8`.
+pub fn describe(cpus: &[usize]) -> String {
+    let mut ranges: Vec<(usize, usize)> = Vec::new();
+    for &cpu in cpus {
+        match ranges.last_mut() {
+            Some((_, end)) if *end + 1 == cpu => *end = cpu,
+            _ => ranges.push((cpu, cpu)),
+        }
+    }
+    let parts: Vec<String> = ranges
+        .iter()
+        .map(|&(start, end)| {
+            if start == end {
+                start.to_string()
+            } else {
+                format!("{start}-{end}")
+            }
+        })
+        .collect();
+    parts.join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::describe;
+
+    #[test]
+    fn cpus_are_described_as_ranges() {
+        assert_eq!(describe(&[]), "");
+        assert_eq!(describe(&[3]), "3");
+        assert_eq!(describe(&[0, 1, 2, 3, 8, 10, 11]), "0-3,8,10-11");
+    }
+}

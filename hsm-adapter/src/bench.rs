@@ -129,34 +129,43 @@ pub enum LoadScheduling {
     /// preempt a running worker.
     #[default]
     Batch,
-    /// The default policy (`SCHED_OTHER`): every wake-up may preempt a worker.
+    /// The thread as it is (normally `SCHED_OTHER`, under which every wake-up may preempt a
+    /// worker).
     Normal,
 }
 
 impl LoadScheduling {
-    /// Applies the policy to the calling thread (and to the threads it starts later).
+    /// Applies the policy to the calling thread (and to the threads it starts later), keeping
+    /// its nice value.
     pub fn apply(self) -> Result<(), HsmError> {
         use thread_priority::{
-            NormalThreadSchedulePolicy, ThreadPriority, ThreadPriorityValue, ThreadSchedulePolicy,
-            set_thread_priority_and_policy, thread_native_id,
+            Error, NormalThreadSchedulePolicy, ThreadPriority, ThreadPriorityValue,
+            ThreadSchedulePolicy, set_thread_priority_and_policy, thread_native_id,
         };
         let policy = match self {
-            LoadScheduling::Batch => NormalThreadSchedulePolicy::Batch,
+            LoadScheduling::Batch => {
+                ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Batch)
+            }
             LoadScheduling::Normal => return Ok(()),
         };
-        // For the normal policies the crate sets the nice value too, mapping 0..=99 onto
-        // 19..=-20: 48 is nice 0, the default, so that only the policy changes.
-        let nice_zero = ThreadPriorityValue::try_from(48)
-            .map_err(|_| HsmError::UnexpectedResponse("thread priority out of range"))?;
-        set_thread_priority_and_policy(
-            thread_native_id(),
-            ThreadPriority::Crossplatform(nice_zero),
-            ThreadSchedulePolicy::Normal(policy),
-        )
-        .map_err(|err| {
-            HsmError::WorkerSpawn(std::io::Error::other(format!(
-                "could not run the load generator under SCHED_BATCH: {err:?}"
-            )))
+        // For the normal policies the crate also sets the nice value, from a priority in
+        // 0..=99: pick the priority it turns into the thread's present nice value.
+        let nice = rustix::process::getpriority_process(None)
+            .map_err(|errno| HsmError::Placement(errno.into()))?;
+        let priority = (0..=99)
+            .filter_map(|p| ThreadPriorityValue::try_from(p).ok())
+            .map(ThreadPriority::Crossplatform)
+            .find(|priority| priority.to_posix(policy).ok() == Some(nice))
+            .ok_or_else(|| {
+                HsmError::Placement(std::io::Error::other(format!(
+                    "SCHED_BATCH cannot keep nice value {nice}; use the normal scheduling"
+                )))
+            })?;
+        set_thread_priority_and_policy(thread_native_id(), priority, policy).map_err(|err| {
+            HsmError::Placement(match err {
+                Error::OS(errno) => std::io::Error::from_raw_os_error(errno),
+                other => std::io::Error::other(format!("SCHED_BATCH: {other:?}")),
+            })
         })
     }
 }
@@ -192,7 +201,8 @@ pub async fn raw(
     .await
 }
 
-/// Where the benchmark's threads run.
+/// Where the benchmark's threads run. The default schedules the load generator under
+/// `SCHED_BATCH` and pins nothing; `bench hsm` pins by default.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Placement {
     /// How the thread that sends the adapter its requests is scheduled.
@@ -340,7 +350,7 @@ impl RawBaseline {
                         let (mechanism, data) = (request.mechanism(), request.data());
                         let pinned = cpu.map(affinity::pin_current_thread).transpose();
                         start_line.wait();
-                        pinned.map_err(HsmError::WorkerSpawn)?;
+                        pinned.map_err(HsmError::Placement)?;
                         let deadline = Instant::now() + duration;
                         let mut done = 0;
                         while Instant::now() < deadline {

@@ -156,6 +156,10 @@ pub enum HsmError {
     #[error("could not start an HSM worker thread: {0}")]
     WorkerSpawn(#[source] std::io::Error),
 
+    /// A thread could not be given its CPUs or scheduling policy.
+    #[error("could not place a thread on its CPUs or scheduling policy: {0}")]
+    Placement(#[source] std::io::Error),
+
     /// Every HSM worker queue slot is taken; the caller should shed load.
     #[error("the HSM request queue is full")]
     Busy,
@@ -171,6 +175,7 @@ impl HsmError {
         match self {
             HsmError::ModuleLoad { .. } | HsmError::SystemKeyMissing(_) => ErrorKind::Unavailable,
             HsmError::Busy | HsmError::Closed | HsmError::WorkerSpawn(_) => ErrorKind::Unavailable,
+            HsmError::Placement(_) => ErrorKind::Unavailable,
             HsmError::TokenNotFound { .. } => ErrorKind::NotFound,
             HsmError::AmbiguousToken { .. } => ErrorKind::InvalidInput,
             HsmError::PinRejected { .. } | HsmError::KeyPolicy { .. } => ErrorKind::NotPermitted,

@@ -38,7 +38,7 @@ mod templates;
 #[cfg(feature = "bench")]
 pub mod bench;
 
-pub use affinity::allowed_cpus;
+pub use affinity::{allowed_cpus, describe as describe_cpus};
 pub use config::{HsmConfig, SOFTHSM_MODULE, TokenSelector};
 pub use error::{ErrorKind, HsmError, Role};
 pub use hsm::Hsm;

@@ -460,11 +460,14 @@ impl Pool {
         config: &HsmConfig,
         dispatcher: Option<Dispatcher>,
     ) -> Result<Pool, HsmError> {
-        let allowed = affinity::allowed_cpus().map_err(HsmError::WorkerSpawn)?;
-        if let Some(cpu) = config.worker_cpus.iter().find(|cpu| !allowed.contains(cpu)) {
-            return Err(HsmError::InvalidInput(format!(
-                "CPU {cpu} for the HSM workers is not one this process may run on ({allowed:?})"
-            )));
+        if !config.worker_cpus.is_empty() {
+            let allowed = affinity::allowed_cpus().map_err(HsmError::Placement)?;
+            if let Some(cpu) = config.worker_cpus.iter().find(|cpu| !allowed.contains(cpu)) {
+                return Err(HsmError::InvalidInput(format!(
+                    "CPU {cpu} for the HSM workers is not one this process may run on ({})",
+                    affinity::describe(&allowed)
+                )));
+            }
         }
         let pkcs11 = module::load(&config.module)?;
         let slot = module::find_token(&pkcs11, &config.token)?;
@@ -489,6 +492,7 @@ impl Pool {
         let max_reply_delay = config.max_reply_delay;
         let mut controls = Vec::with_capacity(sessions.len());
         let mut threads = Vec::with_capacity(sessions.len());
+        let (placed_tx, placed_rx) = std::sync::mpsc::channel();
         for (i, session) in sessions.into_iter().enumerate() {
             let (control, control_queue) = crossbeam_channel::unbounded();
             let ctx = WorkerCtx::new(Arc::clone(&shared), session, config.wrapped_key_cache);
@@ -498,14 +502,15 @@ impl Pool {
                 0 => None,
                 n => config.worker_cpus.get(i % n).copied(),
             };
+            let placed = placed_tx.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("hsm-worker-{i}"))
                 .spawn(move || {
-                    if let Some(cpu) = cpu
-                        && let Err(err) = affinity::pin_current_thread(cpu)
-                    {
-                        // Checked above; only a cpuset changed meanwhile gets here.
-                        tracing::warn!(cpu, error = %err, "HSM worker left unpinned");
+                    let pinned = cpu.map(affinity::pin_current_thread).transpose();
+                    let failed = pinned.is_err();
+                    let _ = placed.send(pinned.map(|_| ()));
+                    if failed {
+                        return;
                     }
                     let held = HeldReplies::new(max_reply_delay, dispatcher);
                     worker_loop(ctx, job_queue, control_queue, held)
@@ -513,6 +518,14 @@ impl Pool {
                 .map_err(HsmError::WorkerSpawn)?;
             controls.push(control);
             threads.push(thread);
+        }
+        // Opening returns once every worker is on its CPU. On an error, dropping the queues
+        // stops the workers already running.
+        for _ in 0..threads.len() {
+            match placed_rx.recv() {
+                Ok(placed) => placed.map_err(HsmError::Placement)?,
+                Err(_) => return Err(HsmError::Closed),
+            }
         }
         Ok(Pool {
             shared,

@@ -505,14 +505,31 @@ fn check_config_accepts_the_dev_configuration_and_explains_mistakes() {
     };
     let good = pinned(&first.to_string(), "cpus.toml");
     assert!(good.status.success(), "{}", describe(&good));
-    let refused = pinned(&format!("{first}, 100000"), "no-cpu.toml");
-    assert!(!refused.status.success());
-    assert!(
-        String::from_utf8_lossy(&refused.stderr)
-            .contains("hsm.worker_cpus: CPU 100000 is not one smartsignd may run on"),
-        "{}",
-        describe(&refused)
-    );
+    for (cpus, name, problem) in [
+        (
+            format!("{first}, 100000"),
+            "no-cpu.toml",
+            "hsm.worker_cpus: CPU 100000 is not one smartsignd may run on".to_owned(),
+        ),
+        (
+            String::new(),
+            "empty.toml",
+            "hsm.worker_cpus is empty".to_owned(),
+        ),
+        (
+            format!("{first}, {first}"),
+            "twice.toml",
+            format!("hsm.worker_cpus names CPU {first} twice"),
+        ),
+    ] {
+        let refused = pinned(&cpus, name);
+        assert!(!refused.status.success());
+        assert!(
+            String::from_utf8_lossy(&refused.stderr).contains(&problem),
+            "{}",
+            describe(&refused)
+        );
+    }
 }
 
 /// `/readyz` is 503 and names `component` as the problem.
