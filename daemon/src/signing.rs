@@ -598,13 +598,15 @@ mod tests {
     use p256::ecdsa::SigningKey;
     use p256::ecdsa::signature::Signer;
 
+    /// The SubjectPublicKeyInfo DER of a device key, as registration stores it.
+    fn spki_der(key: &impl spki::EncodePublicKey) -> Vec<u8> {
+        key.to_public_key_der().unwrap().as_bytes().to_vec()
+    }
+
     #[test]
     fn device_signature_verifies_only_for_the_exact_statement_and_key() {
         let key = SigningKey::from_slice(&[7; 32]).unwrap();
-        let spki = spki::EncodePublicKey::to_public_key_der(key.verifying_key())
-            .unwrap()
-            .as_bytes()
-            .to_vec();
+        let spki = spki_der(key.verifying_key());
         let statement = "smartsign-authorise-v1\nid\n1234\nsha256\n00\napprove";
         let signature: p256::ecdsa::Signature = key.sign(statement.as_bytes());
         let der = signature.to_der();
@@ -615,10 +617,7 @@ mod tests {
             der.as_bytes()
         ));
         let other = SigningKey::from_slice(&[8; 32]).unwrap();
-        let other_spki = spki::EncodePublicKey::to_public_key_der(other.verifying_key())
-            .unwrap()
-            .as_bytes()
-            .to_vec();
+        let other_spki = spki_der(other.verifying_key());
         assert!(!device_signature_valid(
             &other_spki,
             statement,
@@ -631,19 +630,13 @@ mod tests {
         use p384::ecdsa::signature::Signer as _;
         let statement = "smartsign-authorise-v1\nid\n1234\nsha256\n00\napprove";
         let key = p384::ecdsa::SigningKey::from_slice(&[7; 48]).unwrap();
-        let spki = spki::EncodePublicKey::to_public_key_der(key.verifying_key())
-            .unwrap()
-            .as_bytes()
-            .to_vec();
+        let spki = spki_der(key.verifying_key());
         let signature: p384::ecdsa::Signature = key.sign(statement.as_bytes());
         let der = signature.to_der();
         assert!(!device_signature_valid(&spki, statement, der.as_bytes()));
 
         let key = SigningKey::from_slice(&[7; 32]).unwrap();
-        let spki = spki::EncodePublicKey::to_public_key_der(key.verifying_key())
-            .unwrap()
-            .as_bytes()
-            .to_vec();
+        let spki = spki_der(key.verifying_key());
         let signature: p256::ecdsa::Signature = key.sign(statement.as_bytes());
         let der = signature.to_der();
         assert!(!device_signature_valid(
