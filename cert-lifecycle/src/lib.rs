@@ -36,4 +36,4 @@ pub use signing::{
     AuthOutcome, Decision, HashAlgorithm, MAX_BAD_ATTEMPTS, SigningRequest, SigningStatus,
     Transition, identification_code_from_random,
 };
-pub use store::{SqliteStore, Store, TaidRecord};
+pub use store::{KekRotation, KeyRefSlot, SqliteStore, Store, StoredKeyRef, TaidRecord};

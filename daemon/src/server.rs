@@ -354,13 +354,19 @@ async fn assemble(
         required.extend([SystemKey::CaRoot, SystemKey::CaIssuing]);
     }
     for key in required {
-        hsm.check_system_key(key).await.map_err(|error| {
-            format!(
-                "system key {} is not usable ({error}); create the system keys with \
-                 `smartsign-ctl keys init` while the daemon is stopped",
-                key.label()
-            )
-        })?;
+        hsm.check_system_key(key)
+            .await
+            .map_err(|error| match error {
+                // These name their own fix: rotating the KEK, not creating keys.
+                HsmError::KekTemplate { .. } | HsmError::KekRotationUnfinished => {
+                    format!("system key {} is refused: {error}", key.label())
+                }
+                error => format!(
+                    "system key {} is not usable ({error}); create the system keys with \
+                     `smartsign-ctl keys init` while the daemon is stopped",
+                    key.label()
+                ),
+            })?;
     }
 
     let store_path = config.store.path.clone();

@@ -51,7 +51,7 @@ use crate::keys::{
 };
 use crate::module;
 use crate::operations::SignRequest;
-use crate::templates::{unwrap_template, wrap_mechanism};
+use crate::templates::{CopyUse, unwrap_template, wrap_mechanism};
 
 /// The digest every benchmark signs.
 const DIGEST: [u8; 32] = [0x5a; 32];
@@ -299,7 +299,7 @@ impl RawBaseline {
         key: &UserKeyRef,
         threads: NonZeroUsize,
     ) -> Result<RawBaseline, HsmError> {
-        let pkcs11 = module::load(&config.module)?;
+        let pkcs11 = module::load(&config.module)?.pkcs11;
         let slot = module::find_token(&pkcs11, &config.token)?;
         let digest = Digest::new(HashAlgorithm::Sha256, DIGEST.to_vec())?;
         let request = SignRequest::new(key.algorithm(), scheme_for(key.algorithm()), &digest)?;
@@ -323,7 +323,7 @@ impl RawBaseline {
             KeyStorage::Wrapped { blob, .. } => Target::Wrapped {
                 kek: find_one(setup, &system_key_template(SystemKey::Kek))?,
                 blob: blob.clone(),
-                template: unwrap_template(key.algorithm()),
+                template: unwrap_template(key.algorithm(), CopyUse::Sign),
             },
         };
         Ok(RawBaseline {

@@ -18,7 +18,7 @@ use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
 
 use crate::error::HsmError;
-use crate::keys::{HexBytes, RESIDENT_KEY_LABEL, SystemKey, SystemKeyKind};
+use crate::keys::{HexBytes, KekId, RESIDENT_KEY_LABEL, SystemKey, SystemKeyKind};
 use crate::policy::Policy;
 
 /// A key's handle and the policy rule it has been checked against, if any.
@@ -62,6 +62,8 @@ pub(crate) enum Found {
 #[derive(Debug, Default)]
 pub(crate) struct Directory {
     system: HashMap<SystemKey, Found>,
+    /// The CKA_ID of the one KEK, when it has one.
+    kek_id: Option<KekId>,
     resident: HashMap<Vec<u8>, Found>,
 }
 
@@ -74,6 +76,9 @@ impl Directory {
             match handles.as_slice() {
                 [] => {}
                 [handle] => {
+                    if key == SystemKey::Kek {
+                        directory.kek_id = read_kek_id(session, *handle)?;
+                    }
                     directory
                         .system
                         .insert(key, Found::One(KeyEntry::new(*handle, None)));
@@ -125,9 +130,26 @@ impl Directory {
     pub(crate) fn system(&self, key: SystemKey) -> Result<&KeyEntry, HsmError> {
         match self.system.get(&key) {
             Some(Found::One(entry)) => Ok(entry),
+            Some(Found::Many) if key == SystemKey::Kek => Err(HsmError::KekRotationUnfinished),
             Some(Found::Many) => Err(HsmError::DuplicateKey { label: key.label() }),
             None => Err(HsmError::SystemKeyMissing(key)),
         }
+    }
+
+    /// The KEK that unwraps a blob wrapped under `kek`: the token's one KEK, if it is that one.
+    pub(crate) fn kek_for(&self, kek: Option<&KekId>) -> Result<&KeyEntry, HsmError> {
+        let entry = self.system(SystemKey::Kek)?;
+        if kek != self.kek_id.as_ref() {
+            return Err(HsmError::KekNotOnToken {
+                kek: kek.map_or_else(|| "without id".to_owned(), KekId::to_string),
+            });
+        }
+        Ok(entry)
+    }
+
+    /// The CKA_ID of the token's one KEK.
+    pub(crate) fn kek_id(&self) -> Option<KekId> {
+        self.kek_id
     }
 
     pub(crate) fn resident(&self, id: &[u8]) -> Result<&KeyEntry, HsmError> {
@@ -163,6 +185,18 @@ impl Directory {
                 id: HexBytes(id).to_string(),
             }),
         }
+    }
+}
+
+/// The CKA_ID of a KEK as a [`KekId`]; `None` for a KEK made before KEKs had ids.
+pub(crate) fn read_kek_id(session: &Session, kek: ObjectHandle) -> Result<Option<KekId>, HsmError> {
+    let attributes = session.get_attributes(kek, &[AttributeType::Id])?;
+    match attributes.first() {
+        Some(Attribute::Id(id)) if id.is_empty() => Ok(None),
+        Some(Attribute::Id(id)) => KekId::from_bytes(id)
+            .map(Some)
+            .map_err(|_| HsmError::UnexpectedResponse("a KEK's CKA_ID is not 16 bytes")),
+        _ => Ok(None),
     }
 }
 

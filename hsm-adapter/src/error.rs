@@ -118,6 +118,37 @@ pub enum HsmError {
         requirement: &'static str,
     },
 
+    /// The key-encryption key lacks the templates that keep unwrapped keys inside the HSM
+    /// (a KEK made before they existed, or by hand).
+    #[error(
+        "the key-encryption key's {template} {problem}, so whoever may use the KEK could unwrap \
+         a user key as an extractable object and read it; stop the daemon and replace the KEK \
+         with `smartsign-ctl keys rotate-kek` (it re-wraps every user key inside the HSM)"
+    )]
+    KekTemplate {
+        /// `CKA_UNWRAP_TEMPLATE` or `CKA_WRAP_TEMPLATE`.
+        template: pkcs11_arrays::ArrayAttribute,
+        /// What is wrong, e.g. `is missing`.
+        problem: String,
+    },
+
+    /// Several key-encryption keys are on the token: a rotation started and has not finished.
+    #[error(
+        "several key-encryption keys are on the token: a KEK rotation has not finished; stop \
+         the daemon and run `smartsign-ctl keys rotate-kek` again to finish it"
+    )]
+    KekRotationUnfinished,
+
+    /// A wrapped key names a KEK that is not on the token.
+    #[error(
+        "the user key is wrapped under key-encryption key {kek}, which is not on this token \
+         (destroyed by a KEK rotation, or another token's)"
+    )]
+    KekNotOnToken {
+        /// The KEK id in hex, or `without id`.
+        kek: String,
+    },
+
     /// A system key has not been provisioned (run the key ceremony).
     #[error("system key \"{}\" is not on the token; run the key ceremony", .0.label())]
     SystemKeyMissing(SystemKey),
@@ -179,6 +210,9 @@ impl HsmError {
             HsmError::TokenNotFound { .. } => ErrorKind::NotFound,
             HsmError::AmbiguousToken { .. } => ErrorKind::InvalidInput,
             HsmError::PinRejected { .. } | HsmError::KeyPolicy { .. } => ErrorKind::NotPermitted,
+            HsmError::KekTemplate { .. } => ErrorKind::NotPermitted,
+            HsmError::KekRotationUnfinished => ErrorKind::Unavailable,
+            HsmError::KekNotOnToken { .. } => ErrorKind::NotFound,
             HsmError::UserKeyNotFound { .. } => ErrorKind::NotFound,
             HsmError::InvalidInput(_) | HsmError::MalformedKeyRef(_) => ErrorKind::InvalidInput,
             HsmError::NotAuthentic => ErrorKind::InvalidInput,

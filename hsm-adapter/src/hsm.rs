@@ -9,8 +9,9 @@ use zeroize::Zeroizing;
 
 use crate::config::HsmConfig;
 use crate::error::HsmError;
+use crate::kek::{self, KekStatus};
 use crate::keys::{
-    Digest, KeyAlgorithm, KeyMode, KeyStorage, SignatureScheme, SystemKey, SystemKeyKind,
+    Digest, KekId, KeyAlgorithm, KeyMode, KeyStorage, SignatureScheme, SystemKey, SystemKeyKind,
     UserKeyRef,
 };
 use crate::operations::{self, MAX_RANDOM_LEN, SignRequest, SigningKey};
@@ -251,6 +252,55 @@ impl Hsm {
     pub async fn system_public_key(&self, key: SystemKey) -> Result<PublicKeySpki, HsmError> {
         self.call(Retry::Once, Cost::Long, move |ctx| {
             ctx.system_public_key(key)
+        })
+        .await
+    }
+
+    /// The key-encryption keys on the token, each checked against the key policy (templates
+    /// included). One, with no refusal, is the healthy state; two mean a rotation is under way.
+    pub async fn key_encryption_keys(&self) -> Result<Vec<KekStatus>, HsmError> {
+        let shared = Arc::clone(self.pool.shared());
+        run_blocking("hsm-kek-list", move || kek::list(&shared)).await
+    }
+
+    /// The id of the token's one KEK (`None` for a KEK without an id); fails while a rotation
+    /// leaves two on the token.
+    pub async fn current_kek(&self) -> Result<Option<KekId>, HsmError> {
+        self.call(Retry::Once, Cost::Short, |ctx| {
+            let directory = ctx.shared.directory();
+            directory.system(SystemKey::Kek)?;
+            Ok(directory.kek_id())
+        })
+        .await
+    }
+
+    /// Creates the KEK `id`, with its templates, unless it is on the token already (as the
+    /// security officer, like [`Hsm::provision_system_keys`]). Returns whether it was created.
+    pub async fn ensure_kek(&self, so_pin: &SecretString, id: KekId) -> Result<bool, HsmError> {
+        let shared = Arc::clone(self.pool.shared());
+        let so_pin = so_pin.clone();
+        run_blocking("hsm-kek-create", move || kek::ensure(&shared, &so_pin, &id)).await
+    }
+
+    /// Re-wraps each key under the KEK `to` inside the HSM (the plaintext never leaves it), and
+    /// proves each new blob unwraps before returning it. Keys already under `to`, and resident
+    /// keys, come back unchanged. One result per key, in order; the outer error means nothing
+    /// was done (no session, `to` missing or refused by the policy).
+    pub async fn rewrap(
+        &self,
+        keys: Vec<UserKeyRef>,
+        to: KekId,
+    ) -> Result<Vec<Result<UserKeyRef, HsmError>>, HsmError> {
+        let shared = Arc::clone(self.pool.shared());
+        run_blocking("hsm-kek-rewrap", move || kek::rewrap(&shared, &keys, &to)).await
+    }
+
+    /// Destroys the KEK `id` (`None`: the KEK without an id). Every blob wrapped under it,
+    /// including those in backups, can no longer be unwrapped.
+    pub async fn destroy_kek(&self, id: Option<KekId>) -> Result<(), HsmError> {
+        let shared = Arc::clone(self.pool.shared());
+        run_blocking("hsm-kek-destroy", move || {
+            kek::destroy(&shared, id.as_ref())
         })
         .await
     }

@@ -307,11 +307,73 @@ pub enum SignatureScheme {
     RsaPss,
 }
 
+/// The name of one key-encryption key: its CKA_ID on the token, 16 random bytes.
+///
+/// A wrapped key's reference names the KEK it was wrapped under, so that a KEK rotation knows
+/// which blobs still need re-wrapping, and so that a blob wrapped under a KEK that is gone (a
+/// backup from before a rotation) is refused by name rather than by a failed unwrap.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct KekId([u8; KekId::LEN]);
+
+impl KekId {
+    /// Bytes of an id.
+    pub const LEN: usize = 16;
+
+    /// An id from its bytes.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, HsmError> {
+        let id = bytes
+            .try_into()
+            .map_err(|_| HsmError::InvalidInput(format!("a KEK id has {} bytes", Self::LEN)))?;
+        Ok(KekId(id))
+    }
+
+    /// The id's bytes (the KEK's CKA_ID).
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Display for KekId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&HexBytes(&self.0), f)
+    }
+}
+
+impl fmt::Debug for KekId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "KekId({self})")
+    }
+}
+
+impl std::str::FromStr for KekId {
+    type Err = HsmError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut id = [0u8; KekId::LEN];
+        let digits = s.as_bytes();
+        if digits.len() != 2 * KekId::LEN {
+            return Err(HsmError::InvalidInput(format!(
+                "a KEK id is {} hex digits",
+                2 * KekId::LEN
+            )));
+        }
+        for (byte, pair) in id.iter_mut().zip(digits.chunks(2)) {
+            let text = std::str::from_utf8(pair).unwrap_or("");
+            *byte = u8::from_str_radix(text, 16)
+                .map_err(|_| HsmError::InvalidInput("a KEK id is hex digits".into()))?;
+        }
+        Ok(KekId(id))
+    }
+}
+
 /// Where a user key's private half is.
 #[derive(Clone, PartialEq, Eq)]
 pub(crate) enum KeyStorage {
-    /// The private key wrapped under the KEK.
+    /// The private key wrapped under a KEK.
     Wrapped {
+        /// The KEK it is wrapped under; `None` for a reference made before KEKs had ids
+        /// (version 1), wrapped under the KEK that has none.
+        kek: Option<KekId>,
         /// `CKM_*` used to wrap (only `CKM_AES_KEY_WRAP_PAD` today).
         mechanism: u64,
         /// `CKK_*` of the wrapped key, needed in the unwrap template.
@@ -341,7 +403,9 @@ pub struct UserKeyRef {
 /// Leading bytes of an encoded [`UserKeyRef`].
 const REF_MAGIC: &[u8; 4] = b"SSKR";
 /// Version of the encoding below.
-const REF_VERSION: u8 = 1;
+const REF_VERSION: u8 = 2;
+/// The version before wrapped keys named their KEK; still read.
+const REF_VERSION_NO_KEK: u8 = 1;
 const STORAGE_WRAPPED: u8 = 1;
 const STORAGE_RESIDENT: u8 = 2;
 /// Upper bound of a wrapped blob (an RSA-3072 PKCS#8 wraps to under 2 KiB).
@@ -370,6 +434,21 @@ impl UserKeyRef {
         &self.public_key
     }
 
+    /// The KEK a wrapped key is wrapped under: `None` for a resident key or for a reference
+    /// from before KEKs had ids.
+    pub fn kek(&self) -> Option<&KekId> {
+        match &self.storage {
+            KeyStorage::Wrapped { kek, .. } => kek.as_ref(),
+            KeyStorage::Resident { .. } => None,
+        }
+    }
+
+    /// Whether this is a wrapped key that is not wrapped under `current` (a KEK rotation
+    /// re-wraps it).
+    pub fn needs_rewrap(&self, current: &KekId) -> bool {
+        matches!(&self.storage, KeyStorage::Wrapped { kek, .. } if kek.as_ref() != Some(current))
+    }
+
     /// The CKA_ID of a resident key.
     pub fn resident_id(&self) -> Option<&[u8]> {
         match &self.storage {
@@ -382,12 +461,14 @@ impl UserKeyRef {
     ///
     /// ```text
     /// "SSKR" | version (1) | algorithm (1) | storage (1) | storage fields | spki len (4) | spki
-    /// wrapped (storage 1):  mechanism (8) | key type (8) | blob len (4) | blob
+    /// wrapped (storage 1):  kek id len (1) | kek id | mechanism (8) | key type (8) |
+    ///                       blob len (4) | blob
     /// resident (storage 2): id len (1) | id
     /// ```
     ///
-    /// Integers are big-endian. The algorithm codes are 1 = EC P-256, 2 = EC P-384,
-    /// 3 = RSA-2048, 4 = RSA-3072.
+    /// Integers are big-endian. The version is 2; version 1, which is still read, has no KEK id
+    /// field. The KEK id is 16 bytes, or none (length 0) for a key wrapped under a KEK without
+    /// an id. The algorithm codes are 1 = EC P-256, 2 = EC P-384, 3 = RSA-2048, 4 = RSA-3072.
     pub fn to_bytes(&self) -> Vec<u8> {
         let spki = self.public_key.as_der();
         let mut out = Vec::with_capacity(64 + spki.len());
@@ -396,11 +477,19 @@ impl UserKeyRef {
         out.push(self.algorithm.code());
         match &self.storage {
             KeyStorage::Wrapped {
+                kek,
                 mechanism,
                 key_type,
                 blob,
             } => {
                 out.push(STORAGE_WRAPPED);
+                match kek {
+                    Some(kek) => {
+                        out.push(KekId::LEN as u8);
+                        out.extend_from_slice(kek.as_bytes());
+                    }
+                    None => out.push(0),
+                }
                 out.extend_from_slice(&mechanism.to_be_bytes());
                 out.extend_from_slice(&key_type.to_be_bytes());
                 push_len_prefixed_u32(&mut out, blob);
@@ -422,18 +511,28 @@ impl UserKeyRef {
         if r.take(4)? != REF_MAGIC {
             return Err(HsmError::MalformedKeyRef("not a smartsign key reference"));
         }
-        if r.u8()? != REF_VERSION {
+        let version = r.u8()?;
+        if version != REF_VERSION && version != REF_VERSION_NO_KEK {
             return Err(HsmError::MalformedKeyRef("unsupported version"));
         }
         let algorithm = KeyAlgorithm::from_code(r.u8()?)
             .ok_or(HsmError::MalformedKeyRef("unknown algorithm"))?;
         let storage = match r.u8()? {
             STORAGE_WRAPPED => {
+                let kek = match version {
+                    REF_VERSION_NO_KEK => None,
+                    _ => match usize::from(r.u8()?) {
+                        0 => None,
+                        KekId::LEN => Some(KekId::from_bytes(r.take(KekId::LEN)?)?),
+                        _ => return Err(HsmError::MalformedKeyRef("KEK id length")),
+                    },
+                };
                 let mechanism = r.u64()?;
                 let key_type = r.u64()?;
                 let len = r.u32_len(MAX_BLOB_LEN)?;
                 let blob = r.take(len)?.to_vec();
                 KeyStorage::Wrapped {
+                    kek,
                     mechanism,
                     key_type,
                     blob,
@@ -467,6 +566,7 @@ impl UserKeyRef {
                 mechanism,
                 key_type,
                 blob,
+                ..
             } => {
                 if *mechanism != crate::templates::wrap_mechanism_code() {
                     return Err(HsmError::MalformedKeyRef("unsupported wrapping mechanism"));
@@ -500,7 +600,10 @@ impl fmt::Debug for UserKeyRef {
         let mut s = f.debug_struct("UserKeyRef");
         s.field("algorithm", &self.algorithm);
         match &self.storage {
-            KeyStorage::Wrapped { blob, .. } => s.field("wrapped_len", &blob.len()),
+            KeyStorage::Wrapped { blob, kek, .. } => {
+                s.field("kek", kek);
+                s.field("wrapped_len", &blob.len())
+            }
             KeyStorage::Resident { id } => s.field("resident_id", &HexBytes(id)),
         };
         s.finish_non_exhaustive()

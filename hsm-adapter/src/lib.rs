@@ -25,6 +25,7 @@ mod config;
 mod directory;
 mod error;
 mod hsm;
+mod kek;
 mod keys;
 mod module;
 mod operations;
@@ -42,8 +43,9 @@ pub use affinity::{allowed_cpus, describe as describe_cpus};
 pub use config::{HsmConfig, SOFTHSM_MODULE, TokenSelector};
 pub use error::{ErrorKind, HsmError, Role};
 pub use hsm::Hsm;
+pub use kek::KekStatus;
 pub use keys::{
-    Digest, HashAlgorithm, KeyAlgorithm, KeyMode, LABEL_PREFIX, RESIDENT_KEY_LABEL,
+    Digest, HashAlgorithm, KekId, KeyAlgorithm, KeyMode, LABEL_PREFIX, RESIDENT_KEY_LABEL,
     SignatureScheme, SystemKey, UserKeyRef,
 };
 pub use provision::ProvisionReport;

@@ -7,21 +7,29 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error as CryptokiError, RvError};
 use cryptoki::session::{Session, UserType};
 use cryptoki::slot::Slot;
+use pkcs11_arrays::Arrays;
 use secrecy::SecretString;
 
 use crate::config::TokenSelector;
 use crate::error::{HsmError, Role};
 
-static MODULES: OnceLock<Mutex<HashMap<PathBuf, Pkcs11>>> = OnceLock::new();
+/// An initialised module, and its raw entry points for the array attributes cryptoki lacks.
+#[derive(Debug, Clone)]
+pub(crate) struct Module {
+    pub(crate) pkcs11: Pkcs11,
+    pub(crate) arrays: Arc<Arrays>,
+}
+
+static MODULES: OnceLock<Mutex<HashMap<PathBuf, Module>>> = OnceLock::new();
 
 /// The initialised module at `path`, loading it on first use.
-pub(crate) fn load(path: &Path) -> Result<Pkcs11, HsmError> {
+pub(crate) fn load(path: &Path) -> Result<Module, HsmError> {
     let load_error = |reason: String| HsmError::ModuleLoad {
         path: path.to_path_buf(),
         reason,
@@ -34,12 +42,17 @@ pub(crate) fn load(path: &Path) -> Result<Pkcs11, HsmError> {
     if let Some(module) = modules.get(&canonical) {
         return Ok(module.clone());
     }
-    let module = Pkcs11::new(&canonical).map_err(|e| load_error(e.to_string()))?;
-    match module.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+    let pkcs11 = Pkcs11::new(&canonical).map_err(|e| load_error(e.to_string()))?;
+    match pkcs11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
         // Someone else in this process (a test calling cryptoki directly) initialised it.
         Ok(()) | Err(CryptokiError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
         Err(e) => return Err(load_error(HsmError::from(e).to_string())),
     }
+    let arrays = Arrays::load(&canonical).map_err(|e| load_error(e.to_string()))?;
+    let module = Module {
+        pkcs11,
+        arrays: Arc::new(arrays),
+    };
     modules.insert(canonical, module.clone());
     Ok(module)
 }

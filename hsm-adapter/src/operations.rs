@@ -13,16 +13,16 @@ use secrecy::SecretSlice;
 use crate::directory::{KeyEntry, resident_public_key_template, system_public_key_template};
 use crate::error::HsmError;
 use crate::keys::{
-    Digest, EcCurve, HashAlgorithm, KeyAlgorithm, KeyMode, KeyStorage, SignatureScheme, SystemKey,
-    SystemKeyKind, UserKeyRef,
+    Digest, EcCurve, HashAlgorithm, KekId, KeyAlgorithm, KeyMode, KeyStorage, SignatureScheme,
+    SystemKey, SystemKeyKind, UserKeyRef,
 };
 use crate::module;
 use crate::policy::Policy;
 use crate::public_key::{PublicKeySpki, digest_info, ec_spki, ecdsa_der, rsa_spki};
 use crate::session_pool::{CachedKey, Shared, WorkerCtx};
 use crate::templates::{
-    PairTarget, key_pair, key_type_code, system_key_algorithm, unwrap_template, wrap_mechanism,
-    wrap_mechanism_code,
+    CopyUse, PairTarget, key_pair, key_type_code, system_key_algorithm, unwrap_template,
+    wrap_mechanism, wrap_mechanism_code,
 };
 
 /// Bytes of a resident key's CKA_ID, drawn from the HSM's generator.
@@ -149,6 +149,7 @@ impl SignatureEncoding {
 pub(crate) enum SigningKey {
     Wrapped {
         algorithm: KeyAlgorithm,
+        kek: Option<KekId>,
         blob: Box<[u8]>,
     },
     Resident {
@@ -160,8 +161,9 @@ pub(crate) enum SigningKey {
 impl SigningKey {
     pub(crate) fn from_ref(key: &UserKeyRef) -> Self {
         match &key.storage {
-            KeyStorage::Wrapped { blob, .. } => SigningKey::Wrapped {
+            KeyStorage::Wrapped { blob, kek, .. } => SigningKey::Wrapped {
                 algorithm: key.algorithm,
+                kek: *kek,
                 blob: blob.clone().into(),
             },
             KeyStorage::Resident { id } => SigningKey::Resident {
@@ -185,7 +187,7 @@ impl WorkerCtx {
             (entry.handle, entry.is_verified(&policy))
         };
         if !verified {
-            policy.check(&self.session, handle)?;
+            policy.check(&self.session, &self.shared.arrays, handle)?;
             let directory = self.shared.directory();
             if let Ok(entry) = lookup(&directory)
                 && entry.handle == handle
@@ -218,16 +220,18 @@ impl WorkerCtx {
 
     fn generate_wrapped(&mut self, algorithm: KeyAlgorithm) -> Result<UserKeyRef, HsmError> {
         let kek = self.system_key(SystemKey::Kek)?;
+        let kek_id = self.shared.directory().kek_id();
         let (mechanism, public_template, private_template) =
             key_pair(algorithm, PairTarget::WrappedSession)?;
         let (public, private) =
             self.session
                 .generate_key_pair(&mechanism, &public_template, &private_template)?;
         let result = (|| {
-            Policy::Wrapped(algorithm).check(&self.session, private)?;
+            Policy::Wrapped(algorithm).check(&self.session, &self.shared.arrays, private)?;
             let public_key = self.read_public_key(public, algorithm)?;
             let blob = self.session.wrap_key(&wrap_mechanism(), kek, private)?;
             let storage = KeyStorage::Wrapped {
+                kek: kek_id,
                 mechanism: wrap_mechanism_code(),
                 key_type: key_type_code(algorithm),
                 blob,
@@ -278,7 +282,7 @@ impl WorkerCtx {
         };
         let policy = Policy::Resident(algorithm, &id);
         let result = (|| {
-            policy.check(&self.session, private)?;
+            policy.check(&self.session, &self.shared.arrays, private)?;
             let public_key = self.read_public_key(public, algorithm)?;
             UserKeyRef::new(
                 algorithm,
@@ -349,13 +353,18 @@ impl WorkerCtx {
                     .session
                     .sign(&request.mechanism(), handle, request.data())?)
             }
-            SigningKey::Wrapped { algorithm, blob } => self.sign_wrapped(*algorithm, blob, request),
+            SigningKey::Wrapped {
+                algorithm,
+                kek,
+                blob,
+            } => self.sign_wrapped(*algorithm, kek.as_ref(), blob, request),
         }
     }
 
     fn sign_wrapped(
         &mut self,
         algorithm: KeyAlgorithm,
+        kek: Option<&KekId>,
         blob: &[u8],
         request: &SignRequest,
     ) -> Result<Vec<u8>, HsmError> {
@@ -378,10 +387,13 @@ impl WorkerCtx {
                 }
             }
         }
-        let kek = self.system_key(SystemKey::Kek)?;
-        let handle =
-            self.session
-                .unwrap_key(&wrap_mechanism(), kek, blob, &unwrap_template(algorithm))?;
+        let kek = self.checked(|d| d.kek_for(kek), Policy::System(SystemKey::Kek))?;
+        let handle = self.session.unwrap_key(
+            &wrap_mechanism(),
+            kek,
+            blob,
+            &unwrap_template(algorithm, CopyUse::Sign),
+        )?;
         let result = self
             .check_unwrapped(algorithm, handle)
             .and_then(|()| Ok(self.session.sign(&mechanism, handle, request.data())?));
@@ -408,7 +420,7 @@ impl WorkerCtx {
     ) -> Result<(), HsmError> {
         let bit = 1 << algorithm.code();
         if self.unwraps_checked & bit == 0 {
-            Policy::Unwrapped(algorithm).check(&self.session, handle)?;
+            Policy::Unwrapped(algorithm).check(&self.session, &self.shared.arrays, handle)?;
             self.unwraps_checked |= bit;
         }
         Ok(())

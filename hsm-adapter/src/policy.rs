@@ -12,7 +12,9 @@
 //! - audit and CA keys: as a resident user key;
 //! - KEK: an AES-256 secret-key token object, TRUSTED, SENSITIVE, ALWAYS_SENSITIVE, not
 //!   EXTRACTABLE, NEVER_EXTRACTABLE, WRAP, UNWRAP, and not ENCRYPT / DECRYPT / SIGN / VERIFY /
-//!   DERIVE;
+//!   DERIVE; and its CKA_UNWRAP_TEMPLATE and CKA_WRAP_TEMPLATE exactly those of `templates.rs`
+//!   (without them, whoever may use the KEK may unwrap a blob as an extractable secret key and
+//!   read the user's private key in plaintext);
 //! - TAID and HKIC keys: 32-byte generic-secret token objects, PRIVATE, SENSITIVE,
 //!   ALWAYS_SENSITIVE, not EXTRACTABLE, NEVER_EXTRACTABLE, SIGN, and no other usage;
 //! - data key: an AES-256 secret-key token object, PRIVATE, SENSITIVE, ALWAYS_SENSITIVE, not
@@ -23,13 +25,15 @@
 
 use std::fmt;
 
+use cryptoki::error::{Error as CryptokiError, RvError};
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
+use pkcs11_arrays::{ArrayAttribute, Arrays};
 
 use crate::error::HsmError;
 use crate::keys::{HexBytes, KeyAlgorithm, SystemKey, SystemKeyKind};
 use crate::public_key::ec_params;
-use crate::templates::{key_type, system_key_algorithm};
+use crate::templates::{kek_unwrap_template, kek_wrap_template, key_type, system_key_algorithm};
 
 /// Which rule a key must follow.
 #[derive(Debug, Clone, Copy)]
@@ -180,8 +184,23 @@ impl Policy<'_> {
     }
 
     /// Reads the key's attributes and checks them; the error names the first attribute that
-    /// breaks the policy.
-    pub(crate) fn check(&self, session: &Session, key: ObjectHandle) -> Result<(), HsmError> {
+    /// breaks the policy. `arrays` reads the KEK's templates.
+    pub(crate) fn check(
+        &self,
+        session: &Session,
+        arrays: &Arrays,
+        key: ObjectHandle,
+    ) -> Result<(), HsmError> {
+        self.check_attributes(session, key)?;
+        if let Policy::System(system) = self
+            && system.kind() == SystemKeyKind::KeyEncryption
+        {
+            check_kek_templates(session, arrays, key)?;
+        }
+        Ok(())
+    }
+
+    fn check_attributes(&self, session: &Session, key: ObjectHandle) -> Result<(), HsmError> {
         let shape = self.shape();
         let groups = self.flag_groups();
         let mut types = vec![AttributeType::Class, AttributeType::KeyType];
@@ -246,6 +265,52 @@ impl Policy<'_> {
     }
 }
 
+/// The KEK's two templates must be exactly those the adapter makes: an attribute missing would
+/// let an unwrap choose it, and one added is not something this version knows to be harmless.
+fn check_kek_templates(
+    session: &Session,
+    arrays: &Arrays,
+    kek: ObjectHandle,
+) -> Result<(), HsmError> {
+    for (which, expected) in [
+        (ArrayAttribute::UnwrapTemplate, kek_unwrap_template()),
+        (ArrayAttribute::WrapTemplate, kek_wrap_template()),
+    ] {
+        let actual = match arrays.read(session, kek, which) {
+            Ok(actual) => actual,
+            // A module that does not know the attribute has no template to enforce.
+            Err(CryptokiError::Pkcs11(RvError::AttributeTypeInvalid, _)) => Vec::new(),
+            Err(error) => return Err(error.into()),
+        };
+        let defect = |problem: String| HsmError::KekTemplate {
+            template: which,
+            problem,
+        };
+        if actual.is_empty() {
+            return Err(defect("is missing".into()));
+        }
+        if let Some(absent) = expected.iter().find(|a| !actual.contains(a)) {
+            return Err(defect(format!("does not force {}", describe(absent))));
+        }
+        if let Some(extra) = actual.iter().find(|a| !expected.contains(a)) {
+            return Err(defect(format!("also sets {}", describe(extra))));
+        }
+    }
+    Ok(())
+}
+
+/// `CKA_SIGN = CK_TRUE`, `CKA_CLASS = PRIVATE_KEY`, for messages.
+fn describe(attribute: &Attribute) -> String {
+    let name = attribute.attribute_type().to_string();
+    match (attribute, bool_value(attribute)) {
+        (_, Some(true)) => format!("{name} = CK_TRUE"),
+        (_, Some(false)) => format!("{name} = CK_FALSE"),
+        (Attribute::Class(class), None) => format!("{name} = {class}"),
+        (Attribute::KeyType(key_type), None) => format!("{name} = {key_type}"),
+        _ => name,
+    }
+}
+
 fn bool_value(attribute: &Attribute) -> Option<bool> {
     match attribute {
         Attribute::Token(b)
@@ -263,7 +328,9 @@ fn bool_value(attribute: &Attribute) -> Option<bool> {
         | Attribute::Decrypt(b)
         | Attribute::Wrap(b)
         | Attribute::Unwrap(b)
-        | Attribute::Derive(b) => Some(*b),
+        | Attribute::Derive(b)
+        | Attribute::Copyable(b)
+        | Attribute::Modifiable(b) => Some(*b),
         _ => None,
     }
 }

@@ -9,7 +9,8 @@ use secrecy::SecretString;
 
 use crate::directory::{Directory, system_key_template};
 use crate::error::{HsmError, Role};
-use crate::keys::{SystemKey, SystemKeyKind};
+use crate::kek;
+use crate::keys::{KekId, SystemKey, SystemKeyKind};
 use crate::module;
 use crate::policy::Policy;
 use crate::session_pool::Shared;
@@ -29,19 +30,13 @@ pub(crate) fn run(shared: &Shared, so_pin: &SecretString) -> Result<ProvisionRep
     let _exclusive = shared.exclusive();
     let session = module::open_user_session(&shared.pkcs11, shared.slot, shared.pin())?;
     let result = provision(shared, &session, so_pin);
-    // Whatever happened, the workers must find the keys again: handles may have gone stale
-    // (logout) and new keys may exist. Only while logged in, though: found while logged out,
-    // the keys would lack every private object, and the workers could not tell. If the user
-    // cannot log in again, the workers' stale handles make them try themselves.
-    module::login(&session, Role::User, shared.pin())?;
-    let directory = Directory::load(&session)?;
-    shared.replace_directory(directory);
+    reload(shared, &session)?;
     let report = result?;
     // Every system key, found or made, must pass the policy before it is reported ready.
     for key in SystemKey::ALL {
         let policy = Policy::System(key);
         let handle = shared.directory().system(key)?.handle;
-        policy.check(&session, handle)?;
+        policy.check(&session, &shared.arrays, handle)?;
         shared.directory().system(key)?.mark_verified(&policy);
     }
     Ok(report)
@@ -62,12 +57,16 @@ fn provision(
             }
             _ => return Err(HsmError::DuplicateKey { label: key.label() }),
         }
-        let _token_write = module::token_write_lock();
         match key.kind() {
             SystemKeyKind::KeyEncryption => {
-                create_as_security_officer(shared, session, key, so_pin)?
+                let id = KekId::from_bytes(&random(session, KekId::LEN)?)?;
+                as_security_officer(shared, session, so_pin, |session| {
+                    let _token_write = module::token_write_lock();
+                    kek::create(session, &shared.arrays, &id)
+                })?;
             }
             SystemKeyKind::Signing(curve) => {
+                let _token_write = module::token_write_lock();
                 let (mechanism, public, private) = key_pair(
                     system_key_algorithm(curve),
                     PairTarget::System { label: key.label() },
@@ -77,6 +76,7 @@ fn provision(
             SystemKeyKind::Hmac | SystemKeyKind::Aead => {
                 let (mechanism, template) =
                     secret_key(key).ok_or(HsmError::UnexpectedResponse("secret key template"))?;
+                let _token_write = module::token_write_lock();
                 session.generate_key(&mechanism, &template)?;
             }
         }
@@ -86,31 +86,44 @@ fn provision(
     Ok(report)
 }
 
-/// Creates a key that only the security officer may create (CKA_TRUSTED), then logs the user
-/// back in whatever happened.
-fn create_as_security_officer(
+/// Has the workers find the keys again, after handles may have gone stale (a logout) or keys
+/// were made or destroyed. Call with [`Shared::exclusive`] held. Only while logged in, though:
+/// found while logged out, the keys would lack every private object, and the workers could not
+/// tell. If the user cannot log in again, the workers' stale handles make them try themselves.
+pub(crate) fn reload(shared: &Shared, session: &Session) -> Result<(), HsmError> {
+    module::login(session, Role::User, shared.pin())?;
+    let directory = Directory::load(session)?;
+    shared.replace_directory(directory);
+    Ok(())
+}
+
+/// Runs `work` with the security officer logged in on `session` (for what only the SO may do:
+/// set CKA_TRUSTED), then logs the user back in whatever happened. Call with
+/// [`Shared::exclusive`] held: the logout invalidates every private handle the workers hold.
+pub(crate) fn as_security_officer<T>(
     shared: &Shared,
     session: &Session,
-    key: SystemKey,
     so_pin: &SecretString,
-) -> Result<(), HsmError> {
-    let (mechanism, template) =
-        secret_key(key).ok_or(HsmError::UnexpectedResponse("secret key template"))?;
+    work: impl FnOnce(&Session) -> Result<T, HsmError>,
+) -> Result<T, HsmError> {
     match session.logout() {
         Ok(()) | Err(CryptokiError::Pkcs11(RvError::UserNotLoggedIn, _)) => {}
         Err(err) => return Err(err.into()),
     }
-    let created = module::login(session, Role::SecurityOfficer, so_pin).and_then(|()| {
-        let created = session
-            .generate_key(&mechanism, &template)
-            .map(drop)
-            .map_err(HsmError::from);
+    let done = module::login(session, Role::SecurityOfficer, so_pin).and_then(|()| {
+        let done = work(session);
         if let Err(err) = session.logout() {
             tracing::error!(error = %HsmError::from(err), "security officer logout failed");
         }
-        created
+        done
     });
     let relogged = module::login(session, Role::User, shared.pin());
-    created?;
-    relogged
+    let done = done?;
+    relogged.map(|()| done)
+}
+
+fn random(session: &Session, len: usize) -> Result<Vec<u8>, HsmError> {
+    let mut bytes = vec![0u8; len];
+    session.generate_random_slice(&mut bytes)?;
+    Ok(bytes)
 }

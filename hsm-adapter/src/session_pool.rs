@@ -28,6 +28,7 @@ use cryptoki::object::ObjectHandle;
 use cryptoki::session::Session;
 use cryptoki::slot::Slot;
 use lru::LruCache;
+use pkcs11_arrays::Arrays;
 use secrecy::SecretString;
 use tokio::sync::oneshot;
 
@@ -40,6 +41,8 @@ use crate::module;
 /// State shared by the workers of one [`crate::Hsm`].
 pub(crate) struct Shared {
     pub(crate) pkcs11: Pkcs11,
+    /// The array attributes (the KEK's templates) that cryptoki cannot pass.
+    pub(crate) arrays: Arc<Arrays>,
     pub(crate) slot: Slot,
     pin: SecretString,
     /// Held shared by every running job, exclusively while handles change (recovery,
@@ -469,7 +472,7 @@ impl Pool {
                 )));
             }
         }
-        let pkcs11 = module::load(&config.module)?;
+        let module::Module { pkcs11, arrays } = module::load(&config.module)?;
         let slot = module::find_token(&pkcs11, &config.token)?;
         let mut sessions = Vec::with_capacity(config.workers.get());
         for _ in 0..config.workers.get() {
@@ -481,6 +484,7 @@ impl Pool {
         };
         let shared = Arc::new(Shared {
             pkcs11,
+            arrays,
             slot,
             pin: config.pin.clone(),
             gate: RwLock::new(()),

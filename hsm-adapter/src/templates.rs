@@ -133,18 +133,42 @@ pub(crate) fn system_key_algorithm(curve: EcCurve) -> KeyAlgorithm {
     }
 }
 
+/// How the session copy of a wrapped key may be used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CopyUse {
+    /// To sign: the copy never leaves the HSM again.
+    Sign,
+    /// To re-wrap under another KEK (rotation): extractable, under a trusted key only.
+    Rewrap,
+}
+
 /// Template of the session object a wrapped key is unwrapped into.
 ///
-/// The copy does not need to leave the HSM again, so it is not extractable; WRAP_WITH_TRUSTED
-/// stays true (SoftHSM cannot turn it off anyway).
-pub(crate) fn unwrap_template(algorithm: KeyAlgorithm) -> Vec<Attribute> {
+/// It holds every attribute of the KEK's [`kek_unwrap_template`] with the same value (SoftHSM
+/// refuses an unwrap whose template leaves one out, with CKR_TEMPLATE_INCONSISTENT), and says
+/// whether the copy is extractable, which the KEK leaves to the caller: a copy to sign with is
+/// not; a copy to re-wrap is, still under a trusted key only.
+pub(crate) fn unwrap_template(algorithm: KeyAlgorithm, copy: CopyUse) -> Vec<Attribute> {
+    let mut template = kek_unwrap_template();
+    let modifiable = template.pop();
+    template.extend([
+        Attribute::KeyType(key_type(algorithm)),
+        Attribute::Extractable(copy == CopyUse::Rewrap),
+    ]);
+    template.extend(modifiable);
+    template
+}
+
+/// The KEK's CKA_UNWRAP_TEMPLATE: whatever it unwraps becomes a private, sensitive, sign-only
+/// session key, extractable (if at all) only under a trusted key, that nobody can copy or
+/// change. An unwrap that asks for anything else (a secret or public key, CKA_SENSITIVE false,
+/// a token object, a public object that needs no login) fails with CKR_TEMPLATE_INCONSISTENT.
+pub(crate) fn kek_unwrap_template() -> Vec<Attribute> {
     vec![
         Attribute::Class(ObjectClass::PRIVATE_KEY),
-        Attribute::KeyType(key_type(algorithm)),
         Attribute::Token(false),
         Attribute::Private(true),
         Attribute::Sensitive(true),
-        Attribute::Extractable(false),
         Attribute::WrapWithTrusted(true),
         Attribute::Sign(true),
         Attribute::SignRecover(false),
@@ -156,7 +180,26 @@ pub(crate) fn unwrap_template(algorithm: KeyAlgorithm) -> Vec<Attribute> {
     ]
 }
 
-/// Mechanism and template of a secret system key.
+/// The KEK's CKA_WRAP_TEMPLATE: it wraps only what it can unwrap, private sign-only keys that
+/// are sensitive, wrap-with-trusted session objects. It will not wrap a secret key (another
+/// system key) or a token object.
+pub(crate) fn kek_wrap_template() -> Vec<Attribute> {
+    vec![
+        Attribute::Class(ObjectClass::PRIVATE_KEY),
+        Attribute::Token(false),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::WrapWithTrusted(true),
+        Attribute::Sign(true),
+        Attribute::SignRecover(false),
+        Attribute::Decrypt(false),
+        Attribute::Unwrap(false),
+        Attribute::Derive(false),
+    ]
+}
+
+/// Mechanism and template of a secret system key. The KEK's also needs its CKA_ID (a fresh
+/// [`crate::KekId`]) and its two array attributes ([`kek_unwrap_template`], [`kek_wrap_template`]).
 pub(crate) fn secret_key(key: SystemKey) -> Option<(Mechanism<'static>, Vec<Attribute>)> {
     let (mechanism, key_type, private, usage): (_, _, _, &[Attribute]) = match key.kind() {
         // Only the security officer can set CKA_TRUSTED, and only on a public object (PKCS#11

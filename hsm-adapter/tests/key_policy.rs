@@ -7,7 +7,7 @@ mod common;
 
 use std::process::Command;
 
-use common::{hsm, raw_session, token, user_key};
+use common::{blob_of, hsm, raw_session, token, user_key};
 use cryptoki::error::{Error as CryptokiError, RvError};
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, AttributeInfo, AttributeType, KeyType, ObjectClass};
@@ -190,6 +190,13 @@ async fn wrapped_key_cannot_be_rewrapped_under_an_untrusted_key() {
         Attribute::Extractable(true),
         Attribute::WrapWithTrusted(true),
         Attribute::Sign(true),
+        // The rest of what the KEK's unwrap template forces (tests/key_custody.rs).
+        Attribute::SignRecover(false),
+        Attribute::Decrypt(false),
+        Attribute::Unwrap(false),
+        Attribute::Derive(false),
+        Attribute::Copyable(false),
+        Attribute::Modifiable(false),
     ];
     let copy = session
         .unwrap_key(&Mechanism::AesKeyWrapPad, kek, &blob, &template)
@@ -223,16 +230,6 @@ async fn wrapped_key_cannot_be_rewrapped_under_an_untrusted_key() {
     );
     session.destroy_object(copy).unwrap();
     session.destroy_object(untrusted).unwrap();
-}
-
-/// The wrapped blob inside a reference, read from the documented encoding.
-fn blob_of(key: &hsm_adapter::UserKeyRef) -> Vec<u8> {
-    let bytes = key.to_bytes();
-    // "SSKR" | version | algorithm | storage (1 = wrapped) | mechanism (8) | key type (8) | len (4)
-    assert_eq!(&bytes[..4], b"SSKR");
-    assert_eq!(bytes[6], 1);
-    let len = u32::from_be_bytes(bytes[23..27].try_into().unwrap()) as usize;
-    bytes[27..27 + len].to_vec()
 }
 
 /// Makes a resident-looking key pair through cryptoki with one attribute changed, and opens a

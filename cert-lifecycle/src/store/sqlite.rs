@@ -114,6 +114,16 @@ const MIGRATIONS: &[&str] = &[
         started_at INTEGER NOT NULL
     ) STRICT;
     CREATE INDEX certificates_not_after ON certificates(not_after);",
+    // Version 3: the journal of KEK rotations (`smartsign-ctl keys rotate-kek`). At most one is
+    // open (finished_at NULL). old_kek is NULL for a KEK without an id.
+    "CREATE TABLE kek_rotations (
+        new_kek BLOB PRIMARY KEY,
+        old_kek BLOB,
+        started_at INTEGER NOT NULL,
+        finished_at INTEGER
+    ) STRICT;
+    CREATE UNIQUE INDEX kek_rotations_one_open ON kek_rotations(finished_at IS NULL)
+        WHERE finished_at IS NULL;",
 ];
 
 const ACCOUNT_COLUMNS: &str = "id, tier, status, status_changed_at, suspended_by, rectify_by, \
@@ -180,14 +190,14 @@ impl SqliteStore {
         MIGRATIONS.len()
     }
 
-    fn write<T>(
+    pub(super) fn write<T>(
         &self,
         f: impl FnOnce(&mut Connection) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         f(&mut lock(&self.writer))
     }
 
-    fn read<T>(
+    pub(super) fn read<T>(
         &self,
         f: impl FnOnce(&Connection) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
@@ -274,7 +284,7 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
 }
 
 /// Sorts a failed write into the store's error kinds.
-fn write_error(e: rusqlite::Error) -> StoreError {
+pub(super) fn write_error(e: rusqlite::Error) -> StoreError {
     if let rusqlite::Error::SqliteFailure(failure, _) = &e
         && failure.code == ErrorCode::ConstraintViolation
     {
@@ -289,7 +299,7 @@ fn write_error(e: rusqlite::Error) -> StoreError {
     StoreError::Database(e)
 }
 
-fn one_row_changed(changed: usize) -> Result<(), StoreError> {
+pub(super) fn one_row_changed(changed: usize) -> Result<(), StoreError> {
     if changed == 0 {
         Err(StoreError::NotFound)
     } else {
@@ -391,7 +401,7 @@ fn key_change_from_row(row: &Row<'_>) -> rusqlite::Result<KeyChangeJournal> {
     })
 }
 
-fn secs(t: OffsetDateTime) -> i64 {
+pub(super) fn secs(t: OffsetDateTime) -> i64 {
     t.unix_timestamp()
 }
 
@@ -427,12 +437,12 @@ where
         .transpose()
 }
 
-fn time_at(row: &Row<'_>, idx: usize) -> rusqlite::Result<OffsetDateTime> {
+pub(super) fn time_at(row: &Row<'_>, idx: usize) -> rusqlite::Result<OffsetDateTime> {
     let t: i64 = row.get(idx)?;
     OffsetDateTime::from_unix_timestamp(t).map_err(|e| conversion(idx, Type::Integer, e))
 }
 
-fn opt_time_at(row: &Row<'_>, idx: usize) -> rusqlite::Result<Option<OffsetDateTime>> {
+pub(super) fn opt_time_at(row: &Row<'_>, idx: usize) -> rusqlite::Result<Option<OffsetDateTime>> {
     let t: Option<i64> = row.get(idx)?;
     t.map(|t| OffsetDateTime::from_unix_timestamp(t).map_err(|e| conversion(idx, Type::Integer, e)))
         .transpose()

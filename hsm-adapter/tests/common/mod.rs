@@ -205,6 +205,17 @@ pub fn raw_session() -> Session {
     session
 }
 
+/// The wrapped blob inside a reference, read from the documented encoding (version 2):
+/// "SSKR" | version | algorithm | storage (1 = wrapped) | KEK id length (16) | KEK id |
+/// mechanism (8) | key type (8) | blob length (4) | blob | ...
+pub fn blob_of(key: &UserKeyRef) -> Vec<u8> {
+    let bytes = key.to_bytes();
+    assert_eq!(&bytes[..4], b"SSKR");
+    assert_eq!((bytes[4], bytes[6], bytes[7]), (2, 1, 16));
+    let len = u32::from_be_bytes(bytes[40..44].try_into().unwrap()) as usize;
+    bytes[44..44 + len].to_vec()
+}
+
 /// How openssl should check a signature.
 #[derive(Debug, Clone, Copy)]
 pub enum Padding {
