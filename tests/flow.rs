@@ -142,6 +142,32 @@ impl Pending {
     }
 }
 
+/// Checks a signed request's raw signature over `document` with `openssl dgst` and the signer's
+/// certificate from the result.
+pub fn verify_signature(result: &Value, document: &[u8]) {
+    assert_eq!(result["status"], "signed", "{result}");
+    let dir = tempfile::tempdir().unwrap();
+    let certificate = result["result"]["certificate"].as_str().unwrap();
+    std::fs::write(dir.path().join("signer.pem"), certificate).unwrap();
+    let public = run(Command::new("openssl")
+        .args(["x509", "-pubkey", "-noout", "-in"])
+        .arg(dir.path().join("signer.pem")));
+    assert!(public.status.success(), "{}", describe(&public));
+    std::fs::write(dir.path().join("signer.pub"), &public.stdout).unwrap();
+    let signature = STANDARD
+        .decode(result["result"]["signature"].as_str().unwrap())
+        .unwrap();
+    std::fs::write(dir.path().join("signature"), signature).unwrap();
+    std::fs::write(dir.path().join("document"), document).unwrap();
+    let verified = run(Command::new("openssl")
+        .args(["dgst", "-sha256", "-verify"])
+        .arg(dir.path().join("signer.pub"))
+        .arg("-signature")
+        .arg(dir.path().join("signature"))
+        .arg(dir.path().join("document")));
+    assert!(verified.status.success(), "{}", describe(&verified));
+}
+
 /// Exports the audit log as an auditor would, verifies it offline with `smartsign-ctl audit
 /// verify`, and returns the records (NDJSON).
 pub fn verify_audit(daemon: &DevDaemon, dir: &Path) -> String {

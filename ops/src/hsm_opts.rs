@@ -1,6 +1,6 @@
 //! The options every token-opening command shares, and opening the token with them.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use hsm_adapter::{Hsm, HsmConfig, SOFTHSM_MODULE, TokenSelector};
 use secrecy::SecretString;
@@ -44,44 +44,66 @@ struct HsmSection {
 
 impl TokenArgs {
     pub(crate) async fn open(&self) -> Result<Hsm, Box<dyn std::error::Error>> {
-        let (module, label, serial, pin_file) = match &self.config {
-            Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|error| format!("cannot read {}: {error}", path.display()))?;
-                let config: DaemonConfig = toml::from_str(&text)
-                    .map_err(|error| format!("{}: {error}", path.display()))?;
-                let hsm = config.hsm;
-                let pin_file = hsm.pin_file.ok_or_else(|| {
-                    format!(
-                        "{} has no hsm.pin_file (the daemon unseals with a quorum): name the \
-                         token with --token or --serial and give --pin-file instead of --config",
-                        path.display()
-                    )
-                })?;
-                (hsm.module, hsm.token_label, hsm.token_serial, pin_file)
+        match &self.config {
+            Some(path) => open_configured(path, None).await,
+            None => {
+                let pin_file = self.pin_file.as_deref().ok_or("give --pin-file")?;
+                open_token(
+                    &self.module,
+                    self.token.clone(),
+                    self.serial.clone(),
+                    pin_file,
+                )
+                .await
             }
-            None => (
-                self.module.clone(),
-                self.token.clone(),
-                self.serial.clone(),
-                self.pin_file.clone().ok_or("give --pin-file")?,
-            ),
-        };
-        let selector = match (label, serial) {
-            (Some(label), _) => TokenSelector::Label(label),
-            (None, Some(serial)) => TokenSelector::Serial(serial),
-            (None, None) => return Err("name the token with --token or --serial".into()),
-        };
-        let pin = read_secret(&pin_file)?;
-        let config = HsmConfig::new(&module, selector, pin);
-        Ok(Hsm::open(config).await?)
+        }
     }
 }
 
+/// Opens the token that the daemon's configuration at `path` names, with the PIN in
+/// `pin_file` or, without one, in the configuration's `hsm.pin_file`.
+pub(crate) async fn open_configured(
+    path: &Path,
+    pin_file: Option<&Path>,
+) -> Result<Hsm, Box<dyn std::error::Error>> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|error| format!("cannot read {}: {error}", path.display()))?;
+    let config: DaemonConfig =
+        toml::from_str(&text).map_err(|error| format!("{}: {error}", path.display()))?;
+    let hsm = config.hsm;
+    let pin_file = match (pin_file, &hsm.pin_file) {
+        (Some(given), _) => given,
+        (None, Some(configured)) => configured.as_path(),
+        (None, None) => {
+            return Err(format!(
+                "{} has no hsm.pin_file (the daemon unseals with a quorum): give the PIN file \
+                 with --pin-file, or name the token with --token or --serial instead",
+                path.display()
+            )
+            .into());
+        }
+    };
+    open_token(&hsm.module, hsm.token_label, hsm.token_serial, pin_file).await
+}
+
+async fn open_token(
+    module: &Path,
+    label: Option<String>,
+    serial: Option<String>,
+    pin_file: &Path,
+) -> Result<Hsm, Box<dyn std::error::Error>> {
+    let selector = match (label, serial) {
+        (Some(label), _) => TokenSelector::Label(label),
+        (None, Some(serial)) => TokenSelector::Serial(serial),
+        (None, None) => return Err("name the token with --token or --serial".into()),
+    };
+    let pin = read_secret(pin_file)?;
+    let config = HsmConfig::new(module, selector, pin);
+    Ok(Hsm::open(config).await?)
+}
+
 /// Reads a PIN from the first line of `path`. The file's contents never appear in an error.
-pub(crate) fn read_secret(
-    path: &std::path::Path,
-) -> Result<SecretString, Box<dyn std::error::Error>> {
+pub(crate) fn read_secret(path: &Path) -> Result<SecretString, Box<dyn std::error::Error>> {
     let contents = zeroize::Zeroizing::new(
         std::fs::read_to_string(path)
             .map_err(|error| format!("cannot read PIN file {}: {error}", path.display()))?,

@@ -21,6 +21,7 @@ mod bench_sign;
 mod ceremony;
 mod hsm_opts;
 mod keys;
+mod rotate_kek;
 mod scratch;
 
 use std::process::ExitCode;
@@ -33,6 +34,8 @@ use clap::{Parser, Subcommand};
 #[command(name = "smartsign-ctl", version, propagate_version = true)]
 #[command(after_help = "Examples:\n  \
     smartsign-ctl keys init --token smartsign --pin-file user.pin --so-pin-file so.pin\n  \
+    smartsign-ctl keys rotate-kek --config /etc/smartsign/smartsignd.toml --so-pin-file so.pin \\\n      \
+    --officer officer-1\n  \
     smartsign-ctl ceremony split --pin-file user.pin --threshold 2 --shares 3 --out-dir shares\n  \
     smartsign-ctl audit verify --records audit.ndjson --checkpoint checkpoint.json \\\n      \
     --public-key audit-key.pem\n  \
@@ -67,8 +70,15 @@ enum KeysCommand {
     /// the security officer may mark the key-encryption key as trusted. Safe to run again: keys
     /// that exist are found, not replaced.
     Init(keys::InitArgs),
-    /// List the system keys on the token and check each against the key policy.
+    /// List the system keys on the token and check each against the key policy, the
+    /// key-encryption key's unwrap and wrap templates included.
     Status(keys::StatusArgs),
+    /// Replace the key-encryption key: make a new one with its templates (as the security
+    /// officer), re-wrap every stored user key under it inside the HSM (the plaintext never
+    /// leaves), then destroy the old one, which also kills the wrapped keys in every earlier
+    /// backup of the store. Run it while smartsignd is stopped; if it stops half-way, run it
+    /// again: it resumes. Also the fix for a token whose KEK lacks the templates.
+    RotateKek(rotate_kek::RotateKekArgs),
     /// Write a PKCS#10 request for the daemon's CMP client key (smartsign-cmp-client), signed
     /// in the HSM, for the CA operator to certify as a registration authority. The returned
     /// certificate is `ca.ra_certificate` (CMP signature protection).
@@ -133,6 +143,7 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             Command::Keys(KeysCommand::Init(args)) => keys::init(args).await,
             Command::Keys(KeysCommand::Status(args)) => keys::status(args).await,
             Command::Keys(KeysCommand::RaRequest(args)) => keys::ra_request(args).await,
+            Command::Keys(KeysCommand::RotateKek(args)) => rotate_kek::run(args).await,
             Command::Bench(BenchCommand::Hsm(args)) => match scratch::ensure_token(&args.token)? {
                 scratch::Token::Given => bench_hsm::run(args).await,
                 // The scratch token lives in a child process's environment; it has already run.
