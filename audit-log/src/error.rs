@@ -117,6 +117,14 @@ pub enum AuditError {
     #[error("checkpoint signature does not verify under the audit public key")]
     BadCheckpointSignature,
 
+    /// A ceremony transcript's signature does not verify under the audit public key.
+    #[error("the ceremony transcript's signature does not verify under the audit public key")]
+    BadTranscriptSignature,
+
+    /// A ceremony transcript is not one (not a JSON object with a base64 signature).
+    #[error("invalid ceremony transcript: {0}")]
+    InvalidTranscript(String),
+
     /// The audit public key is not a P-256 SubjectPublicKeyInfo in PEM or DER.
     #[error("invalid audit public key: {0}")]
     InvalidPublicKey(String),
@@ -164,6 +172,8 @@ impl AuditError {
             | Self::RootMismatch { .. }
             | Self::InvalidCheckpoint(_)
             | Self::BadCheckpointSignature
+            | Self::BadTranscriptSignature
+            | Self::InvalidTranscript(_)
             | Self::InvalidPublicKey(_) => ErrorKind::Verification,
             Self::Clock(_) => ErrorKind::Internal,
         }

@@ -19,6 +19,7 @@ mod log;
 mod merkle;
 mod record;
 mod time;
+mod transcript;
 mod verify;
 
 pub use checkpoint::{AuditPublicKey, Checkpoint, CheckpointSigner, Origin, SoftwareSigner};
@@ -27,4 +28,5 @@ pub use log::{AppendReceipt, AuditLog, AuditLogConfig, AuditStats, CHECKPOINT_FI
 pub use merkle::{TreeHash, empty_root, leaf_hash, verify_consistency, verify_inclusion};
 pub use record::{Actor, AuditEvent, EventName, MAX_RECORD_LEN};
 pub use time::{Clock, SystemClock, Timestamp};
+pub use transcript::Transcript;
 pub use verify::{VerifyReport, verify_export};

@@ -82,6 +82,10 @@ pub(crate) struct HsmSection {
     /// CPUs to pin the workers to, worker `i` on `worker_cpus[i % len]`. Default: not pinned.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) worker_cpus: Option<Vec<usize>>,
+    /// The key ceremony's signed transcript (`smartsign-ctl ceremony init`): checked against
+    /// the token's audit key at each start, and recorded in the audit log once (its SHA-256).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) ceremony_transcript: Option<PathBuf>,
 }
 
 // Written by hand so that the path of the PIN file shows but nothing else could leak.
@@ -96,6 +100,7 @@ impl fmt::Debug for HsmSection {
             .field("key_mode", &self.key_mode)
             .field("workers", &self.workers)
             .field("worker_cpus", &self.worker_cpus)
+            .field("ceremony_transcript", &self.ceremony_transcript)
             .finish()
     }
 }
@@ -436,6 +441,23 @@ impl Config {
         }
         if self.hsm.workers == Some(0) {
             problems.push("hsm.workers must be at least 1".into());
+        }
+        if let Some(path) = &self.hsm.ceremony_transcript {
+            match std::fs::read(path) {
+                Err(error) => problems.push(format!(
+                    "hsm.ceremony_transcript {}: {error}",
+                    path.display()
+                )),
+                Ok(bytes) => {
+                    if let Err(error) = audit_log::Transcript::parse(&bytes) {
+                        problems.push(format!(
+                            "hsm.ceremony_transcript {}: {error}; give the transcript.json that \
+                             `smartsign-ctl ceremony init` wrote",
+                            path.display()
+                        ));
+                    }
+                }
+            }
         }
         if let Some(cpus) = &self.hsm.worker_cpus {
             if cpus.is_empty() {

@@ -138,6 +138,7 @@ pub(crate) fn config(
             key_mode: "wrapped".into(),
             workers: None,
             worker_cpus: None,
+            ceremony_transcript: None,
         },
         store: StoreConfig {
             path: state_dir.join("smartsign.sqlite"),

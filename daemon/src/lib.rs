@@ -13,6 +13,7 @@ mod app;
 mod audit_api;
 mod ca;
 mod ca_http;
+mod ceremony;
 mod cli;
 mod clock;
 mod config;

@@ -253,6 +253,9 @@ async fn start(
     let ca_listener = dev.as_mut().and_then(|dev| dev.ca_listener.take());
     let mut ca_task = None;
     let started = async {
+        if let Some(path) = &config.hsm.ceremony_transcript {
+            crate::ceremony::anchor(&app, path).await?;
+        }
         if !officers.is_empty() {
             app.audit(
                 "admin.unsealed",

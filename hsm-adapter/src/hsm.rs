@@ -50,6 +50,10 @@ impl Hsm {
         Ok(Hsm { pool })
     }
 
+    pub(crate) fn shared(&self) -> &Arc<session_pool::Shared> {
+        self.pool.shared()
+    }
+
     /// Number of worker threads (and sessions).
     pub fn workers(&self) -> usize {
         self.pool.worker_count()

@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 
+use cryptoki::error::{Error as CryptokiError, RvError};
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, ObjectHandle};
 use cryptoki::session::Session;
@@ -45,20 +46,43 @@ fn kek_template(id: &KekId) -> Result<(Mechanism<'static>, Vec<Attribute>), HsmE
 
 /// Creates a KEK named `id` with its unwrap and wrap templates. The security officer must be
 /// logged in (only the SO may set CKA_TRUSTED).
+///
+/// It asks first for a private object, which no session without a login can even find; PKCS#11
+/// lets the SO create public objects only, and a module that holds to that (SoftHSM does) says
+/// CKR_USER_NOT_LOGGED_IN, and the KEK is made public. Either way the unwrap template forces
+/// what the KEK unwraps to be private, so a session without a login cannot unwrap with it.
 pub(crate) fn create(session: &Session, arrays: &Arrays, id: &KekId) -> Result<(), HsmError> {
     let (mechanism, template) = kek_template(id)?;
     let unwrap = kek_unwrap_template();
     let wrap = kek_wrap_template();
-    arrays.generate_key(
-        session,
-        &mechanism,
-        &template,
-        &[
-            (ArrayAttribute::UnwrapTemplate, &unwrap),
-            (ArrayAttribute::WrapTemplate, &wrap),
-        ],
-    )?;
-    Ok(())
+    let generate = |template: &[Attribute]| {
+        arrays.generate_key(
+            session,
+            &mechanism,
+            template,
+            &[
+                (ArrayAttribute::UnwrapTemplate, &unwrap),
+                (ArrayAttribute::WrapTemplate, &wrap),
+            ],
+        )
+    };
+    let private: Vec<Attribute> = template
+        .iter()
+        .map(|a| match a {
+            Attribute::Private(_) => Attribute::Private(true),
+            other => other.clone(),
+        })
+        .collect();
+    match generate(&private) {
+        Ok(_) => Ok(()),
+        Err(CryptokiError::Pkcs11(RvError::UserNotLoggedIn, _)) => {
+            tracing::info!(
+                "the module lets the security officer make public objects only: the KEK is public"
+            );
+            generate(&template).map(drop).map_err(HsmError::from)
+        }
+        Err(error) => Err(error.into()),
+    }
 }
 
 /// Every KEK on the token by id (`None`: the one without an id).

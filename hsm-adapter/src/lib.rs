@@ -21,6 +21,7 @@
 #![forbid(unsafe_code)]
 
 mod affinity;
+pub mod ceremony;
 mod config;
 mod directory;
 mod error;

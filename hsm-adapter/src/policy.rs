@@ -311,7 +311,7 @@ fn describe(attribute: &Attribute) -> String {
     }
 }
 
-fn bool_value(attribute: &Attribute) -> Option<bool> {
+pub(crate) fn bool_value(attribute: &Attribute) -> Option<bool> {
     match attribute {
         Attribute::Token(b)
         | Attribute::Private(b)

@@ -23,6 +23,7 @@ mod hsm_opts;
 mod keys;
 mod rotate_kek;
 mod scratch;
+mod unseal;
 
 use std::process::ExitCode;
 
@@ -58,6 +59,9 @@ enum Command {
     /// The signed audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Give an officer's share of the user PIN to a sealed daemon (from a file or standard
+    /// input, never the command line), with the officer's client certificate.
+    Unseal(unseal::UnsealArgs),
     /// Throughput measurements against the raw baselines, in the same run.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -91,6 +95,12 @@ enum CeremonyCommand {
     /// one file per officer, and print the [hsm.quorum] section for smartsignd.toml. Needs no
     /// HSM: run it on an offline machine.
     Split(ceremony::SplitArgs),
+    /// The whole key ceremony on a new token: PINs from the HSM's generator, the system keys,
+    /// each PIN split among the officers, and a transcript signed with the audit key.
+    Init(ceremony::InitArgs),
+    /// Check a ceremony transcript's signature and compare the token, key by key and attribute
+    /// by attribute, with what it recorded.
+    Verify(ceremony::VerifyArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -152,6 +162,9 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             Command::Bench(BenchCommand::Audit(args)) => bench_audit::run(args).await,
             Command::Audit(AuditCommand::Verify(args)) => audit_cmd::verify(args),
             Command::Ceremony(CeremonyCommand::Split(args)) => ceremony::split(args),
+            Command::Ceremony(CeremonyCommand::Init(args)) => ceremony::init(args).await,
+            Command::Ceremony(CeremonyCommand::Verify(args)) => ceremony::verify(args).await,
+            Command::Unseal(args) => unseal::run(args).await,
             Command::Bench(BenchCommand::Sign(_)) => Ok(()),
         }
     })

@@ -33,7 +33,7 @@ use secrecy::SecretString;
 use serde_json::{Map, Value, json};
 use time::OffsetDateTime;
 
-use crate::hsm_opts::{open_configured, read_secret};
+use crate::hsm_opts::{SoPinArgs, UserPinArgs, open_configured};
 
 type BoxError = Box<dyn std::error::Error>;
 
@@ -44,13 +44,13 @@ pub(crate) struct RotateKekArgs {
     /// audit log (`[audit] dir` and `origin`).
     #[arg(long, value_name = "FILE")]
     config: PathBuf,
-    /// File holding the user PIN, when the configuration has no `hsm.pin_file` (the daemon
-    /// unseals with a quorum).
-    #[arg(long, value_name = "FILE")]
-    pin_file: Option<PathBuf>,
-    /// File holding the security officer's PIN: only the SO may mark the new KEK trusted.
-    #[arg(long, value_name = "FILE")]
-    so_pin_file: PathBuf,
+    /// The user PIN, when the configuration has no `hsm.pin_file` (the daemon unseals with a
+    /// quorum).
+    #[command(flatten)]
+    pin: UserPinArgs,
+    /// The security officer's PIN: only the SO may mark the new KEK trusted.
+    #[command(flatten)]
+    so_pin: SoPinArgs,
     /// Who runs the rotation, as the audit records name them (an officer id such as
     /// `officer-1`, not a person's name).
     #[arg(long)]
@@ -88,9 +88,9 @@ impl DaemonPaths {
 
 pub(crate) async fn run(args: RotateKekArgs) -> Result<(), BoxError> {
     let paths = DaemonPaths::read(&args.config)?;
-    let so_pin = read_secret(&args.so_pin_file)?;
+    let so_pin = args.so_pin.pin()?;
     let actor = Actor::new(format!("officer:{}", args.officer))?;
-    let hsm = open_configured(&args.config, args.pin_file.as_deref()).await?;
+    let hsm = open_configured(&args.config, args.pin.pin()?).await?;
     let audit_key = hsm
         .system_public_key(SystemKey::Audit)
         .await

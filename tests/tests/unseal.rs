@@ -396,3 +396,214 @@ fn ceremony_split_refuses_a_weak_quorum_and_never_overwrites_shares() {
     }
     assert!(!describe(&first).contains("1234-5678"));
 }
+
+/// `smartsign-ctl` with the dev token of the state directory `state` in its environment.
+fn ctl_on(state: &Path) -> Command {
+    let mut command = Command::new(ctl());
+    command.env("SOFTHSM2_CONF", state.join("hsm/softhsm2.conf"));
+    command
+}
+
+/// `smartsign-ctl unseal` as officer `who` with the share in `share_file`, or on standard input.
+fn ctl_unseal(daemon: &DevDaemon, who: &str, share_file: &Path, stdin: bool) -> String {
+    let state = daemon.state_dir();
+    let mut command = Command::new(ctl());
+    command
+        .args(["unseal", "--url", &daemon.api, "--cert"])
+        .arg(state.join(format!("clients/{who}.pem")))
+        .arg("--key")
+        .arg(state.join(format!("clients/{who}.key")))
+        .arg("--ca")
+        .arg(state.join("tls/ca.pem"));
+    let output = if stdin {
+        command
+            .stdin(std::fs::File::open(share_file).unwrap())
+            .output()
+            .unwrap()
+    } else {
+        run(command.arg("--share-file").arg(share_file))
+    };
+    assert!(output.status.success(), "{}", describe(&output));
+    String::from_utf8(output.stdout).unwrap()
+}
+
+fn ceremony_records(daemon: &DevDaemon) -> Vec<Value> {
+    let export = tempfile::tempdir().unwrap();
+    smartsign_tests::flow::verify_audit(daemon, export.path())
+        .lines()
+        .map(|line| serde_json::from_str::<Value>(line).unwrap())
+        .filter(|record| record["event"] == "ceremony.transcript")
+        .collect()
+}
+
+#[test]
+fn ceremony_init_replaces_the_pins_and_its_signed_transcript_is_checked_and_anchored() {
+    let mut daemon = DevDaemon::start(&[]);
+    daemon.issue_client_certificate("officer-2", "officer");
+    daemon.stop();
+    let state = daemon.state_dir();
+    let out = state.join("ceremony");
+
+    // The whole ceremony, taking over the dev token (its PINs were in files).
+    let init = run(ctl_on(&state)
+        .args(["ceremony", "init", "--token", "smartsign-dev"])
+        .arg("--take-token-so-pin-file")
+        .arg(state.join("hsm/so.pin"))
+        .args(["--officer", "officer", "--officer", "officer-2"])
+        .args(["--officer", "officer-3", "--threshold", "2", "--out-dir"])
+        .arg(&out));
+    assert!(init.status.success(), "{}", describe(&init));
+    let printed = String::from_utf8(init.stdout).unwrap();
+    assert!(
+        printed.contains("[hsm.quorum]\nthreshold = 2\n"),
+        "{printed}"
+    );
+    for officer in ["officer", "officer-2", "officer-3"] {
+        for kind in ["user-pin-share", "so-pin-share"] {
+            let path = out.join(format!("{officer}.{kind}.txt"));
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "{}", path.display());
+        }
+    }
+    let share = |officer: &str, kind: &str| out.join(format!("{officer}.{kind}.txt"));
+    let transcript_path = out.join("transcript.json");
+    let transcript: Value =
+        serde_json::from_slice(&std::fs::read(&transcript_path).unwrap()).unwrap();
+    assert_eq!(
+        transcript["officers"],
+        json!(["officer", "officer-2", "officer-3"])
+    );
+    let keys = transcript["keys"].as_array().unwrap();
+    assert_eq!(keys.len(), 8, "{transcript}");
+    let kek = keys.iter().find(|k| k["label"] == "smartsign-kek").unwrap();
+    assert_eq!(kek["attributes"]["CKA_TRUSTED"], "CK_TRUE");
+    assert!(
+        kek["attributes"]["CKA_UNWRAP_TEMPLATE"]
+            .as_str()
+            .unwrap()
+            .contains("CKA_SENSITIVE=CK_TRUE"),
+        "{kek}"
+    );
+    let audit = keys
+        .iter()
+        .find(|k| k["label"] == "smartsign-audit")
+        .unwrap();
+    assert_eq!(audit["public_key_sha256"].as_str().unwrap().len(), 64);
+
+    // The old PIN file no longer opens the token: the PINs came from the HSM, and nobody saw them.
+    let old_pin = run(ctl_on(&state)
+        .args(["keys", "status", "--config"])
+        .arg(state.join("smartsignd.toml")));
+    assert!(!old_pin.status.success());
+    assert!(
+        String::from_utf8_lossy(&old_pin.stderr).contains("refused the PIN"),
+        "{}",
+        describe(&old_pin)
+    );
+
+    // Two officers' shares open the token, and it matches the transcript.
+    let verify = |transcript: &Path| {
+        run(ctl_on(&state)
+            .args(["ceremony", "verify"])
+            .arg(transcript)
+            .args(["--token", "smartsign-dev", "--share-file"])
+            .arg(share("officer", "user-pin-share"))
+            .arg("--share-file")
+            .arg(share("officer-3", "user-pin-share")))
+    };
+    let verified = verify(&transcript_path);
+    assert!(verified.status.success(), "{}", describe(&verified));
+    assert!(String::from_utf8_lossy(&verified.stdout).contains("matches the transcript"));
+    // A changed transcript does not verify.
+    let tampered = state.join("tampered.json");
+    std::fs::write(
+        &tampered,
+        std::fs::read_to_string(&transcript_path)
+            .unwrap()
+            .replace("officer-3", "officer-9"),
+    )
+    .unwrap();
+    let refused = verify(&tampered);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("does not verify"),
+        "{}",
+        describe(&refused)
+    );
+
+    // The daemon: quorum and transcript in its configuration, unsealed with `smartsign-ctl
+    // unseal` (a share file, and standard input).
+    let block = &printed[printed.find("[hsm.quorum]").unwrap()..];
+    let config = std::fs::read_to_string(state.join("smartsignd.toml"))
+        .unwrap()
+        .replacen(
+            "[hsm]\n",
+            &format!(
+                "[hsm]\nceremony_transcript = {:?}\n",
+                transcript_path.display().to_string()
+            ),
+            1,
+        );
+    start_sealed(&mut daemon, &config, block);
+    let first = ctl_unseal(
+        &daemon,
+        "officer",
+        &share("officer", "user-pin-share"),
+        false,
+    );
+    assert!(first.starts_with("202 "), "{first}");
+    let second = ctl_unseal(
+        &daemon,
+        "officer-2",
+        &share("officer-2", "user-pin-share"),
+        true,
+    );
+    assert!(second.starts_with("200 "), "{second}");
+    let records = ceremony_records(&daemon);
+    assert_eq!(records.len(), 1, "{records:?}");
+    let digest = hex::encode(sha2::Sha256::digest(
+        std::fs::read(&transcript_path).unwrap(),
+    ));
+    assert_eq!(records[0]["fields"]["sha256"], digest.as_str());
+    // The next start does not record it again.
+    start_sealed(&mut daemon, &config, block);
+    ctl_unseal(
+        &daemon,
+        "officer-2",
+        &share("officer-2", "user-pin-share"),
+        false,
+    );
+    ctl_unseal(
+        &daemon,
+        "officer",
+        &share("officer", "user-pin-share"),
+        false,
+    );
+    assert_eq!(ceremony_records(&daemon).len(), 1);
+    daemon.stop();
+
+    // A KEK rotation under the SO quorum; the token then differs from the transcript, and
+    // `ceremony verify` says how.
+    let quorum_config = state.join("quorum.toml");
+    let rotated = run(ctl_on(&state)
+        .args(["keys", "rotate-kek", "--config"])
+        .arg(&quorum_config)
+        .arg("--share-file")
+        .arg(share("officer", "user-pin-share"))
+        .arg("--share-file")
+        .arg(share("officer-3", "user-pin-share"))
+        .arg("--so-share-file")
+        .arg(share("officer-2", "so-pin-share"))
+        .arg("--so-share-file")
+        .arg(share("officer-3", "so-pin-share"))
+        .args(["--officer", "officer-2"]));
+    assert!(rotated.status.success(), "{}", describe(&rotated));
+    let differs = verify(&transcript_path);
+    assert!(!differs.status.success());
+    let report = String::from_utf8_lossy(&differs.stdout);
+    assert!(report.contains("signature: verifies"), "{report}");
+    assert!(
+        report.contains("DIFFERS: smartsign-kek") && report.contains("not on the token"),
+        "{report}"
+    );
+}

@@ -4,12 +4,12 @@
 //! server database (several daemons in front of one HSM cluster) possible beside the embedded
 //! SQLite default.
 
-mod key_refs;
+mod custody;
 mod sqlite;
 
 use time::OffsetDateTime;
 
-pub use key_refs::{KekRotation, KeyRefSlot, StoredKeyRef};
+pub use custody::{KekRotation, KeyRefSlot, StoredKeyRef};
 pub use sqlite::SqliteStore;
 
 use crate::{

@@ -124,6 +124,12 @@ const MIGRATIONS: &[&str] = &[
     ) STRICT;
     CREATE UNIQUE INDEX kek_rotations_one_open ON kek_rotations(finished_at IS NULL)
         WHERE finished_at IS NULL;",
+    // Version 4: key-ceremony transcripts recorded in the audit log, by SHA-256 of the file.
+    "CREATE TABLE ceremony_transcripts (
+        sha256 BLOB PRIMARY KEY,
+        audit_index INTEGER NOT NULL,
+        recorded_at INTEGER NOT NULL
+    ) STRICT;",
 ];
 
 const ACCOUNT_COLUMNS: &str = "id, tier, status, status_changed_at, suspended_by, rectify_by, \

@@ -1,6 +1,7 @@
-//! The stored user-key references as a whole, for the KEK rotation (`smartsign-ctl keys
-//! rotate-kek`): listing them page by page, replacing one only if it is still what was read,
-//! and the rotation's journal, so that a rotation stopped at any point resumes where it was.
+//! Key custody in the store. The stored user-key references as a whole, for the KEK rotation
+//! (`smartsign-ctl keys rotate-kek`): listing them page by page, replacing one only if it is
+//! still what was read, and the rotation's journal, so that a rotation stopped at any point
+//! resumes where it was. And which key-ceremony transcripts the audit log records.
 //!
 //! The store keeps references as opaque bytes (the HSM adapter's encoding); the caller decodes
 //! them. A reference lives in two places: a certificate's `key_ref`, and the `new_key_ref` of an
@@ -196,6 +197,42 @@ impl SqliteStore {
                 .execute(params![new_kek, secs(now)])
                 .map_err(write_error)?;
             one_row_changed(changed)
+        })
+    }
+}
+
+impl SqliteStore {
+    /// The audit index of the record of the ceremony transcript with this SHA-256, if the log
+    /// has one.
+    pub fn ceremony_record(&self, sha256: &[u8; 32]) -> Result<Option<u64>, StoreError> {
+        self.read(|conn| {
+            let index: Option<i64> = conn
+                .prepare_cached("SELECT audit_index FROM ceremony_transcripts WHERE sha256 = ?1")?
+                .query_row(params![sha256.as_slice()], |row| row.get(0))
+                .optional()?;
+            index
+                .map(|i| u64::try_from(i).map_err(|_| StoreError::Corrupt("audit index".into())))
+                .transpose()
+        })
+    }
+
+    /// Notes that audit record `audit_index` holds the ceremony transcript with this SHA-256.
+    pub fn record_ceremony(
+        &self,
+        sha256: &[u8; 32],
+        audit_index: u64,
+        now: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        let index = i64::try_from(audit_index)
+            .map_err(|_| StoreError::Corrupt("audit index out of range".into()))?;
+        self.write(|conn| {
+            conn.prepare_cached(
+                "INSERT INTO ceremony_transcripts (sha256, audit_index, recorded_at) \
+                 VALUES (?1, ?2, ?3)",
+            )?
+            .execute(params![sha256.as_slice(), index, secs(now)])
+            .map_err(write_error)?;
+            Ok(())
         })
     }
 }
