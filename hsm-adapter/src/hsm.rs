@@ -7,6 +7,7 @@ use secrecy::{SecretSlice, SecretString};
 use tokio::sync::oneshot;
 use zeroize::Zeroizing;
 
+use crate::clone::{self, CloneBundle, TransportKey};
 use crate::config::HsmConfig;
 use crate::error::HsmError;
 use crate::kek::{self, KekStatus};
@@ -305,6 +306,48 @@ impl Hsm {
         let shared = Arc::clone(self.pool.shared());
         run_blocking("hsm-kek-destroy", move || {
             kek::destroy(&shared, id.as_ref())
+        })
+        .await
+    }
+
+    /// On the token that will receive a clone: the transport key pair (made by the SO unless it
+    /// exists), whose public key and fingerprint go to the source's officers.
+    pub async fn clone_request(&self, so_pin: &SecretString) -> Result<TransportKey, HsmError> {
+        let shared = Arc::clone(self.pool.shared());
+        let so_pin = so_pin.clone();
+        run_blocking("hsm-clone-request", move || {
+            clone::request(&shared, &so_pin)
+        })
+        .await
+    }
+
+    /// On the source token, under the SO PIN: every system key wrapped for `transport`, whose
+    /// fingerprint the officers confirmed as `fingerprint`. Nothing leaves in plaintext.
+    pub async fn clone_export(
+        &self,
+        so_pin: &SecretString,
+        transport: TransportKey,
+        fingerprint: String,
+    ) -> Result<CloneBundle, HsmError> {
+        let shared = Arc::clone(self.pool.shared());
+        let so_pin = so_pin.clone();
+        run_blocking("hsm-clone-export", move || {
+            clone::export(&shared, &so_pin, &transport, &fingerprint)
+        })
+        .await
+    }
+
+    /// On the token that made the transport key: unwraps every system key of `bundle` with its
+    /// own template and attributes, then destroys the transport key pair.
+    pub async fn clone_import(
+        &self,
+        so_pin: &SecretString,
+        bundle: CloneBundle,
+    ) -> Result<(), HsmError> {
+        let shared = Arc::clone(self.pool.shared());
+        let so_pin = so_pin.clone();
+        run_blocking("hsm-clone-import", move || {
+            clone::import(&shared, &so_pin, &bundle)
         })
         .await
     }

@@ -22,6 +22,7 @@
 
 mod affinity;
 pub mod ceremony;
+pub mod clone;
 mod config;
 mod directory;
 mod error;

@@ -9,16 +9,18 @@
 //!   right key type and curve or modulus size;
 //! - user key, wrapped (its session copy): a private-key session object, PRIVATE, SENSITIVE,
 //!   WRAP_WITH_TRUSTED, SIGN, not DECRYPT / UNWRAP / DERIVE / SIGN_RECOVER, of the right key type;
-//! - audit and CA keys: as a resident user key;
-//! - KEK: an AES-256 secret-key token object, TRUSTED, SENSITIVE, ALWAYS_SENSITIVE, not
-//!   EXTRACTABLE, NEVER_EXTRACTABLE, WRAP, UNWRAP, and not ENCRYPT / DECRYPT / SIGN / VERIFY /
-//!   DERIVE; and its CKA_UNWRAP_TEMPLATE and CKA_WRAP_TEMPLATE exactly those of `templates.rs`
+//! - every system key: a SENSITIVE token object, and either not EXTRACTABLE or extractable only
+//!   under a trusted key (WRAP_WITH_TRUSTED), which `keys clone-export` needs to copy it to a
+//!   second HSM (a key copied so is no longer ALWAYS_SENSITIVE / NEVER_EXTRACTABLE, so those
+//!   are not asked of system keys);
+//! - audit and CA keys: PRIVATE, SIGN, and not DECRYPT / UNWRAP / DERIVE / SIGN_RECOVER, of the
+//!   right curve;
+//! - KEK: an AES-256 secret key, TRUSTED, WRAP, UNWRAP, and not ENCRYPT / DECRYPT / SIGN / VERIFY
+//!   / DERIVE; and its CKA_UNWRAP_TEMPLATE and CKA_WRAP_TEMPLATE exactly those of `templates.rs`
 //!   (without them, whoever may use the KEK may unwrap a blob as an extractable secret key and
 //!   read the user's private key in plaintext);
-//! - TAID and HKIC keys: 32-byte generic-secret token objects, PRIVATE, SENSITIVE,
-//!   ALWAYS_SENSITIVE, not EXTRACTABLE, NEVER_EXTRACTABLE, SIGN, and no other usage;
-//! - data key: an AES-256 secret-key token object, PRIVATE, SENSITIVE, ALWAYS_SENSITIVE, not
-//!   EXTRACTABLE, NEVER_EXTRACTABLE, ENCRYPT, DECRYPT, and no other usage.
+//! - TAID and HKIC keys: 32-byte generic secrets, PRIVATE, SIGN, and no other usage;
+//! - data key: an AES-256 secret key, PRIVATE, ENCRYPT, DECRYPT, and no other usage.
 //!
 //! The KEK is the one public (CKA_PRIVATE = false) object: PKCS#11 lets only the security officer
 //! set CKA_TRUSTED, and the security officer can only create public objects.
@@ -83,6 +85,13 @@ const NEVER_LEFT_THE_HSM: &[Flag] = &[
 ];
 
 const PRIVATE: &[Flag] = &[("CKA_PRIVATE", AttributeType::Private, true)];
+
+/// System keys stay on the token and sensitive; whether they may leave under a trusted key is
+/// checked apart (`check_system_extractable`).
+const SYSTEM_CUSTODY: &[Flag] = &[
+    ("CKA_TOKEN", AttributeType::Token, true),
+    ("CKA_SENSITIVE", AttributeType::Sensitive, true),
+];
 
 /// The unwrap template asks for an unextractable copy; a module that ignored that must not sign.
 const NOT_EXTRACTABLE: &[Flag] = &[
@@ -175,10 +184,10 @@ impl Policy<'_> {
             Policy::Wrapped(_) => [WRAPPED_COPY, PRIVATE, SIGNING_ONLY],
             Policy::Unwrapped(_) => [WRAPPED_COPY, NOT_EXTRACTABLE, SIGNING_ONLY],
             Policy::System(key) => match key.kind() {
-                SystemKeyKind::Signing(_) => [NEVER_LEFT_THE_HSM, PRIVATE, SIGNING_ONLY],
-                SystemKeyKind::KeyEncryption => [NEVER_LEFT_THE_HSM, KEK_USAGE, &[]],
-                SystemKeyKind::Hmac => [NEVER_LEFT_THE_HSM, PRIVATE, HMAC_USAGE],
-                SystemKeyKind::Aead => [NEVER_LEFT_THE_HSM, PRIVATE, AEAD_USAGE],
+                SystemKeyKind::Signing(_) => [SYSTEM_CUSTODY, PRIVATE, SIGNING_ONLY],
+                SystemKeyKind::KeyEncryption => [SYSTEM_CUSTODY, KEK_USAGE, &[]],
+                SystemKeyKind::Hmac => [SYSTEM_CUSTODY, PRIVATE, HMAC_USAGE],
+                SystemKeyKind::Aead => [SYSTEM_CUSTODY, PRIVATE, AEAD_USAGE],
             },
         }
     }
@@ -192,12 +201,46 @@ impl Policy<'_> {
         key: ObjectHandle,
     ) -> Result<(), HsmError> {
         self.check_attributes(session, key)?;
-        if let Policy::System(system) = self
-            && system.kind() == SystemKeyKind::KeyEncryption
-        {
-            check_kek_templates(session, arrays, key)?;
+        if let Policy::System(system) = self {
+            self.check_system_extractable(session, key)?;
+            if system.kind() == SystemKeyKind::KeyEncryption {
+                check_kek_templates(session, arrays, key)?;
+            }
         }
         Ok(())
+    }
+
+    /// A system key may be extractable only under a trusted key.
+    fn check_system_extractable(
+        &self,
+        session: &Session,
+        key: ObjectHandle,
+    ) -> Result<(), HsmError> {
+        let read = session.get_attributes(
+            key,
+            &[AttributeType::Extractable, AttributeType::WrapWithTrusted],
+        )?;
+        let flag = |t: AttributeType| {
+            read.iter()
+                .find(|a| a.attribute_type() == t)
+                .and_then(bool_value)
+        };
+        match (
+            flag(AttributeType::Extractable),
+            flag(AttributeType::WrapWithTrusted),
+        ) {
+            (Some(false), _) | (Some(true), Some(true)) => Ok(()),
+            (None, _) => Err(HsmError::KeyPolicy {
+                key: self.to_string(),
+                attribute: "CKA_EXTRACTABLE",
+                requirement: "is missing",
+            }),
+            (Some(true), _) => Err(HsmError::KeyPolicy {
+                key: self.to_string(),
+                attribute: "CKA_WRAP_WITH_TRUSTED",
+                requirement: "must be CK_TRUE for an extractable system key",
+            }),
+        }
     }
 
     fn check_attributes(&self, session: &Session, key: ObjectHandle) -> Result<(), HsmError> {
@@ -209,7 +252,7 @@ impl Policy<'_> {
             Shape::PrivateKey(alg) if alg.is_ec() => types.push(AttributeType::EcParams),
             Shape::PrivateKey(_) => types.push(AttributeType::Modulus),
             Shape::PrivateKeyType(_) => {}
-            Shape::SecretKey(_) => types.push(AttributeType::ValueLen),
+            Shape::SecretKey(_) => types.extend([AttributeType::ValueLen, AttributeType::Local]),
         }
         let attributes = session.get_attributes(key, &types)?;
         let find = |t: AttributeType| attributes.iter().find(|a| a.attribute_type() == t);
@@ -257,8 +300,14 @@ impl Policy<'_> {
                 },
             },
             Shape::PrivateKeyType(_) => Ok(()),
-            Shape::SecretKey(_) => match find(AttributeType::ValueLen) {
-                Some(Attribute::ValueLen(len)) if u64::from(*len) == 32 => Ok(()),
+            Shape::SecretKey(_) => match (
+                find(AttributeType::ValueLen),
+                find(AttributeType::Local).and_then(bool_value),
+            ) {
+                (Some(Attribute::ValueLen(len)), _) if u64::from(*len) == 32 => Ok(()),
+                // SoftHSM 2.6 records no length for a key it unwrapped (`keys clone-import`,
+                // which checks the wrapped length, 40 bytes for 32, before it unwraps).
+                (Some(Attribute::ValueLen(len)), Some(false)) if u64::from(*len) == 0 => Ok(()),
                 _ => Err(violation("CKA_VALUE_LEN", "must be 32 bytes")),
             },
         }
@@ -330,6 +379,7 @@ pub(crate) fn bool_value(attribute: &Attribute) -> Option<bool> {
         | Attribute::Unwrap(b)
         | Attribute::Derive(b)
         | Attribute::Copyable(b)
+        | Attribute::Local(b)
         | Attribute::Modifiable(b) => Some(*b),
         _ => None,
     }

@@ -142,6 +142,26 @@ pub(crate) fn rsa_spki(modulus: &[u8], exponent: &[u8]) -> Result<PublicKeySpki,
     encode(&spki)
 }
 
+/// CKA_MODULUS and CKA_PUBLIC_EXPONENT of an RSA SubjectPublicKeyInfo.
+pub(crate) fn rsa_parts(spki_der: &[u8]) -> Result<(Vec<u8>, Vec<u8>), HsmError> {
+    let bad = |_| HsmError::InvalidInput("not an RSA SubjectPublicKeyInfo".into());
+    let spki = SubjectPublicKeyInfoRef::from_der(spki_der).map_err(bad)?;
+    if spki.algorithm.oid != RSA_ENCRYPTION {
+        return Err(HsmError::InvalidInput(
+            "not an RSA SubjectPublicKeyInfo".into(),
+        ));
+    }
+    let bits = spki
+        .subject_public_key
+        .as_bytes()
+        .ok_or_else(|| HsmError::InvalidInput("RSA key with unused bits".into()))?;
+    let key = RsaPublicKey::from_der(bits).map_err(bad)?;
+    Ok((
+        key.modulus.as_bytes().to_vec(),
+        key.public_exponent.as_bytes().to_vec(),
+    ))
+}
+
 fn encode(spki: &SubjectPublicKeyInfoRef<'_>) -> Result<PublicKeySpki, HsmError> {
     spki.to_der()
         .map(PublicKeySpki)

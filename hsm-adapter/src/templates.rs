@@ -102,7 +102,12 @@ pub(crate) fn key_pair(
                     Attribute::Label(label.as_bytes().to_vec()),
                 ]);
             }
-            private.push(Attribute::Extractable(false));
+            // Extractable only under a trusted key: what `keys clone-export` needs to copy it
+            // to a second HSM, and what nobody without the SO quorum can use.
+            private.extend([
+                Attribute::Extractable(true),
+                Attribute::WrapWithTrusted(true),
+            ]);
         }
     }
     let mechanism = match algorithm.curve() {
@@ -254,7 +259,10 @@ pub(crate) fn secret_key(key: SystemKey) -> Option<(Mechanism<'static>, Vec<Attr
         Attribute::Private(private),
         Attribute::Label(key.label().as_bytes().to_vec()),
         Attribute::Sensitive(true),
-        Attribute::Extractable(false),
+        // Extractable only under a trusted key, for `keys clone-export` (the KEK's own wrap
+        // template does not let it wrap any of them).
+        Attribute::Extractable(true),
+        Attribute::WrapWithTrusted(true),
         Attribute::Derive(false),
         Attribute::Copyable(false),
     ];

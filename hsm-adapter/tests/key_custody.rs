@@ -379,14 +379,15 @@ async fn the_kek_carries_both_templates_as_read_back_from_the_hsm() {
     ] {
         assert!(wrap.contains(&attribute), "{attribute:?} in {wrap:?}");
     }
-    // And the KEK is the trusted, unextractable key it was.
+    // And the KEK is trusted, sensitive, and extractable only under a trusted key (for a clone
+    // to a second HSM).
     let flags = session
         .get_attributes(
             kek,
             &[
                 AttributeType::Trusted,
-                AttributeType::Extractable,
                 AttributeType::Sensitive,
+                AttributeType::WrapWithTrusted,
             ],
         )
         .unwrap();
@@ -394,8 +395,50 @@ async fn the_kek_carries_both_templates_as_read_back_from_the_hsm() {
         flags,
         [
             Attribute::Trusted(true),
-            Attribute::Extractable(false),
-            Attribute::Sensitive(true)
+            Attribute::Sensitive(true),
+            Attribute::WrapWithTrusted(true)
         ]
     );
+}
+
+#[tokio::test]
+async fn system_keys_leave_only_under_a_key_the_security_officer_trusted() {
+    let _ = hsm();
+    let session = raw_session();
+    let kek = find_kek(&session);
+    // With the user PIN: an own wrapping key is not trusted, and the KEK's wrap template takes
+    // no secret key.
+    let own = session
+        .generate_key(
+            &Mechanism::AesKeyGen,
+            &[
+                Attribute::Token(false),
+                Attribute::ValueLen(32u64.into()),
+                Attribute::Wrap(true),
+            ],
+        )
+        .unwrap();
+    for label in [
+        "smartsign-data",
+        "smartsign-taid",
+        "smartsign-hkic",
+        "smartsign-kek",
+    ] {
+        let key = session
+            .find_objects(&[
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::Label(label.as_bytes().to_vec()),
+            ])
+            .unwrap()[0];
+        for wrapping in [own, kek] {
+            let err = session
+                .wrap_key(&Mechanism::AesKeyWrapPad, wrapping, key)
+                .unwrap_err();
+            assert!(
+                matches!(err, CryptokiError::Pkcs11(RvError::KeyNotWrappable, _)),
+                "{label}: {err}"
+            );
+        }
+    }
+    session.destroy_object(own).unwrap();
 }

@@ -51,6 +51,7 @@ fn bool_attribute(
             | Attribute::Derive(b)
             | Attribute::Sign(b)
             | Attribute::Trusted(b)
+            | Attribute::WrapWithTrusted(b)
             | Attribute::Private(b),
         ] => *b,
         other => panic!("{t}: {other:?}"),
@@ -355,10 +356,11 @@ async fn system_keys_pass_the_policy_and_the_kek_is_trusted() {
     assert_eq!(kek.len(), 1);
     assert!(bool_attribute(&session, kek[0], AttributeType::Trusted));
     assert!(bool_attribute(&session, kek[0], AttributeType::Sensitive));
-    assert!(!bool_attribute(
+    // Extractable only under a trusted key: what a clone to a second HSM needs.
+    assert!(bool_attribute(
         &session,
         kek[0],
-        AttributeType::Extractable
+        AttributeType::WrapWithTrusted
     ));
     assert!(!bool_attribute(&session, kek[0], AttributeType::Decrypt));
     for key in [SystemKey::Taid, SystemKey::Hkic, SystemKey::Data] {
@@ -374,7 +376,7 @@ async fn system_keys_pass_the_policy_and_the_kek_is_trusted() {
             "{key}"
         );
         assert!(
-            !bool_attribute(&session, found[0], AttributeType::Extractable),
+            bool_attribute(&session, found[0], AttributeType::WrapWithTrusted),
             "{key}"
         );
     }

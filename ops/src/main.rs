@@ -19,6 +19,7 @@ mod bench_audit;
 mod bench_hsm;
 mod bench_sign;
 mod ceremony;
+mod clone;
 mod hsm_opts;
 mod keys;
 mod rotate_kek;
@@ -83,6 +84,15 @@ enum KeysCommand {
     /// backup of the store. Run it while smartsignd is stopped; if it stops half-way, run it
     /// again: it resumes. Also the fix for a token whose KEK lacks the templates.
     RotateKek(rotate_kek::RotateKekArgs),
+    /// On a second HSM's token: make the transport key pair that a clone of the system keys is
+    /// wrapped for, and print its fingerprint for the officers.
+    CloneRequest(clone::RequestArgs),
+    /// On the source token, under the SO quorum: wrap every system key for the second HSM's
+    /// transport key (checked against the fingerprint the officers confirmed).
+    CloneExport(clone::ExportArgs),
+    /// On the second HSM's token: unwrap the system keys from a clone bundle, with the same
+    /// templates and attributes, and destroy the transport key.
+    CloneImport(clone::ImportArgs),
     /// Write a PKCS#10 request for the daemon's CMP client key (smartsign-cmp-client), signed
     /// in the HSM, for the CA operator to certify as a registration authority. The returned
     /// certificate is `ca.ra_certificate` (CMP signature protection).
@@ -154,6 +164,9 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             Command::Keys(KeysCommand::Status(args)) => keys::status(args).await,
             Command::Keys(KeysCommand::RaRequest(args)) => keys::ra_request(args).await,
             Command::Keys(KeysCommand::RotateKek(args)) => rotate_kek::run(args).await,
+            Command::Keys(KeysCommand::CloneRequest(args)) => clone::request(args).await,
+            Command::Keys(KeysCommand::CloneExport(args)) => clone::export(args).await,
+            Command::Keys(KeysCommand::CloneImport(args)) => clone::import(args).await,
             Command::Bench(BenchCommand::Hsm(args)) => match scratch::ensure_token(&args.token)? {
                 scratch::Token::Given => bench_hsm::run(args).await,
                 // The scratch token lives in a child process's environment; it has already run.

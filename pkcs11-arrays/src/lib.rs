@@ -119,6 +119,80 @@ impl Arrays {
         Ok(object_handle(handle))
     }
 
+    /// `C_GenerateKeyPair` with each half's template and array attributes; returns (public,
+    /// private).
+    pub fn generate_key_pair(
+        &self,
+        session: &Session,
+        mechanism: &Mechanism<'_>,
+        public: (&[Attribute], &[(ArrayAttribute, &[Attribute])]),
+        private: (&[Attribute], &[(ArrayAttribute, &[Attribute])]),
+    ) -> Result<(ObjectHandle, ObjectHandle), Error> {
+        let generate = self
+            .module
+            .C_GenerateKeyPair
+            .as_ref()
+            .map_err(|_| Error::NotSupported)?;
+        let mut mechanism = CK_MECHANISM::from(mechanism);
+        let mut public_raw = RawTemplate::new(public.0, public.1);
+        let mut private_raw = RawTemplate::new(private.0, private.1);
+        let (mut public_handle, mut private_handle): (CK_OBJECT_HANDLE, CK_OBJECT_HANDLE) = (0, 0);
+        // SAFETY: as in `generate_key`, for both templates and both handles.
+        #[allow(unsafe_code)]
+        let rv = unsafe {
+            generate(
+                session.handle(),
+                &mut mechanism,
+                public_raw.as_mut_ptr(),
+                public_raw.len(),
+                private_raw.as_mut_ptr(),
+                private_raw.len(),
+                &mut public_handle,
+                &mut private_handle,
+            )
+        };
+        Rv::from(rv).into_result(Function::GenerateKeyPair)?;
+        Ok((object_handle(public_handle), object_handle(private_handle)))
+    }
+
+    /// `C_UnwrapKey` of `wrapped` under `unwrapping_key` into an object with `template` and the
+    /// array attributes in `arrays`.
+    pub fn unwrap_key(
+        &self,
+        session: &Session,
+        mechanism: &Mechanism<'_>,
+        unwrapping_key: ObjectHandle,
+        wrapped: &[u8],
+        template: &[Attribute],
+        arrays: &[(ArrayAttribute, &[Attribute])],
+    ) -> Result<ObjectHandle, Error> {
+        let unwrap = self
+            .module
+            .C_UnwrapKey
+            .as_ref()
+            .map_err(|_| Error::NotSupported)?;
+        let mut mechanism = CK_MECHANISM::from(mechanism);
+        let mut raw = RawTemplate::new(template, arrays);
+        let mut wrapped = wrapped.to_vec();
+        let mut handle: CK_OBJECT_HANDLE = 0;
+        // SAFETY: as in `generate_key`; `wrapped` is a local copy the module only reads.
+        #[allow(unsafe_code)]
+        let rv = unsafe {
+            unwrap(
+                session.handle(),
+                &mut mechanism,
+                unwrapping_key.handle(),
+                wrapped.as_mut_ptr(),
+                wrapped.len() as CK_ULONG,
+                raw.as_mut_ptr(),
+                raw.len(),
+                &mut handle,
+            )
+        };
+        Rv::from(rv).into_result(Function::UnwrapKey)?;
+        Ok(object_handle(handle))
+    }
+
     /// `C_CreateObject` with `template` and the array attributes in `arrays`.
     pub fn create_object(
         &self,
@@ -231,6 +305,12 @@ impl RawTemplate {
             .map(|(_, entries)| entries.iter().map(CK_ATTRIBUTE::from).collect())
             .collect();
         let mut top: Vec<CK_ATTRIBUTE> = template.iter().map(CK_ATTRIBUTE::from).collect();
+        // The arrays go before a final CKA_MODIFIABLE: SoftHSM applies an unwrap's template in
+        // order, and refuses what follows CKA_MODIFIABLE = false.
+        let last = match template.last() {
+            Some(Attribute::Modifiable(_)) => top.pop(),
+            _ => None,
+        };
         for ((which, _), entries) in arrays.iter().zip(inner.iter_mut()) {
             top.push(CK_ATTRIBUTE {
                 type_: which.code(),
@@ -239,6 +319,7 @@ impl RawTemplate {
                 ulValueLen: (entries.len() * size_of::<CK_ATTRIBUTE>()) as CK_ULONG,
             });
         }
+        top.extend(last);
         RawTemplate {
             _arrays: inner,
             top,

@@ -344,3 +344,142 @@ fn a_token_made_by_the_old_code_is_refused_until_its_kek_is_rotated() {
     let key = register(&daemon, "u-after-legacy");
     verify_signature(&sign(&daemon, "u-after-legacy", &key, b"doc"), b"doc");
 }
+
+/// A command that sees only the token(s) of the SoftHSM directory `hsm`.
+fn on_token(program: &Path, hsm: &Path) -> Command {
+    let mut command = Command::new(program);
+    command.env("SOFTHSM2_CONF", hsm.join("softhsm2.conf"));
+    command
+}
+
+#[test]
+fn a_second_hsm_cloned_without_plaintext_serves_the_same_accounts() {
+    let mut daemon = DevDaemon::start(&[]);
+    let accounts: Vec<(String, SigningKey, String)> = (0..3)
+        .map(|i| {
+            let id = format!("u-clone-{i}");
+            let key = register(&daemon, &id);
+            let taid = Pending::for_account(&daemon, &id, key.clone(), vec![7; 32]).taid;
+            (id, key, taid)
+        })
+        .collect();
+    daemon.stop();
+
+    // The first token moves aside; a new, empty token takes its place under the same label.
+    let state = daemon.state_dir();
+    let first = state.join("hsm-first");
+    std::fs::rename(state.join("hsm"), &first).unwrap();
+    let conf = std::fs::read_to_string(first.join("softhsm2.conf")).unwrap();
+    std::fs::write(
+        first.join("softhsm2.conf"),
+        conf.replace(
+            &state.join("hsm").display().to_string(),
+            &first.display().to_string(),
+        ),
+    )
+    .unwrap();
+    let second = state.join("hsm");
+    let made = run(Command::new(
+        smartsign_tests::workspace_root().join("softhsm-config/softhsm-setup"),
+    )
+    .args(["token", "--dir"])
+    .arg(&second)
+    .args(["--label", "smartsign-dev", "--so-pin-file"])
+    .arg(second.join("so.pin"))
+    .arg("--pin-file")
+    .arg(second.join("user.pin")));
+    assert!(made.status.success(), "{}", describe(&made));
+    let ctl = binary("smartsign-ops", "smartsign-ctl");
+    let token_args = |hsm: &Path| -> Vec<std::ffi::OsString> {
+        vec![
+            "--token".into(),
+            "smartsign-dev".into(),
+            "--pin-file".into(),
+            hsm.join("user.pin").into(),
+            "--so-pin-file".into(),
+            hsm.join("so.pin").into(),
+        ]
+    };
+
+    // Target: the transport key and its fingerprint.
+    let transport = state.join("transport.pem");
+    let requested = run(on_token(&ctl, &second)
+        .args(["keys", "clone-request"])
+        .args(token_args(&second))
+        .arg("--out")
+        .arg(&transport));
+    assert!(requested.status.success(), "{}", describe(&requested));
+    let fingerprint = String::from_utf8(requested.stdout)
+        .unwrap()
+        .trim()
+        .to_owned();
+    assert_eq!(fingerprint.len(), 64);
+
+    // Source: a fingerprint that is not the one confirmed is refused.
+    let bundle = state.join("clone.json");
+    let export = |fingerprint: &str| {
+        run(on_token(&ctl, &first)
+            .args(["keys", "clone-export"])
+            .args(token_args(&first))
+            .arg("--transport-key")
+            .arg(&transport)
+            .args(["--fingerprint", fingerprint, "--out"])
+            .arg(&bundle))
+    };
+    let wrong = export(&"0".repeat(64));
+    assert!(!wrong.status.success());
+    assert!(!bundle.exists());
+    let exported = export(&fingerprint);
+    assert!(exported.status.success(), "{}", describe(&exported));
+    let text = std::fs::read_to_string(&bundle).unwrap();
+    let parsed: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(parsed["keys"].as_array().unwrap().len(), 8, "{text}");
+
+    // Target: import, and every key passes the policy there.
+    let imported = run(on_token(&ctl, &second)
+        .args(["keys", "clone-import"])
+        .args(token_args(&second))
+        .arg("--in")
+        .arg(&bundle));
+    assert!(imported.status.success(), "{}", describe(&imported));
+    let status = run(on_token(&ctl, &second)
+        .args(["keys", "status", "--token", "smartsign-dev", "--pin-file"])
+        .arg(second.join("user.pin")));
+    assert!(status.status.success(), "{}", describe(&status));
+    // The transport key is gone: the bundle opens nowhere now.
+    let again = run(on_token(&ctl, &second)
+        .args(["keys", "clone-import"])
+        .args(token_args(&second))
+        .arg("--in")
+        .arg(&bundle));
+    assert!(!again.status.success());
+
+    // The daemon on the second token, with the store and the audit log of the first: the same
+    // TAIDs, the personal data and HKIC hashes open, every account signs, the log verifies.
+    daemon.restart();
+    for (id, key, taid) in &accounts {
+        let pending = Pending::for_account(&daemon, id, key.clone(), vec![9; 32]);
+        assert_eq!(&pending.taid, taid);
+        verify_signature(
+            &sign(&daemon, id, key, b"on the second HSM"),
+            b"on the second HSM",
+        );
+    }
+    let with_hkic = daemon
+        .client("demo-a")
+        .post(format!("{}/v1/signing-requests", daemon.api))
+        .json(
+            &serde_json::json!({"taid": accounts[0].2, "hash_algorithm": "sha256",
+            "hash": base64_of(&[5; 32]), "hkic_number": "A1234563"}),
+        )
+        .send()
+        .unwrap();
+    assert_eq!(with_hkic.status(), 201);
+    let export_dir = tempfile::tempdir().unwrap();
+    verify_audit(&daemon, export_dir.path());
+}
+
+fn base64_of(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
