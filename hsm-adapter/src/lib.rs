@@ -14,10 +14,15 @@
 //! It does not decide *whether* to sign (that is the daemon's signing flow), store key references
 //! (the caller persists [`UserKeyRef::to_bytes`]), or build certificates and CMS structures.
 //!
-//! SoftHSM note: the KEK must be a public object (only the security officer can set CKA_TRUSTED,
-//! and the SO can create public objects only). SoftHSM stores public objects unencrypted in its
-//! token directory, so on SoftHSM the KEK protects nothing against someone who can read that
-//! directory: SoftHSM is for development and tests only.
+//! Key custody: the KEK carries an unwrap and a wrap template (`templates.rs`, set through
+//! `pkcs11-arrays`), so what it unwraps can only be a sensitive, sign-only private session key;
+//! `kek.rs` rotates it, `clone.rs` copies the system keys to a second HSM, `ceremony.rs` sets a
+//! token up for the officers' ceremony and reads it back for its transcript.
+//!
+//! SoftHSM note: the KEK is a public object there (only the security officer can set
+//! CKA_TRUSTED, and SoftHSM lets the SO create public objects only). SoftHSM stores public
+//! objects unencrypted in its token directory, so on SoftHSM the KEK protects nothing against
+//! someone who can read that directory: SoftHSM is for development and tests only.
 #![forbid(unsafe_code)]
 
 mod affinity;

@@ -22,8 +22,9 @@
 //! - TAID and HKIC keys: 32-byte generic secrets, PRIVATE, SIGN, and no other usage;
 //! - data key: an AES-256 secret key, PRIVATE, ENCRYPT, DECRYPT, and no other usage.
 //!
-//! The KEK is the one public (CKA_PRIVATE = false) object: PKCS#11 lets only the security officer
-//! set CKA_TRUSTED, and the security officer can only create public objects.
+//! The KEK may be a public (CKA_PRIVATE = false) object: PKCS#11 lets only the security officer
+//! set CKA_TRUSTED, and the security officer can only create public objects. Its unwrap template
+//! makes whatever it unwraps private, so a session without a login cannot use it.
 
 use std::fmt;
 

@@ -25,11 +25,10 @@ Afterwards:
        smartsignd --check-config /etc/smartsign/smartsignd.toml
   2. Destroy the PIN file and the share files' copies on this machine once each officer has
      theirs (shred -u DIR/share-*.txt).
-  3. At each start the daemon serves sealed until K officers send their share:
-       curl --cert officer.pem --key officer.key --cacert ca.pem \\
-            -H 'content-type: application/json' \\
-            --data \"{\\\"share\\\": \\\"$(cat share-1.txt)\\\"}\" \\
-            https://appliance:8443/v1/admin/unseal
+  3. At each start the daemon serves sealed until K officers send their share, each with their
+     own client certificate, from the file (or standard input), never on a command line:
+       smartsign-ctl unseal --url https://appliance:8443 --cert officer.pem --key officer.key \\
+           --ca ca.pem --share-file share-1.txt
 
 Example:
   smartsign-ctl ceremony split --pin-file user.pin --threshold 2 --shares 3 --out-dir shares/")]

@@ -4,16 +4,17 @@ use std::path::PathBuf;
 
 use hsm_adapter::{HsmError, SystemKey};
 
-use crate::hsm_opts::{TokenArgs, read_secret};
+use crate::hsm_opts::{SoPinArgs, TokenArgs};
 
 /// Arguments of `keys init`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct InitArgs {
     #[command(flatten)]
     token: TokenArgs,
-    /// File holding the security officer's PIN, needed to create the trusted key-encryption key.
-    #[arg(long)]
-    so_pin_file: PathBuf,
+    /// The security officer's PIN (a file, or the officers' SO-PIN shares), needed to create the
+    /// trusted key-encryption key.
+    #[command(flatten)]
+    so_pin: SoPinArgs,
 }
 
 /// Arguments of `keys ra-request`.
@@ -40,7 +41,7 @@ pub(crate) struct StatusArgs {
 }
 
 pub(crate) async fn init(args: InitArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let so_pin = read_secret(&args.so_pin_file)?;
+    let so_pin = args.so_pin.pin()?;
     let hsm = args.token.open().await?;
     eprintln!("provisioning the system keys");
     let report = hsm.provision_system_keys(&so_pin).await?;

@@ -17,6 +17,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod audit_cmd;
 mod bench_audit;
 mod bench_hsm;
+mod bench_rotate;
 mod bench_sign;
 mod ceremony;
 mod clone;
@@ -132,6 +133,10 @@ enum BenchCommand {
     /// clients against a `smartsignd --dev`, beside the raw HSM rate of the same key algorithm
     /// and mode measured in the same run. Without --state-dir it starts the daemon itself.
     Sign(bench_sign::BenchSignArgs),
+    /// How long `keys rotate-kek` takes for N wrapped keys in a store on disk, beside the HSM's
+    /// share of the work (re-wrapping alone) in the same run. Without --token it makes a
+    /// scratch SoftHSM token.
+    RotateKek(bench_rotate::BenchRotateArgs),
 }
 
 fn main() -> ExitCode {
@@ -173,6 +178,12 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
                 scratch::Token::RanInScratch => Ok(()),
             },
             Command::Bench(BenchCommand::Audit(args)) => bench_audit::run(args).await,
+            Command::Bench(BenchCommand::RotateKek(args)) => {
+                match scratch::ensure_token(&args.token)? {
+                    scratch::Token::Given => bench_rotate::run(args).await,
+                    scratch::Token::RanInScratch => Ok(()),
+                }
+            }
             Command::Audit(AuditCommand::Verify(args)) => audit_cmd::verify(args),
             Command::Ceremony(CeremonyCommand::Split(args)) => ceremony::split(args),
             Command::Ceremony(CeremonyCommand::Init(args)) => ceremony::init(args).await,

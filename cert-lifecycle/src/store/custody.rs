@@ -7,7 +7,7 @@
 //! them. A reference lives in two places: a certificate's `key_ref`, and the `new_key_ref` of an
 //! unfinished renewal or re-application (`key_changes`).
 
-use rusqlite::{OptionalExtension, params};
+use rusqlite::{OptionalExtension, TransactionBehavior, params};
 use time::OffsetDateTime;
 
 use super::sqlite::{SqliteStore, one_row_changed, opt_time_at, secs, time_at, write_error};
@@ -117,30 +117,36 @@ impl SqliteStore {
         })
     }
 
-    /// Replaces the reference in `slot` with `new`, only if it is still `old`: `Conflict` when
-    /// it changed or went since it was read (nothing is written then).
-    pub fn replace_key_ref(
+    /// Replaces each `(slot, old, new)` in one transaction, each only if its reference is
+    /// still `old`: `Conflict` when any changed or went since it was read, and then none is
+    /// replaced.
+    pub fn replace_key_refs(
         &self,
-        slot: &KeyRefSlot,
-        old: &[u8],
-        new: &[u8],
+        changes: &[(KeyRefSlot, Vec<u8>, Vec<u8>)],
     ) -> Result<(), StoreError> {
         self.write(|conn| {
-            let changed = match slot {
-                KeyRefSlot::Certificate(serial) => conn
-                    .prepare_cached(
-                        "UPDATE certificates SET key_ref = ?3 WHERE serial = ?1 AND key_ref = ?2",
-                    )?
-                    .execute(params![serial.as_str(), old, new]),
-                KeyRefSlot::KeyChange(account) => conn
-                    .prepare_cached(
-                        "UPDATE key_changes SET new_key_ref = ?3 \
-                         WHERE account_id = ?1 AND new_key_ref = ?2",
-                    )?
-                    .execute(params![account.as_str(), old, new]),
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            for (slot, old, new) in changes {
+                let changed = match slot {
+                    KeyRefSlot::Certificate(serial) => tx
+                        .prepare_cached(
+                            "UPDATE certificates SET key_ref = ?3 \
+                             WHERE serial = ?1 AND key_ref = ?2",
+                        )?
+                        .execute(params![serial.as_str(), old, new]),
+                    KeyRefSlot::KeyChange(account) => tx
+                        .prepare_cached(
+                            "UPDATE key_changes SET new_key_ref = ?3 \
+                             WHERE account_id = ?1 AND new_key_ref = ?2",
+                        )?
+                        .execute(params![account.as_str(), old, new]),
+                }
+                .map_err(write_error)?;
+                // Dropping the transaction rolls every earlier replacement back.
+                one_row_changed(changed).map_err(|_| StoreError::Conflict)?;
             }
-            .map_err(write_error)?;
-            one_row_changed(changed).map_err(|_| StoreError::Conflict)
+            tx.commit()?;
+            Ok(())
         })
     }
 
@@ -287,14 +293,31 @@ mod tests {
         );
 
         let slot = KeyRefSlot::Certificate(CertSerial::parse("b1").unwrap());
-        store.replace_key_ref(&slot, b"ref-b1", b"new-b1").unwrap();
+        let change = |old: &[u8], new: &[u8]| [(slot.clone(), old.to_vec(), new.to_vec())];
+        store
+            .replace_key_refs(&change(b"ref-b1", b"new-b1"))
+            .unwrap();
         // Read before that replacement: stale, so refused, and the stored value stays.
         assert!(matches!(
-            store.replace_key_ref(&slot, b"ref-b1", b"other"),
+            store.replace_key_refs(&change(b"ref-b1", b"other")),
             Err(StoreError::Conflict)
         ));
         let page = store.key_refs_after(None, 10).unwrap();
         assert_eq!(page[1].key_ref, b"new-b1");
+
+        // A batch with one stale entry replaces nothing.
+        let a1 = KeyRefSlot::Certificate(CertSerial::parse("a1").unwrap());
+        assert!(matches!(
+            store.replace_key_refs(&[
+                (a1.clone(), b"ref-a1".to_vec(), b"new-a1".to_vec()),
+                (slot.clone(), b"ref-b1".to_vec(), b"x".to_vec()),
+            ]),
+            Err(StoreError::Conflict)
+        ));
+        assert_eq!(
+            store.key_refs_after(None, 10).unwrap()[0].key_ref,
+            b"ref-a1"
+        );
     }
 
     #[test]
