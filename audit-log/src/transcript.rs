@@ -32,8 +32,11 @@ impl Transcript {
     /// The bytes a transcript's signature covers.
     pub fn signed_form(body: &Map<String, Value>) -> Vec<u8> {
         let mut out = DOMAIN.to_vec();
-        // Serialising a Value cannot fail: its keys are strings.
-        out.extend(serde_json::to_vec(&sorted(&Value::Object(body.clone()))).unwrap_or_default());
+        // Serialising a Value cannot fail: its keys are strings and its numbers finite.
+        #[allow(clippy::expect_used)]
+        let json = serde_json::to_vec(&sorted(&Value::Object(body.clone())))
+            .expect("a JSON value serialises");
+        out.extend(json);
         out
     }
 
@@ -45,7 +48,10 @@ impl Transcript {
             "signature".to_owned(),
             Value::String(STANDARD.encode(signature_der)),
         );
-        let mut out = serde_json::to_vec_pretty(&Value::Object(object)).unwrap_or_default();
+        // As above: a Value always serialises.
+        #[allow(clippy::expect_used)]
+        let mut out =
+            serde_json::to_vec_pretty(&Value::Object(object)).expect("a JSON value serialises");
         out.push(b'\n');
         out
     }

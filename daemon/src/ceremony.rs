@@ -61,7 +61,7 @@ pub(crate) async fn anchor(app: &App, path: &Path) -> Result<(), String> {
             ]),
         )
         .await
-        .map_err(|_| "cannot write the ceremony transcript's audit record".to_owned())?;
+        .map_err(|error| format!("cannot write the ceremony transcript's audit record ({error:?})"))?;
     let store = app.store.clone();
     let now = app.clock.now();
     tokio::task::spawn_blocking(move || store.record_ceremony(&sha256, index, now))

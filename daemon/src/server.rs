@@ -372,6 +372,18 @@ async fn assemble(
             })?;
     }
 
+    let trusted = hsm
+        .foreign_trusted_objects()
+        .await
+        .map_err(|error| format!("cannot list the token's trusted objects: {error}"))?;
+    if !trusted.is_empty() {
+        return Err(format!(
+            "the token holds trusted object(s) besides the KEK: {}. Only the security officer \
+             can make one, and a trusted wrapping key can take the system keys out of the HSM; \
+             find out who made it, and destroy it, before the daemon starts",
+            trusted.join(", ")
+        ));
+    }
     let store_path = config.store.path.clone();
     let store = tokio::task::spawn_blocking(move || SqliteStore::open(&store_path))
         .await

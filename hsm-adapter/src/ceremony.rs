@@ -105,8 +105,10 @@ pub fn initialise_token(
     let result = (|| {
         let so_pin = generated_pin(&session)?;
         let user_pin = generated_pin(&session)?;
-        session.set_pin(&current_so_pin, &so_pin)?;
+        // The user PIN first: if the SO PIN change then failed, the SO PIN would still be the
+        // one the caller has, and the ceremony could start again.
         session.init_pin(&user_pin)?;
+        session.set_pin(&current_so_pin, &so_pin)?;
         Ok(InitialisedToken {
             so_pin,
             user_pin,
@@ -204,6 +206,15 @@ fn describe(shared: &Shared) -> Result<(TokenDescription, Vec<KeyDescription>), 
             }
             keys.push(description);
         }
+    }
+    // A trusted object besides the KEK (only the SO makes one) shows as a key of its own, so
+    // that `ceremony verify` reports it.
+    for object in crate::kek::foreign_trusted(&session)? {
+        keys.push(KeyDescription {
+            label: format!("trusted {object}"),
+            attributes: BTreeMap::new(),
+            public_key_sha256: None,
+        });
     }
     Ok((token, keys))
 }

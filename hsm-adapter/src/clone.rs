@@ -8,10 +8,14 @@
 //!    only under a trusted key), wrapped under the transport key with RSA-OAEP. As the user, each
 //!    system key is wrapped under the transfer key (AES key wrap with padding). Both session
 //!    objects die with the session. The bundle holds only these wrapped blobs and public data.
+//!    The source's audit key signs the bundle.
 //! 3. On the target, the transport private key unwraps the transfer key (its unwrap template
 //!    makes it a sensitive, unextractable, unwrap-only session key), which unwraps each system key
 //!    with the same template and attributes as the original, the KEK as the SO (it is trusted,
-//!    with its unwrap and wrap templates). Then the transport key pair is destroyed.
+//!    with its unwrap and wrap templates). The imported audit key must be the source's one that
+//!    the officers name, its signature on the bundle must verify, and each imported key pair must
+//!    sign what its public half verifies. Then, or on any failure, the transport key pair is
+//!    destroyed; a failed import leaves no key behind.
 //!
 //! PKCS#11 lets the SO use public objects only, and the KEK must be made by the SO, so the
 //! transport private key and the transfer key are public objects: between `clone-request` and
@@ -30,11 +34,11 @@ use sha2::{Digest as _, Sha256};
 
 use crate::directory::{system_key_template, system_public_key_template};
 use crate::error::HsmError;
-use crate::keys::{HexBytes, KekId, SystemKey, SystemKeyKind};
+use crate::keys::{EcCurve, HexBytes, KekId, SystemKey, SystemKeyKind};
 use crate::module;
 use crate::policy::Policy;
-use crate::provision::{as_security_officer, reload};
-use crate::public_key::{rsa_parts, rsa_spki};
+use crate::provision::{as_security_officer, reload_after};
+use crate::public_key::{ec_spki, rsa_parts, rsa_spki};
 use crate::session_pool::Shared;
 use crate::templates::{
     PairTarget, kek_unwrap_template, kek_wrap_template, key_pair, secret_key, system_key_algorithm,
@@ -73,7 +77,8 @@ pub struct ClonedKey {
     pub ec_point: Option<Vec<u8>>,
 }
 
-/// What `clone-export` hands to `clone-import`: nothing in it opens without the target token.
+/// What `clone-export` hands to `clone-import`: nothing in it opens without the target token,
+/// and the source's audit key signs it, so that nobody can swap in keys of their own on the way.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CloneBundle {
     /// The fingerprint of the transport key it was made for.
@@ -82,6 +87,50 @@ pub struct CloneBundle {
     pub wrapped_transfer_key: Vec<u8>,
     /// Every system key.
     pub keys: Vec<ClonedKey>,
+    /// ECDSA P-256 by the source's audit key over SHA-256 of [`CloneBundle::signed_bytes`],
+    /// raw `r || s`.
+    pub signature: Vec<u8>,
+}
+
+impl CloneBundle {
+    /// What the signature covers: every field but the signature, each key's blobs by digest.
+    pub fn signed_bytes(&self) -> Vec<u8> {
+        let hex = |bytes: &[u8]| HexBytes(bytes).to_string();
+        let mut out = format!(
+            "smartsign-clone-v1\n{}\n{}\n",
+            self.transport_fingerprint,
+            hex(&Sha256::digest(&self.wrapped_transfer_key))
+        );
+        for key in &self.keys {
+            out.push_str(&format!(
+                "{} {} {} {}\n",
+                key.key.label(),
+                hex(&key.id),
+                hex(&Sha256::digest(&key.wrapped)),
+                key.ec_point.as_deref().map_or_else(|| "-".to_owned(), hex)
+            ));
+        }
+        out.into_bytes()
+    }
+
+    /// SHA-256 (hex) of the source's audit public key (SubjectPublicKeyInfo), which the
+    /// officers read off the source (or its ceremony transcript) and give to `clone-import`.
+    pub fn source_audit_sha256(&self) -> Result<String, HsmError> {
+        let point = self
+            .keys
+            .iter()
+            .find(|k| k.key == SystemKey::Audit)
+            .and_then(|k| k.ec_point.as_deref())
+            .ok_or(HsmError::SystemKeyMissing(SystemKey::Audit))?;
+        audit_key_sha256(point)
+    }
+}
+
+/// SHA-256 (hex) of the SubjectPublicKeyInfo of an EC P-256 public point: how the officers name
+/// the source's audit key (the ceremony transcript lists it as its `public_key_sha256`).
+fn audit_key_sha256(point: &[u8]) -> Result<String, HsmError> {
+    let spki = ec_spki(EcCurve::P256, point)?;
+    Ok(HexBytes(&Sha256::digest(spki.as_der())).to_string())
 }
 
 /// RSA-OAEP as SoftHSM 2.6 offers it: SHA-1 and MGF1 with SHA-1, no label.
@@ -200,8 +249,8 @@ pub(crate) fn request(shared: &Shared, so_pin: &SecretString) -> Result<Transpor
         )?;
         Ok(public)
     });
-    reload(shared, &session)?;
-    transport_key(&session, made?)
+    let public = reload_after(shared, &session, made)?;
+    transport_key(&session, public)
 }
 
 /// On the source: every system key wrapped for the transport key `transport`, whose fingerprint
@@ -223,6 +272,11 @@ pub(crate) fn export(
         )));
     }
     let (modulus, exponent) = rsa_parts(&transport.spki_der)?;
+    if modulus.iter().skip_while(|b| **b == 0).count() * 8 != TRANSPORT_BITS as usize {
+        return Err(HsmError::InvalidInput(format!(
+            "the transport key is not RSA-{TRANSPORT_BITS}, which `clone-request` makes"
+        )));
+    }
     let session = module::open_user_session(&shared.pkcs11, shared.slot, shared.pin())?;
     let _exclusive = shared.exclusive();
     let result = (|| {
@@ -285,14 +339,24 @@ pub(crate) fn export(
                 tracing::warn!(error = %HsmError::from(error), "could not destroy a transfer object");
             }
         }
-        Ok(CloneBundle {
+        let mut bundle = CloneBundle {
             transport_fingerprint: transport.fingerprint(),
             wrapped_transfer_key,
             keys: wrapped?,
-        })
+            signature: Vec::new(),
+        };
+        let audit = match session.find_objects(&system_key_template(SystemKey::Audit))?[..] {
+            [audit] => audit,
+            _ => return Err(HsmError::SystemKeyMissing(SystemKey::Audit)),
+        };
+        bundle.signature = session.sign(
+            &Mechanism::Ecdsa,
+            audit,
+            &Sha256::digest(bundle.signed_bytes()),
+        )?;
+        Ok(bundle)
     })();
-    reload(shared, &session)?;
-    result
+    reload_after(shared, &session, result)
 }
 
 fn wrap_system_keys(session: &Session, transfer: ObjectHandle) -> Result<Vec<ClonedKey>, HsmError> {
@@ -359,6 +423,7 @@ pub(crate) fn import(
     shared: &Shared,
     so_pin: &SecretString,
     bundle: &CloneBundle,
+    source_audit_sha256: &str,
 ) -> Result<(), HsmError> {
     let session = module::open_user_session(&shared.pkcs11, shared.slot, shared.pin())?;
     let (transport_public, transport_private) = find_transport(&session)?.ok_or_else(|| {
@@ -415,18 +480,90 @@ pub(crate) fn import(
             tracing::warn!(error = %HsmError::from(error), "could not destroy the transfer key");
         }
         unwrapped?;
-        let _token_write = module::token_write_lock();
-        session.destroy_object(transport_private)?;
-        session.destroy_object(transport_public)?;
-        Ok(())
+        check_imported(&session, bundle, source_audit_sha256)
     })();
-    reload(shared, &session)?;
-    result?;
+    // Whatever happened, the transport pair goes, so that the bundle opens nowhere from now on;
+    // and a failed import leaves no key of it behind (the token held none before).
+    {
+        let _token_write = module::token_write_lock();
+        for handle in [transport_private, transport_public] {
+            if let Err(error) = session.destroy_object(handle) {
+                tracing::error!(error = %HsmError::from(error), "could not destroy the transport key");
+            }
+        }
+        if result.is_err() {
+            remove_system_keys(&session);
+        }
+    }
+    reload_after(shared, &session, result)?;
     for key in bundle.keys.iter().map(|k| k.key) {
         let handle = shared.directory().system(key)?.handle;
         Policy::System(key).check(&session, &shared.arrays, handle)?;
     }
     Ok(())
+}
+
+/// The imported keys are the source's: its audit key is the one the officers named, it signed
+/// the bundle, and each imported private key signs what its public half verifies.
+fn check_imported(
+    session: &Session,
+    bundle: &CloneBundle,
+    source_audit_sha256: &str,
+) -> Result<(), HsmError> {
+    let named = bundle.source_audit_sha256()?;
+    if !named.eq_ignore_ascii_case(source_audit_sha256.trim()) {
+        return Err(HsmError::InvalidInput(format!(
+            "the bundle's audit key is {named}, not the source's {} the officers confirmed",
+            source_audit_sha256.trim()
+        )));
+    }
+    let public_of = |key: SystemKey| -> Result<ObjectHandle, HsmError> {
+        match session.find_objects(&system_public_key_template(key))?[..] {
+            [public] => Ok(public),
+            _ => Err(HsmError::SystemKeyMissing(key)),
+        }
+    };
+    let audit = public_of(SystemKey::Audit)?;
+    session
+        .verify(
+            &Mechanism::Ecdsa,
+            audit,
+            &Sha256::digest(bundle.signed_bytes()),
+            &bundle.signature,
+        )
+        .map_err(|_| {
+            HsmError::InvalidInput("the bundle's signature does not verify under its audit key".into())
+        })?;
+    let probe = Sha256::digest(b"smartsign clone: the pair belongs together");
+    for cloned in bundle.keys.iter().filter(|k| k.ec_point.is_some()) {
+        let private = match session.find_objects(&system_key_template(cloned.key))?[..] {
+            [private] => private,
+            _ => return Err(HsmError::SystemKeyMissing(cloned.key)),
+        };
+        let signature = session.sign(&Mechanism::Ecdsa, private, &probe)?;
+        session
+            .verify(&Mechanism::Ecdsa, public_of(cloned.key)?, &probe, &signature)
+            .map_err(|_| {
+                HsmError::InvalidInput(format!(
+                    "the bundle's public key of {} is not its private key's",
+                    cloned.key
+                ))
+            })?;
+    }
+    Ok(())
+}
+
+/// Destroys every system key on the token (after a failed import into a token that had none).
+fn remove_system_keys(session: &Session) {
+    for key in SystemKey::ALL {
+        let private = session.find_objects(&system_key_template(key));
+        let public = session.find_objects(&system_public_key_template(key));
+        for handle in private.into_iter().chain(public).flatten() {
+            if let Err(error) = session.destroy_object(handle) {
+                tracing::error!(error = %HsmError::from(error), "could not remove a half-imported key");
+            }
+        }
+    }
 }
 
 fn unwrap_kek(

@@ -268,6 +268,14 @@ impl Hsm {
         run_blocking("hsm-kek-list", move || kek::list(&shared)).await
     }
 
+    /// The trusted objects on the token other than the KEKs (class and label each). Only the SO
+    /// can make one, and a trusted wrapping key could take the system keys out of the HSM: the
+    /// daemon refuses to start while there is any, and `keys status` lists them.
+    pub async fn foreign_trusted_objects(&self) -> Result<Vec<String>, HsmError> {
+        let shared = Arc::clone(self.pool.shared());
+        run_blocking("hsm-trusted", move || kek::list_foreign_trusted(&shared)).await
+    }
+
     /// The id of the token's one KEK (`None` for a KEK without an id); fails while a rotation
     /// leaves two on the token.
     pub async fn current_kek(&self) -> Result<Option<KekId>, HsmError> {

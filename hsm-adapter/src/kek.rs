@@ -114,6 +114,46 @@ pub(crate) fn list(shared: &Shared) -> Result<Vec<KekStatus>, HsmError> {
         .collect())
 }
 
+/// The trusted objects on the token other than the KEKs, by label and class. Only the security
+/// officer can make one, and a trusted wrapping key can take every system key out of the HSM
+/// (they are extractable under trusted keys, for cloning): outside a clone, which makes its
+/// trusted keys as session objects, there must be none.
+pub(crate) fn foreign_trusted(session: &Session) -> Result<Vec<String>, HsmError> {
+    let kek_label = SystemKey::Kek.label().as_bytes();
+    let mut found = Vec::new();
+    for handle in session.find_objects(&[Attribute::Trusted(true)])? {
+        let read = session.get_attributes(
+            handle,
+            &[cryptoki::object::AttributeType::Class, cryptoki::object::AttributeType::Label],
+        )?;
+        let class = read.iter().find_map(|a| match a {
+            Attribute::Class(class) => Some(*class),
+            _ => None,
+        });
+        let label = read.iter().find_map(|a| match a {
+            Attribute::Label(label) => Some(label.clone()),
+            _ => None,
+        });
+        if class == Some(cryptoki::object::ObjectClass::SECRET_KEY)
+            && label.as_deref() == Some(kek_label)
+        {
+            continue;
+        }
+        found.push(format!(
+            "{} {:?}",
+            class.map_or_else(|| "object".to_owned(), |c| c.to_string()),
+            String::from_utf8_lossy(label.as_deref().unwrap_or_default())
+        ));
+    }
+    Ok(found)
+}
+
+/// Lists the trusted objects other than the KEKs (see [`foreign_trusted`]).
+pub(crate) fn list_foreign_trusted(shared: &Shared) -> Result<Vec<String>, HsmError> {
+    let session = module::open_user_session(&shared.pkcs11, shared.slot, shared.pin())?;
+    foreign_trusted(&session)
+}
+
 /// Creates the KEK `id` unless it is on the token already; then the workers find the keys
 /// again. Returns whether it was created.
 pub(crate) fn ensure(
@@ -130,8 +170,7 @@ pub(crate) fn ensure(
         let _token_write = module::token_write_lock();
         create(session, &shared.arrays, id)
     });
-    provision::reload(shared, &session)?;
-    created.map(|()| true)
+    provision::reload_after(shared, &session, created).map(|()| true)
 }
 
 /// Destroys the KEK `id` (`None`: the one without an id); then the workers find the keys again.

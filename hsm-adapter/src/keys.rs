@@ -345,27 +345,6 @@ impl fmt::Debug for KekId {
     }
 }
 
-impl std::str::FromStr for KekId {
-    type Err = HsmError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let mut id = [0u8; KekId::LEN];
-        let digits = s.as_bytes();
-        if digits.len() != 2 * KekId::LEN {
-            return Err(HsmError::InvalidInput(format!(
-                "a KEK id is {} hex digits",
-                2 * KekId::LEN
-            )));
-        }
-        for (byte, pair) in id.iter_mut().zip(digits.chunks(2)) {
-            let text = std::str::from_utf8(pair).unwrap_or("");
-            *byte = u8::from_str_radix(text, 16)
-                .map_err(|_| HsmError::InvalidInput("a KEK id is hex digits".into()))?;
-        }
-        Ok(KekId(id))
-    }
-}
-
 /// Where a user key's private half is.
 #[derive(Clone, PartialEq, Eq)]
 pub(crate) enum KeyStorage {

@@ -30,8 +30,7 @@ pub(crate) fn run(shared: &Shared, so_pin: &SecretString) -> Result<ProvisionRep
     let _exclusive = shared.exclusive();
     let session = module::open_user_session(&shared.pkcs11, shared.slot, shared.pin())?;
     let result = provision(shared, &session, so_pin);
-    reload(shared, &session)?;
-    let report = result?;
+    let report = reload_after(shared, &session, result)?;
     // Every system key, found or made, must pass the policy before it is reported ready.
     for key in SystemKey::ALL {
         let policy = Policy::System(key);
@@ -95,6 +94,23 @@ pub(crate) fn reload(shared: &Shared, session: &Session) -> Result<(), HsmError>
     let directory = Directory::load(session)?;
     shared.replace_directory(directory);
     Ok(())
+}
+
+/// [`reload`] after an operation that may have logged the user out, keeping the operation's own
+/// error when both fail (the reload's is logged).
+pub(crate) fn reload_after<T>(
+    shared: &Shared,
+    session: &Session,
+    result: Result<T, HsmError>,
+) -> Result<T, HsmError> {
+    match (reload(shared, session), result) {
+        (Ok(()), result) => result,
+        (Err(reloading), Err(error)) => {
+            tracing::error!(error = %reloading, "finding the keys again failed too");
+            Err(error)
+        }
+        (Err(reloading), Ok(_)) => Err(reloading),
+    }
 }
 
 /// Runs `work` with the security officer logged in on `session` (for what only the SO may do:

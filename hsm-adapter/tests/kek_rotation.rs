@@ -348,6 +348,49 @@ async fn rotation_rewraps_every_key_and_old_blobs_die_with_the_old_kek() {
             user.unwrap_key(&Mechanism::AesKeyWrapPad, kek[0], &blob_of(old), &template)
                 .is_err()
         );
+        // While the same template opens the re-wrapped blob: it is the old KEK that is missing.
+        let rewrapped = after_second
+            .iter()
+            .find(|k| k.public_key() == old.public_key())
+            .unwrap();
+        let copy = user
+            .unwrap_key(
+                &Mechanism::AesKeyWrapPad,
+                kek[0],
+                &blob_of(rewrapped),
+                &template,
+            )
+            .unwrap();
+        user.destroy_object(copy).unwrap();
     }
+
+    // A trusted key besides the KEK, made by the SO, is found and named.
+    assert!(hsm.foreign_trusted_objects().await.unwrap().is_empty());
+    user.logout().unwrap();
+    let officer = raw_session(&pkcs11);
+    officer
+        .login(UserType::So, Some(&token.so_pin()))
+        .unwrap();
+    let stray = officer
+        .generate_key(
+            &Mechanism::AesKeyGen,
+            &[
+                Attribute::Token(true),
+                Attribute::Private(false),
+                Attribute::ValueLen(32u64.into()),
+                Attribute::Label(b"exfiltration".to_vec()),
+                Attribute::Trusted(true),
+                Attribute::Wrap(true),
+            ],
+        )
+        .unwrap();
+    officer.logout().unwrap();
+    let found = hsm.foreign_trusted_objects().await.unwrap();
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(found[0].contains("exfiltration"), "{found:?}");
+    let (_, described) = hsm.describe().await.unwrap();
+    assert!(described.iter().any(|k| k.label.contains("exfiltration")));
+    officer.destroy_object(stray).unwrap();
+    assert!(hsm.foreign_trusted_objects().await.unwrap().is_empty());
     hsm.shutdown().await;
 }

@@ -33,8 +33,8 @@ pub(crate) struct BenchRotateArgs {
     /// The PKCS#11 module.
     #[arg(long, default_value = SOFTHSM_MODULE)]
     pub(crate) module: PathBuf,
-    /// Label of the token to measure on (it must exist). Without it, a scratch SoftHSM token is
-    /// made for the run.
+    /// Label of the token to measure on: it must exist and hold no system keys, since the
+    /// rotation destroys the KEK it finds. Without it, a scratch SoftHSM token is made.
     #[arg(long)]
     pub(crate) token: Option<String>,
     /// File holding the user PIN (its first line).
@@ -59,6 +59,15 @@ pub(crate) async fn run(args: BenchRotateArgs) -> Result<(), BoxError> {
     let pin = read_secret(args.pin_file.as_deref().ok_or("give --pin-file")?)?;
     let so_pin = read_secret(args.so_pin_file.as_deref().ok_or("give --so-pin-file")?)?;
     let hsm = Arc::new(open_token(&args.module, args.token.clone(), None, pin).await?);
+    // The rotation destroys the KEK it finds: never a token whose KEK wraps anyone's keys.
+    if !hsm.key_encryption_keys().await?.is_empty() {
+        return Err(format!(
+            "token {:?} already holds a key-encryption key, which this benchmark would destroy; \
+             it runs only on a token without system keys (leave out --token for a scratch one)",
+            args.token.as_deref().unwrap_or("")
+        )
+        .into());
+    }
     hsm.provision_system_keys(&so_pin).await?;
     let scratch = tempfile::Builder::new()
         .prefix("smartsign-bench-rotate-")

@@ -25,8 +25,9 @@ Afterwards:
        smartsignd --check-config /etc/smartsign/smartsignd.toml
   2. Destroy the PIN file and the share files' copies on this machine once each officer has
      theirs (shred -u DIR/share-*.txt).
-  3. At each start the daemon serves sealed until K officers send their share, each with their
-     own client certificate, from the file (or standard input), never on a command line:
+  3. At each start the daemon serves sealed until K officers send their share to
+     POST /v1/admin/unseal, each with their own client certificate, from the file (or standard
+     input), never on a command line:
        smartsign-ctl unseal --url https://appliance:8443 --cert officer.pem --key officer.key \\
            --ca ca.pem --share-file share-1.txt
 
@@ -179,9 +180,11 @@ fn step(name: &str, details: serde_json::Value) -> serde_json::Value {
 }
 
 fn now_text() -> String {
+    // RFC 3339 formats every UTC time from year 0 to 9999; the clock is inside that.
+    #[allow(clippy::expect_used)]
     time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
+        .expect("now formats as RFC 3339")
 }
 
 pub(crate) async fn init(args: InitArgs) -> Result<(), Box<dyn std::error::Error>> {
@@ -199,6 +202,18 @@ pub(crate) async fn init(args: InitArgs) -> Result<(), Box<dyn std::error::Error
     if let Some(twice) = officers.iter().find(|o| !seen.insert(o.as_str())) {
         return Err(format!("officer {twice} is named twice").into());
     }
+    // Ids name the share files: letters, digits, '.', '_' and '-' only, not starting with '.'.
+    if let Some(bad) = officers.iter().find(|o| {
+        o.is_empty()
+            || o.len() > 64
+            || o.starts_with('.')
+            || !o.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    }) {
+        return Err(format!(
+            "officer id {bad:?}: use 1 to 64 letters, digits, '.', '_' and '-' (an id, not a name)"
+        )
+        .into());
+    }
     std::fs::create_dir_all(&args.out_dir)
         .map_err(|error| format!("cannot create {}: {error}", args.out_dir.display()))?;
     let transcript_path = args.out_dir.join("transcript.json");
@@ -208,6 +223,19 @@ pub(crate) async fn init(args: InitArgs) -> Result<(), Box<dyn std::error::Error
             transcript_path.display()
         )
         .into());
+    }
+    // Every share file must be free before the token's PINs change.
+    for officer in officers {
+        for suffix in ["user-pin-share", "so-pin-share"] {
+            let path = args.out_dir.join(format!("{officer}.{suffix}.txt"));
+            if path.exists() {
+                return Err(format!(
+                    "{} exists; a share file is never overwritten: choose an empty --out-dir",
+                    path.display()
+                )
+                .into());
+            }
+        }
     }
     let mut steps = Vec::new();
 
@@ -232,22 +260,8 @@ pub(crate) async fn init(args: InitArgs) -> Result<(), Box<dyn std::error::Error
             "pins": "SO PIN and user PIN drawn from the HSM's generator, never shown"}),
     ));
 
-    let hsm = crate::hsm_opts::open_token(
-        &args.module,
-        Some(args.token.clone()),
-        None,
-        token.user_pin.clone(),
-    )
-    .await?;
-    eprintln!("creating the system keys");
-    let report = hsm.provision_system_keys(&token.so_pin).await?;
-    let labels =
-        |keys: &[hsm_adapter::SystemKey]| -> Vec<&str> { keys.iter().map(|k| k.label()).collect() };
-    steps.push(step(
-        "system keys created",
-        serde_json::json!({"created": labels(&report.created), "found": labels(&report.found)}),
-    ));
-
+    // The shares first: they are the only copy of the PINs, so nothing may fail before they
+    // are on disk.
     let mut digests = serde_json::Map::new();
     for (what, pin, suffix, key) in [
         ("user PIN", &token.user_pin, "user-pin-share", "user_pin"),
@@ -269,6 +283,22 @@ pub(crate) async fn init(args: InitArgs) -> Result<(), Box<dyn std::error::Error
         ));
         digests.insert(key.to_owned(), by_officer.into());
     }
+
+    let hsm = crate::hsm_opts::open_token(
+        &args.module,
+        Some(args.token.clone()),
+        None,
+        token.user_pin.clone(),
+    )
+    .await?;
+    eprintln!("creating the system keys");
+    let report = hsm.provision_system_keys(&token.so_pin).await?;
+    let labels =
+        |keys: &[hsm_adapter::SystemKey]| -> Vec<&str> { keys.iter().map(|k| k.label()).collect() };
+    steps.push(step(
+        "system keys created",
+        serde_json::json!({"created": labels(&report.created), "found": labels(&report.found)}),
+    ));
 
     let (described, keys) = hsm.describe().await?;
     let audit_key = hsm.system_public_key(hsm_adapter::SystemKey::Audit).await?;

@@ -71,6 +71,10 @@ pub(crate) struct ImportArgs {
     /// The bundle that `clone-export` wrote.
     #[arg(long = "in", value_name = "FILE")]
     input: PathBuf,
+    /// SHA-256 of the source's audit public key (hex), as `clone-export` printed it or the
+    /// source's ceremony transcript lists it: the bundle must come from that key.
+    #[arg(long, value_name = "HEX")]
+    source_audit_key_sha256: String,
 }
 
 pub(crate) async fn request(args: RequestArgs) -> Result<(), BoxError> {
@@ -117,15 +121,18 @@ pub(crate) async fn export(args: ExportArgs) -> Result<(), BoxError> {
         "transport_sha256": bundle.transport_fingerprint,
         "wrapped_transfer_key": STANDARD.encode(&bundle.wrapped_transfer_key),
         "keys": keys,
+        "signature": STANDARD.encode(&bundle.signature),
     });
     std::fs::write(&args.out, serde_json::to_vec_pretty(&file)?)
         .map_err(|error| format!("cannot write {}: {error}", args.out.display()))?;
-    println!(
-        "wrote {} system keys, wrapped for transport key {}, to {}",
+    eprintln!(
+        "wrote {} system keys, wrapped for transport key {}, to {}; give clone-import the \
+         source's audit key fingerprint below",
         bundle.keys.len(),
         bundle.transport_fingerprint,
         args.out.display()
     );
+    println!("{}", bundle.source_audit_sha256()?);
     Ok(())
 }
 
@@ -137,7 +144,9 @@ pub(crate) async fn import(args: ImportArgs) -> Result<(), BoxError> {
         .map_err(|error| format!("{}: {error}", args.input.display()))?;
     let count = bundle.keys.len();
     let hsm = args.token.open().await?;
-    let imported = hsm.clone_import(&so_pin, bundle).await;
+    let imported = hsm
+        .clone_import(&so_pin, bundle, args.source_audit_key_sha256.clone())
+        .await;
     hsm.shutdown().await;
     imported?;
     println!(
@@ -179,5 +188,6 @@ fn parse_bundle(file: &Value) -> Result<CloneBundle, BoxError> {
         transport_fingerprint: text(&file["transport_sha256"], "transport_sha256")?,
         wrapped_transfer_key: bytes(&file["wrapped_transfer_key"], "wrapped_transfer_key")?,
         keys,
+        signature: bytes(&file["signature"], "signature")?,
     })
 }

@@ -75,7 +75,17 @@ pub(crate) async fn status(args: StatusArgs) -> Result<(), Box<dyn std::error::E
             }
         }
     }
+    let trusted = hsm.foreign_trusted_objects().await;
     hsm.shutdown().await;
+    match trusted? {
+        trusted if trusted.is_empty() => {}
+        trusted => {
+            failures += trusted.len();
+            for object in trusted {
+                println!("REFUSED: a trusted {object} besides the KEK (only the SO makes one)");
+            }
+        }
+    }
     match failures {
         0 => Ok(()),
         n => Err(

@@ -55,6 +55,8 @@ pub(crate) async fn run(args: UnsealArgs) -> Result<(), Box<dyn std::error::Erro
     identity.extend_from_slice(&Zeroizing::new(read(&args.key)?));
     let client = reqwest::Client::builder()
         .use_rustls_tls()
+        // A share never crosses the network in clear text, whatever the URL says.
+        .https_only(true)
         .tls_built_in_root_certs(false)
         .add_root_certificate(reqwest::Certificate::from_pem(&read(&args.ca)?)?)
         .identity(reqwest::Identity::from_pem(&identity)?)

@@ -16,6 +16,7 @@
 
 use std::ffi::c_void;
 use std::fmt;
+use std::marker::PhantomData;
 use std::path::Path;
 use std::ptr;
 
@@ -74,7 +75,11 @@ impl fmt::Debug for Arrays {
 
 impl Arrays {
     /// Loads the module at `path`: the same file as the `cryptoki::context::Pkcs11` whose
-    /// sessions will be passed in.
+    /// sessions will be passed in (the methods below take sessions of that module only).
+    ///
+    /// Like cryptoki's own `Pkcs11::new`, this is a safe function that runs a library's
+    /// initialisers: give it the path of the PKCS#11 module the process already uses, nothing
+    /// else.
     pub fn load(path: &Path) -> Result<Arrays, Error> {
         // SAFETY: loading a shared library runs its initialisers. The caller gives the path of
         // the PKCS#11 module that cryptoki already loaded in this process, so the loader returns
@@ -284,22 +289,40 @@ impl Arrays {
         outer.pValue = entries.as_mut_ptr().cast::<c_void>();
         outer.ulValueLen = len;
         call(&mut outer)?;
-        // `values` still owns the bytes each entry points at while cryptoki copies them.
-        let attributes = entries.into_iter().map(Attribute::try_from).collect();
-        drop(values);
-        attributes
+        // Trust no length the module wrote back: each value must still be in its own buffer and
+        // fit it, and the attribute is made from that buffer and the checked length.
+        entries
+            .iter()
+            .zip(values.iter_mut())
+            .map(|(entry, value)| {
+                let written = usize::try_from(entry.ulValueLen).map_err(|_| unexpected())?;
+                if entry.ulValueLen == CK_UNAVAILABLE_INFORMATION
+                    || written > value.len()
+                    || entry.pValue != value.as_mut_ptr().cast::<c_void>()
+                {
+                    return Err(unexpected());
+                }
+                Attribute::try_from(CK_ATTRIBUTE {
+                    type_: entry.type_,
+                    pValue: value.as_mut_ptr().cast::<c_void>(),
+                    ulValueLen: entry.ulValueLen,
+                })
+            })
+            .collect()
     }
 }
 
-/// A template in the raw layout, with the arrays' entries kept alive beside it.
-struct RawTemplate {
+/// A template in the raw layout, with the arrays' entries kept alive beside it. Its entries
+/// point into the caller's attributes, which the lifetime keeps borrowed while it lives.
+struct RawTemplate<'a> {
     /// The entries of each array attribute; `top` points into them.
     _arrays: Vec<Vec<CK_ATTRIBUTE>>,
     top: Vec<CK_ATTRIBUTE>,
+    _borrowed: PhantomData<&'a [Attribute]>,
 }
 
-impl RawTemplate {
-    fn new(template: &[Attribute], arrays: &[(ArrayAttribute, &[Attribute])]) -> Self {
+impl<'a> RawTemplate<'a> {
+    fn new(template: &'a [Attribute], arrays: &'a [(ArrayAttribute, &'a [Attribute])]) -> Self {
         let mut inner: Vec<Vec<CK_ATTRIBUTE>> = arrays
             .iter()
             .map(|(_, entries)| entries.iter().map(CK_ATTRIBUTE::from).collect())
@@ -314,8 +337,13 @@ impl RawTemplate {
         for ((which, _), entries) in arrays.iter().zip(inner.iter_mut()) {
             top.push(CK_ATTRIBUTE {
                 type_: which.code(),
-                // The inner vectors' buffers do not move when `inner` itself moves.
-                pValue: entries.as_mut_ptr().cast::<c_void>(),
+                // The inner vectors' buffers do not move when `inner` itself moves; an empty
+                // array is a null value of length 0.
+                pValue: if entries.is_empty() {
+                    ptr::null_mut()
+                } else {
+                    entries.as_mut_ptr().cast::<c_void>()
+                },
                 ulValueLen: (entries.len() * size_of::<CK_ATTRIBUTE>()) as CK_ULONG,
             });
         }
@@ -323,6 +351,7 @@ impl RawTemplate {
         RawTemplate {
             _arrays: inner,
             top,
+            _borrowed: PhantomData,
         }
     }
 

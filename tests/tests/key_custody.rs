@@ -230,8 +230,17 @@ fn rotate_kek_killed_half_way_resumes_and_old_backups_cannot_sign() {
     daemon.stop();
     copy_store(backup.path(), &state);
     daemon.restart();
-    let stale = sign(&daemon, "u-kek-1", &keys[1].1, b"stale");
+    let stale = Pending::for_account(
+        &daemon,
+        "u-kek-1",
+        keys[1].1.clone(),
+        sha2::Sha256::digest(b"stale").to_vec(),
+    );
+    let refused = stale.approve(&daemon);
+    assert_ne!(refused.status(), 200);
+    let stale = stale.read(&daemon);
     assert_ne!(stale["status"], "signed", "{stale}");
+    assert!(stale["result"].is_null(), "{stale}");
     assert!(
         daemon.log().contains("not on this token"),
         "the refusal is logged with its cause"
@@ -431,28 +440,59 @@ fn a_second_hsm_cloned_without_plaintext_serves_the_same_accounts() {
     assert!(!bundle.exists());
     let exported = export(&fingerprint);
     assert!(exported.status.success(), "{}", describe(&exported));
+    let source_audit = String::from_utf8(exported.stdout.clone()).unwrap().trim().to_owned();
+    assert_eq!(source_audit.len(), 64, "{}", describe(&exported));
     let text = std::fs::read_to_string(&bundle).unwrap();
     let parsed: serde_json::Value = serde_json::from_str(&text).unwrap();
     assert_eq!(parsed["keys"].as_array().unwrap().len(), 8, "{text}");
 
-    // Target: import, and every key passes the policy there.
-    let imported = run(on_token(&ctl, &second)
-        .args(["keys", "clone-import"])
+    // Target: a bundle whose audit key is not the one the officers name is refused, and the
+    // failed import leaves no key and no transport key behind.
+    let import = |audit: &str| {
+        run(on_token(&ctl, &second)
+            .args(["keys", "clone-import"])
+            .args(token_args(&second))
+            .arg("--in")
+            .arg(&bundle)
+            .args(["--source-audit-key-sha256", audit]))
+    };
+    let refused = import(&"ab".repeat(32));
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("not the source's"),
+        "{}",
+        describe(&refused)
+    );
+    let empty = run(on_token(&ctl, &second)
+        .args(["keys", "status", "--token", "smartsign-dev", "--pin-file"])
+        .arg(second.join("user.pin")));
+    assert_eq!(
+        String::from_utf8_lossy(&empty.stdout).matches("missing").count(),
+        8,
+        "{}",
+        describe(&empty)
+    );
+    // So the target needs a new transport key, and the source a new bundle.
+    let requested = run(on_token(&ctl, &second)
+        .args(["keys", "clone-request"])
         .args(token_args(&second))
-        .arg("--in")
-        .arg(&bundle));
+        .arg("--out")
+        .arg(&transport));
+    assert!(requested.status.success(), "{}", describe(&requested));
+    let fingerprint = String::from_utf8(requested.stdout).unwrap().trim().to_owned();
+    std::fs::remove_file(&bundle).unwrap();
+    let exported = export(&fingerprint);
+    assert!(exported.status.success(), "{}", describe(&exported));
+
+    // Target: import, and every key passes the policy there.
+    let imported = import(&source_audit);
     assert!(imported.status.success(), "{}", describe(&imported));
     let status = run(on_token(&ctl, &second)
         .args(["keys", "status", "--token", "smartsign-dev", "--pin-file"])
         .arg(second.join("user.pin")));
     assert!(status.status.success(), "{}", describe(&status));
     // The transport key is gone: the bundle opens nowhere now.
-    let again = run(on_token(&ctl, &second)
-        .args(["keys", "clone-import"])
-        .args(token_args(&second))
-        .arg("--in")
-        .arg(&bundle));
-    assert!(!again.status.success());
+    assert!(!import(&source_audit).status.success());
 
     // The daemon on the second token, with the store and the audit log of the first: the same
     // TAIDs, the personal data and HKIC hashes open, every account signs, the log verifies.
