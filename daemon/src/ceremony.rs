@@ -61,7 +61,9 @@ pub(crate) async fn anchor(app: &App, path: &Path) -> Result<(), String> {
             ]),
         )
         .await
-        .map_err(|error| format!("cannot write the ceremony transcript's audit record ({error:?})"))?;
+        .map_err(|error| {
+            format!("cannot write the ceremony transcript's audit record ({error:?})")
+        })?;
     let store = app.store.clone();
     let now = app.clock.now();
     tokio::task::spawn_blocking(move || store.record_ceremony(&sha256, index, now))

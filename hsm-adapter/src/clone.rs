@@ -532,7 +532,9 @@ fn check_imported(
             &bundle.signature,
         )
         .map_err(|_| {
-            HsmError::InvalidInput("the bundle's signature does not verify under its audit key".into())
+            HsmError::InvalidInput(
+                "the bundle's signature does not verify under its audit key".into(),
+            )
         })?;
     let probe = Sha256::digest(b"smartsign clone: the pair belongs together");
     for cloned in bundle.keys.iter().filter(|k| k.ec_point.is_some()) {
@@ -542,7 +544,12 @@ fn check_imported(
         };
         let signature = session.sign(&Mechanism::Ecdsa, private, &probe)?;
         session
-            .verify(&Mechanism::Ecdsa, public_of(cloned.key)?, &probe, &signature)
+            .verify(
+                &Mechanism::Ecdsa,
+                public_of(cloned.key)?,
+                &probe,
+                &signature,
+            )
             .map_err(|_| {
                 HsmError::InvalidInput(format!(
                     "the bundle's public key of {} is not its private key's",

@@ -346,16 +346,19 @@ impl Hsm {
     }
 
     /// On the token that made the transport key: unwraps every system key of `bundle` with its
-    /// own template and attributes, then destroys the transport key pair.
+    /// own template and attributes, checks that they are the source's (its audit key hashes to
+    /// `source_audit_sha256` and signed the bundle; every pair matches), then destroys the
+    /// transport key pair. A failed import leaves no key behind.
     pub async fn clone_import(
         &self,
         so_pin: &SecretString,
         bundle: CloneBundle,
+        source_audit_sha256: String,
     ) -> Result<(), HsmError> {
         let shared = Arc::clone(self.pool.shared());
         let so_pin = so_pin.clone();
         run_blocking("hsm-clone-import", move || {
-            clone::import(&shared, &so_pin, &bundle)
+            clone::import(&shared, &so_pin, &bundle, &source_audit_sha256)
         })
         .await
     }

@@ -124,7 +124,10 @@ pub(crate) fn foreign_trusted(session: &Session) -> Result<Vec<String>, HsmError
     for handle in session.find_objects(&[Attribute::Trusted(true)])? {
         let read = session.get_attributes(
             handle,
-            &[cryptoki::object::AttributeType::Class, cryptoki::object::AttributeType::Label],
+            &[
+                cryptoki::object::AttributeType::Class,
+                cryptoki::object::AttributeType::Label,
+            ],
         )?;
         let class = read.iter().find_map(|a| match a {
             Attribute::Class(class) => Some(*class),

@@ -368,9 +368,7 @@ async fn rotation_rewraps_every_key_and_old_blobs_die_with_the_old_kek() {
     assert!(hsm.foreign_trusted_objects().await.unwrap().is_empty());
     user.logout().unwrap();
     let officer = raw_session(&pkcs11);
-    officer
-        .login(UserType::So, Some(&token.so_pin()))
-        .unwrap();
+    officer.login(UserType::So, Some(&token.so_pin())).unwrap();
     let stray = officer
         .generate_key(
             &Mechanism::AesKeyGen,

@@ -207,7 +207,9 @@ pub(crate) async fn init(args: InitArgs) -> Result<(), Box<dyn std::error::Error
         o.is_empty()
             || o.len() > 64
             || o.starts_with('.')
-            || !o.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+            || !o
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
     }) {
         return Err(format!(
             "officer id {bad:?}: use 1 to 64 letters, digits, '.', '_' and '-' (an id, not a name)"

@@ -440,7 +440,10 @@ fn a_second_hsm_cloned_without_plaintext_serves_the_same_accounts() {
     assert!(!bundle.exists());
     let exported = export(&fingerprint);
     assert!(exported.status.success(), "{}", describe(&exported));
-    let source_audit = String::from_utf8(exported.stdout.clone()).unwrap().trim().to_owned();
+    let source_audit = String::from_utf8(exported.stdout.clone())
+        .unwrap()
+        .trim()
+        .to_owned();
     assert_eq!(source_audit.len(), 64, "{}", describe(&exported));
     let text = std::fs::read_to_string(&bundle).unwrap();
     let parsed: serde_json::Value = serde_json::from_str(&text).unwrap();
@@ -467,7 +470,9 @@ fn a_second_hsm_cloned_without_plaintext_serves_the_same_accounts() {
         .args(["keys", "status", "--token", "smartsign-dev", "--pin-file"])
         .arg(second.join("user.pin")));
     assert_eq!(
-        String::from_utf8_lossy(&empty.stdout).matches("missing").count(),
+        String::from_utf8_lossy(&empty.stdout)
+            .matches("missing")
+            .count(),
         8,
         "{}",
         describe(&empty)
@@ -479,7 +484,10 @@ fn a_second_hsm_cloned_without_plaintext_serves_the_same_accounts() {
         .arg("--out")
         .arg(&transport));
     assert!(requested.status.success(), "{}", describe(&requested));
-    let fingerprint = String::from_utf8(requested.stdout).unwrap().trim().to_owned();
+    let fingerprint = String::from_utf8(requested.stdout)
+        .unwrap()
+        .trim()
+        .to_owned();
     std::fs::remove_file(&bundle).unwrap();
     let exported = export(&fingerprint);
     assert!(exported.status.success(), "{}", describe(&exported));
