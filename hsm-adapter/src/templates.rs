@@ -187,20 +187,13 @@ pub(crate) fn kek_unwrap_template() -> Vec<Attribute> {
 
 /// The KEK's CKA_WRAP_TEMPLATE: it wraps only what it can unwrap, private sign-only keys that
 /// are sensitive, wrap-with-trusted session objects. It will not wrap a secret key (another
-/// system key) or a token object.
+/// system key) or a token object. (Copyable and modifiable are left out: they say how an
+/// unwrapped copy may be used, not which keys may leave.)
 pub(crate) fn kek_wrap_template() -> Vec<Attribute> {
-    vec![
-        Attribute::Class(ObjectClass::PRIVATE_KEY),
-        Attribute::Token(false),
-        Attribute::Private(true),
-        Attribute::Sensitive(true),
-        Attribute::WrapWithTrusted(true),
-        Attribute::Sign(true),
-        Attribute::SignRecover(false),
-        Attribute::Decrypt(false),
-        Attribute::Unwrap(false),
-        Attribute::Derive(false),
-    ]
+    kek_unwrap_template()
+        .into_iter()
+        .filter(|a| !matches!(a, Attribute::Copyable(_) | Attribute::Modifiable(_)))
+        .collect()
 }
 
 /// Mechanism and template of a secret system key. The KEK's also needs its CKA_ID (a fresh
