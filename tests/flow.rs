@@ -114,6 +114,11 @@ impl Pending {
 
     /// The gateway sends the device's valid approval of the first request.
     pub fn approve(&self, daemon: &DevDaemon) -> Response {
+        self.try_approve(daemon).unwrap()
+    }
+
+    /// As [`Pending::approve`], for a daemon that may die while it answers.
+    pub fn try_approve(&self, daemon: &DevDaemon) -> reqwest::Result<Response> {
         let statement = format!(
             "smartsign-authorise-v1\n{}\n{}\nsha256\n{}\napprove",
             self.request["request_id"].as_str().unwrap(),
@@ -127,7 +132,6 @@ impl Pending {
             .json(&json!({"decision": "approve",
                           "device_signature": STANDARD.encode(signature.to_der().as_bytes())}))
             .send()
-            .unwrap()
     }
 
     /// The first request as its service reads it now.

@@ -47,6 +47,9 @@ wire_enum! {
     pub enum SigningStatus ("signing status") {
         /// Waiting for the user's authorisation.
         Pending => "pending",
+        /// Approved by the user's device, and durably so before the HSM is asked: the
+        /// single-use guard. It ends signed or failed, never pending again.
+        Approved => "approved",
         /// Signed; the result is stored.
         Signed => "signed",
         /// The user rejected it.
@@ -152,7 +155,10 @@ impl SigningRequest {
             _ => return Err(FlowError::NotPending),
         }
         match outcome {
-            AuthOutcome::Valid(Decision::Approve) => Ok(Transition::Approve),
+            AuthOutcome::Valid(Decision::Approve) => {
+                self.status = SigningStatus::Approved;
+                Ok(Transition::Approve)
+            }
             AuthOutcome::Valid(Decision::Reject) => {
                 self.status = SigningStatus::Rejected;
                 Ok(Transition::Rejected)
@@ -257,13 +263,23 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn approval_leaves_request_pending_until_signed() {
+    fn approval_moves_the_request_to_approved_until_signed() {
         let mut r = request(1, "u-1", "1");
         assert_eq!(
             r.authorise(AuthOutcome::Valid(Decision::Approve), now()),
             Ok(Transition::Approve)
         );
-        assert_eq!(r.status, SigningStatus::Pending);
+        assert_eq!(r.status, SigningStatus::Approved);
+        // Approved is not pending: a second authorisation is refused, even past the expiry.
+        assert_eq!(
+            r.clone()
+                .authorise(AuthOutcome::Valid(Decision::Approve), now()),
+            Err(FlowError::NotPending)
+        );
+        assert_eq!(
+            r.effective_status(r.expires_at + Duration::seconds(1)),
+            SigningStatus::Approved
+        );
         r.mark_signed(vec![7], now());
         assert_eq!(r.status, SigningStatus::Signed);
         assert_eq!(r.signed_at, Some(now()));

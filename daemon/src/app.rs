@@ -42,7 +42,6 @@ pub(crate) struct App {
     pub(crate) dev: bool,
     pub(crate) started: Instant,
     /// Signing requests being authorised now.
-    pub(crate) in_flight: crate::signing::InFlight,
     /// Held while the lifecycle sweeps run: one run at a time.
     pub(crate) sweeping: tokio::sync::Mutex<()>,
 }

@@ -41,6 +41,9 @@ pub(crate) enum ApiError {
     InvalidShare,
     /// 409 `share_already_given`: this officer has given another share of the quorum.
     ShareAlreadyGiven,
+    /// 409 `conflict`: a concurrent change to the same account or request won; nothing was
+    /// changed; retry (API.md, "Additions").
+    Conflict,
     /// 503 `sealed`: the route needs the HSM, which a quorum of officers has not unsealed yet.
     Sealed,
     /// 503 `sealed`: the quorum was reached but unsealing failed; `detail` says why.
@@ -63,9 +66,8 @@ impl ApiError {
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             AccountExists | AccountNotActive(_) | NotIamSmartPlus | AlreadyIamSmartPlus
             | CertificateExpired | CertificateRevoked | NoCertificate | RenewalNotDue
-            | RenewalTooLate | RequestNotPending(_) | AlreadyUnsealed | ShareAlreadyGiven => {
-                StatusCode::CONFLICT
-            }
+            | RenewalTooLate | RequestNotPending(_) | AlreadyUnsealed | ShareAlreadyGiven
+            | Conflict => StatusCode::CONFLICT,
             RequestExpired => StatusCode::GONE,
             Underage | GuardianRequired | GuardianUnderage | InvalidHkic(_) | HkicMismatch
             | AuthorisationInvalid | InvalidShare => StatusCode::UNPROCESSABLE_ENTITY,
@@ -107,6 +109,7 @@ impl ApiError {
             AlreadyUnsealed => "already_unsealed",
             InvalidShare => "invalid_share",
             ShareAlreadyGiven => "share_already_given",
+            Conflict => "conflict",
             Sealed | UnsealFailed(_) => "sealed",
             HsmUnavailable => "hsm_unavailable",
             AuditUnavailable => "audit_unavailable",
@@ -145,6 +148,7 @@ impl ApiError {
             AlreadyUnsealed => "Already unsealed",
             InvalidShare => "Invalid share",
             ShareAlreadyGiven => "Share already given",
+            Conflict => "Conflict",
             Sealed => "Sealed",
             UnsealFailed(_) => "Unsealing failed",
             HsmUnavailable => "HSM unavailable",
@@ -175,6 +179,9 @@ impl ApiError {
                  (smartsign-share-v1....) from the ceremony whose digests are configured"
                     .into()
             }
+            Conflict => "a concurrent change to the same account or request won; nothing was \
+                         changed; retry"
+                .into(),
             ShareAlreadyGiven => "this officer has given another share already: each share of \
                  the quorum comes from a different officer"
                 .into(),
@@ -238,6 +245,8 @@ impl From<cert_lifecycle::StoreError> for ApiError {
         match error {
             // Only account ids are chosen by callers; every other key is random.
             cert_lifecycle::StoreError::AlreadyExists => ApiError::AccountExists,
+            // A conditional transition whose precondition a concurrent change broke.
+            cert_lifecycle::StoreError::Conflict => ApiError::Conflict,
             error => {
                 tracing::error!(%error, "store operation failed");
                 ApiError::Internal
@@ -282,6 +291,7 @@ mod tests {
             AlreadyUnsealed,
             InvalidShare,
             ShareAlreadyGiven,
+            Conflict,
             Sealed,
             UnsealFailed("x".into()),
             HsmUnavailable,

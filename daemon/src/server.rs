@@ -289,6 +289,9 @@ async fn start(
         // A renewal or re-application that a crash interrupted is finished or undone before the
         // API serves; the CA (the embedded one too) is reachable by now.
         crate::lifecycle::recover(&app).await?;
+        // A signature that a crash interrupted after the approval was never released: its
+        // request fails, and can never sign again.
+        crate::signing::recover(&app).await?;
         app.audit(
             "daemon.started",
             "system",
@@ -458,7 +461,6 @@ async fn assemble(
         names: base.names.clone(),
         dev: dev.is_some(),
         started: base.started,
-        in_flight: Default::default(),
         sweeping: Default::default(),
     });
     Ok((app, embedded))

@@ -4,8 +4,7 @@
 //! signs in the HSM, wraps the signature in a detached CMS, and keeps the result sealed for the
 //! service that asked.
 
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use base64::Engine;
@@ -91,35 +90,6 @@ fn algorithms(key: KeyAlgorithm, hash: HashAlgorithm) -> Result<Algorithms, ApiE
         cms,
         cms_signature: if key.is_ec() { ec } else { rsa },
     })
-}
-
-/// Requests being authorised right now: a second authorisation of the same request waits for
-/// none, it is refused, so that one approval can never sign twice.
-#[derive(Debug, Default)]
-pub(crate) struct InFlight(Mutex<HashSet<String>>);
-
-struct InFlightGuard<'a>(&'a InFlight, String);
-
-impl InFlight {
-    fn enter(&self, id: &str) -> Option<InFlightGuard<'_>> {
-        let mut set = self
-            .0
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        set.insert(id.to_owned())
-            .then(|| InFlightGuard(self, id.to_owned()))
-    }
-}
-
-impl Drop for InFlightGuard<'_> {
-    fn drop(&mut self) {
-        let mut set = self
-            .0
-            .0
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        set.remove(&self.1);
-    }
 }
 
 /// Checks that `account` may sign now with its current certificate by the local state (the
@@ -390,15 +360,44 @@ pub(crate) async fn authorise(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError
     let signature = STANDARD
         .decode(&body.device_signature)
         .map_err(|_| ApiError::InvalidRequest("device_signature must be standard base64".into()))?;
-    // Enter the guard before reading, so that the state read is the state acted on.
-    let Some(_guard) = app.in_flight.enter(ctx.param(0)) else {
-        return Err(ApiError::RequestNotPending("being authorised"));
-    };
-    let mut request = load_request(&app, ctx.param(0)).await?;
+    // Each try reads the request and the account afresh; a transition that finds the request
+    // changed since (another authorisation, a suspension, a device switch) tries again on the
+    // new state, which then answers for itself. Nothing here holds a guarantee in memory.
+    for _ in 0..AUTHORISE_TRIES {
+        match authorise_once(&app, &ctx, decision, &signature).await? {
+            Attempt::Done(reply) => return Ok(reply),
+            Attempt::Raced => continue,
+        }
+    }
+    Err(ApiError::Conflict)
+}
+
+/// How often an authorisation re-reads after losing a race before it answers 409 `conflict`.
+const AUTHORISE_TRIES: usize = 4;
+
+/// One try at an authorisation.
+enum Attempt {
+    Done(Reply),
+    /// The request changed between the read and the transition.
+    Raced,
+}
+
+async fn authorise_once(
+    app: &App,
+    ctx: &Ctx,
+    decision: Decision,
+    signature: &[u8],
+) -> Result<Attempt, ApiError> {
+    let mut request = load_request(app, ctx.param(0)).await?;
+    let read = (request.status, request.bad_attempts);
     let now = app.clock.now();
-    let account = load(&app, &request.account_id).await?;
+    let account = load(app, &request.account_id).await?;
     let statement = request.authorisation_statement(decision);
-    let outcome = if device_signature_valid(&account.device_public_key, &statement, &signature) {
+    // The device bound when the request was made must be the one that signs the statement: a
+    // request made before a device switch is not the new device's to approve.
+    let outcome = if request.device_generation == account.device_generation
+        && device_signature_valid(&account.device_public_key, &statement, signature)
+    {
         AuthOutcome::Valid(decision)
     } else {
         AuthOutcome::BadSignature
@@ -411,18 +410,26 @@ pub(crate) async fn authorise(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError
                 FlowError::TooManyAttempts => ApiError::TooManyAttempts,
                 _ => ApiError::RequestNotPending(request.effective_status(now).as_str()),
             };
+            if request.status != read.0 || request.bad_attempts != read.1 {
+                match transition(app, &request, read).await? {
+                    Moved::Yes => {}
+                    Moved::Raced => return Ok(Attempt::Raced),
+                }
+            }
             deny(
-                &app,
-                &ctx,
+                app,
+                ctx,
                 "signing.authorisation_denied",
                 Some(&request),
                 &error,
             )
             .await?;
-            save_request(&app, &request).await?;
             Err(error)
         }
         Ok(Transition::Rejected) => {
+            if let Moved::Raced = transition(app, &request, read).await? {
+                return Ok(Attempt::Raced);
+            }
             app.audit(
                 "signing.rejected",
                 &ctx.caller.to_string(),
@@ -432,25 +439,121 @@ pub(crate) async fn authorise(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError
                 ]),
             )
             .await?;
-            save_request(&app, &request).await?;
-            Ok(Reply::ok(
+            Ok(Attempt::Done(Reply::ok(
                 &json!({"request_id": request.id.as_str(), "status": "rejected"}),
-            ))
+            )))
         }
         Ok(_) => {
-            let outcome = sign_approved(&app, &ctx, &account, &mut request, now).await;
-            if let Err(error) = &outcome {
-                request.mark_failed();
-                app.metrics.count_signature("unknown", "failed");
-                // The refusal is audited if the log takes it; the request is failed either way.
-                let _ = deny(&app, &ctx, "signing.failed", Some(&request), error).await;
-                save_request(&app, &request).await?;
+            // Everything that may take long (the CA's status answer) comes before the approval,
+            // so that the approval's own check of the account is the last word before the HSM.
+            let prepared = match prepare(app, &account, &request, now).await {
+                Ok(prepared) => prepared,
+                Err(error) => {
+                    request.mark_failed();
+                    if let Moved::Raced = transition(app, &request, read).await? {
+                        return Ok(Attempt::Raced);
+                    }
+                    fail(app, ctx, &request, &error).await;
+                    return Err(error);
+                }
+            };
+            // The single-use guard: pending -> approved, durable, with the account still
+            // active and bound to the same device. One of any number of authorisations wins.
+            if let Moved::Raced = transition(app, &request, read).await? {
+                return Ok(Attempt::Raced);
             }
-            outcome.map(|()| {
-                Reply::ok(&json!({"request_id": request.id.as_str(), "status": "signed"}))
-            })
+            let approved = (request.status, request.bad_attempts);
+            match sign_approved(app, ctx, prepared, &mut request, now).await {
+                Ok(()) => {
+                    // The signature is released only once its state is durable.
+                    match transition(app, &request, approved).await? {
+                        Moved::Yes => Ok(Attempt::Done(Reply::ok(
+                            &json!({"request_id": request.id.as_str(), "status": "signed"}),
+                        ))),
+                        // Recovery failed it meanwhile (another node's restart): the signature
+                        // is dropped, never released.
+                        Moved::Raced => Err(ApiError::RequestNotPending("failed")),
+                    }
+                }
+                Err(error) => {
+                    request.mark_failed();
+                    request.sealed_result = None;
+                    request.signed_at = None;
+                    let _ = transition(app, &request, approved).await;
+                    fail(app, ctx, &request, &error).await;
+                    Err(error)
+                }
+            }
         }
     }
+}
+
+/// Start-up recovery: every request left `approved` (signing began and did not end) fails. Its
+/// signature, if the HSM made one, was never released, so the user's one approval has not
+/// signed; it cannot sign later either.
+pub(crate) async fn recover(app: &App) -> Result<(), String> {
+    let stranded = app
+        .store(|store| store.approved_requests())
+        .await
+        .map_err(|error| format!("cannot read interrupted signing requests: {error:?}"))?;
+    for mut request in stranded {
+        let approved = (request.status, request.bad_attempts);
+        request.mark_failed();
+        match transition(app, &request, approved).await {
+            Ok(Moved::Yes) => {
+                app.audit(
+                    "signing.failed",
+                    "system",
+                    fields([
+                        ("request_id", json!(request.id.as_str())),
+                        ("account_id", json!(request.account_id.as_str())),
+                        ("code", json!("interrupted")),
+                    ]),
+                )
+                .await
+                .map_err(|error| format!("cannot audit an interrupted request: {error:?}"))?;
+                tracing::warn!(
+                    request = request.id.as_str(),
+                    "interrupted signing request failed"
+                );
+            }
+            // Finished meanwhile by whoever was signing it.
+            Ok(Moved::Raced) => {}
+            Err(error) => {
+                return Err(format!("cannot fail an interrupted request: {error:?}"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether a conditional transition took place.
+enum Moved {
+    Yes,
+    Raced,
+}
+
+async fn transition(
+    app: &App,
+    request: &SigningRequest,
+    from: (SigningStatus, u8),
+) -> Result<Moved, ApiError> {
+    let request = request.clone();
+    match app
+        .store(move |store| store.transition_request(&request, from))
+        .await
+    {
+        Ok(()) => Ok(Moved::Yes),
+        Err(ApiError::Conflict) => Ok(Moved::Raced),
+        Err(error) => Err(error),
+    }
+}
+
+/// A signature that failed after the user approved it: counted and audited (if the log takes
+/// it); the request is failed either way.
+async fn fail(app: &App, ctx: &Ctx, request: &SigningRequest, error: &ApiError) {
+    app.metrics.count_signature("unknown", "failed");
+    let _ = deny(app, ctx, "signing.failed", Some(request), error).await;
 }
 
 /// Whether `signature` (ECDSA P-256 / SHA-256, DER) is the device's signature over
@@ -476,19 +579,20 @@ pub(crate) fn device_signature_valid(
         .is_ok()
 }
 
-async fn save_request(app: &App, request: &SigningRequest) -> Result<(), ApiError> {
-    let request = request.clone();
-    app.store(move |store| store.update_request(&request)).await
+/// What an approved request signs with: its certificate (checked locally and at the CA) and key.
+struct Prepared {
+    certificate: CertificateRecord,
+    certificate_der: Vec<u8>,
+    key: UserKeyRef,
 }
 
-/// Re-checks, audits, signs in the HSM, builds the CMS, audits the signature, stores it sealed.
-async fn sign_approved(
+/// Checks that the account may sign with the request's certificate, locally and with the CA.
+async fn prepare(
     app: &App,
-    ctx: &Ctx,
     account: &AccountRecord,
-    request: &mut SigningRequest,
+    request: &SigningRequest,
     now: OffsetDateTime,
-) -> Result<(), ApiError> {
+) -> Result<Prepared, ApiError> {
     let certificate = signable(app, account, now).await?;
     let certificate_der = app
         .unseal("certificate", &account.id, &certificate.sealed_der)
@@ -505,6 +609,27 @@ async fn sign_approved(
         .map(UserKeyRef::from_bytes)
         .transpose()?
         .ok_or(ApiError::CertificateRevoked)?;
+    Ok(Prepared {
+        certificate,
+        certificate_der: certificate_der.to_vec(),
+        key,
+    })
+}
+
+/// Audits the approval, signs in the HSM, builds the CMS, audits the signature and seals the
+/// result into `request` (marked signed; the caller stores it).
+async fn sign_approved(
+    app: &App,
+    ctx: &Ctx,
+    prepared: Prepared,
+    request: &mut SigningRequest,
+    now: OffsetDateTime,
+) -> Result<(), ApiError> {
+    let Prepared {
+        certificate,
+        certificate_der,
+        key,
+    } = prepared;
     let actor = ctx.caller.to_string();
     // Write before acting: the approval is durable before the HSM signs.
     app.audit(
@@ -585,8 +710,8 @@ async fn sign_approved(
     let sealed = app
         .seal_bound("result", request.id.as_str(), &plain)
         .await?;
+    app.failpoint("signing-after-signed-record");
     request.mark_signed(sealed, signed_at);
-    save_request(app, request).await?;
     app.metrics.count_signature(&algorithm, "signed");
     tracing::info!(request = request.id.as_str(), algorithm, "signed");
     Ok(())

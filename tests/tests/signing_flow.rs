@@ -447,6 +447,13 @@ fn refusals_of_the_signing_flow() {
         problem_code(flow.authorise(&request, &hash, "approve", &key)),
         (422, "authorisation_invalid".into())
     );
+    // A request made before the switch was made for the old device: the new one cannot approve
+    // it either (its device generation is compared). A new request is the new device's.
+    assert_eq!(
+        problem_code(flow.authorise(&request, &hash, "approve", &new_device)),
+        (422, "authorisation_invalid".into())
+    );
+    let request: Value = flow.create(&flow.demo_a, body(&taid_a)).json().unwrap();
     assert_eq!(
         flow.authorise(&request, &hash, "approve", &new_device)
             .status(),

@@ -14,7 +14,7 @@ pub use sqlite::SqliteStore;
 
 use crate::{
     AccountId, AccountRecord, AccountStatus, CertSerial, CertificateRecord, ConsentChallenge,
-    KeyChangeJournal, RequestId, ServiceName, SigningRequest, StoreError,
+    KeyChangeJournal, RequestId, ServiceName, SigningRequest, SigningStatus, StoreError,
 };
 
 /// A tokenised account identifier: the account's name at one online service (DESIGN.md).
@@ -103,8 +103,19 @@ pub trait Store: Send + Sync {
     /// The signing request with this id.
     fn get_request(&self, id: &RequestId) -> Result<Option<SigningRequest>, StoreError>;
 
-    /// Replaces the whole record; `NotFound` when there is none.
-    fn update_request(&self, request: &SigningRequest) -> Result<(), StoreError>;
+    /// Moves a request to the state of `request` (status, attempts, result), only if it is still
+    /// in `from` (its status and bad-attempt count as read): `Conflict` when another change came
+    /// first, `NotFound` when there is no such request. Moving to `Approved` also needs, in the
+    /// same transaction, the account active and still bound to the device generation the
+    /// request was made for: the single-use guard, across threads, processes and restarts.
+    fn transition_request(
+        &self,
+        request: &SigningRequest,
+        from: (SigningStatus, u8),
+    ) -> Result<(), StoreError>;
+
+    /// Requests left `Approved`: signing began and did not end (a crash). Recovery fails them.
+    fn approved_requests(&self) -> Result<Vec<SigningRequest>, StoreError>;
 
     /// The account's requests that are pending and not expired at `now`, oldest first.
     fn pending_requests(

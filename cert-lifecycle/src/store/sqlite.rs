@@ -21,7 +21,7 @@ use time::OffsetDateTime;
 use super::{Store, TaidRecord};
 use crate::{
     AccountId, AccountRecord, AccountStatus, CertSerial, CertificateRecord, ConsentChallenge,
-    KeyChangeJournal, RequestId, ServiceName, SigningRequest, StoreError,
+    KeyChangeJournal, RequestId, ServiceName, SigningRequest, SigningStatus, StoreError,
 };
 
 /// How long a connection waits for another process's lock before it fails.
@@ -748,18 +748,59 @@ impl Store for SqliteStore {
         })
     }
 
-    fn update_request(&self, r: &SigningRequest) -> Result<(), StoreError> {
+    fn transition_request(
+        &self,
+        r: &SigningRequest,
+        from: (SigningStatus, u8),
+    ) -> Result<(), StoreError> {
+        let (status, attempts) = from;
         self.write(|conn| {
-            let changed = conn
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let changed = tx
                 .prepare_cached(
-                    "UPDATE signing_requests SET service = ?2, account_id = ?3, certificate = ?4, \
-                     identification_code = ?5, hash_algorithm = ?6, hash = ?7, description = ?8, \
-                     status = ?9, bad_attempts = ?10, device_generation = ?11, created_at = ?12, \
-                     expires_at = ?13, sealed_result = ?14, signed_at = ?15 WHERE id = ?1",
+                    "UPDATE signing_requests SET status = ?2, bad_attempts = ?3, \
+                     sealed_result = ?4, signed_at = ?5 \
+                     WHERE id = ?1 AND status = ?6 AND bad_attempts = ?7 \
+                     AND (?2 != 'approved' OR EXISTS (SELECT 1 FROM accounts \
+                          WHERE accounts.id = signing_requests.account_id \
+                          AND accounts.status = 'active' \
+                          AND accounts.device_generation = signing_requests.device_generation))",
                 )?
-                .execute(params_from_iter(request_values(r)))
+                .execute(params![
+                    r.id.as_str(),
+                    r.status.as_str(),
+                    i64::from(r.bad_attempts),
+                    r.sealed_result,
+                    opt_secs(r.signed_at),
+                    status.as_str(),
+                    i64::from(attempts),
+                ])
                 .map_err(write_error)?;
-            one_row_changed(changed)
+            if changed == 0 {
+                let exists: bool = tx
+                    .prepare_cached("SELECT EXISTS (SELECT 1 FROM signing_requests WHERE id = ?1)")?
+                    .query_row([r.id.as_str()], |row| row.get(0))?;
+                return Err(if exists {
+                    StoreError::Conflict
+                } else {
+                    StoreError::NotFound
+                });
+            }
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    fn approved_requests(&self) -> Result<Vec<SigningRequest>, StoreError> {
+        let sql = format!(
+            "SELECT {REQUEST_COLUMNS} FROM signing_requests WHERE status = 'approved' ORDER BY id"
+        );
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(&sql)?;
+            let rows = stmt
+                .query_map([], request_from_row)?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
         })
     }
 
@@ -961,6 +1002,44 @@ mod tests {
     }
 
     #[test]
+    fn an_approval_needs_the_account_active_and_on_the_same_device() {
+        let (_dir, store) = temp_store();
+        let mut account = registered(&store, "u-1", "3f9a");
+        let approve = |r: &SigningRequest| {
+            let mut approved = r.clone();
+            approved.status = SigningStatus::Approved;
+            store.transition_request(&approved, (SigningStatus::Pending, 0))
+        };
+        let first = request(1, "u-1", "3f9a");
+        store.insert_request(&first).unwrap();
+        approve(&first).unwrap();
+        // The same approval again (another thread, process or restart): refused.
+        assert!(matches!(approve(&first), Err(StoreError::Conflict)));
+
+        let second = request(2, "u-1", "3f9a");
+        store.insert_request(&second).unwrap();
+        account.status = AccountStatus::Suspended;
+        store.update_account(&account).unwrap();
+        assert!(matches!(approve(&second), Err(StoreError::Conflict)));
+        account.status = AccountStatus::Active;
+        account.device_generation = 2;
+        store.update_account(&account).unwrap();
+        assert!(matches!(approve(&second), Err(StoreError::Conflict)));
+        assert_eq!(
+            store.get_request(&second.id).unwrap().unwrap().status,
+            SigningStatus::Pending
+        );
+        assert_eq!(
+            store.approved_requests().unwrap(),
+            vec![{
+                let mut approved = first.clone();
+                approved.status = SigningStatus::Approved;
+                approved
+            }]
+        );
+    }
+
+    #[test]
     fn store_is_an_object_safe_send_sync_trait() {
         fn assert_send_sync<T: Send + Sync>() {}
         assert_send_sync::<SqliteStore>();
@@ -1027,7 +1106,7 @@ mod tests {
             Err(StoreError::NotFound)
         ));
         assert!(matches!(
-            store.update_request(&request(1, "u-1", "1")),
+            store.transition_request(&request(1, "u-1", "1"), (SigningStatus::Pending, 0)),
             Err(StoreError::NotFound)
         ));
         assert!(matches!(
@@ -1200,8 +1279,25 @@ mod tests {
         ));
 
         r.bad_attempts = 2;
+        store
+            .transition_request(&r, (SigningStatus::Pending, 0))
+            .unwrap();
+        r.status = SigningStatus::Approved;
+        store
+            .transition_request(&r, (SigningStatus::Pending, 2))
+            .unwrap();
         r.mark_signed(vec![5; 600], CREATED + Duration::seconds(40));
-        store.update_request(&r).unwrap();
+        store
+            .transition_request(&r, (SigningStatus::Approved, 2))
+            .unwrap();
+        assert_eq!(store.get_request(&r.id).unwrap(), Some(r.clone()));
+        // A copy read before any of that is stale: refused, and nothing changes.
+        let mut stale = request(1, "u-1", "3f9a");
+        stale.status = SigningStatus::Approved;
+        assert!(matches!(
+            store.transition_request(&stale, (SigningStatus::Pending, 0)),
+            Err(StoreError::Conflict)
+        ));
         assert_eq!(store.get_request(&r.id).unwrap(), Some(r.clone()));
 
         let mut plain = request(2, "u-1", "3f9a");

@@ -1,0 +1,174 @@
+//! State integrity of the signing flow: one approval signs once, whatever races it and whatever
+//! crashes. The approval is a durable, conditional transition of the request (pending ->
+//! approved, with the account still active and bound to the same device), not a set in one
+//! process's memory.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use serde_json::Value;
+use sha2::Digest as _;
+use smartsign_tests::DevDaemon;
+use smartsign_tests::device_key;
+use smartsign_tests::flow::{Pending, problem, registration, verify_audit, verify_signature};
+
+const ROUNDS: usize = 50;
+
+fn register(daemon: &DevDaemon, id: &str) -> p256::ecdsa::SigningKey {
+    let key = device_key();
+    let response = daemon
+        .client("registrar")
+        .post(format!("{}/v1/accounts", daemon.api))
+        .json(&registration(id, "1990-01-01", "A1234563", &key))
+        .send()
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    key
+}
+
+fn signing_records(records: &str, request_id: &str) -> usize {
+    records
+        .lines()
+        .filter(|line| line.contains("\"event\":\"signing.signed\"") && line.contains(request_id))
+        .count()
+}
+
+#[test]
+fn two_authorisations_of_one_request_sign_once() {
+    let daemon = DevDaemon::start(&[]);
+    let key = register(&daemon, "u-race");
+    let mut ids = Vec::new();
+    let (mut signed, mut refused) = (0, 0);
+    for round in 0..ROUNDS {
+        let document = format!("document {round}");
+        let pending = Pending::for_account(
+            &daemon,
+            "u-race",
+            key.clone(),
+            sha2::Sha256::digest(document.as_bytes()).to_vec(),
+        );
+        let answers: Vec<(u16, String)> = std::thread::scope(|scope| {
+            let racers: Vec<_> = (0..2)
+                .map(|_| scope.spawn(|| pending.approve(&daemon)))
+                .collect();
+            racers
+                .into_iter()
+                .map(|racer| {
+                    let response = racer.join().unwrap();
+                    match response.status().as_u16() {
+                        200 => (200, String::new()),
+                        _ => problem(response),
+                    }
+                })
+                .collect()
+        });
+        let wins = answers.iter().filter(|(status, _)| *status == 200).count();
+        assert_eq!(wins, 1, "round {round}: {answers:?}");
+        for (status, code) in &answers {
+            if *status != 200 {
+                assert_eq!(*status, 409, "round {round}: {answers:?}");
+                assert!(
+                    code == "request_not_pending" || code == "conflict",
+                    "round {round}: {answers:?}"
+                );
+            }
+        }
+        signed += wins;
+        refused += answers.len() - wins;
+        let read = pending.read(&daemon);
+        verify_signature(&read, document.as_bytes());
+        ids.push(pending.request["request_id"].as_str().unwrap().to_owned());
+    }
+    assert_eq!((signed, refused), (ROUNDS, ROUNDS));
+    // The audit log holds exactly one signature per request.
+    let export = tempfile::tempdir().unwrap();
+    let records = verify_audit(&daemon, export.path());
+    for id in &ids {
+        assert_eq!(signing_records(&records, id), 1, "request {id}");
+    }
+}
+
+#[test]
+fn a_crash_after_the_signature_is_recorded_never_signs_that_approval_again() {
+    let mut daemon = DevDaemon::start(&[]);
+    let key = register(&daemon, "u-crash");
+    let pending = Pending::for_account(
+        &daemon,
+        "u-crash",
+        key,
+        sha2::Sha256::digest(b"crash").to_vec(),
+    );
+    // The daemon aborts (as SIGKILL would) after `signing.signed` is durable and before the
+    // request's signed state is stored.
+    daemon.set_env("SMARTSIGND_FAILPOINT", Some("signing-after-signed-record"));
+    daemon.restart();
+    assert!(
+        pending.try_approve(&daemon).is_err(),
+        "the daemon answered instead of aborting"
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !daemon.exited() {
+        assert!(std::time::Instant::now() < deadline, "still running");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    daemon.set_env("SMARTSIGND_FAILPOINT", None);
+    daemon.restart();
+
+    // Restart failed the interrupted request: no signature was released, none can be now.
+    let read: Value = pending.read(&daemon);
+    assert_eq!(read["status"], "failed", "{read}");
+    assert!(read["result"].is_null(), "{read}");
+    let again = pending.approve(&daemon);
+    assert_eq!(problem(again), (409, "request_not_pending".into()));
+    let export = tempfile::tempdir().unwrap();
+    let records = verify_audit(&daemon, export.path());
+    let id = pending.request["request_id"].as_str().unwrap();
+    assert_eq!(signing_records(&records, id), 1);
+    assert!(
+        records
+            .lines()
+            .any(|r| r.contains("signing.failed") && r.contains(id) && r.contains("interrupted")),
+        "the recovery is audited"
+    );
+}
+
+#[test]
+fn a_suspension_or_device_switch_before_the_approval_stops_the_signature() {
+    let daemon = DevDaemon::start(&[]);
+    let key = register(&daemon, "u-stop");
+    let registrar = daemon.client("registrar");
+    let url = |path: &str| format!("{}/v1/accounts/u-stop{path}", daemon.api);
+
+    // Suspended after the request was made: refused, and the request does not sign later.
+    let pending = Pending::for_account(&daemon, "u-stop", key.clone(), vec![1; 32]);
+    let suspended = registrar
+        .post(url("/suspend"))
+        .json(&serde_json::json!({"by": "user", "reason": "lost phone"}))
+        .send()
+        .unwrap();
+    assert_eq!(suspended.status(), 200);
+    assert_eq!(
+        problem(pending.approve(&daemon)),
+        (409, "account_not_active".into())
+    );
+    assert_ne!(pending.read(&daemon)["status"], "signed");
+    let resumed = registrar
+        .post(url("/resume"))
+        .json(&serde_json::json!({}))
+        .send()
+        .unwrap();
+    assert_eq!(resumed.status(), 200);
+
+    // A device switch after the request was made: the request was the old device's.
+    let pending = Pending::for_account(&daemon, "u-stop", key, vec![2; 32]);
+    let switched = registrar
+        .put(url("/device"))
+        .json(&serde_json::json!({"device_public_key": smartsign_tests::device_pem(&device_key())}))
+        .send()
+        .unwrap();
+    assert_eq!(switched.status(), 200);
+    assert_eq!(
+        problem(pending.approve(&daemon)),
+        (422, "authorisation_invalid".into())
+    );
+    assert_eq!(pending.read(&daemon)["status"], "pending");
+}
