@@ -102,6 +102,9 @@ pub struct AccountRecord {
     pub current_certificate: Option<CertSerial>,
     /// When the account was registered.
     pub created_at: OffsetDateTime,
+    /// How many changes the stored account has had: an update names the version it was made
+    /// from, and is refused when the account moved on meanwhile (0 for a new account).
+    pub version: u64,
 }
 
 impl AccountRecord {

@@ -143,6 +143,7 @@ pub(crate) async fn register(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError>
         device_generation: 1,
         current_certificate: None,
         created_at: now,
+        version: 0,
     };
     drop(hkic_number);
     let minor = cert_lifecycle::is_minor(dob, now);
@@ -355,6 +356,7 @@ pub(crate) async fn account_view(
         "adult_on": dob.map(|dob| cert_lifecycle::adult_on(dob).to_string()),
         "rectify_by": record.rectify_by.map(rfc3339),
         "certificate": certificate,
+        "device_generation": record.device_generation,
     }))
 }
 
@@ -403,6 +405,43 @@ pub(crate) async fn load(app: &App, id: &AccountId) -> Result<AccountRecord, Api
 async fn save(app: &App, record: &AccountRecord) -> Result<(), ApiError> {
     let record = record.clone();
     app.store(move |store| store.update_account(&record)).await
+}
+
+/// How often a change re-reads the account after losing a race before it answers 409
+/// `conflict`.
+const CHANGE_TRIES: usize = 4;
+
+/// An audit record to write once a change is stored.
+struct Audited {
+    event: &'static str,
+    fields: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Applies `change` to the account as stored now and stores it only if nobody changed it
+/// meanwhile; when somebody did, reads it again and applies `change` to the new state, which
+/// may now refuse (`account_not_active`, ...). No change is ever written over another. The
+/// audit record follows the stored change, before the answer leaves.
+async fn change_account(
+    app: &App,
+    ctx: &Ctx,
+    mut change: impl FnMut(&mut AccountRecord) -> Result<Audited, ApiError>,
+) -> Result<AccountRecord, ApiError> {
+    let id = account_id(ctx.param(0))?;
+    for _ in 0..CHANGE_TRIES {
+        let mut record = load(app, &id).await?;
+        let audited = change(&mut record)?;
+        match save(app, &record).await {
+            Ok(()) => {
+                app.audit(audited.event, &ctx.caller.to_string(), audited.fields)
+                    .await?;
+                record.version += 1;
+                return Ok(record);
+            }
+            Err(ApiError::Conflict) => continue,
+            Err(error) => return Err(error),
+        }
+    }
+    Err(ApiError::Conflict)
 }
 
 async fn reply_account(app: &App, record: &AccountRecord) -> Result<Reply, ApiError> {
@@ -493,22 +532,21 @@ pub(crate) async fn switch_device(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiE
     }
     let body: Body = ctx.json()?;
     let device = device_key(&body.device_public_key)?;
-    let mut record = load(&app, &account_id(ctx.param(0))?).await?;
-    if record.status == AccountStatus::Deregistered {
-        return Err(ApiError::AccountNotActive(record.status.as_str()));
-    }
-    record.device_public_key = device;
-    record.device_generation += 1;
-    app.audit(
-        "account.device_switched",
-        &ctx.caller.to_string(),
-        fields([
-            ("account_id", json!(record.id.as_str())),
-            ("device_generation", json!(record.device_generation)),
-        ]),
-    )
+    let record = change_account(&app, &ctx, |record| {
+        if record.status == AccountStatus::Deregistered {
+            return Err(ApiError::AccountNotActive(record.status.as_str()));
+        }
+        record.device_public_key = device.clone();
+        record.device_generation += 1;
+        Ok(Audited {
+            event: "account.device_switched",
+            fields: fields([
+                ("account_id", json!(record.id.as_str())),
+                ("device_generation", json!(record.device_generation)),
+            ]),
+        })
+    })
     .await?;
-    save(&app, &record).await?;
     reply_account(&app, &record).await
 }
 
@@ -528,42 +566,63 @@ pub(crate) async fn suspend(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError> 
         .map_err(|_| ApiError::InvalidRequest("by must be user or government".into()))?;
     check_reason(body.reason.as_deref())?;
     let now = app.clock.now();
-    let mut record = load(&app, &account_id(ctx.param(0))?).await?;
-    require_active(&record)?;
-    record.status = AccountStatus::Suspended;
-    record.suspended_by = Some(by);
-    record.status_changed_at = now;
-    app.audit(
-        "account.suspended",
-        &ctx.caller.to_string(),
-        fields([
-            ("account_id", json!(record.id.as_str())),
-            ("by", json!(by.as_str())),
-        ]),
-    )
+    let record = change_account(&app, &ctx, |record| {
+        require_active(record)?;
+        record.status = AccountStatus::Suspended;
+        record.suspended_by = Some(by);
+        record.status_changed_at = now;
+        Ok(Audited {
+            event: "account.suspended",
+            fields: fields([
+                ("account_id", json!(record.id.as_str())),
+                ("by", json!(by.as_str())),
+            ]),
+        })
+    })
     .await?;
-    save(&app, &record).await?;
     reply_account(&app, &record).await
 }
 
 /// `POST /v1/accounts/{id}/resume`.
 pub(crate) async fn resume(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError> {
-    require_empty_object(&ctx)?;
-    let now = app.clock.now();
-    let mut record = load(&app, &account_id(ctx.param(0))?).await?;
-    if record.status != AccountStatus::Suspended {
-        return Err(ApiError::AccountNotActive(record.status.as_str()));
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Body {
+        by: Option<String>,
     }
-    record.status = AccountStatus::Active;
-    record.suspended_by = None;
-    record.status_changed_at = now;
-    app.audit(
-        "account.resumed",
-        &ctx.caller.to_string(),
-        fields([("account_id", json!(record.id.as_str()))]),
-    )
+    // Without `by`, the user's own suspension (a client of API.md before its additions).
+    let by = if ctx.body.is_empty() {
+        None
+    } else {
+        ctx.json::<Body>()?.by
+    };
+    let by: SuspendedBy = match by {
+        None => SuspendedBy::User,
+        Some(by) => by
+            .parse()
+            .map_err(|_| ApiError::InvalidRequest("by must be user or government".into()))?,
+    };
+    let now = app.clock.now();
+    let record = change_account(&app, &ctx, |record| {
+        // Only the party that suspended may lift it: a government suspension is not the
+        // user's to end.
+        // A suspension stored before the party was recorded counts as the user's.
+        let suspended_by = record.suspended_by.unwrap_or(SuspendedBy::User);
+        if record.status != AccountStatus::Suspended || suspended_by != by {
+            return Err(ApiError::AccountNotActive(record.status.as_str()));
+        }
+        record.status = AccountStatus::Active;
+        record.suspended_by = None;
+        record.status_changed_at = now;
+        Ok(Audited {
+            event: "account.resumed",
+            fields: fields([
+                ("account_id", json!(record.id.as_str())),
+                ("by", json!(by.as_str())),
+            ]),
+        })
+    })
     .await?;
-    save(&app, &record).await?;
     reply_account(&app, &record).await
 }
 
@@ -577,11 +636,9 @@ pub(crate) async fn matching(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError>
     }
     let body: Body = ctx.json()?;
     let now = app.clock.now();
-    let mut record = load(&app, &account_id(ctx.param(0))?).await?;
-    match body.result.as_str() {
-        "mismatch" => {
-            let acknowledged = body
-                .acknowledged_at
+    let acknowledged = match body.result.as_str() {
+        "mismatch" => Some(
+            body.acknowledged_at
                 .as_deref()
                 .ok_or_else(|| {
                     ApiError::InvalidRequest("acknowledged_at is required for a mismatch".into())
@@ -590,43 +647,43 @@ pub(crate) async fn matching(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError>
                     OffsetDateTime::parse(text, &Rfc3339).map_err(|_| {
                         ApiError::InvalidRequest("acknowledged_at must be an RFC 3339 time".into())
                     })
-                })?;
-            if !matches!(
-                record.status,
-                AccountStatus::Active | AccountStatus::RectificationPending
-            ) {
-                return Err(ApiError::AccountNotActive(record.status.as_str()));
-            }
-            record.status = AccountStatus::RectificationPending;
-            record.rectify_by = Some(acknowledged + RECTIFICATION_PERIOD);
-        }
-        "matched" => {
-            if record.status != AccountStatus::RectificationPending
-                && record.status != AccountStatus::Active
-            {
-                return Err(ApiError::AccountNotActive(record.status.as_str()));
-            }
-            record.status = AccountStatus::Active;
-            record.rectify_by = None;
-        }
+                })?,
+        ),
+        "matched" => None,
         _ => {
             return Err(ApiError::InvalidRequest(
                 "result must be matched or mismatch".into(),
             ));
         }
-    }
-    record.status_changed_at = now;
-    app.audit(
-        "account.matching",
-        &ctx.caller.to_string(),
-        fields([
-            ("account_id", json!(record.id.as_str())),
-            ("result", json!(body.result)),
-            ("rectify_by", json!(record.rectify_by.map(rfc3339))),
-        ]),
-    )
+    };
+    let record = change_account(&app, &ctx, |record| {
+        if !matches!(
+            record.status,
+            AccountStatus::Active | AccountStatus::RectificationPending
+        ) {
+            return Err(ApiError::AccountNotActive(record.status.as_str()));
+        }
+        match acknowledged {
+            Some(acknowledged) => {
+                record.status = AccountStatus::RectificationPending;
+                record.rectify_by = Some(acknowledged + RECTIFICATION_PERIOD);
+            }
+            None => {
+                record.status = AccountStatus::Active;
+                record.rectify_by = None;
+            }
+        }
+        record.status_changed_at = now;
+        Ok(Audited {
+            event: "account.matching",
+            fields: fields([
+                ("account_id", json!(record.id.as_str())),
+                ("result", json!(body.result)),
+                ("rectify_by", json!(record.rectify_by.map(rfc3339))),
+            ]),
+        })
+    })
     .await?;
-    save(&app, &record).await?;
     reply_account(&app, &record).await
 }
 

@@ -214,6 +214,7 @@ async fn populate(hsm: &Arc<Hsm>, path: &Path, keys: u64) -> Result<(), BoxError
             device_generation: 1,
             current_certificate: Some(serial),
             created_at: now,
+            version: 0,
         };
         store.insert_account_with_certificate(&account, &certificate)?;
         stored += 1;

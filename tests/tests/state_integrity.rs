@@ -172,3 +172,117 @@ fn a_suspension_or_device_switch_before_the_approval_stops_the_signature() {
     );
     assert_eq!(pending.read(&daemon)["status"], "pending");
 }
+
+#[test]
+fn a_suspension_and_a_device_switch_at_once_both_stay() {
+    let daemon = DevDaemon::start(&[]);
+    register(&daemon, "u-both");
+    let registrar = daemon.client("registrar");
+    let url = |path: &str| format!("{}/v1/accounts/u-both{path}", daemon.api);
+    let mut lost = 0;
+    for round in 0..ROUNDS {
+        let before: Value = registrar.get(url("")).send().unwrap().json().unwrap();
+        let device = smartsign_tests::device_pem(&device_key());
+        let (suspend, switch) = std::thread::scope(|scope| {
+            let suspend = scope.spawn(|| {
+                daemon
+                    .client("registrar")
+                    .post(url("/suspend"))
+                    .json(&serde_json::json!({"by": "user"}))
+                    .send()
+                    .unwrap()
+                    .status()
+                    .as_u16()
+            });
+            let switch = scope.spawn(|| {
+                daemon
+                    .client("registrar")
+                    .put(url("/device"))
+                    .json(&serde_json::json!({"device_public_key": device}))
+                    .send()
+                    .unwrap()
+                    .status()
+                    .as_u16()
+            });
+            (suspend.join().unwrap(), switch.join().unwrap())
+        });
+        assert_eq!((suspend, switch), (200, 200), "round {round}");
+        let after: Value = registrar.get(url("")).send().unwrap().json().unwrap();
+        // Both changes are in the account: neither wrote over the other.
+        if after["status"] != "suspended"
+            || after["device_generation"].as_u64() != before["device_generation"].as_u64().map(|g| g + 1)
+        {
+            lost += 1;
+        }
+        let resumed = registrar
+            .post(url("/resume"))
+            .json(&serde_json::json!({"by": "user"}))
+            .send()
+            .unwrap();
+        assert_eq!(resumed.status(), 200, "round {round}");
+    }
+    assert_eq!(lost, 0, "changes lost in {lost} of {ROUNDS} rounds");
+}
+
+#[test]
+fn a_device_switch_racing_a_deregistration_does_not_bring_the_account_back() {
+    let daemon = DevDaemon::start(&[]);
+    for round in 0..10 {
+        let id = format!("u-gone-{round}");
+        register(&daemon, &id);
+        let url = format!("{}/v1/accounts/{id}", daemon.api);
+        let device = smartsign_tests::device_pem(&device_key());
+        let (deregistered, switched) = std::thread::scope(|scope| {
+            let deregister =
+                scope.spawn(|| daemon.client("registrar").delete(&url).send().unwrap().status());
+            let switch = scope.spawn(|| {
+                daemon
+                    .client("registrar")
+                    .put(format!("{url}/device"))
+                    .json(&serde_json::json!({"device_public_key": device}))
+                    .send()
+                    .unwrap()
+                    .status()
+                    .as_u16()
+            });
+            (deregister.join().unwrap(), switch.join().unwrap())
+        });
+        assert_eq!(deregistered.as_u16(), 204, "round {round}");
+        assert!(matches!(switched, 200 | 409), "round {round}: {switched}");
+        let after: Value = daemon
+            .client("registrar")
+            .get(&url)
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        assert_eq!(after["status"], "deregistered", "round {round}: {after}");
+    }
+}
+
+#[test]
+fn only_the_party_that_suspended_may_resume() {
+    let daemon = DevDaemon::start(&[]);
+    register(&daemon, "u-gov");
+    let registrar = daemon.client("registrar");
+    let url = |path: &str| format!("{}/v1/accounts/u-gov{path}", daemon.api);
+    let suspend = registrar
+        .post(url("/suspend"))
+        .json(&serde_json::json!({"by": "government"}))
+        .send()
+        .unwrap();
+    assert_eq!(suspend.status(), 200);
+    for body in [serde_json::json!({}), serde_json::json!({"by": "user"})] {
+        let refused = registrar.post(url("/resume")).json(&body).send().unwrap();
+        assert_eq!(problem(refused), (409, "account_not_active".into()), "{body}");
+    }
+    let account: Value = registrar.get(url("")).send().unwrap().json().unwrap();
+    assert_eq!(account["status"], "suspended");
+    let resumed = registrar
+        .post(url("/resume"))
+        .json(&serde_json::json!({"by": "government"}))
+        .send()
+        .unwrap();
+    assert_eq!(resumed.status(), 200);
+    assert_eq!(resumed.json::<Value>().unwrap()["status"], "active");
+}

@@ -267,6 +267,7 @@ mod tests {
             device_generation: 1,
             current_certificate: Some(certificate.serial.clone()),
             created_at: now,
+            version: 0,
         };
         (account, certificate)
     }

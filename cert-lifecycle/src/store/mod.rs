@@ -36,7 +36,8 @@ pub trait Store: Send + Sync {
     /// The account with this id.
     fn get_account(&self, id: &AccountId) -> Result<Option<AccountRecord>, StoreError>;
 
-    /// Replaces the whole record; `NotFound` when there is none.
+    /// Replaces the record, only if the stored one is still at `account.version` (and bumps the
+    /// version): `Conflict` when another change came first, `NotFound` when there is none.
     fn update_account(&self, account: &AccountRecord) -> Result<(), StoreError>;
 
     /// Inserts an "iAM Smart+" account with its first certificate, in one transaction.
@@ -46,7 +47,9 @@ pub trait Store: Send + Sync {
         certificate: &CertificateRecord,
     ) -> Result<(), StoreError>;
 
-    /// Stores a new certificate and the account that now points at it, in one transaction.
+    /// Stores a new certificate and the account that now points at it, in one transaction, only
+    /// if the account is still at `account.version` (`Conflict` otherwise, and nothing is
+    /// stored).
     fn attach_certificate(
         &self,
         account: &AccountRecord,

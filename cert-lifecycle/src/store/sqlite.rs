@@ -135,11 +135,14 @@ const MIGRATIONS: &[&str] = &[
     // that check scans every account (registration slowed from 1,000/s to 500/s by 40,000
     // accounts in `bench rotate-kek`'s population).
     "CREATE INDEX accounts_current_certificate ON accounts(current_certificate);",
+    // Version 6: an account's version, which every update names and bumps, so that a change
+    // made from a stale copy is refused (`Conflict`) instead of undoing a concurrent one.
+    "ALTER TABLE accounts ADD COLUMN version INTEGER NOT NULL DEFAULT 0;",
 ];
 
 const ACCOUNT_COLUMNS: &str = "id, tier, status, status_changed_at, suspended_by, rectify_by, \
     sealed_name, sealed_dob, hkic_hash, device_public_key, device_generation, \
-    current_certificate, created_at";
+    current_certificate, created_at, version";
 
 const CERTIFICATE_COLUMNS: &str = "serial, account_id, profile, not_before, not_after, status, \
     revocation_reason, revoked_at, sealed_der, key_ref, key_algorithm";
@@ -237,7 +240,7 @@ impl SqliteStore {
 fn insert_account_row(conn: &Connection, a: &AccountRecord) -> Result<(), StoreError> {
     let sql = format!(
         "INSERT INTO accounts ({ACCOUNT_COLUMNS}) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"
     );
     conn.prepare_cached(&sql)?
         .execute(params_from_iter(account_values(a)))
@@ -245,17 +248,30 @@ fn insert_account_row(conn: &Connection, a: &AccountRecord) -> Result<(), StoreE
     Ok(())
 }
 
+/// Writes `a` over the stored row only if that row is still at `a.version`, and bumps the
+/// version: `Conflict` when another change came first, `NotFound` when there is no account.
 fn update_account_row(conn: &Connection, a: &AccountRecord) -> Result<(), StoreError> {
     let changed = conn
         .prepare_cached(
             "UPDATE accounts SET tier = ?2, status = ?3, status_changed_at = ?4, \
                  suspended_by = ?5, rectify_by = ?6, sealed_name = ?7, sealed_dob = ?8, \
                  hkic_hash = ?9, device_public_key = ?10, device_generation = ?11, \
-                 current_certificate = ?12, created_at = ?13 WHERE id = ?1",
+                 current_certificate = ?12, created_at = ?13, version = ?14 + 1 \
+                 WHERE id = ?1 AND version = ?14",
         )?
         .execute(params_from_iter(account_values(a)))
         .map_err(write_error)?;
-    one_row_changed(changed)
+    if changed == 0 {
+        let exists: bool = conn
+            .prepare_cached("SELECT EXISTS (SELECT 1 FROM accounts WHERE id = ?1)")?
+            .query_row([a.id.as_str()], |row| row.get(0))?;
+        return Err(if exists {
+            StoreError::Conflict
+        } else {
+            StoreError::NotFound
+        });
+    }
+    Ok(())
 }
 
 fn insert_certificate_row(conn: &Connection, c: &CertificateRecord) -> Result<(), StoreError> {
@@ -318,8 +334,8 @@ pub(super) fn one_row_changed(changed: usize) -> Result<(), StoreError> {
     }
 }
 
-/// An account's columns in `ACCOUNT_COLUMNS` order (`?1` to `?13`), for insert and update alike.
-fn account_values(a: &AccountRecord) -> [Value; 13] {
+/// An account's columns in `ACCOUNT_COLUMNS` order (`?1` to `?14`), for insert and update alike.
+fn account_values(a: &AccountRecord) -> [Value; 14] {
     [
         a.id.as_str().to_owned().into(),
         a.tier.as_str().to_owned().into(),
@@ -337,6 +353,7 @@ fn account_values(a: &AccountRecord) -> [Value; 13] {
             .map(|serial| serial.as_str().to_owned())
             .into(),
         secs(a.created_at).into(),
+        i64::try_from(a.version).unwrap_or(i64::MAX).into(),
     ]
 }
 
@@ -477,6 +494,8 @@ fn account_from_row(row: &Row<'_>) -> rusqlite::Result<AccountRecord> {
         device_generation: row.get(10)?,
         current_certificate: opt_parsed(row, 11)?,
         created_at: time_at(row, 12)?,
+        version: u64::try_from(row.get::<_, i64>(13)?)
+            .map_err(|e| conversion(13, Type::Integer, e))?,
     })
 }
 
@@ -588,8 +607,8 @@ impl Store for SqliteStore {
     fn delete_personal_data(&self, id: &AccountId) -> Result<(), StoreError> {
         self.write(|conn| {
             let changed = conn.execute(
-                "UPDATE accounts SET sealed_name = x'', sealed_dob = x'', hkic_hash = zeroblob(32) \
-                 WHERE id = ?1",
+                "UPDATE accounts SET sealed_name = x'', sealed_dob = x'', \
+                 hkic_hash = zeroblob(32), version = version + 1 WHERE id = ?1",
                 [id.as_str()],
             )?;
             one_row_changed(changed)?;
@@ -986,6 +1005,7 @@ mod tests {
             device_generation: 1,
             current_certificate: None,
             created_at: datetime!(2026-01-01 00:00 UTC),
+            version: 0,
         }
     }
 
@@ -998,6 +1018,7 @@ mod tests {
             .unwrap();
         a.current_certificate = Some(CertSerial::parse(serial).unwrap());
         store.update_account(&a).unwrap();
+        a.version += 1;
         a
     }
 
@@ -1020,6 +1041,7 @@ mod tests {
         store.insert_request(&second).unwrap();
         account.status = AccountStatus::Suspended;
         store.update_account(&account).unwrap();
+        account.version += 1;
         assert!(matches!(approve(&second), Err(StoreError::Conflict)));
         account.status = AccountStatus::Active;
         account.device_generation = 2;
@@ -1080,8 +1102,37 @@ mod tests {
         a.rectify_by = Some(datetime!(2026-02-08 12:34:56 UTC));
         a.device_generation = 7;
         store.update_account(&a).unwrap();
+        a.version += 1;
         assert_eq!(store.get_account(&a.id).unwrap(), Some(a.clone()));
         assert_eq!(store.get_account(&id("nobody")).unwrap(), None);
+    }
+
+    #[test]
+    fn an_update_from_a_stale_copy_is_refused_and_changes_nothing() {
+        let (_dir, store) = temp_store();
+        let read = registered(&store, "u-1", "3f9a");
+        // Two changes made from the same read: the first wins...
+        let mut suspended = read.clone();
+        suspended.status = AccountStatus::Suspended;
+        suspended.suspended_by = Some(SuspendedBy::User);
+        store.update_account(&suspended).unwrap();
+        // ...and the second, whose copy is stale, would have undone it.
+        let mut switched = read.clone();
+        switched.device_generation = 2;
+        assert!(matches!(
+            store.update_account(&switched),
+            Err(StoreError::Conflict)
+        ));
+        let stored = store.get_account(&read.id).unwrap().unwrap();
+        assert_eq!(stored.status, AccountStatus::Suspended);
+        assert_eq!(stored.device_generation, 1);
+        assert_eq!(stored.version, read.version + 1);
+        // Re-read and applied on top, it goes through.
+        let mut again = stored;
+        again.device_generation = 2;
+        store.update_account(&again).unwrap();
+        let stored = store.get_account(&read.id).unwrap().unwrap();
+        assert_eq!((stored.status, stored.device_generation), (AccountStatus::Suspended, 2));
     }
 
     #[test]
@@ -1411,6 +1462,7 @@ mod tests {
         store
             .attach_certificate(&a, &certificate("4000", "u-1"))
             .unwrap();
+        a.version += 1;
         let (got, cert) = store.account_with_certificate(&a.id).unwrap().unwrap();
         assert_eq!(got, a);
         assert_eq!(cert.map(|c| c.serial), a.current_certificate);
@@ -1555,6 +1607,7 @@ mod tests {
         let mut suspended = registered(&store, "u-3", "c1");
         suspended.status = AccountStatus::Suspended;
         store.update_account(&suspended).unwrap();
+        suspended.version += 1;
         let found = store
             .current_certificates_ending(ends - Duration::days(60), ends)
             .unwrap();
