@@ -414,7 +414,7 @@ const CHANGE_TRIES: usize = 4;
 /// An audit record to write once a change is stored.
 struct Audited {
     event: &'static str,
-    fields: serde_json::Map<String, serde_json::Value>,
+    fields: serde_json::Map<String, Value>,
 }
 
 /// Applies `change` to the account as stored now and stores it only if nobody changed it
@@ -813,16 +813,43 @@ pub(crate) async fn invalidate_account(
     now: OffsetDateTime,
 ) -> Result<(), ApiError> {
     revoke_current(app, record, RevocationReason::PrivilegeWithdrawn, actor).await?;
-    record.status = AccountStatus::Invalidated;
-    record.status_changed_at = now;
-    record.rectify_by = None;
     app.audit(
         "account.invalidated",
         actor,
         fields([("account_id", json!(record.id.as_str()))]),
     )
     .await?;
-    save(app, record).await
+    save_final(app, record, |record| {
+        record.status = AccountStatus::Invalidated;
+        record.status_changed_at = now;
+        record.rectify_by = None;
+    })
+    .await
+}
+
+/// Stores a final state (invalidated, deregistered) that must win over any change made since
+/// `record` was read: on a lost race it reads the account again and applies `apply` on top, so
+/// that the other change is kept too, and never undoes this one.
+async fn save_final(
+    app: &App,
+    record: &mut AccountRecord,
+    apply: impl Fn(&mut AccountRecord),
+) -> Result<(), ApiError> {
+    apply(record);
+    for _ in 0..CHANGE_TRIES {
+        match save(app, record).await {
+            Ok(()) => {
+                record.version += 1;
+                return Ok(());
+            }
+            Err(ApiError::Conflict) => {
+                *record = load(app, &record.id).await?;
+                apply(record);
+            }
+            Err(error) => return Err(error),
+        }
+    }
+    Err(ApiError::Conflict)
 }
 
 /// `DELETE /v1/accounts/{id}`: revoke, destroy the key, delete the personal data.
@@ -851,11 +878,13 @@ pub(crate) async fn deregister_account(
         fields([("account_id", json!(record.id.as_str()))]),
     )
     .await?;
-    record.status = AccountStatus::Deregistered;
-    record.status_changed_at = now;
-    record.suspended_by = None;
-    record.rectify_by = None;
-    save(app, record).await?;
+    save_final(app, record, |record| {
+        record.status = AccountStatus::Deregistered;
+        record.status_changed_at = now;
+        record.suspended_by = None;
+        record.rectify_by = None;
+    })
+    .await?;
     let id = record.id.clone();
     app.store(move |store| store.delete_personal_data(&id))
         .await

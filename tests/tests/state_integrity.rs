@@ -210,7 +210,8 @@ fn a_suspension_and_a_device_switch_at_once_both_stay() {
         let after: Value = registrar.get(url("")).send().unwrap().json().unwrap();
         // Both changes are in the account: neither wrote over the other.
         if after["status"] != "suspended"
-            || after["device_generation"].as_u64() != before["device_generation"].as_u64().map(|g| g + 1)
+            || after["device_generation"].as_u64()
+                != before["device_generation"].as_u64().map(|g| g + 1)
         {
             lost += 1;
         }
@@ -233,8 +234,14 @@ fn a_device_switch_racing_a_deregistration_does_not_bring_the_account_back() {
         let url = format!("{}/v1/accounts/{id}", daemon.api);
         let device = smartsign_tests::device_pem(&device_key());
         let (deregistered, switched) = std::thread::scope(|scope| {
-            let deregister =
-                scope.spawn(|| daemon.client("registrar").delete(&url).send().unwrap().status());
+            let deregister = scope.spawn(|| {
+                daemon
+                    .client("registrar")
+                    .delete(&url)
+                    .send()
+                    .unwrap()
+                    .status()
+            });
             let switch = scope.spawn(|| {
                 daemon
                     .client("registrar")
@@ -274,7 +281,11 @@ fn only_the_party_that_suspended_may_resume() {
     assert_eq!(suspend.status(), 200);
     for body in [serde_json::json!({}), serde_json::json!({"by": "user"})] {
         let refused = registrar.post(url("/resume")).json(&body).send().unwrap();
-        assert_eq!(problem(refused), (409, "account_not_active".into()), "{body}");
+        assert_eq!(
+            problem(refused),
+            (409, "account_not_active".into()),
+            "{body}"
+        );
     }
     let account: Value = registrar.get(url("")).send().unwrap().json().unwrap();
     assert_eq!(account["status"], "suspended");

@@ -1132,7 +1132,10 @@ mod tests {
         again.device_generation = 2;
         store.update_account(&again).unwrap();
         let stored = store.get_account(&read.id).unwrap().unwrap();
-        assert_eq!((stored.status, stored.device_generation), (AccountStatus::Suspended, 2));
+        assert_eq!(
+            (stored.status, stored.device_generation),
+            (AccountStatus::Suspended, 2)
+        );
     }
 
     #[test]
