@@ -24,17 +24,38 @@ pub fn problem(response: Response) -> (u16, String) {
     (status, body["code"].as_str().unwrap_or_default().to_owned())
 }
 
-/// A fictional person's registration body for an "iAM Smart+" account.
-pub fn registration(id: &str, dob: &str, hkic: &str, key: &SigningKey) -> Value {
+/// A fictional person's registration body for an "iAM Smart+" account: a person of their own
+/// per account id (one account per person), with the HKIC number [`hkic_for`] gives.
+pub fn registration(id: &str, dob: &str, key: &SigningKey) -> Value {
     json!({
         "account_id": id,
         "tier": "iam_smart_plus",
         "surname": "WONGSURNAME",
         "given_name": "Siu Ming Given",
         "date_of_birth": dob,
-        "hkic_number": hkic,
+        "hkic_number": hkic_for(id),
         "device_public_key": device_pem(key),
     })
+}
+
+/// A valid HKIC number derived from `seed`: one letter, six digits and the check digit,
+/// computed here independently of the daemon.
+pub fn hkic_for(seed: &str) -> String {
+    let digest = sha2::Sha256::digest(seed.as_bytes());
+    let letter = char::from(b'A' + digest[0] % 26);
+    let number = u32::from_be_bytes([0, digest[1], digest[2], digest[3]]) % 1_000_000;
+    let digits = format!("{number:06}");
+    let value = |c: char| c as u32 - 'A' as u32 + 10;
+    // A single letter counts as a space (36) before it.
+    let mut weighted = vec![36, value(letter)];
+    weighted.extend(digits.chars().map(|d| d.to_digit(10).unwrap()));
+    let sum: u32 = weighted.iter().zip((2..=9).rev()).map(|(v, w)| v * w).sum();
+    let check = match 11 - sum % 11 {
+        11 => '0',
+        10 => 'A',
+        n => char::from_digit(n, 10).unwrap(),
+    };
+    format!("{letter}{digits}{check}")
 }
 
 /// An account with one pending signing request at demo-a.
@@ -57,7 +78,7 @@ impl Pending {
         let key = device_key();
         let registered = registrar
             .post(format!("{}/v1/accounts", daemon.api))
-            .json(&registration(id, "1990-01-01", "A1234563", &key))
+            .json(&registration(id, "1990-01-01", &key))
             .send()
             .unwrap();
         assert_eq!(registered.status(), 201);

@@ -127,6 +127,14 @@ pub(crate) async fn register(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError>
         }
     }
 
+    // One account per person: no other account that is not deregistered may hold this HKIC
+    // number (the store's unique index decides a race between two registrations).
+    let hkic_hash = app.hkic_hash(&hkic_number).await?;
+    drop(hkic_number);
+    if hkic_taken(&app, hkic_hash).await? {
+        return Err(ApiError::HkicAlreadyRegistered);
+    }
+
     let name_json =
         zeroize::Zeroizing::new(serde_json::to_vec(&name).map_err(|_| ApiError::Internal)?);
     let mut record = AccountRecord {
@@ -138,14 +146,13 @@ pub(crate) async fn register(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError>
         rectify_by: None,
         sealed_name: app.seal("name", &id, &name_json).await?,
         sealed_dob: app.seal("dob", &id, body.date_of_birth.as_bytes()).await?,
-        hkic_hash: app.hkic_hash(&hkic_number).await?,
+        hkic_hash,
         device_public_key: device,
         device_generation: 1,
         current_certificate: None,
         created_at: now,
         version: 0,
     };
-    drop(hkic_number);
     let minor = cert_lifecycle::is_minor(dob, now);
     let certificate = if tier == Tier::IamSmartPlus {
         record.tier = Tier::IamSmartPlus;
@@ -180,6 +187,17 @@ pub(crate) async fn register(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError>
         if let Some(certificate) = &certificate {
             discard_certificate(&app, certificate).await;
         }
+        // A registration of the same person that won the race meanwhile.
+        if matches!(error, ApiError::AccountExists) && hkic_taken(&app, hkic_hash).await? {
+            let id = id.clone();
+            if app
+                .store(move |store| store.get_account(&id))
+                .await?
+                .is_none()
+            {
+                return Err(ApiError::HkicAlreadyRegistered);
+            }
+        }
         return Err(error);
     }
     tracing::info!(
@@ -191,6 +209,19 @@ pub(crate) async fn register(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError>
         StatusCode::CREATED,
         &account_view(&app, &record, now).await?,
     ))
+}
+
+/// Whether an account that is not deregistered holds this HKIC hash.
+async fn hkic_taken(app: &App, hkic_hash: [u8; 32]) -> Result<bool, ApiError> {
+    let holders = app
+        .store(move |store| store.accounts_with_hkic_hash(&hkic_hash))
+        .await?;
+    for holder in holders {
+        if load(app, &holder).await?.status != AccountStatus::Deregistered {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// Generates the user key in the HSM and has the CA certify it; on failure nothing is left.

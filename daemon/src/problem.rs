@@ -41,6 +41,9 @@ pub(crate) enum ApiError {
     InvalidShare,
     /// 409 `share_already_given`: this officer has given another share of the quorum.
     ShareAlreadyGiven,
+    /// 409 `hkic_already_registered`: an account that is not deregistered holds this HKIC
+    /// number (one account per person, API.md "Additions").
+    HkicAlreadyRegistered,
     /// 409 `conflict`: a concurrent change to the same account or request won; nothing was
     /// changed; retry (API.md, "Additions").
     Conflict,
@@ -110,6 +113,7 @@ impl ApiError {
             InvalidShare => "invalid_share",
             ShareAlreadyGiven => "share_already_given",
             Conflict => "conflict",
+            HkicAlreadyRegistered => "hkic_already_registered",
             Sealed | UnsealFailed(_) => "sealed",
             HsmUnavailable => "hsm_unavailable",
             AuditUnavailable => "audit_unavailable",
@@ -149,6 +153,7 @@ impl ApiError {
             InvalidShare => "Invalid share",
             ShareAlreadyGiven => "Share already given",
             Conflict => "Conflict",
+            HkicAlreadyRegistered => "HKIC already registered",
             Sealed => "Sealed",
             UnsealFailed(_) => "Unsealing failed",
             HsmUnavailable => "HSM unavailable",
@@ -179,6 +184,9 @@ impl ApiError {
                  (smartsign-share-v1....) from the ceremony whose digests are configured"
                     .into()
             }
+            HkicAlreadyRegistered => "an account that is not deregistered holds this HKIC \
+                                      number: one account per person"
+                .into(),
             Conflict => "a concurrent change to the same account or request won; nothing was \
                          changed; retry"
                 .into(),
@@ -292,6 +300,7 @@ mod tests {
             InvalidShare,
             ShareAlreadyGiven,
             Conflict,
+            HkicAlreadyRegistered,
             Sealed,
             UnsealFailed("x".into()),
             HsmUnavailable,

@@ -209,7 +209,12 @@ async fn populate(hsm: &Arc<Hsm>, path: &Path, keys: u64) -> Result<(), BoxError
             rectify_by: None,
             sealed_name: vec![0; 48],
             sealed_dob: vec![0; 40],
-            hkic_hash: [0; 32],
+            // One person each (the store keeps one account per HKIC hash).
+            hkic_hash: {
+                let mut hash = [0u8; 32];
+                hash[..8].copy_from_slice(&index.to_be_bytes());
+                hash
+            },
             device_public_key: vec![0; 91],
             device_generation: 1,
             current_certificate: Some(serial),

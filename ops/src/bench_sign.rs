@@ -313,6 +313,26 @@ fn client(state: &Path, name: &str) -> Result<reqwest::Client, Box<dyn std::erro
         .build()?)
 }
 
+/// A valid HKIC number of its own for the `i`-th bench account (one account per person):
+/// the letter A, six digits, and the check digit.
+fn hkic_number(i: usize) -> String {
+    let digits = format!("{:06}", i % 1_000_000);
+    // Weights 8..2 over A (10), then the six digits; a leading space counts 36 at weight 9.
+    let sum: u32 = 36 * 9
+        + 10 * 8
+        + digits
+            .bytes()
+            .zip((2..=7).rev())
+            .map(|(d, w)| u32::from(d - b'0') * w)
+            .sum::<u32>();
+    let check = match 11 - sum % 11 {
+        11 => '0',
+        10 => 'A',
+        n => char::from_digit(n, 10).unwrap_or('0'),
+    };
+    format!("A{digits}{check}")
+}
+
 /// The clients of the full flow: one account (TAID and device key) each, and the parties.
 struct FlowSide {
     party: Arc<Party>,
@@ -351,7 +371,7 @@ impl FlowSide {
                 .post(format!("{api}/v1/accounts"))
                 .json(&json!({
                     "account_id": id, "tier": "iam_smart_plus", "surname": "BENCH",
-                    "date_of_birth": "1980-01-01", "hkic_number": "A1234563",
+                    "date_of_birth": "1980-01-01", "hkic_number": hkic_number(i),
                     "device_public_key": device_public_key,
                 }))
                 .send()

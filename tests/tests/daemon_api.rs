@@ -79,7 +79,7 @@ fn registration_rules_and_their_error_codes() {
     assert_eq!(set.status(), 200);
 
     // Turning 11 today (Hong Kong date) is old enough; tomorrow is not.
-    let mut minor = registration("u-11-today", "2016-06-15", "A1234563", &key);
+    let mut minor = registration("u-11-today", "2016-06-15", &key);
     minor["guardian"] = json!({"hkic_number": "A1234563", "date_of_birth": "1980-02-29"});
     let accepted = post(&minor);
     assert_eq!(accepted.status(), 201);
@@ -88,17 +88,17 @@ fn registration_rules_and_their_error_codes() {
     assert_eq!(account["adult_on"], "2034-06-15");
     assert_eq!(account["certificate"]["profile"], "minor");
 
-    let mut too_young = registration("u-11-tomorrow", "2016-06-16", "A1234563", &key);
+    let mut too_young = registration("u-11-tomorrow", "2016-06-16", &key);
     too_young["guardian"] = minor["guardian"].clone();
     assert_eq!(problem(post(&too_young)), (422, "underage".into()));
 
-    let no_guardian = registration("u-minor", "2011-01-01", "A1234563", &key);
+    let no_guardian = registration("u-minor", "2011-01-01", &key);
     assert_eq!(
         problem(post(&no_guardian)),
         (422, "guardian_required".into())
     );
 
-    let mut young_guardian = registration("u-minor", "2011-01-01", "A1234563", &key);
+    let mut young_guardian = registration("u-minor", "2011-01-01", &key);
     young_guardian["guardian"] = json!({"hkic_number": "A1234563", "date_of_birth": "2010-01-01"});
     assert_eq!(
         problem(post(&young_guardian)),
@@ -111,14 +111,14 @@ fn registration_rules_and_their_error_codes() {
         (422, "invalid_hkic".into())
     );
 
-    let mut unknown_field = registration("u-x", "1990-01-01", "A1234563", &key);
+    let mut unknown_field = registration("u-x", "1990-01-01", &key);
     unknown_field["nickname"] = json!("x");
     assert_eq!(
         problem(post(&unknown_field)),
         (400, "invalid_request".into())
     );
 
-    let bad_id = registration("u/x", "1990-01-01", "A1234563", &key);
+    let bad_id = registration("u/x", "1990-01-01", &key);
     assert_eq!(problem(post(&bad_id)), (400, "invalid_request".into()));
 
     assert_eq!(problem(post(&minor)), (409, "account_exists".into()));
@@ -344,7 +344,7 @@ fn operations_endpoints_metrics_and_graceful_restart() {
         .send()
         .unwrap();
     // A registration seals personal data in the HSM: HSM latency shows in the metrics.
-    let mut plain_account = registration("u-metrics", "1990-01-01", "A1234563", &device_key());
+    let mut plain_account = registration("u-metrics", "1990-01-01", &device_key());
     plain_account["tier"] = json!("iam_smart");
     let registered = registrar
         .post(format!("{}/v1/accounts", daemon.api))

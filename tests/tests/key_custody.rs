@@ -17,7 +17,7 @@ use cryptoki::session::UserType;
 use p256::ecdsa::SigningKey;
 use secrecy::SecretString;
 use sha2::Digest as _;
-use smartsign_tests::flow::{Pending, registration, verify_audit, verify_signature};
+use smartsign_tests::flow::{Pending, hkic_for, registration, verify_audit, verify_signature};
 use smartsign_tests::{DevDaemon, binary, describe, device_key, run};
 
 const ACCOUNTS: usize = 24;
@@ -49,7 +49,7 @@ fn register(daemon: &DevDaemon, id: &str) -> SigningKey {
     let response = daemon
         .client("registrar")
         .post(format!("{}/v1/accounts", daemon.api))
-        .json(&registration(id, "1990-01-01", "A1234563", &key))
+        .json(&registration(id, "1990-01-01", &key))
         .send()
         .unwrap();
     assert_eq!(response.status(), 201);
@@ -518,7 +518,7 @@ fn a_second_hsm_cloned_without_plaintext_serves_the_same_accounts() {
         .post(format!("{}/v1/signing-requests", daemon.api))
         .json(
             &serde_json::json!({"taid": accounts[0].2, "hash_algorithm": "sha256",
-            "hash": base64_of(&[5; 32]), "hkic_number": "A1234563"}),
+            "hash": base64_of(&[5; 32]), "hkic_number": hkic_for(&accounts[0].0)}),
         )
         .send()
         .unwrap();

@@ -280,10 +280,10 @@ fn renewal_is_possible_from_the_window_opening_until_just_before_not_after() {
     let accounts: Vec<Value> = ids
         .iter()
         .zip(&keys)
-        .map(|(id, key)| register(&daemon, &registration(id, "1990-01-01", "A1234563", key)))
+        .map(|(id, key)| register(&daemon, &registration(id, "1990-01-01", key)))
         .collect();
     let plain = {
-        let mut body = registration("u-plain", "1990-01-01", "A1234563", &device_key());
+        let mut body = registration("u-plain", "1990-01-01", &device_key());
         body["tier"] = json!("iam_smart");
         register(&daemon, &body)
     };
@@ -351,10 +351,7 @@ fn renewal_is_possible_from_the_window_opening_until_just_before_not_after() {
     // in it; not the renewed, revoked, suspended or plain ones, nor one registered now.
     let inside = not_after(early) - Duration::days(30);
     set_clock(&daemon, inside);
-    register(
-        &daemon,
-        &registration("u-new", "1990-01-01", "A1234563", &device_key()),
-    );
+    register(&daemon, &registration("u-new", "1990-01-01", &device_key()));
     assert_eq!(due(&daemon), ["u-early", "u-last", "u-late"]);
 
     // Re-applying while the certificate is valid is refused.
@@ -460,7 +457,7 @@ fn minor_whose_certificate_was_revoked_reapplies_at_18_as_an_adult() {
     let today = (OffsetDateTime::now_utc() + Duration::hours(8)).date();
     let base = today.replace_day(today.day().min(28)).unwrap();
     let dob = base.replace_year(base.year() - 18).unwrap() + Duration::days(100);
-    let mut body = registration("u-minor", &dob.to_string(), "A1234563", &key);
+    let mut body = registration("u-minor", &dob.to_string(), &key);
     body["guardian"] = json!({"hkic_number": "A1234563", "date_of_birth": "1980-02-29"});
     let minor = register(&daemon, &body);
     assert_eq!(minor["minor"], true);
@@ -521,7 +518,7 @@ fn renewal_killed_at_any_step_is_finished_or_undone_at_the_next_start() {
     let registered: Vec<Value> = ids
         .iter()
         .zip(&keys)
-        .map(|(id, key)| register(&daemon, &registration(id, "1990-01-01", "A1234563", key)))
+        .map(|(id, key)| register(&daemon, &registration(id, "1990-01-01", key)))
         .collect();
     // The last one re-applies after a revocation.
     let revoked = daemon

@@ -52,7 +52,7 @@ impl Lifecycle {
 
     /// Registers an "iAM Smart+" account; a minor gets a guardian born in 1980.
     fn register(&self, id: &str, dob: &str) -> Value {
-        let mut body = registration(id, dob, "A1234563", &device_key());
+        let mut body = registration(id, dob, &device_key());
         if dob > "2008" {
             body["guardian"] = json!({"hkic_number": "A1234563", "date_of_birth": "1980-01-01"});
         }

@@ -15,6 +15,7 @@ use p256::ecdsa::signature::Signer;
 use reqwest::blocking::{Client, Response};
 use serde_json::{Value, json};
 use sha2::Digest;
+use smartsign_tests::flow::hkic_for;
 use smartsign_tests::{DevDaemon, describe, device_key, device_pem, run};
 
 /// An HKIC number with its check digit, computed here independently of the daemon.
@@ -65,7 +66,7 @@ impl Flow {
                 "surname": "CHAN",
                 "given_name": "Tai Man",
                 "date_of_birth": dob,
-                "hkic_number": hkic("A", "123456"),
+                "hkic_number": hkic_for(id),
                 "device_public_key": device_pem(key),
             }))
             .send()
@@ -378,7 +379,10 @@ fn refusals_of_the_signing_flow() {
         (422, "invalid_hkic".into())
     );
     let mut right_hkic = body(&taid_a);
-    right_hkic["hkic_number"] = json!(format!("A123456({})", &hkic("A", "123456")[7..]));
+    // The holder's number, written with its check digit in brackets.
+    let holder = hkic_for("u-ref-1");
+    let (number, check) = holder.split_at(holder.len() - 1);
+    right_hkic["hkic_number"] = json!(format!("{number}({check})"));
     assert_eq!(flow.create(&flow.demo_a, right_hkic).status(), 201);
 
     // A reused authorisation.

@@ -18,7 +18,7 @@ fn register(daemon: &DevDaemon, id: &str) -> p256::ecdsa::SigningKey {
     let response = daemon
         .client("registrar")
         .post(format!("{}/v1/accounts", daemon.api))
-        .json(&registration(id, "1990-01-01", "A1234563", &key))
+        .json(&registration(id, "1990-01-01", &key))
         .send()
         .unwrap();
     assert_eq!(response.status(), 201);
@@ -296,4 +296,63 @@ fn only_the_party_that_suspended_may_resume() {
         .unwrap();
     assert_eq!(resumed.status(), 200);
     assert_eq!(resumed.json::<Value>().unwrap()["status"], "active");
+}
+
+#[test]
+fn one_account_per_person_even_when_two_registrations_race() {
+    let daemon = DevDaemon::start(&[]);
+    let person = smartsign_tests::flow::hkic_for("a person");
+    let body = |id: &str| {
+        let mut body = registration(id, "1990-01-01", &device_key());
+        body["hkic_number"] = serde_json::json!(person);
+        body
+    };
+    let post = |body: Value| {
+        daemon
+            .client("registrar")
+            .post(format!("{}/v1/accounts", daemon.api))
+            .json(&body)
+            .send()
+            .unwrap()
+    };
+    // Two registrations of the same person at once: one account.
+    let answers: Vec<(u16, String)> = std::thread::scope(|scope| {
+        let racers: Vec<_> = ["u-twin-1", "u-twin-2"]
+            .map(|id| {
+                let body = body(id);
+                scope.spawn(move || {
+                    let response = post(body);
+                    match response.status().as_u16() {
+                        201 => (201, String::new()),
+                        _ => problem(response),
+                    }
+                })
+            })
+            .into_iter()
+            .collect();
+        racers.into_iter().map(|r| r.join().unwrap()).collect()
+    });
+    let created = answers.iter().filter(|(status, _)| *status == 201).count();
+    assert_eq!(created, 1, "{answers:?}");
+    assert!(
+        answers.contains(&(409, "hkic_already_registered".into())),
+        "{answers:?}"
+    );
+    let holder = if answers[0].0 == 201 {
+        "u-twin-1"
+    } else {
+        "u-twin-2"
+    };
+    // Once that account is deregistered, the person may register again.
+    assert_eq!(
+        problem(post(body("u-twin-3"))),
+        (409, "hkic_already_registered".into())
+    );
+    let deregistered = daemon
+        .client("registrar")
+        .delete(format!("{}/v1/accounts/{holder}", daemon.api))
+        .send()
+        .unwrap();
+    assert_eq!(deregistered.status(), 204);
+    assert_eq!(post(body("u-twin-3")).status(), 201);
 }

@@ -217,12 +217,7 @@ fn quorum_unseal_opens_the_hsm_with_two_of_three_shares() {
     let registered = daemon
         .client("registrar")
         .post(format!("{}/v1/accounts", daemon.api))
-        .json(&registration(
-            "u-unseal-1",
-            "1990-01-01",
-            "A1234563",
-            &device_key(),
-        ))
+        .json(&registration("u-unseal-1", "1990-01-01", &device_key()))
         .send()
         .unwrap();
     assert_eq!(registered.status(), 201, "{}", registered.text().unwrap());

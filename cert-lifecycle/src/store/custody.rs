@@ -262,7 +262,12 @@ mod tests {
             rectify_by: None,
             sealed_name: vec![1; 40],
             sealed_dob: vec![2; 30],
-            hkic_hash: [3; 32],
+            hkic_hash: {
+                // One person each (the store keeps one account per HKIC hash).
+                let mut hash = [3u8; 32];
+                hash[..name.len()].copy_from_slice(name.as_bytes());
+                hash
+            },
             device_public_key: vec![4; 91],
             device_generation: 1,
             current_certificate: Some(certificate.serial.clone()),

@@ -138,6 +138,10 @@ const MIGRATIONS: &[&str] = &[
     // Version 6: an account's version, which every update names and bumps, so that a change
     // made from a stale copy is refused (`Conflict`) instead of undoing a concurrent one.
     "ALTER TABLE accounts ADD COLUMN version INTEGER NOT NULL DEFAULT 0;",
+    // Version 7: one account per person: no two accounts that are not deregistered share an
+    // HKIC hash (deregistration zeroes it too).
+    "CREATE UNIQUE INDEX accounts_one_per_person ON accounts(hkic_hash)
+        WHERE status != 'deregistered';",
 ];
 
 const ACCOUNT_COLUMNS: &str = "id, tier, status, status_changed_at, suspended_by, rectify_by, \
@@ -1000,7 +1004,8 @@ mod tests {
             rectify_by: None,
             sealed_name: vec![1; 40],
             sealed_dob: vec![2; 30],
-            hkic_hash: [3; 32],
+            // One person each: the HKIC hash is unique among accounts not deregistered.
+            hkic_hash: hkic_hash_of(name),
             device_public_key: vec![4; 91],
             device_generation: 1,
             current_certificate: None,
@@ -1010,6 +1015,31 @@ mod tests {
     }
 
     /// An account with its current certificate, as registration leaves it.
+    fn hkic_hash_of(name: &str) -> [u8; 32] {
+        let mut hash = [3u8; 32];
+        for (slot, byte) in hash.iter_mut().zip(name.bytes()) {
+            *slot = byte;
+        }
+        hash
+    }
+
+    #[test]
+    fn one_account_per_person_until_deregistered() {
+        let (_dir, store) = temp_store();
+        let first = account("u-1");
+        store.insert_account(&first).unwrap();
+        let mut same_person = account("u-2");
+        same_person.hkic_hash = first.hkic_hash;
+        assert!(matches!(
+            store.insert_account(&same_person),
+            Err(StoreError::AlreadyExists)
+        ));
+        let mut gone = first.clone();
+        gone.status = AccountStatus::Deregistered;
+        store.update_account(&gone).unwrap();
+        store.insert_account(&same_person).unwrap();
+    }
+
     fn registered(store: &SqliteStore, name: &str, serial: &str) -> AccountRecord {
         let mut a = account(name);
         store.insert_account(&a).unwrap();
@@ -1187,14 +1217,19 @@ mod tests {
         a.sealed_name = b"SEALED-NAME-MARKER".to_vec();
         store.insert_account(&a).unwrap();
         assert_eq!(
-            store.accounts_with_hkic_hash(&[3; 32]).unwrap(),
+            store.accounts_with_hkic_hash(&hkic_hash_of("u-1")).unwrap(),
             vec![id("u-1")]
         );
         store.delete_personal_data(&a.id).unwrap();
         let after = store.get_account(&a.id).unwrap().unwrap();
         assert!(after.personal_data_deleted());
         assert_eq!(after.device_public_key, a.device_public_key);
-        assert!(store.accounts_with_hkic_hash(&[3; 32]).unwrap().is_empty());
+        assert!(
+            store
+                .accounts_with_hkic_hash(&hkic_hash_of("u-1"))
+                .unwrap()
+                .is_empty()
+        );
         // Neither the database file nor its WAL holds the old value any more.
         drop(store);
         for entry in std::fs::read_dir(dir.path()).unwrap() {
