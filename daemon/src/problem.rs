@@ -70,7 +70,7 @@ impl ApiError {
             AccountExists | AccountNotActive(_) | NotIamSmartPlus | AlreadyIamSmartPlus
             | CertificateExpired | CertificateRevoked | NoCertificate | RenewalNotDue
             | RenewalTooLate | RequestNotPending(_) | AlreadyUnsealed | ShareAlreadyGiven
-            | Conflict => StatusCode::CONFLICT,
+            | Conflict | HkicAlreadyRegistered => StatusCode::CONFLICT,
             RequestExpired => StatusCode::GONE,
             Underage | GuardianRequired | GuardianUnderage | InvalidHkic(_) | HkicMismatch
             | AuthorisationInvalid | InvalidShare => StatusCode::UNPROCESSABLE_ENTITY,

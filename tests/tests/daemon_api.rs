@@ -105,7 +105,8 @@ fn registration_rules_and_their_error_codes() {
         (422, "guardian_underage".into())
     );
 
-    let bad_check_digit = registration("u-bad", "1990-01-01", "A1234560", &key);
+    let mut bad_check_digit = registration("u-bad", "1990-01-01", &key);
+    bad_check_digit["hkic_number"] = json!("A1234560");
     assert_eq!(
         problem(post(&bad_check_digit)),
         (422, "invalid_hkic".into())
@@ -148,7 +149,8 @@ fn state_logs_and_audit_hold_no_personal_data_and_the_audit_export_verifies_offl
     let service = daemon.client("demo-a");
     let key = device_key();
     let hkic = "Z6837493";
-    let body = registration("u-pd-1", "1977-03-04", hkic, &key);
+    let mut body = registration("u-pd-1", "1977-03-04", &key);
+    body["hkic_number"] = json!(hkic);
     let created = registrar
         .post(format!("{}/v1/accounts", daemon.api))
         .json(&body)
