@@ -67,10 +67,20 @@ impl ApiError {
             Forbidden => StatusCode::FORBIDDEN,
             NotFound(_) => StatusCode::NOT_FOUND,
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            AccountExists | AccountNotActive(_) | NotIamSmartPlus | AlreadyIamSmartPlus
-            | CertificateExpired | CertificateRevoked | NoCertificate | RenewalNotDue
-            | RenewalTooLate | RequestNotPending(_) | AlreadyUnsealed | ShareAlreadyGiven
-            | Conflict | HkicAlreadyRegistered => StatusCode::CONFLICT,
+            AccountExists
+            | AccountNotActive(_)
+            | NotIamSmartPlus
+            | AlreadyIamSmartPlus
+            | CertificateExpired
+            | CertificateRevoked
+            | NoCertificate
+            | RenewalNotDue
+            | RenewalTooLate
+            | RequestNotPending(_)
+            | AlreadyUnsealed
+            | ShareAlreadyGiven
+            | Conflict
+            | HkicAlreadyRegistered => StatusCode::CONFLICT,
             RequestExpired => StatusCode::GONE,
             Underage | GuardianRequired | GuardianUnderage | InvalidHkic(_) | HkicMismatch
             | AuthorisationInvalid | InvalidShare => StatusCode::UNPROCESSABLE_ENTITY,
