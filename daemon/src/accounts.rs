@@ -409,13 +409,19 @@ async fn certificate_view(
     certificate: &CertificateRecord,
     now: OffsetDateTime,
 ) -> Result<Value, ApiError> {
-    let der = app
-        .unseal(
-            "certificate",
-            &certificate.account_id,
-            &certificate.sealed_der,
-        )
-        .await?;
+    // A deregistered account's certificates are erased: the summary stays, the PEM goes.
+    let pem = if certificate.sealed_der.is_empty() {
+        None
+    } else {
+        let der = app
+            .unseal(
+                "certificate",
+                &certificate.account_id,
+                &certificate.sealed_der,
+            )
+            .await?;
+        Some(crate::app::pem("CERTIFICATE", &der))
+    };
     Ok(json!({
         "serial": certificate.serial.as_str(),
         "profile": certificate.profile.as_str(),
@@ -423,7 +429,7 @@ async fn certificate_view(
         "not_before": rfc3339(certificate.not_before),
         "not_after": rfc3339(certificate.not_after),
         "revocation_reason": certificate.revocation_reason.map(|reason| reason.as_str()),
-        "pem": crate::app::pem("CERTIFICATE", &der),
+        "pem": pem,
     }))
 }
 
@@ -909,16 +915,30 @@ pub(crate) async fn deregister_account(
         fields([("account_id", json!(record.id.as_str()))]),
     )
     .await?;
-    save_final(app, record, |record| {
+    // One transaction: the state and the erasure of every personal datum, so that no crash
+    // leaves a deregistered account with its data. It wins over a change made meanwhile.
+    let deregistered = |record: &mut AccountRecord| {
         record.status = AccountStatus::Deregistered;
         record.status_changed_at = now;
         record.suspended_by = None;
         record.rectify_by = None;
-    })
-    .await?;
-    let id = record.id.clone();
-    app.store(move |store| store.delete_personal_data(&id))
-        .await
+    };
+    deregistered(record);
+    for _ in 0..CHANGE_TRIES {
+        let copy = record.clone();
+        match app.store(move |store| store.deregister(&copy)).await {
+            Ok(()) => {
+                *record = load(app, &record.id).await?;
+                return Ok(());
+            }
+            Err(ApiError::Conflict) => {
+                *record = load(app, &record.id).await?;
+                deregistered(record);
+            }
+            Err(error) => return Err(error),
+        }
+    }
+    Err(ApiError::Conflict)
 }
 
 /// `GET /v1/accounts/{id}/taid?service=NAME`.

@@ -356,3 +356,104 @@ fn one_account_per_person_even_when_two_registrations_race() {
     assert_eq!(deregistered.status(), 204);
     assert_eq!(post(body("u-twin-3")).status(), 201);
 }
+
+/// The stored bytes of an account's personal data: sealed name and date of birth, HKIC hash,
+/// sealed certificates, and its requests' hashes and descriptions.
+fn personal_bytes(store: &std::path::Path, id: &str) -> Vec<Vec<u8>> {
+    let conn = rusqlite::Connection::open(store).unwrap();
+    let mut found: Vec<Vec<u8>> = conn
+        .query_row(
+            "SELECT sealed_name, sealed_dob, hkic_hash FROM accounts WHERE id = ?1",
+            [id],
+            |row| Ok(vec![row.get(0)?, row.get(1)?, row.get(2)?]),
+        )
+        .unwrap();
+    for (query, column) in [
+        (
+            "SELECT sealed_der FROM certificates WHERE account_id = ?1",
+            0,
+        ),
+        ("SELECT hash FROM signing_requests WHERE account_id = ?1", 0),
+    ] {
+        let mut statement = conn.prepare(query).unwrap();
+        let rows = statement
+            .query_map([id], |row| row.get::<_, Vec<u8>>(column))
+            .unwrap();
+        found.extend(rows.map(Result::unwrap));
+    }
+    found.retain(|bytes| bytes.len() >= 16);
+    found
+}
+
+/// Whether any file of the state directory's store (database, WAL, shared memory) holds `bytes`.
+fn store_files_hold(state: &std::path::Path, bytes: &[u8]) -> bool {
+    [
+        "smartsign.sqlite",
+        "smartsign.sqlite-wal",
+        "smartsign.sqlite-shm",
+    ]
+    .iter()
+    .filter_map(|name| std::fs::read(state.join(name)).ok())
+    .any(|file| file.windows(bytes.len()).any(|window| window == bytes))
+}
+
+#[test]
+fn deregistration_erases_every_personal_datum_in_one_step() {
+    let daemon = DevDaemon::start(&[]);
+    let state = daemon.state_dir();
+    let registrar = daemon.client("registrar");
+    let url = |id: &str, path: &str| format!("{}/v1/accounts/{id}{path}", daemon.api);
+    let mut watched: Vec<(String, Vec<Vec<u8>>)> = Vec::new();
+    for (id, before) in [
+        ("u-erase-active", None),
+        ("u-erase-suspended", Some("/suspend")),
+        ("u-erase-invalidated", Some("/invalidate")),
+    ] {
+        let key = register(&daemon, id);
+        let pending = Pending::for_account(&daemon, id, key, sha2::Sha256::digest(id).to_vec());
+        let _ = daemon
+            .client("demo-a")
+            .post(format!("{}/v1/signing-requests", daemon.api))
+            .json(
+                &serde_json::json!({"taid": pending.taid, "hash_algorithm": "sha256",
+                "hash": base64_of(&sha2::Sha256::digest(format!("{id} 2"))),
+                "description": format!("DESCRIPTION OF {id}")}),
+            )
+            .send()
+            .unwrap();
+        assert_eq!(pending.approve(&daemon).status(), 200);
+        if let Some(path) = before {
+            let body = match path {
+                "/suspend" => serde_json::json!({"by": "government"}),
+                _ => serde_json::json!({"reason": "test"}),
+            };
+            let changed = registrar.post(url(id, path)).json(&body).send().unwrap();
+            assert_eq!(changed.status(), 200, "{id}");
+        }
+        let mut bytes = personal_bytes(&state.join("smartsign.sqlite"), id);
+        bytes.push(format!("DESCRIPTION OF {id}").into_bytes());
+        assert!(bytes.len() >= 6, "{id}: {}", bytes.len());
+        watched.push((id.to_owned(), bytes));
+    }
+    for (id, _) in &watched {
+        let gone = registrar.delete(url(id, "")).send().unwrap();
+        assert_eq!(gone.status(), 204, "{id}");
+        let account: Value = registrar.get(url(id, "")).send().unwrap().json().unwrap();
+        assert_eq!(account["status"], "deregistered");
+        assert!(account["certificate"]["pem"].is_null(), "{account}");
+    }
+    for (id, bytes) in &watched {
+        for datum in bytes {
+            assert!(
+                !store_files_hold(&state, datum),
+                "{id}: a personal datum ({} bytes) is still in the store files",
+                datum.len()
+            );
+        }
+    }
+}
+
+fn base64_of(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}

@@ -59,9 +59,12 @@ pub trait Store: Send + Sync {
     /// Ids of the accounts whose HKIC hash is `hkic_hash` (one person, one account at a time).
     fn accounts_with_hkic_hash(&self, hkic_hash: &[u8; 32]) -> Result<Vec<AccountId>, StoreError>;
 
-    /// Erases the account's sealed name and date of birth and its HKIC hash (to zeros); the
-    /// pseudonymous record stays for audit. `NotFound` when there is no such account.
-    fn delete_personal_data(&self, id: &AccountId) -> Result<(), StoreError>;
+    /// Stores `account` (deregistered by the caller) and erases, in the same transaction, every
+    /// personal datum the store holds for it: the sealed name and date of birth, the HKIC hash
+    /// (to zeros), its certificates' sealed DER (they carry the name and the keyed HKIC hash),
+    /// and its signing requests' sealed results, hashes and descriptions. The pseudonymous
+    /// records stay for audit. Conditional on `account.version` like `update_account`.
+    fn deregister(&self, account: &AccountRecord) -> Result<(), StoreError>;
 
     /// Adds a certificate of an existing account; `AlreadyExists` for a known serial, `Conflict`
     /// for an unknown account.

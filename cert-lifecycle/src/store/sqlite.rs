@@ -608,14 +608,26 @@ impl Store for SqliteStore {
         })
     }
 
-    fn delete_personal_data(&self, id: &AccountId) -> Result<(), StoreError> {
+    fn deregister(&self, account: &AccountRecord) -> Result<(), StoreError> {
         self.write(|conn| {
-            let changed = conn.execute(
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            update_account_row(&tx, account)?;
+            let id = account.id.as_str();
+            tx.execute(
                 "UPDATE accounts SET sealed_name = x'', sealed_dob = x'', \
-                 hkic_hash = zeroblob(32), version = version + 1 WHERE id = ?1",
-                [id.as_str()],
+                 hkic_hash = zeroblob(32) WHERE id = ?1",
+                [id],
             )?;
-            one_row_changed(changed)?;
+            tx.execute(
+                "UPDATE certificates SET sealed_der = x'' WHERE account_id = ?1",
+                [id],
+            )?;
+            tx.execute(
+                "UPDATE signing_requests SET sealed_result = NULL, hash = x'', \
+                 description = NULL WHERE account_id = ?1",
+                [id],
+            )?;
+            tx.commit()?;
             // Copy the change into the main file and empty the WAL, so that the old values do
             // not linger in it. A reader still using an old snapshot makes this a partial
             // checkpoint; the next one finishes it.
@@ -1194,7 +1206,7 @@ mod tests {
             Err(StoreError::NotFound)
         ));
         assert!(matches!(
-            store.delete_personal_data(&id("u-1")),
+            store.deregister(&account("u-1")),
             Err(StoreError::NotFound)
         ));
     }
@@ -1216,13 +1228,22 @@ mod tests {
         let mut a = account("u-1");
         a.sealed_name = b"SEALED-NAME-MARKER".to_vec();
         store.insert_account(&a).unwrap();
+        let mut c = certificate("3f9a", "u-1");
+        c.sealed_der = b"SEALED-CERT-MARKER".to_vec();
+        store.insert_certificate(&c).unwrap();
+        let mut r = request(1, "u-1", "3f9a");
+        r.hash = b"HASH-OF-THE-DOCUMENT-MARKER-0123".to_vec();
+        r.description = Some("DESCRIPTION-MARKER".to_owned());
+        store.insert_request(&r).unwrap();
         assert_eq!(
             store.accounts_with_hkic_hash(&hkic_hash_of("u-1")).unwrap(),
             vec![id("u-1")]
         );
-        store.delete_personal_data(&a.id).unwrap();
+        a.status = AccountStatus::Deregistered;
+        store.deregister(&a).unwrap();
         let after = store.get_account(&a.id).unwrap().unwrap();
         assert!(after.personal_data_deleted());
+        assert_eq!(after.status, AccountStatus::Deregistered);
         assert_eq!(after.device_public_key, a.device_public_key);
         assert!(
             store
@@ -1230,11 +1251,20 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
-        // Neither the database file nor its WAL holds the old value any more.
+        let request = store.get_request(&r.id).unwrap().unwrap();
+        assert_eq!((request.hash.len(), request.description), (0, None));
+        // Neither the database file nor its WAL holds any old value any more.
         drop(store);
         for entry in std::fs::read_dir(dir.path()).unwrap() {
             let bytes = std::fs::read(entry.unwrap().path()).unwrap();
-            assert!(!bytes.windows(18).any(|w| w == b"SEALED-NAME-MARKER"));
+            for marker in [
+                &b"SEALED-NAME-MARKER"[..],
+                b"SEALED-CERT-MARKER",
+                b"HASH-OF-THE-DOCUMENT-MARKER",
+                b"DESCRIPTION-MARKER",
+            ] {
+                assert!(!bytes.windows(marker.len()).any(|w| w == marker));
+            }
         }
     }
 
