@@ -124,6 +124,12 @@ pub(crate) fn table() -> &'static [Route] {
                 &[Gateway],
                 signing::authorise
             ),
+            route!(
+                GET,
+                "/v1/accounts/{id}/signing-history",
+                &[Gateway],
+                signing::history
+            ),
             route!(GET, "/v1/audit/records", &[Auditor], audit_api::records),
             route!(
                 GET,

@@ -310,6 +310,69 @@ async fn load_request(app: &App, id: &str) -> Result<SigningRequest, ApiError> {
         .ok_or(ApiError::NotFound("signing request"))
 }
 
+/// Requests per page of the signing history, by default and at most.
+const HISTORY_PAGE: usize = 20;
+const HISTORY_MAX: usize = 100;
+
+/// `GET /v1/accounts/{id}/signing-history?before=CURSOR&limit=N` (gateway): the user's own
+/// record of what they signed, rejected or let expire, newest first.
+pub(crate) async fn history(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError> {
+    let limit = match ctx.query.get("limit") {
+        None => HISTORY_PAGE,
+        Some(text) => text
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=HISTORY_MAX).contains(n))
+            .ok_or_else(|| ApiError::InvalidRequest(format!("limit: 1 to {HISTORY_MAX}")))?,
+    };
+    let before = ctx
+        .query
+        .get("before")
+        .map(|c| parse_cursor(c))
+        .transpose()?;
+    let account = load(&app, &account_id(ctx.param(0))?).await?;
+    let now = app.clock.now();
+    let id = account.id.clone();
+    // One more than the page: whether there is a next page.
+    let mut rows = app
+        .store(move |store| store.signing_history(&id, now, before, limit + 1))
+        .await?;
+    let next = (rows.len() > limit).then(|| {
+        rows.truncate(limit);
+        rows.last()
+            .map(|(request, finished)| cursor(*finished, &request.id))
+    });
+    let list: Vec<Value> = rows
+        .iter()
+        .map(|(request, finished)| {
+            json!({
+                "request_id": request.id.as_str(),
+                "service": request.service.as_str(),
+                "hash_algorithm": request.hash_algorithm.as_str(),
+                "hash": STANDARD.encode(&request.hash),
+                "status": request.effective_status(now).as_str(),
+                "finished_at": rfc3339(*finished),
+            })
+        })
+        .collect();
+    Ok(Reply::ok(
+        &json!({"requests": list, "next": next.flatten()}),
+    ))
+}
+
+/// A history cursor: the finish time (unix seconds) and id of the last request of a page.
+fn cursor(finished: OffsetDateTime, id: &RequestId) -> String {
+    format!("{}.{}", finished.unix_timestamp(), id.as_str())
+}
+
+fn parse_cursor(text: &str) -> Result<(OffsetDateTime, RequestId), ApiError> {
+    let bad = || ApiError::InvalidRequest("before: not a cursor from this route".into());
+    let (seconds, id) = text.split_once('.').ok_or_else(bad)?;
+    let seconds: i64 = seconds.parse().map_err(|_| bad())?;
+    let finished = OffsetDateTime::from_unix_timestamp(seconds).map_err(|_| bad())?;
+    Ok((finished, RequestId::parse(id).map_err(|_| bad())?))
+}
+
 /// `GET /v1/accounts/{id}/signing-requests?status=pending` (gateway).
 pub(crate) async fn pending_for_account(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError> {
     match ctx.query.get("status").map(String::as_str) {
@@ -539,8 +602,9 @@ async fn transition(
     from: (SigningStatus, u8),
 ) -> Result<Moved, ApiError> {
     let request = request.clone();
+    let now = app.clock.now();
     match app
-        .store(move |store| store.transition_request(&request, from))
+        .store(move |store| store.transition_request(&request, from, now))
         .await
     {
         Ok(()) => Ok(Moved::Yes),

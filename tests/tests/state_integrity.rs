@@ -463,3 +463,78 @@ fn base64_of(bytes: &[u8]) -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
+
+#[test]
+fn the_user_sees_what_they_signed_and_rejected_newest_first() {
+    let daemon = DevDaemon::start(&[]);
+    let key = register(&daemon, "u-history");
+    register(&daemon, "u-someone-else");
+    let signed = Pending::for_account(&daemon, "u-history", key.clone(), vec![1; 32]);
+    assert_eq!(signed.approve(&daemon).status(), 200);
+    let rejected = Pending::for_account(&daemon, "u-history", key.clone(), vec![2; 32]);
+    let statement = format!(
+        "smartsign-authorise-v1\n{}\n{}\nsha256\n{}\nreject",
+        rejected.request["request_id"].as_str().unwrap(),
+        rejected.request["identification_code"].as_str().unwrap(),
+        hex::encode([2u8; 32])
+    );
+    use p256::ecdsa::signature::Signer as _;
+    let signature: p256::ecdsa::Signature = key.sign(statement.as_bytes());
+    let answer = daemon
+        .client("gateway")
+        .post(format!("{}/authorisation", rejected.url(&daemon)))
+        .json(&serde_json::json!({"decision": "reject",
+            "device_signature": base64_of(signature.to_der().as_bytes())}))
+        .send()
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    let _still_pending = Pending::for_account(&daemon, "u-history", key, vec![3; 32]);
+
+    let gateway = daemon.client("gateway");
+    let page = |query: &str| -> Value {
+        let response = gateway
+            .get(format!(
+                "{}/v1/accounts/u-history/signing-history{query}",
+                daemon.api
+            ))
+            .send()
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        response.json().unwrap()
+    };
+    let all = page("");
+    let requests = all["requests"].as_array().unwrap();
+    let statuses: Vec<&str> = requests
+        .iter()
+        .map(|r| r["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(statuses, ["rejected", "signed"], "{all}");
+    assert_eq!(requests[1]["hash"], base64_of(&[1; 32]));
+    assert_eq!(requests[1]["service"], "demo-a");
+    assert!(all["next"].is_null());
+    // One at a time: the cursor leads to the next page, and the last has none.
+    let first = page("?limit=1");
+    assert_eq!(first["requests"][0]["status"], "rejected");
+    let cursor = first["next"].as_str().unwrap();
+    let second = page(&format!("?limit=1&before={cursor}"));
+    assert_eq!(second["requests"][0]["status"], "signed");
+    assert!(second["next"].is_null(), "{second}");
+    // Only the gateway reads it, and a bad cursor is refused.
+    let denied = daemon
+        .client("demo-a")
+        .get(format!(
+            "{}/v1/accounts/u-history/signing-history",
+            daemon.api
+        ))
+        .send()
+        .unwrap();
+    assert_eq!(denied.status(), 403);
+    let bad = gateway
+        .get(format!(
+            "{}/v1/accounts/u-history/signing-history?before=nonsense",
+            daemon.api
+        ))
+        .send()
+        .unwrap();
+    assert_eq!(problem(bad), (400, "invalid_request".into()));
+}

@@ -118,7 +118,19 @@ pub trait Store: Send + Sync {
         &self,
         request: &SigningRequest,
         from: (SigningStatus, u8),
+        now: OffsetDateTime,
     ) -> Result<(), StoreError>;
+
+    /// The account's finished requests (signed, rejected, expired, locked, failed; a pending one
+    /// past its expiry counts as expired), newest first, each with when it finished: up to
+    /// `limit` of them before `before` (the finish time and id of the last one seen).
+    fn signing_history(
+        &self,
+        account: &AccountId,
+        now: OffsetDateTime,
+        before: Option<(OffsetDateTime, RequestId)>,
+        limit: usize,
+    ) -> Result<Vec<(SigningRequest, OffsetDateTime)>, StoreError>;
 
     /// Requests left `Approved`: signing began and did not end (a crash). Recovery fails them.
     fn approved_requests(&self) -> Result<Vec<SigningRequest>, StoreError>;

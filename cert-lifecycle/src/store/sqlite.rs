@@ -142,6 +142,9 @@ const MIGRATIONS: &[&str] = &[
     // HKIC hash (deregistration zeroes it too).
     "CREATE UNIQUE INDEX accounts_one_per_person ON accounts(hkic_hash)
         WHERE status != 'deregistered';",
+    // Version 8: when a request finished (the user's signing history).
+    "ALTER TABLE signing_requests ADD COLUMN finished_at INTEGER;
+    CREATE INDEX signing_requests_account ON signing_requests(account_id);",
 ];
 
 const ACCOUNT_COLUMNS: &str = "id, tier, status, status_changed_at, suspended_by, rectify_by, \
@@ -787,6 +790,7 @@ impl Store for SqliteStore {
         &self,
         r: &SigningRequest,
         from: (SigningStatus, u8),
+        now: OffsetDateTime,
     ) -> Result<(), StoreError> {
         let (status, attempts) = from;
         self.write(|conn| {
@@ -794,7 +798,10 @@ impl Store for SqliteStore {
             let changed = tx
                 .prepare_cached(
                     "UPDATE signing_requests SET status = ?2, bad_attempts = ?3, \
-                     sealed_result = ?4, signed_at = ?5 \
+                     sealed_result = ?4, signed_at = ?5, finished_at = CASE \
+                         WHEN ?2 = 'expired' THEN expires_at \
+                         WHEN ?2 IN ('signed', 'rejected', 'locked', 'failed') THEN ?8 \
+                         ELSE finished_at END \
                      WHERE id = ?1 AND status = ?6 AND bad_attempts = ?7 \
                      AND (?2 != 'approved' OR EXISTS (SELECT 1 FROM accounts \
                           WHERE accounts.id = signing_requests.account_id \
@@ -809,6 +816,7 @@ impl Store for SqliteStore {
                     opt_secs(r.signed_at),
                     status.as_str(),
                     i64::from(attempts),
+                    secs(now),
                 ])
                 .map_err(write_error)?;
             if changed == 0 {
@@ -823,6 +831,42 @@ impl Store for SqliteStore {
             }
             tx.commit()?;
             Ok(())
+        })
+    }
+
+    fn signing_history(
+        &self,
+        account: &AccountId,
+        now: OffsetDateTime,
+        before: Option<(OffsetDateTime, RequestId)>,
+        limit: usize,
+    ) -> Result<Vec<(SigningRequest, OffsetDateTime)>, StoreError> {
+        // A finish time for every finished request: stored, or (rows from before version 8,
+        // pending requests past their expiry) the best the row says.
+        let sql = format!(
+            "SELECT {REQUEST_COLUMNS}, finished FROM (SELECT *, COALESCE(finished_at, \
+                 CASE WHEN status IN ('pending', 'expired') THEN expires_at END, signed_at, \
+                 created_at) AS finished FROM signing_requests WHERE account_id = ?1 \
+                 AND (status IN ('signed', 'rejected', 'expired', 'locked', 'failed') \
+                      OR (status = 'pending' AND expires_at <= ?2))) \
+             WHERE finished < ?3 OR (finished = ?3 AND id < ?4) \
+             ORDER BY finished DESC, id DESC LIMIT ?5"
+        );
+        let (before_time, before_id) = match &before {
+            Some((time, id)) => (secs(*time), id.as_str().to_owned()),
+            // Past every row: the end of time, and an id above every id.
+            None => (i64::MAX, "~".to_owned()),
+        };
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(&sql)?;
+            let rows = stmt
+                .query_map(
+                    params![account.as_str(), secs(now), before_time, before_id, limit],
+                    |row| Ok((request_from_row(row)?, time_at(row, 15)?)),
+                )?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
         })
     }
 
@@ -1071,7 +1115,7 @@ mod tests {
         let approve = |r: &SigningRequest| {
             let mut approved = r.clone();
             approved.status = SigningStatus::Approved;
-            store.transition_request(&approved, (SigningStatus::Pending, 0))
+            store.transition_request(&approved, (SigningStatus::Pending, 0), CREATED)
         };
         let first = request(1, "u-1", "3f9a");
         store.insert_request(&first).unwrap();
@@ -1202,7 +1246,11 @@ mod tests {
             Err(StoreError::NotFound)
         ));
         assert!(matches!(
-            store.transition_request(&request(1, "u-1", "1"), (SigningStatus::Pending, 0)),
+            store.transition_request(
+                &request(1, "u-1", "1"),
+                (SigningStatus::Pending, 0),
+                CREATED
+            ),
             Err(StoreError::NotFound)
         ));
         assert!(matches!(
@@ -1399,22 +1447,22 @@ mod tests {
 
         r.bad_attempts = 2;
         store
-            .transition_request(&r, (SigningStatus::Pending, 0))
+            .transition_request(&r, (SigningStatus::Pending, 0), CREATED)
             .unwrap();
         r.status = SigningStatus::Approved;
         store
-            .transition_request(&r, (SigningStatus::Pending, 2))
+            .transition_request(&r, (SigningStatus::Pending, 2), CREATED)
             .unwrap();
         r.mark_signed(vec![5; 600], CREATED + Duration::seconds(40));
         store
-            .transition_request(&r, (SigningStatus::Approved, 2))
+            .transition_request(&r, (SigningStatus::Approved, 2), CREATED)
             .unwrap();
         assert_eq!(store.get_request(&r.id).unwrap(), Some(r.clone()));
         // A copy read before any of that is stale: refused, and nothing changes.
         let mut stale = request(1, "u-1", "3f9a");
         stale.status = SigningStatus::Approved;
         assert!(matches!(
-            store.transition_request(&stale, (SigningStatus::Pending, 0)),
+            store.transition_request(&stale, (SigningStatus::Pending, 0), CREATED),
             Err(StoreError::Conflict)
         ));
         assert_eq!(store.get_request(&r.id).unwrap(), Some(r.clone()));
@@ -1443,6 +1491,59 @@ mod tests {
             store.insert_request(&request(1, "u-1", "ffff")),
             Err(StoreError::Conflict)
         ));
+    }
+
+    #[test]
+    fn signing_history_lists_finished_requests_newest_first_in_pages() {
+        let (_dir, store) = temp_store();
+        registered(&store, "u-1", "1");
+        registered(&store, "u-2", "2");
+        let at = |s: i64| CREATED + Duration::seconds(s);
+        // Signed at 10 s, rejected at 20 s, a pending one that expires at 30 s, one still
+        // pending, and another account's.
+        let mut signed = request(1, "u-1", "1");
+        let mut rejected = request(2, "u-1", "1");
+        let mut lapsed = request(3, "u-1", "1");
+        lapsed.expires_at = at(30);
+        let open = request(4, "u-1", "1");
+        let mut other = request(5, "u-2", "2");
+        for r in [&signed, &rejected, &lapsed, &open, &other] {
+            store.insert_request(r).unwrap();
+        }
+        signed.mark_signed(vec![1; 40], at(10));
+        store
+            .transition_request(&signed, (SigningStatus::Pending, 0), at(10))
+            .unwrap();
+        rejected.status = SigningStatus::Rejected;
+        store
+            .transition_request(&rejected, (SigningStatus::Pending, 0), at(20))
+            .unwrap();
+        other.status = SigningStatus::Rejected;
+        store
+            .transition_request(&other, (SigningStatus::Pending, 0), at(25))
+            .unwrap();
+
+        let u1 = id("u-1");
+        let now = at(40);
+        let all = store.signing_history(&u1, now, None, 10).unwrap();
+        let ids: Vec<_> = all.iter().map(|(r, f)| (r.id.clone(), *f)).collect();
+        assert_eq!(
+            ids,
+            vec![
+                (lapsed.id.clone(), at(30)),
+                (rejected.id.clone(), at(20)),
+                (signed.id.clone(), at(10)),
+            ]
+        );
+        // Two pages of two and one.
+        let page = store.signing_history(&u1, now, None, 2).unwrap();
+        assert_eq!(page.len(), 2);
+        let (last, finished) = page.last().unwrap();
+        let rest = store
+            .signing_history(&u1, now, Some((*finished, last.id.clone())), 2)
+            .unwrap();
+        assert_eq!(rest.len(), 1);
+        assert_eq!(rest[0].0.id, signed.id);
     }
 
     #[test]
