@@ -102,6 +102,9 @@ pub struct AccountRecord {
     pub current_certificate: Option<CertSerial>,
     /// When the account was registered.
     pub created_at: OffsetDateTime,
+    /// A minor's guardian, as the keyed hash of their HKIC number (never the number), kept with
+    /// the account once their date of birth was checked at registration; erased with it.
+    pub guardian_hkic_hash: Option<[u8; 32]>,
     /// How many changes the stored account has had: an update names the version it was made
     /// from, and is refused when the account moved on meanwhile (0 for a new account).
     pub version: u64,

@@ -98,12 +98,12 @@ pub(crate) async fn register(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError>
     let dob = date("date_of_birth", &body.date_of_birth)?;
     let hkic_number = hkic("hkic_number", &body.hkic_number)?;
     let device = device_key(&body.device_public_key)?;
-    let guardian_dob = match &body.guardian {
-        Some(guardian) => {
-            hkic("guardian.hkic_number", &guardian.hkic_number)?;
-            Some(date("guardian.date_of_birth", &guardian.date_of_birth)?)
-        }
-        None => None,
+    let (guardian_hkic, guardian_dob) = match &body.guardian {
+        Some(guardian) => (
+            Some(hkic("guardian.hkic_number", &guardian.hkic_number)?),
+            Some(date("guardian.date_of_birth", &guardian.date_of_birth)?),
+        ),
+        None => (None, None),
     };
     if dob > cert_lifecycle::hk_date(now) {
         return Err(ApiError::InvalidRequest(
@@ -131,6 +131,12 @@ pub(crate) async fn register(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError>
     // number (the store's unique index decides a race between two registrations).
     let hkic_hash = app.hkic_hash(&hkic_number).await?;
     drop(hkic_number);
+    // The guardian is kept as the keyed hash of their number, like the holder's; their date of
+    // birth only served the check above.
+    let guardian_hkic_hash = match guardian_hkic {
+        Some(number) => Some(app.hkic_hash(&number).await?),
+        None => None,
+    };
     if hkic_taken(&app, hkic_hash).await? {
         return Err(ApiError::HkicAlreadyRegistered);
     }
@@ -151,6 +157,7 @@ pub(crate) async fn register(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError>
         device_generation: 1,
         current_certificate: None,
         created_at: now,
+        guardian_hkic_hash,
         version: 0,
     };
     let minor = cert_lifecycle::is_minor(dob, now);
@@ -388,6 +395,7 @@ pub(crate) async fn account_view(
         "rectify_by": record.rectify_by.map(rfc3339),
         "certificate": certificate,
         "device_generation": record.device_generation,
+        "guardian": record.guardian_hkic_hash.is_some(),
     }))
 }
 

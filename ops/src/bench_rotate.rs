@@ -219,6 +219,7 @@ async fn populate(hsm: &Arc<Hsm>, path: &Path, keys: u64) -> Result<(), BoxError
             device_generation: 1,
             current_certificate: Some(serial),
             created_at: now,
+            guardian_hkic_hash: None,
             version: 0,
         };
         store.insert_account_with_certificate(&account, &certificate)?;

@@ -538,3 +538,55 @@ fn the_user_sees_what_they_signed_and_rejected_newest_first() {
         .unwrap();
     assert_eq!(problem(bad), (400, "invalid_request".into()));
 }
+
+#[test]
+fn a_minors_guardian_is_kept_as_a_keyed_hash_and_erased_with_the_account() {
+    let daemon = DevDaemon::start(&[]);
+    let state = daemon.state_dir();
+    let registrar = daemon.client("registrar");
+    let mut minor = registration("u-minor-g", "2012-03-04", &device_key());
+    let guardian = smartsign_tests::flow::hkic_for("the guardian");
+    minor["guardian"] = serde_json::json!({"hkic_number": guardian, "date_of_birth": "1980-05-06"});
+    let created = registrar
+        .post(format!("{}/v1/accounts", daemon.api))
+        .json(&minor)
+        .send()
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    assert_eq!(created.json::<Value>().unwrap()["guardian"], true);
+    register(&daemon, "u-adult-g");
+    let adult: Value = registrar
+        .get(format!("{}/v1/accounts/u-adult-g", daemon.api))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(adult["guardian"], false);
+
+    // Stored as a 32-byte keyed hash, not the number.
+    let conn = rusqlite::Connection::open(state.join("smartsign.sqlite")).unwrap();
+    let stored: Vec<u8> = conn
+        .query_row(
+            "SELECT guardian_hkic_hash FROM accounts WHERE id = 'u-minor-g'",
+            [],
+            |row| row.get(0),
+        )
+        .unwrap();
+    drop(conn);
+    assert_eq!(stored.len(), 32);
+    assert!(!store_files_hold(&state, guardian.as_bytes()));
+
+    let gone = registrar
+        .delete(format!("{}/v1/accounts/u-minor-g", daemon.api))
+        .send()
+        .unwrap();
+    assert_eq!(gone.status(), 204);
+    let after: Value = registrar
+        .get(format!("{}/v1/accounts/u-minor-g", daemon.api))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(after["guardian"], false);
+    assert!(!store_files_hold(&state, &stored));
+}

@@ -272,6 +272,7 @@ mod tests {
             device_generation: 1,
             current_certificate: Some(certificate.serial.clone()),
             created_at: now,
+            guardian_hkic_hash: None,
             version: 0,
         };
         (account, certificate)

@@ -145,11 +145,13 @@ const MIGRATIONS: &[&str] = &[
     // Version 8: when a request finished (the user's signing history).
     "ALTER TABLE signing_requests ADD COLUMN finished_at INTEGER;
     CREATE INDEX signing_requests_account ON signing_requests(account_id);",
+    // Version 9: a minor's guardian, by the keyed hash of their HKIC number.
+    "ALTER TABLE accounts ADD COLUMN guardian_hkic_hash BLOB;",
 ];
 
 const ACCOUNT_COLUMNS: &str = "id, tier, status, status_changed_at, suspended_by, rectify_by, \
     sealed_name, sealed_dob, hkic_hash, device_public_key, device_generation, \
-    current_certificate, created_at, version";
+    current_certificate, created_at, version, guardian_hkic_hash";
 
 const CERTIFICATE_COLUMNS: &str = "serial, account_id, profile, not_before, not_after, status, \
     revocation_reason, revoked_at, sealed_der, key_ref, key_algorithm";
@@ -247,7 +249,7 @@ impl SqliteStore {
 fn insert_account_row(conn: &Connection, a: &AccountRecord) -> Result<(), StoreError> {
     let sql = format!(
         "INSERT INTO accounts ({ACCOUNT_COLUMNS}) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
     );
     conn.prepare_cached(&sql)?
         .execute(params_from_iter(account_values(a)))
@@ -263,8 +265,8 @@ fn update_account_row(conn: &Connection, a: &AccountRecord) -> Result<(), StoreE
             "UPDATE accounts SET tier = ?2, status = ?3, status_changed_at = ?4, \
                  suspended_by = ?5, rectify_by = ?6, sealed_name = ?7, sealed_dob = ?8, \
                  hkic_hash = ?9, device_public_key = ?10, device_generation = ?11, \
-                 current_certificate = ?12, created_at = ?13, version = ?14 + 1 \
-                 WHERE id = ?1 AND version = ?14",
+                 current_certificate = ?12, created_at = ?13, version = ?14 + 1, \
+                 guardian_hkic_hash = ?15 WHERE id = ?1 AND version = ?14",
         )?
         .execute(params_from_iter(account_values(a)))
         .map_err(write_error)?;
@@ -341,8 +343,8 @@ pub(super) fn one_row_changed(changed: usize) -> Result<(), StoreError> {
     }
 }
 
-/// An account's columns in `ACCOUNT_COLUMNS` order (`?1` to `?14`), for insert and update alike.
-fn account_values(a: &AccountRecord) -> [Value; 14] {
+/// An account's columns in `ACCOUNT_COLUMNS` order (`?1` to `?15`), for insert and update alike.
+fn account_values(a: &AccountRecord) -> [Value; 15] {
     [
         a.id.as_str().to_owned().into(),
         a.tier.as_str().to_owned().into(),
@@ -361,6 +363,7 @@ fn account_values(a: &AccountRecord) -> [Value; 14] {
             .into(),
         secs(a.created_at).into(),
         i64::try_from(a.version).unwrap_or(i64::MAX).into(),
+        a.guardian_hkic_hash.map(|hash| hash.to_vec()).into(),
     ]
 }
 
@@ -503,6 +506,13 @@ fn account_from_row(row: &Row<'_>) -> rusqlite::Result<AccountRecord> {
         created_at: time_at(row, 12)?,
         version: u64::try_from(row.get::<_, i64>(13)?)
             .map_err(|e| conversion(13, Type::Integer, e))?,
+        guardian_hkic_hash: row
+            .get::<_, Option<Vec<u8>>>(14)?
+            .map(|hash| {
+                <[u8; 32]>::try_from(hash.as_slice())
+                    .map_err(|_| conversion(14, Type::Blob, "guardian hash is not 32 bytes"))
+            })
+            .transpose()?,
     })
 }
 
@@ -618,7 +628,7 @@ impl Store for SqliteStore {
             let id = account.id.as_str();
             tx.execute(
                 "UPDATE accounts SET sealed_name = x'', sealed_dob = x'', \
-                 hkic_hash = zeroblob(32) WHERE id = ?1",
+                 hkic_hash = zeroblob(32), guardian_hkic_hash = NULL WHERE id = ?1",
                 [id],
             )?;
             tx.execute(
@@ -1066,6 +1076,7 @@ mod tests {
             device_generation: 1,
             current_certificate: None,
             created_at: datetime!(2026-01-01 00:00 UTC),
+            guardian_hkic_hash: None,
             version: 0,
         }
     }
