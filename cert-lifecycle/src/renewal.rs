@@ -15,6 +15,8 @@ wire_enum! {
         Renew => "renew",
         /// A new certificate after expiry or revocation.
         Reapply => "reapply",
+        /// The user ends the account from the app (API.md, "Additions").
+        Deregister => "deregister",
     }
 }
 

@@ -68,16 +68,22 @@ pub(crate) async fn due(app: Arc<App>, _ctx: Ctx) -> Result<Reply, ApiError> {
     Ok(Reply::ok(&json!({ "accounts": accounts })))
 }
 
-/// `GET /v1/accounts/{id}/consent-challenge?purpose=renew|reapply` (gateway).
+/// `GET /v1/accounts/{id}/consent-challenge?purpose=renew|reapply|deregister` (gateway).
 pub(crate) async fn consent_challenge(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError> {
-    let purpose: ConsentPurpose = ctx
-        .query("purpose")?
-        .parse()
-        .map_err(|_| ApiError::InvalidRequest("purpose must be renew or reapply".into()))?;
+    let purpose: ConsentPurpose = ctx.query("purpose")?.parse().map_err(|_| {
+        ApiError::InvalidRequest("purpose must be renew, reapply or deregister".into())
+    })?;
     let record = load(&app, &account_id(ctx.param(0))?).await?;
-    require_active(&record)?;
-    if record.tier != Tier::IamSmartPlus {
-        return Err(ApiError::NotIamSmartPlus);
+    if purpose == ConsentPurpose::Deregister {
+        // A user may end any account of theirs that is not ended already, suspended or not.
+        if record.status == cert_lifecycle::AccountStatus::Deregistered {
+            return Err(ApiError::AccountNotActive(record.status.as_str()));
+        }
+    } else {
+        require_active(&record)?;
+        if record.tier != Tier::IamSmartPlus {
+            return Err(ApiError::NotIamSmartPlus);
+        }
     }
     let now = app.clock.now();
     let nonce = URL_SAFE_NO_PAD.encode(app.random::<32>().await?);
@@ -116,6 +122,30 @@ pub(crate) async fn consent_challenge(app: Arc<App>, ctx: Ctx) -> Result<Reply, 
 struct ConsentBody {
     nonce: String,
     device_signature: String,
+}
+
+/// `POST /v1/accounts/{id}/deregistration` (gateway): the user ends the account from the app,
+/// with the device's consent to a `deregister` challenge; the same effect as the registrar's
+/// `DELETE /v1/accounts/{id}`.
+pub(crate) async fn deregistration(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError> {
+    let body: ConsentBody = ctx.json()?;
+    let now = app.clock.now();
+    let mut record = load(&app, &account_id(ctx.param(0))?).await?;
+    if record.status == cert_lifecycle::AccountStatus::Deregistered {
+        return Err(ApiError::AccountNotActive(record.status.as_str()));
+    }
+    let actor = ctx.caller.to_string();
+    check_consent(
+        &app,
+        &actor,
+        &record,
+        ConsentPurpose::Deregister,
+        &body,
+        now,
+    )
+    .await?;
+    crate::accounts::deregister_account(&app, &mut record, &actor, now).await?;
+    Ok(Reply::empty(hyper::StatusCode::NO_CONTENT))
 }
 
 /// Takes the challenge (used once, whatever the answer) and checks the device's consent; a

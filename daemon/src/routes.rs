@@ -130,6 +130,12 @@ pub(crate) fn table() -> &'static [Route] {
                 &[Gateway],
                 signing::history
             ),
+            route!(
+                POST,
+                "/v1/accounts/{id}/deregistration",
+                &[Gateway],
+                lifecycle::deregistration
+            ),
             route!(GET, "/v1/audit/records", &[Auditor], audit_api::records),
             route!(
                 GET,

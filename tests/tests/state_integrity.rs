@@ -590,3 +590,65 @@ fn a_minors_guardian_is_kept_as_a_keyed_hash_and_erased_with_the_account() {
     assert_eq!(after["guardian"], false);
     assert!(!store_files_hold(&state, &stored));
 }
+
+#[test]
+fn the_user_deregisters_from_the_app_with_the_devices_consent() {
+    let daemon = DevDaemon::start(&[]);
+    let key = register(&daemon, "u-leaving");
+    let gateway = daemon.client("gateway");
+    let url = |path: &str| format!("{}/v1/accounts/u-leaving{path}", daemon.api);
+    let challenge = |purpose: &str| -> Value {
+        let response = gateway
+            .get(url(&format!("/consent-challenge?purpose={purpose}")))
+            .send()
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        response.json().unwrap()
+    };
+    let consent = |nonce: &str, signer: &p256::ecdsa::SigningKey| {
+        use p256::ecdsa::signature::Signer as _;
+        let statement = format!("smartsign-consent-v1\nderegister\nu-leaving\n{nonce}");
+        let signature: p256::ecdsa::Signature = signer.sign(statement.as_bytes());
+        gateway
+            .post(url("/deregistration"))
+            .json(&serde_json::json!({"nonce": nonce,
+                "device_signature": base64_of(signature.to_der().as_bytes())}))
+            .send()
+            .unwrap()
+    };
+    // Another device's consent is refused, and changes nothing; the challenge is spent.
+    let first = challenge("deregister");
+    assert_eq!(
+        problem(consent(first["nonce"].as_str().unwrap(), &device_key())),
+        (422, "authorisation_invalid".into())
+    );
+    let account: Value = daemon
+        .client("registrar")
+        .get(url(""))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(account["status"], "active");
+    // A renewal challenge does not deregister either.
+    let renewal = challenge("renew");
+    assert_eq!(
+        problem(consent(renewal["nonce"].as_str().unwrap(), &key)),
+        (422, "authorisation_invalid".into())
+    );
+    // The device's own consent to a deregister challenge ends the account.
+    let second = challenge("deregister");
+    assert_eq!(
+        consent(second["nonce"].as_str().unwrap(), &key).status(),
+        204
+    );
+    let account: Value = daemon
+        .client("registrar")
+        .get(url(""))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(account["status"], "deregistered");
+    assert_eq!(account["certificate"]["status"], "revoked");
+}
