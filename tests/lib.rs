@@ -438,6 +438,24 @@ impl DevDaemon {
             .is_none_or(|child| child.try_wait().ok().flatten().is_some())
     }
 
+    /// The daemon's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(std::process::Child::id)
+    }
+
+    /// Kills the daemon from outside with SIGKILL (no chance to finish anything) and waits.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the daemon again after [`DevDaemon::kill`] or [`DevDaemon::stop`].
+    pub fn start_again(&mut self) {
+        self.launch();
+    }
+
     /// Stops and starts the daemon again on the same state directory.
     pub fn restart(&mut self) {
         self.stop();
