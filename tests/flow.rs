@@ -207,16 +207,26 @@ pub fn verify_audit(daemon: &DevDaemon, dir: &Path) -> String {
     let size = serde_json::from_slice::<Value>(&checkpoint).unwrap()["tree_size"]
         .as_u64()
         .unwrap();
-    let records = auditor
-        .get(format!(
-            "{}/v1/audit/records?from=0&limit={size}",
-            daemon.api
-        ))
-        .send()
-        .unwrap()
-        .bytes()
-        .unwrap()
-        .to_vec();
+    // Page by page: one answer holds at most 10,000 records.
+    let mut records = Vec::new();
+    let mut from = 0;
+    while from < size {
+        let page = auditor
+            .get(format!(
+                "{}/v1/audit/records?from={from}&limit={}",
+                daemon.api,
+                (size - from).min(10_000)
+            ))
+            .send()
+            .unwrap()
+            .bytes()
+            .unwrap()
+            .to_vec();
+        let lines = page.iter().filter(|b| **b == b'\n').count() as u64;
+        assert!(lines > 0, "no records from {from}");
+        records.extend_from_slice(&page);
+        from += lines;
+    }
     let public_key = auditor
         .get(format!("{}/v1/audit/public-key", daemon.api))
         .send()
