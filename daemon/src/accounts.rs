@@ -864,27 +864,38 @@ pub(crate) async fn invalidate_account(
         fields([("account_id", json!(record.id.as_str()))]),
     )
     .await?;
-    save_final(app, record, |record| {
-        record.status = AccountStatus::Invalidated;
-        record.status_changed_at = now;
-        record.rectify_by = None;
-    })
+    save_final(
+        app,
+        record,
+        |record| {
+            record.status = AccountStatus::Invalidated;
+            record.status_changed_at = now;
+            record.rectify_by = None;
+        },
+        |store, record| store.update_account(record),
+    )
     .await
 }
 
-/// Stores a final state (invalidated, deregistered) that must win over any change made since
-/// `record` was read: on a lost race it reads the account again and applies `apply` on top, so
-/// that the other change is kept too, and never undoes this one.
+/// Stores a final state (invalidated, deregistered) with `write`, which must win over any change
+/// made since `record` was read: on a lost race it reads the account again and applies `apply`
+/// on top, so that the other change is kept too, and never undoes this one. `record` ends as
+/// stored.
 async fn save_final(
     app: &App,
     record: &mut AccountRecord,
     apply: impl Fn(&mut AccountRecord),
+    write: fn(
+        &cert_lifecycle::SqliteStore,
+        &AccountRecord,
+    ) -> Result<(), cert_lifecycle::StoreError>,
 ) -> Result<(), ApiError> {
     apply(record);
     for _ in 0..CHANGE_TRIES {
-        match save(app, record).await {
+        let copy = record.clone();
+        match app.store(move |store| write(store, &copy)).await {
             Ok(()) => {
-                record.version += 1;
+                *record = load(app, &record.id).await?;
                 return Ok(());
             }
             Err(ApiError::Conflict) => {
@@ -925,28 +936,18 @@ pub(crate) async fn deregister_account(
     .await?;
     // One transaction: the state and the erasure of every personal datum, so that no crash
     // leaves a deregistered account with its data. It wins over a change made meanwhile.
-    let deregistered = |record: &mut AccountRecord| {
-        record.status = AccountStatus::Deregistered;
-        record.status_changed_at = now;
-        record.suspended_by = None;
-        record.rectify_by = None;
-    };
-    deregistered(record);
-    for _ in 0..CHANGE_TRIES {
-        let copy = record.clone();
-        match app.store(move |store| store.deregister(&copy)).await {
-            Ok(()) => {
-                *record = load(app, &record.id).await?;
-                return Ok(());
-            }
-            Err(ApiError::Conflict) => {
-                *record = load(app, &record.id).await?;
-                deregistered(record);
-            }
-            Err(error) => return Err(error),
-        }
-    }
-    Err(ApiError::Conflict)
+    save_final(
+        app,
+        record,
+        |record| {
+            record.status = AccountStatus::Deregistered;
+            record.status_changed_at = now;
+            record.suspended_by = None;
+            record.rectify_by = None;
+        },
+        |store, record| store.deregister(record),
+    )
+    .await
 }
 
 /// `GET /v1/accounts/{id}/taid?service=NAME`.

@@ -141,7 +141,7 @@ impl Directory {
         let entry = self.system(SystemKey::Kek)?;
         if kek != self.kek_id.as_ref() {
             return Err(HsmError::KekNotOnToken {
-                kek: kek.map_or_else(|| "without id".to_owned(), KekId::to_string),
+                kek: KekId::describe(kek),
             });
         }
         Ok(entry)

@@ -184,7 +184,9 @@ pub(crate) fn destroy(shared: &Shared, id: Option<&KekId>) -> Result<(), HsmErro
     let keks = find_all(&session)?;
     let handle = keks
         .get(&id.copied())
-        .ok_or_else(|| HsmError::KekNotOnToken { kek: describe(id) })?;
+        .ok_or_else(|| HsmError::KekNotOnToken {
+            kek: KekId::describe(id),
+        })?;
     {
         let _token_write = module::token_write_lock();
         session.destroy_object(*handle)?;
@@ -237,7 +239,7 @@ fn rewrap_one(
         return Ok(key.clone());
     }
     let from = *keks.get(kek).ok_or_else(|| HsmError::KekNotOnToken {
-        kek: describe(kek.as_ref()),
+        kek: KekId::describe(kek.as_ref()),
     })?;
     let algorithm = key.algorithm;
     let copy = session.unwrap_key(
@@ -274,8 +276,4 @@ fn destroy_quietly(session: &Session, handle: ObjectHandle) {
     if let Err(err) = session.destroy_object(handle) {
         tracing::warn!(error = %HsmError::from(err), "could not destroy a session object");
     }
-}
-
-fn describe(id: Option<&KekId>) -> String {
-    id.map_or_else(|| "without id".to_owned(), KekId::to_string)
 }

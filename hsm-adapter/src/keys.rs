@@ -333,6 +333,13 @@ impl KekId {
     }
 }
 
+impl KekId {
+    /// A KEK for messages: its id in hex, or `without id` for a KEK made before KEKs had ids.
+    pub fn describe(id: Option<&KekId>) -> String {
+        id.map_or_else(|| "without id".to_owned(), KekId::to_string)
+    }
+}
+
 impl fmt::Display for KekId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Display::fmt(&HexBytes(&self.0), f)

@@ -150,8 +150,7 @@ impl Rotation<'_> {
     pub(crate) async fn run(&self, so_pin: &SecretString) -> Result<u64, BoxError> {
         let started = Instant::now();
         let (old, new, resumed) = self.begin().await?;
-        let describe =
-            |id: Option<KekId>| id.map_or_else(|| "(no id)".to_owned(), |id| id.to_string());
+        let describe = |id: Option<KekId>| KekId::describe(id.as_ref());
         self.record(
             if resumed {
                 "kek.rotation_resumed"
@@ -252,9 +251,7 @@ impl Rotation<'_> {
         let [current] = keks.as_slice() else {
             let ids: Vec<String> = keks
                 .iter()
-                .map(|k| {
-                    k.id.map_or_else(|| "(no id)".to_owned(), |id| id.to_string())
-                })
+                .map(|k| KekId::describe(k.id.as_ref()))
                 .collect();
             return Err(format!(
                 "the token holds {} key-encryption keys ({}) and the store records no rotation \
