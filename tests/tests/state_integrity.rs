@@ -471,6 +471,8 @@ fn the_user_sees_what_they_signed_and_rejected_newest_first() {
     register(&daemon, "u-someone-else");
     let signed = Pending::for_account(&daemon, "u-history", key.clone(), vec![1; 32]);
     assert_eq!(signed.approve(&daemon).status(), 200);
+    // Finish times are kept to the second (ties go by request id): the rejection comes later.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
     let rejected = Pending::for_account(&daemon, "u-history", key.clone(), vec![2; 32]);
     let statement = format!(
         "smartsign-authorise-v1\n{}\n{}\nsha256\n{}\nreject",
