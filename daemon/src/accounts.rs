@@ -3,6 +3,9 @@
 //! revocation. The rules themselves live in `cert-lifecycle`; this module applies them, seals the
 //! personal data, and audits every change before answering.
 
+use application::accounts::Change;
+use application::ports::{AuditTrail, Keys};
+pub(crate) use application::{certificate_status, rfc3339};
 use std::sync::Arc;
 
 use base64::Engine;
@@ -10,8 +13,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use cert_lifecycle::Store;
 use cert_lifecycle::{
     AccountId, AccountRecord, AccountStatus, CertProfile, CertSerial, CertStatus,
-    CertificateRecord, HkicNumber, RECTIFICATION_PERIOD, RevocationReason, RuleError, ServiceName,
-    SuspendedBy, Tier,
+    CertificateRecord, HkicNumber, RevocationReason, RuleError, ServiceName, SuspendedBy, Tier,
 };
 use hsm_adapter::UserKeyRef;
 use hyper::StatusCode;
@@ -20,10 +22,11 @@ use serde_json::{Value, json};
 use time::format_description::well_known::{Iso8601, Rfc3339};
 use time::{Date, OffsetDateTime};
 
-use crate::app::{App, PersonalName, fields};
+use crate::app::{App, PersonalName};
 use crate::http::{Ctx, Reply};
 use crate::problem::ApiError;
 use crate::signing::device_key;
+use application::fields;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -69,13 +72,6 @@ fn name_part(field: &str, text: &str) -> Result<String, ApiError> {
         )));
     }
     Ok(text.to_owned())
-}
-
-pub(crate) fn rfc3339(time: OffsetDateTime) -> String {
-    time.replace_nanosecond(0)
-        .ok()
-        .and_then(|time| time.format(&Rfc3339).ok())
-        .unwrap_or_default()
 }
 
 /// `POST /v1/accounts`.
@@ -150,8 +146,10 @@ pub(crate) async fn register(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError>
         status_changed_at: now,
         suspended_by: None,
         rectify_by: None,
-        sealed_name: app.seal("name", &id, &name_json).await?,
-        sealed_dob: app.seal("dob", &id, body.date_of_birth.as_bytes()).await?,
+        sealed_name: app.seal("name", id.as_str(), &name_json).await?,
+        sealed_dob: app
+            .seal("dob", id.as_str(), body.date_of_birth.as_bytes())
+            .await?,
         hkic_hash,
         device_public_key: device,
         device_generation: 1,
@@ -179,7 +177,7 @@ pub(crate) async fn register(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError>
         audit_fields.insert("profile".into(), json!(certificate.profile.as_str()));
     }
     let stored = async {
-        app.audit("account.registered", &ctx.caller.to_string(), audit_fields)
+        app.append("account.registered", &ctx.caller.to_string(), audit_fields)
             .await?;
         let (record, certificate) = (record.clone(), certificate.clone());
         app.store(move |store| match &certificate {
@@ -259,11 +257,14 @@ async fn issue_certificate(
         }
     };
     let serial = CertSerial::parse(&issued.serial_hex).map_err(|_| ApiError::Internal)?;
-    let sealed_der = match app.seal("certificate", &account.id, &issued.der).await {
+    let sealed_der = match app
+        .seal("certificate", account.id.as_str(), &issued.der)
+        .await
+    {
         Ok(sealed) => sealed,
         Err(error) => {
             destroy_key(app, &key).await;
-            return Err(error);
+            return Err(error.into());
         }
     };
     Ok(CertificateRecord {
@@ -322,7 +323,7 @@ async fn destroy_key(app: &App, key: &UserKeyRef) {
 /// never handed out) and the key is destroyed.
 async fn discard_certificate(app: &App, certificate: &CertificateRecord) {
     let reason = RevocationReason::CessationOfOperation;
-    if let Err(error) = revoke_at_ca(app, certificate, reason).await {
+    if let Err(error) = application::accounts::revoke_at_ca(app, certificate, reason).await {
         tracing::error!(%error, serial = certificate.serial.as_str(), "could not revoke an unused certificate");
     }
     if let Some(key) = certificate
@@ -331,34 +332,6 @@ async fn discard_certificate(app: &App, certificate: &CertificateRecord) {
         .and_then(|bytes| UserKeyRef::from_bytes(bytes).ok())
     {
         destroy_key(app, &key).await;
-    }
-}
-
-/// Asks the CA (over CMP) to revoke `certificate`, and forgets its cached status.
-async fn revoke_at_ca(
-    app: &App,
-    certificate: &CertificateRecord,
-    reason: RevocationReason,
-) -> Result<(), String> {
-    let der = app
-        .unseal(
-            "certificate",
-            &certificate.account_id,
-            &certificate.sealed_der,
-        )
-        .await
-        .map_err(|error| error.code().to_owned())?;
-    let started = std::time::Instant::now();
-    let result = app.ca.cmp.revoke(&der, reason.crl_reason_code()).await;
-    app.metrics.observe_cmp(started.elapsed(), result.is_ok());
-    app.ca.status.forget(certificate.serial.as_str());
-    let Err(error) = result else {
-        return Ok(());
-    };
-    // A revocation repeated after a crash is refused by the CA: ask it what it has.
-    match app.ca.status.check(&der, app.clock.now().into()).await {
-        Ok(ca_bridge::status::CertStatus::Revoked { .. }) => Ok(()),
-        _ => Err(error.to_string()),
     }
 }
 
@@ -371,7 +344,7 @@ pub(crate) async fn account_view(
     let dob = if record.sealed_dob.is_empty() {
         None
     } else {
-        Some(app.date_of_birth(&record.id, &record.sealed_dob).await?)
+        Some(application::date_of_birth(app, record).await?)
     };
     let certificate = match &record.current_certificate {
         None => Value::Null,
@@ -399,19 +372,6 @@ pub(crate) async fn account_view(
     }))
 }
 
-pub(crate) fn certificate_status(
-    certificate: &CertificateRecord,
-    now: OffsetDateTime,
-) -> CertStatus {
-    if certificate.status == CertStatus::Revoked {
-        CertStatus::Revoked
-    } else if now >= certificate.not_after {
-        CertStatus::Expired
-    } else {
-        CertStatus::Valid
-    }
-}
-
 async fn certificate_view(
     app: &App,
     certificate: &CertificateRecord,
@@ -424,11 +384,11 @@ async fn certificate_view(
         let der = app
             .unseal(
                 "certificate",
-                &certificate.account_id,
+                certificate.account_id.as_str(),
                 &certificate.sealed_der,
             )
             .await?;
-        Some(crate::app::pem("CERTIFICATE", &der))
+        Some(application::pem("CERTIFICATE", &der))
     };
     Ok(json!({
         "serial": certificate.serial.as_str(),
@@ -445,48 +405,6 @@ async fn certificate_view(
 pub(crate) async fn load(app: &App, id: &AccountId) -> Result<AccountRecord, ApiError> {
     app.lookup(|store| store.get_account(id))?
         .ok_or(ApiError::NotFound("account"))
-}
-
-async fn save(app: &App, record: &AccountRecord) -> Result<(), ApiError> {
-    let record = record.clone();
-    app.store(move |store| store.update_account(&record)).await
-}
-
-/// How often a change re-reads the account after losing a race before it answers 409
-/// `conflict`.
-const CHANGE_TRIES: usize = 4;
-
-/// An audit record to write once a change is stored.
-struct Audited {
-    event: &'static str,
-    fields: serde_json::Map<String, Value>,
-}
-
-/// Applies `change` to the account as stored now and stores it only if nobody changed it
-/// meanwhile; when somebody did, reads it again and applies `change` to the new state, which
-/// may now refuse (`account_not_active`, ...). No change is ever written over another. The
-/// audit record follows the stored change, before the answer leaves.
-async fn change_account(
-    app: &App,
-    ctx: &Ctx,
-    mut change: impl FnMut(&mut AccountRecord) -> Result<Audited, ApiError>,
-) -> Result<AccountRecord, ApiError> {
-    let id = account_id(ctx.param(0))?;
-    for _ in 0..CHANGE_TRIES {
-        let mut record = load(app, &id).await?;
-        let audited = change(&mut record)?;
-        match save(app, &record).await {
-            Ok(()) => {
-                app.audit(audited.event, &ctx.caller.to_string(), audited.fields)
-                    .await?;
-                record.version += 1;
-                return Ok(record);
-            }
-            Err(ApiError::Conflict) => continue,
-            Err(error) => return Err(error),
-        }
-    }
-    Err(ApiError::Conflict)
 }
 
 async fn reply_account(app: &App, record: &AccountRecord) -> Result<Reply, ApiError> {
@@ -520,14 +438,16 @@ pub(crate) async fn upgrade(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError> 
     if record.tier == Tier::IamSmartPlus {
         return Err(ApiError::AlreadyIamSmartPlus);
     }
-    let name_json = app.unseal("name", &record.id, &record.sealed_name).await?;
+    let name_json = app
+        .unseal("name", record.id.as_str(), &record.sealed_name)
+        .await?;
     let name: PersonalName = serde_json::from_slice(&name_json).map_err(|_| ApiError::Internal)?;
-    let dob = app.date_of_birth(&record.id, &record.sealed_dob).await?;
+    let dob = application::date_of_birth(&*app, &record).await?;
     let certificate = issue_certificate(&app, &record, &name, dob, now).await?;
     record.tier = Tier::IamSmartPlus;
     record.current_certificate = Some(certificate.serial.clone());
     let result = async {
-        app.audit(
+        app.append(
             "account.upgraded",
             &ctx.caller.to_string(),
             fields([
@@ -561,11 +481,22 @@ fn check_reason(reason: Option<&str>) -> Result<(), ApiError> {
 }
 
 pub(crate) fn require_active(record: &AccountRecord) -> Result<(), ApiError> {
-    if record.status == AccountStatus::Active {
-        Ok(())
-    } else {
-        Err(ApiError::AccountNotActive(record.status.as_str()))
-    }
+    Ok(application::accounts::require_active(record)?)
+}
+
+/// Applies `change` to the account of the route through the application layer and answers with
+/// the account as stored.
+async fn change(app: &App, ctx: &Ctx, change: Change) -> Result<Reply, ApiError> {
+    let id = account_id(ctx.param(0))?;
+    let actor = ctx.caller.to_string();
+    let now = app.clock.now();
+    let record = application::accounts::change(app, &actor, &id, change, now).await?;
+    reply_account(app, &record).await
+}
+
+fn suspended_by(text: &str) -> Result<SuspendedBy, ApiError> {
+    text.parse()
+        .map_err(|_| ApiError::InvalidRequest("by must be user or government".into()))
 }
 
 /// `PUT /v1/accounts/{id}/device`: binds a new device; the old key stops working.
@@ -577,22 +508,7 @@ pub(crate) async fn switch_device(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiE
     }
     let body: Body = ctx.json()?;
     let device = device_key(&body.device_public_key)?;
-    let record = change_account(&app, &ctx, |record| {
-        if record.status == AccountStatus::Deregistered {
-            return Err(ApiError::AccountNotActive(record.status.as_str()));
-        }
-        record.device_public_key = device.clone();
-        record.device_generation += 1;
-        Ok(Audited {
-            event: "account.device_switched",
-            fields: fields([
-                ("account_id", json!(record.id.as_str())),
-                ("device_generation", json!(record.device_generation)),
-            ]),
-        })
-    })
-    .await?;
-    reply_account(&app, &record).await
+    change(&app, &ctx, Change::SwitchDevice(device)).await
 }
 
 /// `POST /v1/accounts/{id}/suspend`.
@@ -605,27 +521,9 @@ pub(crate) async fn suspend(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError> 
         reason: Option<String>,
     }
     let body: Body = ctx.json()?;
-    let by: SuspendedBy = body
-        .by
-        .parse()
-        .map_err(|_| ApiError::InvalidRequest("by must be user or government".into()))?;
+    let by = suspended_by(&body.by)?;
     check_reason(body.reason.as_deref())?;
-    let now = app.clock.now();
-    let record = change_account(&app, &ctx, |record| {
-        require_active(record)?;
-        record.status = AccountStatus::Suspended;
-        record.suspended_by = Some(by);
-        record.status_changed_at = now;
-        Ok(Audited {
-            event: "account.suspended",
-            fields: fields([
-                ("account_id", json!(record.id.as_str())),
-                ("by", json!(by.as_str())),
-            ]),
-        })
-    })
-    .await?;
-    reply_account(&app, &record).await
+    change(&app, &ctx, Change::Suspend(by)).await
 }
 
 /// `POST /v1/accounts/{id}/resume`.
@@ -641,34 +539,11 @@ pub(crate) async fn resume(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError> {
     } else {
         ctx.json::<Body>()?.by
     };
-    let by: SuspendedBy = match by {
+    let by = match by {
         None => SuspendedBy::User,
-        Some(by) => by
-            .parse()
-            .map_err(|_| ApiError::InvalidRequest("by must be user or government".into()))?,
+        Some(by) => suspended_by(&by)?,
     };
-    let now = app.clock.now();
-    let record = change_account(&app, &ctx, |record| {
-        // Only the party that suspended may lift it: a government suspension is not the
-        // user's to end.
-        // A suspension stored before the party was recorded counts as the user's.
-        let suspended_by = record.suspended_by.unwrap_or(SuspendedBy::User);
-        if record.status != AccountStatus::Suspended || suspended_by != by {
-            return Err(ApiError::AccountNotActive(record.status.as_str()));
-        }
-        record.status = AccountStatus::Active;
-        record.suspended_by = None;
-        record.status_changed_at = now;
-        Ok(Audited {
-            event: "account.resumed",
-            fields: fields([
-                ("account_id", json!(record.id.as_str())),
-                ("by", json!(by.as_str())),
-            ]),
-        })
-    })
-    .await?;
-    reply_account(&app, &record).await
+    change(&app, &ctx, Change::Resume(by)).await
 }
 
 /// `POST /v1/accounts/{id}/matching`: the result of the regular HKIC / residency check.
@@ -680,7 +555,6 @@ pub(crate) async fn matching(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError>
         acknowledged_at: Option<String>,
     }
     let body: Body = ctx.json()?;
-    let now = app.clock.now();
     let acknowledged = match body.result.as_str() {
         "mismatch" => Some(
             body.acknowledged_at
@@ -701,130 +575,7 @@ pub(crate) async fn matching(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError>
             ));
         }
     };
-    let record = change_account(&app, &ctx, |record| {
-        if !matches!(
-            record.status,
-            AccountStatus::Active | AccountStatus::RectificationPending
-        ) {
-            return Err(ApiError::AccountNotActive(record.status.as_str()));
-        }
-        match acknowledged {
-            Some(acknowledged) => {
-                record.status = AccountStatus::RectificationPending;
-                record.rectify_by = Some(acknowledged + RECTIFICATION_PERIOD);
-            }
-            None => {
-                record.status = AccountStatus::Active;
-                record.rectify_by = None;
-            }
-        }
-        record.status_changed_at = now;
-        Ok(Audited {
-            event: "account.matching",
-            fields: fields([
-                ("account_id", json!(record.id.as_str())),
-                ("result", json!(body.result)),
-                ("rectify_by", json!(record.rectify_by.map(rfc3339))),
-            ]),
-        })
-    })
-    .await?;
-    reply_account(&app, &record).await
-}
-
-/// Revokes the account's current certificate: audited, then the local state (which refuses every
-/// signature from then on), then the CA, then the key. Safe to repeat: a revocation that stopped
-/// half-way is finished by the next call or the next sweep ([`finish_revocation`]).
-pub(crate) async fn revoke_current(
-    app: &App,
-    record: &AccountRecord,
-    reason: RevocationReason,
-    actor: &str,
-) -> Result<(), ApiError> {
-    let Some(serial) = record.current_certificate.clone() else {
-        return Ok(());
-    };
-    let now = app.clock.now();
-    let mut certificate = {
-        let serial = serial.clone();
-        app.store(move |store| store.get_certificate(&serial))
-            .await?
-            .ok_or(ApiError::NoCertificate)?
-    };
-    if certificate.status != CertStatus::Revoked {
-        app.audit(
-            "certificate.revoked",
-            actor,
-            fields([
-                ("account_id", json!(record.id.as_str())),
-                ("serial", json!(serial.as_str())),
-                ("reason", json!(reason.as_str())),
-            ]),
-        )
-        .await?;
-        certificate.status = CertStatus::Revoked;
-        certificate.revocation_reason = Some(reason);
-        certificate.revoked_at = Some(now);
-        let stored = certificate.clone();
-        app.store(move |store| store.update_certificate(&stored))
-            .await?;
-        app.failpoint("revocation-after-local");
-    }
-    finish_revocation(app, certificate, actor).await
-}
-
-/// For a locally revoked certificate that still has its key: the CA revokes it, then the key is
-/// destroyed. While the CA cannot be reached the key stays (unusable: the local state refuses
-/// it) and the next sweep tries again.
-pub(crate) async fn finish_revocation(
-    app: &App,
-    certificate: CertificateRecord,
-    actor: &str,
-) -> Result<(), ApiError> {
-    if certificate.key_ref.is_none() {
-        return Ok(());
-    }
-    let reason = certificate
-        .revocation_reason
-        .unwrap_or(RevocationReason::CessationOfOperation);
-    if let Err(error) = revoke_at_ca(app, &certificate, reason).await {
-        tracing::error!(%error, serial = certificate.serial.as_str(),
-            "the CA did not take the revocation; the next sweep tries again");
-        return Ok(());
-    }
-    app.failpoint("revocation-after-ca");
-    destroy_key_of(app, certificate, "revoked", actor).await
-}
-
-/// Destroys a certificate's key (audited first), then drops the reference. A key the HSM no
-/// longer has counts as destroyed, so a destruction cut short is finished by repeating it.
-pub(crate) async fn destroy_key_of(
-    app: &App,
-    mut certificate: CertificateRecord,
-    why: &str,
-    actor: &str,
-) -> Result<(), ApiError> {
-    let Some(bytes) = certificate.key_ref.take() else {
-        return Ok(());
-    };
-    app.audit(
-        "certificate.key_destroyed",
-        actor,
-        fields([
-            ("account_id", json!(certificate.account_id.as_str())),
-            ("serial", json!(certificate.serial.as_str())),
-            ("why", json!(why)),
-        ]),
-    )
-    .await?;
-    let key = UserKeyRef::from_bytes(&bytes)?;
-    match app.hsm.destroy_user_key(&key).await {
-        Ok(()) => {}
-        Err(error) if error.kind() == hsm_adapter::ErrorKind::NotFound => {}
-        Err(error) => return Err(error.into()),
-    }
-    app.store(move |store| store.update_certificate(&certificate))
-        .await
+    change(&app, &ctx, Change::Matching(acknowledged)).await
 }
 
 /// `POST /v1/accounts/{id}/invalidate`.
@@ -837,117 +588,18 @@ pub(crate) async fn invalidate(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiErro
     }
     let body: Body = ctx.json()?;
     check_reason(body.reason.as_deref())?;
-    let now = app.clock.now();
-    let mut record = load(&app, &account_id(ctx.param(0))?).await?;
-    if matches!(
-        record.status,
-        AccountStatus::Invalidated | AccountStatus::Deregistered
-    ) {
-        return Err(ApiError::AccountNotActive(record.status.as_str()));
-    }
-    invalidate_account(&app, &mut record, &ctx.caller.to_string(), now).await?;
+    let id = account_id(ctx.param(0))?;
+    let actor = ctx.caller.to_string();
+    let record = application::accounts::invalidate(&*app, &actor, &id, app.clock.now()).await?;
     reply_account(&app, &record).await
-}
-
-/// Invalidates an account: its certificate revoked (privilege_withdrawn) and key destroyed. The
-/// invalidate route and the rectification-deadline sweep.
-pub(crate) async fn invalidate_account(
-    app: &App,
-    record: &mut AccountRecord,
-    actor: &str,
-    now: OffsetDateTime,
-) -> Result<(), ApiError> {
-    revoke_current(app, record, RevocationReason::PrivilegeWithdrawn, actor).await?;
-    app.audit(
-        "account.invalidated",
-        actor,
-        fields([("account_id", json!(record.id.as_str()))]),
-    )
-    .await?;
-    save_final(
-        app,
-        record,
-        |record| {
-            record.status = AccountStatus::Invalidated;
-            record.status_changed_at = now;
-            record.rectify_by = None;
-        },
-        |store, record| store.update_account(record),
-    )
-    .await
-}
-
-/// Stores a final state (invalidated, deregistered) with `write`, which must win over any change
-/// made since `record` was read: on a lost race it reads the account again and applies `apply`
-/// on top, so that the other change is kept too, and never undoes this one. `record` ends as
-/// stored.
-async fn save_final(
-    app: &App,
-    record: &mut AccountRecord,
-    apply: impl Fn(&mut AccountRecord),
-    write: fn(
-        &cert_lifecycle::SqliteStore,
-        &AccountRecord,
-    ) -> Result<(), cert_lifecycle::StoreError>,
-) -> Result<(), ApiError> {
-    apply(record);
-    for _ in 0..CHANGE_TRIES {
-        let copy = record.clone();
-        match app.store(move |store| write(store, &copy)).await {
-            Ok(()) => {
-                *record = load(app, &record.id).await?;
-                return Ok(());
-            }
-            Err(ApiError::Conflict) => {
-                *record = load(app, &record.id).await?;
-                apply(record);
-            }
-            Err(error) => return Err(error),
-        }
-    }
-    Err(ApiError::Conflict)
 }
 
 /// `DELETE /v1/accounts/{id}`: revoke, destroy the key, delete the personal data.
 pub(crate) async fn deregister(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError> {
-    let now = app.clock.now();
-    let mut record = load(&app, &account_id(ctx.param(0))?).await?;
-    if record.status == AccountStatus::Deregistered {
-        return Err(ApiError::AccountNotActive(record.status.as_str()));
-    }
-    deregister_account(&app, &mut record, &ctx.caller.to_string(), now).await?;
+    let id = account_id(ctx.param(0))?;
+    let actor = ctx.caller.to_string();
+    application::accounts::deregister(&*app, &actor, &id, app.clock.now()).await?;
     Ok(Reply::empty(StatusCode::NO_CONTENT))
-}
-
-/// Deregisters an account: its certificate revoked (cessation_of_operation), key destroyed,
-/// personal data deleted. The deregister route and the seven-year retention sweep.
-pub(crate) async fn deregister_account(
-    app: &App,
-    record: &mut AccountRecord,
-    actor: &str,
-    now: OffsetDateTime,
-) -> Result<(), ApiError> {
-    revoke_current(app, record, RevocationReason::CessationOfOperation, actor).await?;
-    app.audit(
-        "account.deregistered",
-        actor,
-        fields([("account_id", json!(record.id.as_str()))]),
-    )
-    .await?;
-    // One transaction: the state and the erasure of every personal datum, so that no crash
-    // leaves a deregistered account with its data. It wins over a change made meanwhile.
-    save_final(
-        app,
-        record,
-        |record| {
-            record.status = AccountStatus::Deregistered;
-            record.status_changed_at = now;
-            record.suspended_by = None;
-            record.rectify_by = None;
-        },
-        |store, record| store.deregister(record),
-    )
-    .await
 }
 
 /// `GET /v1/accounts/{id}/taid?service=NAME`.
@@ -1009,7 +661,8 @@ pub(crate) async fn revoke_certificate(app: Arc<App>, ctx: Ctx) -> Result<Reply,
     if certificate.status == CertStatus::Revoked {
         return Err(ApiError::CertificateRevoked);
     }
-    revoke_current(&app, &record, reason, &ctx.caller.to_string()).await?;
+    let actor = ctx.caller.to_string();
+    application::accounts::revoke_current(&*app, &record, reason, &actor, app.clock.now()).await?;
     reply_account(&app, &record).await
 }
 

@@ -1,6 +1,7 @@
 //! The officer's routes (API.md "Operations"): the appliance's state and, in `--dev` mode only,
 //! the settable clock.
 
+use application::ports::AuditTrail;
 use std::sync::Arc;
 
 use serde::Deserialize;
@@ -9,9 +10,10 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use crate::accounts::rfc3339;
-use crate::app::{App, fields};
+use crate::app::App;
 use crate::http::{Ctx, Reply};
 use crate::problem::ApiError;
+use application::fields;
 
 /// `GET /v1/admin/status`.
 pub(crate) async fn status(app: Arc<App>, _ctx: Ctx) -> Result<Reply, ApiError> {
@@ -49,7 +51,7 @@ pub(crate) async fn set_clock(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError
     let body: Body = ctx.json()?;
     let now = OffsetDateTime::parse(&body.now, &Rfc3339)
         .map_err(|_| ApiError::InvalidRequest("now must be an RFC 3339 time".into()))?;
-    app.audit(
+    app.append(
         "admin.clock_set",
         &ctx.caller.to_string(),
         fields([("now", json!(rfc3339(now)))]),

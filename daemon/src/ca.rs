@@ -7,19 +7,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ca_bridge::cmp::{ClientProtection, CmpClient, CmpClientConfig};
-use ca_bridge::status::{CertStatus, StatusChecker, StatusPolicy};
+use ca_bridge::status::{StatusChecker, StatusPolicy};
 use ca_bridge::transport::HttpTransport;
-use cert_lifecycle::CertificateRecord;
 use der::{DecodePem, Encode};
 use hsm_adapter::Hsm;
 use secrecy::SecretSlice;
-use time::OffsetDateTime;
 use x509_cert::Certificate;
 
-use crate::app::App;
 use crate::config::Config;
 use crate::metrics::StatusMetrics;
-use crate::problem::ApiError;
 
 /// How the daemon reaches its CA.
 #[derive(Debug)]
@@ -89,7 +85,7 @@ pub(crate) fn connect(
     let chain_der = vec![issuing, root];
     let chain_pem = chain_der
         .iter()
-        .map(|der| crate::app::pem("CERTIFICATE", der))
+        .map(|der| application::pem("CERTIFICATE", der))
         .collect();
     Ok(CaLink {
         cmp,
@@ -97,69 +93,6 @@ pub(crate) fn connect(
         chain_pem,
         chain_der,
     })
-}
-
-/// Refuses unless the CA says the certificate is good now (or, with a configured grace, was
-/// good recently enough). Called when a signing request is made and again just before the HSM
-/// signs. A fresh cached answer is used as it is; otherwise the certificate (unsealed here unless
-/// the caller has it) goes to the status checker.
-pub(crate) async fn confirm_good(
-    app: &App,
-    certificate: &CertificateRecord,
-    certificate_der: Option<&[u8]>,
-    now: OffsetDateTime,
-) -> Result<(), ApiError> {
-    let serial = &certificate.serial;
-    let status = match app.ca.status.cached(serial.as_str(), now.into()) {
-        Some(status) => Ok(status),
-        None => {
-            let unsealed;
-            let der = match certificate_der {
-                Some(der) => der,
-                None => {
-                    unsealed = app
-                        .unseal(
-                            "certificate",
-                            &certificate.account_id,
-                            &certificate.sealed_der,
-                        )
-                        .await?;
-                    unsealed.as_slice()
-                }
-            };
-            app.ca.status.check(der, now.into()).await
-        }
-    };
-    match status {
-        Ok(CertStatus::Good { within_grace, .. }) => {
-            if within_grace {
-                tracing::warn!(
-                    serial = serial.as_str(),
-                    "no fresh certificate status: signing within the configured grace"
-                );
-            }
-            Ok(())
-        }
-        Ok(CertStatus::Revoked { reason_code, .. }) => {
-            tracing::warn!(
-                serial = serial.as_str(),
-                reason_code,
-                "the CA reports the certificate revoked"
-            );
-            Err(ApiError::CertificateRevoked)
-        }
-        Ok(_) => {
-            tracing::error!(
-                serial = serial.as_str(),
-                "the CA does not know the certificate"
-            );
-            Err(ApiError::CertificateRevoked)
-        }
-        Err(error) => {
-            tracing::error!(%error, serial = serial.as_str(), "no usable certificate status");
-            Err(ApiError::StatusUnavailable)
-        }
-    }
 }
 
 fn read_certificate(name: &str, path: &std::path::Path) -> Result<Vec<u8>, String> {

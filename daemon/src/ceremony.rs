@@ -4,6 +4,7 @@
 //! when the ceremony came first). The store remembers which transcript is recorded, so later
 //! starts do not record it again.
 
+use application::ports::AuditTrail;
 use std::path::Path;
 
 use audit_log::{AuditPublicKey, Transcript};
@@ -11,7 +12,8 @@ use hsm_adapter::SystemKey;
 use serde_json::Value;
 use sha2::Digest as _;
 
-use crate::app::{App, fields};
+use crate::app::App;
+use application::fields;
 
 pub(crate) async fn anchor(app: &App, path: &Path) -> Result<(), String> {
     let shown = path.display();
@@ -44,7 +46,7 @@ pub(crate) async fn anchor(app: &App, path: &Path) -> Result<(), String> {
     }
     let body = transcript.body();
     let index = app
-        .audit(
+        .append(
             "ceremony.transcript",
             "system",
             fields([

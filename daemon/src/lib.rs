@@ -22,6 +22,7 @@ mod http;
 mod lifecycle;
 mod metrics;
 mod operations;
+mod ports;
 mod problem;
 mod routes;
 mod server;

@@ -14,6 +14,7 @@
 //! write of its reference leaves that key in the token unreferenced (wrapped keys, the default,
 //! leave nothing behind).
 
+use application::ports::{AuditTrail, Keys};
 use std::sync::Arc;
 
 use base64::Engine;
@@ -28,12 +29,13 @@ use serde_json::json;
 use time::{Date, OffsetDateTime};
 
 use crate::accounts::{
-    account_id, account_view, certificate_status, load, require_active, revoke_current, rfc3339,
+    account_id, account_view, certificate_status, load, require_active, rfc3339,
 };
-use crate::app::{App, PersonalName, fields};
+use crate::app::{App, PersonalName};
 use crate::http::{Ctx, Reply};
 use crate::problem::ApiError;
-use crate::signing::device_signature_valid;
+use application::fields;
+use application::signing::device_signature_valid;
 
 /// The actor of what start-up recovery does.
 const RECOVERY_ACTOR: &str = "system";
@@ -86,7 +88,7 @@ pub(crate) async fn consent_challenge(app: Arc<App>, ctx: Ctx) -> Result<Reply, 
         }
     }
     let now = app.clock.now();
-    let nonce = URL_SAFE_NO_PAD.encode(app.random::<32>().await?);
+    let nonce = URL_SAFE_NO_PAD.encode(app.random(32).await?);
     let challenge = ConsentChallenge {
         account_id: record.id.clone(),
         purpose,
@@ -95,7 +97,7 @@ pub(crate) async fn consent_challenge(app: Arc<App>, ctx: Ctx) -> Result<Reply, 
             .replace_nanosecond(0)
             .unwrap_or(now),
     };
-    app.audit(
+    app.append(
         "certificate.consent_challenged",
         &ctx.caller.to_string(),
         fields([
@@ -144,7 +146,7 @@ pub(crate) async fn deregistration(app: Arc<App>, ctx: Ctx) -> Result<Reply, Api
         now,
     )
     .await?;
-    crate::accounts::deregister_account(&app, &mut record, &actor, now).await?;
+    application::accounts::deregister_account(&*app, &mut record, &actor, now).await?;
     Ok(Reply::empty(hyper::StatusCode::NO_CONTENT))
 }
 
@@ -184,7 +186,7 @@ async fn check_consent(
     match refusal {
         None => Ok(()),
         Some(error) => {
-            app.audit(
+            app.append(
                 "certificate.consent_refused",
                 actor,
                 fields([
@@ -249,9 +251,9 @@ pub(crate) async fn renew(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError> {
         ApiError::Internal
     })?;
     let old_der = app
-        .unseal("certificate", &record.id, &old.sealed_der)
+        .unseal("certificate", record.id.as_str(), &old.sealed_der)
         .await?;
-    app.audit(
+    app.append(
         "certificate.renewal_requested",
         &actor,
         fields([
@@ -303,7 +305,7 @@ pub(crate) async fn reapply(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError> 
     if certificate_status(&old, now) == CertStatus::Valid {
         return Err(ApiError::RenewalNotDue);
     }
-    app.audit(
+    app.append(
         "certificate.reapply_requested",
         &actor,
         fields([
@@ -365,9 +367,11 @@ async fn change_key(
     via: Via<'_>,
     now: OffsetDateTime,
 ) -> Result<(CertificateRecord, KeyChangeJournal), ApiError> {
-    let name_json = app.unseal("name", &record.id, &record.sealed_name).await?;
+    let name_json = app
+        .unseal("name", record.id.as_str(), &record.sealed_name)
+        .await?;
     let name: PersonalName = serde_json::from_slice(&name_json).map_err(|_| ApiError::Internal)?;
-    let dob = app.date_of_birth(&record.id, &record.sealed_dob).await?;
+    let dob = application::date_of_birth(app, record).await?;
     let mut journal = KeyChangeJournal {
         account_id: record.id.clone(),
         purpose,
@@ -441,7 +445,10 @@ async fn certify(
         ApiError::Internal
     })?;
     let serial = CertSerial::parse(&issued.serial_hex).map_err(|_| ApiError::Internal)?;
-    let sealed_der = match app.seal("certificate", &record.id, &issued.der).await {
+    let sealed_der = match app
+        .seal("certificate", record.id.as_str(), &issued.der)
+        .await
+    {
         Ok(sealed) => sealed,
         Err(error) => {
             // The journal cannot name the certificate: revoke it here, while it is in hand.
@@ -449,7 +456,7 @@ async fn certify(
             if let Err(error) = app.ca.cmp.revoke(&issued.der, reason).await {
                 tracing::error!(%error, "could not revoke an unused certificate");
             }
-            return Err(error);
+            return Err(error.into());
         }
     };
     journal.new_serial = Some(serial.clone());
@@ -476,13 +483,13 @@ async fn certify(
 async fn make_current(
     app: &App,
     actor: &str,
-    event: &str,
+    event: &'static str,
     updated: &AccountRecord,
     new: &CertificateRecord,
     journal: &KeyChangeJournal,
 ) -> Result<(), ApiError> {
     let result = async {
-        app.audit(
+        app.append(
             event,
             actor,
             fields([
@@ -539,7 +546,15 @@ async fn finish(
         ConsentPurpose::Renew => {
             let mut old_view = old_record.clone();
             old_view.current_certificate = Some(old_serial);
-            revoke_current(app, &old_view, RevocationReason::Superseded, actor).await
+            let now = app.clock.now();
+            Ok(application::accounts::revoke_current(
+                app,
+                &old_view,
+                RevocationReason::Superseded,
+                actor,
+                now,
+            )
+            .await?)
         }
         _ => {
             let old = app
@@ -584,7 +599,7 @@ async fn undo(app: &App, journal: &KeyChangeJournal, actor: &str) {
 
 async fn try_undo(app: &App, journal: &KeyChangeJournal, actor: &str) -> Result<(), ApiError> {
     let mut journal = journal.clone();
-    app.audit(
+    app.append(
         "certificate.key_change_undone",
         actor,
         fields([
@@ -600,7 +615,7 @@ async fn try_undo(app: &App, journal: &KeyChangeJournal, actor: &str) -> Result<
     .await?;
     if let Some(sealed) = &journal.new_sealed_der {
         let der = app
-            .unseal("certificate", &journal.account_id, sealed)
+            .unseal("certificate", journal.account_id.as_str(), sealed)
             .await?;
         let reason = RevocationReason::CessationOfOperation;
         let started = std::time::Instant::now();
@@ -649,7 +664,7 @@ pub(crate) async fn recover(app: &App) -> Result<(), String> {
                     "finishing an interrupted key change"
                 );
                 let result = async {
-                    app.audit(
+                    app.append(
                         "certificate.key_change_finished",
                         RECOVERY_ACTOR,
                         fields([

@@ -236,6 +236,47 @@ impl ApiError {
     }
 }
 
+impl From<application::AppError> for ApiError {
+    fn from(error: application::AppError) -> Self {
+        use application::AppError as App;
+        match error {
+            App::InvalidRequest(detail) => ApiError::InvalidRequest(detail),
+            App::InvalidHash(detail) => ApiError::InvalidHash(detail),
+            App::NotFound(what) => ApiError::NotFound(what),
+            App::Forbidden => ApiError::Forbidden,
+            App::AccountNotActive(status) => ApiError::AccountNotActive(status),
+            App::NotIamSmartPlus => ApiError::NotIamSmartPlus,
+            App::NoCertificate => ApiError::NoCertificate,
+            App::CertificateRevoked => ApiError::CertificateRevoked,
+            App::CertificateExpired => ApiError::CertificateExpired,
+            App::RequestNotPending(status) => ApiError::RequestNotPending(status),
+            App::RequestExpired => ApiError::RequestExpired,
+            App::AuthorisationInvalid => ApiError::AuthorisationInvalid,
+            App::TooManyAttempts => ApiError::TooManyAttempts,
+            App::InvalidHkic(detail) => ApiError::InvalidHkic(detail),
+            App::HkicMismatch => ApiError::HkicMismatch,
+            App::Conflict => ApiError::Conflict,
+            App::HsmUnavailable(cause) => {
+                tracing::error!(error = %cause, "HSM unavailable");
+                ApiError::HsmUnavailable
+            }
+            App::AuditUnavailable(cause) => {
+                tracing::error!(error = %cause, "audit append failed");
+                ApiError::AuditUnavailable
+            }
+            App::StatusUnavailable(cause) => {
+                tracing::error!(error = %cause, "no usable certificate status");
+                ApiError::StatusUnavailable
+            }
+            App::Store(error) => ApiError::from(error),
+            App::Fault(cause) => {
+                tracing::error!(error = %cause, "internal fault");
+                ApiError::Internal
+            }
+        }
+    }
+}
+
 impl From<hsm_adapter::HsmError> for ApiError {
     fn from(error: hsm_adapter::HsmError) -> Self {
         match error.kind() {

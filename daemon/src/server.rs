@@ -3,6 +3,7 @@
 //! Ctrl-C; then let in-flight requests finish, write a final checkpoint, and close everything in
 //! order.
 
+use application::ports::AuditTrail;
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
@@ -15,7 +16,7 @@ use hsm_adapter::{Hsm, HsmConfig, HsmError, KeyMode, SystemKey, TokenSelector};
 use secrecy::SecretString;
 use tokio::sync::{mpsc, watch};
 
-use crate::app::{App, Policy, fields};
+use crate::app::{App, Policy};
 use crate::audit_api::HsmCheckpointSigner;
 use crate::ca_http::EmbeddedHost;
 use crate::clock::DaemonClock;
@@ -23,6 +24,7 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::tls::NamePolicy;
 use crate::unseal::Gate;
+use application::fields;
 
 /// What `--dev` adds to a normal start.
 pub(crate) struct DevOptions {
@@ -165,7 +167,7 @@ pub(crate) async fn run(config: Config, mut dev: Option<DevOptions>) -> Result<(
     let _ = shutdown_tx.send(true);
     while tasks.join_next().await.is_some() {}
     let _ = app
-        .audit("daemon.stopped", "system", serde_json::Map::new())
+        .append("daemon.stopped", "system", serde_json::Map::new())
         .await;
     match app
         .audit
@@ -257,7 +259,7 @@ async fn start(
             crate::ceremony::anchor(&app, path).await?;
         }
         if !officers.is_empty() {
-            app.audit(
+            app.append(
                 "admin.unsealed",
                 "system",
                 fields([("officers", officers.into())]),
@@ -291,8 +293,10 @@ async fn start(
         crate::lifecycle::recover(&app).await?;
         // A signature that a crash interrupted after the approval was never released: its
         // request fails, and can never sign again.
-        crate::signing::recover(&app).await?;
-        app.audit(
+        application::signing::recover(&*app, app.clock.now())
+            .await
+            .map_err(|error| format!("cannot fail the interrupted signing requests: {error}"))?;
+        app.append(
             "daemon.started",
             "system",
             fields([
@@ -442,6 +446,17 @@ async fn assemble(
             return Err(error);
         }
     };
+    let signing = application::signing::SigningSettings {
+        request_ttl: time::Duration::seconds(
+            config
+                .policy
+                .request_ttl_seconds
+                .try_into()
+                .map_err(|_| "policy.request_ttl_seconds is too large".to_owned())?,
+        ),
+        chain_der: ca.chain_der.clone(),
+        chain_pem: ca.chain_pem.clone(),
+    };
     let app = Arc::new(App {
         hsm,
         store: Arc::new(store),
@@ -458,6 +473,7 @@ async fn assemble(
             key_algorithm,
             key_mode,
         },
+        signing,
         names: base.names.clone(),
         dev: dev.is_some(),
         started: base.started,

@@ -17,6 +17,7 @@
 //! sweep that stops half-way (a crash, the HSM or the CA gone) is finished by the next one:
 //! each rule looks at the stored state again, and every step is safe to repeat.
 
+use application::ports::AuditTrail;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,13 +28,14 @@ use serde_json::{Value, json};
 use time::OffsetDateTime;
 use tokio::sync::watch;
 
-use crate::accounts::{
-    deregister_account, destroy_key_of, finish_revocation, invalidate_account, load,
-    revoke_current, rfc3339,
-};
-use crate::app::{App, fields};
+use crate::accounts::{load, rfc3339};
+use crate::app::App;
 use crate::http::{Ctx, Reply};
 use crate::problem::ApiError;
+use application::accounts::{
+    deregister_account, destroy_key_of, finish_revocation, invalidate_account, revoke_current,
+};
+use application::fields;
 
 /// The audit actor of the scheduled sweeps.
 const SCHEDULER: &str = "system:sweep";
@@ -106,7 +108,7 @@ async fn run(app: &App, actor: &str, now: OffsetDateTime) -> Result<Changes, Api
     rectification(app, actor, now, &mut changes).await?;
     retention(app, actor, now, &mut changes).await?;
     if changes.count() > 0 {
-        app.audit(
+        app.append(
             "sweep.completed",
             actor,
             fields([
@@ -151,10 +153,10 @@ async fn certificates(
             let account = load(app, &certificate.account_id).await?;
             let current = account.current_certificate.as_ref() == Some(&certificate.serial);
             if current && !account.sealed_dob.is_empty() {
-                let dob = app.date_of_birth(&account.id, &account.sealed_dob).await?;
+                let dob = application::date_of_birth(app, &account).await?;
                 if now >= cert_lifecycle::minor_certificate_ends(dob) {
-                    revoke_current(app, &account, RevocationReason::CessationOfOperation, actor)
-                        .await?;
+                    let reason = RevocationReason::CessationOfOperation;
+                    revoke_current(app, &account, reason, actor, now).await?;
                     changes.minors_revoked.push(entry);
                     continue;
                 }

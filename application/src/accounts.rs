@@ -1,0 +1,418 @@
+//! Changes of an account's state: suspension and its lifting, a device switch, the matching
+//! result, invalidation, deregistration, and the revocation of its certificate.
+//!
+//! Each change is applied to the account as stored and stored only if nobody changed it
+//! meanwhile (its version in the `WHERE`); on a lost race it reads again and applies the change
+//! to the new state, which may now refuse it. No change is ever written over another.
+
+use cert_lifecycle::{
+    AccountId, AccountRecord, AccountStatus, CertStatus, CertificateRecord, RECTIFICATION_PERIOD,
+    RevocationReason, Store, StoreError, SuspendedBy,
+};
+use serde_json::{Map, Value, json};
+use time::OffsetDateTime;
+
+use crate::{AppError, Ports, fields, rfc3339};
+
+/// How often a change re-reads the account after losing a race before it answers `conflict`.
+const CHANGE_TRIES: usize = 4;
+
+/// A change to an account that keeps it in service.
+#[derive(Debug, Clone)]
+pub enum Change {
+    /// Suspends an active account, by the user or by the government.
+    Suspend(SuspendedBy),
+    /// Lifts a suspension; only the party that suspended may.
+    Resume(SuspendedBy),
+    /// Binds a new device (its SubjectPublicKeyInfo, DER): requests made for the old one can
+    /// no longer be authorised.
+    SwitchDevice(Vec<u8>),
+    /// The regular HKIC / residency check matched (`None`), or did not and the user
+    /// acknowledged the mismatch at the time given: rectification is then due within
+    /// [`RECTIFICATION_PERIOD`].
+    Matching(Option<OffsetDateTime>),
+}
+
+impl Change {
+    /// Applies the change's rule to `record` as stored now; gives its audit record.
+    fn apply(&self, record: &mut AccountRecord, now: OffsetDateTime) -> Result<Audited, AppError> {
+        let account_id = json!(record.id.as_str());
+        match self {
+            Change::Suspend(by) => {
+                require_active(record)?;
+                record.status = AccountStatus::Suspended;
+                record.suspended_by = Some(*by);
+                record.status_changed_at = now;
+                Ok(Audited::new(
+                    "account.suspended",
+                    fields([("account_id", account_id), ("by", json!(by.as_str()))]),
+                ))
+            }
+            Change::Resume(by) => {
+                // Only the party that suspended may lift it: a government suspension is not the
+                // user's to end. A suspension stored before the party was recorded counts as
+                // the user's.
+                let suspended_by = record.suspended_by.unwrap_or(SuspendedBy::User);
+                if record.status != AccountStatus::Suspended || suspended_by != *by {
+                    return Err(AppError::AccountNotActive(record.status.as_str()));
+                }
+                record.status = AccountStatus::Active;
+                record.suspended_by = None;
+                record.status_changed_at = now;
+                Ok(Audited::new(
+                    "account.resumed",
+                    fields([("account_id", account_id), ("by", json!(by.as_str()))]),
+                ))
+            }
+            Change::SwitchDevice(device) => {
+                if record.status == AccountStatus::Deregistered {
+                    return Err(AppError::AccountNotActive(record.status.as_str()));
+                }
+                record.device_public_key = device.clone();
+                record.device_generation += 1;
+                Ok(Audited::new(
+                    "account.device_switched",
+                    fields([
+                        ("account_id", account_id),
+                        ("device_generation", json!(record.device_generation)),
+                    ]),
+                ))
+            }
+            Change::Matching(acknowledged) => {
+                if !matches!(
+                    record.status,
+                    AccountStatus::Active | AccountStatus::RectificationPending
+                ) {
+                    return Err(AppError::AccountNotActive(record.status.as_str()));
+                }
+                match acknowledged {
+                    Some(acknowledged) => {
+                        record.status = AccountStatus::RectificationPending;
+                        record.rectify_by = Some(*acknowledged + RECTIFICATION_PERIOD);
+                    }
+                    None => {
+                        record.status = AccountStatus::Active;
+                        record.rectify_by = None;
+                    }
+                }
+                record.status_changed_at = now;
+                let result = if acknowledged.is_some() {
+                    "mismatch"
+                } else {
+                    "matched"
+                };
+                Ok(Audited::new(
+                    "account.matching",
+                    fields([
+                        ("account_id", account_id),
+                        ("result", json!(result)),
+                        ("rectify_by", json!(record.rectify_by.map(rfc3339))),
+                    ]),
+                ))
+            }
+        }
+    }
+}
+
+/// An audit record to write once a change is stored.
+struct Audited {
+    event: &'static str,
+    fields: Map<String, Value>,
+}
+
+impl Audited {
+    fn new(event: &'static str, fields: Map<String, Value>) -> Audited {
+        Audited { event, fields }
+    }
+}
+
+/// Applies `change` to account `id` as stored now and stores it only if nobody changed it
+/// meanwhile; on a lost race, again on the new state. The audit record follows the stored
+/// change, before the answer leaves. Gives the account as stored.
+pub async fn change<P: Ports>(
+    ports: &P,
+    actor: &str,
+    id: &AccountId,
+    change: Change,
+    now: OffsetDateTime,
+) -> Result<AccountRecord, AppError> {
+    for _ in 0..CHANGE_TRIES {
+        let mut record = load(ports, id)?;
+        let audited = change.apply(&mut record, now)?;
+        let stored = record.clone();
+        match ports
+            .write(move |store| store.update_account(&stored))
+            .await
+        {
+            Ok(()) => {
+                ports.append(audited.event, actor, audited.fields).await?;
+                record.version += 1;
+                return Ok(record);
+            }
+            Err(AppError::Conflict) => continue,
+            Err(error) => return Err(error),
+        }
+    }
+    Err(AppError::Conflict)
+}
+
+/// The account with this id, or `not_found`.
+pub fn load<P: Ports>(ports: &P, id: &AccountId) -> Result<AccountRecord, AppError> {
+    ports
+        .read(|store| store.get_account(id))?
+        .ok_or(AppError::NotFound("account"))
+}
+
+/// Refuses unless the account is active.
+pub fn require_active(record: &AccountRecord) -> Result<(), AppError> {
+    if record.status == AccountStatus::Active {
+        Ok(())
+    } else {
+        Err(AppError::AccountNotActive(record.status.as_str()))
+    }
+}
+
+/// Invalidates account `id` (the registrar): its certificate revoked (privilege_withdrawn), its
+/// key destroyed. Gives the account as stored.
+pub async fn invalidate<P: Ports>(
+    ports: &P,
+    actor: &str,
+    id: &AccountId,
+    now: OffsetDateTime,
+) -> Result<AccountRecord, AppError> {
+    let mut record = load(ports, id)?;
+    if matches!(
+        record.status,
+        AccountStatus::Invalidated | AccountStatus::Deregistered
+    ) {
+        return Err(AppError::AccountNotActive(record.status.as_str()));
+    }
+    invalidate_account(ports, &mut record, actor, now).await?;
+    Ok(record)
+}
+
+/// Invalidates `record`'s account: the invalidate route and the rectification-deadline sweep.
+/// `record` ends as stored.
+pub async fn invalidate_account<P: Ports>(
+    ports: &P,
+    record: &mut AccountRecord,
+    actor: &str,
+    now: OffsetDateTime,
+) -> Result<(), AppError> {
+    revoke_current(
+        ports,
+        record,
+        RevocationReason::PrivilegeWithdrawn,
+        actor,
+        now,
+    )
+    .await?;
+    ports
+        .append(
+            "account.invalidated",
+            actor,
+            fields([("account_id", json!(record.id.as_str()))]),
+        )
+        .await?;
+    save_final(
+        ports,
+        record,
+        move |record| {
+            record.status = AccountStatus::Invalidated;
+            record.status_changed_at = now;
+            record.rectify_by = None;
+        },
+        |store, record| store.update_account(record),
+    )
+    .await
+}
+
+/// Deregisters account `id` (the registrar, or the user with consent): revoke, destroy the key,
+/// erase the personal data. Gives the account as stored.
+pub async fn deregister<P: Ports>(
+    ports: &P,
+    actor: &str,
+    id: &AccountId,
+    now: OffsetDateTime,
+) -> Result<AccountRecord, AppError> {
+    let mut record = load(ports, id)?;
+    if record.status == AccountStatus::Deregistered {
+        return Err(AppError::AccountNotActive(record.status.as_str()));
+    }
+    deregister_account(ports, &mut record, actor, now).await?;
+    Ok(record)
+}
+
+/// Deregisters `record`'s account: its certificate revoked (cessation_of_operation), key
+/// destroyed, personal data erased. The deregister routes and the seven-year retention sweep.
+pub async fn deregister_account<P: Ports>(
+    ports: &P,
+    record: &mut AccountRecord,
+    actor: &str,
+    now: OffsetDateTime,
+) -> Result<(), AppError> {
+    revoke_current(
+        ports,
+        record,
+        RevocationReason::CessationOfOperation,
+        actor,
+        now,
+    )
+    .await?;
+    ports
+        .append(
+            "account.deregistered",
+            actor,
+            fields([("account_id", json!(record.id.as_str()))]),
+        )
+        .await?;
+    // One transaction: the state and the erasure of every personal datum, so that no crash
+    // leaves a deregistered account with its data. It wins over a change made meanwhile.
+    save_final(
+        ports,
+        record,
+        move |record| {
+            record.status = AccountStatus::Deregistered;
+            record.status_changed_at = now;
+            record.suspended_by = None;
+            record.rectify_by = None;
+        },
+        |store, record| store.deregister(record),
+    )
+    .await
+}
+
+/// Stores a final state (invalidated, deregistered) with `write`, which must win over any change
+/// made since `record` was read: on a lost race it reads the account again and applies `apply`
+/// on top, so that the other change is kept too, and never undoes this one. `record` ends as
+/// stored.
+async fn save_final<P: Ports>(
+    ports: &P,
+    record: &mut AccountRecord,
+    apply: impl Fn(&mut AccountRecord),
+    write: fn(&P::Store, &AccountRecord) -> Result<(), StoreError>,
+) -> Result<(), AppError> {
+    apply(record);
+    for _ in 0..CHANGE_TRIES {
+        let copy = record.clone();
+        match ports.write(move |store| write(store, &copy)).await {
+            Ok(()) => {
+                *record = load(ports, &record.id)?;
+                return Ok(());
+            }
+            Err(AppError::Conflict) => {
+                *record = load(ports, &record.id)?;
+                apply(record);
+            }
+            Err(error) => return Err(error),
+        }
+    }
+    Err(AppError::Conflict)
+}
+
+/// Revokes the account's current certificate: audited, then the local state (which refuses every
+/// signature from then on), then the CA, then the key. Safe to repeat: a revocation that stopped
+/// half-way is finished by the next call or the next sweep ([`finish_revocation`]).
+pub async fn revoke_current<P: Ports>(
+    ports: &P,
+    record: &AccountRecord,
+    reason: RevocationReason,
+    actor: &str,
+    now: OffsetDateTime,
+) -> Result<(), AppError> {
+    let Some(serial) = record.current_certificate.clone() else {
+        return Ok(());
+    };
+    let mut certificate = ports
+        .read(|store| store.get_certificate(&serial))?
+        .ok_or(AppError::NoCertificate)?;
+    if certificate.status != CertStatus::Revoked {
+        ports
+            .append(
+                "certificate.revoked",
+                actor,
+                fields([
+                    ("account_id", json!(record.id.as_str())),
+                    ("serial", json!(serial.as_str())),
+                    ("reason", json!(reason.as_str())),
+                ]),
+            )
+            .await?;
+        certificate.status = CertStatus::Revoked;
+        certificate.revocation_reason = Some(reason);
+        certificate.revoked_at = Some(now);
+        let stored = certificate.clone();
+        ports
+            .write(move |store| store.update_certificate(&stored))
+            .await?;
+        ports.step("revocation-after-local");
+    }
+    finish_revocation(ports, certificate, actor).await
+}
+
+/// For a locally revoked certificate that still has its key: the CA revokes it, then the key is
+/// destroyed. While the CA cannot be reached the key stays (unusable: the local state refuses
+/// it) and the next sweep tries again.
+pub async fn finish_revocation<P: Ports>(
+    ports: &P,
+    certificate: CertificateRecord,
+    actor: &str,
+) -> Result<(), AppError> {
+    if certificate.key_ref.is_none() {
+        return Ok(());
+    }
+    let reason = certificate
+        .revocation_reason
+        .unwrap_or(RevocationReason::CessationOfOperation);
+    if let Err(error) = revoke_at_ca(ports, &certificate, reason).await {
+        tracing::error!(%error, serial = certificate.serial.as_str(),
+            "the CA did not take the revocation; the next sweep tries again");
+        return Ok(());
+    }
+    ports.step("revocation-after-ca");
+    destroy_key_of(ports, certificate, "revoked", actor).await
+}
+
+/// Asks the CA to revoke `certificate`.
+pub async fn revoke_at_ca<P: Ports>(
+    ports: &P,
+    certificate: &CertificateRecord,
+    reason: RevocationReason,
+) -> Result<(), AppError> {
+    let der = ports
+        .unseal(
+            "certificate",
+            certificate.account_id.as_str(),
+            &certificate.sealed_der,
+        )
+        .await?;
+    ports.revoke(&certificate.serial, &der, reason).await
+}
+
+/// Destroys a certificate's key (audited first), then drops the reference. A key the HSM no
+/// longer has counts as destroyed, so a destruction cut short is finished by repeating it.
+pub async fn destroy_key_of<P: Ports>(
+    ports: &P,
+    mut certificate: CertificateRecord,
+    why: &'static str,
+    actor: &str,
+) -> Result<(), AppError> {
+    let Some(key_ref) = certificate.key_ref.take() else {
+        return Ok(());
+    };
+    ports
+        .append(
+            "certificate.key_destroyed",
+            actor,
+            fields([
+                ("account_id", json!(certificate.account_id.as_str())),
+                ("serial", json!(certificate.serial.as_str())),
+                ("why", json!(why)),
+            ]),
+        )
+        .await?;
+    ports.destroy(&key_ref).await?;
+    ports
+        .write(move |store| store.update_certificate(&certificate))
+        .await
+}

@@ -1,0 +1,863 @@
+//! The signing flow (API.md "Signing", DESIGN.md "The signing flow"): a service makes a request
+//! for a TAID and a hash; the gateway relays the user's device-signed decision; on an approval
+//! the request moves to `approved` (the single-use guard, with the account re-read in the same
+//! transaction), the HSM signs, the signature's audit record is made durable, and only then is
+//! the request `signed` and its sealed result released.
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use ca_bridge::signed_data::{HashAlg, SignatureAlg, SignedAttributes};
+use cert_lifecycle::{
+    AccountId, AccountRecord, AccountStatus, AuthOutcome, CertProfile, CertStatus,
+    CertificateRecord, Decision, FlowError, HashAlgorithm, HkicNumber, RequestId, ServiceName,
+    SigningRequest, SigningStatus, Store, Tier, Transition,
+};
+use hsm_adapter::KeyAlgorithm;
+use serde_json::{Value, json};
+use sha2::Digest as _;
+use time::OffsetDateTime;
+use zeroize::Zeroizing;
+
+use crate::{AppError, Ports, certificate_status, fields, rfc3339};
+
+/// What signing needs from the configuration.
+#[derive(Debug, Clone)]
+pub struct SigningSettings {
+    /// How long a request waits for the user's decision.
+    pub request_ttl: time::Duration,
+    /// The issuing CA and the root, DER, for the CMS `certificates`.
+    pub chain_der: Vec<Vec<u8>>,
+    /// The same, PEM, for the result's `chain`.
+    pub chain_pem: Vec<String>,
+}
+
+/// A service's request to sign, as the edge parsed it.
+#[derive(Debug)]
+pub struct NewRequest {
+    /// The service asking (from its client certificate).
+    pub service: ServiceName,
+    /// The account's TAID at that service.
+    pub taid: String,
+    /// The hash's algorithm.
+    pub hash_algorithm: HashAlgorithm,
+    /// The hash to sign.
+    pub hash: Vec<u8>,
+    /// The signer's HKIC number, when the service wants it checked; compared and dropped.
+    pub hkic: Option<HkicNumber>,
+    /// Shown to the user in the app.
+    pub description: Option<String>,
+}
+
+/// The longest description, in characters.
+const MAX_DESCRIPTION: usize = 200;
+
+/// How often an authorisation re-reads after losing a race before it gives up with `conflict`.
+const AUTHORISE_TRIES: usize = 4;
+
+/// Makes a signing request (pending) for an account that may sign now. A refusal is audited
+/// (`signing.create_denied`) before it is returned.
+pub async fn create<P: Ports>(
+    ports: &P,
+    settings: &SigningSettings,
+    actor: &str,
+    new: NewRequest,
+    now: OffsetDateTime,
+) -> Result<SigningRequest, AppError> {
+    let result = create_checked(ports, settings, actor, new, now).await;
+    if let Err(error) = &result {
+        refused(ports, actor, error).await?;
+    }
+    result
+}
+
+/// Audits a request to sign that was refused (`signing.create_denied`), by [`create`] or at the
+/// edge (a body that does not parse). Only a failing audit log is an error.
+pub async fn refused<P: Ports>(ports: &P, actor: &str, error: &AppError) -> Result<(), AppError> {
+    deny(ports, actor, "signing.create_denied", None, error).await
+}
+
+async fn create_checked<P: Ports>(
+    ports: &P,
+    settings: &SigningSettings,
+    actor: &str,
+    new: NewRequest,
+    now: OffsetDateTime,
+) -> Result<SigningRequest, AppError> {
+    if new.hash.len() != new.hash_algorithm.output_len() {
+        return Err(AppError::InvalidHash(format!(
+            "a {} hash has {} bytes, not {}",
+            new.hash_algorithm.as_str(),
+            new.hash_algorithm.output_len(),
+            new.hash.len()
+        )));
+    }
+    if let Some(description) = &new.description
+        && (description.chars().count() > MAX_DESCRIPTION
+            || description.chars().any(char::is_control))
+    {
+        return Err(AppError::InvalidRequest(format!(
+            "description must be at most {MAX_DESCRIPTION} characters without control characters"
+        )));
+    }
+    let account_id = ports
+        .read(|store| store.find_taid(&new.service, &new.taid))?
+        .ok_or(AppError::NotFound("TAID at this service"))?;
+    let account = load_account(ports, &account_id)?;
+    let certificate = signable(ports, &account, now).await?;
+    confirm_good(ports, &certificate, None, now).await?;
+    if let Some(hkic) = &new.hkic {
+        // Used only to check the signer, then dropped (zeroized): never stored (DOMAIN.md).
+        if ports.hkic_hash(hkic).await? != account.hkic_hash {
+            return Err(AppError::HkicMismatch);
+        }
+    }
+    let (id, code) = id_and_code(ports).await?;
+    let request = SigningRequest {
+        id,
+        service: new.service,
+        account_id: account.id.clone(),
+        certificate: certificate.serial.clone(),
+        identification_code: code,
+        hash_algorithm: new.hash_algorithm,
+        hash: new.hash,
+        description: new.description,
+        status: SigningStatus::Pending,
+        bad_attempts: 0,
+        device_generation: account.device_generation,
+        created_at: now,
+        expires_at: now + settings.request_ttl,
+        sealed_result: None,
+        signed_at: None,
+    };
+    ports
+        .append(
+            "signing.requested",
+            actor,
+            fields([
+                ("request_id", json!(request.id.as_str())),
+                ("account_id", json!(account.id.as_str())),
+                ("serial", json!(certificate.serial.as_str())),
+                ("hash_algorithm", json!(request.hash_algorithm.as_str())),
+            ]),
+        )
+        .await?;
+    let stored = request.clone();
+    ports
+        .write(move |store| store.insert_request(&stored))
+        .await?;
+    Ok(request)
+}
+
+/// A request id (16 bytes) and its four-digit identification code from the HSM's generator, in
+/// one call; the code is drawn again only in the rare case that its bytes would bias it
+/// (rejection sampling, see [`cert_lifecycle::identification_code_from_random`]).
+async fn id_and_code<P: Ports>(ports: &P) -> Result<(RequestId, String), AppError> {
+    let random = ports.random(20).await?;
+    let (id, code) = random.split_at(16);
+    let id = RequestId::from_random(id.try_into().map_err(AppError::fault)?);
+    let mut code: [u8; 4] = code.try_into().map_err(AppError::fault)?;
+    loop {
+        if let Some(code) = cert_lifecycle::identification_code_from_random(code) {
+            return Ok((id, code));
+        }
+        code = ports
+            .random(4)
+            .await?
+            .as_slice()
+            .try_into()
+            .map_err(AppError::fault)?;
+    }
+}
+
+/// Audits a refusal; only a failing audit log changes the answer (to `audit_unavailable`).
+async fn deny<P: Ports>(
+    ports: &P,
+    actor: &str,
+    event: &'static str,
+    request: Option<&SigningRequest>,
+    error: &AppError,
+) -> Result<(), AppError> {
+    if matches!(error, AppError::AuditUnavailable(_)) {
+        return Ok(());
+    }
+    let mut record = fields([("code", json!(error.code()))]);
+    if let Some(request) = request {
+        record.insert("request_id".into(), json!(request.id.as_str()));
+        record.insert("account_id".into(), json!(request.account_id.as_str()));
+    }
+    ports.append(event, actor, record).await?;
+    Ok(())
+}
+
+/// A request as its service sees it: its status now and, once signed, the result.
+#[derive(Debug)]
+pub struct RequestView {
+    /// The stored request.
+    pub request: SigningRequest,
+    /// Its status at `now` (a pending request past its expiry is expired).
+    pub status: SigningStatus,
+    /// The signing result (API.md), once signed.
+    pub result: Option<Value>,
+}
+
+/// The request `id`, only for the service that made it.
+pub async fn view<P: Ports>(
+    ports: &P,
+    service: &ServiceName,
+    id: &RequestId,
+    now: OffsetDateTime,
+) -> Result<RequestView, AppError> {
+    let request = load_request(ports, id)?;
+    if &request.service != service {
+        return Err(AppError::Forbidden);
+    }
+    let status = request.effective_status(now);
+    let result = match (&request.sealed_result, status) {
+        (Some(sealed), SigningStatus::Signed) => {
+            let plain = ports.unseal("result", request.id.as_str(), sealed).await?;
+            Some(serde_json::from_slice(&plain).map_err(AppError::fault)?)
+        }
+        _ => None,
+    };
+    Ok(RequestView {
+        request,
+        status,
+        result,
+    })
+}
+
+/// One page of an account's finished requests, newest first, each with when it finished.
+#[derive(Debug)]
+pub struct HistoryPage {
+    /// The requests of this page.
+    pub requests: Vec<(SigningRequest, OffsetDateTime)>,
+    /// Whether there are older ones (read from the last of this page on).
+    pub more: bool,
+}
+
+/// The account's finished requests before `before` (a finish time and id), `limit` of them.
+pub async fn history<P: Ports>(
+    ports: &P,
+    account: &AccountId,
+    before: Option<(OffsetDateTime, RequestId)>,
+    limit: usize,
+    now: OffsetDateTime,
+) -> Result<HistoryPage, AppError> {
+    let id = load_account(ports, account)?.id;
+    // One more than the page: whether there is a next page.
+    let mut requests = ports
+        .write(move |store| store.signing_history(&id, now, before, limit + 1))
+        .await?;
+    let more = requests.len() > limit;
+    requests.truncate(limit);
+    Ok(HistoryPage { requests, more })
+}
+
+/// The account's pending requests, oldest first.
+pub async fn pending<P: Ports>(
+    ports: &P,
+    account: &AccountId,
+    now: OffsetDateTime,
+) -> Result<Vec<SigningRequest>, AppError> {
+    let id = load_account(ports, account)?.id;
+    ports
+        .write(move |store| store.pending_requests(&id, now))
+        .await
+}
+
+/// What an authorisation came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Authorised {
+    /// The user rejected the request.
+    Rejected,
+    /// The request is signed; its result is stored (sealed) and audited.
+    Signed,
+}
+
+/// The user's device-signed decision on request `id`. Each try reads the request and the
+/// account afresh; a transition that finds the request changed since (another authorisation, a
+/// suspension, a device switch) tries again on the new state, which then answers for itself.
+/// Nothing here holds a guarantee in memory: the store's conditional transitions do.
+pub async fn authorise<P: Ports>(
+    ports: &P,
+    settings: &SigningSettings,
+    actor: &str,
+    id: &RequestId,
+    decision: Decision,
+    device_signature: &[u8],
+    now: OffsetDateTime,
+) -> Result<Authorised, AppError> {
+    for _ in 0..AUTHORISE_TRIES {
+        let attempt = Attempt {
+            ports,
+            settings,
+            actor,
+            now,
+        };
+        match attempt.run(id, decision, device_signature).await? {
+            Some(outcome) => return Ok(outcome),
+            None => continue,
+        }
+    }
+    Err(AppError::Conflict)
+}
+
+/// One try at an authorisation.
+struct Attempt<'a, P> {
+    ports: &'a P,
+    settings: &'a SigningSettings,
+    actor: &'a str,
+    now: OffsetDateTime,
+}
+
+impl<P: Ports> Attempt<'_, P> {
+    /// `None` when the request changed between the read and the transition.
+    async fn run(
+        &self,
+        id: &RequestId,
+        decision: Decision,
+        device_signature: &[u8],
+    ) -> Result<Option<Authorised>, AppError> {
+        let ports = self.ports;
+        let mut request = load_request(ports, id)?;
+        let read = (request.status, request.bad_attempts);
+        let account = load_account(ports, &request.account_id)?;
+        let statement = request.authorisation_statement(decision);
+        // The device bound when the request was made must be the one that signs the statement:
+        // a request made before a device switch is not the new device's to approve.
+        let outcome = if request.device_generation == account.device_generation
+            && device_signature_valid(&account.device_public_key, &statement, device_signature)
+        {
+            AuthOutcome::Valid(decision)
+        } else {
+            AuthOutcome::BadSignature
+        };
+        match request.authorise(outcome, self.now) {
+            Err(flow) => {
+                let error = match flow {
+                    FlowError::Expired => AppError::RequestExpired,
+                    FlowError::AuthorisationInvalid => AppError::AuthorisationInvalid,
+                    FlowError::TooManyAttempts => AppError::TooManyAttempts,
+                    _ => AppError::RequestNotPending(request.effective_status(self.now).as_str()),
+                };
+                if (request.status, request.bad_attempts) != read
+                    && !self.transition(&request, read).await?
+                {
+                    return Ok(None);
+                }
+                deny(
+                    ports,
+                    self.actor,
+                    "signing.authorisation_denied",
+                    Some(&request),
+                    &error,
+                )
+                .await?;
+                Err(error)
+            }
+            Ok(Transition::Rejected) => {
+                if !self.transition(&request, read).await? {
+                    return Ok(None);
+                }
+                ports
+                    .append(
+                        "signing.rejected",
+                        self.actor,
+                        fields([
+                            ("request_id", json!(request.id.as_str())),
+                            ("account_id", json!(request.account_id.as_str())),
+                        ]),
+                    )
+                    .await?;
+                Ok(Some(Authorised::Rejected))
+            }
+            Ok(_) => self.approve(&account, request, read).await,
+        }
+    }
+
+    /// An approval: checks, the single-use transition, the signature, the signed state.
+    async fn approve(
+        &self,
+        account: &AccountRecord,
+        mut request: SigningRequest,
+        read: (SigningStatus, u8),
+    ) -> Result<Option<Authorised>, AppError> {
+        // Everything that may take long (the CA's status answer) comes before the approval, so
+        // that the approval's own check of the account is the last word before the HSM.
+        let prepared = match prepare(self.ports, account, &request, self.now).await {
+            Ok(prepared) => prepared,
+            Err(error) => {
+                request.mark_failed();
+                if !self.transition(&request, read).await? {
+                    return Ok(None);
+                }
+                self.fail(&request, &error).await;
+                return Err(error);
+            }
+        };
+        // The single-use guard: pending -> approved, durable, with the account still active
+        // and bound to the same device. One of any number of authorisations wins.
+        if !self.transition(&request, read).await? {
+            return Ok(None);
+        }
+        let approved = (request.status, request.bad_attempts);
+        match self.sign(prepared, &mut request).await {
+            Ok(algorithm) => {
+                // The signature is released only once its state is durable.
+                if self.transition(&request, approved).await? {
+                    self.ports.signature(&algorithm, "signed");
+                    tracing::info!(request = request.id.as_str(), algorithm, "signed");
+                    Ok(Some(Authorised::Signed))
+                } else {
+                    // Recovery failed it meanwhile (another node's restart): the signature is
+                    // dropped, never released.
+                    Err(AppError::RequestNotPending("failed"))
+                }
+            }
+            Err(error) => {
+                request.mark_failed();
+                request.sealed_result = None;
+                request.signed_at = None;
+                if let Err(store) = self.transition(&request, approved).await {
+                    // Left approved: the next start's recovery fails it.
+                    tracing::error!(error = %store, request = request.id.as_str(),
+                        "cannot fail a request whose signing failed");
+                }
+                self.fail(&request, &error).await;
+                Err(error)
+            }
+        }
+    }
+
+    /// Moves the request to its new state if it is still in `from`; `false` when it was not.
+    async fn transition(
+        &self,
+        request: &SigningRequest,
+        from: (SigningStatus, u8),
+    ) -> Result<bool, AppError> {
+        moved(transition(self.ports, request, from, self.now).await)
+    }
+
+    /// A signature that failed after the user approved it: counted and audited (if the log
+    /// takes it); the request is failed either way.
+    async fn fail(&self, request: &SigningRequest, error: &AppError) {
+        self.ports.signature("unknown", "failed");
+        if let Err(audit) = deny(
+            self.ports,
+            self.actor,
+            "signing.failed",
+            Some(request),
+            error,
+        )
+        .await
+        {
+            tracing::error!(error = %audit, "cannot audit a failed signature");
+        }
+    }
+
+    /// Audits the approval, signs in the HSM, builds the CMS, audits the signature and seals the
+    /// result into `request` (marked signed; the caller stores it). Gives the signature
+    /// algorithm's name.
+    async fn sign(
+        &self,
+        prepared: Prepared,
+        request: &mut SigningRequest,
+    ) -> Result<String, AppError> {
+        let ports = self.ports;
+        let Prepared {
+            certificate,
+            certificate_der,
+            key_ref,
+        } = prepared;
+        // Write before acting: the approval is durable before the HSM signs.
+        ports
+            .append(
+                "signing.approved",
+                self.actor,
+                fields([
+                    ("request_id", json!(request.id.as_str())),
+                    ("account_id", json!(request.account_id.as_str())),
+                    ("serial", json!(certificate.serial.as_str())),
+                ]),
+            )
+            .await?;
+        let cms_hash = cms_hash(request.hash_algorithm)?;
+        let signed_at = self.now.replace_nanosecond(0).unwrap_or(self.now);
+        let attributes =
+            SignedAttributes::new(cms_hash, &request.hash, signed_at.into(), &certificate_der)
+                .map_err(AppError::fault)?;
+        // The raw signature over the hash and the CMS signature over the signed attributes, in
+        // one trip to the HSM.
+        let signatures = ports
+            .sign(
+                &key_ref,
+                request.hash_algorithm,
+                &request.hash,
+                &attributes.digest_to_sign(),
+            )
+            .await?;
+        let algorithm = signature_algorithm(signatures.algorithm, request.hash_algorithm);
+        let cms_signature = cms_signature(signatures.algorithm, request.hash_algorithm)?;
+        let mut certificates: Vec<&[u8]> = vec![&certificate_der];
+        certificates.extend(self.settings.chain_der.iter().map(Vec::as_slice));
+        let cms = attributes
+            .into_content_info(&signatures.attributes, cms_signature, &certificates)
+            .map_err(AppError::fault)?;
+
+        // The signature exists only in memory until this record is durable; if it cannot be
+        // written, the signature is dropped and the request fails (fail closed).
+        ports
+            .append(
+                "signing.signed",
+                self.actor,
+                fields([
+                    ("request_id", json!(request.id.as_str())),
+                    ("account_id", json!(request.account_id.as_str())),
+                    ("serial", json!(certificate.serial.as_str())),
+                    ("signature_algorithm", json!(algorithm)),
+                    (
+                        "signature_sha256",
+                        json!(hex::encode(sha2::Sha256::digest(&signatures.raw))),
+                    ),
+                ]),
+            )
+            .await?;
+        let result = json!({
+            "signature": STANDARD.encode(&signatures.raw),
+            "signature_algorithm": algorithm,
+            "cms": STANDARD.encode(&cms),
+            "certificate": crate::pem("CERTIFICATE", &certificate_der),
+            "chain": self.settings.chain_pem,
+            "signed_at": rfc3339(signed_at),
+        });
+        let plain = Zeroizing::new(serde_json::to_vec(&result).map_err(AppError::fault)?);
+        let sealed = ports.seal("result", request.id.as_str(), &plain).await?;
+        ports.step("signing-after-signed-record");
+        request.mark_signed(sealed, signed_at);
+        Ok(algorithm)
+    }
+}
+
+/// Start-up recovery: every request left `approved` (signing began and did not end) fails. Its
+/// signature, if the HSM made one, was never released, so the user's one approval has not
+/// signed; it cannot sign later either. Gives how many were failed.
+pub async fn recover<P: Ports>(ports: &P, now: OffsetDateTime) -> Result<usize, AppError> {
+    let stranded = ports.write(|store| store.approved_requests()).await?;
+    let mut failed = 0;
+    for mut request in stranded {
+        let approved = (request.status, request.bad_attempts);
+        request.mark_failed();
+        // `false`: finished meanwhile by whoever was signing it.
+        if moved(transition(ports, &request, approved, now).await)? {
+            ports
+                .append(
+                    "signing.failed",
+                    "system",
+                    fields([
+                        ("request_id", json!(request.id.as_str())),
+                        ("account_id", json!(request.account_id.as_str())),
+                        ("code", json!("interrupted")),
+                    ]),
+                )
+                .await?;
+            tracing::warn!(
+                request = request.id.as_str(),
+                "interrupted signing request failed"
+            );
+            failed += 1;
+        }
+    }
+    Ok(failed)
+}
+
+/// Whether a conditional transition took place: a lost race is `false`, not an error.
+fn moved(result: Result<(), AppError>) -> Result<bool, AppError> {
+    match result {
+        Ok(()) => Ok(true),
+        Err(AppError::Conflict) => Ok(false),
+        Err(error) => Err(error),
+    }
+}
+
+async fn transition<P: Ports>(
+    ports: &P,
+    request: &SigningRequest,
+    from: (SigningStatus, u8),
+    now: OffsetDateTime,
+) -> Result<(), AppError> {
+    let request = request.clone();
+    ports
+        .write(move |store| store.transition_request(&request, from, now))
+        .await
+}
+
+/// Whether `signature` (ECDSA P-256 / SHA-256, DER) is the device's signature over `statement`.
+/// The key is the device's SubjectPublicKeyInfo as registration stored it; anything but a P-256
+/// key is refused.
+pub fn device_signature_valid(device_spki: &[u8], statement: &str, signature: &[u8]) -> bool {
+    use const_oid::db::rfc5912::{ID_EC_PUBLIC_KEY, SECP_256_R_1};
+    let Ok(spki) = spki::SubjectPublicKeyInfoRef::try_from(device_spki) else {
+        return false;
+    };
+    if spki.algorithm.oids() != Ok((ID_EC_PUBLIC_KEY, Some(SECP_256_R_1))) {
+        return false;
+    }
+    let Some(point) = spki.subject_public_key.as_bytes() else {
+        return false;
+    };
+    ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_ASN1, point)
+        .verify(statement.as_bytes(), signature)
+        .is_ok()
+}
+
+/// What an approved request signs with: its certificate (checked locally and at the CA) and key.
+struct Prepared {
+    certificate: CertificateRecord,
+    certificate_der: Zeroizing<Vec<u8>>,
+    key_ref: Vec<u8>,
+}
+
+/// Checks that the account may sign with the request's certificate, locally and with the CA.
+async fn prepare<P: Ports>(
+    ports: &P,
+    account: &AccountRecord,
+    request: &SigningRequest,
+    now: OffsetDateTime,
+) -> Result<Prepared, AppError> {
+    let certificate = signable(ports, account, now).await?;
+    let certificate_der = ports
+        .unseal("certificate", account.id.as_str(), &certificate.sealed_der)
+        .await?;
+    confirm_good(ports, &certificate, Some(&certificate_der), now).await?;
+    if certificate.serial != request.certificate {
+        // The certificate changed since the request was made (renewal): the user authorised a
+        // signature under the other one.
+        return Err(AppError::CertificateRevoked);
+    }
+    let key_ref = certificate
+        .key_ref
+        .clone()
+        .ok_or(AppError::CertificateRevoked)?;
+    Ok(Prepared {
+        certificate,
+        certificate_der,
+        key_ref,
+    })
+}
+
+/// Checks that `account` may sign now with its current certificate by the local state (the
+/// CA's word is [`confirm_good`]); gives the certificate.
+async fn signable<P: Ports>(
+    ports: &P,
+    account: &AccountRecord,
+    now: OffsetDateTime,
+) -> Result<CertificateRecord, AppError> {
+    if account.tier != Tier::IamSmartPlus {
+        return Err(AppError::NotIamSmartPlus);
+    }
+    if account.status != AccountStatus::Active {
+        return Err(AppError::AccountNotActive(account.status.as_str()));
+    }
+    let serial = account
+        .current_certificate
+        .clone()
+        .ok_or(AppError::NoCertificate)?;
+    let certificate = ports
+        .read(|store| store.get_certificate(&serial))?
+        .ok_or(AppError::NoCertificate)?;
+    match certificate_status(&certificate, now) {
+        CertStatus::Revoked => return Err(AppError::CertificateRevoked),
+        CertStatus::Expired => return Err(AppError::CertificateExpired),
+        _ => {}
+    }
+    if certificate.key_ref.is_none() {
+        return Err(AppError::CertificateRevoked);
+    }
+    // A minor's certificate stops at 00:00 Hong Kong time on the 18th birthday, whether or not
+    // the revocation has reached the CA yet (DOMAIN.md).
+    if certificate.profile == CertProfile::Minor {
+        let dob = crate::date_of_birth(ports, account).await?;
+        if now >= cert_lifecycle::minor_certificate_ends(dob) {
+            return Err(AppError::CertificateRevoked);
+        }
+    }
+    Ok(certificate)
+}
+
+/// Refuses unless the CA says the certificate is good now (or, with a configured grace, was
+/// good recently enough). Called when a request is made and again just before the HSM signs.
+/// A fresh cached answer is used as it is; otherwise the certificate (unsealed here unless the
+/// caller has it) goes to the CA.
+pub async fn confirm_good<P: Ports>(
+    ports: &P,
+    certificate: &CertificateRecord,
+    der: Option<&[u8]>,
+    now: OffsetDateTime,
+) -> Result<(), AppError> {
+    use ca_bridge::status::CertStatus as Answer;
+    let serial = &certificate.serial;
+    let status = match ports.cached(serial, now) {
+        Some(status) => status,
+        None => match der {
+            Some(der) => ports.check(der, now).await?,
+            None => {
+                let der = ports
+                    .unseal(
+                        "certificate",
+                        certificate.account_id.as_str(),
+                        &certificate.sealed_der,
+                    )
+                    .await?;
+                ports.check(&der, now).await?
+            }
+        },
+    };
+    match status {
+        Answer::Good { within_grace, .. } => {
+            if within_grace {
+                tracing::warn!(
+                    serial = serial.as_str(),
+                    "no fresh certificate status: signing within the configured grace"
+                );
+            }
+            Ok(())
+        }
+        Answer::Revoked { reason_code, .. } => {
+            tracing::warn!(
+                serial = serial.as_str(),
+                reason_code,
+                "the CA reports the certificate revoked"
+            );
+            Err(AppError::CertificateRevoked)
+        }
+        _ => {
+            tracing::error!(
+                serial = serial.as_str(),
+                "the CA does not know the certificate"
+            );
+            Err(AppError::CertificateRevoked)
+        }
+    }
+}
+
+fn load_request<P: Ports>(ports: &P, id: &RequestId) -> Result<SigningRequest, AppError> {
+    ports
+        .read(|store| store.get_request(id))?
+        .ok_or(AppError::NotFound("signing request"))
+}
+
+fn load_account<P: Ports>(ports: &P, id: &AccountId) -> Result<AccountRecord, AppError> {
+    ports
+        .read(|store| store.get_account(id))?
+        .ok_or(AppError::NotFound("account"))
+}
+
+/// The API's name of a signature algorithm: `ecdsa_p256_sha256`, `rsa_pkcs1_sha384`, ...
+pub fn signature_algorithm(key: KeyAlgorithm, hash: HashAlgorithm) -> String {
+    let prefix = match key {
+        KeyAlgorithm::EcP256 => "ecdsa_p256",
+        KeyAlgorithm::EcP384 => "ecdsa_p384",
+        _ => "rsa_pkcs1",
+    };
+    format!("{prefix}_{}", hash.as_str())
+}
+
+fn cms_hash(hash: HashAlgorithm) -> Result<HashAlg, AppError> {
+    match hash {
+        HashAlgorithm::Sha256 => Ok(HashAlg::Sha256),
+        HashAlgorithm::Sha384 => Ok(HashAlg::Sha384),
+        HashAlgorithm::Sha512 => Ok(HashAlg::Sha512),
+        _ => Err(AppError::InvalidRequest(
+            "unsupported hash_algorithm".into(),
+        )),
+    }
+}
+
+fn cms_signature(key: KeyAlgorithm, hash: HashAlgorithm) -> Result<SignatureAlg, AppError> {
+    Ok(match (key.is_ec(), hash) {
+        (true, HashAlgorithm::Sha256) => SignatureAlg::EcdsaSha256,
+        (true, HashAlgorithm::Sha384) => SignatureAlg::EcdsaSha384,
+        (true, HashAlgorithm::Sha512) => SignatureAlg::EcdsaSha512,
+        (false, HashAlgorithm::Sha256) => SignatureAlg::RsaPkcs1Sha256,
+        (false, HashAlgorithm::Sha384) => SignatureAlg::RsaPkcs1Sha384,
+        (false, HashAlgorithm::Sha512) => SignatureAlg::RsaPkcs1Sha512,
+        _ => {
+            return Err(AppError::InvalidRequest(
+                "unsupported hash_algorithm".into(),
+            ));
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use p256::ecdsa::SigningKey;
+    use p256::ecdsa::signature::Signer;
+
+    /// The SubjectPublicKeyInfo DER of a device key, as registration stores it.
+    fn spki_der(key: &impl spki::EncodePublicKey) -> Vec<u8> {
+        key.to_public_key_der().unwrap().as_bytes().to_vec()
+    }
+
+    #[test]
+    fn device_signature_verifies_only_for_the_exact_statement_and_key() {
+        let key = SigningKey::from_slice(&[7; 32]).unwrap();
+        let spki = spki_der(key.verifying_key());
+        let statement = "smartsign-authorise-v1\nid\n1234\nsha256\n00\napprove";
+        let signature: p256::ecdsa::Signature = key.sign(statement.as_bytes());
+        let der = signature.to_der();
+        assert!(device_signature_valid(&spki, statement, der.as_bytes()));
+        assert!(!device_signature_valid(
+            &spki,
+            &statement.replace("approve", "reject"),
+            der.as_bytes()
+        ));
+        let other = SigningKey::from_slice(&[8; 32]).unwrap();
+        let other_spki = spki_der(other.verifying_key());
+        assert!(!device_signature_valid(
+            &other_spki,
+            statement,
+            der.as_bytes()
+        ));
+    }
+
+    #[test]
+    fn device_signature_refuses_keys_other_than_p256_and_malformed_input() {
+        use p384::ecdsa::signature::Signer as _;
+        let statement = "smartsign-authorise-v1\nid\n1234\nsha256\n00\napprove";
+        let key = p384::ecdsa::SigningKey::from_slice(&[7; 48]).unwrap();
+        let spki = spki_der(key.verifying_key());
+        let signature: p384::ecdsa::Signature = key.sign(statement.as_bytes());
+        let der = signature.to_der();
+        assert!(!device_signature_valid(&spki, statement, der.as_bytes()));
+
+        let key = SigningKey::from_slice(&[7; 32]).unwrap();
+        let spki = spki_der(key.verifying_key());
+        let signature: p256::ecdsa::Signature = key.sign(statement.as_bytes());
+        let der = signature.to_der();
+        assert!(!device_signature_valid(
+            &spki[..spki.len() - 1],
+            statement,
+            der.as_bytes()
+        ));
+        assert!(!device_signature_valid(
+            &spki,
+            statement,
+            &signature.to_bytes()
+        ));
+        assert!(!device_signature_valid(&spki, statement, &[]));
+    }
+
+    #[test]
+    fn signature_algorithm_names_follow_the_api() {
+        assert_eq!(
+            signature_algorithm(KeyAlgorithm::EcP256, HashAlgorithm::Sha384),
+            "ecdsa_p256_sha384"
+        );
+        assert_eq!(
+            signature_algorithm(KeyAlgorithm::Rsa2048, HashAlgorithm::Sha256),
+            "rsa_pkcs1_sha256"
+        );
+    }
+}

@@ -1,0 +1,213 @@
+//! The application layer's ports over the real parts: the store (SQLite), the HSM adapter, the
+//! CA's status service and CMP, and the audit log. Each call is timed into the metrics; each
+//! failure keeps its cause for the log.
+
+use std::time::Instant;
+
+use application::AppError;
+use application::ports::{AuditTrail, CertificateStatus, Keys, Records, Revocations, Signatures};
+use audit_log::{Actor, AuditEvent, EventName};
+use ca_bridge::status::CertStatus;
+use cert_lifecycle::{
+    CertSerial, HashAlgorithm, HkicNumber, RevocationReason, SqliteStore, StoreError,
+};
+use hsm_adapter::{Digest, SignatureScheme, UserKeyRef};
+use serde_json::{Map, Value};
+use time::OffsetDateTime;
+use zeroize::Zeroizing;
+
+use crate::app::App;
+
+/// An HSM failure: `hsm_unavailable` when it cannot serve now, a fault otherwise.
+pub(crate) fn hsm_error(error: hsm_adapter::HsmError) -> AppError {
+    match error.kind() {
+        hsm_adapter::ErrorKind::Unavailable => AppError::HsmUnavailable(error.into()),
+        _ => AppError::fault(error),
+    }
+}
+
+impl Records for App {
+    type Store = SqliteStore;
+
+    /// On the caller's thread: from SQLite's page cache (WAL: readers do not wait for the
+    /// writer) a read by key takes microseconds, less than a trip to the blocking pool.
+    fn read<T>(
+        &self,
+        call: impl FnOnce(&SqliteStore) -> Result<T, StoreError>,
+    ) -> Result<T, AppError> {
+        call(&self.store).map_err(AppError::from)
+    }
+
+    async fn write<T, F>(&self, call: F) -> Result<T, AppError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&SqliteStore) -> Result<T, StoreError> + Send + 'static,
+    {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || call(&store))
+            .await
+            .map_err(AppError::fault)?
+            .map_err(AppError::from)
+    }
+}
+
+impl Keys for App {
+    async fn sign(
+        &self,
+        key_ref: &[u8],
+        hash: HashAlgorithm,
+        raw: &[u8],
+        attributes: &[u8],
+    ) -> Result<Signatures, AppError> {
+        let key = UserKeyRef::from_bytes(key_ref).map_err(AppError::fault)?;
+        let scheme = if key.algorithm().is_ec() {
+            SignatureScheme::Ecdsa
+        } else {
+            SignatureScheme::RsaPkcs1v15
+        };
+        let hash = match hash {
+            HashAlgorithm::Sha256 => hsm_adapter::HashAlgorithm::Sha256,
+            HashAlgorithm::Sha384 => hsm_adapter::HashAlgorithm::Sha384,
+            HashAlgorithm::Sha512 => hsm_adapter::HashAlgorithm::Sha512,
+            other => {
+                return Err(AppError::InvalidRequest(format!(
+                    "{} cannot be signed",
+                    other.as_str()
+                )));
+            }
+        };
+        let digests = [
+            Digest::new(hash, raw.to_vec()).map_err(hsm_error)?,
+            Digest::new(hash, attributes.to_vec()).map_err(hsm_error)?,
+        ];
+        let started = Instant::now();
+        let signatures = self.hsm.sign_each(&key, scheme, &digests).await;
+        self.metrics.observe_hsm("sign", started.elapsed());
+        let [raw, attributes]: [Vec<u8>; 2] = signatures
+            .map_err(hsm_error)?
+            .try_into()
+            .map_err(|_| AppError::fault("the HSM gave other than two signatures"))?;
+        Ok(Signatures {
+            algorithm: key.algorithm(),
+            raw,
+            attributes,
+        })
+    }
+
+    async fn destroy(&self, key_ref: &[u8]) -> Result<(), AppError> {
+        let key = UserKeyRef::from_bytes(key_ref).map_err(AppError::fault)?;
+        match self.hsm.destroy_user_key(&key).await {
+            Ok(()) => Ok(()),
+            Err(error) if error.kind() == hsm_adapter::ErrorKind::NotFound => Ok(()),
+            Err(error) => Err(hsm_error(error)),
+        }
+    }
+
+    async fn seal(
+        &self,
+        purpose: &'static str,
+        binding: &str,
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>, AppError> {
+        let aad = format!("smartsign-{purpose}-v1\n{binding}");
+        let started = Instant::now();
+        let sealed = self.hsm.encrypt(plaintext, aad.as_bytes()).await;
+        self.metrics.observe_hsm("encrypt", started.elapsed());
+        sealed.map_err(hsm_error)
+    }
+
+    async fn unseal(
+        &self,
+        purpose: &'static str,
+        binding: &str,
+        sealed: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, AppError> {
+        use secrecy::ExposeSecret;
+        let aad = format!("smartsign-{purpose}-v1\n{binding}");
+        let started = Instant::now();
+        let plaintext = self.hsm.decrypt(sealed, aad.as_bytes()).await;
+        self.metrics.observe_hsm("decrypt", started.elapsed());
+        Ok(Zeroizing::new(
+            plaintext.map_err(hsm_error)?.expose_secret().to_vec(),
+        ))
+    }
+
+    async fn hkic_hash(&self, hkic: &HkicNumber) -> Result<[u8; 32], AppError> {
+        let started = Instant::now();
+        let hash = self
+            .hsm
+            .hmac_sha256(hsm_adapter::SystemKey::Hkic, hkic.canonical())
+            .await;
+        self.metrics.observe_hsm("hmac", started.elapsed());
+        hash.map_err(hsm_error)
+    }
+
+    async fn random(&self, len: usize) -> Result<Vec<u8>, AppError> {
+        self.hsm.random(len).await.map_err(hsm_error)
+    }
+}
+
+impl CertificateStatus for App {
+    fn cached(&self, serial: &CertSerial, now: OffsetDateTime) -> Option<CertStatus> {
+        self.ca.status.cached(serial.as_str(), now.into())
+    }
+
+    async fn check(&self, der: &[u8], now: OffsetDateTime) -> Result<CertStatus, AppError> {
+        self.ca
+            .status
+            .check(der, now.into())
+            .await
+            .map_err(|error| AppError::StatusUnavailable(error.into()))
+    }
+}
+
+impl Revocations for App {
+    /// Over CMP; the cached status of the certificate is forgotten either way. A revocation
+    /// repeated after a crash is refused by the CA: then the CA is asked what it has.
+    async fn revoke(
+        &self,
+        serial: &CertSerial,
+        der: &[u8],
+        reason: RevocationReason,
+    ) -> Result<(), AppError> {
+        let started = Instant::now();
+        let result = self.ca.cmp.revoke(der, reason.crl_reason_code()).await;
+        self.metrics.observe_cmp(started.elapsed(), result.is_ok());
+        self.ca.status.forget(serial.as_str());
+        let Err(error) = result else {
+            return Ok(());
+        };
+        match self.ca.status.check(der, self.clock.now().into()).await {
+            Ok(CertStatus::Revoked { .. }) => Ok(()),
+            _ => Err(AppError::fault(error)),
+        }
+    }
+}
+
+impl AuditTrail for App {
+    async fn append(
+        &self,
+        event: &'static str,
+        actor: &str,
+        fields: Map<String, Value>,
+    ) -> Result<u64, AppError> {
+        let started = Instant::now();
+        let event_name = EventName::new(event).map_err(AppError::fault)?;
+        let actor = Actor::new(actor).map_err(AppError::fault)?;
+        let receipt = self
+            .audit
+            .append(AuditEvent::new(event_name, actor).with_fields(fields))
+            .await
+            .map_err(|error| AppError::AuditUnavailable(error.into()))?;
+        self.metrics.observe_audit(event, started.elapsed());
+        Ok(receipt.index)
+    }
+
+    fn step(&self, name: &'static str) {
+        self.failpoint(name);
+    }
+
+    fn signature(&self, algorithm: &str, outcome: &'static str) {
+        self.metrics.count_signature(algorithm, outcome);
+    }
+}
