@@ -1,0 +1,449 @@
+//! In-memory implementations of the application layer's ports, for its own fast tests. They are
+//! stand-ins, named as such: the daemon's tests run the same workflows against SoftHSM, the
+//! embedded CA and the real audit log.
+//!
+//! - The store is the real one (SQLite), on a RAM disk when there is one: its conditional
+//!   transitions are what these tests are about.
+//! - `MemoryKeys` holds software P-256 keys and "seals" by prefixing the associated data (no
+//!   secrecy at all, but a value sealed for one row does not open for another).
+//! - `MemoryCa` answers status from a table, optionally holding each answer until released (a
+//!   slow CA), and records revocations.
+//! - `MemoryAudit` keeps the records in a vector and can be told to fail.
+
+// Test code: a failed unwrap is a failed test.
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::SystemTime;
+
+use application::AppError;
+use application::ports::{AuditTrail, CertificateStatus, Keys, Records, Revocations, Signatures};
+use ca_bridge::status::{CertStatus as Answer, StatusSource};
+use cert_lifecycle::{
+    AccountId, AccountRecord, AccountStatus, CertProfile, CertSerial, CertStatus,
+    CertificateRecord, HashAlgorithm, HkicNumber, RevocationReason, SqliteStore, Store, StoreError,
+    TaidRecord, Tier,
+};
+use hsm_adapter::KeyAlgorithm;
+use p256::ecdsa::SigningKey;
+use p256::ecdsa::signature::hazmat::PrehashSigner;
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+use tokio::sync::Notify;
+use zeroize::Zeroizing;
+
+/// Every port, in memory but the store.
+pub struct Memory {
+    pub store: SqliteStore,
+    _dir: tempfile::TempDir,
+    pub keys: MemoryKeys,
+    pub ca: MemoryCa,
+    pub audit: MemoryAudit,
+}
+
+impl Memory {
+    pub fn new() -> Memory {
+        let dir = tempfile::Builder::new()
+            .prefix("smartsign-app-")
+            .tempdir_in(if std::path::Path::new("/dev/shm").is_dir() {
+                "/dev/shm"
+            } else {
+                "/tmp"
+            })
+            .unwrap();
+        Memory {
+            store: SqliteStore::open(dir.path().join("store.sqlite")).unwrap(),
+            _dir: dir,
+            keys: MemoryKeys::default(),
+            ca: MemoryCa::default(),
+            audit: MemoryAudit::default(),
+        }
+    }
+}
+
+impl Records for Memory {
+    type Store = SqliteStore;
+
+    fn read<T>(
+        &self,
+        call: impl FnOnce(&SqliteStore) -> Result<T, StoreError>,
+    ) -> Result<T, AppError> {
+        call(&self.store).map_err(AppError::from)
+    }
+
+    async fn write<T, F>(&self, call: F) -> Result<T, AppError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&SqliteStore) -> Result<T, StoreError> + Send + 'static,
+    {
+        // Yield first, so that concurrent workflows interleave at every write as they would
+        // across threads.
+        tokio::task::yield_now().await;
+        call(&self.store).map_err(AppError::from)
+    }
+}
+
+/// Software keys, by key reference: the reference is the key's own 32-byte scalar (in memory
+/// only: the HSM's references carry no secret).
+#[derive(Default)]
+pub struct MemoryKeys {
+    pub signatures: AtomicUsize,
+    pub destroyed: Mutex<Vec<Vec<u8>>>,
+    random: AtomicU64,
+}
+
+impl MemoryKeys {
+    /// A new user key: its reference and its public key.
+    pub fn generate(&self) -> Vec<u8> {
+        self.random_block().to_vec()
+    }
+
+    fn random_block(&self) -> [u8; 32] {
+        let n = self.random.fetch_add(1, Ordering::Relaxed);
+        Sha256::digest(format!("smartsign-memory-keys-{n}")).into()
+    }
+}
+
+fn aad(purpose: &str, binding: &str) -> Vec<u8> {
+    format!("smartsign-{purpose}-v1\n{binding}\0").into_bytes()
+}
+
+impl Keys for MemoryKeys {
+    async fn sign(
+        &self,
+        key_ref: &[u8],
+        _hash: HashAlgorithm,
+        raw: &[u8],
+        attributes: &[u8],
+    ) -> Result<Signatures, AppError> {
+        if self.destroyed.lock().unwrap().iter().any(|k| k == key_ref) {
+            return Err(AppError::fault("key destroyed"));
+        }
+        let key = SigningKey::from_slice(key_ref).map_err(AppError::fault)?;
+        let sign = |digest: &[u8]| -> Result<Vec<u8>, AppError> {
+            let signature: p256::ecdsa::Signature =
+                key.sign_prehash(digest).map_err(AppError::fault)?;
+            Ok(signature.to_der().as_bytes().to_vec())
+        };
+        self.signatures.fetch_add(1, Ordering::SeqCst);
+        Ok(Signatures {
+            algorithm: KeyAlgorithm::EcP256,
+            raw: sign(raw)?,
+            attributes: sign(attributes)?,
+        })
+    }
+
+    async fn destroy(&self, key_ref: &[u8]) -> Result<(), AppError> {
+        self.destroyed.lock().unwrap().push(key_ref.to_vec());
+        Ok(())
+    }
+
+    async fn seal(
+        &self,
+        purpose: &'static str,
+        binding: &str,
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>, AppError> {
+        let mut sealed = aad(purpose, binding);
+        sealed.extend_from_slice(plaintext);
+        Ok(sealed)
+    }
+
+    async fn unseal(
+        &self,
+        purpose: &'static str,
+        binding: &str,
+        sealed: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, AppError> {
+        let prefix = aad(purpose, binding);
+        sealed
+            .strip_prefix(prefix.as_slice())
+            .map(|plain| Zeroizing::new(plain.to_vec()))
+            .ok_or_else(|| AppError::fault("sealed for another purpose or row"))
+    }
+
+    async fn hkic_hash(&self, hkic: &HkicNumber) -> Result<[u8; 32], AppError> {
+        Ok(Sha256::digest(hkic.canonical()).into())
+    }
+
+    async fn random(&self, len: usize) -> Result<Vec<u8>, AppError> {
+        let mut out = Vec::with_capacity(len);
+        while out.len() < len {
+            out.extend_from_slice(&self.random_block());
+        }
+        out.truncate(len);
+        Ok(out)
+    }
+}
+
+/// The CA's status answers and revocations.
+#[derive(Default)]
+pub struct MemoryCa {
+    pub revoked: Mutex<HashMap<String, RevocationReason>>,
+    /// Each status check waits for `release` while this is set.
+    pub slow: AtomicBool,
+    pub waiting: Notify,
+    pub release: Notify,
+    pub checks: AtomicUsize,
+}
+
+impl CertificateStatus for Memory {
+    fn cached(&self, _serial: &CertSerial, _now: OffsetDateTime) -> Option<Answer> {
+        None
+    }
+
+    async fn check(&self, der: &[u8], _now: OffsetDateTime) -> Result<Answer, AppError> {
+        self.ca.checks.fetch_add(1, Ordering::SeqCst);
+        if self.ca.slow.load(Ordering::SeqCst) {
+            self.ca.waiting.notify_one();
+            self.ca.release.notified().await;
+        }
+        let serial = serial_of(der);
+        let now = SystemTime::now();
+        Ok(match self.ca.revoked.lock().unwrap().get(&serial) {
+            Some(reason) => Answer::Revoked {
+                revoked_at: now,
+                reason_code: reason.crl_reason_code(),
+            },
+            None => Answer::Good {
+                source: StatusSource::Ocsp,
+                this_update: now,
+                within_grace: false,
+            },
+        })
+    }
+}
+
+impl Revocations for Memory {
+    async fn revoke(
+        &self,
+        serial: &CertSerial,
+        _der: &[u8],
+        reason: RevocationReason,
+    ) -> Result<(), AppError> {
+        self.ca
+            .revoked
+            .lock()
+            .unwrap()
+            .insert(serial.as_str().to_owned(), reason);
+        Ok(())
+    }
+}
+
+/// The audit records, in order.
+#[derive(Default)]
+pub struct MemoryAudit {
+    pub records: Mutex<Vec<(String, Map<String, Value>)>>,
+    /// Appends of this event fail (the log is unavailable).
+    pub failing: Mutex<Option<&'static str>>,
+}
+
+impl MemoryAudit {
+    /// How many records of `event` there are, for request or account `id`.
+    pub fn count(&self, event: &str, id: &str) -> usize {
+        self.records
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(name, fields)| {
+                name == event
+                    && (fields.get("request_id").and_then(Value::as_str) == Some(id)
+                        || fields.get("account_id").and_then(Value::as_str) == Some(id))
+            })
+            .count()
+    }
+}
+
+impl AuditTrail for Memory {
+    async fn append(
+        &self,
+        event: &'static str,
+        _actor: &str,
+        fields: Map<String, Value>,
+    ) -> Result<u64, AppError> {
+        if *self.audit.failing.lock().unwrap() == Some(event) {
+            return Err(AppError::AuditUnavailable("the log is down (test)".into()));
+        }
+        let mut records = self.audit.records.lock().unwrap();
+        records.push((event.to_owned(), fields));
+        Ok(records.len() as u64)
+    }
+}
+
+impl Keys for Memory {
+    async fn sign(
+        &self,
+        key_ref: &[u8],
+        hash: HashAlgorithm,
+        raw: &[u8],
+        attributes: &[u8],
+    ) -> Result<Signatures, AppError> {
+        self.keys.sign(key_ref, hash, raw, attributes).await
+    }
+
+    async fn destroy(&self, key_ref: &[u8]) -> Result<(), AppError> {
+        self.keys.destroy(key_ref).await
+    }
+
+    async fn seal(
+        &self,
+        purpose: &'static str,
+        binding: &str,
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>, AppError> {
+        self.keys.seal(purpose, binding, plaintext).await
+    }
+
+    async fn unseal(
+        &self,
+        purpose: &'static str,
+        binding: &str,
+        sealed: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, AppError> {
+        self.keys.unseal(purpose, binding, sealed).await
+    }
+
+    async fn hkic_hash(&self, hkic: &HkicNumber) -> Result<[u8; 32], AppError> {
+        self.keys.hkic_hash(hkic).await
+    }
+
+    async fn random(&self, len: usize) -> Result<Vec<u8>, AppError> {
+        self.keys.random(len).await
+    }
+}
+
+/// The serial of a certificate, as the store writes it (lower-case hex).
+fn serial_of(der: &[u8]) -> String {
+    use x509_cert::der::Decode;
+    let certificate = x509_cert::Certificate::from_der(der).unwrap();
+    hex::encode(certificate.tbs_certificate.serial_number.as_bytes())
+}
+
+/// A device: its key and the SubjectPublicKeyInfo the account binds.
+pub struct Device {
+    pub key: SigningKey,
+}
+
+impl Device {
+    pub fn new(seed: u8) -> Device {
+        Device {
+            key: SigningKey::from_slice(&[seed; 32]).unwrap(),
+        }
+    }
+
+    pub fn spki(&self) -> Vec<u8> {
+        use p256::pkcs8::EncodePublicKey;
+        self.key
+            .verifying_key()
+            .to_public_key_der()
+            .unwrap()
+            .as_bytes()
+            .to_vec()
+    }
+
+    /// The device's signature (DER) over a statement.
+    pub fn sign(&self, statement: &str) -> Vec<u8> {
+        use p256::ecdsa::signature::Signer;
+        let signature: p256::ecdsa::Signature = self.key.sign(statement.as_bytes());
+        signature.to_der().as_bytes().to_vec()
+    }
+}
+
+/// The service the tests sign for.
+pub const SERVICE: &str = "demo-service";
+
+/// Stores an active "iAM Smart+" adult account bound to `device`, with a valid certificate
+/// (self-signed by its own key: these tests do not check the chain) and a TAID at [`SERVICE`].
+/// Gives the account and the certificate's public key.
+pub fn account(ports: &Memory, id: &str, device: &Device, now: OffsetDateTime) -> AccountRecord {
+    let account_id = AccountId::parse(id).unwrap();
+    let key_ref = ports.keys.generate();
+    let (der, serial) = self_signed(&key_ref, now);
+    let seal = |purpose: &str, plain: &[u8]| {
+        let mut sealed = aad(purpose, id);
+        sealed.extend_from_slice(plain);
+        sealed
+    };
+    let record = AccountRecord {
+        id: account_id.clone(),
+        tier: Tier::IamSmartPlus,
+        status: AccountStatus::Active,
+        status_changed_at: now,
+        suspended_by: None,
+        rectify_by: None,
+        sealed_name: seal("name", br#"{"surname":"CHAN","given_name":"TAI MAN"}"#),
+        sealed_dob: seal("dob", b"1990-01-01"),
+        hkic_hash: Sha256::digest(id.as_bytes()).into(),
+        device_public_key: device.spki(),
+        device_generation: 1,
+        current_certificate: Some(serial.clone()),
+        created_at: now,
+        guardian_hkic_hash: None,
+        version: 0,
+    };
+    let certificate = CertificateRecord {
+        serial,
+        account_id: account_id.clone(),
+        profile: CertProfile::Adult,
+        not_before: now - time::Duration::days(1),
+        not_after: now + time::Duration::days(365),
+        status: CertStatus::Valid,
+        revocation_reason: None,
+        revoked_at: None,
+        sealed_der: seal("certificate", &der),
+        key_ref: Some(key_ref),
+        key_algorithm: "ec-p256".into(),
+    };
+    ports
+        .store
+        .insert_account_with_certificate(&record, &certificate)
+        .unwrap();
+    ports
+        .store
+        .put_taid(&TaidRecord {
+            taid: format!("taid-{id}"),
+            service: cert_lifecycle::ServiceName::parse(SERVICE).unwrap(),
+            account_id,
+        })
+        .unwrap();
+    record
+}
+
+/// A certificate for the key `key_ref`, self-signed, and its serial.
+fn self_signed(key_ref: &[u8], now: OffsetDateTime) -> (Vec<u8>, CertSerial) {
+    use std::str::FromStr;
+    use x509_cert::builder::{Builder, CertificateBuilder, Profile};
+    use x509_cert::der::Encode;
+    use x509_cert::name::Name;
+    use x509_cert::serial_number::SerialNumber;
+    use x509_cert::spki::SubjectPublicKeyInfoOwned;
+    use x509_cert::time::Validity;
+
+    let key = SigningKey::from_slice(key_ref).unwrap();
+    let serial_bytes: [u8; 8] = Sha256::digest(key_ref)[..8].try_into().unwrap();
+    let mut serial_bytes = serial_bytes;
+    serial_bytes[0] = (serial_bytes[0] & 0x7f) | 0x10;
+    let serial = SerialNumber::new(&serial_bytes).unwrap();
+    let validity = Validity {
+        not_before: x509_cert::time::Time::try_from(SystemTime::from(
+            now - time::Duration::days(1),
+        ))
+        .unwrap(),
+        not_after: x509_cert::time::Time::try_from(SystemTime::from(
+            now + time::Duration::days(365),
+        ))
+        .unwrap(),
+    };
+    let subject = Name::from_str("CN=smartsign application test").unwrap();
+    let spki = SubjectPublicKeyInfoOwned::from_key(*key.verifying_key()).unwrap();
+    let builder =
+        CertificateBuilder::new(Profile::Root, serial, validity, subject, spki, &key).unwrap();
+    let certificate = builder.build::<p256::ecdsa::DerSignature>().unwrap();
+    (
+        certificate.to_der().unwrap(),
+        CertSerial::parse(&hex::encode(serial_bytes)).unwrap(),
+    )
+}

@@ -1,0 +1,503 @@
+//! The workflows, driven directly over in-memory ports (`support`): fast, and each race run
+//! many rounds. The black-box tests in `tests/` run the same rules through the daemon, SoftHSM
+//! and the embedded CA.
+
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::sync::atomic::Ordering;
+
+use application::AppError;
+use application::accounts::{self, Change};
+use application::signing::{self, Authorised, NewRequest, SigningSettings};
+use cert_lifecycle::{
+    AccountId, AccountStatus, Decision, HashAlgorithm, RequestId, ServiceName, SigningRequest,
+    SigningStatus, Store, SuspendedBy,
+};
+use sha2::{Digest, Sha256};
+use support::{Device, Memory, SERVICE};
+use time::OffsetDateTime;
+
+const ROUNDS: usize = 50;
+
+fn settings() -> SigningSettings {
+    SigningSettings {
+        request_ttl: time::Duration::minutes(5),
+        chain_der: Vec::new(),
+        chain_pem: Vec::new(),
+    }
+}
+
+fn now() -> OffsetDateTime {
+    OffsetDateTime::now_utc()
+}
+
+async fn request(ports: &Memory, account: &str) -> SigningRequest {
+    let new = NewRequest {
+        service: ServiceName::parse(SERVICE).unwrap(),
+        taid: format!("taid-{account}"),
+        hash_algorithm: HashAlgorithm::Sha256,
+        hash: Sha256::digest(account.as_bytes()).to_vec(),
+        hkic: None,
+        description: Some("a test document".into()),
+    };
+    signing::create(ports, &settings(), "service:demo", new, now())
+        .await
+        .unwrap()
+}
+
+async fn authorise(
+    ports: &Memory,
+    request: &SigningRequest,
+    device: &Device,
+    decision: Decision,
+) -> Result<Authorised, AppError> {
+    let signature = device.sign(&request.authorisation_statement(decision));
+    signing::authorise(
+        ports,
+        &settings(),
+        "gateway:app",
+        &request.id,
+        decision,
+        &signature,
+        now(),
+    )
+    .await
+}
+
+fn stored(ports: &Memory, id: &RequestId) -> SigningRequest {
+    ports.store.get_request(id).unwrap().unwrap()
+}
+
+fn account_of(ports: &Memory, id: &str) -> cert_lifecycle::AccountRecord {
+    ports
+        .store
+        .get_account(&AccountId::parse(id).unwrap())
+        .unwrap()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn an_approval_signs_once_and_the_signature_verifies() {
+    use p256::ecdsa::signature::hazmat::PrehashVerifier;
+    let ports = Memory::new();
+    let device = Device::new(1);
+    support::account(&ports, "u-sign", &device, now());
+    let request = request(&ports, "u-sign").await;
+    assert_eq!(
+        authorise(&ports, &request, &device, Decision::Approve)
+            .await
+            .unwrap(),
+        Authorised::Signed
+    );
+    let view = signing::view(
+        &ports,
+        &ServiceName::parse(SERVICE).unwrap(),
+        &request.id,
+        now(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(view.status, SigningStatus::Signed);
+    let result = view.result.unwrap();
+    assert_eq!(result["signature_algorithm"], "ecdsa_p256_sha256");
+
+    // The raw signature is the certificate key's, over the request's hash.
+    use base64::Engine;
+    let signature = base64::engine::general_purpose::STANDARD
+        .decode(result["signature"].as_str().unwrap())
+        .unwrap();
+    let certificate = result["certificate"].as_str().unwrap();
+    let der = pem_body(certificate);
+    use x509_cert::der::Decode;
+    let certificate = x509_cert::Certificate::from_der(&der).unwrap();
+    let key = p256::ecdsa::VerifyingKey::from_sec1_bytes(
+        certificate
+            .tbs_certificate
+            .subject_public_key_info
+            .subject_public_key
+            .raw_bytes(),
+    )
+    .unwrap();
+    let signature = p256::ecdsa::Signature::from_der(&signature).unwrap();
+    key.verify_prehash(&request.hash, &signature).unwrap();
+
+    // The audit trail: requested, approved, signed, in that order, once each.
+    let events: Vec<String> = ports
+        .audit
+        .records
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(event, _)| event.clone())
+        .collect();
+    assert_eq!(
+        events,
+        ["signing.requested", "signing.approved", "signing.signed"]
+    );
+
+    // The same approval again: not pending any more, and nothing signed.
+    let again = authorise(&ports, &request, &device, Decision::Approve).await;
+    assert!(matches!(again, Err(AppError::RequestNotPending("signed"))));
+    assert_eq!(ports.keys.signatures.load(Ordering::SeqCst), 1);
+}
+
+fn pem_body(pem: &str) -> Vec<u8> {
+    use base64::Engine;
+    let body: String = pem
+        .lines()
+        .filter(|line| !line.starts_with("-----"))
+        .collect();
+    base64::engine::general_purpose::STANDARD
+        .decode(body)
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_authorisations_of_one_request_sign_once() {
+    let ports = std::sync::Arc::new(Memory::new());
+    let device = std::sync::Arc::new(Device::new(2));
+    support::account(&ports, "u-twice", &device, now());
+    for round in 0..ROUNDS {
+        let request = request(&ports, "u-twice").await;
+        let tasks: Vec<_> = (0..2)
+            .map(|_| {
+                let (ports, device, request) = (ports.clone(), device.clone(), request.clone());
+                tokio::spawn(async move {
+                    authorise(&ports, &request, &device, Decision::Approve).await
+                })
+            })
+            .collect();
+        let mut signed = 0;
+        for task in tasks {
+            match task.await.unwrap() {
+                Ok(Authorised::Signed) => signed += 1,
+                Err(AppError::RequestNotPending(_)) => {}
+                other => panic!("round {round}: {other:?}"),
+            }
+        }
+        assert_eq!(signed, 1, "round {round}: exactly one authorisation signs");
+        assert_eq!(
+            ports.audit.count("signing.signed", request.id.as_str()),
+            1,
+            "round {round}: one signature audited"
+        );
+        assert_eq!(stored(&ports, &request.id).status, SigningStatus::Signed);
+    }
+    assert_eq!(ports.keys.signatures.load(Ordering::SeqCst), ROUNDS);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_suspension_while_the_ca_answers_slowly_stops_the_signature() {
+    let ports = std::sync::Arc::new(Memory::new());
+    let device = std::sync::Arc::new(Device::new(3));
+    support::account(&ports, "u-slow", &device, now());
+    let request = request(&ports, "u-slow").await;
+    ports.ca.slow.store(true, Ordering::SeqCst);
+    let authorising = {
+        let (ports, device, request) = (ports.clone(), device.clone(), request.clone());
+        tokio::spawn(async move { authorise(&ports, &request, &device, Decision::Approve).await })
+    };
+    // The authorisation is waiting for the CA's status answer: suspend now.
+    ports.ca.waiting.notified().await;
+    let id = AccountId::parse("u-slow").unwrap();
+    accounts::change(
+        &*ports,
+        "registrar:reg",
+        &id,
+        Change::Suspend(SuspendedBy::Government),
+        now(),
+    )
+    .await
+    .unwrap();
+    ports.ca.slow.store(false, Ordering::SeqCst);
+    ports.ca.release.notify_one();
+    let outcome = authorising.await.unwrap();
+    assert!(
+        matches!(outcome, Err(AppError::AccountNotActive("suspended"))),
+        "{outcome:?}"
+    );
+    assert_eq!(ports.keys.signatures.load(Ordering::SeqCst), 0);
+    assert_eq!(stored(&ports, &request.id).status, SigningStatus::Failed);
+    assert_eq!(ports.audit.count("signing.signed", request.id.as_str()), 0);
+}
+
+#[tokio::test]
+async fn a_request_made_before_a_device_switch_is_not_the_new_devices_to_approve() {
+    let ports = Memory::new();
+    let (old, new) = (Device::new(4), Device::new(5));
+    support::account(&ports, "u-switch", &old, now());
+    let request = request(&ports, "u-switch").await;
+    let id = AccountId::parse("u-switch").unwrap();
+    accounts::change(
+        &ports,
+        "registrar:reg",
+        &id,
+        Change::SwitchDevice(new.spki()),
+        now(),
+    )
+    .await
+    .unwrap();
+    for device in [&old, &new] {
+        let outcome = authorise(&ports, &request, device, Decision::Approve).await;
+        assert!(
+            matches!(outcome, Err(AppError::AuthorisationInvalid)),
+            "{outcome:?}"
+        );
+    }
+    assert_eq!(ports.keys.signatures.load(Ordering::SeqCst), 0);
+    assert_eq!(stored(&ports, &request.id).bad_attempts, 2);
+}
+
+#[tokio::test]
+async fn no_signature_leaves_without_its_durable_audit_record() {
+    let ports = Memory::new();
+    let device = Device::new(6);
+    support::account(&ports, "u-audit", &device, now());
+    let request = request(&ports, "u-audit").await;
+    *ports.audit.failing.lock().unwrap() = Some("signing.signed");
+    let outcome = authorise(&ports, &request, &device, Decision::Approve).await;
+    assert!(
+        matches!(outcome, Err(AppError::AuditUnavailable(_))),
+        "{outcome:?}"
+    );
+    let stored = stored(&ports, &request.id);
+    assert_eq!(stored.status, SigningStatus::Failed);
+    assert!(stored.sealed_result.is_none(), "no result is kept");
+    // Not releasable later either.
+    *ports.audit.failing.lock().unwrap() = None;
+    let again = authorise(&ports, &request, &device, Decision::Approve).await;
+    assert!(matches!(again, Err(AppError::RequestNotPending("failed"))));
+}
+
+#[tokio::test]
+async fn recovery_fails_a_request_left_approved_and_it_never_signs_again() {
+    let ports = Memory::new();
+    let device = Device::new(7);
+    support::account(&ports, "u-crash", &device, now());
+    let request = request(&ports, "u-crash").await;
+    // A crash between the approval and the signed state: the request is left approved.
+    let mut approved = request.clone();
+    approved.status = SigningStatus::Approved;
+    ports
+        .store
+        .transition_request(&approved, (SigningStatus::Pending, 0), now())
+        .unwrap();
+    assert_eq!(signing::recover(&ports, now()).await.unwrap(), 1);
+    assert_eq!(stored(&ports, &request.id).status, SigningStatus::Failed);
+    assert_eq!(ports.audit.count("signing.failed", request.id.as_str()), 1);
+    let again = authorise(&ports, &request, &device, Decision::Approve).await;
+    assert!(matches!(again, Err(AppError::RequestNotPending("failed"))));
+    assert_eq!(ports.keys.signatures.load(Ordering::SeqCst), 0);
+    // A second recovery finds nothing.
+    assert_eq!(signing::recover(&ports, now()).await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn refusals_are_audited_and_change_nothing() {
+    let ports = Memory::new();
+    let device = Device::new(8);
+    support::account(&ports, "u-refuse", &device, now());
+    let mut new = NewRequest {
+        service: ServiceName::parse(SERVICE).unwrap(),
+        taid: "taid-u-refuse".into(),
+        hash_algorithm: HashAlgorithm::Sha384,
+        hash: vec![0; 32],
+        hkic: None,
+        description: None,
+    };
+    let outcome = signing::create(&ports, &settings(), "service:demo", new, now()).await;
+    assert!(
+        matches!(outcome, Err(AppError::InvalidHash(_))),
+        "{outcome:?}"
+    );
+    new = NewRequest {
+        service: ServiceName::parse("other-service").unwrap(),
+        taid: "taid-u-refuse".into(),
+        hash_algorithm: HashAlgorithm::Sha256,
+        hash: vec![0; 32],
+        hkic: None,
+        description: None,
+    };
+    // A TAID is the account's name at one service only.
+    let outcome = signing::create(&ports, &settings(), "service:other", new, now()).await;
+    assert!(matches!(outcome, Err(AppError::NotFound(_))), "{outcome:?}");
+    let records = ports.audit.records.lock().unwrap();
+    assert_eq!(records.len(), 2);
+    assert!(
+        records
+            .iter()
+            .all(|(event, _)| event == "signing.create_denied")
+    );
+    assert_eq!(records[0].1["code"], "invalid_hash");
+    assert_eq!(records[1].1["code"], "not_found");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_suspension_and_a_device_switch_at_once_both_stay() {
+    let ports = std::sync::Arc::new(Memory::new());
+    let device = Device::new(9);
+    support::account(&ports, "u-race", &device, now());
+    let id = AccountId::parse("u-race").unwrap();
+    for round in 0..ROUNDS {
+        let before = account_of(&ports, "u-race");
+        let new_device = Device::new(100 + (round % 100) as u8);
+        let suspend = {
+            let (ports, id) = (ports.clone(), id.clone());
+            tokio::spawn(async move {
+                accounts::change(
+                    &*ports,
+                    "registrar:reg",
+                    &id,
+                    Change::Suspend(SuspendedBy::User),
+                    now(),
+                )
+                .await
+            })
+        };
+        let switch = {
+            let (ports, id, spki) = (ports.clone(), id.clone(), new_device.spki());
+            tokio::spawn(async move {
+                accounts::change(
+                    &*ports,
+                    "registrar:reg",
+                    &id,
+                    Change::SwitchDevice(spki),
+                    now(),
+                )
+                .await
+            })
+        };
+        suspend.await.unwrap().unwrap();
+        switch.await.unwrap().unwrap();
+        let after = account_of(&ports, "u-race");
+        assert_eq!(after.status, AccountStatus::Suspended, "round {round}");
+        assert_eq!(
+            after.device_generation,
+            before.device_generation + 1,
+            "round {round}"
+        );
+        assert_eq!(after.device_public_key, new_device.spki(), "round {round}");
+        accounts::change(
+            &*ports,
+            "registrar:reg",
+            &id,
+            Change::Resume(SuspendedBy::User),
+            now(),
+        )
+        .await
+        .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn only_the_party_that_suspended_may_resume() {
+    let ports = Memory::new();
+    let device = Device::new(10);
+    support::account(&ports, "u-resume", &device, now());
+    let id = AccountId::parse("u-resume").unwrap();
+    let change = |change| accounts::change(&ports, "registrar:reg", &id, change, now());
+    change(Change::Suspend(SuspendedBy::Government))
+        .await
+        .unwrap();
+    let outcome = change(Change::Resume(SuspendedBy::User)).await;
+    assert!(
+        matches!(outcome, Err(AppError::AccountNotActive("suspended"))),
+        "{outcome:?}"
+    );
+    let version = account_of(&ports, "u-resume").version;
+    assert_eq!(
+        change(Change::Resume(SuspendedBy::Government))
+            .await
+            .unwrap()
+            .status,
+        AccountStatus::Active
+    );
+    assert_eq!(account_of(&ports, "u-resume").version, version + 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_device_switch_racing_a_deregistration_does_not_bring_the_account_back() {
+    let ports = std::sync::Arc::new(Memory::new());
+    for round in 0..ROUNDS {
+        let name = format!("u-dereg-{round}");
+        let device = Device::new(11);
+        let record = support::account(&ports, &name, &device, now());
+        let serial = record.current_certificate.clone().unwrap();
+        let id = record.id.clone();
+        let deregister = {
+            let (ports, id) = (ports.clone(), id.clone());
+            tokio::spawn(
+                async move { accounts::deregister(&*ports, "registrar:reg", &id, now()).await },
+            )
+        };
+        let switch = {
+            let (ports, id, spki) = (ports.clone(), id.clone(), Device::new(12).spki());
+            tokio::spawn(async move {
+                accounts::change(
+                    &*ports,
+                    "registrar:reg",
+                    &id,
+                    Change::SwitchDevice(spki),
+                    now(),
+                )
+                .await
+            })
+        };
+        deregister.await.unwrap().unwrap();
+        match switch.await.unwrap() {
+            Ok(_) | Err(AppError::AccountNotActive("deregistered")) => {}
+            Err(other) => panic!("round {round}: {other:?}"),
+        }
+        let after = account_of(&ports, &name);
+        assert_eq!(after.status, AccountStatus::Deregistered, "round {round}");
+        assert!(after.sealed_name.is_empty() && after.sealed_dob.is_empty());
+        assert_eq!(after.hkic_hash, [0; 32], "round {round}");
+        let certificate = ports.store.get_certificate(&serial).unwrap().unwrap();
+        assert!(certificate.sealed_der.is_empty(), "round {round}");
+        assert!(
+            certificate.key_ref.is_none(),
+            "round {round}: key destroyed"
+        );
+        assert!(
+            ports
+                .ca
+                .revoked
+                .lock()
+                .unwrap()
+                .contains_key(serial.as_str()),
+            "round {round}: revoked at the CA"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_invalidated_account_cannot_sign_and_its_key_is_gone() {
+    let ports = Memory::new();
+    let device = Device::new(13);
+    let record = support::account(&ports, "u-invalid", &device, now());
+    let request = request(&ports, "u-invalid").await;
+    let invalidated = accounts::invalidate(&ports, "registrar:reg", &record.id, now())
+        .await
+        .unwrap();
+    assert_eq!(invalidated.status, AccountStatus::Invalidated);
+    let serial = record.current_certificate.unwrap();
+    assert_eq!(
+        ports.ca.revoked.lock().unwrap().get(serial.as_str()),
+        Some(&cert_lifecycle::RevocationReason::PrivilegeWithdrawn)
+    );
+    let outcome = authorise(&ports, &request, &device, Decision::Approve).await;
+    assert!(
+        matches!(outcome, Err(AppError::AccountNotActive("invalidated"))),
+        "{outcome:?}"
+    );
+    assert_eq!(ports.keys.signatures.load(Ordering::SeqCst), 0);
+    // Invalidating twice is refused and changes nothing.
+    let again = accounts::invalidate(&ports, "registrar:reg", &record.id, now()).await;
+    assert!(matches!(
+        again,
+        Err(AppError::AccountNotActive("invalidated"))
+    ));
+}
