@@ -21,6 +21,31 @@ pub enum AppError {
     /// The caller may not act on this resource.
     #[error("forbidden")]
     Forbidden,
+    /// An account with this id exists already.
+    #[error("account exists")]
+    AccountExists,
+    /// An account that is not deregistered holds this HKIC number: one account per person.
+    #[error("HKIC already registered")]
+    HkicAlreadyRegistered,
+    /// The applicant is under 11.
+    #[error("applicant under 11")]
+    Underage,
+    /// A minor registers only with a guardian.
+    #[error("guardian required")]
+    GuardianRequired,
+    /// The guardian is under 18.
+    #[error("guardian under 18")]
+    GuardianUnderage,
+    /// The account is "iAM Smart+" already.
+    #[error("already iAM Smart+")]
+    AlreadyIamSmartPlus,
+    /// The renewal window has not opened, the certificate is still valid (renew it rather than
+    /// re-apply), or a key change of the account is under way.
+    #[error("renewal not due")]
+    RenewalNotDue,
+    /// The certificate has expired: re-apply.
+    #[error("renewal too late")]
+    RenewalTooLate,
     /// The account's status (named) does not allow this.
     #[error("the account is {0}")]
     AccountNotActive(&'static str),
@@ -88,6 +113,14 @@ impl AppError {
             InvalidHash(_) => "invalid_hash",
             NotFound(_) => "not_found",
             Forbidden => "forbidden",
+            AccountExists | Store(StoreError::AlreadyExists) => "account_exists",
+            HkicAlreadyRegistered => "hkic_already_registered",
+            Underage => "underage",
+            GuardianRequired => "guardian_required",
+            GuardianUnderage => "guardian_underage",
+            AlreadyIamSmartPlus => "already_iam_smart_plus",
+            RenewalNotDue => "renewal_not_due",
+            RenewalTooLate => "renewal_too_late",
             AccountNotActive(_) => "account_not_active",
             NotIamSmartPlus => "not_iam_smart_plus",
             NoCertificate => "no_certificate",
@@ -103,7 +136,6 @@ impl AppError {
             HsmUnavailable(_) => "hsm_unavailable",
             AuditUnavailable(_) => "audit_unavailable",
             StatusUnavailable(_) => "status_unavailable",
-            Store(StoreError::AlreadyExists) => "account_exists",
             Store(_) | Fault(_) => "internal_error",
         }
     }

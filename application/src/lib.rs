@@ -13,6 +13,8 @@
 pub mod accounts;
 mod error;
 pub mod ports;
+pub mod registration;
+pub mod renewal;
 pub mod signing;
 
 use cert_lifecycle::{AccountRecord, CertStatus, CertificateRecord};
@@ -70,4 +72,30 @@ pub async fn date_of_birth<P: Ports>(ports: &P, account: &AccountRecord) -> Resu
         .await?;
     let text = std::str::from_utf8(&text).map_err(AppError::fault)?;
     Date::parse(text, &Iso8601::DATE).map_err(AppError::fault)
+}
+
+/// The holder's name: only ever in memory, sealed at rest, shown to nobody but the CA.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct PersonalName {
+    /// Surname.
+    pub surname: String,
+    /// Given name, when the holder has one.
+    pub given_name: Option<String>,
+}
+
+impl std::fmt::Debug for PersonalName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PersonalName(..)")
+    }
+}
+
+/// The account holder's name, unsealed.
+pub async fn personal_name<P: Ports>(
+    ports: &P,
+    account: &AccountRecord,
+) -> Result<PersonalName, AppError> {
+    let json = ports
+        .unseal("name", account.id.as_str(), &account.sealed_name)
+        .await?;
+    serde_json::from_slice(&json).map_err(AppError::fault)
 }

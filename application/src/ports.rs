@@ -5,6 +5,7 @@
 use std::future::Future;
 
 use ca_bridge::status::CertStatus;
+use ca_bridge::{IssueRequest, IssuedCertificate};
 use cert_lifecycle::{CertSerial, HashAlgorithm, HkicNumber, RevocationReason, Store, StoreError};
 use hsm_adapter::KeyAlgorithm;
 use serde_json::{Map, Value};
@@ -43,8 +44,22 @@ pub struct Signatures {
     pub attributes: Vec<u8>,
 }
 
+/// A user key the HSM just made.
+#[derive(Debug)]
+pub struct NewKey {
+    /// What the store keeps to use it.
+    pub key_ref: Vec<u8>,
+    /// Its algorithm.
+    pub algorithm: KeyAlgorithm,
+    /// Its public key, a DER SubjectPublicKeyInfo.
+    pub public_key_der: Vec<u8>,
+}
+
 /// The HSM: user keys, sealing under the data key, keyed hashes and random bytes.
 pub trait Keys: Send + Sync {
+    /// Makes a user key of the configured algorithm and storage.
+    fn generate(&self) -> impl Future<Output = Result<NewKey, AppError>> + Send;
+
     /// Signs two digests of `hash`'s algorithm with the user key `key_ref` refers to (as the
     /// store keeps it), in one trip: ECDSA for an EC key, PKCS#1 v1.5 for RSA.
     fn sign(
@@ -98,8 +113,25 @@ pub trait CertificateStatus: Send + Sync {
     ) -> impl Future<Output = Result<CertStatus, AppError>> + Send;
 }
 
-/// The CA's revocation service (CMP).
-pub trait Revocations: Send + Sync {
+/// The CA's certificate services (CMP).
+pub trait Authority: Send + Sync {
+    /// Has the CA certify the key `key_ref` (an initial request).
+    fn issue(
+        &self,
+        request: &IssueRequest,
+        key_ref: &[u8],
+    ) -> impl Future<Output = Result<IssuedCertificate, AppError>> + Send;
+
+    /// Has the CA certify the key `key_ref` in place of the certificate `old_der`, the request
+    /// protected by that certificate's key `old_key_ref` (a key update).
+    fn rekey(
+        &self,
+        old_der: &[u8],
+        old_key_ref: &[u8],
+        request: &IssueRequest,
+        key_ref: &[u8],
+    ) -> impl Future<Output = Result<IssuedCertificate, AppError>> + Send;
+
     /// Revokes the certificate `der` at the CA. A certificate the CA reports revoked already
     /// (a revocation repeated after a crash) counts as revoked.
     fn revoke(
@@ -128,6 +160,6 @@ pub trait AuditTrail: Send + Sync {
 }
 
 /// Everything a workflow can reach.
-pub trait Ports: Records + Keys + CertificateStatus + Revocations + AuditTrail {}
+pub trait Ports: Records + Keys + CertificateStatus + Authority + AuditTrail {}
 
-impl<T: Records + Keys + CertificateStatus + Revocations + AuditTrail> Ports for T {}
+impl<T: Records + Keys + CertificateStatus + Authority + AuditTrail> Ports for T {}

@@ -31,7 +31,9 @@ pub use certificate::{CertProfile, CertStatus, CertificateRecord, RevocationReas
 pub use error::{FlowError, HkicReason, ParseError, RuleError, StoreError};
 pub use hkic::HkicNumber;
 pub use ids::{AccountId, CertSerial, RequestId, ServiceName};
-pub use renewal::{ConsentChallenge, ConsentPurpose, KeyChangeJournal};
+pub use renewal::{
+    ConsentChallenge, ConsentPurpose, IssuanceJournal, IssuancePurpose, KeyChangeJournal,
+};
 pub use signing::{
     AuthOutcome, Decision, HashAlgorithm, MAX_BAD_ATTEMPTS, SigningRequest, SigningStatus,
     Transition, identification_code_from_random,

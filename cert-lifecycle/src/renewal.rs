@@ -1,5 +1,5 @@
 //! Renewal and re-application as stored: the consent challenge a device signs, and the journal
-//! row that makes a half-done key change recoverable after a crash.
+//! rows that make a half-done key change or first issuance recoverable after a crash.
 
 use std::fmt;
 
@@ -93,5 +93,48 @@ mod tests {
             "reapply".parse::<ConsentPurpose>().unwrap(),
             ConsentPurpose::Reapply
         );
+    }
+}
+
+wire_enum! {
+    /// What a first certificate of an account is issued for.
+    pub enum IssuancePurpose ("issuance purpose") {
+        /// Registration of an "iAM Smart+" account.
+        Register => "register",
+        /// An "iAM Smart" account becoming "iAM Smart+".
+        Upgrade => "upgrade",
+    }
+}
+
+/// A first issuance in progress (registration or upgrade), written once the new key exists and
+/// before the CA is asked, and updated when the CA issued; deleted once the store keeps the
+/// certificate. A row that start-up finds names a certificate the store did not keep: it is
+/// revoked at the CA and its key destroyed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct IssuanceJournal {
+    /// The account (one issuance at a time per account id; the account may not be stored yet).
+    pub account_id: AccountId,
+    /// Registration or upgrade.
+    pub purpose: IssuancePurpose,
+    /// The new key's HSM reference.
+    pub key_ref: Vec<u8>,
+    /// The certificate's serial, once the CA issued it.
+    pub serial: Option<CertSerial>,
+    /// The certificate, sealed under the HSM data key, once issued (to revoke it if it is not
+    /// kept).
+    pub sealed_der: Option<Vec<u8>>,
+    /// When the issuance started.
+    pub started_at: OffsetDateTime,
+}
+
+impl fmt::Debug for IssuanceJournal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IssuanceJournal")
+            .field("account_id", &self.account_id)
+            .field("purpose", &self.purpose)
+            .field("serial", &self.serial)
+            .field("issued", &self.sealed_der.is_some())
+            .field("started_at", &self.started_at)
+            .finish_non_exhaustive()
     }
 }

@@ -3,8 +3,10 @@
 //! revocation. The rules themselves live in `cert-lifecycle`; this module applies them, seals the
 //! personal data, and audits every change before answering.
 
+use application::PersonalName;
 use application::accounts::Change;
-use application::ports::{AuditTrail, Keys};
+use application::ports::Keys;
+use application::registration::{self, NewAccount};
 pub(crate) use application::{certificate_status, rfc3339};
 use std::sync::Arc;
 
@@ -12,21 +14,19 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use cert_lifecycle::Store;
 use cert_lifecycle::{
-    AccountId, AccountRecord, AccountStatus, CertProfile, CertSerial, CertStatus,
-    CertificateRecord, HkicNumber, RevocationReason, RuleError, ServiceName, SuspendedBy, Tier,
+    AccountId, AccountRecord, AccountStatus, CertStatus, CertificateRecord, HkicNumber,
+    RevocationReason, ServiceName, SuspendedBy, Tier,
 };
-use hsm_adapter::UserKeyRef;
 use hyper::StatusCode;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use time::format_description::well_known::{Iso8601, Rfc3339};
 use time::{Date, OffsetDateTime};
 
-use crate::app::{App, PersonalName};
+use crate::app::App;
 use crate::http::{Ctx, Reply};
 use crate::problem::ApiError;
 use crate::signing::device_key;
-use application::fields;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -77,262 +77,40 @@ fn name_part(field: &str, text: &str) -> Result<String, ApiError> {
 /// `POST /v1/accounts`.
 pub(crate) async fn register(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError> {
     let body: RegisterBody = ctx.json()?;
-    let now = app.clock.now();
-    let id = account_id(&body.account_id)?;
     let tier: Tier = body
         .tier
         .parse()
         .map_err(|_| ApiError::InvalidRequest("tier must be iam_smart or iam_smart_plus".into()))?;
-    let name = PersonalName {
-        surname: name_part("surname", &body.surname)?,
-        given_name: body
-            .given_name
-            .as_deref()
-            .map(|given| name_part("given_name", given))
-            .transpose()?,
-    };
-    let dob = date("date_of_birth", &body.date_of_birth)?;
-    let hkic_number = hkic("hkic_number", &body.hkic_number)?;
-    let device = device_key(&body.device_public_key)?;
-    let (guardian_hkic, guardian_dob) = match &body.guardian {
-        Some(guardian) => (
-            Some(hkic("guardian.hkic_number", &guardian.hkic_number)?),
-            Some(date("guardian.date_of_birth", &guardian.date_of_birth)?),
-        ),
-        None => (None, None),
-    };
-    if dob > cert_lifecycle::hk_date(now) {
-        return Err(ApiError::InvalidRequest(
-            "date_of_birth is in the future".into(),
-        ));
-    }
-    cert_lifecycle::check_registration(dob, guardian_dob, now).map_err(|rule| match rule {
-        RuleError::Underage => ApiError::Underage,
-        RuleError::GuardianRequired => ApiError::GuardianRequired,
-        RuleError::GuardianUnderage => ApiError::GuardianUnderage,
-        _ => ApiError::InvalidRequest("guardian: an adult registers without a guardian".into()),
-    })?;
-    {
-        let id = id.clone();
-        if app
-            .store(move |store| store.get_account(&id))
-            .await?
-            .is_some()
-        {
-            return Err(ApiError::AccountExists);
-        }
-    }
-
-    // One account per person: no other account that is not deregistered may hold this HKIC
-    // number (the store's unique index decides a race between two registrations).
-    let hkic_hash = app.hkic_hash(&hkic_number).await?;
-    drop(hkic_number);
-    // The guardian is kept as the keyed hash of their number, like the holder's; their date of
-    // birth only served the check above.
-    let guardian_hkic_hash = match guardian_hkic {
-        Some(number) => Some(app.hkic_hash(&number).await?),
+    let guardian = match &body.guardian {
+        Some(guardian) => Some((
+            hkic("guardian.hkic_number", &guardian.hkic_number)?,
+            date("guardian.date_of_birth", &guardian.date_of_birth)?,
+        )),
         None => None,
     };
-    if hkic_taken(&app, hkic_hash).await? {
-        return Err(ApiError::HkicAlreadyRegistered);
-    }
-
-    let name_json =
-        zeroize::Zeroizing::new(serde_json::to_vec(&name).map_err(|_| ApiError::Internal)?);
-    let mut record = AccountRecord {
-        id: id.clone(),
-        tier: Tier::IamSmart,
-        status: AccountStatus::Active,
-        status_changed_at: now,
-        suspended_by: None,
-        rectify_by: None,
-        sealed_name: app.seal("name", id.as_str(), &name_json).await?,
-        sealed_dob: app
-            .seal("dob", id.as_str(), body.date_of_birth.as_bytes())
-            .await?,
-        hkic_hash,
-        device_public_key: device,
-        device_generation: 1,
-        current_certificate: None,
-        created_at: now,
-        guardian_hkic_hash,
-        version: 0,
+    let new = NewAccount {
+        id: account_id(&body.account_id)?,
+        tier,
+        name: PersonalName {
+            surname: name_part("surname", &body.surname)?,
+            given_name: body
+                .given_name
+                .as_deref()
+                .map(|given| name_part("given_name", given))
+                .transpose()?,
+        },
+        date_of_birth: date("date_of_birth", &body.date_of_birth)?,
+        hkic: hkic("hkic_number", &body.hkic_number)?,
+        device_public_key: device_key(&body.device_public_key)?,
+        guardian,
     };
-    let minor = cert_lifecycle::is_minor(dob, now);
-    let certificate = if tier == Tier::IamSmartPlus {
-        record.tier = Tier::IamSmartPlus;
-        let certificate = issue_certificate(&app, &record, &name, dob, now).await?;
-        record.current_certificate = Some(certificate.serial.clone());
-        Some(certificate)
-    } else {
-        None
-    };
-    let mut audit_fields = fields([
-        ("account_id", json!(id.as_str())),
-        ("tier", json!(tier.as_str())),
-        ("minor", json!(minor)),
-    ]);
-    if let Some(certificate) = &certificate {
-        audit_fields.insert("serial".into(), json!(certificate.serial.as_str()));
-        audit_fields.insert("profile".into(), json!(certificate.profile.as_str()));
-    }
-    let stored = async {
-        app.append("account.registered", &ctx.caller.to_string(), audit_fields)
-            .await?;
-        let (record, certificate) = (record.clone(), certificate.clone());
-        app.store(move |store| match &certificate {
-            Some(certificate) => store.insert_account_with_certificate(&record, certificate),
-            None => store.insert_account(&record),
-        })
-        .await
-    }
-    .await;
-    if let Err(error) = stored {
-        // Undo the half-done registration: the key must not outlive its record.
-        if let Some(certificate) = &certificate {
-            discard_certificate(&app, certificate).await;
-        }
-        // A registration of the same person that won the race meanwhile.
-        if matches!(error, ApiError::AccountExists) && hkic_taken(&app, hkic_hash).await? {
-            let id = id.clone();
-            if app
-                .store(move |store| store.get_account(&id))
-                .await?
-                .is_none()
-            {
-                return Err(ApiError::HkicAlreadyRegistered);
-            }
-        }
-        return Err(error);
-    }
-    tracing::info!(
-        account = id.as_str(),
-        tier = tier.as_str(),
-        "account registered"
-    );
+    let now = app.clock.now();
+    let actor = ctx.caller.to_string();
+    let record = registration::register(&*app, &app.issuance, &actor, new, now).await?;
     Ok(Reply::json(
         StatusCode::CREATED,
         &account_view(&app, &record, now).await?,
     ))
-}
-
-/// Whether an account that is not deregistered holds this HKIC hash.
-async fn hkic_taken(app: &App, hkic_hash: [u8; 32]) -> Result<bool, ApiError> {
-    let holders = app
-        .store(move |store| store.accounts_with_hkic_hash(&hkic_hash))
-        .await?;
-    for holder in holders {
-        if load(app, &holder).await?.status != AccountStatus::Deregistered {
-            return Ok(true);
-        }
-    }
-    Ok(false)
-}
-
-/// Generates the user key in the HSM and has the CA certify it; on failure nothing is left.
-async fn issue_certificate(
-    app: &App,
-    account: &AccountRecord,
-    name: &PersonalName,
-    dob: Date,
-    now: OffsetDateTime,
-) -> Result<CertificateRecord, ApiError> {
-    let started = std::time::Instant::now();
-    let key = app
-        .hsm
-        .generate_user_key(app.policy.key_algorithm, app.policy.key_mode)
-        .await?;
-    app.metrics.observe_hsm("generate", started.elapsed());
-    let (profile, request) = issue_request(app, account, name, dob, &key, now);
-    let (not_before, not_after) = (request.not_before.into(), request.not_after.into());
-    let started = std::time::Instant::now();
-    let issued = app.ca.cmp.issue(&request, &key).await;
-    app.metrics.observe_cmp(started.elapsed(), issued.is_ok());
-    let issued = match issued {
-        Ok(issued) => issued,
-        Err(error) => {
-            tracing::error!(%error, account = account.id.as_str(), "the CA did not issue");
-            destroy_key(app, &key).await;
-            return Err(ApiError::Internal);
-        }
-    };
-    let serial = CertSerial::parse(&issued.serial_hex).map_err(|_| ApiError::Internal)?;
-    let sealed_der = match app
-        .seal("certificate", account.id.as_str(), &issued.der)
-        .await
-    {
-        Ok(sealed) => sealed,
-        Err(error) => {
-            destroy_key(app, &key).await;
-            return Err(error.into());
-        }
-    };
-    Ok(CertificateRecord {
-        serial,
-        account_id: account.id.clone(),
-        profile,
-        not_before,
-        not_after,
-        status: CertStatus::Valid,
-        revocation_reason: None,
-        revoked_at: None,
-        sealed_der,
-        key_ref: Some(key.to_bytes()),
-        key_algorithm: key.algorithm().to_string(),
-    })
-}
-
-/// What the CA is asked to certify for `key`: the account's name and keyed HKIC hash, the
-/// profile that fits the holder's age at `now`, and the configured validity from `now`.
-pub(crate) fn issue_request(
-    app: &App,
-    account: &AccountRecord,
-    name: &PersonalName,
-    dob: Date,
-    key: &UserKeyRef,
-    now: OffsetDateTime,
-) -> (CertProfile, ca_bridge::IssueRequest) {
-    let profile = if cert_lifecycle::is_minor(dob, now) {
-        CertProfile::Minor
-    } else {
-        CertProfile::Adult
-    };
-    let not_before = now.replace_nanosecond(0).unwrap_or(now);
-    let request = ca_bridge::IssueRequest {
-        surname: name.surname.clone(),
-        given_name: name.given_name.clone(),
-        hkic_hash_hex: hex::encode(account.hkic_hash),
-        public_key_spki_der: key.public_key().as_der().to_vec(),
-        profile: match profile {
-            CertProfile::Minor => ca_bridge::Profile::Minor,
-            _ => ca_bridge::Profile::Adult,
-        },
-        not_before: not_before.into(),
-        not_after: (not_before + app.policy.certificate_validity).into(),
-    };
-    (profile, request)
-}
-
-async fn destroy_key(app: &App, key: &UserKeyRef) {
-    if let Err(error) = app.hsm.destroy_user_key(key).await {
-        tracing::error!(%error, "could not destroy a user key; it is orphaned in the HSM");
-    }
-}
-
-/// Undoes an issuance whose record could not be stored: the CA revokes the certificate (it was
-/// never handed out) and the key is destroyed.
-async fn discard_certificate(app: &App, certificate: &CertificateRecord) {
-    let reason = RevocationReason::CessationOfOperation;
-    if let Err(error) = application::accounts::revoke_at_ca(app, certificate, reason).await {
-        tracing::error!(%error, serial = certificate.serial.as_str(), "could not revoke an unused certificate");
-    }
-    if let Some(key) = certificate
-        .key_ref
-        .as_deref()
-        .and_then(|bytes| UserKeyRef::from_bytes(bytes).ok())
-    {
-        destroy_key(app, &key).await;
-    }
 }
 
 /// The body of every account route.
@@ -432,40 +210,9 @@ pub(crate) async fn get(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError> {
 /// `POST /v1/accounts/{id}/upgrade`: "iAM Smart" to "iAM Smart+".
 pub(crate) async fn upgrade(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError> {
     require_empty_object(&ctx)?;
-    let now = app.clock.now();
-    let mut record = load(&app, &account_id(ctx.param(0))?).await?;
-    require_active(&record)?;
-    if record.tier == Tier::IamSmartPlus {
-        return Err(ApiError::AlreadyIamSmartPlus);
-    }
-    let name_json = app
-        .unseal("name", record.id.as_str(), &record.sealed_name)
-        .await?;
-    let name: PersonalName = serde_json::from_slice(&name_json).map_err(|_| ApiError::Internal)?;
-    let dob = application::date_of_birth(&*app, &record).await?;
-    let certificate = issue_certificate(&app, &record, &name, dob, now).await?;
-    record.tier = Tier::IamSmartPlus;
-    record.current_certificate = Some(certificate.serial.clone());
-    let result = async {
-        app.append(
-            "account.upgraded",
-            &ctx.caller.to_string(),
-            fields([
-                ("account_id", json!(record.id.as_str())),
-                ("serial", json!(certificate.serial.as_str())),
-                ("profile", json!(certificate.profile.as_str())),
-            ]),
-        )
-        .await?;
-        let (record, certificate) = (record.clone(), certificate.clone());
-        app.store(move |store| store.attach_certificate(&record, &certificate))
-            .await
-    }
-    .await;
-    if let Err(error) = result {
-        discard_certificate(&app, &certificate).await;
-        return Err(error);
-    }
+    let id = account_id(ctx.param(0))?;
+    let actor = ctx.caller.to_string();
+    let record = registration::upgrade(&*app, &app.issuance, &actor, &id, app.clock.now()).await?;
     reply_account(&app, &record).await
 }
 
@@ -478,10 +225,6 @@ fn check_reason(reason: Option<&str>) -> Result<(), ApiError> {
         ));
     }
     Ok(())
-}
-
-pub(crate) fn require_active(record: &AccountRecord) -> Result<(), ApiError> {
-    Ok(application::accounts::require_active(record)?)
 }
 
 /// Applies `change` to the account of the route through the application layer and answers with

@@ -2,7 +2,7 @@
 //! through its ports (`ports.rs`).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use audit_log::AuditLog;
 use cert_lifecycle::SqliteStore;
@@ -13,13 +13,9 @@ use crate::metrics::Metrics;
 use crate::problem::ApiError;
 use crate::tls::NamePolicy;
 
-/// Policy values the handlers need, parsed from the configuration.
+/// The user keys the HSM makes, from the configuration.
 #[derive(Clone, Debug)]
 pub(crate) struct Policy {
-    pub(crate) request_ttl: Duration,
-    pub(crate) certificate_validity: time::Duration,
-    /// How long before `not_after` renewal opens.
-    pub(crate) renewal_window: time::Duration,
     pub(crate) key_algorithm: KeyAlgorithm,
     pub(crate) key_mode: KeyMode,
 }
@@ -36,6 +32,10 @@ pub(crate) struct App {
     pub(crate) policy: Policy,
     /// What the signing workflow needs from the configuration.
     pub(crate) signing: application::signing::SigningSettings,
+    /// What first issuance needs from the configuration.
+    pub(crate) issuance: application::registration::IssuanceSettings,
+    /// What renewal and re-application need from the configuration.
+    pub(crate) renewal: application::renewal::RenewalSettings,
     pub(crate) names: NamePolicy,
     /// `--dev`: enables `POST /v1/admin/clock`.
     pub(crate) dev: bool,
@@ -43,13 +43,6 @@ pub(crate) struct App {
     /// Signing requests being authorised now.
     /// Held while the lifecycle sweeps run: one run at a time.
     pub(crate) sweeping: tokio::sync::Mutex<()>,
-}
-
-/// The personal data of an account, only ever in memory.
-#[derive(serde::Serialize, serde::Deserialize)]
-pub(crate) struct PersonalName {
-    pub(crate) surname: String,
-    pub(crate) given_name: Option<String>,
 }
 
 impl App {

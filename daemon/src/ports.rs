@@ -5,9 +5,12 @@
 use std::time::Instant;
 
 use application::AppError;
-use application::ports::{AuditTrail, CertificateStatus, Keys, Records, Revocations, Signatures};
+use application::ports::{
+    AuditTrail, Authority, CertificateStatus, Keys, NewKey, Records, Signatures,
+};
 use audit_log::{Actor, AuditEvent, EventName};
 use ca_bridge::status::CertStatus;
+use ca_bridge::{IssueRequest, IssuedCertificate};
 use cert_lifecycle::{
     CertSerial, HashAlgorithm, HkicNumber, RevocationReason, SqliteStore, StoreError,
 };
@@ -52,6 +55,21 @@ impl Records for App {
 }
 
 impl Keys for App {
+    async fn generate(&self) -> Result<NewKey, AppError> {
+        let started = Instant::now();
+        let key = self
+            .hsm
+            .generate_user_key(self.policy.key_algorithm, self.policy.key_mode)
+            .await;
+        self.metrics.observe_hsm("generate", started.elapsed());
+        let key = key.map_err(hsm_error)?;
+        Ok(NewKey {
+            key_ref: key.to_bytes(),
+            algorithm: key.algorithm(),
+            public_key_der: key.public_key().as_der().to_vec(),
+        })
+    }
+
     async fn sign(
         &self,
         key_ref: &[u8],
@@ -161,7 +179,34 @@ impl CertificateStatus for App {
     }
 }
 
-impl Revocations for App {
+impl Authority for App {
+    async fn issue(
+        &self,
+        request: &IssueRequest,
+        key_ref: &[u8],
+    ) -> Result<IssuedCertificate, AppError> {
+        let key = UserKeyRef::from_bytes(key_ref).map_err(AppError::fault)?;
+        let started = Instant::now();
+        let issued = self.ca.cmp.issue(request, &key).await;
+        self.metrics.observe_cmp(started.elapsed(), issued.is_ok());
+        issued.map_err(AppError::fault)
+    }
+
+    async fn rekey(
+        &self,
+        old_der: &[u8],
+        old_key_ref: &[u8],
+        request: &IssueRequest,
+        key_ref: &[u8],
+    ) -> Result<IssuedCertificate, AppError> {
+        let old_key = UserKeyRef::from_bytes(old_key_ref).map_err(AppError::fault)?;
+        let key = UserKeyRef::from_bytes(key_ref).map_err(AppError::fault)?;
+        let started = Instant::now();
+        let issued = self.ca.cmp.rekey(old_der, &old_key, request, &key).await;
+        self.metrics.observe_cmp(started.elapsed(), issued.is_ok());
+        issued.map_err(AppError::fault)
+    }
+
     /// Over CMP; the cached status of the certificate is forgotten either way. A revocation
     /// repeated after a crash is refused by the CA: then the CA is asked what it has.
     async fn revoke(

@@ -290,9 +290,15 @@ async fn start(
         }
         // A renewal or re-application that a crash interrupted is finished or undone before the
         // API serves; the CA (the embedded one too) is reachable by now.
-        crate::lifecycle::recover(&app).await?;
+        application::renewal::recover(&*app, app.clock.now())
+            .await
+            .map_err(|error| format!("cannot read the key-change journal: {error}"))?;
         // A signature that a crash interrupted after the approval was never released: its
         // request fails, and can never sign again.
+        // A first certificate that a crash kept from the store is revoked at the CA.
+        application::registration::recover(&*app)
+            .await
+            .map_err(|error| format!("cannot settle the interrupted issuances: {error}"))?;
         application::signing::recover(&*app, app.clock.now())
             .await
             .map_err(|error| format!("cannot fail the interrupted signing requests: {error}"))?;
@@ -457,6 +463,10 @@ async fn assemble(
         chain_der: ca.chain_der.clone(),
         chain_pem: ca.chain_pem.clone(),
     };
+    let challenge_ttl = signing.request_ttl;
+    let issuance = application::registration::IssuanceSettings {
+        certificate_validity: time::Duration::days(config.policy.certificate_validity_days.into()),
+    };
     let app = Arc::new(App {
         hsm,
         store: Arc::new(store),
@@ -465,15 +475,16 @@ async fn assemble(
         clock: base.clock.clone(),
         metrics: base.metrics.clone(),
         policy: Policy {
-            request_ttl: Duration::from_secs(config.policy.request_ttl_seconds),
-            certificate_validity: time::Duration::days(
-                config.policy.certificate_validity_days.into(),
-            ),
-            renewal_window: time::Duration::days(config.policy.renewal_window_days.into()),
             key_algorithm,
             key_mode,
         },
         signing,
+        issuance: issuance.clone(),
+        renewal: application::renewal::RenewalSettings {
+            issuance,
+            renewal_window: time::Duration::days(config.policy.renewal_window_days.into()),
+            challenge_ttl,
+        },
         names: base.names.clone(),
         dev: dev.is_some(),
         started: base.started,

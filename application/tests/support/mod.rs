@@ -19,8 +19,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::SystemTime;
 
 use application::AppError;
-use application::ports::{AuditTrail, CertificateStatus, Keys, Records, Revocations, Signatures};
+use application::ports::{
+    AuditTrail, Authority, CertificateStatus, Keys, NewKey, Records, Signatures,
+};
 use ca_bridge::status::{CertStatus as Answer, StatusSource};
+use ca_bridge::{IssueRequest, IssuedCertificate};
 use cert_lifecycle::{
     AccountId, AccountRecord, AccountStatus, CertProfile, CertSerial, CertStatus,
     CertificateRecord, HashAlgorithm, HkicNumber, RevocationReason, SqliteStore, Store, StoreError,
@@ -97,7 +100,7 @@ pub struct MemoryKeys {
 
 impl MemoryKeys {
     /// A new user key: its reference and its public key.
-    pub fn generate(&self) -> Vec<u8> {
+    pub fn new_key_ref(&self) -> Vec<u8> {
         self.random_block().to_vec()
     }
 
@@ -112,6 +115,22 @@ fn aad(purpose: &str, binding: &str) -> Vec<u8> {
 }
 
 impl Keys for MemoryKeys {
+    async fn generate(&self) -> Result<NewKey, AppError> {
+        use p256::pkcs8::EncodePublicKey;
+        let key_ref = self.new_key_ref();
+        let key = SigningKey::from_slice(&key_ref).map_err(AppError::fault)?;
+        Ok(NewKey {
+            public_key_der: key
+                .verifying_key()
+                .to_public_key_der()
+                .map_err(AppError::fault)?
+                .as_bytes()
+                .to_vec(),
+            key_ref,
+            algorithm: KeyAlgorithm::EcP256,
+        })
+    }
+
     async fn sign(
         &self,
         key_ref: &[u8],
@@ -188,6 +207,48 @@ pub struct MemoryCa {
     pub waiting: Notify,
     pub release: Notify,
     pub checks: AtomicUsize,
+    /// Serials issued, in order.
+    pub issued: Mutex<Vec<String>>,
+    /// Issuance fails while this is set (the CA is down).
+    pub down: AtomicBool,
+    /// Each issuance waits for `release_issue` while this is set (a slow CA).
+    pub slow_issue: AtomicBool,
+    pub issuing: Notify,
+    pub release_issue: Notify,
+}
+
+impl MemoryCa {
+    async fn wait(&self) {
+        if self.slow_issue.load(Ordering::SeqCst) {
+            self.issuing.notify_one();
+            self.release_issue.notified().await;
+        }
+    }
+
+    /// A certificate for the request's key, self-signed by it: these tests do not check the
+    /// chain, only what is kept, revoked and destroyed.
+    fn certify(
+        &self,
+        request: &IssueRequest,
+        key_ref: &[u8],
+    ) -> Result<IssuedCertificate, AppError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(AppError::fault("the CA is down (test)"));
+        }
+        let now = OffsetDateTime::from(request.not_before);
+        let (der, serial) = self_signed(key_ref, now);
+        self.issued.lock().unwrap().push(serial.as_str().to_owned());
+        Ok(IssuedCertificate {
+            serial_hex: serial.as_str().to_owned(),
+            der,
+        })
+    }
+
+    /// Whether the CA has issued `serial` and not revoked it.
+    pub fn valid(&self, serial: &str) -> bool {
+        self.issued.lock().unwrap().iter().any(|s| s == serial)
+            && !self.revoked.lock().unwrap().contains_key(serial)
+    }
 }
 
 impl CertificateStatus for Memory {
@@ -217,7 +278,27 @@ impl CertificateStatus for Memory {
     }
 }
 
-impl Revocations for Memory {
+impl Authority for Memory {
+    async fn issue(
+        &self,
+        request: &IssueRequest,
+        key_ref: &[u8],
+    ) -> Result<IssuedCertificate, AppError> {
+        self.ca.wait().await;
+        self.ca.certify(request, key_ref)
+    }
+
+    async fn rekey(
+        &self,
+        _old_der: &[u8],
+        _old_key_ref: &[u8],
+        request: &IssueRequest,
+        key_ref: &[u8],
+    ) -> Result<IssuedCertificate, AppError> {
+        self.ca.wait().await;
+        self.ca.certify(request, key_ref)
+    }
+
     async fn revoke(
         &self,
         serial: &CertSerial,
@@ -239,6 +320,9 @@ pub struct MemoryAudit {
     pub records: Mutex<Vec<(String, Map<String, Value>)>>,
     /// Appends of this event fail (the log is unavailable).
     pub failing: Mutex<Option<&'static str>>,
+    /// The workflow step at which the "process" dies: the task panics there, leaving the state
+    /// as a crash would (nothing after it runs; nothing is undone).
+    pub crash_at: Mutex<Option<&'static str>>,
 }
 
 impl MemoryAudit {
@@ -271,9 +355,19 @@ impl AuditTrail for Memory {
         records.push((event.to_owned(), fields));
         Ok(records.len() as u64)
     }
+
+    fn step(&self, name: &'static str) {
+        if *self.audit.crash_at.lock().unwrap() == Some(name) {
+            panic!("crash at {name} (test)");
+        }
+    }
 }
 
 impl Keys for Memory {
+    async fn generate(&self) -> Result<NewKey, AppError> {
+        Keys::generate(&self.keys).await
+    }
+
     async fn sign(
         &self,
         key_ref: &[u8],
@@ -360,7 +454,7 @@ pub const SERVICE: &str = "demo-service";
 /// Gives the account and the certificate's public key.
 pub fn account(ports: &Memory, id: &str, device: &Device, now: OffsetDateTime) -> AccountRecord {
     let account_id = AccountId::parse(id).unwrap();
-    let key_ref = ports.keys.generate();
+    let key_ref = ports.keys.new_key_ref();
     let (der, serial) = self_signed(&key_ref, now);
     let seal = |purpose: &str, plain: &[u8]| {
         let mut sealed = aad(purpose, id);

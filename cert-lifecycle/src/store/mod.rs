@@ -14,7 +14,8 @@ pub use sqlite::SqliteStore;
 
 use crate::{
     AccountId, AccountRecord, AccountStatus, CertSerial, CertificateRecord, ConsentChallenge,
-    KeyChangeJournal, RequestId, ServiceName, SigningRequest, SigningStatus, StoreError,
+    IssuanceJournal, KeyChangeJournal, RequestId, ServiceName, SigningRequest, SigningStatus,
+    StoreError,
 };
 
 /// A tokenised account identifier: the account's name at one online service (DESIGN.md).
@@ -170,6 +171,18 @@ pub trait Store: Send + Sync {
 
     /// The unfinished key changes, oldest first.
     fn key_changes(&self) -> Result<Vec<KeyChangeJournal>, StoreError>;
+
+    /// Starts a first issuance: `AlreadyExists` while the account id has one in progress.
+    fn insert_issuance(&self, journal: &IssuanceJournal) -> Result<(), StoreError>;
+
+    /// Records what the CA issued; `NotFound` when there is no issuance for the account.
+    fn update_issuance(&self, journal: &IssuanceJournal) -> Result<(), StoreError>;
+
+    /// Ends a first issuance (kept, or undone).
+    fn delete_issuance(&self, account: &AccountId) -> Result<(), StoreError>;
+
+    /// The unfinished first issuances, oldest first.
+    fn issuances(&self) -> Result<Vec<IssuanceJournal>, StoreError>;
 
     /// The active "iAM Smart+" accounts whose current certificate is not revoked and has
     /// `not_after` in `(after, until]`, with that certificate, soonest `not_after` first.

@@ -21,7 +21,8 @@ use time::OffsetDateTime;
 use super::{Store, TaidRecord};
 use crate::{
     AccountId, AccountRecord, AccountStatus, CertSerial, CertificateRecord, ConsentChallenge,
-    KeyChangeJournal, RequestId, ServiceName, SigningRequest, SigningStatus, StoreError,
+    IssuanceJournal, KeyChangeJournal, RequestId, ServiceName, SigningRequest, SigningStatus,
+    StoreError,
 };
 
 /// How long a connection waits for another process's lock before it fails.
@@ -147,6 +148,16 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX signing_requests_account ON signing_requests(account_id);",
     // Version 9: a minor's guardian, by the keyed hash of their HKIC number.
     "ALTER TABLE accounts ADD COLUMN guardian_hkic_hash BLOB;",
+    // Version 10: the journal of first issuances (registration, upgrade). No foreign key: a
+    // registration's account is stored only with its certificate.
+    "CREATE TABLE issuances (
+        account_id TEXT PRIMARY KEY,
+        purpose TEXT NOT NULL,
+        key_ref BLOB NOT NULL,
+        serial TEXT,
+        sealed_der BLOB,
+        started_at INTEGER NOT NULL
+    ) STRICT;",
 ];
 
 const ACCOUNT_COLUMNS: &str = "id, tier, status, status_changed_at, suspended_by, rectify_by, \
@@ -160,6 +171,8 @@ const CHALLENGE_COLUMNS: &str = "account_id, purpose, nonce, expires_at";
 
 const KEY_CHANGE_COLUMNS: &str =
     "account_id, purpose, old_serial, new_key_ref, new_serial, new_sealed_der, started_at";
+
+const ISSUANCE_COLUMNS: &str = "account_id, purpose, key_ref, serial, sealed_der, started_at";
 
 const REQUEST_COLUMNS: &str = "id, service, account_id, certificate, identification_code, \
     hash_algorithm, hash, description, status, bad_attempts, device_generation, created_at, \
@@ -416,6 +429,28 @@ fn key_change_values(j: &KeyChangeJournal) -> [Value; 7] {
         j.new_sealed_der.clone().into(),
         secs(j.started_at).into(),
     ]
+}
+
+fn issuance_values(j: &IssuanceJournal) -> [Value; 6] {
+    [
+        j.account_id.as_str().to_owned().into(),
+        j.purpose.as_str().to_owned().into(),
+        j.key_ref.clone().into(),
+        j.serial.as_ref().map(|s| s.as_str().to_owned()).into(),
+        j.sealed_der.clone().into(),
+        secs(j.started_at).into(),
+    ]
+}
+
+fn issuance_from_row(row: &Row<'_>) -> rusqlite::Result<IssuanceJournal> {
+    Ok(IssuanceJournal {
+        account_id: parsed(row, 0)?,
+        purpose: parsed(row, 1)?,
+        key_ref: row.get(2)?,
+        serial: opt_parsed(row, 3)?,
+        sealed_der: row.get(4)?,
+        started_at: time_at(row, 5)?,
+    })
 }
 
 fn challenge_from_row(row: &Row<'_>) -> rusqlite::Result<ConsentChallenge> {
@@ -1002,6 +1037,50 @@ impl Store for SqliteStore {
             let mut stmt = conn.prepare_cached(&sql)?;
             let rows = stmt
                 .query_map([], key_change_from_row)?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn insert_issuance(&self, j: &IssuanceJournal) -> Result<(), StoreError> {
+        let sql =
+            format!("INSERT INTO issuances ({ISSUANCE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)");
+        self.write(|conn| {
+            conn.prepare_cached(&sql)?
+                .execute(params_from_iter(issuance_values(j)))
+                .map_err(write_error)?;
+            Ok(())
+        })
+    }
+
+    fn update_issuance(&self, j: &IssuanceJournal) -> Result<(), StoreError> {
+        self.write(|conn| {
+            let changed = conn
+                .prepare_cached(
+                    "UPDATE issuances SET purpose = ?2, key_ref = ?3, serial = ?4, \
+                     sealed_der = ?5, started_at = ?6 WHERE account_id = ?1",
+                )?
+                .execute(params_from_iter(issuance_values(j)))
+                .map_err(write_error)?;
+            one_row_changed(changed)
+        })
+    }
+
+    fn delete_issuance(&self, account: &AccountId) -> Result<(), StoreError> {
+        self.write(|conn| {
+            conn.prepare_cached("DELETE FROM issuances WHERE account_id = ?1")?
+                .execute([account.as_str()])?;
+            Ok(())
+        })
+    }
+
+    fn issuances(&self) -> Result<Vec<IssuanceJournal>, StoreError> {
+        let sql =
+            format!("SELECT {ISSUANCE_COLUMNS} FROM issuances ORDER BY started_at, account_id");
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(&sql)?;
+            let rows = stmt
+                .query_map([], issuance_from_row)?
                 .collect::<Result<Vec<_>, _>>()?;
             Ok(rows)
         })

@@ -1,0 +1,417 @@
+//! Registration, upgrade, renewal and re-application, driven directly over in-memory ports
+//! (`support`): races with a slow CA, and crashes (a task that dies at a named step) followed by
+//! start-up recovery. Invariant after each: every certificate the CA issued is either kept by
+//! the store or revoked, no change to the account is lost.
+
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use application::AppError;
+use application::PersonalName;
+use application::accounts::{self, Change};
+use application::registration::{self, IssuanceSettings, NewAccount};
+use application::renewal::{self, Consent, RenewalSettings};
+use cert_lifecycle::{
+    AccountId, AccountStatus, CertStatus, ConsentPurpose, HkicNumber, RevocationReason, Store,
+    SuspendedBy, Tier,
+};
+use support::{Device, Memory};
+use time::OffsetDateTime;
+use time::macros::date;
+
+const ROUNDS: usize = 50;
+
+fn now() -> OffsetDateTime {
+    OffsetDateTime::now_utc()
+}
+
+fn issuance() -> IssuanceSettings {
+    IssuanceSettings {
+        certificate_validity: time::Duration::days(365),
+    }
+}
+
+fn renewal_settings() -> RenewalSettings {
+    RenewalSettings {
+        issuance: issuance(),
+        // Every certificate of these tests (a year) is inside the window.
+        renewal_window: time::Duration::days(400),
+        challenge_ttl: time::Duration::minutes(5),
+    }
+}
+
+/// An HKIC number with a correct check digit, different for each `n` below 1,000,000.
+fn hkic(n: u32) -> HkicNumber {
+    let digits = format!("{n:06}");
+    for check in "0123456789A".chars() {
+        if let Ok(number) = HkicNumber::parse(&format!("A{digits}({check})")) {
+            return number;
+        }
+    }
+    unreachable!("one check digit fits")
+}
+
+fn new_account(id: &str, n: u32, tier: Tier, device: &Device) -> NewAccount {
+    NewAccount {
+        id: AccountId::parse(id).unwrap(),
+        tier,
+        name: PersonalName {
+            surname: "CHAN".into(),
+            given_name: Some("TAI MAN".into()),
+        },
+        date_of_birth: date!(1990 - 01 - 01),
+        hkic: hkic(n),
+        device_public_key: device.spki(),
+        guardian: None,
+    }
+}
+
+/// Every serial the CA issued is either the store's or revoked at the CA.
+fn no_orphan_certificate(ports: &Memory) {
+    for serial in ports.ca.issued.lock().unwrap().iter() {
+        let kept = ports
+            .store
+            .get_certificate(&cert_lifecycle::CertSerial::parse(serial).unwrap())
+            .unwrap()
+            .is_some();
+        assert!(
+            kept || ports.ca.revoked.lock().unwrap().contains_key(serial),
+            "certificate {serial} is valid at the CA and not kept"
+        );
+    }
+    assert!(ports.store.issuances().unwrap().is_empty(), "journal ended");
+}
+
+/// Runs `work` as a process would, dying where `crash_at` says (a panic in its task).
+async fn crashing<T: Send + 'static>(
+    ports: &Arc<Memory>,
+    step: &'static str,
+    work: impl Future<Output = T> + Send + 'static,
+) {
+    *ports.audit.crash_at.lock().unwrap() = Some(step);
+    let died = tokio::spawn(work).await.is_err();
+    *ports.audit.crash_at.lock().unwrap() = None;
+    assert!(died, "the task reached {step}");
+}
+
+#[tokio::test]
+async fn registration_stores_the_account_with_its_certificate_and_ends_its_journal() {
+    let ports = Memory::new();
+    let device = Device::new(1);
+    let record = registration::register(
+        &ports,
+        &issuance(),
+        "registrar:reg",
+        new_account("u-reg", 1, Tier::IamSmartPlus, &device),
+        now(),
+    )
+    .await
+    .unwrap();
+    let serial = record.current_certificate.clone().unwrap();
+    assert!(ports.ca.valid(serial.as_str()));
+    assert!(ports.store.get_account(&record.id).unwrap().is_some());
+    no_orphan_certificate(&ports);
+
+    // The same person again, under another id: refused, nothing issued.
+    let again = registration::register(
+        &ports,
+        &issuance(),
+        "registrar:reg",
+        new_account("u-reg-2", 1, Tier::IamSmartPlus, &device),
+        now(),
+    )
+    .await;
+    assert!(matches!(again, Err(AppError::HkicAlreadyRegistered)));
+    assert_eq!(ports.ca.issued.lock().unwrap().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_after_the_ca_issued_is_undone_at_recovery() {
+    for step in ["issuance-after-key", "issuance-after-issue"] {
+        let ports = Arc::new(Memory::new());
+        let work = {
+            let ports = ports.clone();
+            async move {
+                let device = Device::new(2);
+                let new = new_account("u-crash", 2, Tier::IamSmartPlus, &device);
+                registration::register(&*ports, &issuance(), "registrar:reg", new, now()).await
+            }
+        };
+        crashing(&ports, step, work).await;
+        assert_eq!(ports.store.issuances().unwrap().len(), 1, "{step}");
+        let undone = registration::recover(&*ports).await.unwrap();
+        assert_eq!(undone, 1, "{step}");
+        let id = AccountId::parse("u-crash").unwrap();
+        assert!(ports.store.get_account(&id).unwrap().is_none(), "{step}");
+        no_orphan_certificate(&ports);
+        assert_eq!(
+            ports.keys.destroyed.lock().unwrap().len(),
+            1,
+            "{step}: key destroyed"
+        );
+        if step == "issuance-after-issue" {
+            let issued = ports.ca.issued.lock().unwrap()[0].clone();
+            assert_eq!(
+                ports.ca.revoked.lock().unwrap().get(&issued),
+                Some(&RevocationReason::CessationOfOperation)
+            );
+        }
+        // The registrar may try again: the id and the person are free.
+        let device = Device::new(2);
+        let new = new_account("u-crash", 2, Tier::IamSmartPlus, &device);
+        registration::register(&*ports, &issuance(), "registrar:reg", new, now())
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_after_the_store_kept_the_certificate_keeps_it() {
+    let ports = Arc::new(Memory::new());
+    let work = {
+        let ports = ports.clone();
+        async move {
+            let device = Device::new(3);
+            let new = new_account("u-kept", 3, Tier::IamSmartPlus, &device);
+            registration::register(&*ports, &issuance(), "registrar:reg", new, now()).await
+        }
+    };
+    crashing(&ports, "issuance-after-store", work).await;
+    assert_eq!(registration::recover(&*ports).await.unwrap(), 0);
+    let account = ports
+        .store
+        .get_account(&AccountId::parse("u-kept").unwrap())
+        .unwrap()
+        .unwrap();
+    let serial = account.current_certificate.unwrap();
+    assert!(ports.ca.valid(serial.as_str()), "kept, not revoked");
+    no_orphan_certificate(&ports);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_upgrades_at_once_leave_one_certificate() {
+    let ports = Arc::new(Memory::new());
+    for round in 0..ROUNDS {
+        let device = Device::new(4);
+        let id = format!("u-up-{round}");
+        let n = 1000 + u32::try_from(round).unwrap();
+        registration::register(
+            &*ports,
+            &issuance(),
+            "registrar:reg",
+            new_account(&id, n, Tier::IamSmart, &device),
+            now(),
+        )
+        .await
+        .unwrap();
+        let id = AccountId::parse(&id).unwrap();
+        let upgrades: Vec<_> = (0..2)
+            .map(|_| {
+                let (ports, id) = (ports.clone(), id.clone());
+                tokio::spawn(async move {
+                    registration::upgrade(&*ports, &issuance(), "registrar:reg", &id, now()).await
+                })
+            })
+            .collect();
+        let mut upgraded = 0;
+        for upgrade in upgrades {
+            match upgrade.await.unwrap() {
+                Ok(record) => {
+                    upgraded += 1;
+                    assert_eq!(record.tier, Tier::IamSmartPlus);
+                }
+                Err(AppError::Conflict | AppError::AlreadyIamSmartPlus) => {}
+                Err(other) => panic!("round {round}: {other:?}"),
+            }
+        }
+        assert_eq!(upgraded, 1, "round {round}");
+        let account = ports.store.get_account(&id).unwrap().unwrap();
+        let valid: Vec<_> = ports
+            .store
+            .certificates_of(&id)
+            .unwrap()
+            .into_iter()
+            .filter(|certificate| ports.ca.valid(certificate.serial.as_str()))
+            .collect();
+        assert_eq!(valid.len(), 1, "round {round}: one valid certificate");
+        assert_eq!(account.current_certificate, Some(valid[0].serial.clone()));
+        no_orphan_certificate(&ports);
+    }
+}
+
+/// A renewal (with the device's consent) that holds its CA round trip until released.
+async fn renewal_in_flight(
+    ports: &Arc<Memory>,
+    id: &AccountId,
+    device: &Device,
+) -> tokio::task::JoinHandle<Result<cert_lifecycle::AccountRecord, AppError>> {
+    let challenge = renewal::challenge(
+        &**ports,
+        &renewal_settings(),
+        "gateway:app",
+        id,
+        ConsentPurpose::Renew,
+        now(),
+    )
+    .await
+    .unwrap();
+    let consent = Consent {
+        device_signature: device.sign(&ConsentPurpose::Renew.statement(id, &challenge.nonce)),
+        nonce: challenge.nonce,
+    };
+    ports.ca.slow_issue.store(true, Ordering::SeqCst);
+    let task = {
+        let (ports, id) = (ports.clone(), id.clone());
+        tokio::spawn(async move {
+            renewal::renew(
+                &*ports,
+                &renewal_settings(),
+                "gateway:app",
+                &id,
+                &consent,
+                now(),
+            )
+            .await
+        })
+    };
+    ports.ca.issuing.notified().await;
+    task
+}
+
+fn release(ports: &Memory) {
+    ports.ca.slow_issue.store(false, Ordering::SeqCst);
+    ports.ca.release_issue.notify_one();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_keeps_a_device_switch_made_while_the_ca_worked() {
+    let ports = Arc::new(Memory::new());
+    for round in 0..ROUNDS {
+        let device = Device::new(5);
+        let name = format!("u-renew-{round}");
+        let record = support::account(&ports, &name, &device, now());
+        let old = record.current_certificate.clone().unwrap();
+        let renewing = renewal_in_flight(&ports, &record.id, &device).await;
+        let new_device = Device::new(6);
+        accounts::change(
+            &*ports,
+            "registrar:reg",
+            &record.id,
+            Change::SwitchDevice(new_device.spki()),
+            now(),
+        )
+        .await
+        .unwrap();
+        release(&ports);
+        let renewed = renewing.await.unwrap().unwrap();
+        let stored = ports.store.get_account(&record.id).unwrap().unwrap();
+        assert_eq!(stored.device_public_key, new_device.spki(), "round {round}");
+        assert_eq!(stored.device_generation, 2, "round {round}");
+        assert_eq!(stored.current_certificate, renewed.current_certificate);
+        assert_ne!(stored.current_certificate, Some(old.clone()));
+        assert_eq!(
+            ports.ca.revoked.lock().unwrap().get(old.as_str()),
+            Some(&RevocationReason::Superseded),
+            "round {round}: the old certificate is superseded"
+        );
+        assert!(ports.store.key_changes().unwrap().is_empty());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_does_not_undo_a_suspension_or_an_invalidation() {
+    let ports = Arc::new(Memory::new());
+    for round in 0..ROUNDS {
+        let invalidate = round % 2 == 1;
+        let device = Device::new(7);
+        let name = format!("u-stop-{round}");
+        let record = support::account(&ports, &name, &device, now());
+        let old = record.current_certificate.clone().unwrap();
+        let renewing = renewal_in_flight(&ports, &record.id, &device).await;
+        if invalidate {
+            accounts::invalidate(&*ports, "registrar:reg", &record.id, now())
+                .await
+                .unwrap();
+        } else {
+            let suspend = Change::Suspend(SuspendedBy::Government);
+            accounts::change(&*ports, "registrar:reg", &record.id, suspend, now())
+                .await
+                .unwrap();
+        }
+        release(&ports);
+        let outcome = renewing.await.unwrap();
+        assert!(
+            matches!(outcome, Err(AppError::AccountNotActive(_))),
+            "round {round}: {outcome:?}"
+        );
+        let stored = ports.store.get_account(&record.id).unwrap().unwrap();
+        let expected = if invalidate {
+            AccountStatus::Invalidated
+        } else {
+            AccountStatus::Suspended
+        };
+        assert_eq!(stored.status, expected, "round {round}");
+        assert_eq!(
+            stored.current_certificate,
+            Some(old.clone()),
+            "round {round}"
+        );
+        // The renewal's certificate is revoked, its key destroyed.
+        let issued = ports.ca.issued.lock().unwrap().last().cloned().unwrap();
+        assert_ne!(issued, old.as_str());
+        assert!(
+            !ports.ca.valid(&issued),
+            "round {round}: no orphan certificate"
+        );
+        assert!(ports.store.key_changes().unwrap().is_empty());
+        let old_certificate = ports.store.get_certificate(&old).unwrap().unwrap();
+        assert_eq!(
+            old_certificate.status == CertStatus::Revoked,
+            invalidate,
+            "round {round}: only an invalidation revokes the old certificate"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_does_not_undo_a_suspension() {
+    let ports = Arc::new(Memory::new());
+    let device = Device::new(8);
+    let record = registration::register(
+        &*ports,
+        &issuance(),
+        "registrar:reg",
+        new_account("u-up-stop", 9, Tier::IamSmart, &device),
+        now(),
+    )
+    .await
+    .unwrap();
+    ports.ca.slow_issue.store(true, Ordering::SeqCst);
+    let upgrading = {
+        let (ports, id) = (ports.clone(), record.id.clone());
+        tokio::spawn(async move {
+            registration::upgrade(&*ports, &issuance(), "registrar:reg", &id, now()).await
+        })
+    };
+    ports.ca.issuing.notified().await;
+    let suspend = Change::Suspend(SuspendedBy::User);
+    accounts::change(&*ports, "registrar:reg", &record.id, suspend, now())
+        .await
+        .unwrap();
+    release(&ports);
+    let outcome = upgrading.await.unwrap();
+    assert!(
+        matches!(outcome, Err(AppError::AccountNotActive("suspended"))),
+        "{outcome:?}"
+    );
+    let stored = ports.store.get_account(&record.id).unwrap().unwrap();
+    assert_eq!(stored.status, AccountStatus::Suspended);
+    assert_eq!(stored.tier, Tier::IamSmart);
+    no_orphan_certificate(&ports);
+    assert_eq!(ports.keys.destroyed.lock().unwrap().len(), 1);
+}
