@@ -114,13 +114,20 @@ pub trait CertificateStatus: Send + Sync {
 }
 
 /// The CA's certificate services (CMP).
+///
+/// An issued certificate is unconfirmed until [`Authority::confirm`]: the workflow records it
+/// first (its journal names it), then confirms it. A CA revokes a certificate that is never
+/// confirmed, so a crash between the two leaves none that nothing refers to.
 pub trait Authority: Send + Sync {
+    /// What [`Authority::confirm`] needs of an issued certificate.
+    type Unconfirmed: Send + Sync + 'static;
+
     /// Has the CA certify the key `key_ref` (an initial request).
     fn issue(
         &self,
         request: &IssueRequest,
         key_ref: &[u8],
-    ) -> impl Future<Output = Result<IssuedCertificate, AppError>> + Send;
+    ) -> impl Future<Output = Result<(IssuedCertificate, Self::Unconfirmed), AppError>> + Send;
 
     /// Has the CA certify the key `key_ref` in place of the certificate `old_der`, the request
     /// protected by that certificate's key `old_key_ref` (a key update).
@@ -130,7 +137,14 @@ pub trait Authority: Send + Sync {
         old_key_ref: &[u8],
         request: &IssueRequest,
         key_ref: &[u8],
-    ) -> impl Future<Output = Result<IssuedCertificate, AppError>> + Send;
+    ) -> impl Future<Output = Result<(IssuedCertificate, Self::Unconfirmed), AppError>> + Send;
+
+    /// Confirms (`accept`) or rejects an issued certificate; the CA revokes a rejected one.
+    fn confirm(
+        &self,
+        pending: Self::Unconfirmed,
+        accept: bool,
+    ) -> impl Future<Output = Result<(), AppError>> + Send;
 
     /// Revokes the certificate `der` at the CA. A certificate the CA reports revoked already
     /// (a revocation repeated after a crash) counts as revoked.

@@ -307,29 +307,38 @@ async fn issue<P: Ports>(
         issue_request(settings, record, name, dob, key.public_key_der.clone(), now);
     let (not_before, not_after) = (request.not_before.into(), request.not_after.into());
     let result = async {
-        let issued = ports.issue(&request, &key.key_ref).await?;
-        let serial = CertSerial::parse(&issued.serial_hex).map_err(AppError::fault)?;
-        let sealed_der = match ports
-            .seal("certificate", record.id.as_str(), &issued.der)
-            .await
-        {
-            Ok(sealed) => sealed,
-            Err(error) => {
-                // The journal cannot name the certificate: revoke it here, while it is in hand.
-                let reason = RevocationReason::CessationOfOperation;
-                if let Err(error) = ports.revoke(&serial, &issued.der, reason).await {
-                    tracing::error!(%error, "could not revoke an unused certificate");
-                }
-                return Err(error);
+        let (issued, pending) = ports.issue(&request, &key.key_ref).await?;
+        // Recorded before it is confirmed: a crash in between leaves a certificate the CA
+        // revokes for want of confirmation, or that the journal names for recovery to revoke.
+        let recorded = async {
+            let serial = CertSerial::parse(&issued.serial_hex).map_err(AppError::fault)?;
+            let sealed_der = ports
+                .seal("certificate", record.id.as_str(), &issued.der)
+                .await?;
+            journal.serial = Some(serial.clone());
+            journal.sealed_der = Some(sealed_der.clone());
+            let progress = journal.clone();
+            ports
+                .write(move |store| store.update_issuance(&progress))
+                .await?;
+            Ok((serial, sealed_der))
+        }
+        .await;
+        match recorded {
+            Ok(recorded) => {
+                ports.step("issuance-after-record");
+                ports.confirm(pending, true).await?;
+                Ok(recorded)
             }
-        };
-        journal.serial = Some(serial.clone());
-        journal.sealed_der = Some(sealed_der.clone());
-        let progress = journal.clone();
-        ports
-            .write(move |store| store.update_issuance(&progress))
-            .await?;
-        Ok((serial, sealed_der))
+            Err(error) => {
+                // Not recorded: rejected at once, which revokes it.
+                if let Err(error) = ports.confirm(pending, false).await {
+                    tracing::error!(%error, "could not reject an unrecorded certificate; \
+                        the CA revokes it for want of confirmation");
+                }
+                Err(error)
+            }
+        }
     }
     .await;
     let (serial, sealed_der) = match result {

@@ -424,30 +424,37 @@ impl<P: Ports> KeyChange<'_, P> {
             self.now,
         );
         let (not_before, not_after) = (request.not_before.into(), request.not_after.into());
-        let issued = match via {
+        let (issued, pending) = match via {
             Via::Rekey { old_der, old_key } => {
                 ports.rekey(old_der, old_key, &request, &key.key_ref).await
             }
             Via::Issue => ports.issue(&request, &key.key_ref).await,
         }?;
-        let serial = CertSerial::parse(&issued.serial_hex).map_err(AppError::fault)?;
-        let sealed_der = match ports
-            .seal("certificate", record.id.as_str(), &issued.der)
-            .await
-        {
-            Ok(sealed) => sealed,
+        // Recorded before it is confirmed: a crash in between leaves a certificate the CA
+        // revokes for want of confirmation, or that the journal names for recovery to revoke.
+        let recorded = async {
+            let serial = CertSerial::parse(&issued.serial_hex).map_err(AppError::fault)?;
+            let sealed_der = ports
+                .seal("certificate", record.id.as_str(), &issued.der)
+                .await?;
+            journal.new_serial = Some(serial.clone());
+            journal.new_sealed_der = Some(sealed_der.clone());
+            save_journal(ports, journal).await?;
+            Ok((serial, sealed_der))
+        }
+        .await;
+        let (serial, sealed_der) = match recorded {
+            Ok(recorded) => recorded,
             Err(error) => {
-                // The journal cannot name the certificate: revoke it here, while it is in hand.
-                let reason = RevocationReason::CessationOfOperation;
-                if let Err(error) = ports.revoke(&serial, &issued.der, reason).await {
-                    tracing::error!(%error, "could not revoke an unused certificate");
+                // Not recorded: rejected at once, which revokes it.
+                if let Err(error) = ports.confirm(pending, false).await {
+                    tracing::error!(%error, "could not reject an unrecorded certificate; \
+                        the CA revokes it for want of confirmation");
                 }
                 return Err(error);
             }
         };
-        journal.new_serial = Some(serial.clone());
-        journal.new_sealed_der = Some(sealed_der.clone());
-        save_journal(ports, journal).await?;
+        ports.confirm(pending, true).await?;
         self.step("after-issue");
         Ok(CertificateRecord {
             serial,

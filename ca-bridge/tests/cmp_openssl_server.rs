@@ -159,7 +159,8 @@ async fn against_mock_server() {
 
     // ir with PBM.
     let pbm_client = client(&pbm_server.url, pbm(SECRET), vec![root.clone()]);
-    let issued = pbm_client.issue(&ee_request, &key).await.unwrap();
+    let pending = pbm_client.issue(&ee_request, &key).await.unwrap();
+    let issued = pbm_client.confirm(pending, true).await.unwrap();
     assert_eq!(issued.der, c1);
 
     // rr with a reason, PBM.
@@ -171,14 +172,16 @@ async fn against_mock_server() {
         extra_certs_der: vec![ica.clone()],
     };
     let sig_client = client(&sig_server.url, ra_protection(), vec![root.clone()]);
-    let issued = sig_client.issue(&ee_request, &key).await.unwrap();
+    let pending = sig_client.issue(&ee_request, &key).await.unwrap();
+    let issued = sig_client.confirm(pending, true).await.unwrap();
     assert_eq!(issued.der, c1);
 
     // Same-key kur, protected by c1's key.
-    let renewed = sig_client
+    let pending = sig_client
         .rekey(&c1, &key, &ee_request, &key)
         .await
         .unwrap();
+    let renewed = sig_client.confirm(pending, true).await.unwrap();
     assert_eq!(renewed.der, c1);
 
     // rr with a reason, RA signature.

@@ -45,13 +45,14 @@ fn request_for(key: &UserKeyRef, profile: Profile) -> ca_bridge::IssueRequest {
     request(key.public_key().as_der().to_vec(), profile)
 }
 
-/// `client` enrols `key` for `profile`.
+/// `client` enrols `key` for `profile` and confirms the certificate.
 async fn issue(
     client: &CmpClient,
     key: &UserKeyRef,
     profile: Profile,
 ) -> Result<IssuedCertificate, CaError> {
-    client.issue(&request_for(key, profile), key).await
+    let pending = client.issue(&request_for(key, profile), key).await?;
+    client.confirm(pending, true).await
 }
 
 /// `client` re-keys the minor certificate `old` of `old_key` to `new_key`.
@@ -61,9 +62,10 @@ async fn rekey(
     old_key: &UserKeyRef,
     new_key: &UserKeyRef,
 ) -> Result<IssuedCertificate, CaError> {
-    client
+    let pending = client
         .rekey(old, old_key, &request_for(new_key, Profile::Minor), new_key)
-        .await
+        .await?;
+    client.confirm(pending, true).await
 }
 
 /// The certificate verifies against the CA in `dir` and names the policy and the holder.
@@ -194,7 +196,8 @@ async fn replayed_responses_are_rejected() {
     let key = user_key().await;
     let request = request_for(&key, Profile::Adult);
     // The ip is genuine; the certConf gets it again: its recipNonce is not the certConf's nonce.
-    let nonce = client.issue(&request, &key).await;
+    let pending = client.issue(&request, &key).await.unwrap();
+    let nonce = client.confirm(pending, true).await;
     assert_protocol_error(&nonce, "recipNonce");
     // A new transaction gets the old transaction's ip.
     let transaction = client.issue(&request, &key).await;
@@ -280,4 +283,79 @@ async fn client_rejects_malformed_answers() {
         let refused = client.issue(&request, &key).await;
         assert!(matches!(refused, Err(CaError::Protocol(_))), "{refused:?}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_certificate_not_confirmed_is_revoked() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = open_ca(dir.path()).await;
+    let server = Arc::new(CmpServer::new(Arc::clone(&ca), server_config(&[])));
+    let http = serve_cmp(Arc::clone(&server)).await;
+    let requester = client(&ca, http.url("/cmp"), ra_protection(&ca).await);
+    let key = user_key().await;
+
+    // Rejected in certConf: revoked at once (cessationOfOperation).
+    let rejected = requester
+        .issue(&request_for(&key, Profile::Adult), &key)
+        .await
+        .unwrap();
+    let serial = rejected.certificate().serial_hex.clone();
+    requester.confirm(rejected, false).await.unwrap();
+    assert!(matches!(
+        ca.status(&serial).await.unwrap(),
+        CertificateState::Revoked { reason_code: 5, .. }
+    ));
+
+    // Confirmed: good, and it stays good when the server starts again.
+    let confirmed = issue(&requester, &key, Profile::Adult).await.unwrap();
+    // Issued and never confirmed (the requester died before its certConf): good while the
+    // server waits for the certConf...
+    let abandoned = requester
+        .issue(&request_for(&key, Profile::Adult), &key)
+        .await
+        .unwrap();
+    let serial = abandoned.certificate().serial_hex.clone();
+    drop(abandoned);
+    assert_eq!(
+        server.settle_unconfirmed(SystemTime::now()).await.unwrap(),
+        0
+    );
+    assert_good(&ca, &serial).await;
+    // ...and revoked when a server starts without its transaction.
+    let restarted = CmpServer::new(Arc::clone(&ca), server_config(&[]));
+    assert_eq!(
+        restarted
+            .settle_unconfirmed(SystemTime::now())
+            .await
+            .unwrap(),
+        1
+    );
+    assert!(matches!(
+        ca.status(&serial).await.unwrap(),
+        CertificateState::Revoked { reason_code: 5, .. }
+    ));
+    assert_good(&ca, &confirmed.serial_hex).await;
+
+    // A certConf after the wait (10 minutes) is refused and the certificate revoked.
+    let late = requester
+        .issue(&request_for(&key, Profile::Adult), &key)
+        .await
+        .unwrap();
+    let serial = late.certificate().serial_hex.clone();
+    let later = SystemTime::now() + std::time::Duration::from_secs(601);
+    let http_late = common::serve(move |_method, _path, body| {
+        let server = Arc::clone(&server);
+        async move {
+            let answer = server.handle(&body, later).await;
+            (200, CMP_CONTENT_TYPE.to_owned(), answer)
+        }
+    })
+    .await;
+    let late_client = client(&ca, http_late.url("/cmp"), ra_protection(&ca).await);
+    let refused = late_client.confirm(late, true).await;
+    assert!(refused.is_err(), "{refused:?}");
+    assert!(matches!(
+        ca.status(&serial).await.unwrap(),
+        CertificateState::Revoked { reason_code: 5, .. }
+    ));
 }

@@ -86,6 +86,18 @@ impl EmbeddedHost {
                 ),
             },
         );
+        // The CMP transactions of the previous run are gone: no certConf can come for a
+        // certificate it issued and did not have confirmed.
+        let revoked = cmp
+            .settle_unconfirmed(now)
+            .await
+            .map_err(|error| format!("cannot settle unconfirmed certificates: {error}"))?;
+        if revoked > 0 {
+            tracing::warn!(
+                revoked,
+                "the embedded CA revoked certificates never confirmed"
+            );
+        }
         Ok(EmbeddedHost {
             ca,
             cmp,

@@ -9,6 +9,7 @@ use application::ports::{
     AuditTrail, Authority, CertificateStatus, Keys, NewKey, Records, Signatures,
 };
 use audit_log::{Actor, AuditEvent, EventName};
+use ca_bridge::cmp::Unconfirmed;
 use ca_bridge::status::CertStatus;
 use ca_bridge::{IssueRequest, IssuedCertificate};
 use cert_lifecycle::{
@@ -180,16 +181,19 @@ impl CertificateStatus for App {
 }
 
 impl Authority for App {
+    type Unconfirmed = Unconfirmed;
+
     async fn issue(
         &self,
         request: &IssueRequest,
         key_ref: &[u8],
-    ) -> Result<IssuedCertificate, AppError> {
+    ) -> Result<(IssuedCertificate, Unconfirmed), AppError> {
         let key = UserKeyRef::from_bytes(key_ref).map_err(AppError::fault)?;
         let started = Instant::now();
         let issued = self.ca.cmp.issue(request, &key).await;
         self.metrics.observe_cmp(started.elapsed(), issued.is_ok());
-        issued.map_err(AppError::fault)
+        let pending = issued.map_err(AppError::fault)?;
+        Ok((pending.certificate().clone(), pending))
     }
 
     async fn rekey(
@@ -198,13 +202,22 @@ impl Authority for App {
         old_key_ref: &[u8],
         request: &IssueRequest,
         key_ref: &[u8],
-    ) -> Result<IssuedCertificate, AppError> {
+    ) -> Result<(IssuedCertificate, Unconfirmed), AppError> {
         let old_key = UserKeyRef::from_bytes(old_key_ref).map_err(AppError::fault)?;
         let key = UserKeyRef::from_bytes(key_ref).map_err(AppError::fault)?;
         let started = Instant::now();
         let issued = self.ca.cmp.rekey(old_der, &old_key, request, &key).await;
         self.metrics.observe_cmp(started.elapsed(), issued.is_ok());
-        issued.map_err(AppError::fault)
+        let pending = issued.map_err(AppError::fault)?;
+        Ok((pending.certificate().clone(), pending))
+    }
+
+    async fn confirm(&self, pending: Unconfirmed, accept: bool) -> Result<(), AppError> {
+        let started = Instant::now();
+        let confirmed = self.ca.cmp.confirm(pending, accept).await;
+        self.metrics
+            .observe_cmp(started.elapsed(), confirmed.is_ok());
+        confirmed.map(drop).map_err(AppError::fault)
     }
 
     /// Over CMP; the cached status of the certificate is forgotten either way. A revocation

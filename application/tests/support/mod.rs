@@ -209,6 +209,9 @@ pub struct MemoryCa {
     pub checks: AtomicUsize,
     /// Serials issued, in order.
     pub issued: Mutex<Vec<String>>,
+    /// Serials their requester confirmed. Like a CMP CA, this one counts a certificate never
+    /// confirmed as not in use (a real one revokes it; `ca-bridge` tests that).
+    pub confirmed: Mutex<Vec<String>>,
     /// Issuance fails while this is set (the CA is down).
     pub down: AtomicBool,
     /// Each issuance waits for `release_issue` while this is set (a slow CA).
@@ -244,9 +247,10 @@ impl MemoryCa {
         })
     }
 
-    /// Whether the CA has issued `serial` and not revoked it.
+    /// Whether the CA has issued `serial`, had it confirmed, and not revoked it.
     pub fn valid(&self, serial: &str) -> bool {
         self.issued.lock().unwrap().iter().any(|s| s == serial)
+            && self.confirmed.lock().unwrap().iter().any(|s| s == serial)
             && !self.revoked.lock().unwrap().contains_key(serial)
     }
 }
@@ -279,13 +283,31 @@ impl CertificateStatus for Memory {
 }
 
 impl Authority for Memory {
+    /// The serial.
+    type Unconfirmed = String;
+
     async fn issue(
         &self,
         request: &IssueRequest,
         key_ref: &[u8],
-    ) -> Result<IssuedCertificate, AppError> {
+    ) -> Result<(IssuedCertificate, String), AppError> {
         self.ca.wait().await;
-        self.ca.certify(request, key_ref)
+        let issued = self.ca.certify(request, key_ref)?;
+        let serial = issued.serial_hex.clone();
+        Ok((issued, serial))
+    }
+
+    async fn confirm(&self, serial: String, accept: bool) -> Result<(), AppError> {
+        if accept {
+            self.ca.confirmed.lock().unwrap().push(serial);
+        } else {
+            self.ca
+                .revoked
+                .lock()
+                .unwrap()
+                .insert(serial, RevocationReason::CessationOfOperation);
+        }
+        Ok(())
     }
 
     async fn rekey(
@@ -294,9 +316,11 @@ impl Authority for Memory {
         _old_key_ref: &[u8],
         request: &IssueRequest,
         key_ref: &[u8],
-    ) -> Result<IssuedCertificate, AppError> {
+    ) -> Result<(IssuedCertificate, String), AppError> {
         self.ca.wait().await;
-        self.ca.certify(request, key_ref)
+        let issued = self.ca.certify(request, key_ref)?;
+        let serial = issued.serial_hex.clone();
+        Ok((issued, serial))
     }
 
     async fn revoke(

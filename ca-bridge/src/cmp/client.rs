@@ -156,6 +156,33 @@ impl fmt::Debug for CmpClient {
     }
 }
 
+/// A certificate the CA issued and waits to have confirmed (certConf). The caller records it
+/// first, so that a crash cannot leave a certificate it does not know of: one never confirmed
+/// is revoked by the CA. `Debug` shows the serial only.
+pub struct Unconfirmed {
+    issued: IssuedCertificate,
+    transaction_id: Vec<u8>,
+    sender_nonce: Vec<u8>,
+    cert_hash: Vec<u8>,
+    subject: Name,
+    user: Option<(UserKeyRef, Certificate)>,
+}
+
+impl Unconfirmed {
+    /// The certificate, as issued.
+    pub fn certificate(&self) -> &IssuedCertificate {
+        &self.issued
+    }
+}
+
+impl fmt::Debug for Unconfirmed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Unconfirmed")
+            .field("serial", &self.issued.serial_hex)
+            .finish_non_exhaustive()
+    }
+}
+
 impl CmpClient {
     /// Checks the configuration ([`CaError::Config`] for bad OIDs, certificates or an empty
     /// trust list).
@@ -210,14 +237,16 @@ impl CmpClient {
         })
     }
 
-    /// ir + certConf/pkiConf. POP: signature by `key` (the user key in the HSM) over the DER
-    /// CertRequest (ECDSA for EC keys, PKCS#1 v1.5 SHA-256 for RSA). The template carries the
-    /// subject, the validity, the public key and the profile's certificatePolicies.
+    /// ir. POP: signature by `key` (the user key in the HSM) over the DER CertRequest (ECDSA
+    /// for EC keys, PKCS#1 v1.5 SHA-256 for RSA). The template carries the subject, the
+    /// validity, the public key and the profile's certificatePolicies. The certificate is
+    /// issued but not confirmed: [`CmpClient::confirm`] accepts (or rejects) it once the caller
+    /// has recorded it; a CA revokes a certificate that is never confirmed.
     pub async fn issue(
         &self,
         request: &IssueRequest,
         key: &UserKeyRef,
-    ) -> Result<IssuedCertificate, CaError> {
+    ) -> Result<Unconfirmed, CaError> {
         let subject = subscriber_name(
             &self.organisation,
             &request.surname,
@@ -228,19 +257,21 @@ impl CmpClient {
             .cert_request_body(false, subject.clone(), request, key, None)
             .await?;
         let protector = self.own_protector();
-        self.enroll(&protector, subject, false, body, request).await
+        self.enroll(&protector, subject, false, body, request, None)
+            .await
     }
 
     /// kur for re-key: protected by the CURRENT certificate's key (current_key,
-    /// current_cert_der as protection cert), POP by new_key; certConf/pkiConf. The template
-    /// keeps the current subject and names the current certificate in oldCertID.
+    /// current_cert_der as protection cert), POP by new_key. The template keeps the current
+    /// subject and names the current certificate in oldCertID. Unconfirmed, as for
+    /// [`CmpClient::issue`]; the certConf is protected like the kur.
     pub async fn rekey(
         &self,
         current_cert_der: &[u8],
         current_key: &UserKeyRef,
         request: &IssueRequest,
         new_key: &UserKeyRef,
-    ) -> Result<IssuedCertificate, CaError> {
+    ) -> Result<Unconfirmed, CaError> {
         let current = Certificate::from_der(current_cert_der)
             .map_err(|_| CaError::InvalidRequest("current certificate is not DER".into()))?;
         if current.tbs_certificate.subject_public_key_info.to_der()?
@@ -271,7 +302,59 @@ impl CmpClient {
             key: current_key,
             certificate: &current,
         };
-        self.enroll(&protector, subject, true, body, request).await
+        let user = (current_key.clone(), current.clone());
+        self.enroll(&protector, subject, true, body, request, Some(user))
+            .await
+    }
+
+    /// certConf for a certificate of [`CmpClient::issue`] or [`CmpClient::rekey`]: `accept`
+    /// confirms it; otherwise the CA revokes it. Gives the certificate once the CA answered
+    /// pkiConf.
+    pub async fn confirm(
+        &self,
+        pending: Unconfirmed,
+        accept: bool,
+    ) -> Result<IssuedCertificate, CaError> {
+        let Unconfirmed {
+            issued,
+            transaction_id,
+            sender_nonce,
+            cert_hash,
+            subject,
+            user,
+        } = pending;
+        let protector = match &user {
+            Some((key, certificate)) => Protector::User { key, certificate },
+            None => self.own_protector(),
+        };
+        // certConf (RFC 9483 section 4.1.1), with the CA's nonce echoed; a rejection carries
+        // the status rejection (RFC 4210 section 5.3.18).
+        let confirm = Transaction {
+            id: transaction_id,
+            nonce: self.hsm.random(NONCE_LEN).await?,
+        };
+        let status_info = (!accept).then(message::rejection);
+        let cert_conf = PkiBody::CertConf(vec![CertStatus {
+            cert_hash: OctetString::new(cert_hash)?,
+            cert_req_id: Int::new(&[0])?,
+            status_info,
+        }]);
+        let der = self
+            .request(
+                &protector,
+                &confirm,
+                Some(sender_nonce),
+                subject,
+                self.trusted_recipient(),
+                message::body_any(&cert_conf)?,
+            )
+            .await?;
+        let response = self.exchange(der).await?;
+        let message = self.check_response(&response, &confirm, &protector)?;
+        if !matches!(message.body, PkiBody::PkiConf(_)) {
+            return Err(unexpected(&message.body, "pkiconf"));
+        }
+        Ok(issued)
     }
 
     /// rr with an RFC 5280 reason code; the revDetails name the certificate's issuer and
@@ -397,7 +480,8 @@ impl CmpClient {
         Ok((message::sha256_signature_alg(ec), signature))
     }
 
-    /// ir or kur, then certConf.
+    /// ir or kur, up to the issued certificate (its certConf is [`CmpClient::confirm`]).
+    /// `user` is the key and certificate that protect a kur (and so its certConf).
     async fn enroll(
         &self,
         protector: &Protector<'_>,
@@ -405,7 +489,8 @@ impl CmpClient {
         kur: bool,
         body: Any,
         request: &IssueRequest,
-    ) -> Result<IssuedCertificate, CaError> {
+        user: Option<(UserKeyRef, Certificate)>,
+    ) -> Result<Unconfirmed, CaError> {
         let recipient = self.trusted_recipient();
         let transaction = Transaction::new(&self.hsm).await?;
         let expected = if kur { "kup" } else { "ip" };
@@ -458,34 +543,16 @@ impl CmpClient {
             .ok_or_else(|| CaError::Protocol("response without a senderNonce".into()))?
             .to_vec();
 
-        // certConf (RFC 9483 section 4.1.1): accept, with the CA's nonce echoed.
-        let confirm = Transaction {
-            id: transaction.id.clone(),
-            nonce: self.hsm.random(NONCE_LEN).await?,
-        };
-        let cert_conf = PkiBody::CertConf(vec![CertStatus {
-            cert_hash: OctetString::new(message::cert_hash(cert, &cert_der))?,
-            cert_req_id: Int::new(&[0])?,
-            status_info: None,
-        }]);
-        let der = self
-            .request(
-                protector,
-                &confirm,
-                Some(sender_nonce),
-                subject,
-                recipient,
-                message::body_any(&cert_conf)?,
-            )
-            .await?;
-        let response = self.exchange(der).await?;
-        let message = self.check_response(&response, &confirm, protector)?;
-        if !matches!(message.body, PkiBody::PkiConf(_)) {
-            return Err(unexpected(&message.body, "pkiconf"));
-        }
-        Ok(IssuedCertificate {
-            serial_hex: serial_hex(cert.tbs_certificate.serial_number.as_bytes()),
-            der: cert_der,
+        Ok(Unconfirmed {
+            issued: IssuedCertificate {
+                serial_hex: serial_hex(cert.tbs_certificate.serial_number.as_bytes()),
+                der: cert_der.clone(),
+            },
+            transaction_id: transaction.id,
+            sender_nonce,
+            cert_hash: message::cert_hash(cert, &cert_der),
+            subject,
+            user,
         })
     }
 

@@ -507,6 +507,15 @@ pub(crate) fn accepted<'a>() -> PkiStatusInfo<'a> {
     }
 }
 
+/// A rejection without text (a certConf that refuses the certificate).
+pub(crate) fn rejection<'a>() -> PkiStatusInfo<'a> {
+    PkiStatusInfo {
+        status: PkiStatus::Rejection,
+        status_string: None,
+        fail_info: None,
+    }
+}
+
 /// The bytes of an optional OCTET STRING header field.
 pub(crate) fn octets(field: Option<&OctetString>) -> Option<&[u8]> {
     field.map(OctetString::as_bytes)

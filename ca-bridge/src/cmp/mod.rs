@@ -22,5 +22,5 @@ mod message;
 mod pbm;
 mod server;
 
-pub use client::{ClientProtection, CmpClient, CmpClientConfig};
+pub use client::{ClientProtection, CmpClient, CmpClientConfig, Unconfirmed};
 pub use server::{CmpServer, CmpServerConfig};

@@ -87,6 +87,19 @@ struct Pending {
     expires: SystemTime,
 }
 
+/// Removes the transactions past their wait from `map`; their certificates' serials.
+fn expired(map: &mut HashMap<Vec<u8>, Pending>, now: SystemTime) -> Vec<String> {
+    let late: Vec<Vec<u8>> = map
+        .iter()
+        .filter(|(_, pending)| pending.expires < now)
+        .map(|(id, _)| id.clone())
+        .collect();
+    late.into_iter()
+        .filter_map(|id| map.remove(&id))
+        .map(|pending| pending.serial_hex)
+        .collect()
+}
+
 /// Who sent an authenticated request.
 enum Sender {
     /// PBM with the secret at this index.
@@ -397,7 +410,7 @@ impl CmpServer {
             .map_err(|_| refuse(Fail::BadCertTemplate, "bad public key"))?;
         let issued = self
             .ca
-            .issue_named(subject, &spki_der, profile, not_before, not_after)
+            .issue_named(subject, &spki_der, profile, not_before, not_after, false)
             .await
             .map_err(|e| match e {
                 CaError::InvalidRequest(_) | CaError::OutsideCaValidity | CaError::Der(_) => {
@@ -410,7 +423,7 @@ impl CmpServer {
             })?;
         let cert = Certificate::from_der(&issued.der)
             .map_err(|_| refuse(Fail::SystemFailure, "issued certificate does not parse"))?;
-        self.remember(
+        let dropped = self.remember(
             transaction,
             Pending {
                 serial_hex: issued.serial_hex,
@@ -421,6 +434,7 @@ impl CmpServer {
             },
             now,
         );
+        self.revoke_unconfirmed(dropped, now).await;
         Ok(CertRepMessage {
             ca_pubs: None,
             response: vec![CertResponse {
@@ -501,11 +515,24 @@ impl CmpServer {
         now: SystemTime,
     ) -> Result<(), Refusal> {
         let transaction = octets(header.trans_id.as_ref()).unwrap_or_default();
-        let pending = self
-            .pending_lock()
-            .remove(transaction)
-            .filter(|p| p.expires >= now)
-            .ok_or_else(|| refuse(Fail::BadRequest, "no certificate waits for this certConf"))?;
+        let (pending, dropped) = {
+            let mut map = self.pending_lock();
+            (map.remove(transaction), expired(&mut map, now))
+        };
+        self.revoke_unconfirmed(dropped, now).await;
+        let pending = match pending {
+            Some(pending) if pending.expires >= now => pending,
+            Some(late) => {
+                self.revoke_unconfirmed(vec![late.serial_hex], now).await;
+                return Err(refuse(Fail::BadRequest, "the certConf came too late"));
+            }
+            None => {
+                return Err(refuse(
+                    Fail::BadRequest,
+                    "no certificate waits for this certConf",
+                ));
+            }
+        };
         if pending.requester != sender.identity() {
             return Err(refuse(Fail::NotAuthorized, "certConf from another sender"));
         }
@@ -524,11 +551,13 @@ impl CmpServer {
         if status.cert_hash.as_bytes() != pending.cert_hash.as_slice() {
             return Err(refuse(Fail::BadCertId, "certHash does not match"));
         }
-        if status
-            .status_info
-            .as_ref()
-            .is_some_and(|info| !granted(info))
-        {
+        let accepted = status.status_info.as_ref().is_none_or(granted);
+        if accepted {
+            self.ca
+                .confirm(&pending.serial_hex, now)
+                .await
+                .map_err(|_| refuse(Fail::SystemFailure, "confirmation failed"))?;
+        } else {
             self.ca
                 .revoke(&pending.serial_hex, REASON_REJECTED_IN_CONFIRM, now)
                 .await
@@ -608,19 +637,60 @@ impl CmpServer {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn remember(&self, transaction: Vec<u8>, pending: Pending, now: SystemTime) {
+    /// Waits for the certConf of `pending`. Gives the certificates no longer waited for (past
+    /// the wait, or the oldest beyond [`MAX_PENDING`]): the caller revokes them.
+    fn remember(&self, transaction: Vec<u8>, pending: Pending, now: SystemTime) -> Vec<String> {
         let mut map = self.pending_lock();
-        map.retain(|_, p| p.expires >= now);
+        let mut dropped = expired(&mut map, now);
         if map.len() >= MAX_PENDING {
             let oldest = map
                 .iter()
                 .min_by_key(|(_, p)| p.expires)
                 .map(|(id, _)| id.clone());
-            if let Some(oldest) = oldest {
-                map.remove(&oldest);
+            if let Some(oldest) = oldest.and_then(|oldest| map.remove(&oldest)) {
+                dropped.push(oldest.serial_hex);
             }
         }
         map.insert(transaction, pending);
+        dropped
+    }
+
+    /// Revokes certificates whose certConf will never be accepted (cessationOfOperation, as a
+    /// rejected one): an unconfirmed certificate is one its requester may not know it has.
+    async fn revoke_unconfirmed(&self, serials: Vec<String>, now: SystemTime) {
+        for serial in serials {
+            match self
+                .ca
+                .revoke(&serial, REASON_REJECTED_IN_CONFIRM, now)
+                .await
+            {
+                Ok(()) => tracing::warn!(%serial, "certificate never confirmed, revoked"),
+                Err(error) => {
+                    tracing::error!(%error, %serial, "cannot revoke an unconfirmed certificate")
+                }
+            }
+        }
+    }
+
+    /// At start: revokes every certificate issued over CMP and never confirmed. The
+    /// transactions they belonged to were lost with the previous run, so no certConf can come
+    /// for them. Gives how many were revoked.
+    pub async fn settle_unconfirmed(&self, now: SystemTime) -> Result<usize, CaError> {
+        let waiting: Vec<String> = self
+            .pending_lock()
+            .values()
+            .map(|pending| pending.serial_hex.clone())
+            .collect();
+        let orphans: Vec<String> = self
+            .ca
+            .unconfirmed()
+            .await?
+            .into_iter()
+            .filter(|serial| !waiting.contains(serial))
+            .collect();
+        let count = orphans.len();
+        self.revoke_unconfirmed(orphans, now).await;
+        Ok(count)
     }
 
     async fn error_response(

@@ -379,12 +379,14 @@ impl EmbeddedCa {
             request.profile,
             request.not_before,
             request.not_after,
+            true,
         )
         .await
     }
 
     /// [`EmbeddedCa::issue`] for a subject name made elsewhere (a CMP certificate template, or
-    /// the subject of the certificate a key update replaces).
+    /// the subject of the certificate a key update replaces). Unless `confirmed`, the
+    /// certificate waits for its requester's confirmation ([`EmbeddedCa::confirm`]).
     pub(crate) async fn issue_named(
         &self,
         subject: Name,
@@ -392,6 +394,7 @@ impl EmbeddedCa {
         profile: Profile,
         not_before: SystemTime,
         not_after: SystemTime,
+        confirmed: bool,
     ) -> Result<IssuedCertificate, CaError> {
         let spki = subject_key(public_key_spki_der)?;
         let validity = validity(not_before, not_after)?;
@@ -417,6 +420,7 @@ impl EmbeddedCa {
                 not_before,
                 not_after,
                 issued_at: SystemTime::now(),
+                confirmed,
             })
         })
         .await?;
@@ -442,6 +446,19 @@ impl EmbeddedCa {
         blocking(move || state.revoke(&serial, reason_code, at)).await?;
         tracing::info!(serial = %logged, reason_code, "certificate revoked");
         Ok(())
+    }
+
+    /// Records the requester's confirmation of a certificate issued over CMP.
+    pub(crate) async fn confirm(&self, serial_hex: &str, at: SystemTime) -> Result<(), CaError> {
+        let serial = normalise_serial(serial_hex)?;
+        let state = Arc::clone(&self.state);
+        blocking(move || state.confirm(&serial, at)).await
+    }
+
+    /// The certificates issued over CMP that were neither confirmed nor revoked.
+    pub(crate) async fn unconfirmed(&self) -> Result<Vec<String>, CaError> {
+        let state = Arc::clone(&self.state);
+        blocking(move || state.unconfirmed()).await
     }
 
     /// What the CA knows of a serial (for OCSP).

@@ -14,7 +14,8 @@ use crate::embedded_ca::{CertificateState, Profile, Revocation};
 use crate::error::CaError;
 
 /// Schema migrations; `PRAGMA user_version` is the number applied.
-const MIGRATIONS: &[&str] = &["CREATE TABLE certificates (
+const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE certificates (
         serial      TEXT PRIMARY KEY NOT NULL,
         profile     TEXT NOT NULL,
         not_before  INTEGER NOT NULL,
@@ -25,7 +26,14 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE certificates (
         CHECK ((revoked_at IS NULL) = (reason IS NULL))
     ) STRICT;
     CREATE INDEX certificates_revoked ON certificates (revoked_at)
-        WHERE revoked_at IS NOT NULL;"];
+        WHERE revoked_at IS NOT NULL;",
+    // Version 2: when a certificate issued over CMP was confirmed (certConf). One never
+    // confirmed is revoked. Certificates issued before this version count as confirmed.
+    "ALTER TABLE certificates ADD COLUMN confirmed_at INTEGER;
+    UPDATE certificates SET confirmed_at = issued_at;
+    CREATE INDEX certificates_unconfirmed ON certificates (issued_at)
+        WHERE confirmed_at IS NULL AND revoked_at IS NULL;",
+];
 
 #[derive(Debug)]
 pub(crate) struct CaState {
@@ -40,6 +48,9 @@ pub(crate) struct IssuedRow<'a> {
     pub(crate) not_before: SystemTime,
     pub(crate) not_after: SystemTime,
     pub(crate) issued_at: SystemTime,
+    /// Whether it counts as accepted at once (issued directly, not over CMP, where the
+    /// requester's certConf confirms it).
+    pub(crate) confirmed: bool,
 }
 
 impl CaState {
@@ -76,17 +87,40 @@ impl CaState {
     /// it at random, so this only happens on a broken generator).
     pub(crate) fn insert(&self, row: &IssuedRow<'_>) -> Result<(), CaError> {
         self.conn()?.execute(
-            "INSERT INTO certificates (serial, profile, not_before, not_after, issued_at)
-             VALUES (?1, ?2, ?3, ?4, ?5)",
+            "INSERT INTO certificates (serial, profile, not_before, not_after, issued_at,
+                 confirmed_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             params![
                 row.serial_hex,
                 row.profile.as_str(),
                 unix(row.not_before),
                 unix(row.not_after),
-                unix(row.issued_at)
+                unix(row.issued_at),
+                row.confirmed.then(|| unix(row.issued_at)),
             ],
         )?;
         Ok(())
+    }
+
+    /// Marks `serial` confirmed by its requester (a second confirmation changes nothing).
+    pub(crate) fn confirm(&self, serial_hex: &str, at: SystemTime) -> Result<(), CaError> {
+        self.conn()?.execute(
+            "UPDATE certificates SET confirmed_at = ?2
+             WHERE serial = ?1 AND confirmed_at IS NULL",
+            params![serial_hex, unix(at)],
+        )?;
+        Ok(())
+    }
+
+    /// The certificates neither confirmed nor revoked, oldest first.
+    pub(crate) fn unconfirmed(&self) -> Result<Vec<String>, CaError> {
+        let conn = self.conn()?;
+        let mut stmt = conn.prepare(
+            "SELECT serial FROM certificates
+             WHERE confirmed_at IS NULL AND revoked_at IS NULL ORDER BY issued_at, serial",
+        )?;
+        let rows = stmt.query_map([], |row| row.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// Marks `serial` revoked. Revoking a revoked certificate changes nothing (the first time
@@ -191,6 +225,7 @@ mod tests {
             not_before: at(1_000),
             not_after: at(2_000),
             issued_at: at(1_000),
+            confirmed: true,
         };
         state.insert(&row).unwrap();
         assert!(state.insert(&row).is_err(), "a serial is unique");
