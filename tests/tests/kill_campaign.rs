@@ -1,6 +1,8 @@
-//! SIGKILL from outside, at random moments, under a signing and deregistration load: after each
-//! restart every acknowledged signature is still there and signed once, and at the end every
-//! acknowledged deregistration left no personal data, and the audit log verifies.
+//! SIGKILL from outside, at random moments, under a signing, renewal and deregistration load:
+//! after each restart every acknowledged signature is still there and signed once, and at the
+//! end every acknowledged deregistration left no personal data, every acknowledged renewal or
+//! re-application holds, every certificate the CA issued is either kept by the store or revoked,
+//! and the audit log verifies.
 //!
 //! `KILL_ROUNDS` (default 100) sets how many kills one run makes.
 
@@ -27,6 +29,99 @@ fn rounds() -> usize {
 struct Acknowledged {
     signed: Vec<String>,
     deregistered: Vec<String>,
+    /// Renewals and re-applications: the account and its new certificate's serial.
+    renewed: Vec<(String, String)>,
+}
+
+/// Accounts registered before the clock moves into their renewal window: each is renewed once
+/// (a key update), then revoked and re-applied for (an initial request) over and over.
+const RENEWABLE: usize = 24;
+
+/// The device's consent to `purpose` for account `id`, from a fresh challenge; `None` when the
+/// daemon went away.
+fn consent(
+    daemon: &DevDaemon,
+    id: &str,
+    purpose: &str,
+    key: &p256::ecdsa::SigningKey,
+) -> Option<Value> {
+    use p256::ecdsa::signature::Signer;
+    let challenge: Value = daemon
+        .client("gateway")
+        .get(format!(
+            "{}/v1/accounts/{id}/consent-challenge?purpose={purpose}",
+            daemon.api
+        ))
+        .send()
+        .ok()?
+        .json()
+        .ok()?;
+    let nonce = challenge["nonce"].as_str()?;
+    let statement = format!("smartsign-consent-v1\n{purpose}\n{id}\n{nonce}");
+    let signature: p256::ecdsa::Signature = key.sign(statement.as_bytes());
+    Some(serde_json::json!({
+        "nonce": nonce,
+        "device_signature": base64_of(signature.to_der().as_bytes()),
+    }))
+}
+
+/// Moves the daemon's clock 1,050 days ahead of the real one: into the renewal window
+/// (validity 1,095 days, window 60) of the certificates issued before, which stay valid.
+fn move_clock(daemon: &DevDaemon) {
+    let now = time::OffsetDateTime::now_utc() + time::Duration::days(1_050);
+    let moved = daemon
+        .client("officer")
+        .post(format!("{}/v1/admin/clock", daemon.api))
+        .json(&serde_json::json!({
+            "now": now.format(&time::format_description::well_known::Rfc3339).unwrap()
+        }))
+        .send()
+        .unwrap();
+    assert_eq!(moved.status(), 200);
+}
+
+/// One renewal (or, once renewed, a revocation and re-application) of account `id`; the new
+/// serial when the daemon acknowledged it, `Err` when the daemon went away.
+fn renew_once(
+    daemon: &DevDaemon,
+    id: &str,
+    key: &p256::ecdsa::SigningKey,
+    renewed_before: bool,
+) -> Result<Option<String>, ()> {
+    let gateway = daemon.client("gateway");
+    let (purpose, route) = if renewed_before {
+        let revoked = daemon
+            .client("registrar")
+            .post(format!(
+                "{}/v1/accounts/{id}/certificate/revoke",
+                daemon.api
+            ))
+            .json(&serde_json::json!({"reason": "superseded"}))
+            .send()
+            .map_err(drop)?;
+        if !matches!(revoked.status().as_u16(), 200 | 409) {
+            return Ok(None);
+        }
+        ("reapply", "reapply")
+    } else {
+        ("renew", "renewal")
+    };
+    let Some(body) = consent(daemon, id, purpose, key) else {
+        return Err(());
+    };
+    let response = gateway
+        .post(format!(
+            "{}/v1/accounts/{id}/certificate/{route}",
+            daemon.api
+        ))
+        .json(&body)
+        .send()
+        .map_err(drop)?;
+    if response.status() != 200 {
+        return Ok(None);
+    }
+    let account: Value = response.json().map_err(drop)?;
+    Ok(account["certificate"]["serial"].as_str().map(str::to_owned))
 }
 
 #[test]
@@ -40,6 +135,25 @@ fn sigkill_under_load_loses_no_acknowledged_change_and_signs_nothing_twice() {
         .send()
         .unwrap();
     assert_eq!(registered.status(), 201);
+    // The accounts the renewal load works on, then the clock moved into their renewal window
+    // (validity 1,095 days, window 60): the signing account's certificate stays valid.
+    let renewable: Vec<(String, p256::ecdsa::SigningKey)> = (0..RENEWABLE)
+        .map(|n| {
+            let id = format!("u-renew-{n}");
+            let key = smartsign_tests::device_key();
+            let created = daemon
+                .client("registrar")
+                .post(format!("{}/v1/accounts", daemon.api))
+                .json(&registration(&id, "1990-01-01", &key))
+                .send()
+                .unwrap();
+            assert_eq!(created.status(), 201);
+            (id, key)
+        })
+        .collect();
+    move_clock(&daemon);
+    let renewed_once = Mutex::new(vec![false; RENEWABLE]);
+    let mut next_renewal = 0usize;
     let acknowledged = Arc::new(Mutex::new(Acknowledged::default()));
     let mut seed: u64 = 0x5eed_1234_abcd;
     let mut next = || {
@@ -52,6 +166,8 @@ fn sigkill_under_load_loses_no_acknowledged_change_and_signs_nothing_twice() {
     for round in 0..rounds() {
         if round > 0 {
             daemon.start_again();
+            // The development clock lives in the process: set it again.
+            move_clock(&daemon);
         }
         let stop = Arc::new(AtomicBool::new(false));
         let pid = daemon.pid().unwrap().to_string();
@@ -135,6 +251,27 @@ fn sigkill_under_load_loses_no_acknowledged_change_and_signs_nothing_twice() {
                     }
                 }
             });
+            // Renewal load: each account renewed once, then revoked and re-applied for.
+            let renewer = scope.spawn(|| {
+                while !stop.load(Ordering::Relaxed) {
+                    let n = next_renewal % RENEWABLE;
+                    next_renewal += 1;
+                    let (id, key) = &renewable[n];
+                    let before = renewed_once.lock().unwrap()[n];
+                    match renew_once(&daemon, id, key, before) {
+                        Ok(Some(serial)) => {
+                            renewed_once.lock().unwrap()[n] = true;
+                            acknowledged
+                                .lock()
+                                .unwrap()
+                                .renewed
+                                .push((id.clone(), serial));
+                        }
+                        Ok(None) => {}
+                        Err(()) => return,
+                    }
+                }
+            });
             std::thread::sleep(Duration::from_millis(100 + next() % 700));
             // A real `kill -9` from outside, while the load runs.
             let killed = std::process::Command::new("kill")
@@ -145,6 +282,7 @@ fn sigkill_under_load_loses_no_acknowledged_change_and_signs_nothing_twice() {
             stop.store(true, Ordering::Relaxed);
             signer.join().unwrap();
             deregisterer.join().unwrap();
+            renewer.join().unwrap();
         });
         // Reap it.
         daemon.kill();
@@ -189,6 +327,58 @@ fn sigkill_under_load_loses_no_acknowledged_change_and_signs_nothing_twice() {
         with_data, 0,
         "deregistered accounts that kept personal data"
     );
+    // Every acknowledged renewal or re-application holds: the account's certificate is the
+    // acknowledged one or a later one (an unacknowledged change that finished before a kill).
+    let mut last: std::collections::HashMap<&str, &str> = std::collections::HashMap::new();
+    for (id, serial) in &acknowledged.renewed {
+        last.insert(id, serial);
+    }
+    for (id, serial) in &last {
+        let (current, acknowledged_from, current_from): (String, i64, i64) = store
+            .query_row(
+                "SELECT a.current_certificate, k.not_before, c.not_before FROM accounts a \
+                 JOIN certificates c ON c.serial = a.current_certificate \
+                 JOIN certificates k ON k.serial = ?2 WHERE a.id = ?1",
+                [id, serial],
+                |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+            )
+            .unwrap();
+        assert!(
+            current == *serial || current_from >= acknowledged_from,
+            "{id}: acknowledged {serial}, now {current}"
+        );
+    }
+    // Every certificate the CA issued (for a subscriber) is kept by the store or revoked: a
+    // kill between the CA's answer and the store leaves none valid that nothing names.
+    let ca = rusqlite::Connection::open(daemon.state_dir().join("ca/ca.sqlite")).unwrap();
+    let valid_at_ca: Vec<String> = ca
+        .prepare(
+            "SELECT serial FROM certificates WHERE revoked_at IS NULL \
+             AND profile IN ('adult', 'minor')",
+        )
+        .unwrap()
+        .query_map([], |row| row.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let orphans: Vec<&String> = valid_at_ca
+        .iter()
+        .filter(|serial| {
+            store
+                .query_row(
+                    "SELECT count(*) FROM certificates WHERE serial = ?1",
+                    [serial.as_str()],
+                    |row| row.get::<_, i64>(0),
+                )
+                .unwrap()
+                == 0
+        })
+        .collect();
+    assert!(
+        orphans.is_empty(),
+        "{} certificates valid at the CA that the store does not keep: {orphans:?}",
+        orphans.len()
+    );
     // No request signed twice: one `signing.signed` record per request in the whole log.
     let export = tempfile::tempdir().unwrap();
     let records = verify_audit(&daemon, export.path());
@@ -205,10 +395,13 @@ fn sigkill_under_load_loses_no_acknowledged_change_and_signs_nothing_twice() {
     assert!(twice.is_empty(), "signed twice: {twice:?}");
     eprintln!(
         "kill campaign: {} kills, {} acknowledged signatures, {} acknowledged \
-         deregistrations, 0 lost, 0 signed twice",
+         deregistrations, {} acknowledged renewals, {} certificates valid at the CA, 0 lost, \
+         0 signed twice, 0 orphan certificates",
         rounds(),
         acknowledged.signed.len(),
-        acknowledged.deregistered.len()
+        acknowledged.deregistered.len(),
+        acknowledged.renewed.len(),
+        valid_at_ca.len()
     );
 }
 
