@@ -193,6 +193,42 @@ pub fn verify_signature(result: &Value, document: &[u8]) {
     assert!(verified.status.success(), "{}", describe(&verified));
 }
 
+/// The device's consent to `purpose` (`renew`, `reapply`, `deregister`) for account `id`, to a
+/// fresh challenge; `None` when the daemon did not answer with one.
+pub fn consent(daemon: &DevDaemon, id: &str, purpose: &str, key: &SigningKey) -> Option<Value> {
+    let challenge: Value = daemon
+        .client("gateway")
+        .get(format!(
+            "{}/v1/accounts/{id}/consent-challenge?purpose={purpose}",
+            daemon.api
+        ))
+        .send()
+        .ok()?
+        .json()
+        .ok()?;
+    let nonce = challenge["nonce"].as_str()?;
+    let statement = format!("smartsign-consent-v1\n{purpose}\n{id}\n{nonce}");
+    let signature: p256::ecdsa::Signature = key.sign(statement.as_bytes());
+    Some(json!({
+        "nonce": nonce,
+        "device_signature": STANDARD.encode(signature.to_der().as_bytes()),
+    }))
+}
+
+/// Moves the daemon's clock `days` ahead of the real one (`--dev`).
+pub fn move_clock(daemon: &DevDaemon, days: i64) {
+    let now = time::OffsetDateTime::now_utc() + time::Duration::days(days);
+    let moved = daemon
+        .client("officer")
+        .post(format!("{}/v1/admin/clock", daemon.api))
+        .json(&json!({
+            "now": now.format(&time::format_description::well_known::Rfc3339).unwrap()
+        }))
+        .send()
+        .unwrap();
+    assert_eq!(moved.status(), 200);
+}
+
 /// Exports the audit log as an auditor would, verifies it offline with `smartsign-ctl audit
 /// verify`, and returns the records (NDJSON).
 pub fn verify_audit(daemon: &DevDaemon, dir: &Path) -> String {

@@ -199,14 +199,6 @@ pub async fn invalidate_account<P: Ports>(
     actor: &str,
     now: OffsetDateTime,
 ) -> Result<(), AppError> {
-    revoke_current(
-        ports,
-        record,
-        RevocationReason::PrivilegeWithdrawn,
-        actor,
-        now,
-    )
-    .await?;
     ports
         .append(
             "account.invalidated",
@@ -214,17 +206,16 @@ pub async fn invalidate_account<P: Ports>(
             fields([("account_id", json!(record.id.as_str()))]),
         )
         .await?;
-    save_final(
-        ports,
-        record,
-        move |record| {
+    let end = End {
+        reason: RevocationReason::PrivilegeWithdrawn,
+        apply: move |record: &mut AccountRecord| {
             record.status = AccountStatus::Invalidated;
             record.status_changed_at = now;
             record.rectify_by = None;
         },
-        |store, record| store.update_account(record),
-    )
-    .await
+        write: |store: &P::Store, record: &AccountRecord| store.update_account(record),
+    };
+    end.run(ports, record, actor, now).await
 }
 
 /// Deregisters account `id` (the registrar, or the user with consent): revoke, destroy the key,
@@ -251,14 +242,6 @@ pub async fn deregister_account<P: Ports>(
     actor: &str,
     now: OffsetDateTime,
 ) -> Result<(), AppError> {
-    revoke_current(
-        ports,
-        record,
-        RevocationReason::CessationOfOperation,
-        actor,
-        now,
-    )
-    .await?;
     ports
         .append(
             "account.deregistered",
@@ -267,47 +250,60 @@ pub async fn deregister_account<P: Ports>(
         )
         .await?;
     // One transaction: the state and the erasure of every personal datum, so that no crash
-    // leaves a deregistered account with its data. It wins over a change made meanwhile.
-    save_final(
-        ports,
-        record,
-        move |record| {
+    // leaves a deregistered account with its data.
+    let end = End {
+        reason: RevocationReason::CessationOfOperation,
+        apply: move |record: &mut AccountRecord| {
             record.status = AccountStatus::Deregistered;
             record.status_changed_at = now;
             record.suspended_by = None;
             record.rectify_by = None;
         },
-        |store, record| store.deregister(record),
-    )
-    .await
+        write: |store: &P::Store, record: &AccountRecord| store.deregister(record),
+    };
+    end.run(ports, record, actor, now).await
 }
 
-/// Stores a final state (invalidated, deregistered) with `write`, which must win over any change
-/// made since `record` was read: on a lost race it reads the account again and applies `apply`
-/// on top, so that the other change is kept too, and never undoes this one. `record` ends as
-/// stored.
-async fn save_final<P: Ports>(
-    ports: &P,
-    record: &mut AccountRecord,
-    apply: impl Fn(&mut AccountRecord),
-    write: fn(&P::Store, &AccountRecord) -> Result<(), StoreError>,
-) -> Result<(), AppError> {
-    apply(record);
-    for _ in 0..CHANGE_TRIES {
-        let copy = record.clone();
-        match ports.write(move |store| write(store, &copy)).await {
-            Ok(()) => {
-                *record = load(ports, &record.id)?;
-                return Ok(());
+/// A final state (invalidated, deregistered): the current certificate revoked with `reason`,
+/// then the state stored with `write`, which must win over any change made since the account
+/// was read. On a lost race it reads the account again, revokes its certificate if that
+/// changed meanwhile (a renewal that finished), and applies `apply` on top: the other change is
+/// kept too, and never undoes this one.
+struct End<A, W> {
+    reason: RevocationReason,
+    apply: A,
+    write: W,
+}
+
+impl<A, W> End<A, W>
+where
+    A: Fn(&mut AccountRecord),
+{
+    async fn run<P: Ports>(
+        self,
+        ports: &P,
+        record: &mut AccountRecord,
+        actor: &str,
+        now: OffsetDateTime,
+    ) -> Result<(), AppError>
+    where
+        W: Fn(&P::Store, &AccountRecord) -> Result<(), StoreError> + Copy + Send + 'static,
+    {
+        for _ in 0..CHANGE_TRIES {
+            revoke_current(ports, record, self.reason, actor, now).await?;
+            (self.apply)(record);
+            let (copy, write) = (record.clone(), self.write);
+            match ports.write(move |store| write(store, &copy)).await {
+                Ok(()) => {
+                    *record = load(ports, &record.id)?;
+                    return Ok(());
+                }
+                Err(AppError::Conflict) => *record = load(ports, &record.id)?,
+                Err(error) => return Err(error),
             }
-            Err(AppError::Conflict) => {
-                *record = load(ports, &record.id)?;
-                apply(record);
-            }
-            Err(error) => return Err(error),
         }
+        Err(AppError::Conflict)
     }
-    Err(AppError::Conflict)
 }
 
 /// Revokes the account's current certificate: audited, then the local state (which refuses every

@@ -422,3 +422,44 @@ async fn an_upgrade_does_not_undo_a_suspension() {
     no_orphan_certificate(&ports);
     assert_eq!(ports.keys.destroyed.lock().unwrap().len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_finishing_inside_an_invalidation_leaves_no_valid_certificate() {
+    let ports = Arc::new(Memory::new());
+    for round in 0..ROUNDS {
+        let device = Device::new(9);
+        let record = support::account(&ports, &format!("u-inside-{round}"), &device, now());
+        // A renewal waits for the CA to issue...
+        let renewing = renewal_in_flight(&ports, &record.id, &device).await;
+        // ...an invalidation revokes the old certificate and waits for the CA...
+        ports.ca.hold_next_revoke.store(true, Ordering::SeqCst);
+        let invalidating = {
+            let (ports, id) = (ports.clone(), record.id.clone());
+            tokio::spawn(
+                async move { accounts::invalidate(&*ports, "registrar:reg", &id, now()).await },
+            )
+        };
+        ports.ca.revoking.notified().await;
+        // ...meanwhile the renewal makes its new certificate current...
+        release(&ports);
+        let renewed = renewing.await.unwrap();
+        // ...and then the invalidation goes on.
+        ports.ca.release_revoke.notify_one();
+        invalidating.await.unwrap().unwrap();
+        let stored = ports.store.get_account(&record.id).unwrap().unwrap();
+        assert_eq!(stored.status, AccountStatus::Invalidated, "round {round}");
+        let valid: Vec<_> = ports
+            .store
+            .certificates_of(&record.id)
+            .unwrap()
+            .into_iter()
+            .filter(|certificate| ports.ca.valid(certificate.serial.as_str()))
+            .map(|certificate| certificate.serial)
+            .collect();
+        assert!(
+            valid.is_empty(),
+            "round {round}: valid {valid:?} (renewal: {renewed:?})"
+        );
+        no_orphan_certificate(&ports);
+    }
+}

@@ -15,7 +15,7 @@ use std::time::Duration;
 use serde_json::Value;
 use sha2::Digest as _;
 use smartsign_tests::DevDaemon;
-use smartsign_tests::flow::{Pending, registration, verify_audit};
+use smartsign_tests::flow::{Pending, consent, registration, verify_audit};
 
 fn rounds() -> usize {
     std::env::var("KILL_ROUNDS")
@@ -37,47 +37,10 @@ struct Acknowledged {
 /// (a key update), then revoked and re-applied for (an initial request) over and over.
 const RENEWABLE: usize = 24;
 
-/// The device's consent to `purpose` for account `id`, from a fresh challenge; `None` when the
-/// daemon went away.
-fn consent(
-    daemon: &DevDaemon,
-    id: &str,
-    purpose: &str,
-    key: &p256::ecdsa::SigningKey,
-) -> Option<Value> {
-    use p256::ecdsa::signature::Signer;
-    let challenge: Value = daemon
-        .client("gateway")
-        .get(format!(
-            "{}/v1/accounts/{id}/consent-challenge?purpose={purpose}",
-            daemon.api
-        ))
-        .send()
-        .ok()?
-        .json()
-        .ok()?;
-    let nonce = challenge["nonce"].as_str()?;
-    let statement = format!("smartsign-consent-v1\n{purpose}\n{id}\n{nonce}");
-    let signature: p256::ecdsa::Signature = key.sign(statement.as_bytes());
-    Some(serde_json::json!({
-        "nonce": nonce,
-        "device_signature": base64_of(signature.to_der().as_bytes()),
-    }))
-}
-
 /// Moves the daemon's clock 1,050 days ahead of the real one: into the renewal window
 /// (validity 1,095 days, window 60) of the certificates issued before, which stay valid.
 fn move_clock(daemon: &DevDaemon) {
-    let now = time::OffsetDateTime::now_utc() + time::Duration::days(1_050);
-    let moved = daemon
-        .client("officer")
-        .post(format!("{}/v1/admin/clock", daemon.api))
-        .json(&serde_json::json!({
-            "now": now.format(&time::format_description::well_known::Rfc3339).unwrap()
-        }))
-        .send()
-        .unwrap();
-    assert_eq!(moved.status(), 200);
+    smartsign_tests::flow::move_clock(daemon, 1_050);
 }
 
 /// One renewal (or, once renewed, a revocation and re-application) of account `id`; the new

@@ -654,3 +654,144 @@ fn the_user_deregisters_from_the_app_with_the_devices_consent() {
     assert_eq!(account["status"], "deregistered");
     assert_eq!(account["certificate"]["status"], "revoked");
 }
+
+/// The certificate serials of an account that are valid at the CA (not revoked in its own
+/// record), by the embedded CA's state file.
+fn valid_at_ca(daemon: &DevDaemon, serials: &[String]) -> Vec<String> {
+    let ca = rusqlite::Connection::open(daemon.state_dir().join("ca/ca.sqlite")).unwrap();
+    serials
+        .iter()
+        .filter(|serial| {
+            ca.query_row(
+                "SELECT count(*) FROM certificates WHERE serial = ?1 AND revoked_at IS NULL",
+                [serial.as_str()],
+                |row| row.get::<_, i64>(0),
+            )
+            .unwrap()
+                > 0
+        })
+        .cloned()
+        .collect()
+}
+
+/// Every certificate the store keeps for `id`.
+fn stored_serials(daemon: &DevDaemon, id: &str) -> Vec<String> {
+    let store = rusqlite::Connection::open(daemon.state_dir().join("smartsign.sqlite")).unwrap();
+    store
+        .prepare("SELECT serial FROM certificates WHERE account_id = ?1")
+        .unwrap()
+        .query_map([id], |row| row.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+/// Every certificate the CA issued that is not revoked (subscribers only).
+fn all_valid_at_ca(daemon: &DevDaemon) -> Vec<String> {
+    let ca = rusqlite::Connection::open(daemon.state_dir().join("ca/ca.sqlite")).unwrap();
+    ca.prepare(
+        "SELECT serial FROM certificates WHERE revoked_at IS NULL \
+         AND profile IN ('adult', 'minor')",
+    )
+    .unwrap()
+    .query_map([], |row| row.get(0))
+    .unwrap()
+    .collect::<Result<_, _>>()
+    .unwrap()
+}
+
+#[test]
+fn a_renewal_racing_a_device_switch_a_suspension_or_an_invalidation_loses_neither() {
+    let daemon = DevDaemon::start(&[]);
+    let races = ["device", "suspend", "invalidate"];
+    let accounts: Vec<(String, p256::ecdsa::SigningKey)> = (0..ROUNDS * races.len())
+        .map(|n| {
+            let id = format!("u-race-{n}");
+            let key = register(&daemon, &id);
+            (id, key)
+        })
+        .collect();
+    // Into the renewal window of every certificate above (validity 1,095 days, window 60).
+    smartsign_tests::flow::move_clock(&daemon, 1_050);
+    let registrar = daemon.client("registrar");
+    let mut renewed = 0;
+    for (n, (id, key)) in accounts.iter().enumerate() {
+        let race = races[n % races.len()];
+        let url = |path: &str| format!("{}/v1/accounts/{id}{path}", daemon.api);
+        let before: Value = registrar.get(url("")).send().unwrap().json().unwrap();
+        let old_serial = before["certificate"]["serial"].as_str().unwrap().to_owned();
+        let consent = smartsign_tests::flow::consent(&daemon, id, "renew", key).unwrap();
+        let device = smartsign_tests::device_pem(&device_key());
+        let (renewal, other) = std::thread::scope(|scope| {
+            let renewal = scope.spawn(|| {
+                daemon
+                    .client("gateway")
+                    .post(url("/certificate/renewal"))
+                    .json(&consent)
+                    .send()
+                    .unwrap()
+                    .status()
+                    .as_u16()
+            });
+            let other = scope.spawn(|| {
+                let registrar = daemon.client("registrar");
+                let request = match race {
+                    "device" => registrar
+                        .put(url("/device"))
+                        .json(&serde_json::json!({"device_public_key": device})),
+                    "suspend" => registrar
+                        .post(url("/suspend"))
+                        .json(&serde_json::json!({"by": "government"})),
+                    _ => registrar
+                        .post(url("/invalidate"))
+                        .json(&serde_json::json!({})),
+                };
+                request.send().unwrap().status().as_u16()
+            });
+            (renewal.join().unwrap(), other.join().unwrap())
+        });
+        assert_eq!(other, 200, "{id}: the {race} always succeeds");
+        let after: Value = registrar.get(url("")).send().unwrap().json().unwrap();
+        let current = after["certificate"]["serial"].as_str().unwrap().to_owned();
+        // The other change is never lost.
+        match race {
+            "device" => assert_eq!(after["device_generation"], 2, "{id}"),
+            "suspend" => assert_eq!(after["status"], "suspended", "{id}"),
+            _ => assert_eq!(after["status"], "invalidated", "{id}"),
+        }
+        // The renewal either took (the account's certificate is the new one) or left nothing.
+        if renewal == 200 {
+            renewed += 1;
+            assert_ne!(current, old_serial, "{id}: renewed");
+        } else {
+            assert_eq!(
+                current, old_serial,
+                "{id}: a refused renewal changes nothing"
+            );
+        }
+        let serials = stored_serials(&daemon, id);
+        let valid = valid_at_ca(&daemon, &serials);
+        match race {
+            // An invalidated account has no valid certificate at all.
+            "invalidate" => assert!(valid.is_empty(), "{id}: valid {valid:?}"),
+            // Otherwise exactly the current one.
+            _ => assert_eq!(valid, vec![current.clone()], "{id}"),
+        }
+    }
+    // No certificate valid at the CA that the store does not keep.
+    let kept: Vec<String> = accounts
+        .iter()
+        .flat_map(|(id, _)| stored_serials(&daemon, id))
+        .collect();
+    let orphans: Vec<String> = all_valid_at_ca(&daemon)
+        .into_iter()
+        .filter(|serial| !kept.contains(serial))
+        .collect();
+    assert!(orphans.is_empty(), "orphan certificates: {orphans:?}");
+    eprintln!(
+        "renewal races: {} rounds ({} each of {races:?}), {renewed} renewed, 0 lost changes, \
+         0 orphan certificates",
+        accounts.len(),
+        ROUNDS
+    );
+}

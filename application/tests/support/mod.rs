@@ -216,6 +216,10 @@ pub struct MemoryCa {
     pub down: AtomicBool,
     /// Each issuance waits for `release_issue` while this is set (a slow CA).
     pub slow_issue: AtomicBool,
+    /// The next revocation waits for `release_revoke` (once).
+    pub hold_next_revoke: AtomicBool,
+    pub revoking: Notify,
+    pub release_revoke: Notify,
     pub issuing: Notify,
     pub release_issue: Notify,
 }
@@ -329,6 +333,10 @@ impl Authority for Memory {
         _der: &[u8],
         reason: RevocationReason,
     ) -> Result<(), AppError> {
+        if self.ca.hold_next_revoke.swap(false, Ordering::SeqCst) {
+            self.ca.revoking.notify_one();
+            self.ca.release_revoke.notified().await;
+        }
         self.ca
             .revoked
             .lock()
