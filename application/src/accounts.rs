@@ -7,7 +7,7 @@
 
 use cert_lifecycle::{
     AccountId, AccountRecord, AccountStatus, CertStatus, CertificateRecord, RECTIFICATION_PERIOD,
-    RevocationReason, Store, StoreError, SuspendedBy,
+    RevocationReason, ServiceName, Store, StoreError, SuspendedBy, TaidRecord, Tier,
 };
 use serde_json::{Map, Value, json};
 use time::OffsetDateTime;
@@ -191,23 +191,36 @@ pub async fn invalidate<P: Ports>(
     Ok(record)
 }
 
-/// Invalidates `record`'s account: the invalidate route and the rectification-deadline sweep.
-/// `record` ends as stored.
+/// Invalidates `record`'s account (the invalidate route). `record` ends as stored.
 pub async fn invalidate_account<P: Ports>(
     ports: &P,
     record: &mut AccountRecord,
     actor: &str,
     now: OffsetDateTime,
 ) -> Result<(), AppError> {
-    ports
-        .append(
-            "account.invalidated",
-            actor,
-            fields([("account_id", json!(record.id.as_str()))]),
+    invalidate_if(ports, record, actor, now, |record| {
+        !matches!(
+            record.status,
+            AccountStatus::Invalidated | AccountStatus::Deregistered
         )
-        .await?;
+    })
+    .await
+    .map(drop)
+}
+
+/// Invalidates `record`'s account if `due` holds for it as stored (checked again after a lost
+/// race): the rectification-deadline sweep. Whether it did; `record` ends as stored.
+pub async fn invalidate_if<P: Ports>(
+    ports: &P,
+    record: &mut AccountRecord,
+    actor: &str,
+    now: OffsetDateTime,
+    due: impl Fn(&AccountRecord) -> bool,
+) -> Result<bool, AppError> {
     let end = End {
+        event: "account.invalidated",
         reason: RevocationReason::PrivilegeWithdrawn,
+        due,
         apply: move |record: &mut AccountRecord| {
             record.status = AccountStatus::Invalidated;
             record.status_changed_at = now;
@@ -235,24 +248,35 @@ pub async fn deregister<P: Ports>(
 }
 
 /// Deregisters `record`'s account: its certificate revoked (cessation_of_operation), key
-/// destroyed, personal data erased. The deregister routes and the seven-year retention sweep.
+/// destroyed, personal data erased (the deregister routes). `record` ends as stored.
 pub async fn deregister_account<P: Ports>(
     ports: &P,
     record: &mut AccountRecord,
     actor: &str,
     now: OffsetDateTime,
 ) -> Result<(), AppError> {
-    ports
-        .append(
-            "account.deregistered",
-            actor,
-            fields([("account_id", json!(record.id.as_str()))]),
-        )
-        .await?;
+    deregister_if(ports, record, actor, now, |record| {
+        record.status != AccountStatus::Deregistered
+    })
+    .await
+    .map(drop)
+}
+
+/// Deregisters `record`'s account if `due` holds for it as stored (checked again after a lost
+/// race): the seven-year retention sweep. Whether it did; `record` ends as stored.
+pub async fn deregister_if<P: Ports>(
+    ports: &P,
+    record: &mut AccountRecord,
+    actor: &str,
+    now: OffsetDateTime,
+    due: impl Fn(&AccountRecord) -> bool,
+) -> Result<bool, AppError> {
     // One transaction: the state and the erasure of every personal datum, so that no crash
     // leaves a deregistered account with its data.
     let end = End {
+        event: "account.deregistered",
         reason: RevocationReason::CessationOfOperation,
+        due,
         apply: move |record: &mut AccountRecord| {
             record.status = AccountStatus::Deregistered;
             record.status_changed_at = now;
@@ -264,19 +288,23 @@ pub async fn deregister_account<P: Ports>(
     end.run(ports, record, actor, now).await
 }
 
-/// A final state (invalidated, deregistered): the current certificate revoked with `reason`,
-/// then the state stored with `write`, which must win over any change made since the account
-/// was read. On a lost race it reads the account again, revokes its certificate if that
-/// changed meanwhile (a renewal that finished), and applies `apply` on top: the other change is
-/// kept too, and never undoes this one.
-struct End<A, W> {
+/// A final state (invalidated, deregistered): audited, the current certificate revoked with
+/// `reason`, then the state stored with `write`, only if `due` holds for the account as stored.
+/// On a lost race it reads the account again: if `due` still holds, it revokes the certificate
+/// if that changed meanwhile (a renewal that finished) and applies `apply` on top, so the
+/// other change is kept too and never undoes this one; if not (a sweep's rule no longer
+/// applies), it stops.
+struct End<D, A, W> {
+    event: &'static str,
     reason: RevocationReason,
+    due: D,
     apply: A,
     write: W,
 }
 
-impl<A, W> End<A, W>
+impl<D, A, W> End<D, A, W>
 where
+    D: Fn(&AccountRecord) -> bool,
     A: Fn(&mut AccountRecord),
 {
     async fn run<P: Ports>(
@@ -285,18 +313,32 @@ where
         record: &mut AccountRecord,
         actor: &str,
         now: OffsetDateTime,
-    ) -> Result<(), AppError>
+    ) -> Result<bool, AppError>
     where
         W: Fn(&P::Store, &AccountRecord) -> Result<(), StoreError> + Copy + Send + 'static,
     {
+        let mut audited = false;
         for _ in 0..CHANGE_TRIES {
+            if !(self.due)(record) {
+                return Ok(false);
+            }
+            if !audited {
+                ports
+                    .append(
+                        self.event,
+                        actor,
+                        fields([("account_id", json!(record.id.as_str()))]),
+                    )
+                    .await?;
+                audited = true;
+            }
             revoke_current(ports, record, self.reason, actor, now).await?;
             (self.apply)(record);
             let (copy, write) = (record.clone(), self.write);
             match ports.write(move |store| write(store, &copy)).await {
                 Ok(()) => {
                     *record = load(ports, &record.id)?;
-                    return Ok(());
+                    return Ok(true);
                 }
                 Err(AppError::Conflict) => *record = load(ports, &record.id)?,
                 Err(error) => return Err(error),
@@ -411,4 +453,56 @@ pub async fn destroy_key_of<P: Ports>(
     ports
         .write(move |store| store.update_certificate(&certificate))
         .await
+}
+
+/// Account `id`'s TAID at `service`: base64url(HMAC-SHA-256(TAID key, service || 0x00 ||
+/// account id)) cut to 128 bits, stored for the reverse lookup (the one stored first stands).
+pub async fn taid<P: Ports>(
+    ports: &P,
+    id: &AccountId,
+    service: &ServiceName,
+) -> Result<TaidRecord, AppError> {
+    use base64::Engine;
+    let record = load(ports, id)?;
+    if record.status == AccountStatus::Deregistered {
+        return Err(AppError::AccountNotActive(record.status.as_str()));
+    }
+    let mut input = Vec::with_capacity(service.as_str().len() + 1 + id.as_str().len());
+    input.extend_from_slice(service.as_str().as_bytes());
+    input.push(0);
+    input.extend_from_slice(id.as_str().as_bytes());
+    let mac = ports.taid_hash(&input).await?;
+    let taid = TaidRecord {
+        taid: base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&mac[..16]),
+        service: service.clone(),
+        account_id: record.id,
+    };
+    ports.write(move |store| store.put_taid(&taid)).await
+}
+
+/// Revokes account `id`'s current certificate (the registrar or an officer, e.g. a key
+/// compromise). Gives the account as stored.
+pub async fn revoke_certificate<P: Ports>(
+    ports: &P,
+    actor: &str,
+    id: &AccountId,
+    reason: RevocationReason,
+    now: OffsetDateTime,
+) -> Result<AccountRecord, AppError> {
+    let record = load(ports, id)?;
+    if record.tier != Tier::IamSmartPlus {
+        return Err(AppError::NotIamSmartPlus);
+    }
+    let serial = record
+        .current_certificate
+        .clone()
+        .ok_or(AppError::NoCertificate)?;
+    let certificate = ports
+        .read(|store| store.get_certificate(&serial))?
+        .ok_or(AppError::NoCertificate)?;
+    if certificate.status == CertStatus::Revoked {
+        return Err(AppError::CertificateRevoked);
+    }
+    revoke_current(ports, &record, reason, actor, now).await?;
+    load(ports, id)
 }

@@ -1,5 +1,6 @@
-//! The workflows of the appliance, over small traits (its [`ports`]): the signing flow and the
-//! changes of an account's state. It knows no HTTP and no concrete HSM, CA, store or clock:
+//! The workflows of the appliance, over small traits (its [`ports`]): the signing flow, the
+//! changes of an account's state, registration and upgrade, renewal and re-application, the
+//! lifecycle sweeps, and the start-up recovery of each. It knows no HTTP and no concrete HSM, CA, store or clock:
 //! every workflow takes the ports and `now`, and returns a typed outcome or an [`AppError`]
 //! that the edge maps to API.md's codes.
 //!
@@ -16,6 +17,7 @@ pub mod ports;
 pub mod registration;
 pub mod renewal;
 pub mod signing;
+pub mod sweeps;
 
 use cert_lifecycle::{AccountRecord, CertStatus, CertificateRecord};
 use serde_json::{Map, Value};

@@ -90,6 +90,9 @@ pub trait Keys: Send + Sync {
         sealed: &[u8],
     ) -> impl Future<Output = Result<Zeroizing<Vec<u8>>, AppError>> + Send;
 
+    /// The keyed hash under the TAID key (its own HSM key) of `data`.
+    fn taid_hash(&self, data: &[u8]) -> impl Future<Output = Result<[u8; 32], AppError>> + Send;
+
     /// The keyed hash of an HKIC number.
     fn hkic_hash(
         &self,

@@ -180,9 +180,8 @@ async fn certificate_view(
 }
 
 /// Loads an account or gives `not_found`.
-pub(crate) async fn load(app: &App, id: &AccountId) -> Result<AccountRecord, ApiError> {
-    app.lookup(|store| store.get_account(id))?
-        .ok_or(ApiError::NotFound("account"))
+fn load(app: &App, id: &AccountId) -> Result<AccountRecord, ApiError> {
+    Ok(application::accounts::load(app, id)?)
 }
 
 async fn reply_account(app: &App, record: &AccountRecord) -> Result<Reply, ApiError> {
@@ -203,7 +202,7 @@ fn require_empty_object(ctx: &Ctx) -> Result<(), ApiError> {
 
 /// `GET /v1/accounts/{id}`.
 pub(crate) async fn get(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError> {
-    let record = load(&app, &account_id(ctx.param(0))?).await?;
+    let record = load(&app, &account_id(ctx.param(0))?)?;
     reply_account(&app, &record).await
 }
 
@@ -349,27 +348,8 @@ pub(crate) async fn deregister(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiErro
 pub(crate) async fn taid(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError> {
     let service = ServiceName::parse(ctx.query("service")?)
         .map_err(|error| ApiError::InvalidRequest(format!("service: {error}")))?;
-    let record = load(&app, &account_id(ctx.param(0))?).await?;
-    if record.status == AccountStatus::Deregistered {
-        return Err(ApiError::AccountNotActive(record.status.as_str()));
-    }
-    let mut input = Vec::with_capacity(service.as_str().len() + 1 + record.id.as_str().len());
-    input.extend_from_slice(service.as_str().as_bytes());
-    input.push(0);
-    input.extend_from_slice(record.id.as_str().as_bytes());
-    let mac = app
-        .hsm
-        .hmac_sha256(hsm_adapter::SystemKey::Taid, &input)
-        .await?;
-    let taid = URL_SAFE_NO_PAD.encode(&mac[..16]);
-    let stored = {
-        let taid = cert_lifecycle::TaidRecord {
-            taid,
-            service: service.clone(),
-            account_id: record.id.clone(),
-        };
-        app.store(move |store| store.put_taid(&taid)).await?
-    };
+    let id = account_id(ctx.param(0))?;
+    let stored = application::accounts::taid(&*app, &id, &service).await?;
     Ok(Reply::ok(
         &json!({"service": service.as_str(), "taid": stored.taid}),
     ))
@@ -390,22 +370,11 @@ pub(crate) async fn revoke_certificate(app: Arc<App>, ctx: Ctx) -> Result<Reply,
                 .into(),
         )
     })?;
-    let record = load(&app, &account_id(ctx.param(0))?).await?;
-    if record.tier != Tier::IamSmartPlus {
-        return Err(ApiError::NotIamSmartPlus);
-    }
-    let Some(serial) = record.current_certificate.clone() else {
-        return Err(ApiError::NoCertificate);
-    };
-    let certificate = app
-        .store(move |store| store.get_certificate(&serial))
-        .await?
-        .ok_or(ApiError::NoCertificate)?;
-    if certificate.status == CertStatus::Revoked {
-        return Err(ApiError::CertificateRevoked);
-    }
+    let id = account_id(ctx.param(0))?;
     let actor = ctx.caller.to_string();
-    application::accounts::revoke_current(&*app, &record, reason, &actor, app.clock.now()).await?;
+    let now = app.clock.now();
+    let record =
+        application::accounts::revoke_certificate(&*app, &actor, &id, reason, now).await?;
     reply_account(&app, &record).await
 }
 

@@ -151,6 +151,16 @@ impl Keys for App {
         ))
     }
 
+    async fn taid_hash(&self, data: &[u8]) -> Result<[u8; 32], AppError> {
+        let started = Instant::now();
+        let hash = self
+            .hsm
+            .hmac_sha256(hsm_adapter::SystemKey::Taid, data)
+            .await;
+        self.metrics.observe_hsm("hmac", started.elapsed());
+        hash.map_err(hsm_error)
+    }
+
     async fn hkic_hash(&self, hkic: &HkicNumber) -> Result<[u8; 32], AppError> {
         let started = Instant::now();
         let hash = self

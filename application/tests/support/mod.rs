@@ -184,6 +184,10 @@ impl Keys for MemoryKeys {
             .ok_or_else(|| AppError::fault("sealed for another purpose or row"))
     }
 
+    async fn taid_hash(&self, data: &[u8]) -> Result<[u8; 32], AppError> {
+        Ok(Sha256::digest([b"taid\0".as_slice(), data].concat()).into())
+    }
+
     async fn hkic_hash(&self, hkic: &HkicNumber) -> Result<[u8; 32], AppError> {
         Ok(Sha256::digest(hkic.canonical()).into())
     }
@@ -430,6 +434,10 @@ impl Keys for Memory {
         sealed: &[u8],
     ) -> Result<Zeroizing<Vec<u8>>, AppError> {
         self.keys.unseal(purpose, binding, sealed).await
+    }
+
+    async fn taid_hash(&self, data: &[u8]) -> Result<[u8; 32], AppError> {
+        self.keys.taid_hash(data).await
     }
 
     async fn hkic_hash(&self, hkic: &HkicNumber) -> Result<[u8; 32], AppError> {
