@@ -463,3 +463,42 @@ async fn a_renewal_finishing_inside_an_invalidation_leaves_no_valid_certificate(
         no_orphan_certificate(&ports);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sweep_leaves_an_account_rectified_meanwhile_active() {
+    let ports = Arc::new(Memory::new());
+    let device = Device::new(10);
+    let record = support::account(&ports, "u-rectify", &device, now());
+    let long_ago = now() - time::Duration::days(30);
+    let mismatch = Change::Matching(Some(long_ago));
+    accounts::change(&*ports, "registrar:reg", &record.id, mismatch, now())
+        .await
+        .unwrap();
+    // The sweep finds the deadline passed and waits for the CA's revocation...
+    ports.ca.hold_next_revoke.store(true, Ordering::SeqCst);
+    let sweeping = {
+        let ports = ports.clone();
+        tokio::spawn(async move { application::sweeps::run(&*ports, "system:sweep", now()).await })
+    };
+    ports.ca.revoking.notified().await;
+    // ...while the registrar records a match.
+    accounts::change(
+        &*ports,
+        "registrar:reg",
+        &record.id,
+        Change::Matching(None),
+        now(),
+    )
+    .await
+    .unwrap();
+    ports.ca.release_revoke.notify_one();
+    let changes = sweeping.await.unwrap().unwrap();
+    assert!(changes.invalidated.is_empty(), "{changes:?}");
+    let stored = ports.store.get_account(&record.id).unwrap().unwrap();
+    assert_eq!(stored.status, AccountStatus::Active, "the match is kept");
+    // A second sweep finds nothing due.
+    let again = application::sweeps::run(&*ports, "system:sweep", now())
+        .await
+        .unwrap();
+    assert!(again.invalidated.is_empty());
+}

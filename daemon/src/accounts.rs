@@ -10,12 +10,10 @@ use application::registration::{self, NewAccount};
 pub(crate) use application::{certificate_status, rfc3339};
 use std::sync::Arc;
 
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use cert_lifecycle::Store;
 use cert_lifecycle::{
-    AccountId, AccountRecord, AccountStatus, CertStatus, CertificateRecord, HkicNumber,
-    RevocationReason, ServiceName, SuspendedBy, Tier,
+    AccountId, AccountRecord, CertificateRecord, HkicNumber, RevocationReason, ServiceName,
+    SuspendedBy, Tier,
 };
 use hyper::StatusCode;
 use serde::Deserialize;
@@ -373,8 +371,7 @@ pub(crate) async fn revoke_certificate(app: Arc<App>, ctx: Ctx) -> Result<Reply,
     let id = account_id(ctx.param(0))?;
     let actor = ctx.caller.to_string();
     let now = app.clock.now();
-    let record =
-        application::accounts::revoke_certificate(&*app, &actor, &id, reason, now).await?;
+    let record = application::accounts::revoke_certificate(&*app, &actor, &id, reason, now).await?;
     reply_account(&app, &record).await
 }
 

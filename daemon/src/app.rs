@@ -40,7 +40,6 @@ pub(crate) struct App {
     /// `--dev`: enables `POST /v1/admin/clock`.
     pub(crate) dev: bool,
     pub(crate) started: Instant,
-    /// Signing requests being authorised now.
     /// Held while the lifecycle sweeps run: one run at a time.
     pub(crate) sweeping: tokio::sync::Mutex<()>,
 }
@@ -48,10 +47,9 @@ pub(crate) struct App {
 impl App {
     /// Test hook: with `--dev` and `SMARTSIGND_FAILPOINT=NAME` in the environment, the daemon
     /// aborts (as a SIGKILL would end it: nothing is flushed or undone) when it reaches the step
-    /// `NAME`, so that the tests can check what the next start makes of it. The steps are the key
-    /// changes' (`lifecycle.rs`) and a revocation's: `revocation-after-local` (stored, the CA not
-    /// told) and `revocation-after-ca` (the CA told, the key not destroyed). It never acts
-    /// without `--dev`.
+    /// `NAME`, so that the tests can check what the next start makes of it. The steps are those the
+    /// application layer names (`AuditTrail::step`): a key change's, a first issuance's, a
+    /// signature's and a revocation's (the README lists them). It never acts without `--dev`.
     pub(crate) fn failpoint(&self, name: &str) {
         if self.dev && std::env::var("SMARTSIGND_FAILPOINT").is_ok_and(|wanted| wanted == name) {
             tracing::error!(failpoint = name, "test failpoint reached: aborting");
@@ -59,18 +57,8 @@ impl App {
         }
     }
 
-    /// A read of one row by its key, on the caller's thread. From SQLite's page cache (WAL:
-    /// readers do not wait for the writer) it takes microseconds, less than handing it to the
-    /// blocking pool and back, which costs two thread wake-ups. Writes (which wait for fsync)
-    /// and scans go through [`App::store`].
-    pub(crate) fn lookup<T>(
-        &self,
-        call: impl FnOnce(&SqliteStore) -> Result<T, cert_lifecycle::StoreError>,
-    ) -> Result<T, ApiError> {
-        call(&self.store).map_err(ApiError::from)
-    }
-
-    /// Runs a blocking store call off the async threads.
+    /// Runs a blocking store call off the async threads (the operations routes; the workflows
+    /// use the `Records` port).
     pub(crate) async fn store<T, F>(&self, call: F) -> Result<T, ApiError>
     where
         T: Send + 'static,

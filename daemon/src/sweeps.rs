@@ -68,9 +68,8 @@ fn report(changes: &Changes, now: OffsetDateTime) -> Value {
             })
             .collect()
     };
-    let accounts = |list: &[AccountId]| -> Vec<Value> {
-        list.iter().map(|id| json!(id.as_str())).collect()
-    };
+    let accounts =
+        |list: &[AccountId]| -> Vec<Value> { list.iter().map(|id| json!(id.as_str())).collect() };
     json!({
         "now": rfc3339(now),
         "revocations_finished": certificates(&changes.revocations_finished),
