@@ -7,9 +7,9 @@
 //! at the CA and its key destroyed, so no valid certificate stays at the CA without its account.
 
 use cert_lifecycle::{
-    AccountId, AccountRecord, AccountStatus, CertProfile, CertSerial, CertStatus,
-    CertificateRecord, HkicNumber, IssuanceJournal, IssuancePurpose, RevocationReason, RuleError,
-    Store, StoreError, Tier,
+    AccountId, AccountRecord, AccountStatus, CertSerial, CertStatus, CertificateRecord, HkicNumber,
+    IssuanceJournal, IssuancePurpose, Profile, RevocationReason, RuleError, Store, StoreError,
+    Tier,
 };
 use serde_json::json;
 use time::{Date, OffsetDateTime};
@@ -377,22 +377,15 @@ pub fn issue_request(
     dob: Date,
     public_key_der: Vec<u8>,
     now: OffsetDateTime,
-) -> (CertProfile, ca_bridge::IssueRequest) {
-    let profile = if cert_lifecycle::is_minor(dob, now) {
-        CertProfile::Minor
-    } else {
-        CertProfile::Adult
-    };
+) -> (Profile, ca_bridge::IssueRequest) {
+    let profile = cert_lifecycle::profile_for(dob, now);
     let not_before = now.replace_nanosecond(0).unwrap_or(now);
     let request = ca_bridge::IssueRequest {
         surname: name.surname.clone(),
         given_name: name.given_name.clone(),
         hkic_hash_hex: hex::encode(account.hkic_hash),
         public_key_spki_der: public_key_der,
-        profile: match profile {
-            CertProfile::Minor => ca_bridge::Profile::Minor,
-            _ => ca_bridge::Profile::Adult,
-        },
+        profile,
         not_before: not_before.into(),
         not_after: (not_before + settings.certificate_validity).into(),
     };

@@ -6,11 +6,11 @@
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use ca_bridge::signed_data::{HashAlg, SignatureAlg, SignedAttributes};
+use ca_bridge::signed_data::{SignatureAlg, SignedAttributes};
 use cert_lifecycle::{
-    AccountId, AccountRecord, AccountStatus, AuthOutcome, CertProfile, CertStatus,
-    CertificateRecord, Decision, FlowError, HashAlgorithm, HkicNumber, RequestId, ServiceName,
-    SigningRequest, SigningStatus, Store, Tier, Transition,
+    AccountId, AccountRecord, AccountStatus, AuthOutcome, CertStatus, CertificateRecord, Decision,
+    FlowError, HashAlgorithm, HkicNumber, Profile, RequestId, ServiceName, SigningRequest,
+    SigningStatus, Store, Tier, Transition,
 };
 use hsm_adapter::KeyAlgorithm;
 use serde_json::{Value, json};
@@ -481,11 +481,14 @@ impl<P: Ports> Attempt<'_, P> {
                 ]),
             )
             .await?;
-        let cms_hash = cms_hash(request.hash_algorithm)?;
         let signed_at = self.now.replace_nanosecond(0).unwrap_or(self.now);
-        let attributes =
-            SignedAttributes::new(cms_hash, &request.hash, signed_at.into(), &certificate_der)
-                .map_err(AppError::fault)?;
+        let attributes = SignedAttributes::new(
+            request.hash_algorithm,
+            &request.hash,
+            signed_at.into(),
+            &certificate_der,
+        )
+        .map_err(AppError::fault)?;
         // The raw signature over the hash and the CMS signature over the signed attributes, in
         // one trip to the HSM.
         let signatures = ports
@@ -497,7 +500,7 @@ impl<P: Ports> Attempt<'_, P> {
             )
             .await?;
         let algorithm = signature_algorithm(signatures.algorithm, request.hash_algorithm);
-        let cms_signature = cms_signature(signatures.algorithm, request.hash_algorithm)?;
+        let cms_signature = cms_signature(signatures.algorithm, request.hash_algorithm);
         let mut certificates: Vec<&[u8]> = vec![&certificate_der];
         certificates.extend(self.settings.chain_der.iter().map(Vec::as_slice));
         let cms = attributes
@@ -675,7 +678,7 @@ async fn signable<P: Ports>(
     }
     // A minor's certificate stops at 00:00 Hong Kong time on the 18th birthday, whether or not
     // the revocation has reached the CA yet (DOMAIN.md).
-    if certificate.profile == CertProfile::Minor {
+    if certificate.profile == Profile::Minor {
         let dob = crate::date_of_birth(ports, account).await?;
         if now >= cert_lifecycle::minor_certificate_ends(dob) {
             return Err(AppError::CertificateRevoked);
@@ -762,31 +765,16 @@ pub fn signature_algorithm(key: KeyAlgorithm, hash: HashAlgorithm) -> String {
     format!("{prefix}_{}", hash.as_str())
 }
 
-fn cms_hash(hash: HashAlgorithm) -> Result<HashAlg, AppError> {
-    match hash {
-        HashAlgorithm::Sha256 => Ok(HashAlg::Sha256),
-        HashAlgorithm::Sha384 => Ok(HashAlg::Sha384),
-        HashAlgorithm::Sha512 => Ok(HashAlg::Sha512),
-        _ => Err(AppError::InvalidRequest(
-            "unsupported hash_algorithm".into(),
-        )),
-    }
-}
-
-fn cms_signature(key: KeyAlgorithm, hash: HashAlgorithm) -> Result<SignatureAlg, AppError> {
-    Ok(match (key.is_ec(), hash) {
+/// The CMS signature algorithm of a key of `key`'s kind over a `hash` digest.
+fn cms_signature(key: KeyAlgorithm, hash: HashAlgorithm) -> SignatureAlg {
+    match (key.is_ec(), hash) {
         (true, HashAlgorithm::Sha256) => SignatureAlg::EcdsaSha256,
         (true, HashAlgorithm::Sha384) => SignatureAlg::EcdsaSha384,
         (true, HashAlgorithm::Sha512) => SignatureAlg::EcdsaSha512,
         (false, HashAlgorithm::Sha256) => SignatureAlg::RsaPkcs1Sha256,
         (false, HashAlgorithm::Sha384) => SignatureAlg::RsaPkcs1Sha384,
         (false, HashAlgorithm::Sha512) => SignatureAlg::RsaPkcs1Sha512,
-        _ => {
-            return Err(AppError::InvalidRequest(
-                "unsupported hash_algorithm".into(),
-            ));
-        }
-    })
+    }
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@
 //! change is conditional like any other: a sweep never writes over a change made meanwhile.
 
 use cert_lifecycle::{
-    AccountId, AccountStatus, CertProfile, CertSerial, CertStatus, RevocationReason, Store,
+    AccountId, AccountStatus, CertSerial, CertStatus, Profile, RevocationReason, Store,
 };
 use serde_json::json;
 use time::OffsetDateTime;
@@ -104,7 +104,7 @@ async fn certificates<P: Ports>(
             changes.revocations_finished.push(entry);
             continue;
         }
-        if certificate.status == CertStatus::Valid && certificate.profile == CertProfile::Minor {
+        if certificate.status == CertStatus::Valid && certificate.profile == Profile::Minor {
             let account = load(ports, &certificate.account_id)?;
             let current = account.current_certificate.as_ref() == Some(&certificate.serial);
             if current && !account.sealed_dob.is_empty() {

@@ -22,12 +22,12 @@ use const_oid::db::rfc5911::{
     ID_SIGNING_TIME,
 };
 use const_oid::db::rfc5912::{
-    ECDSA_WITH_SHA_256, ECDSA_WITH_SHA_384, ECDSA_WITH_SHA_512, ID_SHA_256, ID_SHA_384, ID_SHA_512,
-    SHA_256_WITH_RSA_ENCRYPTION, SHA_384_WITH_RSA_ENCRYPTION, SHA_512_WITH_RSA_ENCRYPTION,
+    ECDSA_WITH_SHA_256, ECDSA_WITH_SHA_384, ECDSA_WITH_SHA_512, SHA_256_WITH_RSA_ENCRYPTION,
+    SHA_384_WITH_RSA_ENCRYPTION, SHA_512_WITH_RSA_ENCRYPTION,
 };
 use der::asn1::{GeneralizedTime, Null, OctetString, SetOfVec, UtcTime};
 use der::{Any, DateTime, Decode, Encode, Sequence};
-use sha2::{Digest as _, Sha256, Sha384, Sha512};
+use sha2::{Digest as _, Sha256};
 use std::fmt;
 use std::time::SystemTime;
 use x509_cert::Certificate;
@@ -45,7 +45,7 @@ pub enum CmsError {
     #[error("message digest is {actual} bytes, {algorithm:?} gives {expected}")]
     DigestLength {
         /// The digest algorithm the caller named.
-        algorithm: HashAlg,
+        algorithm: HashAlgorithm,
         /// Its output length.
         expected: usize,
         /// The length of the digest given.
@@ -71,7 +71,7 @@ pub enum CmsError {
     #[error("signature algorithm {signature:?} does not use digest algorithm {digest:?}")]
     AlgorithmMismatch {
         /// The digest algorithm of the signed attributes.
-        digest: HashAlg,
+        digest: HashAlgorithm,
         /// The signature algorithm given with the signature.
         signature: SignatureAlg,
     },
@@ -83,52 +83,15 @@ pub enum CmsError {
     Encoding(#[from] der::Error),
 }
 
-/// A SHA-2 digest algorithm (RFC 5754 section 2), for the message digest and the signed
-/// attributes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum HashAlg {
-    /// SHA-256, `id-sha256`.
-    Sha256,
-    /// SHA-384, `id-sha384`.
-    Sha384,
-    /// SHA-512, `id-sha512`.
-    Sha512,
-}
+/// The digest algorithm of the message digest and the signed attributes: the vocabulary
+/// shared by every crate.
+pub use smartsign_types::HashAlgorithm;
 
-impl HashAlg {
-    /// Length of the digest in bytes.
-    pub fn output_len(self) -> usize {
-        match self {
-            Self::Sha256 => 32,
-            Self::Sha384 => 48,
-            Self::Sha512 => 64,
-        }
-    }
-
-    /// The digest of `data`, as the caller must compute it over [`SignedAttributes::to_be_signed`].
-    pub fn digest(self, data: &[u8]) -> Vec<u8> {
-        match self {
-            Self::Sha256 => Sha256::digest(data).to_vec(),
-            Self::Sha384 => Sha384::digest(data).to_vec(),
-            Self::Sha512 => Sha512::digest(data).to_vec(),
-        }
-    }
-
-    fn oid(self) -> ObjectIdentifier {
-        match self {
-            Self::Sha256 => ID_SHA_256,
-            Self::Sha384 => ID_SHA_384,
-            Self::Sha512 => ID_SHA_512,
-        }
-    }
-
-    /// `DigestAlgorithmIdentifier`: RFC 5754 section 2 says the parameters SHOULD be absent.
-    fn algorithm_identifier(self) -> AlgorithmIdentifierOwned {
-        AlgorithmIdentifierOwned {
-            oid: self.oid(),
-            parameters: None,
-        }
+/// `DigestAlgorithmIdentifier`: RFC 5754 section 2 says the parameters SHOULD be absent.
+fn digest_algorithm_identifier(hash: HashAlgorithm) -> AlgorithmIdentifierOwned {
+    AlgorithmIdentifierOwned {
+        oid: hash.oid(),
+        parameters: None,
     }
 }
 
@@ -152,11 +115,11 @@ pub enum SignatureAlg {
 
 impl SignatureAlg {
     /// The digest algorithm this signature algorithm signs with.
-    pub fn hash(self) -> HashAlg {
+    pub fn hash(self) -> HashAlgorithm {
         match self {
-            Self::EcdsaSha256 | Self::RsaPkcs1Sha256 => HashAlg::Sha256,
-            Self::EcdsaSha384 | Self::RsaPkcs1Sha384 => HashAlg::Sha384,
-            Self::EcdsaSha512 | Self::RsaPkcs1Sha512 => HashAlg::Sha512,
+            Self::EcdsaSha256 | Self::RsaPkcs1Sha256 => HashAlgorithm::Sha256,
+            Self::EcdsaSha384 | Self::RsaPkcs1Sha384 => HashAlgorithm::Sha384,
+            Self::EcdsaSha512 | Self::RsaPkcs1Sha512 => HashAlgorithm::Sha512,
         }
     }
 
@@ -185,7 +148,7 @@ impl SignatureAlg {
 /// [`to_be_signed`](Self::to_be_signed) (or [`digest_to_sign`](Self::digest_to_sign)) and hands the
 /// signature to [`into_content_info`](Self::into_content_info).
 pub struct SignedAttributes {
-    digest_alg: HashAlg,
+    digest_alg: HashAlgorithm,
     attributes: Attributes,
     /// DER of `attributes` with the `SET OF` tag: what is signed (RFC 5652 section 5.4).
     to_be_signed: Vec<u8>,
@@ -216,7 +179,7 @@ impl SignedAttributes {
     ///
     /// The same `digest_alg` hashes the signed attributes for the signature.
     pub fn new(
-        digest_alg: HashAlg,
+        digest_alg: HashAlgorithm,
         message_digest: &[u8],
         signing_time: SystemTime,
         signer_cert_der: &[u8],
@@ -273,7 +236,7 @@ impl SignedAttributes {
     }
 
     /// The digest algorithm of the message digest and of the signed attributes.
-    pub fn digest_alg(&self) -> HashAlg {
+    pub fn digest_alg(&self) -> HashAlgorithm {
         self.digest_alg
     }
 
@@ -329,7 +292,7 @@ impl SignedAttributes {
             choices.push(CertificateChoices::Certificate(certificate));
         }
 
-        let digest_algorithm = self.digest_alg.algorithm_identifier();
+        let digest_algorithm = digest_algorithm_identifier(self.digest_alg);
         let signer_info = SignerInfo {
             // Version 1 goes with an issuerAndSerialNumber sid (RFC 5652 section 5.3).
             version: CmsVersion::V1,
@@ -473,7 +436,7 @@ mod tests {
     }
 
     fn attrs_at(time: SystemTime) -> SignedAttributes {
-        SignedAttributes::new(HashAlg::Sha256, &[7; 32], time, &test_certificate()).unwrap()
+        SignedAttributes::new(HashAlgorithm::Sha256, &[7; 32], time, &test_certificate()).unwrap()
     }
 
     #[test]
@@ -515,7 +478,7 @@ mod tests {
         let after = attrs_at(UNIX_EPOCH + Duration::from_secs(2_524_608_000)); // 2050-01-01
         assert_eq!(time_tag(&after), 0x18);
         let err = SignedAttributes::new(
-            HashAlg::Sha256,
+            HashAlgorithm::Sha256,
             &[7; 32],
             UNIX_EPOCH - Duration::from_secs(1),
             &test_certificate(),
@@ -527,8 +490,13 @@ mod tests {
     #[test]
     fn signing_certificate_v2_hashes_the_certificate_and_names_its_issuer_and_serial() {
         let cert_der = test_certificate();
-        let attrs =
-            SignedAttributes::new(HashAlg::Sha384, &[1; 48], SystemTime::now(), &cert_der).unwrap();
+        let attrs = SignedAttributes::new(
+            HashAlgorithm::Sha384,
+            &[1; 48],
+            SystemTime::now(),
+            &cert_der,
+        )
+        .unwrap();
         let ess = attrs
             .attributes
             .iter()
@@ -556,7 +524,7 @@ mod tests {
     #[test]
     fn wrong_digest_length_is_refused() {
         let err = SignedAttributes::new(
-            HashAlg::Sha512,
+            HashAlgorithm::Sha512,
             &[0; 32],
             SystemTime::now(),
             &test_certificate(),
@@ -574,9 +542,13 @@ mod tests {
 
     #[test]
     fn bad_certificate_is_refused() {
-        let err =
-            SignedAttributes::new(HashAlg::Sha256, &[0; 32], SystemTime::now(), b"not a cert")
-                .unwrap_err();
+        let err = SignedAttributes::new(
+            HashAlgorithm::Sha256,
+            &[0; 32],
+            SystemTime::now(),
+            b"not a cert",
+        )
+        .unwrap_err();
         assert!(matches!(err, CmsError::Certificate { index: 0, .. }));
     }
 
@@ -624,7 +596,10 @@ mod tests {
         assert!(signed_data.encap_content_info.econtent.is_none());
         assert_eq!(signed_data.certificates.unwrap().0.len(), 1, "deduplicated");
         let digest_algs: Vec<_> = signed_data.digest_algorithms.iter().cloned().collect();
-        assert_eq!(digest_algs, vec![HashAlg::Sha256.algorithm_identifier()]);
+        assert_eq!(
+            digest_algs,
+            vec![digest_algorithm_identifier(HashAlgorithm::Sha256)]
+        );
         let signer_info = signed_data.signer_infos.0.get(0).unwrap();
         assert_eq!(signer_info.version, CmsVersion::V1);
         assert!(matches!(
@@ -661,12 +636,12 @@ mod tests {
             assert_eq!(id.parameters.is_some(), null, "{alg:?}");
         }
         for (alg, oid) in [
-            (HashAlg::Sha256, "2.16.840.1.101.3.4.2.1"),
-            (HashAlg::Sha384, "2.16.840.1.101.3.4.2.2"),
-            (HashAlg::Sha512, "2.16.840.1.101.3.4.2.3"),
+            (HashAlgorithm::Sha256, "2.16.840.1.101.3.4.2.1"),
+            (HashAlgorithm::Sha384, "2.16.840.1.101.3.4.2.2"),
+            (HashAlgorithm::Sha512, "2.16.840.1.101.3.4.2.3"),
         ] {
-            assert_eq!(alg.algorithm_identifier().oid.to_string(), oid);
-            assert!(alg.algorithm_identifier().parameters.is_none());
+            assert_eq!(digest_algorithm_identifier(alg).oid.to_string(), oid);
+            assert!(digest_algorithm_identifier(alg).parameters.is_none());
             assert_eq!(alg.digest(b"").len(), alg.output_len());
         }
     }

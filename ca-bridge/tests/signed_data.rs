@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::SystemTime;
 
-use ca_bridge::signed_data::{HashAlg, SignatureAlg, SignedAttributes};
+use ca_bridge::signed_data::{HashAlgorithm, SignatureAlg, SignedAttributes};
 use p256::ecdsa::signature::hazmat::PrehashSigner;
 use p256::pkcs8::DecodePrivateKey;
 use tempfile::TempDir;
@@ -168,19 +168,18 @@ impl TestPki {
     }
 
     /// The document's digest as openssl computes it, not this crate's sha2.
-    fn document_digest(&self, alg: HashAlg) -> Vec<u8> {
+    fn document_digest(&self, alg: HashAlgorithm) -> Vec<u8> {
         let name = match alg {
-            HashAlg::Sha256 => "-sha256",
-            HashAlg::Sha384 => "-sha384",
-            HashAlg::Sha512 => "-sha512",
-            _ => unreachable!(),
+            HashAlgorithm::Sha256 => "-sha256",
+            HashAlgorithm::Sha384 => "-sha384",
+            HashAlgorithm::Sha512 => "-sha512",
         };
         let document = self.document.to_str().expect("utf-8 path");
         openssl_in(self.path(), &["dgst", name, "-binary", document]).stdout
     }
 
     /// Signs `digest` with the signer's software key, as the HSM signs a digest.
-    fn sign_digest(&self, kind: KeyKind, alg: HashAlg, digest: &[u8]) -> Vec<u8> {
+    fn sign_digest(&self, kind: KeyKind, alg: HashAlgorithm, digest: &[u8]) -> Vec<u8> {
         let pem = std::fs::read_to_string(&self.signer_key).expect("read key");
         match kind {
             KeyKind::P256 => {
@@ -198,10 +197,9 @@ impl TestPki {
             KeyKind::Rsa2048 => {
                 let key = rsa::RsaPrivateKey::from_pkcs8_pem(&pem).expect("RSA key");
                 let padding = match alg {
-                    HashAlg::Sha256 => rsa::Pkcs1v15Sign::new::<sha2::Sha256>(),
-                    HashAlg::Sha384 => rsa::Pkcs1v15Sign::new::<sha2::Sha384>(),
-                    HashAlg::Sha512 => rsa::Pkcs1v15Sign::new::<sha2::Sha512>(),
-                    _ => unreachable!(),
+                    HashAlgorithm::Sha256 => rsa::Pkcs1v15Sign::new::<sha2::Sha256>(),
+                    HashAlgorithm::Sha384 => rsa::Pkcs1v15Sign::new::<sha2::Sha384>(),
+                    HashAlgorithm::Sha512 => rsa::Pkcs1v15Sign::new::<sha2::Sha512>(),
                 };
                 key.sign(padding, digest).expect("RSA sign")
             }
@@ -282,14 +280,13 @@ impl TestPki {
     }
 }
 
-fn openssl_digest(dir: &Path, alg: HashAlg, data: &[u8]) -> Vec<u8> {
+fn openssl_digest(dir: &Path, alg: HashAlgorithm, data: &[u8]) -> Vec<u8> {
     let file = dir.join("tbs.der");
     std::fs::write(&file, data).expect("write tbs");
     let name = match alg {
-        HashAlg::Sha256 => "-sha256",
-        HashAlg::Sha384 => "-sha384",
-        HashAlg::Sha512 => "-sha512",
-        _ => unreachable!(),
+        HashAlgorithm::Sha256 => "-sha256",
+        HashAlgorithm::Sha384 => "-sha384",
+        HashAlgorithm::Sha512 => "-sha512",
     };
     openssl_in(
         dir,
@@ -347,7 +344,7 @@ fn chain_with_the_root_verifies_too() {
 #[test]
 fn a_signature_by_another_key_fails() {
     let pki = TestPki::new(KeyKind::P256);
-    let alg = HashAlg::Sha256;
+    let alg = HashAlgorithm::Sha256;
     let attrs = SignedAttributes::new(
         alg,
         &pki.document_digest(alg),
@@ -412,7 +409,7 @@ fn openssl_prints_the_four_signed_attributes_and_a_detached_signed_data() {
 
     // ESSCertIDv2: the SHA-256 of the signer's certificate (as openssl hashes it), then
     // issuerSerial with the issuing CA's name and the signer's serial.
-    let cert_hash = openssl_digest(pki.path(), HashAlg::Sha256, &pki.signer_der);
+    let cert_hash = openssl_digest(pki.path(), HashAlgorithm::Sha256, &pki.signer_der);
     let cert_hash_hex: String = cert_hash.iter().map(|b| format!("{b:02X}")).collect();
     assert!(
         text.contains(&format!("OCTET STRING      [HEX DUMP]:{cert_hash_hex}")),

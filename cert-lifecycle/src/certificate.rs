@@ -6,17 +6,7 @@ use time::{Date, Duration, OffsetDateTime};
 
 use crate::age::is_minor;
 use crate::wire::wire_enum;
-use crate::{AccountId, CertSerial, RuleError};
-
-wire_enum! {
-    /// The certificate profile, told apart by its certificate policy OID.
-    pub enum CertProfile ("certificate profile") {
-        /// The holder was 18 or over at issuance.
-        Adult => "adult",
-        /// "iAM Smart-Cert for Minor": revoked when the holder turns 18.
-        Minor => "minor",
-    }
-}
+use crate::{AccountId, CertSerial, Profile, RuleError};
 
 wire_enum! {
     /// A certificate's status as the API shows it.
@@ -60,14 +50,12 @@ impl RevocationReason {
     }
 }
 
-impl CertProfile {
-    /// The profile for a holder born on `dob`, issued at `now` (Hong Kong date).
-    pub fn for_holder(dob: Date, now: OffsetDateTime) -> CertProfile {
-        if is_minor(dob, now) {
-            CertProfile::Minor
-        } else {
-            CertProfile::Adult
-        }
+/// The certificate profile for a holder born on `dob`, issued at `now` (Hong Kong date).
+pub fn profile_for(dob: Date, now: OffsetDateTime) -> Profile {
+    if is_minor(dob, now) {
+        Profile::Minor
+    } else {
+        Profile::Adult
     }
 }
 
@@ -79,7 +67,7 @@ pub struct CertificateRecord {
     /// The holder's account.
     pub account_id: AccountId,
     /// Adult or minor.
-    pub profile: CertProfile,
+    pub profile: Profile,
     /// Start of validity.
     pub not_before: OffsetDateTime,
     /// End of validity, inclusive (RFC 5280 section 4.1.2.5).
@@ -160,7 +148,7 @@ pub(crate) mod tests {
         CertificateRecord {
             serial: CertSerial::parse(serial).unwrap(),
             account_id: AccountId::parse(account).unwrap(),
-            profile: CertProfile::Adult,
+            profile: Profile::Adult,
             not_before: datetime!(2026-01-01 00:00 UTC),
             not_after: datetime!(2028-12-31 23:59:59 UTC),
             status: CertStatus::Valid,
@@ -231,12 +219,12 @@ pub(crate) mod tests {
     fn minor_gets_minor_profile_until_18_hong_kong_time() {
         let dob = date!(2009 - 05 - 01);
         assert_eq!(
-            CertProfile::for_holder(dob, datetime!(2027-04-30 15:59:59 UTC)),
-            CertProfile::Minor
+            profile_for(dob, datetime!(2027-04-30 15:59:59 UTC)),
+            Profile::Minor
         );
         assert_eq!(
-            CertProfile::for_holder(dob, datetime!(2027-04-30 16:00 UTC)),
-            CertProfile::Adult
+            profile_for(dob, datetime!(2027-04-30 16:00 UTC)),
+            Profile::Adult
         );
     }
 
@@ -260,9 +248,6 @@ pub(crate) mod tests {
             assert_eq!(r.as_str().parse::<RevocationReason>().unwrap(), *r);
         }
         assert_eq!(CertStatus::Expired.as_str(), "expired");
-        assert_eq!(
-            serde_json::to_string(&CertProfile::Minor).unwrap(),
-            "\"minor\""
-        );
+        assert_eq!(serde_json::to_string(&Profile::Minor).unwrap(), "\"minor\"");
     }
 }

@@ -27,7 +27,7 @@ pub use age::{
     ADULT_AGE, HK_OFFSET, MIN_REGISTRATION_AGE, RETENTION_YEARS, adult_on, age_on, anniversary,
     hk_date, is_minor, minor_certificate_ends, retention_ends, start_of_hk_day,
 };
-pub use certificate::{CertProfile, CertStatus, CertificateRecord, RevocationReason};
+pub use certificate::{CertStatus, CertificateRecord, RevocationReason, profile_for};
 pub use error::{FlowError, HkicReason, ParseError, RuleError, StoreError};
 pub use hkic::HkicNumber;
 pub use ids::{AccountId, CertSerial, RequestId, ServiceName};
@@ -35,7 +35,9 @@ pub use renewal::{
     ConsentChallenge, ConsentPurpose, IssuanceJournal, IssuancePurpose, KeyChangeJournal,
 };
 pub use signing::{
-    AuthOutcome, Decision, HashAlgorithm, MAX_BAD_ATTEMPTS, SigningRequest, SigningStatus,
-    Transition, identification_code_from_random,
+    AuthOutcome, Decision, MAX_BAD_ATTEMPTS, SigningRequest, SigningStatus, Transition,
+    identification_code_from_random,
 };
+/// The shared vocabulary (`smartsign-types`): hash algorithms and certificate profiles.
+pub use smartsign_types::{HashAlgorithm, Profile};
 pub use store::{KekRotation, KeyRefSlot, SqliteStore, Store, StoredKeyRef, TaidRecord};

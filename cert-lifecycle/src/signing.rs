@@ -14,33 +14,10 @@ use std::fmt;
 use time::OffsetDateTime;
 
 use crate::wire::wire_enum;
-use crate::{AccountId, CertSerial, FlowError, RequestId, ServiceName};
+use crate::{AccountId, CertSerial, FlowError, HashAlgorithm, RequestId, ServiceName};
 
 /// Bad authorisations that lock a request.
 pub const MAX_BAD_ATTEMPTS: u8 = 3;
-
-wire_enum! {
-    /// The hash function of the hash a service asks to sign.
-    pub enum HashAlgorithm ("hash algorithm") {
-        /// SHA-256, 32 bytes.
-        Sha256 => "sha256",
-        /// SHA-384, 48 bytes.
-        Sha384 => "sha384",
-        /// SHA-512, 64 bytes.
-        Sha512 => "sha512",
-    }
-}
-
-impl HashAlgorithm {
-    /// Length of its digest in bytes.
-    pub fn output_len(self) -> usize {
-        match self {
-            HashAlgorithm::Sha256 => 32,
-            HashAlgorithm::Sha384 => 48,
-            HashAlgorithm::Sha512 => 64,
-        }
-    }
-}
 
 wire_enum! {
     /// Where a signing request stands.

@@ -84,17 +84,6 @@ impl Keys for App {
         } else {
             SignatureScheme::RsaPkcs1v15
         };
-        let hash = match hash {
-            HashAlgorithm::Sha256 => hsm_adapter::HashAlgorithm::Sha256,
-            HashAlgorithm::Sha384 => hsm_adapter::HashAlgorithm::Sha384,
-            HashAlgorithm::Sha512 => hsm_adapter::HashAlgorithm::Sha512,
-            other => {
-                return Err(AppError::InvalidRequest(format!(
-                    "{} cannot be signed",
-                    other.as_str()
-                )));
-            }
-        };
         let digests = [
             Digest::new(hash, raw.to_vec()).map_err(hsm_error)?,
             Digest::new(hash, attributes.to_vec()).map_err(hsm_error)?,

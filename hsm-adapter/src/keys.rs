@@ -230,28 +230,8 @@ impl std::str::FromStr for KeyMode {
     }
 }
 
-/// The hash function that produced a [`Digest`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum HashAlgorithm {
-    /// SHA-256 (32 bytes).
-    Sha256,
-    /// SHA-384 (48 bytes).
-    Sha384,
-    /// SHA-512 (64 bytes).
-    Sha512,
-}
-
-impl HashAlgorithm {
-    /// Length of the digest in bytes.
-    pub fn output_len(self) -> usize {
-        match self {
-            HashAlgorithm::Sha256 => 32,
-            HashAlgorithm::Sha384 => 48,
-            HashAlgorithm::Sha512 => 64,
-        }
-    }
-}
+/// The hash function that produced a [`Digest`]: the vocabulary shared by every crate.
+pub use smartsign_types::HashAlgorithm;
 
 /// A digest whose length has been checked against its hash algorithm.
 #[derive(Clone, PartialEq, Eq)]

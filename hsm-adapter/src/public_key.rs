@@ -7,10 +7,7 @@
 use std::fmt;
 
 use const_oid::ObjectIdentifier;
-use const_oid::db::rfc5912::{
-    ID_EC_PUBLIC_KEY, ID_SHA_256, ID_SHA_384, ID_SHA_512, RSA_ENCRYPTION, SECP_256_R_1,
-    SECP_384_R_1,
-};
+use const_oid::db::rfc5912::{ID_EC_PUBLIC_KEY, RSA_ENCRYPTION, SECP_256_R_1, SECP_384_R_1};
 use der::asn1::{AnyRef, BitStringRef, OctetStringRef, UintRef};
 use der::{Decode, Encode, Sequence};
 use spki::{AlgorithmIdentifierRef, SubjectPublicKeyInfoRef};
@@ -200,11 +197,7 @@ struct DigestInfo<'a> {
 
 /// The DigestInfo that CKM_RSA_PKCS signs for RSASSA-PKCS1-v1_5.
 pub(crate) fn digest_info(algorithm: HashAlgorithm, digest: &[u8]) -> Result<Vec<u8>, HsmError> {
-    let oid = match algorithm {
-        HashAlgorithm::Sha256 => ID_SHA_256,
-        HashAlgorithm::Sha384 => ID_SHA_384,
-        HashAlgorithm::Sha512 => ID_SHA_512,
-    };
+    let oid = algorithm.oid();
     let bad = |_| HsmError::UnexpectedResponse("DigestInfo encoding");
     DigestInfo {
         // RFC 8017 appendix B.1: the SHA-2 parameters are NULL in a DigestInfo.

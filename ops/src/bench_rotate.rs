@@ -16,8 +16,8 @@ use std::time::Instant;
 
 use audit_log::{Actor, AuditLog, AuditLogConfig, AuditPublicKey, Origin};
 use cert_lifecycle::{
-    AccountId, AccountRecord, AccountStatus, CertProfile, CertSerial, CertStatus,
-    CertificateRecord, KeyRefSlot, SqliteStore, Store, Tier,
+    AccountId, AccountRecord, AccountStatus, CertSerial, CertStatus, CertificateRecord, KeyRefSlot,
+    Profile, SqliteStore, Store, Tier,
 };
 use hsm_adapter::{Hsm, KekId, KeyAlgorithm, KeyMode, SOFTHSM_MODULE, SystemKey};
 use time::OffsetDateTime;
@@ -190,7 +190,7 @@ async fn populate(hsm: &Arc<Hsm>, path: &Path, keys: u64) -> Result<(), BoxError
         let certificate = CertificateRecord {
             serial: serial.clone(),
             account_id: id.clone(),
-            profile: CertProfile::Adult,
+            profile: Profile::Adult,
             not_before: now,
             not_after: now + time::Duration::days(730),
             status: CertStatus::Valid,

@@ -25,8 +25,8 @@ use application::ports::{
 use ca_bridge::status::{CertStatus as Answer, StatusSource};
 use ca_bridge::{IssueRequest, IssuedCertificate};
 use cert_lifecycle::{
-    AccountId, AccountRecord, AccountStatus, CertProfile, CertSerial, CertStatus,
-    CertificateRecord, HashAlgorithm, HkicNumber, RevocationReason, SqliteStore, Store, StoreError,
+    AccountId, AccountRecord, AccountStatus, CertSerial, CertStatus, CertificateRecord,
+    HashAlgorithm, HkicNumber, Profile, RevocationReason, SqliteStore, Store, StoreError,
     TaidRecord, Tier,
 };
 use hsm_adapter::KeyAlgorithm;
@@ -521,7 +521,7 @@ pub fn account(ports: &Memory, id: &str, device: &Device, now: OffsetDateTime) -
     let certificate = CertificateRecord {
         serial,
         account_id: account_id.clone(),
-        profile: CertProfile::Adult,
+        profile: Profile::Adult,
         not_before: now - time::Duration::days(1),
         not_after: now + time::Duration::days(365),
         status: CertStatus::Valid,

@@ -65,25 +65,8 @@ const SERIAL_LEN: usize = 16;
 const YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// The subscriber certificate profile: adult or minor ("iAM Smart-Cert for Minor"), told apart
-/// by the certificate policy OID.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum Profile {
-    /// A subscriber aged 18 or over.
-    Adult,
-    /// A subscriber aged 11 to 17.
-    Minor,
-}
-
-impl Profile {
-    /// `adult` or `minor`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Profile::Adult => "adult",
-            Profile::Minor => "minor",
-        }
-    }
-}
+/// by the certificate policy OID. The vocabulary shared by every crate.
+pub use smartsign_types::Profile;
 
 /// What the CA writes into the certificates it makes.
 #[derive(Debug, Clone, PartialEq, Eq)]
