@@ -34,6 +34,18 @@ pub enum Change {
 }
 
 impl Change {
+    /// The audit event of a change, by the name the outbox keeps.
+    fn event_named(name: &str) -> Option<&'static str> {
+        [
+            "account.suspended",
+            "account.resumed",
+            "account.device_switched",
+            "account.matching",
+        ]
+        .into_iter()
+        .find(|event| *event == name)
+    }
+
     /// Applies the change's rule to `record` as stored now; gives its audit record.
     fn apply(&self, record: &mut AccountRecord, now: OffsetDateTime) -> Result<Audited, AppError> {
         let account_id = json!(record.id.as_str());
@@ -139,13 +151,20 @@ pub async fn change<P: Ports>(
     for _ in 0..CHANGE_TRIES {
         let mut record = load(ports, id)?;
         let audited = change.apply(&mut record, now)?;
-        let stored = record.clone();
+        // Owned: a closure that crosses to the blocking pool holds no borrowed text.
+        let (stored, owner) = (record.clone(), actor.to_owned());
+        let (event, fields) = (
+            audited.event.to_owned(),
+            Value::Object(audited.fields).to_string(),
+        );
         match ports
-            .write(move |store| store.update_account(&stored))
+            .write(move |store| store.update_account_audited(&stored, &event, &owner, &fields))
             .await
         {
-            Ok(()) => {
-                ports.append(audited.event, actor, audited.fields).await?;
+            Ok(outbox) => {
+                // The record is durable with the change; the audit log gets it now, or from the
+                // outbox at the next start or sweep if it cannot take it now.
+                deliver_audits(ports, Some(outbox)).await;
                 record.version += 1;
                 return Ok(record);
             }
@@ -154,6 +173,58 @@ pub async fn change<P: Ports>(
         }
     }
     Err(AppError::Conflict)
+}
+
+/// Appends the audit records waiting in the store's outbox to the audit log, oldest first,
+/// deleting each once appended: all of them, or only `only`. Stops at the first the log does
+/// not take (it stays for the next try). Gives how many were appended.
+///
+/// A crash between an append and its deletion appends that record again at the next try; the
+/// copy carries the same `outbox` id, so an auditor tells it apart.
+pub async fn deliver_audits<P: Ports>(ports: &P, only: Option<i64>) -> usize {
+    let pending = match ports.write(|store| store.pending_audits()).await {
+        Ok(pending) => pending,
+        Err(error) => {
+            tracing::error!(%error, "cannot read the audit outbox");
+            return 0;
+        }
+    };
+    let mut appended = 0;
+    for record in pending {
+        if only.is_some_and(|id| id != record.id) {
+            continue;
+        }
+        let mut fields = match serde_json::from_str::<Value>(&record.fields) {
+            Ok(Value::Object(fields)) => fields,
+            _ => {
+                tracing::error!(id = record.id, "an audit outbox record does not parse");
+                Map::new()
+            }
+        };
+        fields.insert("outbox".into(), json!(record.id));
+        let Some(event) = Change::event_named(&record.event) else {
+            tracing::error!(
+                id = record.id,
+                "an audit outbox record names an unknown event"
+            );
+            break;
+        };
+        if let Err(error) = ports.append(event, &record.actor, fields).await {
+            tracing::error!(%error, id = record.id,
+                "the audit log did not take an outbox record; it is kept for the next try");
+            break;
+        }
+        let id = record.id;
+        if let Err(error) = ports
+            .write(move |store| store.delete_pending_audit(id))
+            .await
+        {
+            tracing::error!(%error, id, "cannot delete a delivered outbox record");
+            break;
+        }
+        appended += 1;
+    }
+    appended
 }
 
 /// The account with this id, or `not_found`.

@@ -40,6 +40,8 @@ pub struct Changes {
     pub invalidated: Vec<AccountId>,
     /// Accounts deregistered seven years after their suspension or invalidation.
     pub deregistered: Vec<AccountId>,
+    /// Audit records of account changes that had waited in the store's outbox, appended.
+    pub audits_delivered: usize,
 }
 
 impl Changes {
@@ -60,7 +62,10 @@ pub async fn run<P: Ports>(
     actor: &str,
     now: OffsetDateTime,
 ) -> Result<Changes, AppError> {
-    let mut changes = Changes::default();
+    let mut changes = Changes {
+        audits_delivered: crate::accounts::deliver_audits(ports, None).await,
+        ..Changes::default()
+    };
     certificates(ports, actor, now, &mut changes).await?;
     rectification(ports, actor, now, &mut changes).await?;
     retention(ports, actor, now, &mut changes).await?;

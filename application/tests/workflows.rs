@@ -501,3 +501,39 @@ async fn an_invalidated_account_cannot_sign_and_its_key_is_gone() {
         Err(AppError::AccountNotActive("invalidated"))
     ));
 }
+
+#[tokio::test]
+async fn an_account_change_keeps_its_audit_record_when_the_log_cannot_take_it() {
+    let ports = Memory::new();
+    let device = Device::new(14);
+    let record = support::account(&ports, "u-outbox", &device, now());
+    // The audit log is down: the suspension is stored with its audit record in the outbox.
+    *ports.audit.failing.lock().unwrap() = Some("account.suspended");
+    let suspended = accounts::change(
+        &ports,
+        "registrar:reg",
+        &record.id,
+        Change::Suspend(SuspendedBy::User),
+        now(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(suspended.status, AccountStatus::Suspended);
+    assert_eq!(ports.audit.count("account.suspended", "u-outbox"), 0);
+    assert_eq!(ports.store.pending_audits().unwrap().len(), 1);
+    // Back up: the next sweep (or start) delivers it, once.
+    *ports.audit.failing.lock().unwrap() = None;
+    let changes = application::sweeps::run(&ports, "system:sweep", now())
+        .await
+        .unwrap();
+    assert_eq!(changes.audits_delivered, 1);
+    assert_eq!(ports.audit.count("account.suspended", "u-outbox"), 1);
+    assert!(ports.store.pending_audits().unwrap().is_empty());
+    let records = ports.audit.records.lock().unwrap();
+    let (_, fields) = records
+        .iter()
+        .find(|(event, _)| event == "account.suspended")
+        .unwrap();
+    assert_eq!(fields["by"], "user");
+    assert!(fields["outbox"].is_i64(), "{fields:?}");
+}

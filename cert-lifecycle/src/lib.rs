@@ -40,4 +40,6 @@ pub use signing::{
 };
 /// The shared vocabulary (`smartsign-types`): hash algorithms and certificate profiles.
 pub use smartsign_types::{HashAlgorithm, Profile};
-pub use store::{KekRotation, KeyRefSlot, SqliteStore, Store, StoredKeyRef, TaidRecord};
+pub use store::{
+    KekRotation, KeyRefSlot, PendingAudit, SqliteStore, Store, StoredKeyRef, TaidRecord,
+};

@@ -299,6 +299,12 @@ async fn start(
         application::registration::recover(&*app)
             .await
             .map_err(|error| format!("cannot settle the interrupted issuances: {error}"))?;
+        // Audit records of account changes that a crash (or an audit log that could not take
+        // them) left in the store's outbox.
+        let delivered = application::accounts::deliver_audits(&*app, None).await;
+        if delivered > 0 {
+            tracing::warn!(delivered, "audit records delivered from the outbox");
+        }
         application::signing::recover(&*app, app.clock.now())
             .await
             .map_err(|error| format!("cannot fail the interrupted signing requests: {error}"))?;

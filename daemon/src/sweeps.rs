@@ -77,5 +77,6 @@ fn report(changes: &Changes, now: OffsetDateTime) -> Value {
         "expired_keys_destroyed": certificates(&changes.expired_keys_destroyed),
         "invalidated": accounts(&changes.invalidated),
         "deregistered": accounts(&changes.deregistered),
+        "audits_delivered": changes.audits_delivered,
     })
 }

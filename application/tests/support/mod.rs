@@ -380,11 +380,12 @@ impl MemoryAudit {
 impl AuditTrail for Memory {
     async fn append(
         &self,
-        event: &'static str,
+        event: &str,
         _actor: &str,
         fields: Map<String, Value>,
     ) -> Result<u64, AppError> {
-        if *self.audit.failing.lock().unwrap() == Some(event) {
+        let failing = *self.audit.failing.lock().unwrap();
+        if failing.is_some_and(|failing| failing == event) {
             return Err(AppError::AuditUnavailable("the log is down (test)".into()));
         }
         let mut records = self.audit.records.lock().unwrap();

@@ -29,6 +29,21 @@ pub struct TaidRecord {
     pub account_id: AccountId,
 }
 
+/// An audit record written in the same transaction as the change it records, waiting to be
+/// appended to the audit log (which is not in the store), then deleted. Its fields are JSON
+/// text and name ids only, never personal data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingAudit {
+    /// Its place in the outbox, oldest first.
+    pub id: i64,
+    /// The audit event name.
+    pub event: String,
+    /// Who made the change.
+    pub actor: String,
+    /// The record's fields, a JSON object.
+    pub fields: String,
+}
+
 /// The records the appliance keeps. Every method is one transaction.
 pub trait Store: Send + Sync {
     /// Adds a new account; `AlreadyExists` when the id is taken.
@@ -56,6 +71,22 @@ pub trait Store: Send + Sync {
         account: &AccountRecord,
         certificate: &CertificateRecord,
     ) -> Result<(), StoreError>;
+
+    /// [`Store::update_account`], and in the same transaction the audit record of the change
+    /// into the outbox. Gives the outbox id of the record.
+    fn update_account_audited(
+        &self,
+        account: &AccountRecord,
+        event: &str,
+        actor: &str,
+        fields: &str,
+    ) -> Result<i64, StoreError>;
+
+    /// The audit records not yet appended to the audit log, oldest first.
+    fn pending_audits(&self) -> Result<Vec<PendingAudit>, StoreError>;
+
+    /// Removes an audit record the audit log now holds.
+    fn delete_pending_audit(&self, id: i64) -> Result<(), StoreError>;
 
     /// Ids of the accounts whose HKIC hash is `hkic_hash` (one person, one account at a time).
     fn accounts_with_hkic_hash(&self, hkic_hash: &[u8; 32]) -> Result<Vec<AccountId>, StoreError>;

@@ -21,8 +21,8 @@ use time::OffsetDateTime;
 use super::{Store, TaidRecord};
 use crate::{
     AccountId, AccountRecord, AccountStatus, CertSerial, CertificateRecord, ConsentChallenge,
-    IssuanceJournal, KeyChangeJournal, RequestId, ServiceName, SigningRequest, SigningStatus,
-    StoreError,
+    IssuanceJournal, KeyChangeJournal, PendingAudit, RequestId, ServiceName, SigningRequest,
+    SigningStatus, StoreError,
 };
 
 /// How long a connection waits for another process's lock before it fails.
@@ -157,6 +157,14 @@ const MIGRATIONS: &[&str] = &[
         serial TEXT,
         sealed_der BLOB,
         started_at INTEGER NOT NULL
+    ) STRICT;",
+    // Version 11: the audit outbox: an account change's audit record, written with the change
+    // and deleted once the audit log holds it.
+    "CREATE TABLE audit_outbox (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        event TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        fields TEXT NOT NULL
     ) STRICT;",
 ];
 
@@ -643,6 +651,53 @@ impl Store for SqliteStore {
 
     fn update_account(&self, a: &AccountRecord) -> Result<(), StoreError> {
         self.write(|conn| update_account_row(conn, a))
+    }
+
+    fn update_account_audited(
+        &self,
+        a: &AccountRecord,
+        event: &str,
+        actor: &str,
+        fields: &str,
+    ) -> Result<i64, StoreError> {
+        self.write(|conn| {
+            let tx = conn.transaction().map_err(write_error)?;
+            update_account_row(&tx, a)?;
+            tx.prepare_cached(
+                "INSERT INTO audit_outbox (event, actor, fields) VALUES (?1, ?2, ?3)",
+            )?
+            .execute([event, actor, fields])
+            .map_err(write_error)?;
+            let id = tx.last_insert_rowid();
+            tx.commit().map_err(write_error)?;
+            Ok(id)
+        })
+    }
+
+    fn pending_audits(&self) -> Result<Vec<PendingAudit>, StoreError> {
+        self.read(|conn| {
+            let mut stmt = conn
+                .prepare_cached("SELECT id, event, actor, fields FROM audit_outbox ORDER BY id")?;
+            let rows = stmt
+                .query_map([], |row| {
+                    Ok(PendingAudit {
+                        id: row.get(0)?,
+                        event: row.get(1)?,
+                        actor: row.get(2)?,
+                        fields: row.get(3)?,
+                    })
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn delete_pending_audit(&self, id: i64) -> Result<(), StoreError> {
+        self.write(|conn| {
+            conn.prepare_cached("DELETE FROM audit_outbox WHERE id = ?1")?
+                .execute([id])?;
+            Ok(())
+        })
     }
 
     fn accounts_with_hkic_hash(&self, hkic_hash: &[u8; 32]) -> Result<Vec<AccountId>, StoreError> {
