@@ -403,7 +403,14 @@ where
                     .await?;
                 audited = true;
             }
-            revoke_current(ports, record, self.reason, actor, now).await?;
+            // Every live certificate, not only the current one. One the CA could not take yet
+            // keeps its key and sealed DER until a sweep finishes it.
+            if !revoke_all(ports, record, self.reason, actor, now).await? {
+                tracing::warn!(
+                    account = record.id.as_str(),
+                    "a revocation has not reached the CA yet; the next sweep finishes it"
+                );
+            }
             (self.apply)(record);
             let (copy, write) = (record.clone(), self.write);
             match ports.write(move |store| write(store, &copy)).await {
@@ -432,43 +439,82 @@ pub async fn revoke_current<P: Ports>(
     let Some(serial) = record.current_certificate.clone() else {
         return Ok(());
     };
-    let mut certificate = ports
+    let certificate = ports
         .read(|store| store.get_certificate(&serial))?
         .ok_or(AppError::NoCertificate)?;
+    revoke(ports, certificate, reason, actor, now)
+        .await
+        .map(drop)
+}
+
+/// Revokes every certificate of the account that is still valid or still has its key: the
+/// current one, and one a key change left behind (a renewal that stopped before it retired
+/// the old certificate). Whether every revocation reached the CA and every key is gone.
+async fn revoke_all<P: Ports>(
+    ports: &P,
+    record: &AccountRecord,
+    reason: RevocationReason,
+    actor: &str,
+    now: OffsetDateTime,
+) -> Result<bool, AppError> {
+    let id = record.id.clone();
+    let certificates = ports.write(move |store| store.certificates_of(&id)).await?;
+    let mut settled = true;
+    for certificate in certificates {
+        if certificate.status == CertStatus::Revoked && certificate.key_ref.is_none() {
+            continue;
+        }
+        settled &= revoke(ports, certificate, reason, actor, now).await?;
+    }
+    Ok(settled)
+}
+
+/// Revokes one certificate: audited, the local state (a conditional change: a first
+/// revocation's reason and time stand), the CA, the key. Whether it is settled (the CA took
+/// it and the key is gone).
+async fn revoke<P: Ports>(
+    ports: &P,
+    mut certificate: CertificateRecord,
+    reason: RevocationReason,
+    actor: &str,
+    now: OffsetDateTime,
+) -> Result<bool, AppError> {
     if certificate.status != CertStatus::Revoked {
         ports
             .append(
                 "certificate.revoked",
                 actor,
                 fields([
-                    ("account_id", json!(record.id.as_str())),
-                    ("serial", json!(serial.as_str())),
+                    ("account_id", json!(certificate.account_id.as_str())),
+                    ("serial", json!(certificate.serial.as_str())),
                     ("reason", json!(reason.as_str())),
                 ]),
             )
             .await?;
-        certificate.status = CertStatus::Revoked;
-        certificate.revocation_reason = Some(reason);
-        certificate.revoked_at = Some(now);
-        let stored = certificate.clone();
+        let serial = certificate.serial.clone();
         ports
-            .write(move |store| store.update_certificate(&stored))
+            .write(move |store| store.mark_revoked(&serial, reason, now))
             .await?;
         ports.step("revocation-after-local");
+        // As stored: a revocation that came first keeps its reason.
+        let serial = certificate.serial.clone();
+        certificate = ports
+            .read(|store| store.get_certificate(&serial))?
+            .ok_or(AppError::NoCertificate)?;
     }
     finish_revocation(ports, certificate, actor).await
 }
 
 /// For a locally revoked certificate that still has its key: the CA revokes it, then the key is
 /// destroyed. While the CA cannot be reached the key stays (unusable: the local state refuses
-/// it) and the next sweep tries again.
+/// it) and the next sweep tries again. Whether it is settled (no key left).
 pub async fn finish_revocation<P: Ports>(
     ports: &P,
     certificate: CertificateRecord,
     actor: &str,
-) -> Result<(), AppError> {
+) -> Result<bool, AppError> {
     if certificate.key_ref.is_none() {
-        return Ok(());
+        return Ok(true);
     }
     let reason = certificate
         .revocation_reason
@@ -476,10 +522,11 @@ pub async fn finish_revocation<P: Ports>(
     if let Err(error) = revoke_at_ca(ports, &certificate, reason).await {
         tracing::error!(%error, serial = certificate.serial.as_str(),
             "the CA did not take the revocation; the next sweep tries again");
-        return Ok(());
+        return Ok(false);
     }
     ports.step("revocation-after-ca");
-    destroy_key_of(ports, certificate, "revoked", actor).await
+    destroy_key_of(ports, certificate, "revoked", actor).await?;
+    Ok(true)
 }
 
 /// Asks the CA to revoke `certificate`.
@@ -498,15 +545,16 @@ pub async fn revoke_at_ca<P: Ports>(
     ports.revoke(&certificate.serial, &der, reason).await
 }
 
-/// Destroys a certificate's key (audited first), then drops the reference. A key the HSM no
-/// longer has counts as destroyed, so a destruction cut short is finished by repeating it.
+/// Destroys a certificate's key (audited first), then forgets the reference (and, for a
+/// deregistered account, the sealed DER kept until then). A key the HSM no longer has counts as
+/// destroyed, so a destruction cut short is finished by repeating it.
 pub async fn destroy_key_of<P: Ports>(
     ports: &P,
-    mut certificate: CertificateRecord,
+    certificate: CertificateRecord,
     why: &'static str,
     actor: &str,
 ) -> Result<(), AppError> {
-    let Some(key_ref) = certificate.key_ref.take() else {
+    let Some(key_ref) = certificate.key_ref else {
         return Ok(());
     };
     ports
@@ -521,8 +569,9 @@ pub async fn destroy_key_of<P: Ports>(
         )
         .await?;
     ports.destroy(&key_ref).await?;
+    let serial = certificate.serial;
     ports
-        .write(move |store| store.update_certificate(&certificate))
+        .write(move |store| store.forget_key(&serial, &key_ref))
         .await
 }
 

@@ -562,17 +562,17 @@ async fn finish<P: Ports>(
             crate::accounts::revoke_current(ports, &old_view, reason, actor, now).await
         }
         _ => {
-            let Some(mut old) = ports.read(|store| store.get_certificate(&old_serial))? else {
+            let Some(old) = ports.read(|store| store.get_certificate(&old_serial))? else {
                 return Ok(());
             };
-            let Some(key_ref) = old.key_ref.take() else {
+            let Some(key_ref) = old.key_ref else {
                 return Ok(());
             };
             // Destroyed first: a crash before the store forgets the reference leaves a
             // reference to nothing on a certificate that no longer signs, not a key.
             ports.destroy(&key_ref).await?;
             ports
-                .write(move |store| store.update_certificate(&old))
+                .write(move |store| store.forget_key(&old_serial, &key_ref))
                 .await
         }
     }

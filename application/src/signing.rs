@@ -142,10 +142,19 @@ async fn create_checked<P: Ports>(
         )
         .await?;
     let stored = request.clone();
-    ports
+    match ports
         .write(move |store| store.insert_request(&stored))
-        .await?;
-    Ok(request)
+        .await
+    {
+        Ok(()) => Ok(request),
+        // The account changed while the CA answered (suspended, deregistered): refused for its
+        // new state, and nothing of the request is kept.
+        Err(AppError::Conflict) => {
+            let account = load_account(ports, &request.account_id)?;
+            Err(AppError::AccountNotActive(account.status.as_str()))
+        }
+        Err(error) => Err(error),
+    }
 }
 
 /// A request id (16 bytes) and its four-digit identification code from the HSM's generator, in

@@ -105,8 +105,9 @@ async fn certificates<P: Ports>(
     for certificate in live {
         let entry = (certificate.account_id.clone(), certificate.serial.clone());
         if certificate.status == CertStatus::Revoked {
-            finish_revocation(ports, certificate, actor).await?;
-            changes.revocations_finished.push(entry);
+            if finish_revocation(ports, certificate, actor).await? {
+                changes.revocations_finished.push(entry);
+            }
             continue;
         }
         if certificate.status == CertStatus::Valid && certificate.profile == Profile::Minor {

@@ -537,3 +537,155 @@ async fn an_account_change_keeps_its_audit_record_when_the_log_cannot_take_it() 
     assert_eq!(fields["by"], "user");
     assert!(fields["outbox"].is_i64(), "{fields:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_revoked_while_the_ca_answers_slowly_stops_the_signature() {
+    let ports = std::sync::Arc::new(Memory::new());
+    let device = std::sync::Arc::new(Device::new(15));
+    let record = support::account(&ports, "u-revoked", &device, now());
+    let request = request(&ports, "u-revoked").await;
+    // The CA's answer is "good", given before the revocation, and arrives late.
+    ports.ca.slow.store(true, Ordering::SeqCst);
+    let authorising = {
+        let (ports, device, request) = (ports.clone(), device.clone(), request.clone());
+        tokio::spawn(async move { authorise(&ports, &request, &device, Decision::Approve).await })
+    };
+    ports.ca.waiting.notified().await;
+    ports.ca.slow.store(false, Ordering::SeqCst);
+    accounts::revoke_certificate(
+        &*ports,
+        "officer:sec",
+        &record.id,
+        cert_lifecycle::RevocationReason::KeyCompromise,
+        now(),
+    )
+    .await
+    .unwrap();
+    ports.ca.release.notify_one();
+    let outcome = authorising.await.unwrap();
+    assert!(
+        matches!(outcome, Err(AppError::CertificateRevoked)),
+        "{outcome:?}"
+    );
+    assert_eq!(ports.keys.signatures.load(Ordering::SeqCst), 0);
+    assert_eq!(stored(&ports, &request.id).status, SigningStatus::Failed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deregistration_while_the_hsm_signs_releases_nothing_and_keeps_nothing() {
+    let ports = std::sync::Arc::new(Memory::new());
+    let device = std::sync::Arc::new(Device::new(16));
+    let record = support::account(&ports, "u-gone", &device, now());
+    let request = request(&ports, "u-gone").await;
+    // The CA cannot take the revocation: the key stays until a sweep, and the HSM's signature
+    // is made. The store must still refuse to keep or release it.
+    ports.ca.revocations_down.store(true, Ordering::SeqCst);
+    ports.keys.hold_next_sign.store(true, Ordering::SeqCst);
+    let authorising = {
+        let (ports, device, request) = (ports.clone(), device.clone(), request.clone());
+        tokio::spawn(async move { authorise(&ports, &request, &device, Decision::Approve).await })
+    };
+    ports.keys.signing.notified().await;
+    accounts::deregister(&*ports, "registrar:reg", &record.id, now())
+        .await
+        .unwrap();
+    ports.keys.release_sign.notify_one();
+    let outcome = authorising.await.unwrap();
+    assert!(
+        matches!(outcome, Err(AppError::RequestNotPending("failed"))),
+        "{outcome:?}"
+    );
+    assert_eq!(ports.keys.signatures.load(Ordering::SeqCst), 1);
+    let stored = stored(&ports, &request.id);
+    assert_eq!(stored.status, SigningStatus::Failed);
+    assert!(stored.sealed_result.is_none(), "no result kept");
+    assert!(stored.hash.is_empty() && stored.description.is_none());
+    let view = signing::view(
+        &*ports,
+        &ServiceName::parse(SERVICE).unwrap(),
+        &request.id,
+        now(),
+    )
+    .await
+    .unwrap();
+    assert!(view.result.is_none(), "nothing released");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_made_while_the_account_is_deregistered_keeps_nothing() {
+    let ports = std::sync::Arc::new(Memory::new());
+    let device = Device::new(17);
+    let record = support::account(&ports, "u-late", &device, now());
+    ports.ca.slow.store(true, Ordering::SeqCst);
+    let creating = {
+        let ports = ports.clone();
+        tokio::spawn(async move {
+            let new = NewRequest {
+                service: ServiceName::parse(SERVICE).unwrap(),
+                taid: "taid-u-late".into(),
+                hash_algorithm: HashAlgorithm::Sha256,
+                hash: vec![9; 32],
+                hkic: None,
+                description: Some("PERSONAL-DESCRIPTION".into()),
+            };
+            signing::create(&*ports, &settings(), "service:demo", new, now()).await
+        })
+    };
+    ports.ca.waiting.notified().await;
+    ports.ca.slow.store(false, Ordering::SeqCst);
+    accounts::deregister(&*ports, "registrar:reg", &record.id, now())
+        .await
+        .unwrap();
+    ports.ca.release.notify_one();
+    let outcome = creating.await.unwrap();
+    assert!(
+        matches!(outcome, Err(AppError::AccountNotActive("deregistered"))),
+        "{outcome:?}"
+    );
+    let history = signing::history(&*ports, &record.id, None, 10, now())
+        .await
+        .unwrap();
+    assert!(history.requests.is_empty(), "no request kept");
+}
+
+#[tokio::test]
+async fn a_deregistration_while_the_ca_is_down_finishes_at_the_next_sweep() {
+    let ports = Memory::new();
+    let device = Device::new(18);
+    let record = support::account(&ports, "u-ca-down", &device, now());
+    let serial = record.current_certificate.clone().unwrap();
+    ports.ca.revocations_down.store(true, Ordering::SeqCst);
+    accounts::deregister(&ports, "registrar:reg", &record.id, now())
+        .await
+        .unwrap();
+    // Deregistered and erased, but the certificate keeps its key and sealed DER until the
+    // revocation reaches the CA: it is revoked locally, so it signs nothing meanwhile.
+    let certificate = ports.store.get_certificate(&serial).unwrap().unwrap();
+    assert_eq!(certificate.status, cert_lifecycle::CertStatus::Revoked);
+    assert!(certificate.key_ref.is_some() && !certificate.sealed_der.is_empty());
+    assert!(
+        !ports
+            .ca
+            .revoked
+            .lock()
+            .unwrap()
+            .contains_key(serial.as_str())
+    );
+    // The CA is back: the next sweep revokes it there, destroys the key, erases the DER.
+    ports.ca.revocations_down.store(false, Ordering::SeqCst);
+    let changes = application::sweeps::run(&ports, "system:sweep", now())
+        .await
+        .unwrap();
+    assert_eq!(changes.revocations_finished.len(), 1);
+    assert!(
+        ports
+            .ca
+            .revoked
+            .lock()
+            .unwrap()
+            .contains_key(serial.as_str())
+    );
+    let certificate = ports.store.get_certificate(&serial).unwrap().unwrap();
+    assert!(certificate.key_ref.is_none() && certificate.sealed_der.is_empty());
+    assert_eq!(ports.keys.destroyed.lock().unwrap().len(), 1);
+}

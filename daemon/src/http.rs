@@ -214,7 +214,14 @@ async fn handle_api(
                     body: body.to_bytes(),
                 };
                 match gate.app() {
-                    Some(app) => (route.handler)(app.clone(), ctx).await,
+                    // A task of its own: a client that goes away mid-request drops this
+                    // future, and must not cut a workflow short between two of its steps.
+                    Some(app) => tokio::spawn((route.handler)(app.clone(), ctx))
+                        .await
+                        .unwrap_or_else(|error| {
+                            tracing::error!(%error, route = route.template, "handler failed");
+                            Err(ApiError::Internal)
+                        }),
                     None => gate.sealed_route(route, ctx).await,
                 }
             }

@@ -94,6 +94,10 @@ impl Records for Memory {
 #[derive(Default)]
 pub struct MemoryKeys {
     pub signatures: AtomicUsize,
+    /// The next signature waits for `release_sign` (once).
+    pub hold_next_sign: AtomicBool,
+    pub signing: Notify,
+    pub release_sign: Notify,
     pub destroyed: Mutex<Vec<Vec<u8>>>,
     random: AtomicU64,
 }
@@ -138,6 +142,10 @@ impl Keys for MemoryKeys {
         raw: &[u8],
         attributes: &[u8],
     ) -> Result<Signatures, AppError> {
+        if self.hold_next_sign.swap(false, Ordering::SeqCst) {
+            self.signing.notify_one();
+            self.release_sign.notified().await;
+        }
         if self.destroyed.lock().unwrap().iter().any(|k| k == key_ref) {
             return Err(AppError::fault("key destroyed"));
         }
@@ -222,6 +230,8 @@ pub struct MemoryCa {
     pub slow_issue: AtomicBool,
     /// The next revocation waits for `release_revoke` (once).
     pub hold_next_revoke: AtomicBool,
+    /// Revocations fail while this is set.
+    pub revocations_down: AtomicBool,
     pub revoking: Notify,
     pub release_revoke: Notify,
     pub issuing: Notify,
@@ -268,15 +278,12 @@ impl CertificateStatus for Memory {
         None
     }
 
+    /// The answer is the CA's at the moment of asking; a slow CA delivers it late.
     async fn check(&self, der: &[u8], _now: OffsetDateTime) -> Result<Answer, AppError> {
         self.ca.checks.fetch_add(1, Ordering::SeqCst);
-        if self.ca.slow.load(Ordering::SeqCst) {
-            self.ca.waiting.notify_one();
-            self.ca.release.notified().await;
-        }
         let serial = serial_of(der);
         let now = SystemTime::now();
-        Ok(match self.ca.revoked.lock().unwrap().get(&serial) {
+        let answer = match self.ca.revoked.lock().unwrap().get(&serial) {
             Some(reason) => Answer::Revoked {
                 revoked_at: now,
                 reason_code: reason.crl_reason_code(),
@@ -286,7 +293,12 @@ impl CertificateStatus for Memory {
                 this_update: now,
                 within_grace: false,
             },
-        })
+        };
+        if self.ca.slow.load(Ordering::SeqCst) {
+            self.ca.waiting.notify_one();
+            self.ca.release.notified().await;
+        }
+        Ok(answer)
     }
 }
 
@@ -340,6 +352,9 @@ impl Authority for Memory {
         if self.ca.hold_next_revoke.swap(false, Ordering::SeqCst) {
             self.ca.revoking.notify_one();
             self.ca.release_revoke.notified().await;
+        }
+        if self.ca.revocations_down.load(Ordering::SeqCst) {
+            return Err(AppError::fault("the CA is down (test)"));
         }
         self.ca
             .revoked

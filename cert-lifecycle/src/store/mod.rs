@@ -14,8 +14,8 @@ pub use sqlite::SqliteStore;
 
 use crate::{
     AccountId, AccountRecord, AccountStatus, CertSerial, CertificateRecord, ConsentChallenge,
-    IssuanceJournal, KeyChangeJournal, RequestId, ServiceName, SigningRequest, SigningStatus,
-    StoreError,
+    IssuanceJournal, KeyChangeJournal, RequestId, RevocationReason, ServiceName, SigningRequest,
+    SigningStatus, StoreError,
 };
 
 /// A tokenised account identifier: the account's name at one online service (DESIGN.md).
@@ -93,9 +93,11 @@ pub trait Store: Send + Sync {
 
     /// Stores `account` (deregistered by the caller) and erases, in the same transaction, every
     /// personal datum the store holds for it: the sealed name and date of birth, the HKIC hash
-    /// (to zeros), its certificates' sealed DER (they carry the name and the keyed HKIC hash),
-    /// and its signing requests' sealed results, hashes and descriptions. The pseudonymous
-    /// records stay for audit. Conditional on `account.version` like `update_account`.
+    /// (to zeros), its certificates' sealed DER (they carry the name and the keyed HKIC hash;
+    /// one whose key is still there keeps it until [`Store::forget_key`]), and its signing
+    /// requests' sealed results, hashes and descriptions; a request still pending or approved
+    /// fails. The pseudonymous records stay for audit. Conditional on `account.version` like
+    /// `update_account`.
     fn deregister(&self, account: &AccountRecord) -> Result<(), StoreError>;
 
     /// Adds a certificate of an existing account; `AlreadyExists` for a known serial, `Conflict`
@@ -106,9 +108,19 @@ pub trait Store: Send + Sync {
     fn get_certificate(&self, serial: &CertSerial)
     -> Result<Option<CertificateRecord>, StoreError>;
 
-    /// Replaces the whole record; `NotFound` when there is none.
-    fn update_certificate(&self, certificate: &CertificateRecord) -> Result<(), StoreError>;
+    /// Marks a certificate revoked (a revoked one keeps its first reason and time); whether it
+    /// changed it. `NotFound` when there is none.
+    fn mark_revoked(
+        &self,
+        serial: &CertSerial,
+        reason: RevocationReason,
+        at: OffsetDateTime,
+    ) -> Result<bool, StoreError>;
 
+    /// Forgets a certificate's key reference, if it is still `key_ref` (the key is destroyed).
+    /// The certificate of a deregistered account loses its sealed DER with it: it was kept only
+    /// until its revocation reached the CA.
+    fn forget_key(&self, serial: &CertSerial, key_ref: &[u8]) -> Result<(), StoreError>;
     /// The account's certificates, oldest `not_before` first.
     fn certificates_of(&self, account: &AccountId) -> Result<Vec<CertificateRecord>, StoreError>;
 
@@ -135,7 +147,7 @@ pub trait Store: Send + Sync {
     -> Result<Option<AccountId>, StoreError>;
 
     /// Adds a signing request; `AlreadyExists` for a known id, `Conflict` for an unknown account
-    /// or certificate.
+    /// or certificate or an account that is not active.
     fn insert_request(&self, request: &SigningRequest) -> Result<(), StoreError>;
 
     /// The signing request with this id.
@@ -144,8 +156,9 @@ pub trait Store: Send + Sync {
     /// Moves a request to the state of `request` (status, attempts, result), only if it is still
     /// in `from` (its status and bad-attempt count as read): `Conflict` when another change came
     /// first, `NotFound` when there is no such request. Moving to `Approved` also needs, in the
-    /// same transaction, the account active and still bound to the device generation the
-    /// request was made for: the single-use guard, across threads, processes and restarts.
+    /// same transaction, the account active, still bound to the device generation the request
+    /// was made for, and its current certificate the request's, valid and with its key: the
+    /// single-use guard, across threads, processes and restarts.
     fn transition_request(
         &self,
         request: &SigningRequest,

@@ -21,8 +21,8 @@ use time::OffsetDateTime;
 use super::{Store, TaidRecord};
 use crate::{
     AccountId, AccountRecord, AccountStatus, CertSerial, CertificateRecord, ConsentChallenge,
-    IssuanceJournal, KeyChangeJournal, PendingAudit, RequestId, ServiceName, SigningRequest,
-    SigningStatus, StoreError,
+    IssuanceJournal, KeyChangeJournal, PendingAudit, RequestId, RevocationReason, ServiceName,
+    SigningRequest, SigningStatus, StoreError,
 };
 
 /// How long a connection waits for another process's lock before it fails.
@@ -721,9 +721,19 @@ impl Store for SqliteStore {
                  hkic_hash = zeroblob(32), guardian_hkic_hash = NULL WHERE id = ?1",
                 [id],
             )?;
+            // A certificate whose key is still there has not had its revocation reach the CA:
+            // its DER stays (sealed) until then, erased with the key (`forget_key`).
             tx.execute(
-                "UPDATE certificates SET sealed_der = x'' WHERE account_id = ?1",
+                "UPDATE certificates SET sealed_der = x'' \
+                 WHERE account_id = ?1 AND key_ref IS NULL",
                 [id],
+            )?;
+            // A request still open ends here: an approval in flight can no longer store (and
+            // release) its result.
+            tx.execute(
+                "UPDATE signing_requests SET status = 'failed', finished_at = ?2 \
+                 WHERE account_id = ?1 AND status IN ('pending', 'approved')",
+                params![id, secs(account.status_changed_at)],
             )?;
             tx.execute(
                 "UPDATE signing_requests SET sealed_result = NULL, hash = x'', \
@@ -750,17 +760,47 @@ impl Store for SqliteStore {
         self.read(|conn| get_certificate(conn, serial))
     }
 
-    fn update_certificate(&self, c: &CertificateRecord) -> Result<(), StoreError> {
+    fn mark_revoked(
+        &self,
+        serial: &CertSerial,
+        reason: RevocationReason,
+        at: OffsetDateTime,
+    ) -> Result<bool, StoreError> {
         self.write(|conn| {
             let changed = conn
                 .prepare_cached(
-                    "UPDATE certificates SET account_id = ?2, profile = ?3, not_before = ?4, \
-                     not_after = ?5, status = ?6, revocation_reason = ?7, revoked_at = ?8, \
-                     sealed_der = ?9, key_ref = ?10, key_algorithm = ?11 WHERE serial = ?1",
+                    "UPDATE certificates SET status = 'revoked', revocation_reason = ?2, \
+                     revoked_at = ?3 WHERE serial = ?1 AND status != 'revoked'",
                 )?
-                .execute(params_from_iter(certificate_values(c)))
-                .map_err(write_error)?;
-            one_row_changed(changed)
+                .execute(params![serial.as_str(), reason.as_str(), secs(at)])?;
+            if changed == 0 && get_certificate(conn, serial)?.is_none() {
+                return Err(StoreError::NotFound);
+            }
+            Ok(changed == 1)
+        })
+    }
+
+    fn forget_key(&self, serial: &CertSerial, key_ref: &[u8]) -> Result<(), StoreError> {
+        self.write(|conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            tx.prepare_cached(
+                "UPDATE certificates SET key_ref = NULL WHERE serial = ?1 AND key_ref = ?2",
+            )?
+            .execute(params![serial.as_str(), key_ref])?;
+            let erased = tx
+                .prepare_cached(
+                    "UPDATE certificates SET sealed_der = x'' \
+                     WHERE serial = ?1 AND key_ref IS NULL AND length(sealed_der) > 0 \
+                     AND EXISTS (SELECT 1 FROM accounts WHERE accounts.id = \
+                         certificates.account_id AND accounts.status = 'deregistered')",
+                )?
+                .execute([serial.as_str()])?;
+            tx.commit()?;
+            if erased > 0 {
+                // As at deregistration: the old value must not linger in the WAL.
+                conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+            }
+            Ok(())
         })
     }
 
@@ -864,14 +904,21 @@ impl Store for SqliteStore {
     }
 
     fn insert_request(&self, r: &SigningRequest) -> Result<(), StoreError> {
+        // Only for an account that is still active: a request made while the account was
+        // deregistered (or suspended) meanwhile would keep its hash and description.
         let sql = format!(
             "INSERT INTO signing_requests ({REQUEST_COLUMNS}) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
+             SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15 \
+             WHERE EXISTS (SELECT 1 FROM accounts WHERE id = ?3 AND status = 'active')"
         );
         self.write(|conn| {
-            conn.prepare_cached(&sql)?
+            let inserted = conn
+                .prepare_cached(&sql)?
                 .execute(params_from_iter(request_values(r)))
                 .map_err(write_error)?;
+            if inserted == 0 {
+                return Err(StoreError::Conflict);
+            }
             Ok(())
         })
     }
@@ -903,10 +950,15 @@ impl Store for SqliteStore {
                          WHEN ?2 IN ('signed', 'rejected', 'locked', 'failed') THEN ?8 \
                          ELSE finished_at END \
                      WHERE id = ?1 AND status = ?6 AND bad_attempts = ?7 \
-                     AND (?2 != 'approved' OR EXISTS (SELECT 1 FROM accounts \
+                     AND (?2 != 'approved' OR (EXISTS (SELECT 1 FROM accounts \
                           WHERE accounts.id = signing_requests.account_id \
                           AND accounts.status = 'active' \
-                          AND accounts.device_generation = signing_requests.device_generation))",
+                          AND accounts.device_generation = signing_requests.device_generation \
+                          AND accounts.current_certificate = signing_requests.certificate) \
+                      AND EXISTS (SELECT 1 FROM certificates \
+                          WHERE certificates.serial = signing_requests.certificate \
+                          AND certificates.status = 'valid' \
+                          AND certificates.key_ref IS NOT NULL)))",
                 )?
                 .execute(params![
                     r.id.as_str(),
@@ -1387,7 +1439,11 @@ mod tests {
             Err(StoreError::NotFound)
         ));
         assert!(matches!(
-            store.update_certificate(&certificate("1", "u-1")),
+            store.mark_revoked(
+                &CertSerial::parse("1").unwrap(),
+                RevocationReason::Superseded,
+                CREATED
+            ),
             Err(StoreError::NotFound)
         ));
         assert!(matches!(
@@ -1446,6 +1502,17 @@ mod tests {
         );
         let request = store.get_request(&r.id).unwrap().unwrap();
         assert_eq!((request.hash.len(), request.description), (0, None));
+        // A request still open ended with the account.
+        assert_eq!(request.status, SigningStatus::Failed);
+        // The certificate whose key is still there (its revocation has not reached the CA)
+        // keeps its sealed DER until the key goes.
+        let kept = store.get_certificate(&c.serial).unwrap().unwrap();
+        assert_eq!(kept.sealed_der, c.sealed_der);
+        store
+            .forget_key(&c.serial, c.key_ref.as_deref().unwrap())
+            .unwrap();
+        let gone = store.get_certificate(&c.serial).unwrap().unwrap();
+        assert!(gone.sealed_der.is_empty() && gone.key_ref.is_none());
         // Neither the database file nor its WAL holds any old value any more.
         drop(store);
         for entry in std::fs::read_dir(dir.path()).unwrap() {
@@ -1471,11 +1538,35 @@ mod tests {
             .unwrap();
         assert_eq!(old, certificate("3f9a", "u-1"));
 
+        let revoked_at = datetime!(2027-06-01 08:00 UTC);
+        assert!(
+            store
+                .mark_revoked(&old.serial, RevocationReason::Superseded, revoked_at)
+                .unwrap()
+        );
+        // A second revocation changes nothing: the first reason and time stand.
+        assert!(
+            !store
+                .mark_revoked(&old.serial, RevocationReason::KeyCompromise, CREATED)
+                .unwrap()
+        );
+        // The key is forgotten only if it is still the one named.
+        store.forget_key(&old.serial, b"another key").unwrap();
+        assert!(
+            store
+                .get_certificate(&old.serial)
+                .unwrap()
+                .unwrap()
+                .key_ref
+                .is_some()
+        );
+        store
+            .forget_key(&old.serial, old.key_ref.as_deref().unwrap())
+            .unwrap();
         old.status = CertStatus::Revoked;
         old.revocation_reason = Some(RevocationReason::Superseded);
-        old.revoked_at = Some(datetime!(2027-06-01 08:00 UTC));
+        old.revoked_at = Some(revoked_at);
         old.key_ref = None;
-        store.update_certificate(&old).unwrap();
         let mut new = certificate("4000", "u-1");
         new.not_before = datetime!(2027-06-01 08:00 UTC);
         store.insert_certificate(&new).unwrap();
@@ -1911,12 +2002,13 @@ mod tests {
         let ends = certificate("a1", "u-1").not_after;
         registered(&store, "u-1", "a1");
         let mut revoked = registered(&store, "u-2", "b1");
-        let mut c = store
+        let c = store
             .get_certificate(&CertSerial::parse("b1").unwrap())
             .unwrap()
             .unwrap();
-        c.status = CertStatus::Revoked;
-        store.update_certificate(&c).unwrap();
+        store
+            .mark_revoked(&c.serial, RevocationReason::KeyCompromise, CREATED)
+            .unwrap();
         revoked.status = AccountStatus::Active;
         let mut suspended = registered(&store, "u-3", "c1");
         suspended.status = AccountStatus::Suspended;
