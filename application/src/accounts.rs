@@ -99,8 +99,16 @@ impl Change {
                 }
                 match acknowledged {
                     Some(acknowledged) => {
+                        let deadline =
+                            acknowledged
+                                .checked_add(RECTIFICATION_PERIOD)
+                                .ok_or_else(|| {
+                                    AppError::InvalidRequest(
+                                        "acknowledged_at is out of range".into(),
+                                    )
+                                })?;
                         record.status = AccountStatus::RectificationPending;
-                        record.rectify_by = Some(*acknowledged + RECTIFICATION_PERIOD);
+                        record.rectify_by = Some(deadline);
                     }
                     None => {
                         record.status = AccountStatus::Active;

@@ -70,9 +70,13 @@ pub enum AppError {
     /// The device signature does not verify, or is not the bound device's.
     #[error("authorisation invalid")]
     AuthorisationInvalid,
-    /// The request is locked after too many bad authorisations.
+    /// The request is locked after too many bad authorisations, or the account's HKIC-carrying
+    /// requests after too many HKIC mismatches.
     #[error("too many attempts")]
     TooManyAttempts,
+    /// The account has as many pending requests as it may.
+    #[error("too many pending requests")]
+    TooManyPending,
     /// Not an HKIC number (the text says which field and why).
     #[error("invalid HKIC number: {0}")]
     InvalidHkic(String),
@@ -130,6 +134,7 @@ impl AppError {
             RequestExpired => "request_expired",
             AuthorisationInvalid => "authorisation_invalid",
             TooManyAttempts => "too_many_attempts",
+            TooManyPending => "too_many_pending",
             InvalidHkic(_) => "invalid_hkic",
             HkicMismatch => "hkic_mismatch",
             Conflict => "conflict",

@@ -25,6 +25,8 @@ use crate::{AppError, Ports, certificate_status, fields, rfc3339};
 pub struct SigningSettings {
     /// How long a request waits for the user's decision.
     pub request_ttl: time::Duration,
+    /// How many requests an account may have pending at once.
+    pub max_pending: usize,
     /// The issuing CA and the root, DER, for the CMS `certificates`.
     pub chain_der: Vec<Vec<u8>>,
     /// The same, PEM, for the result's `chain`.
@@ -71,8 +73,13 @@ pub async fn create<P: Ports>(
 }
 
 /// Audits a request to sign that was refused (`signing.create_denied`), by [`create`] or at the
-/// edge (a body that does not parse). Only a failing audit log is an error.
+/// edge (a body that does not parse). Only a failing audit log is an error. The refusals of a
+/// limit (too many pending, an HKIC lock) are not audited one by one: a flood of them would
+/// flood the log.
 pub async fn refused<P: Ports>(ports: &P, actor: &str, error: &AppError) -> Result<(), AppError> {
+    if matches!(error, AppError::TooManyPending | AppError::TooManyAttempts) {
+        return Ok(());
+    }
     deny(ports, actor, "signing.create_denied", None, error).await
 }
 
@@ -106,12 +113,23 @@ async fn create_checked<P: Ports>(
     let certificate = signable(ports, &account, now).await?;
     confirm_good(ports, &certificate, None, now).await?;
     if let Some(hkic) = &new.hkic {
-        // Used only to check the signer, then dropped (zeroized): never stored (DOMAIN.md).
-        if ports.hkic_hash(hkic).await? != account.hkic_hash {
-            return Err(AppError::HkicMismatch);
-        }
+        check_hkic(ports, actor, &account, hkic, now).await?;
     }
-    let (id, code) = id_and_code(ports).await?;
+    // At most `max_pending` at once, each with a code of its own, so that neither a flood nor
+    // a code the user happens to be looking at can be ground out of the account.
+    let id = account.id.clone();
+    let pending = ports
+        .write(move |store| store.pending_requests(&id, now))
+        .await?;
+    if pending.len() >= settings.max_pending {
+        return Err(AppError::TooManyPending);
+    }
+    let taken: Vec<String> = pending
+        .into_iter()
+        .map(|request| request.identification_code)
+        .collect();
+    let (id, code) = id_and_code(ports, &taken).await?;
+
     let request = SigningRequest {
         id,
         service: new.service,
@@ -141,34 +159,99 @@ async fn create_checked<P: Ports>(
             ]),
         )
         .await?;
-    let stored = request.clone();
+    let (stored, max_pending) = (request.clone(), settings.max_pending);
     match ports
-        .write(move |store| store.insert_request(&stored))
+        .write(move |store| store.insert_request(&stored, max_pending, now))
         .await
     {
         Ok(()) => Ok(request),
-        // The account changed while the CA answered (suspended, deregistered): refused for its
-        // new state, and nothing of the request is kept.
         Err(AppError::Conflict) => {
+            // The account changed while the CA answered (suspended, deregistered): refused for
+            // its new state, and nothing of the request is kept. Or another request of the
+            // account came first and took the last place (or, rarely, the code).
             let account = load_account(ports, &request.account_id)?;
-            Err(AppError::AccountNotActive(account.status.as_str()))
+            if account.status != AccountStatus::Active {
+                return Err(AppError::AccountNotActive(account.status.as_str()));
+            }
+            let id = account.id;
+            let pending = ports
+                .write(move |store| store.pending_requests(&id, now))
+                .await?;
+            Err(if pending.len() >= max_pending {
+                AppError::TooManyPending
+            } else {
+                AppError::Conflict
+            })
         }
         Err(error) => Err(error),
     }
 }
 
+/// How many HKIC mismatches within [`HKIC_WINDOW`] lock an account's HKIC-carrying requests.
+const HKIC_MISMATCHES: usize = 3;
+
+/// The window of [`HKIC_MISMATCHES`].
+const HKIC_WINDOW: time::Duration = time::Duration::hours(24);
+
+/// Checks the HKIC number a service sent against the account holder's, unless three mismatches
+/// in 24 hours have locked the account's HKIC-carrying requests (429 `too_many_attempts` until
+/// the oldest of them leaves the window): the check is no oracle. The third mismatch is audited
+/// once with the lock's end; the refusals while locked are not audited one by one.
+async fn check_hkic<P: Ports>(
+    ports: &P,
+    actor: &str,
+    account: &AccountRecord,
+    hkic: &HkicNumber,
+    now: OffsetDateTime,
+) -> Result<(), AppError> {
+    let since = now - HKIC_WINDOW;
+    let mismatches = ports.read(|store| store.hkic_mismatches_since(&account.id, since))?;
+    if mismatches.len() >= HKIC_MISMATCHES {
+        return Err(AppError::TooManyAttempts);
+    }
+    // Used only to check the signer, then dropped (zeroized): never stored (DOMAIN.md).
+    if ports.hkic_hash(hkic).await? == account.hkic_hash {
+        return Ok(());
+    }
+    let id = account.id.clone();
+    ports
+        .write(move |store| store.record_hkic_mismatch(&id, now))
+        .await?;
+    if mismatches.len() + 1 == HKIC_MISMATCHES {
+        let until = mismatches.first().copied().unwrap_or(now) + HKIC_WINDOW;
+        ports
+            .append(
+                "signing.hkic_locked",
+                actor,
+                fields([
+                    ("account_id", json!(account.id.as_str())),
+                    ("until", json!(rfc3339(until))),
+                ]),
+            )
+            .await?;
+    }
+    Err(AppError::HkicMismatch)
+}
+
 /// A request id (16 bytes) and its four-digit identification code from the HSM's generator, in
-/// one call; the code is drawn again only in the rare case that its bytes would bias it
-/// (rejection sampling, see [`cert_lifecycle::identification_code_from_random`]).
-async fn id_and_code<P: Ports>(ports: &P) -> Result<(RequestId, String), AppError> {
+/// one call; the code is drawn again in the rare case that its bytes would bias it (rejection
+/// sampling, see [`cert_lifecycle::identification_code_from_random`]) or that another pending
+/// request of the account shows it (`taken`).
+async fn id_and_code<P: Ports>(
+    ports: &P,
+    taken: &[String],
+) -> Result<(RequestId, String), AppError> {
     let random = ports.random(20).await?;
     let (id, code) = random.split_at(16);
     let id = RequestId::from_random(id.try_into().map_err(AppError::fault)?);
     let mut code: [u8; 4] = code.try_into().map_err(AppError::fault)?;
     loop {
-        if let Some(code) = cert_lifecycle::identification_code_from_random(code) {
+        if let Some(code) = cert_lifecycle::identification_code_from_random(code)
+            && !taken.contains(&code)
+        {
             return Ok((id, code));
         }
+
         code = ports
             .random(4)
             .await?

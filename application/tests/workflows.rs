@@ -25,6 +25,7 @@ const ROUNDS: usize = 50;
 fn settings() -> SigningSettings {
     SigningSettings {
         request_ttl: time::Duration::minutes(5),
+        max_pending: 5,
         chain_der: Vec::new(),
         chain_pem: Vec::new(),
     }
@@ -688,4 +689,129 @@ async fn a_deregistration_while_the_ca_is_down_finishes_at_the_next_sweep() {
     let certificate = ports.store.get_certificate(&serial).unwrap().unwrap();
     assert!(certificate.key_ref.is_none() && certificate.sealed_der.is_empty());
     assert_eq!(ports.keys.destroyed.lock().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn an_account_takes_five_pending_requests_with_distinct_codes_and_no_more() {
+    let ports = Memory::new();
+    let device = Device::new(19);
+    support::account(&ports, "u-flood", &device, now());
+    let mut codes = Vec::new();
+    for _ in 0..5 {
+        codes.push(request(&ports, "u-flood").await.identification_code);
+    }
+    codes.sort();
+    codes.dedup();
+    assert_eq!(codes.len(), 5, "distinct codes");
+    let new = NewRequest {
+        service: ServiceName::parse(SERVICE).unwrap(),
+        taid: "taid-u-flood".into(),
+        hash_algorithm: HashAlgorithm::Sha256,
+        hash: vec![1; 32],
+        hkic: None,
+        description: None,
+    };
+    let refused = signing::create(&ports, &settings(), "service:demo", new, now()).await;
+    assert!(
+        matches!(refused, Err(AppError::TooManyPending)),
+        "{refused:?}"
+    );
+    // Not audited one by one.
+    assert_eq!(ports.audit.count("signing.create_denied", "u-flood"), 0);
+    // Once they have expired, the account takes requests again.
+    let later = now() + time::Duration::minutes(6);
+    let new = NewRequest {
+        service: ServiceName::parse(SERVICE).unwrap(),
+        taid: "taid-u-flood".into(),
+        hash_algorithm: HashAlgorithm::Sha256,
+        hash: vec![1; 32],
+        hkic: None,
+        description: None,
+    };
+    signing::create(&ports, &settings(), "service:demo", new, later)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn three_hkic_mismatches_in_a_day_lock_hkic_carrying_requests() {
+    let ports = Memory::new();
+    let device = Device::new(20);
+    support::account(&ports, "u-oracle", &device, now());
+    let with_hkic = |hkic: &str| NewRequest {
+        service: ServiceName::parse(SERVICE).unwrap(),
+        taid: "taid-u-oracle".into(),
+        hash_algorithm: HashAlgorithm::Sha256,
+        hash: vec![2; 32],
+        hkic: Some(cert_lifecycle::HkicNumber::parse(hkic).unwrap()),
+        description: None,
+    };
+    // The holder's number is the one whose keyed hash the account holds (the in-memory keys
+    // hash the canonical form); the test account's hash is of its id, so any number mismatches.
+    let start = now();
+    for n in 0..3 {
+        let at = start + time::Duration::minutes(n);
+        let outcome = signing::create(
+            &ports,
+            &settings(),
+            "service:demo",
+            with_hkic("A123456(3)"),
+            at,
+        )
+        .await;
+        assert!(
+            matches!(outcome, Err(AppError::HkicMismatch)),
+            "{outcome:?}"
+        );
+    }
+    assert_eq!(ports.audit.count("signing.hkic_locked", "u-oracle"), 1);
+    // Locked: even a try is refused without comparing, and without an audit record each.
+    let denied_before = ports.audit.count("signing.create_denied", "u-oracle");
+    for n in 0..5 {
+        let at = start + time::Duration::hours(1) + time::Duration::minutes(n);
+        let outcome = signing::create(
+            &ports,
+            &settings(),
+            "service:demo",
+            with_hkic("A123456(3)"),
+            at,
+        )
+        .await;
+        assert!(
+            matches!(outcome, Err(AppError::TooManyAttempts)),
+            "{outcome:?}"
+        );
+    }
+    assert_eq!(
+        ports.audit.count("signing.create_denied", "u-oracle"),
+        denied_before
+    );
+    // Requests without an HKIC number go on.
+    let plain = NewRequest {
+        hkic: None,
+        ..with_hkic("A123456(3)")
+    };
+    signing::create(
+        &ports,
+        &settings(),
+        "service:demo",
+        plain,
+        start + time::Duration::hours(1),
+    )
+    .await
+    .unwrap();
+    // A day after the first mismatch, the lock ends.
+    let after = start + time::Duration::hours(24) + time::Duration::minutes(1);
+    let outcome = signing::create(
+        &ports,
+        &settings(),
+        "service:demo",
+        with_hkic("A123456(3)"),
+        after,
+    )
+    .await;
+    assert!(
+        matches!(outcome, Err(AppError::HkicMismatch)),
+        "{outcome:?}"
+    );
 }

@@ -221,7 +221,8 @@ pub(crate) mod tests {
             service: ServiceName::parse("demo-a").unwrap(),
             account_id: AccountId::parse(account).unwrap(),
             certificate: CertSerial::parse(serial).unwrap(),
-            identification_code: "4821".to_owned(),
+            // Distinct per request, as an account's pending requests' codes must be.
+            identification_code: format!("{:04}", 4820 + u32::from(id_byte)),
             hash_algorithm: HashAlgorithm::Sha256,
             hash: vec![0xab; 32],
             description: Some("Tax return 2026".to_owned()),
@@ -382,7 +383,8 @@ pub(crate) mod tests {
 
     #[test]
     fn authorisation_statement_has_the_api_form() {
-        let r = request(0xab, "u-1", "1");
+        let mut r = request(0xab, "u-1", "1");
+        r.identification_code = "4821".to_owned();
         assert_eq!(
             r.authorisation_statement(Decision::Approve),
             format!(

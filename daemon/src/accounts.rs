@@ -306,7 +306,8 @@ pub(crate) async fn matching(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError>
                     OffsetDateTime::parse(text, &Rfc3339).map_err(|_| {
                         ApiError::InvalidRequest("acknowledged_at must be an RFC 3339 time".into())
                     })
-                })?,
+                })
+                .and_then(|at| acknowledged_in_range(at, app.clock.now()))?,
         ),
         "matched" => None,
         _ => {
@@ -316,6 +317,21 @@ pub(crate) async fn matching(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError>
         }
     };
     change(&app, &ctx, Change::Matching(acknowledged)).await
+}
+
+/// The user acknowledged a mismatch in the past (a minute of clock skew allowed), and not
+/// before the scheme existed: anything else is a client's error, refused naming the field.
+fn acknowledged_in_range(
+    at: OffsetDateTime,
+    now: OffsetDateTime,
+) -> Result<OffsetDateTime, ApiError> {
+    let earliest = time::macros::datetime!(2000-01-01 00:00 UTC);
+    if at < earliest || at > now + time::Duration::minutes(1) {
+        return Err(ApiError::InvalidRequest(
+            "acknowledged_at must be a past time, from 2000 on".into(),
+        ));
+    }
+    Ok(at)
 }
 
 /// `POST /v1/accounts/{id}/invalidate`.

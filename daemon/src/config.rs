@@ -291,6 +291,10 @@ pub(crate) struct PolicyConfig {
     /// Seconds between runs of the lifecycle sweeps (also run at start and on request).
     #[serde(default = "default_sweep_interval")]
     pub(crate) sweep_interval_seconds: u64,
+    /// How many signing requests an account may have pending at once (1 to 100); the next gets
+    /// 429 `too_many_pending`.
+    #[serde(default = "default_max_pending")]
+    pub(crate) max_pending_requests: u32,
 }
 
 impl Default for PolicyConfig {
@@ -301,12 +305,17 @@ impl Default for PolicyConfig {
             renewal_window_days: default_renewal_window(),
             key_algorithm: default_key_algorithm(),
             sweep_interval_seconds: default_sweep_interval(),
+            max_pending_requests: default_max_pending(),
         }
     }
 }
 
 fn default_request_ttl() -> u64 {
     120
+}
+
+fn default_max_pending() -> u32 {
+    5
 }
 
 fn default_validity() -> u32 {
@@ -502,6 +511,9 @@ impl Config {
         }
         if !(60..=86_400).contains(&self.policy.sweep_interval_seconds) {
             problems.push("policy.sweep_interval_seconds must be between 60 and 86400".into());
+        }
+        if !(1..=100).contains(&self.policy.max_pending_requests) {
+            problems.push("policy.max_pending_requests must be between 1 and 100".into());
         }
         if !(1..=3650).contains(&self.policy.certificate_validity_days) {
             problems.push("policy.certificate_validity_days must be between 1 and 3650".into());

@@ -35,6 +35,8 @@ pub(crate) enum ApiError {
     HkicMismatch,
     AuthorisationInvalid,
     TooManyAttempts,
+    /// 429 `too_many_pending`: the account has `policy.max_pending_requests` pending requests.
+    TooManyPending,
     /// 409 `already_unsealed`: an unseal share given to a daemon that is not sealed.
     AlreadyUnsealed,
     /// 422 `invalid_share`: not a share, or one whose digest is not configured.
@@ -84,7 +86,7 @@ impl ApiError {
             RequestExpired => StatusCode::GONE,
             Underage | GuardianRequired | GuardianUnderage | InvalidHkic(_) | HkicMismatch
             | AuthorisationInvalid | InvalidShare => StatusCode::UNPROCESSABLE_ENTITY,
-            TooManyAttempts => StatusCode::TOO_MANY_REQUESTS,
+            TooManyAttempts | TooManyPending => StatusCode::TOO_MANY_REQUESTS,
             Sealed | UnsealFailed(_) | HsmUnavailable | AuditUnavailable | StatusUnavailable => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -119,6 +121,7 @@ impl ApiError {
             HkicMismatch => "hkic_mismatch",
             AuthorisationInvalid => "authorisation_invalid",
             TooManyAttempts => "too_many_attempts",
+            TooManyPending => "too_many_pending",
             AlreadyUnsealed => "already_unsealed",
             InvalidShare => "invalid_share",
             ShareAlreadyGiven => "share_already_given",
@@ -159,6 +162,7 @@ impl ApiError {
             HkicMismatch => "HKIC number does not match",
             AuthorisationInvalid => "Authorisation invalid",
             TooManyAttempts => "Too many attempts",
+            TooManyPending => "Too many pending requests",
             AlreadyUnsealed => "Already unsealed",
             InvalidShare => "Invalid share",
             ShareAlreadyGiven => "Share already given",
@@ -187,7 +191,12 @@ impl ApiError {
                 "a client certificate from the configured client CA is required".into()
             }
             Forbidden => "this caller may not use this route or resource".into(),
-            TooManyAttempts => "the request is locked after 3 bad authorisations".into(),
+            TooManyAttempts => "locked after 3 bad authorisations, or, for a request carrying an \
+                HKIC number, after 3 HKIC mismatches for the account within 24 hours"
+                .into(),
+            TooManyPending => "the account has as many pending signing requests as it may; \
+                wait until one is authorised, rejected or expired"
+                .into(),
             AlreadyUnsealed => "already unsealed: the HSM is open; no share is needed".into(),
             InvalidShare => {
                 "not a share of this appliance's quorum: give the whole text of your share file \
@@ -261,6 +270,7 @@ impl From<application::AppError> for ApiError {
             App::RequestExpired => ApiError::RequestExpired,
             App::AuthorisationInvalid => ApiError::AuthorisationInvalid,
             App::TooManyAttempts => ApiError::TooManyAttempts,
+            App::TooManyPending => ApiError::TooManyPending,
             App::InvalidHkic(detail) => ApiError::InvalidHkic(detail),
             App::HkicMismatch => ApiError::HkicMismatch,
             App::Conflict => ApiError::Conflict,
@@ -355,6 +365,7 @@ mod tests {
             HkicMismatch,
             AuthorisationInvalid,
             TooManyAttempts,
+            TooManyPending,
             AlreadyUnsealed,
             InvalidShare,
             ShareAlreadyGiven,

@@ -552,12 +552,21 @@ fn full_audit_disk_fails_signing_closed_with_audit_unavailable() {
     let daemon = DevDaemon::start_with_audit_quota(64);
     let pending = Pending::new(&daemon, "u-full-1");
 
-    // Fill the audit file system with requests until the log refuses a record.
+    // Fill the audit file system until the log refuses a record: every refused request is
+    // audited (here a hash of the wrong length; an account takes only five pending requests).
+    let bad_hash = serde_json::json!({"taid": pending.taid, "hash_algorithm": "sha256",
+                                      "hash": "AAAA"});
     let mut refused = None;
     for _ in 0..5000 {
-        let response = pending.create(&daemon);
-        if response.status() != 201 {
-            refused = Some(problem(response));
+        let response = daemon
+            .client("demo-a")
+            .post(format!("{}/v1/signing-requests", daemon.api))
+            .json(&bad_hash)
+            .send()
+            .unwrap();
+        let answer = problem(response);
+        if answer != (400, "invalid_hash".to_owned()) {
+            refused = Some(answer);
             break;
         }
     }

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use base64::Engine as _;
 use serde_json::Value;
 use sha2::Digest as _;
 use smartsign_tests::DevDaemon;
@@ -36,6 +37,50 @@ struct Acknowledged {
 /// Accounts registered before the clock moves into their renewal window: each is renewed once
 /// (a key update), then revoked and re-applied for (an initial request) over and over.
 const RENEWABLE: usize = 24;
+
+/// Rejects every pending request of account `id` from its device; `Err` when the daemon went
+/// away.
+fn reject_pending(daemon: &DevDaemon, id: &str, key: &p256::ecdsa::SigningKey) -> Result<(), ()> {
+    use p256::ecdsa::signature::Signer;
+    let gateway = daemon.client("gateway");
+    let pending: Value = gateway
+        .get(format!(
+            "{}/v1/accounts/{id}/signing-requests?status=pending",
+            daemon.api
+        ))
+        .send()
+        .and_then(|response| response.json())
+        .map_err(drop)?;
+    for request in pending["requests"].as_array().into_iter().flatten() {
+        let (Some(request_id), Some(code), Some(hash)) = (
+            request["request_id"].as_str(),
+            request["identification_code"].as_str(),
+            request["hash"].as_str(),
+        ) else {
+            continue;
+        };
+        let hash = base64::engine::general_purpose::STANDARD
+            .decode(hash)
+            .map_err(drop)?;
+        let statement = format!(
+            "smartsign-authorise-v1\n{request_id}\n{code}\nsha256\n{}\nreject",
+            hex::encode(hash)
+        );
+        let signature: p256::ecdsa::Signature = key.sign(statement.as_bytes());
+        gateway
+            .post(format!(
+                "{}/v1/signing-requests/{request_id}/authorisation",
+                daemon.api
+            ))
+            .json(&serde_json::json!({
+                "decision": "reject",
+                "device_signature": base64_of(signature.to_der().as_bytes()),
+            }))
+            .send()
+            .map_err(drop)?;
+    }
+    Ok(())
+}
 
 /// Moves the daemon's clock 1,050 days ahead of the real one: into the renewal window
 /// (validity 1,095 days, window 60) of the certificates issued before, which stay valid.
@@ -150,6 +195,10 @@ fn sigkill_under_load_loses_no_acknowledged_change_and_signs_nothing_twice() {
                     return;
                 };
                 let taid = taid["taid"].as_str().unwrap_or_default().to_owned();
+                // The user rejects what a kill left pending: an account takes five at most.
+                if reject_pending(&daemon, "u-load", &key).is_err() {
+                    return;
+                }
                 while !stop.load(Ordering::Relaxed) {
                     sequence += 1;
                     let hash = sha2::Sha256::digest(format!("{round}-{sequence}")).to_vec();

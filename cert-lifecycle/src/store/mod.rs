@@ -82,6 +82,21 @@ pub trait Store: Send + Sync {
         fields: &str,
     ) -> Result<i64, StoreError>;
 
+    /// Records that an HKIC number sent with a signing request for `account` was not the
+    /// holder's.
+    fn record_hkic_mismatch(
+        &self,
+        account: &AccountId,
+        at: OffsetDateTime,
+    ) -> Result<(), StoreError>;
+
+    /// When HKIC numbers sent for `account` since `since` were not the holder's, oldest first.
+    fn hkic_mismatches_since(
+        &self,
+        account: &AccountId,
+        since: OffsetDateTime,
+    ) -> Result<Vec<OffsetDateTime>, StoreError>;
+
     /// The audit records not yet appended to the audit log, oldest first.
     fn pending_audits(&self) -> Result<Vec<PendingAudit>, StoreError>;
 
@@ -146,9 +161,16 @@ pub trait Store: Send + Sync {
     fn find_taid(&self, service: &ServiceName, taid: &str)
     -> Result<Option<AccountId>, StoreError>;
 
-    /// Adds a signing request; `AlreadyExists` for a known id, `Conflict` for an unknown account
-    /// or certificate or an account that is not active.
-    fn insert_request(&self, request: &SigningRequest) -> Result<(), StoreError>;
+    /// Adds a signing request, only while its account is active, has fewer than `max_pending`
+    /// requests pending at `now`, and none of them shows the same identification code:
+    /// `Conflict` otherwise (and for an unknown account or certificate), `AlreadyExists` for a
+    /// known id. The limit holds across threads and processes.
+    fn insert_request(
+        &self,
+        request: &SigningRequest,
+        max_pending: usize,
+        now: OffsetDateTime,
+    ) -> Result<(), StoreError>;
 
     /// The signing request with this id.
     fn get_request(&self, id: &RequestId) -> Result<Option<SigningRequest>, StoreError>;

@@ -166,6 +166,13 @@ const MIGRATIONS: &[&str] = &[
         actor TEXT NOT NULL,
         fields TEXT NOT NULL
     ) STRICT;",
+    // Version 12: HKIC numbers sent with signing requests that were not the account holder's,
+    // by time (three in 24 hours lock HKIC-carrying requests of the account).
+    "CREATE TABLE hkic_mismatches (
+        account_id TEXT NOT NULL REFERENCES accounts(id),
+        at INTEGER NOT NULL
+    ) STRICT;
+    CREATE INDEX hkic_mismatches_account ON hkic_mismatches(account_id, at);",
 ];
 
 const ACCOUNT_COLUMNS: &str = "id, tier, status, status_changed_at, suspended_by, rectify_by, \
@@ -674,6 +681,37 @@ impl Store for SqliteStore {
         })
     }
 
+    fn record_hkic_mismatch(
+        &self,
+        account: &AccountId,
+        at: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        self.write(|conn| {
+            conn.prepare_cached("INSERT INTO hkic_mismatches (account_id, at) VALUES (?1, ?2)")?
+                .execute(params![account.as_str(), secs(at)])
+                .map_err(write_error)?;
+            Ok(())
+        })
+    }
+
+    fn hkic_mismatches_since(
+        &self,
+        account: &AccountId,
+        since: OffsetDateTime,
+    ) -> Result<Vec<OffsetDateTime>, StoreError> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT at FROM hkic_mismatches WHERE account_id = ?1 AND at >= ?2 ORDER BY at",
+            )?;
+            let rows = stmt
+                .query_map(params![account.as_str(), secs(since)], |row| {
+                    time_at(row, 0)
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+    }
+
     fn pending_audits(&self) -> Result<Vec<PendingAudit>, StoreError> {
         self.read(|conn| {
             let mut stmt = conn
@@ -903,22 +941,40 @@ impl Store for SqliteStore {
         })
     }
 
-    fn insert_request(&self, r: &SigningRequest) -> Result<(), StoreError> {
-        // Only for an account that is still active: a request made while the account was
-        // deregistered (or suspended) meanwhile would keep its hash and description.
+    fn insert_request(
+        &self,
+        r: &SigningRequest,
+        max_pending: usize,
+        now: OffsetDateTime,
+    ) -> Result<(), StoreError> {
         let sql = format!(
             "INSERT INTO signing_requests ({REQUEST_COLUMNS}) \
              SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15 \
-             WHERE EXISTS (SELECT 1 FROM accounts WHERE id = ?3 AND status = 'active')"
+             WHERE EXISTS (SELECT 1 FROM accounts WHERE id = ?3 AND status = 'active') \
+             AND (SELECT count(*) FROM signing_requests WHERE account_id = ?3 \
+                  AND status = 'pending' AND expires_at > ?16) < ?17 \
+             AND NOT EXISTS (SELECT 1 FROM signing_requests WHERE account_id = ?3 \
+                  AND status = 'pending' AND expires_at > ?16 AND identification_code = ?5)"
         );
+        let mut values = request_values(r).to_vec();
+        values.push(secs(now).into());
+        values.push(i64::try_from(max_pending).unwrap_or(i64::MAX).into());
         self.write(|conn| {
-            let inserted = conn
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let known: bool = tx
+                .prepare_cached("SELECT EXISTS (SELECT 1 FROM signing_requests WHERE id = ?1)")?
+                .query_row([r.id.as_str()], |row| row.get(0))?;
+            if known {
+                return Err(StoreError::AlreadyExists);
+            }
+            let inserted = tx
                 .prepare_cached(&sql)?
-                .execute(params_from_iter(request_values(r)))
+                .execute(params_from_iter(values))
                 .map_err(write_error)?;
             if inserted == 0 {
                 return Err(StoreError::Conflict);
             }
+            tx.commit()?;
             Ok(())
         })
     }
@@ -1315,13 +1371,17 @@ mod tests {
             store.transition_request(&approved, (SigningStatus::Pending, 0), CREATED)
         };
         let first = request(1, "u-1", "3f9a");
-        store.insert_request(&first).unwrap();
+        store
+            .insert_request(&first, usize::MAX, first.created_at)
+            .unwrap();
         approve(&first).unwrap();
         // The same approval again (another thread, process or restart): refused.
         assert!(matches!(approve(&first), Err(StoreError::Conflict)));
 
         let second = request(2, "u-1", "3f9a");
-        store.insert_request(&second).unwrap();
+        store
+            .insert_request(&second, usize::MAX, second.created_at)
+            .unwrap();
         account.status = AccountStatus::Suspended;
         store.update_account(&account).unwrap();
         account.version += 1;
@@ -1483,7 +1543,7 @@ mod tests {
         let mut r = request(1, "u-1", "3f9a");
         r.hash = b"HASH-OF-THE-DOCUMENT-MARKER-0123".to_vec();
         r.description = Some("DESCRIPTION-MARKER".to_owned());
-        store.insert_request(&r).unwrap();
+        store.insert_request(&r, usize::MAX, r.created_at).unwrap();
         assert_eq!(
             store.accounts_with_hkic_hash(&hkic_hash_of("u-1")).unwrap(),
             vec![id("u-1")]
@@ -1674,10 +1734,10 @@ mod tests {
         let (_dir, store) = temp_store();
         registered(&store, "u-1", "3f9a");
         let mut r = request(1, "u-1", "3f9a");
-        store.insert_request(&r).unwrap();
+        store.insert_request(&r, usize::MAX, r.created_at).unwrap();
         assert_eq!(store.get_request(&r.id).unwrap(), Some(r.clone()));
         assert!(matches!(
-            store.insert_request(&r),
+            store.insert_request(&r, usize::MAX, r.created_at),
             Err(StoreError::AlreadyExists)
         ));
 
@@ -1707,7 +1767,9 @@ mod tests {
         plain.description = None;
         plain.hash_algorithm = crate::HashAlgorithm::Sha512;
         plain.hash = vec![1; 64];
-        store.insert_request(&plain).unwrap();
+        store
+            .insert_request(&plain, usize::MAX, plain.created_at)
+            .unwrap();
         assert_eq!(store.get_request(&plain.id).unwrap(), Some(plain));
         assert_eq!(
             store.get_request(&RequestId::from_random([9; 16])).unwrap(),
@@ -1720,11 +1782,11 @@ mod tests {
         let (_dir, store) = temp_store();
         registered(&store, "u-1", "3f9a");
         assert!(matches!(
-            store.insert_request(&request(1, "u-9", "3f9a")),
+            store.insert_request(&request(1, "u-9", "3f9a"), usize::MAX, CREATED),
             Err(StoreError::Conflict)
         ));
         assert!(matches!(
-            store.insert_request(&request(1, "u-1", "ffff")),
+            store.insert_request(&request(1, "u-1", "ffff"), usize::MAX, CREATED),
             Err(StoreError::Conflict)
         ));
     }
@@ -1744,7 +1806,7 @@ mod tests {
         let open = request(4, "u-1", "1");
         let mut other = request(5, "u-2", "2");
         for r in [&signed, &rejected, &lapsed, &open, &other] {
-            store.insert_request(r).unwrap();
+            store.insert_request(r, usize::MAX, r.created_at).unwrap();
         }
         signed.mark_signed(vec![1; 40], at(10));
         store
@@ -1795,7 +1857,7 @@ mod tests {
         signed.status = SigningStatus::Signed;
         let other = request(4, "u-2", "2");
         for r in [&first, &second, &signed, &other] {
-            store.insert_request(r).unwrap();
+            store.insert_request(r, usize::MAX, r.created_at).unwrap();
         }
         let u1 = id("u-1");
         assert_eq!(
@@ -1889,6 +1951,38 @@ mod tests {
     }
 
     #[test]
+    fn an_account_has_a_bounded_number_of_pending_requests_with_distinct_codes() {
+        let (_dir, store) = temp_store();
+        registered(&store, "u-1", "3f9a");
+        let now = CREATED + Duration::seconds(1);
+        store
+            .insert_request(&request(1, "u-1", "3f9a"), 2, now)
+            .unwrap();
+        // The same code as a pending request of the account: refused.
+        let mut same_code = request(2, "u-1", "3f9a");
+        same_code.identification_code = request(1, "u-1", "3f9a").identification_code;
+        assert!(matches!(
+            store.insert_request(&same_code, 2, now),
+            Err(StoreError::Conflict)
+        ));
+        store
+            .insert_request(&request(3, "u-1", "3f9a"), 2, now)
+            .unwrap();
+        // Two pending: the limit.
+        assert!(matches!(
+            store.insert_request(&request(4, "u-1", "3f9a"), 2, now),
+            Err(StoreError::Conflict)
+        ));
+        // Once they have expired they no longer count, nor do their codes.
+        let later = CREATED + Duration::seconds(121);
+        store
+            .insert_request(&request(4, "u-1", "3f9a"), 2, later)
+            .unwrap();
+        same_code.id = RequestId::from_random([9; 16]);
+        store.insert_request(&same_code, 2, later).unwrap();
+    }
+
+    #[test]
     fn pending_count_and_health() {
         let (_dir, store) = temp_store();
         store.health().unwrap();
@@ -1897,7 +1991,7 @@ mod tests {
         let mut signed = request(3, "u-1", "1");
         signed.status = SigningStatus::Signed;
         for r in [&request(1, "u-1", "1"), &request(2, "u-2", "2"), &signed] {
-            store.insert_request(r).unwrap();
+            store.insert_request(r, usize::MAX, r.created_at).unwrap();
         }
         assert_eq!(store.count_pending(CREATED).unwrap(), 2);
         assert_eq!(
@@ -1915,7 +2009,7 @@ mod tests {
         let store = SqliteStore::open(&path).unwrap();
         let a = registered(&store, "u-1", "3f9a");
         let r = request(1, "u-1", "3f9a");
-        store.insert_request(&r).unwrap();
+        store.insert_request(&r, usize::MAX, r.created_at).unwrap();
         drop(store);
         let store = SqliteStore::open(&path).unwrap();
         assert_eq!(store.get_account(&a.id).unwrap(), Some(a));
@@ -2077,7 +2171,7 @@ mod tests {
                         r.id = RequestId::from_random([
                             i, j, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1,
                         ]);
-                        store.insert_request(&r).unwrap();
+                        store.insert_request(&r, usize::MAX, r.created_at).unwrap();
                         assert_eq!(store.get_request(&r.id).unwrap(), Some(r));
                         assert!(store.get_account(&id("u-1")).unwrap().is_some());
                     }
