@@ -95,6 +95,9 @@ pub enum AppError {
     /// No usable certificate status from the CA.
     #[error("no usable certificate status")]
     StatusUnavailable(#[source] Cause),
+    /// The store is busy past its timeout or cannot be opened now: retry later.
+    #[error("the store is unavailable")]
+    StoreUnavailable(#[source] StoreError),
     /// The store failed (not a lost race: that is [`AppError::Conflict`]).
     #[error("store operation failed")]
     Store(#[source] StoreError),
@@ -141,6 +144,7 @@ impl AppError {
             HsmUnavailable(_) => "hsm_unavailable",
             AuditUnavailable(_) => "audit_unavailable",
             StatusUnavailable(_) => "status_unavailable",
+            StoreUnavailable(_) => "store_unavailable",
             Store(_) | Fault(_) => "internal_error",
         }
     }
@@ -150,6 +154,7 @@ impl From<StoreError> for AppError {
     fn from(error: StoreError) -> Self {
         match error {
             StoreError::Conflict => AppError::Conflict,
+            error @ StoreError::Unavailable(_) => AppError::StoreUnavailable(error),
             error => AppError::Store(error),
         }
     }

@@ -105,7 +105,27 @@ pub enum StoreError {
     /// A stored value does not parse, or the schema is newer than this build knows.
     #[error("store is corrupt or too new: {0}")]
     Corrupt(String),
+    /// The database is busy past the store's timeout (another writer holds it), or cannot be
+    /// opened now (out of file descriptors): worth retrying later.
+    #[error("the store is busy or cannot be opened now")]
+    Unavailable(#[source] rusqlite::Error),
     /// SQLite failed.
     #[error("database error")]
     Database(#[from] rusqlite::Error),
+}
+
+impl StoreError {
+    /// A busy, locked or unopenable database is [`StoreError::Unavailable`]; anything else
+    /// stays as it is.
+    pub(crate) fn classify(self) -> StoreError {
+        use rusqlite::ErrorCode::{CannotOpen, DatabaseBusy, DatabaseLocked};
+        match self {
+            StoreError::Database(rusqlite::Error::SqliteFailure(failure, text))
+                if matches!(failure.code, DatabaseBusy | DatabaseLocked | CannotOpen) =>
+            {
+                StoreError::Unavailable(rusqlite::Error::SqliteFailure(failure, text))
+            }
+            error => error,
+        }
+    }
 }

@@ -128,7 +128,13 @@ fn response(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<F
 }
 
 pub(crate) fn problem_response(error: &ApiError) -> Response<Full<Bytes>> {
-    response(error.status(), "application/problem+json", error.body())
+    let mut response = response(error.status(), "application/problem+json", error.body());
+    if let Some(seconds) = error.retry_after() {
+        response
+            .headers_mut()
+            .insert(hyper::header::RETRY_AFTER, HeaderValue::from(seconds));
+    }
+    response
 }
 
 fn parse_query(query: Option<&str>) -> HashMap<String, String> {
@@ -371,4 +377,18 @@ pub(crate) async fn bind(address: SocketAddr, what: &str) -> Result<TcpListener,
     TcpListener::bind(address)
         .await
         .map_err(|error| format!("cannot listen on {address} for the {what}: {error}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_busy_store_answers_503_with_retry_after() {
+        let response = problem_response(&ApiError::StoreUnavailable);
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()[hyper::header::RETRY_AFTER], "1");
+        let other = problem_response(&ApiError::Conflict);
+        assert!(other.headers().get(hyper::header::RETRY_AFTER).is_none());
+    }
 }

@@ -56,11 +56,22 @@ pub(crate) enum ApiError {
     HsmUnavailable,
     AuditUnavailable,
     StatusUnavailable,
+    /// 503 `store_unavailable`: the store is busy past its timeout or cannot be opened; the
+    /// answer carries `Retry-After`.
+    StoreUnavailable,
     /// 500: a fault of ours; the cause is logged, not shown.
     Internal,
 }
 
 impl ApiError {
+    /// Seconds after which a retry may succeed (`Retry-After`), for the errors that have one.
+    pub(crate) fn retry_after(&self) -> Option<u32> {
+        match self {
+            ApiError::StoreUnavailable => Some(1),
+            _ => None,
+        }
+    }
+
     pub(crate) fn status(&self) -> StatusCode {
         use ApiError::*;
         match self {
@@ -87,9 +98,8 @@ impl ApiError {
             Underage | GuardianRequired | GuardianUnderage | InvalidHkic(_) | HkicMismatch
             | AuthorisationInvalid | InvalidShare => StatusCode::UNPROCESSABLE_ENTITY,
             TooManyAttempts | TooManyPending => StatusCode::TOO_MANY_REQUESTS,
-            Sealed | UnsealFailed(_) | HsmUnavailable | AuditUnavailable | StatusUnavailable => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Sealed | UnsealFailed(_) | HsmUnavailable | AuditUnavailable | StatusUnavailable
+            | StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -131,6 +141,7 @@ impl ApiError {
             HsmUnavailable => "hsm_unavailable",
             AuditUnavailable => "audit_unavailable",
             StatusUnavailable => "status_unavailable",
+            StoreUnavailable => "store_unavailable",
             Internal => "internal_error",
         }
     }
@@ -173,6 +184,7 @@ impl ApiError {
             HsmUnavailable => "HSM unavailable",
             AuditUnavailable => "Audit log unavailable",
             StatusUnavailable => "Certificate status unavailable",
+            StoreUnavailable => "Store unavailable",
             Internal => "Internal error",
         }
     }
@@ -220,6 +232,9 @@ impl ApiError {
             StatusUnavailable => {
                 "no fresh certificate status could be had from the CA; nothing was signed".into()
             }
+            StoreUnavailable => "the store is busy; nothing was changed; retry after the \
+                number of seconds in Retry-After"
+                .into(),
             RenewalNotDue => {
                 "the renewal window has not opened, or the certificate is still valid (renew it \
                  rather than re-apply)"
@@ -286,6 +301,10 @@ impl From<application::AppError> for ApiError {
                 tracing::error!(error = %cause, "no usable certificate status");
                 ApiError::StatusUnavailable
             }
+            App::StoreUnavailable(cause) => {
+                tracing::error!(error = %cause, "store unavailable");
+                ApiError::StoreUnavailable
+            }
             App::Store(error) => ApiError::from(error),
             App::Fault(cause) => {
                 tracing::error!(error = %cause, "internal fault");
@@ -324,6 +343,10 @@ impl From<cert_lifecycle::StoreError> for ApiError {
             cert_lifecycle::StoreError::AlreadyExists => ApiError::AccountExists,
             // A conditional transition whose precondition a concurrent change broke.
             cert_lifecycle::StoreError::Conflict => ApiError::Conflict,
+            error @ cert_lifecycle::StoreError::Unavailable(_) => {
+                tracing::error!(%error, "store unavailable");
+                ApiError::StoreUnavailable
+            }
             error => {
                 tracing::error!(%error, "store operation failed");
                 ApiError::Internal
@@ -376,6 +399,7 @@ mod tests {
             HsmUnavailable,
             AuditUnavailable,
             StatusUnavailable,
+            StoreUnavailable,
             Internal,
         ]
     }

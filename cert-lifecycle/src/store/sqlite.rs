@@ -245,10 +245,17 @@ impl SqliteStore {
         &self,
         f: impl FnOnce(&mut Connection) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        f(&mut lock(&self.writer))
+        f(&mut lock(&self.writer)).map_err(StoreError::classify)
     }
 
     pub(super) fn read<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        self.read_unclassified(f).map_err(StoreError::classify)
+    }
+
+    fn read_unclassified<T>(
         &self,
         f: impl FnOnce(&Connection) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
@@ -1980,6 +1987,21 @@ mod tests {
             .unwrap();
         same_code.id = RequestId::from_random([9; 16]);
         store.insert_request(&same_code, 2, later).unwrap();
+    }
+
+    #[test]
+    fn a_write_that_waits_past_the_timeout_is_unavailable() {
+        let (dir, store) = temp_store();
+        let mut other = Connection::open(dir.path().join("store.sqlite")).unwrap();
+        let hold = other
+            .transaction_with_behavior(TransactionBehavior::Exclusive)
+            .unwrap();
+        let started = std::time::Instant::now();
+        let busy = store.insert_account(&account("u-1"));
+        assert!(matches!(busy, Err(StoreError::Unavailable(_))), "{busy:?}");
+        assert!(started.elapsed() >= BUSY_TIMEOUT);
+        drop(hold);
+        store.insert_account(&account("u-1")).unwrap();
     }
 
     #[test]
