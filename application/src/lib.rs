@@ -19,7 +19,12 @@ pub mod renewal;
 pub mod signing;
 pub mod sweeps;
 
-use cert_lifecycle::{AccountRecord, CertStatus, CertificateRecord};
+use std::future::Future;
+
+use ca_bridge::IssuedCertificate;
+use cert_lifecycle::{
+    AccountId, AccountRecord, CertSerial, CertStatus, CertificateRecord, RevocationReason,
+};
 use serde_json::{Map, Value};
 use time::format_description::well_known::{Iso8601, Rfc3339};
 use time::{Date, OffsetDateTime};
@@ -100,4 +105,63 @@ pub async fn personal_name<P: Ports>(
         .unseal("name", account.id.as_str(), &account.sealed_name)
         .await?;
     serde_json::from_slice(&json).map_err(AppError::fault)
+}
+
+/// Seals a certificate the CA just issued for `account`, has `record` write its serial and
+/// sealed DER into the workflow's journal, and only then confirms it to the CA (certConf),
+/// after the crash-test step `step`. One that cannot be recorded is rejected in its certConf,
+/// which revokes it: no crash leaves a valid certificate that nothing names. Gives the serial
+/// and the sealed DER.
+pub(crate) async fn record_then_confirm<P, R, F>(
+    ports: &P,
+    account: &AccountId,
+    issued: IssuedCertificate,
+    pending: P::Unconfirmed,
+    step: &'static str,
+    record: R,
+) -> Result<(CertSerial, Vec<u8>), AppError>
+where
+    P: Ports,
+    R: FnOnce(CertSerial, Vec<u8>) -> F,
+    F: Future<Output = Result<(), AppError>>,
+{
+    let recorded = async {
+        let serial = CertSerial::parse(&issued.serial_hex).map_err(AppError::fault)?;
+        let sealed_der = ports
+            .seal("certificate", account.as_str(), &issued.der)
+            .await?;
+        record(serial.clone(), sealed_der.clone()).await?;
+        Ok((serial, sealed_der))
+    }
+    .await;
+    match recorded {
+        Ok(recorded) => {
+            ports.step(step);
+            ports.confirm(pending, true).await?;
+            Ok(recorded)
+        }
+        Err(error) => {
+            if let Err(error) = ports.confirm(pending, false).await {
+                tracing::error!(%error, "could not reject an unrecorded certificate; \
+                    the CA revokes it for want of confirmation");
+            }
+            Err(error)
+        }
+    }
+}
+
+/// Revokes at the CA (cessationOfOperation) a certificate that a journal names and the store
+/// did not keep.
+pub(crate) async fn revoke_unused<P: Ports>(
+    ports: &P,
+    account: &AccountId,
+    serial: &CertSerial,
+    sealed_der: &[u8],
+) -> Result<(), AppError> {
+    let der = ports
+        .unseal("certificate", account.as_str(), sealed_der)
+        .await?;
+    ports
+        .revoke(serial, &der, RevocationReason::CessationOfOperation)
+        .await
 }

@@ -8,8 +8,7 @@
 
 use cert_lifecycle::{
     AccountId, AccountRecord, AccountStatus, CertSerial, CertStatus, CertificateRecord, HkicNumber,
-    IssuanceJournal, IssuancePurpose, Profile, RevocationReason, RuleError, Store, StoreError,
-    Tier,
+    IssuanceJournal, IssuancePurpose, Profile, RuleError, Store, StoreError, Tier,
 };
 use serde_json::json;
 use time::{Date, OffsetDateTime};
@@ -308,37 +307,23 @@ async fn issue<P: Ports>(
     let (not_before, not_after) = (request.not_before.into(), request.not_after.into());
     let result = async {
         let (issued, pending) = ports.issue(&request, &key.key_ref).await?;
-        // Recorded before it is confirmed: a crash in between leaves a certificate the CA
-        // revokes for want of confirmation, or that the journal names for recovery to revoke.
-        let recorded = async {
-            let serial = CertSerial::parse(&issued.serial_hex).map_err(AppError::fault)?;
-            let sealed_der = ports
-                .seal("certificate", record.id.as_str(), &issued.der)
-                .await?;
-            journal.serial = Some(serial.clone());
-            journal.sealed_der = Some(sealed_der.clone());
-            let progress = journal.clone();
-            ports
-                .write(move |store| store.update_issuance(&progress))
-                .await?;
-            Ok((serial, sealed_der))
-        }
-        .await;
-        match recorded {
-            Ok(recorded) => {
-                ports.step("issuance-after-record");
-                ports.confirm(pending, true).await?;
-                Ok(recorded)
-            }
-            Err(error) => {
-                // Not recorded: rejected at once, which revokes it.
-                if let Err(error) = ports.confirm(pending, false).await {
-                    tracing::error!(%error, "could not reject an unrecorded certificate; \
-                        the CA revokes it for want of confirmation");
-                }
-                Err(error)
-            }
-        }
+        let journal = &mut journal;
+        crate::record_then_confirm(
+            ports,
+            &record.id,
+            issued,
+            pending,
+            "issuance-after-record",
+            |serial, sealed_der| async move {
+                journal.serial = Some(serial);
+                journal.sealed_der = Some(sealed_der);
+                let progress = journal.clone();
+                ports
+                    .write(move |store| store.update_issuance(&progress))
+                    .await
+            },
+        )
+        .await
     }
     .await;
     let (serial, sealed_der) = match result {
@@ -440,12 +425,7 @@ async fn try_undo<P: Ports>(
         )
         .await?;
     if let (Some(sealed), Some(serial)) = (&journal.sealed_der, &journal.serial) {
-        let der = ports
-            .unseal("certificate", journal.account_id.as_str(), sealed)
-            .await?;
-        ports
-            .revoke(serial, &der, RevocationReason::CessationOfOperation)
-            .await?;
+        crate::revoke_unused(ports, &journal.account_id, serial, sealed).await?;
         journal.sealed_der = None;
         let progress = journal.clone();
         ports

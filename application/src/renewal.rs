@@ -430,31 +430,22 @@ impl<P: Ports> KeyChange<'_, P> {
             }
             Via::Issue => ports.issue(&request, &key.key_ref).await,
         }?;
-        // Recorded before it is confirmed: a crash in between leaves a certificate the CA
-        // revokes for want of confirmation, or that the journal names for recovery to revoke.
-        let recorded = async {
-            let serial = CertSerial::parse(&issued.serial_hex).map_err(AppError::fault)?;
-            let sealed_der = ports
-                .seal("certificate", record.id.as_str(), &issued.der)
-                .await?;
-            journal.new_serial = Some(serial.clone());
-            journal.new_sealed_der = Some(sealed_der.clone());
-            save_journal(ports, journal).await?;
-            Ok((serial, sealed_der))
-        }
-        .await;
-        let (serial, sealed_der) = match recorded {
-            Ok(recorded) => recorded,
-            Err(error) => {
-                // Not recorded: rejected at once, which revokes it.
-                if let Err(error) = ports.confirm(pending, false).await {
-                    tracing::error!(%error, "could not reject an unrecorded certificate; \
-                        the CA revokes it for want of confirmation");
-                }
-                return Err(error);
-            }
-        };
-        ports.confirm(pending, true).await?;
+        let (serial, sealed_der) = crate::record_then_confirm(
+            ports,
+            &record.id,
+            issued,
+            pending,
+            match self.purpose {
+                ConsentPurpose::Renew => "renewal-after-record",
+                _ => "reapply-after-record",
+            },
+            |serial, sealed_der| async move {
+                journal.new_serial = Some(serial);
+                journal.new_sealed_der = Some(sealed_der);
+                save_journal(ports, journal).await
+            },
+        )
+        .await?;
         self.step("after-issue");
         Ok(CertificateRecord {
             serial,
@@ -610,12 +601,7 @@ async fn try_undo<P: Ports>(
         )
         .await?;
     if let (Some(sealed), Some(serial)) = (&journal.new_sealed_der, &journal.new_serial) {
-        let der = ports
-            .unseal("certificate", journal.account_id.as_str(), sealed)
-            .await?;
-        ports
-            .revoke(serial, &der, RevocationReason::CessationOfOperation)
-            .await?;
+        crate::revoke_unused(ports, &journal.account_id, serial, sealed).await?;
         journal.new_sealed_der = None;
         save_journal(ports, &journal).await?;
     }
