@@ -354,8 +354,10 @@ impl StatusChecker {
         Ok(answer)
     }
 
-    /// The status from the CRL, fetched when none is cached for this URL or the cached one's
-    /// nextUpdate has passed.
+    /// The status from the CRL, fetched when none is cached for this URL or the cached one is
+    /// no longer fresh. A CRL is fresh, like an OCSP answer, until its nextUpdate and no longer
+    /// than `max_age` after its thisUpdate; a good answer from a CRL that is not fresh counts
+    /// only within the policy's grace.
     async fn crl_status(&self, target: &Target, now: SystemTime) -> Result<CertStatus, CaError> {
         let url = target
             .crl_url
@@ -364,7 +366,10 @@ impl StatusChecker {
         let crl = {
             let mut cached = self.inner.crl.lock().await;
             match cached.as_ref() {
-                Some((cached_url, crl)) if cached_url == url && now < crl.next_update() => {
+                Some((cached_url, crl))
+                    if cached_url == url
+                        && now < crl_fresh_until(crl, self.inner.policy.max_age) =>
+                {
                     Arc::clone(crl)
                 }
                 _ => {
@@ -392,13 +397,29 @@ impl StatusChecker {
                 revoked_at: entry.revoked_at,
                 reason_code: entry.reason_code,
             },
-            None => CertStatus::Good {
-                source: StatusSource::Crl,
-                this_update: crl.this_update(),
-                within_grace: false,
-            },
+            None => {
+                let fresh_until = crl_fresh_until(&crl, self.inner.policy.max_age);
+                let within_grace = now >= fresh_until;
+                let grace = self.inner.policy.grace.unwrap_or_default();
+                if within_grace && (grace.is_zero() || now >= fresh_until + grace) {
+                    return Err(CaError::StatusUnavailable(format!(
+                        "the CRL of {url} is older than the status policy's maximum age"
+                    )));
+                }
+                CertStatus::Good {
+                    source: StatusSource::Crl,
+                    this_update: crl.this_update(),
+                    within_grace,
+                }
+            }
         })
     }
+}
+
+/// Until when a CRL counts as fresh: its nextUpdate, and no longer than `max_age` after its
+/// thisUpdate.
+fn crl_fresh_until(crl: &VerifiedCrl, max_age: Duration) -> SystemTime {
+    crl.next_update().min(crl.this_update() + max_age)
 }
 
 /// `request` limited to the policy's time per CA request.

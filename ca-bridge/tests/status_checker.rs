@@ -183,6 +183,20 @@ async fn status_checker_uses_ocsp_the_cache_and_the_crl() {
         "{status:?}"
     );
 
+    // A CRL counts as fresh no longer than max_age, like an OCSP answer: the CA's CRL, made
+    // now, read 11 minutes later under a 10-minute max_age is refused (fail closed), and taken
+    // only within the grace of a lenient policy.
+    let another = issue(&ca, dir.path(), "another.pem").await;
+    let later = now + 11 * MINUTE;
+    let (crl_strict, _) = checker(&ca, &server, 10 * MINUTE, None);
+    match crl_strict.check(&another.der, later).await {
+        Err(CaError::StatusUnavailable(why)) => assert!(why.contains("maximum age"), "{why}"),
+        other => panic!("expected StatusUnavailable, got {other:?}"),
+    }
+    let (crl_lenient, _) = checker(&ca, &server, 10 * MINUTE, Some(HOUR));
+    let status = crl_lenient.check(&another.der, later).await.unwrap();
+    assert!(is_good(&status, StatusSource::Crl, true), "{status:?}");
+
     // The CA is gone.
     mode.store(DOWN, Ordering::SeqCst);
     drop(server);

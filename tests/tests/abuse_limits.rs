@@ -112,3 +112,47 @@ fn a_far_future_acknowledgement_is_a_clear_refusal_and_changes_nothing() {
         .unwrap();
     assert_eq!(taken.status(), 200);
 }
+
+/// The series of the request metrics, by their label sets.
+fn request_series(daemon: &DevDaemon) -> usize {
+    let text = reqwest::blocking::get(format!("{}/metrics", daemon.metrics))
+        .unwrap()
+        .text()
+        .unwrap();
+    text.lines()
+        .filter(|line| line.contains("http_requests_total{"))
+        .count()
+}
+
+#[test]
+fn made_up_methods_and_paths_add_no_metric_series() {
+    let daemon = DevDaemon::start(&[]);
+    let client = daemon.client("registrar");
+    // The fixed series of unmatched requests exist once any has been seen.
+    client
+        .get(format!("{}/no-such-route", daemon.api))
+        .send()
+        .unwrap();
+    client
+        .request(
+            reqwest::Method::from_bytes(b"BREW").unwrap(),
+            format!("{}/v1/accounts", daemon.api),
+        )
+        .send()
+        .unwrap();
+    let before = request_series(&daemon);
+    for n in 0..40 {
+        let method = reqwest::Method::from_bytes(format!("X{n}").as_bytes()).unwrap();
+        let path = if n % 2 == 0 {
+            format!("/made-up/{n}")
+        } else {
+            "/v1/accounts".to_owned()
+        };
+        let answer = client
+            .request(method, format!("{}{path}", daemon.api))
+            .send()
+            .unwrap();
+        assert!(answer.status().is_client_error(), "{}", answer.status());
+    }
+    assert_eq!(request_series(&daemon), before, "no new series");
+}
