@@ -127,8 +127,12 @@ fn response(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<F
     response
 }
 
-pub(crate) fn problem_response(error: &ApiError) -> Response<Full<Bytes>> {
-    let mut response = response(error.status(), "application/problem+json", error.body());
+pub(crate) fn problem_response(error: &ApiError, request_id: &str) -> Response<Full<Bytes>> {
+    let mut response = response(
+        error.status(),
+        "application/problem+json",
+        error.body(request_id),
+    );
     if let Some(seconds) = error.retry_after() {
         response
             .headers_mut()
@@ -176,12 +180,63 @@ fn percent_decode(text: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// The header that carries a request's id, both ways.
+const REQUEST_ID: &str = "x-request-id";
+
+/// The id of a request: the client's `x-request-id` when it is 1 to 64 letters, digits, `.`,
+/// `_`, `-` or `:`, so that a caller can follow its own id through the logs; otherwise 16
+/// random bytes in hex.
+fn request_id(request: &Request<Incoming>) -> String {
+    let given = request
+        .headers()
+        .get(REQUEST_ID)
+        .and_then(|value| value.to_str().ok())
+        .filter(|id| {
+            (1..=64).contains(&id.len())
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':'))
+        });
+    match given {
+        Some(id) => id.to_owned(),
+        None => {
+            use rand_core::RngCore;
+            let mut bytes = [0u8; 16];
+            rand_core::OsRng.fill_bytes(&mut bytes);
+            hex::encode(bytes)
+        }
+    }
+}
+
+/// One API request: its id in every log line of it (a span), in a problem body, and echoed in
+/// the `x-request-id` header of the answer.
 async fn handle_api(
     gate: Arc<Gate>,
     caller: Result<Caller, String>,
     request: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    use tracing::Instrument;
+    let id = request_id(&request);
+    let span = tracing::info_span!("request", request_id = %id);
+    let mut response = answer(gate, caller, request, &id).instrument(span).await;
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert(REQUEST_ID, value);
+    }
+    Ok(response)
+}
+
+async fn answer(
+    gate: Arc<Gate>,
+    caller: Result<Caller, String>,
+    request: Request<Incoming>,
+    request_id: &str,
+) -> Response<Full<Bytes>> {
+    use tracing::Instrument;
     let started = Instant::now();
+    let principal = caller
+        .as_ref()
+        .map(ToString::to_string)
+        .unwrap_or_else(|_| "unknown".to_owned());
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
     let query = parse_query(request.uri().query());
@@ -198,7 +253,8 @@ async fn handle_api(
             error.status().as_u16(),
             started.elapsed(),
         );
-        return Ok(problem_response(&error));
+        access_log(&principal, "unmatched", error.status().as_u16(), started);
+        return problem_response(&error, request_id);
     };
     let result = match caller {
         Err(reason) => {
@@ -223,7 +279,7 @@ async fn handle_api(
                 match gate.app() {
                     // A task of its own: a client that goes away mid-request drops this
                     // future, and must not cut a workflow short between two of its steps.
-                    Some(app) => tokio::spawn((route.handler)(app.clone(), ctx))
+                    Some(app) => tokio::spawn((route.handler)(app.clone(), ctx).in_current_span())
                         .await
                         .unwrap_or_else(|error| {
                             tracing::error!(%error, route = route.template, "handler failed");
@@ -236,7 +292,7 @@ async fn handle_api(
     };
     let response = match result {
         Ok(reply) => response(reply.status, reply.content_type, reply.body),
-        Err(error) => problem_response(&error),
+        Err(error) => problem_response(&error, request_id),
     };
     gate.metrics.observe_request(
         route.template,
@@ -244,7 +300,27 @@ async fn handle_api(
         response.status().as_u16(),
         started.elapsed(),
     );
-    Ok(response)
+    access_log(
+        &principal,
+        route.template,
+        response.status().as_u16(),
+        started,
+    );
+    response
+}
+
+/// One access-log line per request, inside the request's span (so with its id): who called,
+/// the route's template (never the path with its ids), the status and the time taken. Never a
+/// body, never personal data.
+fn access_log(principal: &str, route: &str, status: u16, started: Instant) {
+    tracing::info!(
+        target: "smartsign::access",
+        principal,
+        route,
+        status,
+        duration_ms = started.elapsed().as_millis() as u64,
+        "request"
+    );
 }
 
 /// Accepts connections on `listener` and serves each with `serve` until `shutdown` turns true.
@@ -386,10 +462,10 @@ mod tests {
 
     #[test]
     fn a_busy_store_answers_503_with_retry_after() {
-        let response = problem_response(&ApiError::StoreUnavailable);
+        let response = problem_response(&ApiError::StoreUnavailable, "r-1");
         assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(response.headers()[hyper::header::RETRY_AFTER], "1");
-        let other = problem_response(&ApiError::Conflict);
+        let other = problem_response(&ApiError::Conflict, "r-2");
         assert!(other.headers().get(hyper::header::RETRY_AFTER).is_none());
     }
 }

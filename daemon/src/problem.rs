@@ -246,14 +246,15 @@ impl ApiError {
         }
     }
 
-    /// The problem document.
-    pub(crate) fn body(&self) -> Vec<u8> {
+    /// The problem document of the request `request_id`.
+    pub(crate) fn body(&self, request_id: &str) -> Vec<u8> {
         json!({
             "type": "about:blank",
             "title": self.title(),
             "status": self.status().as_u16(),
             "code": self.code(),
             "detail": self.detail(),
+            "request_id": request_id,
         })
         .to_string()
         .into_bytes()
@@ -417,16 +418,17 @@ mod tests {
                 "{} is not in openapi.json",
                 error.code()
             );
-            let body: serde_json::Value = serde_json::from_slice(&error.body()).unwrap();
+            let body: serde_json::Value = serde_json::from_slice(&error.body("r-1")).unwrap();
             assert_eq!(body["status"], error.status().as_u16());
             assert_eq!(body["code"], error.code());
             assert_eq!(body["type"], "about:blank");
+            assert_eq!(body["request_id"], "r-1");
         }
     }
 
     #[test]
     fn internal_errors_do_not_leak_their_cause() {
-        let body = String::from_utf8(ApiError::Internal.body()).unwrap();
+        let body = String::from_utf8(ApiError::Internal.body("r-1")).unwrap();
         assert!(body.contains("see the daemon's log"), "{body}");
     }
 }

@@ -156,3 +156,53 @@ fn made_up_methods_and_paths_add_no_metric_series() {
     }
     assert_eq!(request_series(&daemon), before, "no new series");
 }
+
+#[test]
+fn every_answer_carries_a_request_id_and_every_problem_names_it() {
+    let daemon = DevDaemon::start(&[]);
+    let client = daemon.client("registrar");
+    // A valid id of the caller's is kept.
+    let answer = client
+        .get(format!("{}/v1/accounts/u-nobody", daemon.api))
+        .header("x-request-id", "caller-trace.42")
+        .send()
+        .unwrap();
+    assert_eq!(answer.headers()["x-request-id"], "caller-trace.42");
+    let body: Value = answer.json().unwrap();
+    assert_eq!(body["code"], "not_found");
+    assert_eq!(body["request_id"], "caller-trace.42");
+    // One that is not (too long, or with other characters) is replaced by a made one.
+    for bad in ["x".repeat(65), "with space".to_owned(), "ünï".to_owned()] {
+        let answer = client
+            .get(format!("{}/v1/accounts/u-nobody", daemon.api))
+            .header("x-request-id", bad.as_bytes())
+            .send()
+            .unwrap();
+        let id = answer.headers()["x-request-id"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert_ne!(id, bad);
+        assert_eq!(id.len(), 32, "{id}");
+        let body: Value = answer.json().unwrap();
+        assert_eq!(body["request_id"], id.as_str());
+    }
+    // Successful answers carry one too, and unmatched routes.
+    let ok = daemon
+        .client("auditor")
+        .get(format!("{}/v1/audit/checkpoint", daemon.api))
+        .send()
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    assert!(ok.headers().contains_key("x-request-id"));
+    let unmatched = client
+        .get(format!("{}/no-such-route", daemon.api))
+        .send()
+        .unwrap();
+    assert!(unmatched.headers().contains_key("x-request-id"));
+    // The daemon's log lines of a request carry its id.
+    assert!(
+        daemon.log().contains("caller-trace.42"),
+        "the log names the request id"
+    );
+}
