@@ -359,3 +359,20 @@ async fn a_certificate_not_confirmed_is_revoked() {
         CertificateState::Revoked { reason_code: 5, .. }
     ));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unauthenticated_sender_gets_an_unprotected_error_and_costs_no_signature() {
+    use cmpv2::body::PkiBody;
+    use cmpv2::message::PkiMessage;
+    use der::Decode;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = open_ca(dir.path()).await;
+    let server = CmpServer::new(Arc::clone(&ca), server_config(&[]));
+    for garbage in [&b"\x30\x03\x02\x01\x02"[..], b"not DER at all", b""] {
+        let answer = server.handle(garbage, SystemTime::now()).await;
+        let message = PkiMessage::from_der(&answer).unwrap();
+        assert!(matches!(message.body, PkiBody::Error(_)), "an error body");
+        assert!(message.protection.is_none(), "unprotected: nothing signed");
+        assert!(message.header.protection_alg.is_none());
+    }
+}

@@ -597,7 +597,7 @@ impl CmpClient {
         let header = HeaderParts {
             sender,
             recipient,
-            protection_alg: protection_alg.clone(),
+            protection_alg: Some(protection_alg.clone()),
             sender_kid,
             transaction_id: transaction.id.clone(),
             sender_nonce: transaction.nonce.clone(),
@@ -620,7 +620,7 @@ impl CmpClient {
         if let Protector::Ra { extra, .. } = protector {
             extra_certs.extend(extra.iter().cloned());
         }
-        message::encode(&header, body, &protection, extra_certs)
+        message::encode(&header, body, Some(&protection), extra_certs)
     }
 
     async fn exchange(&self, request: Vec<u8>) -> Result<Vec<u8>, CaError> {

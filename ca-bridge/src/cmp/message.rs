@@ -342,7 +342,8 @@ pub(crate) fn body_any(body: &PkiBody<'_>) -> Result<Any, CaError> {
 pub(crate) struct HeaderParts {
     pub(crate) sender: Name,
     pub(crate) recipient: Name,
-    pub(crate) protection_alg: AlgorithmIdentifierOwned,
+    /// `None` for an unprotected message (an error to a sender we could not authenticate).
+    pub(crate) protection_alg: Option<AlgorithmIdentifierOwned>,
     pub(crate) sender_kid: Option<Vec<u8>>,
     pub(crate) transaction_id: Vec<u8>,
     pub(crate) sender_nonce: Vec<u8>,
@@ -356,7 +357,7 @@ impl HeaderParts {
             sender: GeneralName::DirectoryName(self.sender),
             recipient: GeneralName::DirectoryName(self.recipient),
             message_time: Some(GeneralizedTime::from_system_time(now)?),
-            protection_alg: Some(self.protection_alg),
+            protection_alg: self.protection_alg,
             sender_kid: self.sender_kid.map(OctetString::new).transpose()?,
             recip_kid: None,
             trans_id: Some(OctetString::new(self.transaction_id)?),
@@ -381,13 +382,13 @@ pub(crate) fn protected_part(header: &PkiHeader<'_>, body: &Any) -> Result<Vec<u
 pub(crate) fn encode(
     header: &PkiHeader<'_>,
     body: Any,
-    protection: &[u8],
+    protection: Option<&[u8]>,
     extra_certs: Vec<Certificate>,
 ) -> Result<Vec<u8>, CaError> {
     Ok(RawMessage {
         header: Any::from_der(&header.to_der()?)?,
         body,
-        protection: Some(BitString::from_bytes(protection)?),
+        protection: protection.map(BitString::from_bytes).transpose()?,
         extra_certs: (!extra_certs.is_empty()).then_some(extra_certs),
     }
     .to_der()?)

@@ -14,6 +14,10 @@
 //! cr, kur naming the old certificate in oldCertID, rr) or is a good subscriber certificate
 //! (kur of itself, rr of itself). certConf must come from the requester of the transaction.
 //!
+//! A message that does not parse or whose protection does not verify gets an unprotected error
+//! message (RFC 9483 section 3.6.4): nothing is asked of the HSM before the sender is
+//! authenticated.
+//!
 //! Not supported: implicit confirmation, polling, nested messages, and more than one
 //! certificate request per message.
 

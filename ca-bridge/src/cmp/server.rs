@@ -87,6 +87,14 @@ struct Pending {
     expires: SystemTime,
 }
 
+/// NONCE_LEN unpredictable bytes from the operating system.
+fn local_random() -> Vec<u8> {
+    use rand_core::RngCore;
+    let mut bytes = vec![0u8; NONCE_LEN];
+    rand_core::OsRng.fill_bytes(&mut bytes);
+    bytes
+}
+
 /// Removes the transactions past their wait from `map`; their certificates' serials.
 fn expired(map: &mut HashMap<Vec<u8>, Pending>, now: SystemTime) -> Vec<String> {
     let late: Vec<Vec<u8>> = map
@@ -148,16 +156,13 @@ impl CmpServer {
 
     /// One CMP request (DER PKIMessage) in, one DER PKIMessage out (an error message with
     /// PKIFailureInfo for anything refused; never a panic). `now` is the caller's clock (the
-    /// daemon's dev clock can be moved). Empty only if even the error message cannot be made
-    /// (the HSM is gone).
+    /// daemon's dev clock can be moved). A sender that is not authenticated gets an
+    /// unprotected error, made without the HSM; an authenticated one gets a protected answer.
+    /// Empty only if even the error message cannot be made (the HSM is gone).
     pub async fn handle(&self, request_der: &[u8], now: SystemTime) -> Vec<u8> {
-        let nonce = match self.ca.random(NONCE_LEN).await {
-            Ok(nonce) => nonce,
-            Err(e) => {
-                tracing::error!(error = %e, "CMP: no random nonce");
-                return Vec::new();
-            }
-        };
+        // From the operating system, not the HSM: nothing is asked of the HSM before the
+        // sender is authenticated. A nonce need not be secret, only unpredictable.
+        let nonce = local_random();
         let split = message::received(request_der).and_then(|received| {
             let (rewritten, extras) = message::split_validity(request_der)?;
             Ok((received, rewritten, extras))
@@ -727,7 +732,9 @@ impl CmpServer {
     }
 
     /// A response to `request`, protected as the request was (PBM with the same secret) or by
-    /// the issuing CA's signature.
+    /// the issuing CA's signature. To a sender that was not authenticated (`None`: a message
+    /// that does not parse or whose protection does not verify) the answer is an unprotected
+    /// error message (RFC 9483 section 3.6.4 allows it): no HSM work for an unknown sender.
     async fn respond(
         &self,
         request: Option<&PkiHeader<'_>>,
@@ -742,16 +749,29 @@ impl CmpServer {
         };
         let transaction_id = match request.and_then(|h| octets(h.trans_id.as_ref())) {
             Some(id) => id.to_vec(),
-            None => self.ca.random(NONCE_LEN).await?,
+            None => local_random(),
         };
         let recip_nonce = request
             .and_then(|h| octets(h.sender_nonce.as_ref()))
             .map(<[u8]>::to_vec);
+        let issuing = self.ca.issuing_certificate();
+        let Some(sender) = sender else {
+            let header = HeaderParts {
+                sender: issuing.tbs_certificate.subject.clone(),
+                recipient,
+                protection_alg: None,
+                sender_kid: None,
+                transaction_id,
+                sender_nonce: nonce,
+                recip_nonce,
+            }
+            .into_header(now)?;
+            return message::encode(&header, body, None, Vec::new());
+        };
         let pbm_secret = match sender {
-            Some(Sender::Pbm(index)) => self.config.pbm_secrets.get(*index),
+            Sender::Pbm(index) => self.config.pbm_secrets.get(*index),
             _ => None,
         };
-        let issuing = self.ca.issuing_certificate();
         let (protection_alg, sender_kid) = match pbm_secret {
             Some((reference, _)) => (
                 pbm::algorithm(self.ca.random(NONCE_LEN).await?)?,
@@ -765,7 +785,7 @@ impl CmpServer {
         let header = HeaderParts {
             sender: issuing.tbs_certificate.subject.clone(),
             recipient,
-            protection_alg: protection_alg.clone(),
+            protection_alg: Some(protection_alg.clone()),
             sender_kid: Some(sender_kid),
             transaction_id,
             sender_nonce: nonce,
@@ -784,6 +804,6 @@ impl CmpServer {
                     .collect::<Result<Vec<_>, _>>()?,
             ),
         };
-        message::encode(&header, body, &protection, extra_certs)
+        message::encode(&header, body, Some(&protection), extra_certs)
     }
 }
