@@ -650,6 +650,17 @@ impl CmpClient {
                 "response's recipNonce is not our senderNonce".into(),
             ));
         }
+        // An unprotected error message answers a request the CA could not authenticate (RFC
+        // 9483 section 3.6.4). Its text cannot be trusted, but it only ever fails the request,
+        // which is all an attacker on the path could do anyway.
+        if header.protection_alg.is_none()
+            && received.protection.is_none()
+            && let Some(text) = message::describe_error(&received.body)?
+        {
+            return Err(CaError::Refused(format!(
+                "{text} (unprotected: the CA did not authenticate the request)"
+            )));
+        }
         self.check_protection(&header, &received, protector)?;
         if let Some(text) = message::describe_error(&received.body)? {
             return Err(CaError::Refused(text));
