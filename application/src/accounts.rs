@@ -260,31 +260,18 @@ pub async fn invalidate<P: Ports>(
     now: OffsetDateTime,
 ) -> Result<AccountRecord, AppError> {
     let mut record = load(ports, id)?;
-    if matches!(
-        record.status,
-        AccountStatus::Invalidated | AccountStatus::Deregistered
-    ) {
+    if !invalidate_if(ports, &mut record, actor, now, invalidable).await? {
         return Err(AppError::AccountNotActive(record.status.as_str()));
     }
-    invalidate_account(ports, &mut record, actor, now).await?;
     Ok(record)
 }
 
-/// Invalidates `record`'s account (the invalidate route). `record` ends as stored.
-pub async fn invalidate_account<P: Ports>(
-    ports: &P,
-    record: &mut AccountRecord,
-    actor: &str,
-    now: OffsetDateTime,
-) -> Result<(), AppError> {
-    invalidate_if(ports, record, actor, now, |record| {
-        !matches!(
-            record.status,
-            AccountStatus::Invalidated | AccountStatus::Deregistered
-        )
-    })
-    .await
-    .map(drop)
+/// Whether an account may still be invalidated: not invalidated or deregistered already.
+fn invalidable(record: &AccountRecord) -> bool {
+    !matches!(
+        record.status,
+        AccountStatus::Invalidated | AccountStatus::Deregistered
+    )
 }
 
 /// Invalidates `record`'s account if `due` holds for it as stored (checked again after a lost
@@ -319,26 +306,15 @@ pub async fn deregister<P: Ports>(
     now: OffsetDateTime,
 ) -> Result<AccountRecord, AppError> {
     let mut record = load(ports, id)?;
-    if record.status == AccountStatus::Deregistered {
+    if !deregister_if(ports, &mut record, actor, now, deregistrable).await? {
         return Err(AppError::AccountNotActive(record.status.as_str()));
     }
-    deregister_account(ports, &mut record, actor, now).await?;
     Ok(record)
 }
 
-/// Deregisters `record`'s account: its certificate revoked (cessation_of_operation), key
-/// destroyed, personal data erased (the deregister routes). `record` ends as stored.
-pub async fn deregister_account<P: Ports>(
-    ports: &P,
-    record: &mut AccountRecord,
-    actor: &str,
-    now: OffsetDateTime,
-) -> Result<(), AppError> {
-    deregister_if(ports, record, actor, now, |record| {
-        record.status != AccountStatus::Deregistered
-    })
-    .await
-    .map(drop)
+/// Whether an account may still be deregistered: any that is not already.
+pub fn deregistrable(record: &AccountRecord) -> bool {
+    record.status != AccountStatus::Deregistered
 }
 
 /// Deregisters `record`'s account if `due` holds for it as stored (checked again after a lost

@@ -128,8 +128,9 @@ pub async fn deregister<P: Ports>(
     consent: &Consent,
     now: OffsetDateTime,
 ) -> Result<AccountRecord, AppError> {
+    use crate::accounts::{deregister_if, deregistrable};
     let mut record = load(ports, id)?;
-    if record.status == AccountStatus::Deregistered {
+    if !deregistrable(&record) {
         return Err(AppError::AccountNotActive(record.status.as_str()));
     }
     check_consent(
@@ -141,7 +142,9 @@ pub async fn deregister<P: Ports>(
         now,
     )
     .await?;
-    crate::accounts::deregister_account(ports, &mut record, actor, now).await?;
+    if !deregister_if(ports, &mut record, actor, now, deregistrable).await? {
+        return Err(AppError::AccountNotActive(record.status.as_str()));
+    }
     Ok(record)
 }
 
