@@ -399,6 +399,42 @@ impl DevDaemon {
         });
     }
 
+    /// Restarts the daemon with its `--dev` configuration (`DIR/smartsignd.toml`) changed: each
+    /// `(key, value)` replaces the first line `key = ...` (the `[server]` section comes first),
+    /// and the API and operations listeners move to new free ports. Returns once `/healthz` answers.
+    pub fn relaunch_with_settings(&mut self, settings: &[(&str, &str)]) {
+        let mut text = std::fs::read_to_string(self.state_dir().join("smartsignd.toml"))
+            .expect("the dev configuration");
+        let api = free_address();
+        let metrics = free_address();
+        let listeners = [
+            ("listen", format!("\"{api}\"")),
+            ("metrics_listen", format!("\"{metrics}\"")),
+        ];
+        for (key, value) in settings
+            .iter()
+            .map(|(key, value)| (*key, (*value).to_owned()))
+            .chain(listeners.iter().map(|(key, value)| (*key, value.clone())))
+        {
+            let prefix = format!("{key} = ");
+            let lines: Vec<&str> = text.lines().collect();
+            let found: Vec<usize> = (0..lines.len())
+                .filter(|&i| lines[i].starts_with(&prefix))
+                .collect();
+            assert!(!found.is_empty(), "{key} is in the dev configuration");
+            let mut changed: Vec<String> = lines.iter().map(|line| (*line).to_owned()).collect();
+            changed[found[0]] = format!("{prefix}{value}");
+            text = changed.join("\n") + "\n";
+        }
+        let path = self.state_dir().join("tuned.toml");
+        std::fs::write(&path, text).expect("write the changed configuration");
+        self.launch_with_config(
+            &path,
+            &format!("https://{api}"),
+            &format!("http://{metrics}"),
+        );
+    }
+
     /// Stops the daemon with SIGTERM and waits; returns its exit status.
     pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
         let mut child = self.child.take()?;
@@ -491,6 +527,12 @@ impl Drop for DevDaemon {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// A loopback address with a port that was free a moment ago.
+pub fn free_address() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+    listener.local_addr().expect("its address").to_string()
 }
 
 /// A new device key, as a user's phone would make it.

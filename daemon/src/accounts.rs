@@ -10,19 +10,19 @@ use application::registration::{self, NewAccount};
 pub(crate) use application::{certificate_status, rfc3339};
 use std::sync::Arc;
 
+use axum::http::StatusCode;
 use cert_lifecycle::Store;
 use cert_lifecycle::{
     AccountId, AccountRecord, CertificateRecord, HkicNumber, RevocationReason, ServiceName,
     SuspendedBy, Tier,
 };
-use hyper::StatusCode;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use time::format_description::well_known::{Iso8601, Rfc3339};
 use time::{Date, OffsetDateTime};
 
+use crate::api::{Ctx, Reply};
 use crate::app::App;
-use crate::http::{Ctx, Reply};
 use crate::problem::ApiError;
 use crate::signing::device_key;
 
@@ -50,12 +50,21 @@ pub(crate) fn account_id(text: &str) -> Result<AccountId, ApiError> {
     AccountId::parse(text).map_err(|error| ApiError::InvalidRequest(format!("account_id: {error}")))
 }
 
-fn date(field: &str, text: &str) -> Result<Date, ApiError> {
-    let bad = || ApiError::InvalidRequest(format!("{field} must be a date YYYY-MM-DD"));
+/// A date of birth: `YYYY-MM-DD`, from 1900-01-01 to today.
+fn date(field: &str, text: &str, today: Date) -> Result<Date, ApiError> {
+    let bad = || {
+        ApiError::InvalidRequest(format!(
+            "{field} must be a date YYYY-MM-DD from 1900-01-01 to today"
+        ))
+    };
     if text.len() != 10 {
         return Err(bad());
     }
-    Date::parse(text, &Iso8601::DATE).map_err(|_| bad())
+    let date = Date::parse(text, &Iso8601::DATE).map_err(|_| bad())?;
+    if date < time::macros::date!(1900 - 01 - 01) || date > today {
+        return Err(bad());
+    }
+    Ok(date)
 }
 
 fn hkic(field: &str, text: &str) -> Result<HkicNumber, ApiError> {
@@ -75,6 +84,8 @@ fn name_part(field: &str, text: &str) -> Result<String, ApiError> {
 /// `POST /v1/accounts`.
 pub(crate) async fn register(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError> {
     let body: RegisterBody = ctx.json()?;
+    let now = app.clock.now();
+    let today = now.date();
     let tier: Tier = body
         .tier
         .parse()
@@ -82,7 +93,7 @@ pub(crate) async fn register(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError>
     let guardian = match &body.guardian {
         Some(guardian) => Some((
             hkic("guardian.hkic_number", &guardian.hkic_number)?,
-            date("guardian.date_of_birth", &guardian.date_of_birth)?,
+            date("guardian.date_of_birth", &guardian.date_of_birth, today)?,
         )),
         None => None,
     };
@@ -97,12 +108,11 @@ pub(crate) async fn register(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError>
                 .map(|given| name_part("given_name", given))
                 .transpose()?,
         },
-        date_of_birth: date("date_of_birth", &body.date_of_birth)?,
+        date_of_birth: date("date_of_birth", &body.date_of_birth, today)?,
         hkic: hkic("hkic_number", &body.hkic_number)?,
         device_public_key: device_key(&body.device_public_key)?,
         guardian,
     };
-    let now = app.clock.now();
     let actor = ctx.caller.to_string();
     let record = registration::register(&*app, &app.issuance, &actor, new, now).await?;
     Ok(Reply::json(
@@ -396,10 +406,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn dates_must_have_the_exact_form() {
-        assert!(date("d", "2009-05-01").is_ok());
-        assert!(date("d", "2009-5-1").is_err());
-        assert!(date("d", "2009-02-30").is_err());
+    fn dates_must_have_the_exact_form_and_be_in_range() {
+        let today = time::macros::date!(2026 - 12 - 06);
+        assert!(date("d", "2009-05-01", today).is_ok());
+        assert!(date("d", "1900-01-01", today).is_ok());
+        assert!(date("d", "2026-12-06", today).is_ok());
+        for bad in [
+            "2009-5-1",
+            "2009-02-30",
+            "1899-12-31",
+            "2026-12-07",
+            "9999-12-31",
+        ] {
+            assert!(date("d", bad, today).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -10,8 +10,8 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use crate::accounts::rfc3339;
+use crate::api::{Ctx, Reply};
 use crate::app::App;
-use crate::http::{Ctx, Reply};
 use crate::problem::ApiError;
 use application::fields;
 
@@ -49,8 +49,13 @@ pub(crate) async fn set_clock(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError
         now: String,
     }
     let body: Body = ctx.json()?;
+    // The clock's offset covers ±292 years; a development clock has no use beyond this range.
     let now = OffsetDateTime::parse(&body.now, &Rfc3339)
-        .map_err(|_| ApiError::InvalidRequest("now must be an RFC 3339 time".into()))?;
+        .ok()
+        .filter(|now| (2000..=2200).contains(&now.year()))
+        .ok_or_else(|| {
+            ApiError::InvalidRequest("now must be an RFC 3339 time from 2000 to 2200".into())
+        })?;
     app.append(
         "admin.clock_set",
         &ctx.caller.to_string(),

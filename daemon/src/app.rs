@@ -11,7 +11,6 @@ use hsm_adapter::{Hsm, KeyAlgorithm, KeyMode};
 use crate::clock::DaemonClock;
 use crate::metrics::Metrics;
 use crate::problem::ApiError;
-use crate::tls::NamePolicy;
 
 /// The user keys the HSM makes, from the configuration.
 #[derive(Clone, Debug)]
@@ -36,7 +35,6 @@ pub(crate) struct App {
     pub(crate) issuance: application::registration::IssuanceSettings,
     /// What renewal and re-application need from the configuration.
     pub(crate) renewal: application::renewal::RenewalSettings,
-    pub(crate) names: NamePolicy,
     /// `--dev`: enables `POST /v1/admin/clock`.
     pub(crate) dev: bool,
     pub(crate) started: Instant,

@@ -7,8 +7,8 @@ use hsm_adapter::{Digest, HashAlgorithm, Hsm, SystemKey};
 use serde_json::json;
 use sha2::Digest as _;
 
+use crate::api::{Ctx, Reply};
 use crate::app::App;
-use crate::http::{Ctx, Reply};
 use crate::problem::ApiError;
 
 /// Most records one `GET /v1/audit/records` returns.
@@ -42,10 +42,31 @@ fn audit_error(error: audit_log::AuditError) -> ApiError {
     }
 }
 
+/// A refusal of the query's values, naming the parameters.
+fn named(error: ApiError, parameters: &str) -> ApiError {
+    match error {
+        ApiError::InvalidRequest(detail) => {
+            ApiError::InvalidRequest(format!("{parameters}: {detail}"))
+        }
+        other => other,
+    }
+}
+
 /// `GET /v1/audit/records?from=N&limit=M`.
 pub(crate) async fn records(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError> {
     let from = ctx.query_u64("from", Some(0))?;
-    let limit = ctx.query_u64("limit", Some(1000))?.min(MAX_RECORDS);
+    let limit = ctx.query_u64("limit", Some(1000))?;
+    if !(1..=MAX_RECORDS).contains(&limit) {
+        return Err(ApiError::InvalidRequest(format!(
+            "limit must be 1 to {MAX_RECORDS}"
+        )));
+    }
+    let size = app.audit.tree_size();
+    if from > size {
+        return Err(ApiError::InvalidRequest(format!(
+            "from must be at most the log's size, {size}"
+        )));
+    }
     let body = app.audit.records(from, limit).await.map_err(audit_error)?;
     Ok(Reply::bytes("application/x-ndjson", body))
 }
@@ -78,7 +99,7 @@ pub(crate) async fn inclusion(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError
     app.audit
         .inclusion_proof(index, tree_size)
         .map(hashes)
-        .map_err(audit_error)
+        .map_err(|error| named(audit_error(error), "index and tree_size"))
 }
 
 /// `GET /v1/audit/proofs/consistency?first=&second=`.
@@ -88,7 +109,7 @@ pub(crate) async fn consistency(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiErr
     app.audit
         .consistency_proof(first, second)
         .map(hashes)
-        .map_err(audit_error)
+        .map_err(|error| named(audit_error(error), "first and second"))
 }
 
 /// `GET /v1/audit/public-key`: the audit key, PEM.

@@ -7,18 +7,152 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use axum::Router;
+use axum::body::Body;
+use axum::extract::rejection::RawPathParamsRejection;
+use axum::extract::{Extension, RawPathParams, State};
+use axum::http::StatusCode;
+use axum::http::header::CONTENT_TYPE;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use ca_bridge::cmp::{CmpServer, CmpServerConfig};
 use ca_bridge::transport::{CMP_CONTENT_TYPE, CRL_CONTENT_TYPE, OCSP_RESPONSE_CONTENT_TYPE};
 use ca_bridge::{CaProfileConfig, EmbeddedCa};
 use hsm_adapter::{Hsm, SystemKey};
-use hyper::{Method, StatusCode};
 
+use crate::clock::DaemonClock;
 use crate::config::{Config, EmbeddedCaConfig};
+use crate::http::{BodyError, Peer, read_body};
 
 /// The answer to one request: status, content type, body.
-pub(crate) type Answer = (StatusCode, &'static str, Vec<u8>);
+type Answer = (StatusCode, &'static str, Vec<u8>);
+
+/// The largest CMP message taken: a PKIMessage with a P-384 or RSA-3072 request and its
+/// protection is a few KiB.
+const CMP_BODY: usize = 64 * 1024;
+/// The largest OCSP request taken: a handful of CertIDs and a nonce fit in 1 KiB.
+const OCSP_BODY: usize = 8 * 1024;
+
+/// What the CA listener's handlers share.
+#[derive(Clone, Debug)]
+struct CaState {
+    host: Arc<EmbeddedHost>,
+    clock: Arc<DaemonClock>,
+}
+
+impl CaState {
+    /// Now, on the daemon's clock (which `--dev` can move).
+    fn now(&self) -> SystemTime {
+        self.clock.now().into()
+    }
+}
+
+/// The embedded CA listener's router: `POST /cmp`, `GET|POST /ocsp`, `GET /crl`,
+/// `GET /ca/{root,issuing,chain}.pem`.
+pub(crate) fn router(host: Arc<EmbeddedHost>, clock: Arc<DaemonClock>) -> Router {
+    let pem_route = |pick: fn(&EmbeddedHost) -> String| {
+        get(move |State(state): State<CaState>| async move { answer(pem(&pick(&state.host))) })
+    };
+    Router::new()
+        .route("/cmp", post(cmp))
+        .route("/ocsp", post(ocsp_post))
+        .route("/ocsp/{*request}", get(ocsp_get))
+        .route("/crl", get(crl))
+        .route(
+            "/ca/root.pem",
+            pem_route(|host| host.ca.root_pem().to_owned()),
+        )
+        .route(
+            "/ca/issuing.pem",
+            pem_route(|host| host.ca.issuing_pem().to_owned()),
+        )
+        .route(
+            "/ca/chain.pem",
+            pem_route(|host| host.ca.chain_pem().concat()),
+        )
+        .fallback(|| async { answer(text(StatusCode::NOT_FOUND, "not found\n")) })
+        .method_not_allowed_fallback(|| async {
+            answer(text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"))
+        })
+        .layer(axum::middleware::from_fn(crate::api::plain_context))
+        .with_state(CaState { host, clock })
+}
+
+fn answer((status, content_type, body): Answer) -> Response {
+    (status, [(CONTENT_TYPE, content_type)], body).into_response()
+}
+
+/// A request body under `limit`, or the plain-text refusal.
+async fn body(peer: &Peer, body: Body, limit: usize) -> Result<Vec<u8>, Response> {
+    read_body(body, limit, peer.body_timeout)
+        .await
+        .map(|bytes| bytes.to_vec())
+        .map_err(|error| {
+            let status = match error {
+                BodyError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+                BodyError::TimedOut(_) => StatusCode::REQUEST_TIMEOUT,
+                BodyError::Broken => StatusCode::BAD_REQUEST,
+            };
+            answer((status, "text/plain", format!("{error}\n").into_bytes()))
+        })
+}
+
+async fn cmp(
+    State(state): State<CaState>,
+    Extension(peer): Extension<Peer>,
+    request: Body,
+) -> Response {
+    match body(&peer, request, CMP_BODY).await {
+        Ok(message) => answer((
+            StatusCode::OK,
+            CMP_CONTENT_TYPE,
+            state.host.cmp.handle(&message, state.now()).await,
+        )),
+        Err(refusal) => refusal,
+    }
+}
+
+async fn ocsp_post(
+    State(state): State<CaState>,
+    Extension(peer): Extension<Peer>,
+    request: Body,
+) -> Response {
+    match body(&peer, request, OCSP_BODY).await {
+        Ok(request) => answer(state.host.ocsp(&request, state.now()).await),
+        Err(refusal) => refusal,
+    }
+}
+
+/// `GET /ocsp/{base64 of the DER request}` (RFC 6960 appendix A.1); the router has undone the
+/// percent-escapes of `+`, `/` and `=`.
+async fn ocsp_get(
+    State(state): State<CaState>,
+    params: Result<RawPathParams, RawPathParamsRejection>,
+) -> Response {
+    let request = params
+        .ok()
+        .as_ref()
+        .and_then(|params| params.iter().next().map(|(_, value)| value.to_owned()))
+        .filter(|text| text.len() <= OCSP_BODY * 4 / 3 + 4)
+        .and_then(|text| STANDARD.decode(text).ok());
+    match request {
+        Some(request) => answer(state.host.ocsp(&request, state.now()).await),
+        None => answer(text(StatusCode::BAD_REQUEST, "not a base64 OCSP request\n")),
+    }
+}
+
+async fn crl(State(state): State<CaState>) -> Response {
+    let host = &state.host;
+    answer(match host.ca.crl(state.now(), host.crl_validity).await {
+        Ok(crl) => (StatusCode::OK, CRL_CONTENT_TYPE, crl),
+        Err(error) => {
+            tracing::error!(%error, "cannot make the CRL");
+            text(StatusCode::SERVICE_UNAVAILABLE, "no CRL now\n")
+        }
+    })
+}
 
 /// The hosted CA and its protocol handlers.
 pub(crate) struct EmbeddedHost {
@@ -106,47 +240,6 @@ impl EmbeddedHost {
         })
     }
 
-    /// Answers one request at `now` (the daemon's clock, which `--dev` can move).
-    pub(crate) async fn answer(
-        &self,
-        method: &Method,
-        path: &str,
-        body: &[u8],
-        now: SystemTime,
-    ) -> Answer {
-        match (method, path) {
-            (&Method::POST, "/cmp") => (
-                StatusCode::OK,
-                CMP_CONTENT_TYPE,
-                self.cmp.handle(body, now).await,
-            ),
-            (&Method::POST, "/ocsp") => self.ocsp(body, now).await,
-            (&Method::GET, _) if path.starts_with("/ocsp/") => {
-                match percent_decode(&path["/ocsp/".len()..])
-                    .and_then(|text| STANDARD.decode(text).ok())
-                {
-                    Some(request) => self.ocsp(&request, now).await,
-                    None => text(StatusCode::BAD_REQUEST, "not a base64 OCSP request\n"),
-                }
-            }
-            (&Method::GET, "/crl") => match self.ca.crl(now, self.crl_validity).await {
-                Ok(crl) => (StatusCode::OK, CRL_CONTENT_TYPE, crl),
-                Err(error) => {
-                    tracing::error!(%error, "cannot make the CRL");
-                    text(StatusCode::SERVICE_UNAVAILABLE, "no CRL now\n")
-                }
-            },
-            (&Method::GET, "/ca/root.pem") => pem(self.ca.root_pem()),
-            (&Method::GET, "/ca/issuing.pem") => pem(self.ca.issuing_pem()),
-            (&Method::GET, "/ca/chain.pem") => pem(&self.ca.chain_pem().concat()),
-            (
-                _,
-                "/cmp" | "/ocsp" | "/crl" | "/ca/root.pem" | "/ca/issuing.pem" | "/ca/chain.pem",
-            ) => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
-            _ => text(StatusCode::NOT_FOUND, "not found\n"),
-        }
-    }
-
     async fn ocsp(&self, request: &[u8], now: SystemTime) -> Answer {
         let response = self
             .ca
@@ -181,38 +274,4 @@ fn pem(text: &str) -> Answer {
 
 fn text(status: StatusCode, body: &str) -> Answer {
     (status, "text/plain", body.as_bytes().to_vec())
-}
-
-/// `%XX` escapes decoded (base64's `+`, `/` and `=` arrive escaped in OCSP GET paths).
-fn percent_decode(text: &str) -> Option<String> {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = text.get(i + 1..i + 3)?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::percent_decode;
-
-    #[test]
-    fn ocsp_get_paths_are_unescaped() {
-        assert_eq!(
-            percent_decode("MEow%2BAB%3D%3D").as_deref(),
-            Some("MEow+AB==")
-        );
-        assert_eq!(percent_decode("plain").as_deref(), Some("plain"));
-        assert_eq!(percent_decode("bad%2"), None);
-        assert_eq!(percent_decode("bad%zz"), None);
-    }
 }

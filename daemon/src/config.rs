@@ -50,10 +50,73 @@ pub(crate) struct ServerConfig {
     /// Seconds that in-flight requests get to finish at shutdown.
     #[serde(default = "default_shutdown_grace")]
     pub(crate) shutdown_grace_seconds: u64,
+    /// Timeouts and connection caps of every listener.
+    #[serde(default)]
+    pub(crate) limits: ConnectionLimits,
+    /// What one client certificate may ask of the API at once and per second.
+    #[serde(default)]
+    pub(crate) client_limits: ClientLimits,
 }
 
 fn default_shutdown_grace() -> u64 {
     10
+}
+
+/// `[server.limits]`: what a connection may hold, on each listener (API, operations, embedded
+/// CA). A client that is slower than these is cut off; the defaults are generous for a client
+/// on the same network and short for one that holds a connection open on purpose.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct ConnectionLimits {
+    /// Seconds a client has to finish the TLS handshake (API listener).
+    pub(crate) handshake_timeout_seconds: u64,
+    /// Seconds a client has to send a request's headers, once it has begun to.
+    pub(crate) header_timeout_seconds: u64,
+    /// Seconds a client has to send a request's whole body.
+    pub(crate) body_timeout_seconds: u64,
+    /// Seconds a connection may stay open with no request in flight.
+    pub(crate) idle_timeout_seconds: u64,
+    /// Open connections per listener; more wait in the kernel's backlog.
+    pub(crate) max_connections: usize,
+    /// Open connections per client address and listener; more are closed at once.
+    pub(crate) max_connections_per_address: usize,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self {
+            handshake_timeout_seconds: 10,
+            header_timeout_seconds: 10,
+            body_timeout_seconds: 30,
+            idle_timeout_seconds: 60,
+            max_connections: 1024,
+            max_connections_per_address: 256,
+        }
+    }
+}
+
+/// `[server.client_limits]`: per client certificate (role and name), so that one service,
+/// gateway or officer cannot starve the others. Past either limit the API answers 429
+/// `rate_limited` with `Retry-After`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct ClientLimits {
+    /// Sustained requests per second of one client certificate.
+    pub(crate) requests_per_second: u32,
+    /// Requests one client certificate may send at once above its sustained rate.
+    pub(crate) burst: u32,
+    /// Requests of one client certificate in flight at once.
+    pub(crate) max_concurrent: u32,
+}
+
+impl Default for ClientLimits {
+    fn default() -> Self {
+        Self {
+            requests_per_second: 1000,
+            burst: 2000,
+            max_concurrent: 128,
+        }
+    }
 }
 
 /// The PKCS#11 module and token.
@@ -535,6 +598,7 @@ impl Config {
             problems.push("ca.adult_policy_oid and ca.minor_policy_oid must differ".into());
         }
         problems.extend(self.check_ca());
+        problems.extend(self.check_limits());
         for role in self.server.allowed_names.keys() {
             if crate::tls::Role::parse(role).is_none() {
                 problems.push(format!(
@@ -557,6 +621,48 @@ impl Config {
         }
         if self.audit.checkpoint_interval_seconds == 0 {
             problems.push("audit.checkpoint_interval_seconds must be at least 1".into());
+        }
+        problems
+    }
+
+    /// The listeners' timeouts and caps, and the per-client limits.
+    fn check_limits(&self) -> Vec<String> {
+        let limits = &self.server.limits;
+        let clients = &self.server.client_limits;
+        let mut problems = Vec::new();
+        for (name, value) in [
+            (
+                "handshake_timeout_seconds",
+                limits.handshake_timeout_seconds,
+            ),
+            ("header_timeout_seconds", limits.header_timeout_seconds),
+            ("body_timeout_seconds", limits.body_timeout_seconds),
+            ("idle_timeout_seconds", limits.idle_timeout_seconds),
+        ] {
+            if !(1..=3600).contains(&value) {
+                problems.push(format!("server.limits.{name} must be between 1 and 3600"));
+            }
+        }
+        if !(1..=65_536).contains(&limits.max_connections) {
+            problems.push("server.limits.max_connections must be between 1 and 65536".into());
+        }
+        if !(1..=limits.max_connections).contains(&limits.max_connections_per_address) {
+            problems.push(
+                "server.limits.max_connections_per_address must be between 1 and \
+                 server.limits.max_connections"
+                    .into(),
+            );
+        }
+        for (name, value) in [
+            ("requests_per_second", clients.requests_per_second),
+            ("burst", clients.burst),
+            ("max_concurrent", clients.max_concurrent),
+        ] {
+            if !(1..=100_000).contains(&value) {
+                problems.push(format!(
+                    "server.client_limits.{name} must be between 1 and 100000"
+                ));
+            }
         }
         problems
     }

@@ -128,6 +128,8 @@ pub(crate) fn config(
             client_ca: state_dir.join("tls/ca.pem"),
             allowed_names: Default::default(),
             shutdown_grace_seconds: 10,
+            limits: Default::default(),
+            client_limits: Default::default(),
         },
         hsm: HsmSection {
             module: hsm_adapter::SOFTHSM_MODULE.into(),

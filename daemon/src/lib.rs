@@ -9,6 +9,7 @@
 
 mod accounts;
 mod admin;
+mod api;
 mod app;
 mod audit_api;
 mod ca;
@@ -20,6 +21,7 @@ mod config;
 mod dev;
 mod http;
 mod lifecycle;
+mod limits;
 mod metrics;
 mod operations;
 mod ports;

@@ -5,15 +5,13 @@
 use std::sync::Arc;
 
 use application::renewal::{self, Consent};
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD;
 use cert_lifecycle::ConsentPurpose;
 use serde::Deserialize;
 use serde_json::json;
 
 use crate::accounts::{account_id, account_view, rfc3339};
+use crate::api::{Ctx, Reply};
 use crate::app::App;
-use crate::http::{Ctx, Reply};
 use crate::problem::ApiError;
 
 /// `GET /v1/renewals/due` (registrar).
@@ -57,9 +55,12 @@ fn consent(ctx: &Ctx) -> Result<Consent, ApiError> {
         device_signature: String,
     }
     let body: Body = ctx.json()?;
-    let device_signature = STANDARD
-        .decode(&body.device_signature)
-        .map_err(|_| ApiError::InvalidRequest("device_signature must be standard base64".into()))?;
+    if !(1..=128).contains(&body.nonce.len()) || !body.nonce.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ApiError::InvalidRequest(
+            "nonce must be the nonce of a consent challenge".into(),
+        ));
+    }
+    let device_signature = crate::signing::device_signature(&body.device_signature)?;
     Ok(Consent {
         nonce: body.nonce,
         device_signature,
@@ -74,7 +75,7 @@ pub(crate) async fn deregistration(app: Arc<App>, ctx: Ctx) -> Result<Reply, Api
     let id = account_id(ctx.param(0))?;
     let actor = ctx.caller.to_string();
     renewal::deregister(&*app, &actor, &id, &consent, app.clock.now()).await?;
-    Ok(Reply::empty(hyper::StatusCode::NO_CONTENT))
+    Ok(Reply::empty(axum::http::StatusCode::NO_CONTENT))
 }
 
 /// `POST /v1/accounts/{id}/certificate/renewal` (gateway).

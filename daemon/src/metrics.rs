@@ -6,7 +6,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 /// The daemon's metrics.
@@ -23,6 +24,9 @@ pub(crate) struct Metrics {
     pub(crate) audit_tree_size: IntGauge,
     /// 1 while the daemon waits for the officers' unseal shares.
     pub(crate) sealed: IntGauge,
+    connections_open: IntGaugeVec,
+    connections_closed: IntCounterVec,
+    rate_limited: IntCounterVec,
     status: Arc<StatusMetrics>,
 }
 
@@ -138,6 +142,25 @@ impl Metrics {
             "sealed",
             "1 while the daemon is sealed, waiting for the officers' unseal shares",
         )?;
+        let connections_open = IntGaugeVec::new(
+            Opts::new("connections_open", "Open connections by listener"),
+            &["listener"],
+        )?;
+        let connections_closed = IntCounterVec::new(
+            Opts::new(
+                "connections_cut_total",
+                "Connections the daemon closed on a client, by listener and reason \
+                 (per_address, handshake_timeout, handshake_failed, idle)",
+            ),
+            &["listener", "reason"],
+        )?;
+        let rate_limited = IntCounterVec::new(
+            Opts::new(
+                "rate_limited_total",
+                "API requests refused with rate_limited, by role and limit (rate or concurrency)",
+            ),
+            &["role", "limit"],
+        )?;
         let status = Arc::new(StatusMetrics {
             cache: IntCounterVec::new(
                 Opts::new(
@@ -180,6 +203,9 @@ impl Metrics {
         registry.register(Box::new(checkpoint_age.clone()))?;
         registry.register(Box::new(audit_tree_size.clone()))?;
         registry.register(Box::new(sealed.clone()))?;
+        registry.register(Box::new(connections_open.clone()))?;
+        registry.register(Box::new(connections_closed.clone()))?;
+        registry.register(Box::new(rate_limited.clone()))?;
         Ok(Self {
             registry,
             http_requests,
@@ -191,6 +217,9 @@ impl Metrics {
             checkpoint_age,
             audit_tree_size,
             sealed,
+            connections_open,
+            connections_closed,
+            rate_limited,
             status,
         })
     }
@@ -221,6 +250,25 @@ impl Metrics {
         self.http_latency
             .with_label_values(&[route, method])
             .observe(elapsed.as_secs_f64());
+    }
+
+    /// A connection opened (`+1`) or closed (`-1`) on `listener`.
+    pub(crate) fn connection(&self, listener: &'static str, delta: i64) {
+        self.connections_open
+            .with_label_values(&[listener])
+            .add(delta);
+    }
+
+    /// A connection the daemon cut: a fixed `reason`, never anything from the client.
+    pub(crate) fn connection_cut(&self, listener: &'static str, reason: &'static str) {
+        self.connections_closed
+            .with_label_values(&[listener, reason])
+            .inc();
+    }
+
+    /// A request refused with `rate_limited`.
+    pub(crate) fn count_rate_limited(&self, role: &'static str, limit: &'static str) {
+        self.rate_limited.with_label_values(&[role, limit]).inc();
     }
 
     pub(crate) fn observe_hsm(&self, operation: &str, elapsed: Duration) {

@@ -2,12 +2,43 @@
 //! component the signing path needs is usable; the body names what is not) and `/metrics`.
 //! While sealed, `/readyz` is 503 naming `sealed`, and `/metrics` gives what it has.
 
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::http::header::CONTENT_TYPE;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
 use cert_lifecycle::Store;
-use hyper::{Method, StatusCode};
 use serde_json::json;
 
 use crate::app::App;
 use crate::unseal::Gate;
+
+/// The operations listener's router: GET only; anything else is 404 or 405 in plain text.
+pub(crate) fn router(gate: Arc<Gate>) -> Router {
+    let page = |path: &'static str| {
+        get(move |State(gate): State<Arc<Gate>>| async move {
+            let (status, content_type, body) = handle(&gate, path).await;
+            (status, [(CONTENT_TYPE, content_type)], body).into_response()
+        })
+    };
+    Router::new()
+        .route("/healthz", page("/healthz"))
+        .route("/readyz", page("/readyz"))
+        .route("/metrics", page("/metrics"))
+        .fallback(|| async { plain(StatusCode::NOT_FOUND, "not found\n") })
+        .method_not_allowed_fallback(|| async {
+            plain(StatusCode::METHOD_NOT_ALLOWED, "GET only\n")
+        })
+        .layer(axum::middleware::from_fn(crate::api::plain_context))
+        .with_state(gate)
+}
+
+fn plain(status: StatusCode, text: &'static str) -> Response {
+    (status, [(CONTENT_TYPE, "text/plain")], text).into_response()
+}
 
 /// Each component and what is wrong with it, if anything.
 pub(crate) async fn readiness(app: &App) -> Vec<(&'static str, Option<String>)> {
@@ -27,18 +58,7 @@ pub(crate) async fn readiness(app: &App) -> Vec<(&'static str, Option<String>)> 
     vec![("hsm", hsm), ("store", store), ("audit", audit), ("ca", ca)]
 }
 
-pub(crate) async fn handle(
-    gate: &Gate,
-    method: &Method,
-    path: &str,
-) -> (StatusCode, &'static str, Vec<u8>) {
-    if method != Method::GET {
-        return (
-            StatusCode::METHOD_NOT_ALLOWED,
-            "text/plain",
-            b"GET only\n".to_vec(),
-        );
-    }
+async fn handle(gate: &Gate, path: &str) -> (StatusCode, &'static str, Vec<u8>) {
     let Some(app) = gate.app() else {
         return sealed(gate, path);
     };

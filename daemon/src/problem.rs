@@ -4,7 +4,7 @@
 //! (HSM return values, SQLite errors) go to the log with the request's id and never into the
 //! response body.
 
-use hyper::StatusCode;
+use axum::http::StatusCode;
 use serde_json::json;
 
 /// A refusal, by API.md's `code`.
@@ -59,6 +59,15 @@ pub(crate) enum ApiError {
     /// 503 `store_unavailable`: the store is busy past its timeout or cannot be opened; the
     /// answer carries `Retry-After`.
     StoreUnavailable,
+    /// 413 `payload_too_large`: the body is over the route's limit (the number).
+    PayloadTooLarge(usize),
+    /// 408 `request_timeout`: the body did not arrive within the listener's body timeout.
+    RequestTimeout,
+    /// 429 `rate_limited`: the client certificate is over its rate or concurrency; retry after
+    /// the seconds given (API.md "Additions").
+    RateLimited {
+        retry_after: u32,
+    },
     /// 500: a fault of ours; the cause is logged, not shown.
     Internal,
 }
@@ -68,6 +77,7 @@ impl ApiError {
     pub(crate) fn retry_after(&self) -> Option<u32> {
         match self {
             ApiError::StoreUnavailable => Some(1),
+            ApiError::RateLimited { retry_after } => Some((*retry_after).max(1)),
             _ => None,
         }
     }
@@ -97,7 +107,9 @@ impl ApiError {
             RequestExpired => StatusCode::GONE,
             Underage | GuardianRequired | GuardianUnderage | InvalidHkic(_) | HkicMismatch
             | AuthorisationInvalid | InvalidShare => StatusCode::UNPROCESSABLE_ENTITY,
-            TooManyAttempts | TooManyPending => StatusCode::TOO_MANY_REQUESTS,
+            TooManyAttempts | TooManyPending | RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Sealed | UnsealFailed(_) | HsmUnavailable | AuditUnavailable | StatusUnavailable
             | StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -132,6 +144,9 @@ impl ApiError {
             AuthorisationInvalid => "authorisation_invalid",
             TooManyAttempts => "too_many_attempts",
             TooManyPending => "too_many_pending",
+            RateLimited { .. } => "rate_limited",
+            PayloadTooLarge(_) => "payload_too_large",
+            RequestTimeout => "request_timeout",
             AlreadyUnsealed => "already_unsealed",
             InvalidShare => "invalid_share",
             ShareAlreadyGiven => "share_already_given",
@@ -185,6 +200,9 @@ impl ApiError {
             AuditUnavailable => "Audit log unavailable",
             StatusUnavailable => "Certificate status unavailable",
             StoreUnavailable => "Store unavailable",
+            PayloadTooLarge(_) => "Payload too large",
+            RequestTimeout => "Request timeout",
+            RateLimited { .. } => "Rate limited",
             Internal => "Internal error",
         }
     }
@@ -241,6 +259,14 @@ impl ApiError {
                     .into()
             }
             RenewalTooLate => "the certificate has expired; re-apply for a new one".into(),
+            PayloadTooLarge(limit) => {
+                format!("the request body must be at most {limit} bytes on this route")
+            }
+            RequestTimeout => "the request body did not arrive in time; nothing was done".into(),
+            RateLimited { retry_after } => format!(
+                "this client certificate is over its request rate or has too many requests in \
+                 flight; nothing was done; retry after {retry_after} seconds"
+            ),
             Internal => "see the daemon's log".into(),
             _ => self.title().to_lowercase(),
         }
@@ -401,6 +427,9 @@ mod tests {
             AuditUnavailable,
             StatusUnavailable,
             StoreUnavailable,
+            PayloadTooLarge(16),
+            RequestTimeout,
+            RateLimited { retry_after: 3 },
             Internal,
         ]
     }

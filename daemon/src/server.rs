@@ -21,8 +21,9 @@ use crate::audit_api::HsmCheckpointSigner;
 use crate::ca_http::EmbeddedHost;
 use crate::clock::DaemonClock;
 use crate::config::Config;
+use crate::limits::ClientLimiter;
 use crate::metrics::Metrics;
-use crate::tls::NamePolicy;
+use crate::tls::{NamePolicy, ServerTls};
 use crate::unseal::Gate;
 use application::fields;
 
@@ -92,6 +93,7 @@ pub(crate) async fn run(config: Config, mut dev: Option<DevOptions>) -> Result<(
         &config.server.client_ca,
     )
     .map_err(|error| error.to_string())?;
+    let tls = Arc::new(ServerTls::new(tls, base.names.clone()));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
     let shutdown = shutdown_signal();
@@ -104,7 +106,8 @@ pub(crate) async fn run(config: Config, mut dev: Option<DevOptions>) -> Result<(
                 .map_err(|error| format!("cannot open the HSM: {error}"))?;
             let app = start(&config, &base, hsm, &mut dev, &mut tasks, &shutdown_rx, &[]).await?;
             let gate = Arc::new(Gate::open(app.clone()));
-            let (api, metrics) = listen(&config, tls, &gate, &mut tasks, &shutdown_rx).await?;
+            let (api, metrics) =
+                listen(&config, &base, tls, &gate, &mut tasks, &shutdown_rx).await?;
             if let Some(dev) = &dev {
                 let ca = dev.ca_address.ok_or("--dev needs the embedded CA")?;
                 crate::dev::announce(&dev.state_dir, api, metrics, ca)?;
@@ -116,11 +119,10 @@ pub(crate) async fn run(config: Config, mut dev: Option<DevOptions>) -> Result<(
             let gate = Arc::new(Gate::sealed(
                 quorum.policy()?,
                 attempts,
-                base.names.clone(),
                 base.metrics.clone(),
                 base.started,
             ));
-            listen(&config, tls, &gate, &mut tasks, &shutdown_rx).await?;
+            listen(&config, &base, tls, &gate, &mut tasks, &shutdown_rx).await?;
             tracing::warn!(
                 threshold = quorum.threshold,
                 "sealed: the HSM opens when a quorum of officers gives its shares \
@@ -276,15 +278,12 @@ async fn start(
             if let Some(dev) = dev.as_mut() {
                 dev.ca_address = Some(address);
             }
-            let clock = app.clock.clone();
-            ca_task = Some(tokio::spawn(crate::http::serve_plain(
+            ca_task = Some(tokio::spawn(crate::http::serve(
                 listener,
+                listener_settings(config, base, "ca", Duration::from_secs(2)),
+                None,
+                crate::ca_http::router(host, app.clock.clone()),
                 shutdown.clone(),
-                move |method, path, body| {
-                    let host = host.clone();
-                    let now = clock.now().into();
-                    async move { host.answer(&method, &path, &body, now).await }
-                },
             )));
             tracing::info!(ca = %address, "embedded CA listening");
         }
@@ -492,7 +491,6 @@ async fn assemble(
             renewal_window: time::Duration::days(config.policy.renewal_window_days.into()),
             challenge_ttl,
         },
-        names: base.names.clone(),
         dev: dev.is_some(),
         started: base.started,
         sweeping: Default::default(),
@@ -500,10 +498,26 @@ async fn assemble(
     Ok((app, embedded))
 }
 
+/// The settings of the listener `name`.
+fn listener_settings(
+    config: &Config,
+    base: &Base,
+    name: &'static str,
+    grace: Duration,
+) -> crate::http::Listener {
+    crate::http::Listener {
+        name,
+        limits: (&config.server.limits).into(),
+        metrics: base.metrics.clone(),
+        grace,
+    }
+}
+
 /// Binds the API and operations listeners and serves `gate` on them.
 async fn listen(
     config: &Config,
-    tls: Arc<rustls::ServerConfig>,
+    base: &Base,
+    tls: Arc<ServerTls>,
     gate: &Arc<Gate>,
     tasks: &mut tokio::task::JoinSet<()>,
     shutdown: &watch::Receiver<bool>,
@@ -512,21 +526,25 @@ async fn listen(
     let metrics_listener = crate::http::bind(config.server.metrics_listen, "metrics").await?;
     let api = local(&api_listener)?;
     let metrics = local(&metrics_listener)?;
-    let operations = gate.clone();
-    tasks.spawn(crate::http::serve_plain(
+    tasks.spawn(crate::http::serve(
         metrics_listener,
+        listener_settings(config, base, "operations", Duration::from_secs(2)),
+        None,
+        crate::operations::router(gate.clone()),
         shutdown.clone(),
-        move |method, path, _body| {
-            let gate = operations.clone();
-            async move { crate::operations::handle(&gate, &method, &path).await }
-        },
     ));
-    tasks.spawn(crate::http::serve_api(
+    let limiter = ClientLimiter::new(&config.server.client_limits, base.metrics.clone());
+    tasks.spawn(crate::http::serve(
         api_listener,
-        tls,
-        gate.clone(),
+        listener_settings(
+            config,
+            base,
+            "api",
+            Duration::from_secs(config.server.shutdown_grace_seconds),
+        ),
+        Some(tls),
+        crate::api::router(gate.clone(), limiter),
         shutdown.clone(),
-        Duration::from_secs(config.server.shutdown_grace_seconds),
     ));
     tracing::info!(api = %api, metrics = %metrics, "listening");
     Ok((api, metrics))

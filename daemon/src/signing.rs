@@ -5,18 +5,18 @@ use std::sync::Arc;
 
 use application::signing::{self as flow, Authorised, NewRequest};
 use application::{AppError, rfc3339};
+use axum::http::StatusCode;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use cert_lifecycle::{Decision, HashAlgorithm, HkicNumber, RequestId, ServiceName, SigningStatus};
-use hyper::StatusCode;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use spki::DecodePublicKey;
 use time::OffsetDateTime;
 
 use crate::accounts::account_id;
+use crate::api::{Ctx, Reply};
 use crate::app::App;
-use crate::http::{Ctx, Reply};
 use crate::problem::ApiError;
 
 /// Parses a device public key: an EC P-256 SubjectPublicKeyInfo in PEM. Returns its DER.
@@ -69,8 +69,18 @@ pub(crate) async fn create(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError> {
 }
 
 fn parse_create(ctx: &Ctx, service: ServiceName) -> Result<NewRequest, AppError> {
-    let body: CreateBody = serde_json::from_slice(&ctx.body)
-        .map_err(|error| AppError::InvalidRequest(format!("request body: {error}")))?;
+    let body: CreateBody = ctx.json_or_detail().map_err(AppError::InvalidRequest)?;
+    // A TAID is the base64url of a keyed hash; anything else names no account anywhere.
+    if !(1..=64).contains(&body.taid.len())
+        || !body
+            .taid
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'))
+    {
+        return Err(AppError::InvalidRequest(
+            "taid must be the TAID this service was given (base64url)".into(),
+        ));
+    }
     let hash_algorithm: HashAlgorithm = body.hash_algorithm.parse().map_err(|_| {
         AppError::InvalidRequest("hash_algorithm must be sha256, sha384 or sha512".into())
     })?;
@@ -207,6 +217,25 @@ struct AuthorisationBody {
     device_signature: String,
 }
 
+/// The largest DER signature a device key makes (ECDSA P-256: at most 72 bytes), with room.
+const MAX_DEVICE_SIGNATURE: usize = 256;
+
+/// A device signature from the network: standard base64 of a DER signature of a plausible
+/// size. Anything else is a malformed request (400), not a bad authorisation: it does not count
+/// towards the request's lock.
+pub(crate) fn device_signature(text: &str) -> Result<Vec<u8>, ApiError> {
+    STANDARD
+        .decode(text)
+        .ok()
+        .filter(|der| (8..=MAX_DEVICE_SIGNATURE).contains(&der.len()))
+        .ok_or_else(|| {
+            ApiError::InvalidRequest(format!(
+                "device_signature must be standard base64 of a DER signature of 8 to \
+                 {MAX_DEVICE_SIGNATURE} bytes"
+            ))
+        })
+}
+
 /// `POST /v1/signing-requests/{id}/authorisation` (gateway).
 pub(crate) async fn authorise(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError> {
     let body: AuthorisationBody = ctx.json()?;
@@ -214,9 +243,7 @@ pub(crate) async fn authorise(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError
         .decision
         .parse()
         .map_err(|_| ApiError::InvalidRequest("decision must be approve or reject".into()))?;
-    let signature = STANDARD
-        .decode(&body.device_signature)
-        .map_err(|_| ApiError::InvalidRequest("device_signature must be standard base64".into()))?;
+    let signature = device_signature(&body.device_signature)?;
     let id = request_id(ctx.param(0))?;
     let actor = ctx.caller.to_string();
     let outcome = flow::authorise(

@@ -12,8 +12,8 @@ use time::OffsetDateTime;
 use tokio::sync::watch;
 
 use crate::accounts::rfc3339;
+use crate::api::{Ctx, Reply};
 use crate::app::App;
-use crate::http::{Ctx, Reply};
 use crate::problem::ApiError;
 
 /// The audit actor of the scheduled sweeps.

@@ -185,6 +185,38 @@ fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsErr
     Ok(certificates)
 }
 
+/// The API listener's TLS: the rustls configuration in force (replaced as a whole when the
+/// files are reloaded, so a handshake sees the old or the new one, never a mix) and the names
+/// each role accepts.
+#[derive(Debug)]
+pub(crate) struct ServerTls {
+    current: std::sync::RwLock<Arc<ServerConfig>>,
+    names: NamePolicy,
+}
+
+impl ServerTls {
+    pub(crate) fn new(config: Arc<ServerConfig>, names: NamePolicy) -> Self {
+        Self {
+            current: std::sync::RwLock::new(config),
+            names,
+        }
+    }
+
+    /// An acceptor with the configuration in force now.
+    pub(crate) fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        let config = self
+            .current
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone();
+        tokio_rustls::TlsAcceptor::from(config)
+    }
+
+    pub(crate) fn names(&self) -> &NamePolicy {
+        &self.names
+    }
+}
+
 /// The actor string of audit records: `role:name`.
 impl fmt::Display for Caller {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

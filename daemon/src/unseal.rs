@@ -19,27 +19,25 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
+use axum::http::StatusCode;
 use hsm_adapter::quorum::{self, QuorumPolicy, Share};
-use hyper::StatusCode;
 use secrecy::SecretString;
 use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::{Mutex, mpsc, oneshot};
 use zeroize::Zeroizing;
 
+use crate::api::{Ctx, Reply};
 use crate::app::App;
-use crate::http::{Ctx, Reply};
 use crate::metrics::Metrics;
 use crate::problem::ApiError;
 use crate::routes::Route;
-use crate::tls::NamePolicy;
 
 /// What both listeners serve: the sealed handlers until the daemon is unsealed, then the [`App`].
 #[derive(Debug)]
 pub(crate) struct Gate {
     app: OnceLock<Arc<App>>,
     sealed: Option<Sealed>,
-    pub(crate) names: NamePolicy,
     pub(crate) metrics: Metrics,
     started: Instant,
 }
@@ -75,7 +73,6 @@ impl Gate {
     /// A gate that is open from the start (`hsm.pin_file`).
     pub(crate) fn open(app: Arc<App>) -> Self {
         Self {
-            names: app.names.clone(),
             metrics: app.metrics.clone(),
             started: app.started,
             app: OnceLock::from(app),
@@ -87,7 +84,6 @@ impl Gate {
     pub(crate) fn sealed(
         policy: QuorumPolicy,
         attempts: mpsc::Sender<Attempt>,
-        names: NamePolicy,
         metrics: Metrics,
         started: Instant,
     ) -> Self {
@@ -100,7 +96,6 @@ impl Gate {
                 received: AtomicUsize::new(0),
                 attempts,
             }),
-            names,
             metrics,
             started,
         }

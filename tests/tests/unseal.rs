@@ -5,7 +5,6 @@
 // Test helpers outside #[test] functions: a panic is how they report a failure.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -13,7 +12,7 @@ use std::process::Command;
 use serde_json::{Value, json};
 use sha2::Digest;
 use smartsign_tests::flow::{problem, registration};
-use smartsign_tests::{DevDaemon, binary, describe, device_key, run};
+use smartsign_tests::{DevDaemon, binary, describe, device_key, free_address, run};
 
 fn ctl() -> PathBuf {
     binary("smartsign-ops", "smartsign-ctl")
@@ -29,11 +28,6 @@ fn split(pin_file: &Path, threshold: &str, shares: &str, out_dir: &Path) -> std:
 }
 
 /// A loopback address with a port that is free now.
-fn free_address() -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().to_string()
-}
-
 /// A dev state directory (its daemon stopped), split into 2-of-3 shares: the shares' texts, the
 /// `[hsm.quorum]` section the ceremony printed, and the dev configuration's text.
 fn ceremony() -> (DevDaemon, Vec<String>, String, String) {
