@@ -400,8 +400,9 @@ impl DevDaemon {
     }
 
     /// Restarts the daemon with its `--dev` configuration (`DIR/smartsignd.toml`) changed: each
-    /// `(key, value)` replaces the first line `key = ...` (the `[server]` section comes first),
-    /// and the API and operations listeners move to new free ports. Returns once `/healthz` answers.
+    /// `(key, value)` replaces the first line `key = ...` (the `[server]` section comes first; a
+    /// key that is not there is added to it), and the API and operations listeners move to new
+    /// free ports. Returns once `/healthz` answers.
     pub fn relaunch_with_settings(&mut self, settings: &[(&str, &str)]) {
         let mut text = std::fs::read_to_string(self.state_dir().join("smartsignd.toml"))
             .expect("the dev configuration");
@@ -421,9 +422,17 @@ impl DevDaemon {
             let found: Vec<usize> = (0..lines.len())
                 .filter(|&i| lines[i].starts_with(&prefix))
                 .collect();
-            assert!(!found.is_empty(), "{key} is in the dev configuration");
             let mut changed: Vec<String> = lines.iter().map(|line| (*line).to_owned()).collect();
-            changed[found[0]] = format!("{prefix}{value}");
+            match found.first() {
+                Some(&line) => changed[line] = format!("{prefix}{value}"),
+                None => {
+                    let server = lines
+                        .iter()
+                        .position(|line| *line == "[server]")
+                        .expect("a [server] section");
+                    changed.insert(server + 1, format!("{prefix}{value}"));
+                }
+            }
             text = changed.join("\n") + "\n";
         }
         let path = self.state_dir().join("tuned.toml");

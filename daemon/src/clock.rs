@@ -39,6 +39,12 @@ impl DaemonClock {
     }
 }
 
+/// The system's own time, unmoved by `--dev`: for what others check against it (rustls checks
+/// the client CRL's nextUpdate against it, so the daemon checks the CRL it loads alike).
+pub(crate) fn wall() -> SystemTime {
+    SystemTime::now()
+}
+
 impl audit_log::Clock for DaemonClock {
     fn now(&self) -> SystemTime {
         self.system_now()

@@ -126,6 +126,7 @@ pub(crate) fn config(
             tls_certificate: state_dir.join("tls/server.pem"),
             tls_private_key: state_dir.join("tls/server.key"),
             client_ca: state_dir.join("tls/ca.pem"),
+            client_crl: None,
             allowed_names: Default::default(),
             shutdown_grace_seconds: 10,
             limits: Default::default(),

@@ -27,6 +27,7 @@ pub(crate) struct Metrics {
     connections_open: IntGaugeVec,
     connections_closed: IntCounterVec,
     rate_limited: IntCounterVec,
+    client_crl_next_update: IntGauge,
     status: Arc<StatusMetrics>,
 }
 
@@ -161,6 +162,11 @@ impl Metrics {
             ),
             &["role", "limit"],
         )?;
+        let client_crl_next_update = IntGauge::new(
+            "client_crl_next_update_timestamp_seconds",
+            "nextUpdate of the client CRL in force (Unix time; 0 without one): past it, every \
+             API handshake fails until a fresh CRL is loaded (SIGHUP)",
+        )?;
         let status = Arc::new(StatusMetrics {
             cache: IntCounterVec::new(
                 Opts::new(
@@ -206,6 +212,7 @@ impl Metrics {
         registry.register(Box::new(connections_open.clone()))?;
         registry.register(Box::new(connections_closed.clone()))?;
         registry.register(Box::new(rate_limited.clone()))?;
+        registry.register(Box::new(client_crl_next_update.clone()))?;
         Ok(Self {
             registry,
             http_requests,
@@ -220,6 +227,7 @@ impl Metrics {
             connections_open,
             connections_closed,
             rate_limited,
+            client_crl_next_update,
             status,
         })
     }
@@ -269,6 +277,16 @@ impl Metrics {
     /// A request refused with `rate_limited`.
     pub(crate) fn count_rate_limited(&self, role: &'static str, limit: &'static str) {
         self.rate_limited.with_label_values(&[role, limit]).inc();
+    }
+
+    /// The client CRL now in force, by its nextUpdate.
+    pub(crate) fn client_crl_loaded(&self, next_update: Option<std::time::SystemTime>) {
+        let seconds = next_update
+            .and_then(|at| at.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |since| {
+                i64::try_from(since.as_secs()).unwrap_or(i64::MAX)
+            });
+        self.client_crl_next_update.set(seconds);
     }
 
     pub(crate) fn observe_hsm(&self, operation: &str, elapsed: Duration) {

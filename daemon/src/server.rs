@@ -87,15 +87,18 @@ pub(crate) async fn run(config: Config, mut dev: Option<DevOptions>) -> Result<(
         metrics: Metrics::new().map_err(|error| error.to_string())?,
         names: NamePolicy::new(&config.server.allowed_names),
     };
-    let tls = crate::tls::server_config(
-        &config.server.tls_certificate,
-        &config.server.tls_private_key,
-        &config.server.client_ca,
-    )
-    .map_err(|error| error.to_string())?;
-    let tls = Arc::new(ServerTls::new(tls, base.names.clone()));
+    let loaded = crate::tls::server_config(&config.server, crate::clock::wall())
+        .map_err(|error| error.to_string())?;
+    base.metrics.client_crl_loaded(loaded.crl_next_update);
+    let tls = Arc::new(ServerTls::new(loaded.config, base.names.clone()));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(reload_tls_on_sighup(
+        config.server.clone(),
+        tls.clone(),
+        base.metrics.clone(),
+        shutdown_rx.clone(),
+    ));
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
 
@@ -582,6 +585,45 @@ async fn checkpoints(app: Arc<App>, interval: Duration, mut shutdown: watch::Rec
             && let Err(error) = app.audit.checkpoint(&signer).await
         {
             tracing::error!(%error, "periodic checkpoint failed");
+        }
+    }
+}
+
+/// On SIGHUP, reads the server certificate and key, the client CA and the client CRL again and
+/// puts them in force for new handshakes. Files that do not load (a CRL that does not verify or
+/// has expired among them) are refused, and those in force stay.
+async fn reload_tls_on_sighup(
+    server: crate::config::ServerConfig,
+    tls: Arc<ServerTls>,
+    metrics: Metrics,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangups = match signal(SignalKind::hangup()) {
+        Ok(hangups) => hangups,
+        Err(error) => {
+            tracing::warn!(%error, "cannot watch SIGHUP: the TLS files reload only at start");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            Some(()) = hangups.recv() => {}
+            _ = shutdown.changed() => return,
+        }
+        match crate::tls::server_config(&server, crate::clock::wall()) {
+            Ok(loaded) => {
+                tls.replace(loaded.config);
+                metrics.client_crl_loaded(loaded.crl_next_update);
+                tracing::info!(
+                    client_crl = server.client_crl.is_some(),
+                    "SIGHUP: TLS certificate, key, client CA and client CRL reloaded"
+                );
+            }
+            Err(error) => tracing::error!(
+                %error,
+                "SIGHUP: the TLS files were not reloaded; those in force stay"
+            ),
         }
     }
 }

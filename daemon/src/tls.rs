@@ -6,11 +6,12 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use der::Decode;
 use der::asn1::{PrintableStringRef, Utf8StringRef};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 use x509_cert::Certificate;
@@ -138,28 +139,56 @@ pub(crate) enum TlsError {
     Rustls(#[from] rustls::Error),
     #[error("client CA: {0}")]
     ClientVerifier(String),
+    #[error(
+        "client CRL {path}: {message}; give the client CA's current CRL (PEM or DER) in \
+         server.client_crl"
+    )]
+    ClientCrl { path: String, message: String },
 }
 
-/// The rustls server configuration: TLS 1.2 and 1.3 with the ring provider, client certificates
-/// required and verified against `client_ca`.
+/// The rustls server configuration and what the operator should watch in it.
+#[derive(Debug)]
+pub(crate) struct Loaded {
+    pub(crate) config: Arc<ServerConfig>,
+    /// The client CRL's nextUpdate: past it, every handshake fails until a fresh CRL is loaded.
+    pub(crate) crl_next_update: Option<SystemTime>,
+}
+
+/// The rustls server configuration of `server` at `now`: TLS 1.2 and 1.3 with the ring
+/// provider, client certificates required and verified against the client CA and, when
+/// `server.client_crl` is set, against its CRL (checked here at `now`: issued and signed by the
+/// client CA, nextUpdate not passed). With a CRL, rustls refuses the certificates it lists and,
+/// once its nextUpdate passes, every certificate (fail closed).
 pub(crate) fn server_config(
-    certificate: &Path,
-    private_key: &Path,
-    client_ca: &Path,
-) -> Result<Arc<ServerConfig>, TlsError> {
+    server: &crate::config::ServerConfig,
+    now: SystemTime,
+) -> Result<Loaded, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let chain = read_certificates(certificate)?;
-    let key = PrivateKeyDer::from_pem_file(private_key).map_err(|error| TlsError::File {
-        path: private_key.display().to_string(),
-        message: error.to_string(),
-    })?;
+    let chain = read_certificates(&server.tls_certificate)?;
+    let key =
+        PrivateKeyDer::from_pem_file(&server.tls_private_key).map_err(|error| TlsError::File {
+            path: server.tls_private_key.display().to_string(),
+            message: error.to_string(),
+        })?;
+    let cas = read_certificates(&server.client_ca)?;
     let mut roots = RootCertStore::empty();
-    for ca in read_certificates(client_ca)? {
+    for ca in &cas {
         roots
-            .add(ca)
+            .add(ca.clone())
             .map_err(|error| TlsError::ClientVerifier(error.to_string()))?;
     }
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+    let mut verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
+    let mut crl_next_update = None;
+    if let Some(path) = &server.client_crl {
+        let (crl, next_update) = client_crl(path, &cas, now)?;
+        verifier = verifier
+            .with_crls([crl])
+            .only_check_end_entity_revocation()
+            .enforce_revocation_expiration();
+        crl_next_update = Some(next_update);
+    }
+    let verifier = verifier
         .build()
         .map_err(|error| TlsError::ClientVerifier(error.to_string()))?;
     let mut config = ServerConfig::builder_with_provider(provider)
@@ -167,7 +196,38 @@ pub(crate) fn server_config(
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
+    Ok(Loaded {
+        config: Arc::new(config),
+        crl_next_update,
+    })
+}
+
+/// The client CRL at `path`, verified against one of the client CAs at `now`, and its
+/// nextUpdate.
+fn client_crl(
+    path: &Path,
+    cas: &[CertificateDer<'static>],
+    now: SystemTime,
+) -> Result<(CertificateRevocationListDer<'static>, SystemTime), TlsError> {
+    let refused = |message: String| TlsError::ClientCrl {
+        path: path.display().to_string(),
+        message,
+    };
+    let bytes = std::fs::read(path).map_err(|error| refused(error.to_string()))?;
+    let crl = if bytes.starts_with(b"-----BEGIN") {
+        CertificateRevocationListDer::from_pem_slice(&bytes)
+            .map_err(|error| refused(format!("not a PEM X509 CRL: {error}")))?
+    } else {
+        CertificateRevocationListDer::from(bytes)
+    };
+    let mut why = String::from("no client CA");
+    for ca in cas {
+        match ca_bridge::crl::VerifiedCrl::parse(crl.as_ref(), ca.as_ref(), now) {
+            Ok(verified) => return Ok((crl, verified.next_update())),
+            Err(error) => why = error.to_string(),
+        }
+    }
+    Err(refused(why))
 }
 
 fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
@@ -214,6 +274,14 @@ impl ServerTls {
 
     pub(crate) fn names(&self) -> &NamePolicy {
         &self.names
+    }
+
+    /// Puts `config` in force for the handshakes that start from now on.
+    pub(crate) fn replace(&self, config: Arc<ServerConfig>) {
+        *self
+            .current
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = config;
     }
 }
 
