@@ -15,8 +15,8 @@ use ca_bridge::ocsp::{OcspQuery, OcspStatus};
 use ca_bridge::transport::HttpTransport;
 use ca_bridge::{EmbeddedCa, IssuedCertificate};
 use common::{
-    HOUR, TestServer, assert_contains, ca_endpoints, cert_der, issue, open_ca, openssl, openssl_in,
-    run_any,
+    HOUR, TestServer, another_hsm, assert_contains, ca_config, ca_endpoints, cert_der, issue,
+    open_ca, openssl, openssl_in, run_any,
 };
 use der::Decode;
 use tempfile::TempDir;
@@ -414,4 +414,43 @@ async fn refusals_cost_no_hsm_work() {
         query.check_response(&answer, now).unwrap().status,
         OcspStatus::Good
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_background_lane_answers_try_later_at_once() {
+    // A CA on an HSM whose background lane holds one request, asked for many fresh (nonce)
+    // responses at once: some are signed, the others get tryLater, none fails otherwise.
+    let hsm = another_hsm(|config| config.with_background_queue_capacity(1)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Arc::new(
+        EmbeddedCa::open(hsm, dir.path(), ca_config(), SystemTime::now())
+            .await
+            .unwrap(),
+    );
+    let ee = issue(&ca, dir.path(), "ee.pem").await;
+    let before = ca.ocsp_stats();
+    const REQUESTS: usize = 64;
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..REQUESTS {
+        let (ca, der) = (Arc::clone(&ca), ee.der.clone());
+        tasks.spawn(async move {
+            let query = OcspQuery::new(ca.issuing_der(), &der).unwrap();
+            let answer = ca.ocsp_response(query.der(), SystemTime::now(), HOUR).await;
+            status_of(&answer)
+        });
+    }
+    let (mut signed, mut later) = (0, 0);
+    while let Some(status) = tasks.join_next().await {
+        match status.unwrap() {
+            OcspResponseStatus::Successful => signed += 1,
+            OcspResponseStatus::TryLater => later += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let stats = ca.ocsp_stats();
+    println!("{REQUESTS} nonce requests at once: {signed} signed, {later} tryLater");
+    assert_eq!(signed + later, REQUESTS);
+    assert!(signed > 0 && later > 0, "{signed} signed, {later} tryLater");
+    assert_eq!(stats.signed - before.signed, signed as u64);
+    assert_eq!(stats.refused - before.refused, later as u64);
 }

@@ -474,9 +474,10 @@ struct Lanes {
 }
 
 /// How long a worker that may not take background work now waits on the signing lane before it
-/// looks again (a background worker finishing takes the next background job itself, so this only
-/// bounds how soon a second worker joins in when the limit allows it).
-const BACKGROUND_RECHECK: Duration = Duration::from_millis(5);
+/// looks again. A background worker that finishes takes the next background job itself, so this
+/// only bounds how long background work waits when the worker holding the permit went to a
+/// signing job meanwhile; it also sets how often an idle worker without the permit wakes.
+const BACKGROUND_RECHECK: Duration = Duration::from_millis(20);
 
 /// A permit to run background work; returned when dropped.
 struct BackgroundPermit(Arc<AtomicUsize>);

@@ -237,7 +237,9 @@ impl EmbeddedCa {
                 OcspResponse::unauthorized()
             }
             Err(OcspFailure::TryLater) => {
-                tracing::warn!("OCSP request refused: the HSM's background lane is full");
+                // Not a warning per request: a flood would flood the log (the count is in
+                // `ocsp_stats`).
+                tracing::debug!("OCSP request refused: the HSM's background lane is full");
                 self.ocsp_cache.count(|s| &s.refused);
                 OcspResponse::try_later()
             }
