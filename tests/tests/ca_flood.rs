@@ -6,6 +6,15 @@
 //! A flow is what a user's signature takes: the service creates the request, the gateway posts
 //! the device's approval, the service reads the signed result. The clients are made once and
 //! keep their connections, so that what is timed is the daemon's work.
+//!
+//! What limits the flow under the flood is CPU, not the HSM: the flood makes no HSM work but for
+//! its nonce requests (in the background lane, never ahead of a user signature), yet on a
+//! 2-core machine the daemon spends about a core on the flood's HTTP requests and this process
+//! as much again on the flood's clients, and the flow's median doubles. A flood of garbage
+//! alone, with no HSM work at all, slows it as much. So the p99 bound below holds by a small
+//! margin there and is missed in some runs (see the figures the test prints); what would widen
+//! the margin is a cap on the CA listener's share of the CPU (its own runtime thread or a
+//! concurrency limit), which belongs to the HTTP layer.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -118,6 +127,22 @@ fn ocsp_status(der: &[u8]) -> Option<u8> {
         [0x30, 0x82, _, _, 0x0a, 0x01, status, ..] => Some(*status),
         _ => None,
     }
+}
+
+/// CPU time (user + system) used so far by process `pid`, from `/proc/PID/stat`.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The fields after the command name (which may hold spaces) start after its last ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name, in ticks.
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|i| fields.get(*i).and_then(|f| f.parse::<u64>().ok()))
+        .sum();
+    Duration::from_millis(ticks * 10)
 }
 
 /// `openssl ocsp` writes a request (DER) into `dir/file` for `args`, without sending it.
@@ -329,24 +354,48 @@ fn a_flood_of_the_ca_listener_does_not_slow_user_signing() {
     std::thread::sleep(Duration::from_millis(500));
     let flood_started = Instant::now();
     let before = counts.requests.load(Ordering::Relaxed);
+    let daemon_pid = daemon.pid().unwrap();
+    let (daemon_cpu, own_cpu) = (cpu_time(daemon_pid), cpu_time(std::process::id()));
     let loaded = flow.measure(WARM_UP + FLOWS, FLOWS);
-    let flood_rate = (counts.requests.load(Ordering::Relaxed) - before) as f64
-        / flood_started.elapsed().as_secs_f64();
+    let wall = flood_started.elapsed();
+    let (daemon_cpu, own_cpu) = (
+        cpu_time(daemon_pid) - daemon_cpu,
+        cpu_time(std::process::id()) - own_cpu,
+    );
+    let flood_rate = (counts.requests.load(Ordering::Relaxed) - before) as f64 / wall.as_secs_f64();
     stop.store(true, Ordering::Relaxed);
     for flooder in flooders {
         flooder.join().unwrap();
     }
 
-    let (u50, u99) = (percentile(&unloaded, 50.0), percentile(&unloaded, 99.0));
-    let (l50, l99) = (percentile(&loaded, 50.0), percentile(&loaded, 99.0));
+    let (u50, u90, u99) = (
+        percentile(&unloaded, 50.0),
+        percentile(&unloaded, 90.0),
+        percentile(&unloaded, 99.0),
+    );
+    let (l50, l90, l99) = (
+        percentile(&loaded, 50.0),
+        percentile(&loaded, 90.0),
+        percentile(&loaded, 99.0),
+    );
     println!(
-        "signing flow, {FLOWS} flows each: unloaded p50 {:.1} ms p99 {:.1} ms; under the flood \
-         p50 {:.1} ms p99 {:.1} ms (p99 ratio {:.2})",
+        "signing flow, {FLOWS} flows each: unloaded p50 {:.1} ms p90 {:.1} ms p99 {:.1} ms; \
+         under the flood p50 {:.1} ms p90 {:.1} ms p99 {:.1} ms (p99 ratio {:.2})",
         ms(u50),
+        ms(u90),
         ms(u99),
         ms(l50),
+        ms(l90),
         ms(l99),
         l99.as_secs_f64() / u99.as_secs_f64()
+    );
+    println!(
+        "CPU while measured under the flood ({:.2} s): the daemon {:.2} s, this test process \
+         (flood clients and the flow's client) {:.2} s, of {} cores",
+        wall.as_secs_f64(),
+        daemon_cpu.as_secs_f64(),
+        own_cpu.as_secs_f64(),
+        std::thread::available_parallelism().map_or(0, usize::from),
     );
     println!(
         "flood: {FLOOD_THREADS} threads, {} requests ({flood_rate:.0}/s while measured): OCSP \
