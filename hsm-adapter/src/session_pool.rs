@@ -12,6 +12,7 @@
 //! reachable without authentication) can neither fill the signing lane, which has its own bound,
 //! nor keep every worker busy: a user signature waits at most for the job a free worker is
 //! finishing.
+//!
 //! Finished replies go back in batches through a dispatcher task on the caller's runtime
 //! ([`dispatch`]), so that one cross-thread wake-up carries many replies.
 //!

@@ -436,14 +436,13 @@ impl EmbeddedCa {
         }
         let serial = normalise_serial(serial_hex)?;
         let state = Arc::clone(&self.state);
-        let logged = serial.clone();
         let stored = serial.clone();
         let revoked = blocking(move || state.revoke(&stored, reason_code, at)).await;
         // After the store has it (a response read before is refused from now on), and whatever
         // the outcome: a failed write may still have reached the disk.
         self.forget_ocsp(&serial);
         revoked?;
-        tracing::info!(serial = %logged, reason_code, "certificate revoked");
+        tracing::info!(serial = %serial, reason_code, "certificate revoked");
         Ok(())
     }
 
