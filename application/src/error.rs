@@ -89,6 +89,11 @@ pub enum AppError {
     /// The HSM cannot be used now.
     #[error("the HSM is unavailable")]
     HsmUnavailable(#[source] Cause),
+    /// The HSM is healthy but its queue is full: the same call may succeed a moment later.
+    /// The signing flow waits and tries again ([`crate::signing`]); elsewhere it is
+    /// `hsm_unavailable`.
+    #[error("the HSM is busy")]
+    HsmBusy(#[source] Cause),
     /// The audit log cannot be written: nothing may be done (fail closed).
     #[error("the audit log is unavailable")]
     AuditUnavailable(#[source] Cause),
@@ -141,7 +146,7 @@ impl AppError {
             InvalidHkic(_) => "invalid_hkic",
             HkicMismatch => "hkic_mismatch",
             Conflict => "conflict",
-            HsmUnavailable(_) => "hsm_unavailable",
+            HsmUnavailable(_) | HsmBusy(_) => "hsm_unavailable",
             AuditUnavailable(_) => "audit_unavailable",
             StatusUnavailable(_) => "status_unavailable",
             StoreUnavailable(_) => "store_unavailable",

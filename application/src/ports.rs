@@ -3,6 +3,7 @@
 //! of this crate implement them in memory (`tests/support`).
 
 use std::future::Future;
+use std::time::Duration;
 
 use ca_bridge::status::CertStatus;
 use ca_bridge::{IssueRequest, IssuedCertificate};
@@ -56,6 +57,10 @@ pub struct NewKey {
 }
 
 /// The HSM: user keys, sealing under the data key, keyed hashes and random bytes.
+///
+/// A call that finds the HSM's queue full gives [`AppError::HsmBusy`] at once (the HSM is
+/// healthy; the call may be made again); an HSM that cannot serve gives
+/// [`AppError::HsmUnavailable`].
 pub trait Keys: Send + Sync {
     /// Makes a user key of the configured algorithm and storage.
     fn generate(&self) -> impl Future<Output = Result<NewKey, AppError>> + Send;
@@ -101,6 +106,10 @@ pub trait Keys: Send + Sync {
 
     /// `len` random bytes from the HSM's generator.
     fn random(&self, len: usize) -> impl Future<Output = Result<Vec<u8>, AppError>> + Send;
+
+    /// Waits `pause` before a call that found the HSM busy ([`AppError::HsmBusy`]) is made
+    /// again (the daemon sleeps on its runtime's timer).
+    fn busy_pause(&self, pause: Duration) -> impl Future<Output = ()> + Send;
 }
 
 /// The CA's word on a certificate: OCSP, then the CRL, with a cache of fresh answers.

@@ -4,6 +4,9 @@
 //! transaction), the HSM signs, the signature's audit record is made durable, and only then is
 //! the request `signed` and its sealed result released.
 
+use std::future::Future;
+use std::time::Duration;
+
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use ca_bridge::signed_data::{SignatureAlg, SignedAttributes};
@@ -55,6 +58,16 @@ const MAX_DESCRIPTION: usize = 200;
 
 /// How often an authorisation re-reads after losing a race before it gives up with `conflict`.
 const AUTHORISE_TRIES: usize = 4;
+
+/// How long, in all, an authorised signature waits for an HSM whose queue is full before the
+/// request fails. The queue is full only for moments (a burst of work ahead of it), so waiting
+/// is better than failing an approval the user cannot give again; the caller (the gateway's
+/// HTTP request) is held meanwhile, so this stays well below its timeouts.
+pub const HSM_BUSY_WAIT: Duration = Duration::from_secs(10);
+/// The first pause before a busy HSM is asked again; each next one doubles, up to
+/// [`HSM_BUSY_MAX_PAUSE`].
+const HSM_BUSY_FIRST_PAUSE: Duration = Duration::from_millis(2);
+const HSM_BUSY_MAX_PAUSE: Duration = Duration::from_millis(100);
 
 /// Makes a signing request (pending) for an account that may sign now. A refusal is audited
 /// (`signing.create_denied`) before it is returned.
@@ -583,14 +596,11 @@ impl<P: Ports> Attempt<'_, P> {
         .map_err(AppError::fault)?;
         // The raw signature over the hash and the CMS signature over the signed attributes, in
         // one trip to the HSM.
-        let signatures = ports
-            .sign(
-                &key_ref,
-                request.hash_algorithm,
-                &request.hash,
-                &attributes.digest_to_sign(),
-            )
-            .await?;
+        let to_sign = attributes.digest_to_sign();
+        let signatures = when_hsm_free(ports, || {
+            ports.sign(&key_ref, request.hash_algorithm, &request.hash, &to_sign)
+        })
+        .await?;
         let algorithm = signature_algorithm(signatures.algorithm, request.hash_algorithm);
         let cms_signature = cms_signature(signatures.algorithm, request.hash_algorithm);
         let mut certificates: Vec<&[u8]> = vec![&certificate_der];
@@ -626,10 +636,38 @@ impl<P: Ports> Attempt<'_, P> {
             "signed_at": rfc3339(signed_at),
         });
         let plain = Zeroizing::new(serde_json::to_vec(&result).map_err(AppError::fault)?);
-        let sealed = ports.seal("result", request.id.as_str(), &plain).await?;
+        let sealed =
+            when_hsm_free(ports, || ports.seal("result", request.id.as_str(), &plain)).await?;
         ports.step("signing-after-signed-record");
         request.mark_signed(sealed, signed_at);
         Ok(algorithm)
+    }
+}
+
+/// Makes an HSM call of an authorised signature, again after a pause each time the HSM is busy
+/// (its queue full), for up to [`HSM_BUSY_WAIT`] of pauses in all: a burst of other work must
+/// not fail a request the user approved while the HSM is healthy. Any other outcome, and a
+/// busy HSM past that, is returned as it is.
+async fn when_hsm_free<P, T, F, Fut>(ports: &P, mut call: F) -> Result<T, AppError>
+where
+    P: Ports,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, AppError>>,
+{
+    let mut waited = Duration::ZERO;
+    let mut pause = HSM_BUSY_FIRST_PAUSE;
+    loop {
+        match call().await {
+            Err(AppError::HsmBusy(cause)) if waited + pause <= HSM_BUSY_WAIT => {
+                if waited.is_zero() {
+                    tracing::warn!(error = %cause, "HSM busy; the signature waits for it");
+                }
+                ports.busy_pause(pause).await;
+                waited += pause;
+                pause = (pause * 2).min(HSM_BUSY_MAX_PAUSE);
+            }
+            other => return other,
+        }
     }
 }
 
@@ -720,9 +758,10 @@ async fn prepare<P: Ports>(
     now: OffsetDateTime,
 ) -> Result<Prepared, AppError> {
     let certificate = signable(ports, account, now).await?;
-    let certificate_der = ports
-        .unseal("certificate", account.id.as_str(), &certificate.sealed_der)
-        .await?;
+    let certificate_der = when_hsm_free(ports, || {
+        ports.unseal("certificate", account.id.as_str(), &certificate.sealed_der)
+    })
+    .await?;
     confirm_good(ports, &certificate, Some(&certificate_der), now).await?;
     if certificate.serial != request.certificate {
         // The certificate changed since the request was made (renewal): the user authorised a

@@ -815,3 +815,54 @@ async fn three_hkic_mismatches_in_a_day_lock_hkic_carrying_requests() {
         "{outcome:?}"
     );
 }
+
+#[tokio::test]
+async fn an_approved_signature_waits_for_a_busy_hsm_and_signs() {
+    let ports = Memory::new();
+    let device = Device::new(41);
+    support::account(&ports, "u-busy", &device, now());
+    let request = request(&ports, "u-busy").await;
+    // The HSM's queue is full for a while at each step of the signature: reading the
+    // certificate, signing, sealing the result.
+    ports.keys.busy_unseals.store(2, Ordering::SeqCst);
+    ports.keys.busy_signs.store(5, Ordering::SeqCst);
+    ports.keys.busy_seals.store(3, Ordering::SeqCst);
+    assert_eq!(
+        authorise(&ports, &request, &device, Decision::Approve)
+            .await
+            .unwrap(),
+        Authorised::Signed
+    );
+    assert_eq!(stored(&ports, &request.id).status, SigningStatus::Signed);
+    assert_eq!(ports.keys.signatures.load(Ordering::SeqCst), 1);
+    let pauses = ports.keys.busy_pauses.lock().unwrap().clone();
+    assert_eq!(pauses.len(), 2 + 5 + 3, "one pause per busy answer");
+    // Growing pauses, within the bound.
+    assert!(pauses[3] > pauses[2]);
+    assert!(pauses.iter().sum::<std::time::Duration>() <= signing::HSM_BUSY_WAIT);
+    assert_eq!(ports.audit.count("signing.failed", request.id.as_str()), 0);
+    assert_eq!(ports.audit.count("signing.signed", request.id.as_str()), 1);
+}
+
+#[tokio::test]
+async fn an_hsm_busy_past_the_wait_fails_the_request_once() {
+    let ports = Memory::new();
+    let device = Device::new(42);
+    support::account(&ports, "u-busy-long", &device, now());
+    let request = request(&ports, "u-busy-long").await;
+    ports.keys.busy_signs.store(usize::MAX, Ordering::SeqCst);
+    let error = authorise(&ports, &request, &device, Decision::Approve)
+        .await
+        .unwrap_err();
+    assert!(matches!(error, AppError::HsmBusy(_)), "{error:?}");
+    assert_eq!(error.code(), "hsm_unavailable");
+    assert_eq!(stored(&ports, &request.id).status, SigningStatus::Failed);
+    assert_eq!(ports.keys.signatures.load(Ordering::SeqCst), 0);
+    let waited: std::time::Duration = ports.keys.busy_pauses.lock().unwrap().iter().sum();
+    assert!(waited <= signing::HSM_BUSY_WAIT);
+    assert!(
+        waited >= signing::HSM_BUSY_WAIT / 2,
+        "gave up early: {waited:?}"
+    );
+    assert_eq!(ports.audit.count("signing.failed", request.id.as_str()), 1);
+}

@@ -34,6 +34,7 @@ mod x509;
 
 pub use embedded_ca::{
     CaProfileConfig, CertificateState, DEFAULT_ADULT_POLICY_OID, DEFAULT_MINOR_POLICY_OID,
-    EmbeddedCa, IssueRequest, IssuedCertificate, PolicyOid, Profile, Revocation,
+    EmbeddedCa, IssueRequest, IssuedCertificate, MAX_OCSP_CERT_IDS, OcspStats, PolicyOid, Profile,
+    Revocation,
 };
 pub use error::CaError;

@@ -15,8 +15,8 @@ use ca_bridge::ocsp::{OcspQuery, OcspStatus};
 use ca_bridge::transport::HttpTransport;
 use ca_bridge::{EmbeddedCa, IssuedCertificate};
 use common::{
-    HOUR, TestServer, assert_contains, ca_endpoints, cert_der, issue, open_ca, openssl, openssl_in,
-    run_any,
+    HOUR, TestServer, another_hsm, assert_contains, ca_config, ca_endpoints, cert_der, issue,
+    open_ca, openssl, openssl_in, run_any,
 };
 use der::Decode;
 use tempfile::TempDir;
@@ -248,4 +248,209 @@ async fn openssl_verifies_the_crl_and_refuses_the_revoked_certificate() {
         a.len() < b.len() || (a.len() == b.len() && a < b),
         "CRL number did not grow"
     );
+}
+
+/// `openssl ocsp` writes a request (DER) for `args` into `dir/file`, without sending it.
+fn openssl_request(dir: &Path, file: &str, args: &[&str]) -> Vec<u8> {
+    let mut all = vec!["ocsp", "-reqout", file];
+    all.extend_from_slice(args);
+    openssl_in(dir, &all);
+    std::fs::read(dir.join(file)).unwrap()
+}
+
+/// `openssl ocsp` reads the response `der` for `ee.pem`, verifies it against the root and
+/// prints it.
+fn openssl_reads(dir: &Path, der: &[u8]) -> String {
+    std::fs::write(dir.join("resp.der"), der).unwrap();
+    let (ok, text) = run_any(openssl().current_dir(dir).args([
+        "ocsp",
+        "-respin",
+        "resp.der",
+        "-issuer",
+        "issuing.pem",
+        "-cert",
+        "ee.pem",
+        "-CAfile",
+        "root.pem",
+        "-verify_other",
+        "issuing.pem",
+        "-no_nonce",
+        "-resp_text",
+    ]));
+    assert!(ok, "openssl ocsp -respin failed:\n{text}");
+    text
+}
+
+fn status_of(der: &[u8]) -> OcspResponseStatus {
+    OcspResponse::from_der(der).unwrap().response_status
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_without_nonce_is_answered_from_the_cache_until_revocation_or_refresh() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = open_ca(dir.path()).await;
+    let ee = issue(&ca, dir.path(), "ee.pem").await;
+    let request = openssl_request(
+        dir.path(),
+        "req.der",
+        &["-issuer", "issuing.pem", "-cert", "ee.pem", "-no_nonce"],
+    );
+    let now = SystemTime::now();
+
+    // A flood of the same query: one signature, the other answers from the cache, all equal.
+    let before = ca.ocsp_stats();
+    let first = ca.ocsp_response(&request, now, HOUR).await;
+    for i in 1..100u64 {
+        let again = ca
+            .ocsp_response(&request, now + Duration::from_secs(i), HOUR)
+            .await;
+        assert_eq!(again, first, "answer {i} is not the cached one");
+    }
+    let after = ca.ocsp_stats();
+    println!("100 identical queries: {before:?} -> {after:?}");
+    assert_eq!(after.signed - before.signed, 1, "one HSM signature");
+    assert_eq!(after.cache_hits - before.cache_hits, 99);
+    let text = openssl_reads(dir.path(), &first);
+    assert_contains(
+        &text,
+        &["Response verify OK", "ee.pem: good", "Next Update:"],
+    );
+
+    // Revoked: the cached "good" is gone at once.
+    ca.revoke(&ee.serial_hex, 1, now).await.unwrap();
+    let revoked = ca
+        .ocsp_response(&request, now + Duration::from_secs(100), HOUR)
+        .await;
+    assert_ne!(revoked, first);
+    let text = openssl_reads(dir.path(), &revoked);
+    assert_contains(
+        &text,
+        &[
+            "Response verify OK",
+            "ee.pem: revoked",
+            "Reason: keyCompromise",
+        ],
+    );
+    assert_eq!(ca.ocsp_stats().signed - before.signed, 2);
+    // ... and that answer is cached in turn.
+    let again = ca
+        .ocsp_response(&request, now + Duration::from_secs(101), HOUR)
+        .await;
+    assert_eq!(again, revoked);
+    assert_eq!(ca.ocsp_stats().signed - before.signed, 2);
+
+    // Half the validity later it is made again (so that it keeps half its life), and when the
+    // clock moved back before its thisUpdate.
+    let later = ca
+        .ocsp_response(&request, now + HOUR / 2 + Duration::from_secs(100), HOUR)
+        .await;
+    assert_ne!(later, revoked);
+    assert_eq!(ca.ocsp_stats().signed - before.signed, 3);
+    let earlier = ca
+        .ocsp_response(&request, now - Duration::from_secs(60), HOUR)
+        .await;
+    assert_ne!(earlier, later);
+    assert_eq!(ca.ocsp_stats().signed - before.signed, 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_cost_no_hsm_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = open_ca(dir.path()).await;
+    let ee = issue(&ca, dir.path(), "ee.pem").await;
+    let now = SystemTime::now();
+    let before = ca.ocsp_stats();
+
+    // More CertIDs than allowed.
+    let mut args = vec!["-issuer", "issuing.pem", "-no_nonce"];
+    let serials = ["0x1", "0x2", "0x3", "0x4", "0x5"];
+    for serial in &serials[..=ca_bridge::MAX_OCSP_CERT_IDS] {
+        args.extend(["-serial", serial]);
+    }
+    let too_many = openssl_request(dir.path(), "many.der", &args);
+    let answer = ca.ocsp_response(&too_many, now, HOUR).await;
+    assert_eq!(status_of(&answer), OcspResponseStatus::MalformedRequest);
+
+    // Only another issuer's CertIDs: not ours to answer.
+    let foreign = openssl_request(
+        dir.path(),
+        "foreign.der",
+        &["-issuer", "root.pem", "-serial", "0x1234", "-no_nonce"],
+    );
+    let answer = ca.ocsp_response(&foreign, now, HOUR).await;
+    assert_eq!(status_of(&answer), OcspResponseStatus::Unauthorized);
+
+    // A nonce longer than RFC 8954 allows.
+    let long_nonce = OcspQuery::with_nonce(ca.issuing_der(), &ee.der, vec![7; 33]).unwrap();
+    let answer = ca.ocsp_response(long_nonce.der(), now, HOUR).await;
+    assert_eq!(status_of(&answer), OcspResponseStatus::MalformedRequest);
+
+    // Garbage.
+    let answer = ca.ocsp_response(&[0x30, 0x03, 0x02, 0x01], now, HOUR).await;
+    assert_eq!(status_of(&answer), OcspResponseStatus::MalformedRequest);
+
+    let after = ca.ocsp_stats();
+    assert_eq!(
+        after.signed, before.signed,
+        "no HSM signature for a refusal"
+    );
+    assert_eq!(after.refused - before.refused, 4);
+
+    // The most CertIDs allowed are answered, in one response; with a nonce, each request is
+    // signed afresh (and answered with its own nonce).
+    let mut args = vec!["-issuer", "issuing.pem", "-cert", "ee.pem"];
+    for serial in &serials[..ca_bridge::MAX_OCSP_CERT_IDS - 1] {
+        args.extend(["-serial", serial]);
+    }
+    let most = openssl_request(dir.path(), "most.der", &args);
+    for _ in 0..2 {
+        let answer = ca.ocsp_response(&most, now, HOUR).await;
+        assert_eq!(status_of(&answer), OcspResponseStatus::Successful);
+    }
+    assert_eq!(ca.ocsp_stats().signed - after.signed, 2);
+    let query = OcspQuery::new(ca.issuing_der(), &ee.der).unwrap();
+    let answer = ca.ocsp_response(query.der(), now, HOUR).await;
+    assert_eq!(
+        query.check_response(&answer, now).unwrap().status,
+        OcspStatus::Good
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_background_lane_answers_try_later_at_once() {
+    // A CA on an HSM whose background lane holds one request, asked for many fresh (nonce)
+    // responses at once: some are signed, the others get tryLater, none fails otherwise.
+    let hsm = another_hsm(|config| config.with_background_queue_capacity(1)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Arc::new(
+        EmbeddedCa::open(hsm, dir.path(), ca_config(), SystemTime::now())
+            .await
+            .unwrap(),
+    );
+    let ee = issue(&ca, dir.path(), "ee.pem").await;
+    let before = ca.ocsp_stats();
+    const REQUESTS: usize = 64;
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..REQUESTS {
+        let (ca, der) = (Arc::clone(&ca), ee.der.clone());
+        tasks.spawn(async move {
+            let query = OcspQuery::new(ca.issuing_der(), &der).unwrap();
+            let answer = ca.ocsp_response(query.der(), SystemTime::now(), HOUR).await;
+            status_of(&answer)
+        });
+    }
+    let (mut signed, mut later) = (0, 0);
+    while let Some(status) = tasks.join_next().await {
+        match status.unwrap() {
+            OcspResponseStatus::Successful => signed += 1,
+            OcspResponseStatus::TryLater => later += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let stats = ca.ocsp_stats();
+    println!("{REQUESTS} nonce requests at once: {signed} signed, {later} tryLater");
+    assert_eq!(signed + later, REQUESTS);
+    assert!(signed > 0 && later > 0, "{signed} signed, {later} tryLater");
+    assert_eq!(stats.signed - before.signed, signed as u64);
+    assert_eq!(stats.refused - before.refused, later as u64);
 }

@@ -22,8 +22,12 @@ use zeroize::Zeroizing;
 
 use crate::app::App;
 
-/// An HSM failure: `hsm_unavailable` when it cannot serve now, a fault otherwise.
+/// An HSM failure: busy when its queue is full (the signing flow waits and tries again),
+/// `hsm_unavailable` when it cannot serve now, a fault otherwise.
 pub(crate) fn hsm_error(error: hsm_adapter::HsmError) -> AppError {
+    if matches!(error, hsm_adapter::HsmError::Busy) {
+        return AppError::HsmBusy(error.into());
+    }
     match error.kind() {
         hsm_adapter::ErrorKind::Unavailable => AppError::HsmUnavailable(error.into()),
         _ => AppError::fault(error),
@@ -162,6 +166,10 @@ impl Keys for App {
 
     async fn random(&self, len: usize) -> Result<Vec<u8>, AppError> {
         self.hsm.random(len).await.map_err(hsm_error)
+    }
+
+    async fn busy_pause(&self, pause: std::time::Duration) {
+        tokio::time::sleep(pause).await;
     }
 }
 

@@ -316,7 +316,7 @@ impl From<application::AppError> for ApiError {
             App::InvalidHkic(detail) => ApiError::InvalidHkic(detail),
             App::HkicMismatch => ApiError::HkicMismatch,
             App::Conflict => ApiError::Conflict,
-            App::HsmUnavailable(cause) => {
+            App::HsmUnavailable(cause) | App::HsmBusy(cause) => {
                 tracing::error!(error = %cause, "HSM unavailable");
                 ApiError::HsmUnavailable
             }

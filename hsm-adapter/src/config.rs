@@ -39,6 +39,8 @@ pub struct HsmConfig {
     pub(crate) workers: NonZeroUsize,
     pub(crate) wrapped_key_cache: usize,
     pub(crate) queue_capacity: usize,
+    pub(crate) background_queue_capacity: usize,
+    pub(crate) background_workers: Option<NonZeroUsize>,
     pub(crate) max_reply_delay: Duration,
     pub(crate) worker_cpus: Vec<usize>,
 }
@@ -48,8 +50,12 @@ impl HsmConfig {
     pub const DEFAULT_WORKERS: usize = 2;
     /// Default number of unwrapped keys each worker keeps.
     pub const DEFAULT_WRAPPED_KEY_CACHE: usize = 64;
-    /// Default number of requests that may wait for a worker.
+    /// Default number of requests that may wait for a worker in the signing lane.
     pub const DEFAULT_QUEUE_CAPACITY: usize = 4096;
+    /// Default number of requests that may wait in the background lane (CA, OCSP, CRL, audit
+    /// checkpoints): a few hundred milliseconds of CA signatures, beyond which callers are told
+    /// [`crate::HsmError::Busy`] at once.
+    pub const DEFAULT_BACKGROUND_QUEUE_CAPACITY: usize = 256;
     /// Default longest time a busy worker holds a finished reply back.
     pub const DEFAULT_MAX_REPLY_DELAY: Duration = Duration::from_millis(2);
 
@@ -62,6 +68,8 @@ impl HsmConfig {
             workers: NonZeroUsize::MIN.saturating_add(Self::DEFAULT_WORKERS - 1),
             wrapped_key_cache: Self::DEFAULT_WRAPPED_KEY_CACHE,
             queue_capacity: Self::DEFAULT_QUEUE_CAPACITY,
+            background_queue_capacity: Self::DEFAULT_BACKGROUND_QUEUE_CAPACITY,
+            background_workers: None,
             max_reply_delay: Self::DEFAULT_MAX_REPLY_DELAY,
             worker_cpus: Vec::new(),
         }
@@ -80,10 +88,36 @@ impl HsmConfig {
         self
     }
 
-    /// Number of requests that may wait for a worker before callers get [`crate::HsmError::Busy`].
+    /// Number of requests that may wait in the signing lane ([`crate::Lane::Signing`]) before
+    /// callers get [`crate::HsmError::Busy`].
     pub fn with_queue_capacity(mut self, capacity: usize) -> Self {
         self.queue_capacity = capacity.max(1);
         self
+    }
+
+    /// Number of requests that may wait in the background lane ([`crate::Lane::Background`])
+    /// before its callers get [`crate::HsmError::Busy`]. It has its own bound: background work
+    /// can never take the signing lane's room.
+    pub fn with_background_queue_capacity(mut self, capacity: usize) -> Self {
+        self.background_queue_capacity = capacity.max(1);
+        self
+    }
+
+    /// At most this many workers run background jobs at a time (capped at the number of
+    /// workers). The default is every worker but one (one when there is one worker), so that a
+    /// worker is always free for a user signature. Workers always take the signing lane first.
+    pub fn with_background_workers(mut self, workers: NonZeroUsize) -> Self {
+        self.background_workers = Some(workers);
+        self
+    }
+
+    /// How many workers may run background jobs at once.
+    pub(crate) fn background_worker_limit(&self) -> usize {
+        let workers = self.workers.get();
+        match self.background_workers {
+            Some(limit) => limit.get().min(workers),
+            None => workers.saturating_sub(1).max(1),
+        }
     }
 
     /// How long a busy worker may hold finished replies back to hand several over with one
@@ -135,6 +169,8 @@ impl fmt::Debug for HsmConfig {
             .field("workers", &self.workers)
             .field("wrapped_key_cache", &self.wrapped_key_cache)
             .field("queue_capacity", &self.queue_capacity)
+            .field("background_queue_capacity", &self.background_queue_capacity)
+            .field("background_workers", &self.background_workers)
             .field("max_reply_delay", &self.max_reply_delay)
             .field("worker_cpus", &self.worker_cpus)
             .finish()

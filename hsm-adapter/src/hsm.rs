@@ -18,10 +18,14 @@ use crate::keys::{
 use crate::operations::{self, MAX_RANDOM_LEN, SignRequest, SigningKey};
 use crate::provision::{self, ProvisionReport};
 use crate::public_key::PublicKeySpki;
-use crate::session_pool::{self, Cost, Pool, Retry, WorkerCtx, job};
+use crate::session_pool::{self, Cost, Lane, Pool, Retry, WorkerCtx, job};
 use crate::templates::system_key_algorithm;
 
 /// A token, opened: a pool of worker threads each holding a logged-in session.
+///
+/// Calls queue in one of two lanes ([`Lane`]): [`Hsm::sign_with_system_key`] (CA, OCSP, CRL,
+/// audit checkpoints) in the background lane, everything else (user signatures first of all) in
+/// the signing lane, which the workers always serve first.
 ///
 /// Share it with `Arc<Hsm>`. Replies travel over tokio oneshot channels, which work under any
 /// executor. Opened inside a tokio runtime, it also runs a small task there that hands out the
@@ -223,6 +227,11 @@ impl Hsm {
     }
 
     /// Signs `digest` with a system signing key (audit, CA); returns a DER ECDSA signature.
+    ///
+    /// It runs in the background lane ([`Lane::Background`]): after any waiting user signature,
+    /// on at most the configured number of workers, with its own queue bound
+    /// ([`HsmError::Busy`] when that is full). Every other call of this API runs in the signing
+    /// lane.
     pub async fn sign_with_system_key(
         &self,
         key: SystemKey,
@@ -237,7 +246,7 @@ impl Hsm {
             SignRequest::new(system_key_algorithm(curve), SignatureScheme::Ecdsa, digest)?;
         let encoding = request.encoding();
         let raw = self
-            .call(Retry::Once, Cost::Short, move |ctx| {
+            .call_in(Lane::Background, Retry::Once, Cost::Short, move |ctx| {
                 ctx.sign_system(key, &request)
             })
             .await?;
@@ -379,13 +388,34 @@ impl Hsm {
         let _ = joined.await;
     }
 
+    /// How many requests wait in `lane` now (for metrics and tests).
+    pub fn queued(&self, lane: Lane) -> usize {
+        self.pool.queued(lane)
+    }
+
+    /// Runs `op` on a worker, queued in the signing lane.
     async fn call<T, F>(&self, retry: Retry, cost: Cost, op: F) -> Result<T, HsmError>
     where
         T: Send + 'static,
         F: FnMut(&mut WorkerCtx) -> Result<T, HsmError> + Send + 'static,
     {
+        self.call_in(Lane::Signing, retry, cost, op).await
+    }
+
+    /// Runs `op` on a worker, queued in `lane`; [`HsmError::Busy`] at once when it is full.
+    async fn call_in<T, F>(
+        &self,
+        lane: Lane,
+        retry: Retry,
+        cost: Cost,
+        op: F,
+    ) -> Result<T, HsmError>
+    where
+        T: Send + 'static,
+        F: FnMut(&mut WorkerCtx) -> Result<T, HsmError> + Send + 'static,
+    {
         let (job, reply) = job(retry, cost, op);
-        self.pool.submit(job)?;
+        self.pool.submit(lane, job)?;
         reply.await.map_err(|_| HsmError::Closed)?
     }
 }

@@ -57,3 +57,4 @@ pub use keys::{
 };
 pub use provision::ProvisionReport;
 pub use public_key::PublicKeySpki;
+pub use session_pool::Lane;

@@ -1,8 +1,18 @@
-//! HSM worker threads, each owning one logged-in session, fed from one shared queue.
+//! HSM worker threads, each owning one logged-in session, fed from two queues (lanes).
 //!
 //! PKCS#11 never runs on an async runtime thread: the async API (`hsm.rs`) turns each call into a
-//! [`Job`], pushes it onto a bounded multi-consumer queue, and awaits a oneshot reply. Any idle
-//! worker takes the next job, so a slow job (RSA key generation) does not hold up the others.
+//! [`Job`], pushes it onto one of two bounded multi-consumer queues, and awaits a oneshot reply.
+//! Any idle worker takes the next job, so a slow job (RSA key generation) does not hold up the
+//! others.
+//!
+//! The two lanes ([`Lane`]): user signing and what a user waits for go to [`Lane::Signing`]; CA,
+//! OCSP, CRL and audit-checkpoint signatures go to [`Lane::Background`]. A worker always takes
+//! from the signing lane first, and at most `background_workers` workers (by default all but
+//! one) run background jobs at a time, so that a flood of background work (the CA listener is
+//! reachable without authentication) can neither fill the signing lane, which has its own bound,
+//! nor keep every worker busy: a user signature waits at most for the job a free worker is
+//! finishing.
+//!
 //! Finished replies go back in batches through a dispatcher task on the caller's runtime
 //! ([`dispatch`]), so that one cross-thread wake-up carries many replies.
 //!
@@ -17,7 +27,7 @@
 use std::fmt;
 use std::num::NonZeroUsize;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -444,11 +454,69 @@ pub(crate) enum Control {
     },
 }
 
+/// The queue a job waits in (see the module documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Lane {
+    /// User signatures and the calls of the user-facing flows: served first.
+    Signing,
+    /// CA, OCSP, CRL and audit-checkpoint signatures: served when no signing job waits, by at
+    /// most the configured number of workers at a time.
+    Background,
+}
+
+/// The receiving side of both lanes, shared by the workers.
+struct Lanes {
+    signing: Receiver<Job>,
+    background: Receiver<Job>,
+    /// Workers running (or waiting for) a background job.
+    background_running: Arc<AtomicUsize>,
+    background_limit: usize,
+}
+
+/// How long a worker that may not take background work now waits on the signing lane before it
+/// looks again. A background worker that finishes takes the next background job itself, so this
+/// only bounds how long background work waits when the worker holding the permit went to a
+/// signing job meanwhile; it also sets how often an idle worker without the permit wakes.
+const BACKGROUND_RECHECK: Duration = Duration::from_millis(20);
+
+/// A permit to run background work; returned when dropped.
+struct BackgroundPermit(Arc<AtomicUsize>);
+
+impl Drop for BackgroundPermit {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Lanes {
+    /// A permit, unless `background_limit` workers hold one already.
+    fn background_permit(&self) -> Option<BackgroundPermit> {
+        self.background_running
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |running| {
+                (running < self.background_limit).then_some(running + 1)
+            })
+            .ok()
+            .map(|_| BackgroundPermit(Arc::clone(&self.background_running)))
+    }
+}
+
+/// What a worker does next.
+enum Next {
+    Job(Job, Option<BackgroundPermit>),
+    Control(Control),
+    /// Nothing came within [`BACKGROUND_RECHECK`]: look again.
+    Again,
+    /// The pool is stopping: finish what is queued and exit.
+    Stop,
+}
+
 /// The worker threads of one [`crate::Hsm`].
 #[derive(Debug)]
 pub(crate) struct Pool {
     shared: Arc<Shared>,
-    jobs: Sender<Job>,
+    signing: Sender<Job>,
+    background: Sender<Job>,
     controls: Vec<Sender<Control>>,
     threads: Vec<JoinHandle<()>>,
 }
@@ -492,7 +560,11 @@ impl Pool {
             sessions_lost: AtomicU64::new(0),
             directory: RwLock::new(directory),
         });
-        let (jobs, job_queue) = crossbeam_channel::bounded(config.queue_capacity);
+        let (signing, signing_queue) = crossbeam_channel::bounded(config.queue_capacity);
+        let (background, background_queue) =
+            crossbeam_channel::bounded(config.background_queue_capacity);
+        let background_running = Arc::new(AtomicUsize::new(0));
+        let background_limit = config.background_worker_limit();
         let max_reply_delay = config.max_reply_delay;
         let mut controls = Vec::with_capacity(sessions.len());
         let mut threads = Vec::with_capacity(sessions.len());
@@ -500,7 +572,12 @@ impl Pool {
         for (i, session) in sessions.into_iter().enumerate() {
             let (control, control_queue) = crossbeam_channel::unbounded();
             let ctx = WorkerCtx::new(Arc::clone(&shared), session, config.wrapped_key_cache);
-            let job_queue = job_queue.clone();
+            let lanes = Lanes {
+                signing: signing_queue.clone(),
+                background: background_queue.clone(),
+                background_running: Arc::clone(&background_running),
+                background_limit,
+            };
             let dispatcher = dispatcher.clone();
             let cpu = match config.worker_cpus.len() {
                 0 => None,
@@ -517,7 +594,7 @@ impl Pool {
                         return;
                     }
                     let held = HeldReplies::new(max_reply_delay, dispatcher);
-                    worker_loop(ctx, job_queue, control_queue, held)
+                    worker_loop(ctx, &lanes, control_queue, held)
                 })
                 .map_err(HsmError::WorkerSpawn)?;
             controls.push(control);
@@ -533,7 +610,8 @@ impl Pool {
         }
         Ok(Pool {
             shared,
-            jobs,
+            signing,
+            background,
             controls,
             threads,
         })
@@ -547,12 +625,25 @@ impl Pool {
         &self.shared
     }
 
-    /// Queues a job; fails at once when the queue is full rather than blocking the caller.
-    pub(crate) fn submit(&self, job: Job) -> Result<(), HsmError> {
-        self.jobs.try_send(job).map_err(|err| match err {
+    /// Queues a job in `lane`; fails at once when that lane is full rather than blocking the
+    /// caller.
+    pub(crate) fn submit(&self, lane: Lane, job: Job) -> Result<(), HsmError> {
+        let queue = match lane {
+            Lane::Signing => &self.signing,
+            Lane::Background => &self.background,
+        };
+        queue.try_send(job).map_err(|err| match err {
             TrySendError::Full(_) => HsmError::Busy,
             TrySendError::Disconnected(_) => HsmError::Closed,
         })
+    }
+
+    /// How many jobs wait in `lane`.
+    pub(crate) fn queued(&self, lane: Lane) -> usize {
+        match lane {
+            Lane::Signing => self.signing.len(),
+            Lane::Background => self.background.len(),
+        }
     }
 
     /// Asks every worker to drop its unwrapped copy of `blob`; the receivers fire when done.
@@ -576,7 +667,8 @@ impl Pool {
     /// Stops taking jobs; the workers finish what is queued, close their sessions and exit.
     /// Returns the threads to join.
     pub(crate) fn stop(self) -> Vec<JoinHandle<()>> {
-        drop(self.jobs);
+        drop(self.signing);
+        drop(self.background);
         drop(self.controls);
         self.threads
     }
@@ -584,54 +676,99 @@ impl Pool {
 
 fn worker_loop(
     mut ctx: WorkerCtx,
-    jobs: Receiver<Job>,
+    lanes: &Lanes,
     control: Receiver<Control>,
     mut held: HeldReplies,
 ) {
     // One reference for the loop, so that jobs do not touch the shared reference count.
     let shared = Arc::clone(&ctx.shared);
     loop {
-        let message = match control.try_recv() {
-            Ok(message) => Message::Control(message),
-            Err(_) => match jobs.try_recv() {
-                Ok(job) => Message::Job(job),
-                Err(_) => {
+        let next = match control.try_recv() {
+            Ok(message) => Next::Control(message),
+            Err(_) => match take_job(lanes) {
+                Some((job, permit)) => Next::Job(job, permit),
+                None => {
                     // Nothing waiting: hand back what is done before sleeping.
                     held.hand_over();
-                    crossbeam_channel::select! {
-                        recv(jobs) -> job => match job {
-                            Ok(job) => Message::Job(job),
-                            Err(_) => break,
-                        },
-                        recv(control) -> message => match message {
-                            Ok(message) => Message::Control(message),
-                            Err(_) => break,
-                        },
-                    }
+                    wait(lanes, &control)
                 }
             },
         };
-        match message {
-            Message::Job(job) => {
+        match next {
+            Next::Job(job, permit) => {
                 if job.cost == Cost::Long {
                     held.hand_over();
                 }
                 let started = Instant::now();
                 run_job(&shared, &mut ctx, job, &mut held);
+                drop(permit);
                 if held.is_due(started.elapsed()) {
                     held.hand_over();
                 }
             }
-            Message::Control(message) => run_control(&shared, &mut ctx, message),
+            Next::Control(message) => run_control(&shared, &mut ctx, message),
+            Next::Again => {}
+            Next::Stop => break,
         }
+    }
+    // Stopping: the queues are closed, what is still queued is run (any worker may, past the
+    // background limit: nothing new can arrive).
+    while let Ok(job) = lanes
+        .signing
+        .try_recv()
+        .or_else(|_| lanes.background.try_recv())
+    {
+        run_job(&shared, &mut ctx, job, &mut held);
     }
     held.hand_over();
     // Dropping the context closes the session, which destroys its session objects.
 }
 
-enum Message {
-    Job(Job),
-    Control(Control),
+/// The next queued job without waiting: the signing lane first, then the background lane if
+/// this worker may take background work now.
+fn take_job(lanes: &Lanes) -> Option<(Job, Option<BackgroundPermit>)> {
+    if let Ok(job) = lanes.signing.try_recv() {
+        return Some((job, None));
+    }
+    let permit = lanes.background_permit()?;
+    match lanes.background.try_recv() {
+        Ok(job) => Some((job, Some(permit))),
+        Err(_) => None,
+    }
+}
+
+/// Sleeps until a job or a control message comes. A worker that may take background work waits
+/// on both lanes (holding the permit while it waits, so that the limit counts it); one that may
+/// not waits on the signing lane only, looking again every [`BACKGROUND_RECHECK`].
+fn wait(lanes: &Lanes, control: &Receiver<Control>) -> Next {
+    match lanes.background_permit() {
+        Some(permit) => crossbeam_channel::select! {
+            recv(lanes.signing) -> job => match job {
+                Ok(job) => Next::Job(job, None),
+                Err(_) => Next::Stop,
+            },
+            recv(lanes.background) -> job => match job {
+                Ok(job) => Next::Job(job, Some(permit)),
+                Err(_) => Next::Stop,
+            },
+            recv(control) -> message => match message {
+                Ok(message) => Next::Control(message),
+                Err(_) => Next::Stop,
+            },
+        },
+        None => crossbeam_channel::select! {
+            recv(lanes.signing) -> job => match job {
+                Ok(job) => Next::Job(job, None),
+                Err(_) => Next::Stop,
+            },
+            recv(control) -> message => match message {
+                Ok(message) => Next::Control(message),
+                Err(_) => Next::Stop,
+            },
+            // A closed lane is always ready above, so stopping never waits here.
+            default(BACKGROUND_RECHECK) => Next::Again,
+        },
+    }
 }
 
 fn run_job(shared: &Shared, ctx: &mut WorkerCtx, job: Job, held: &mut HeldReplies) {

@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use application::AppError;
 use application::ports::{
@@ -100,6 +100,24 @@ pub struct MemoryKeys {
     pub release_sign: Notify,
     pub destroyed: Mutex<Vec<Vec<u8>>>,
     random: AtomicU64,
+    /// The next this-many signing calls find the HSM busy (its queue full).
+    pub busy_signs: AtomicUsize,
+    /// The next this-many seal calls find the HSM busy.
+    pub busy_seals: AtomicUsize,
+    /// The next this-many unseal calls find the HSM busy.
+    pub busy_unseals: AtomicUsize,
+    /// Every pause the workflows took before asking a busy HSM again.
+    pub busy_pauses: Mutex<Vec<Duration>>,
+}
+
+/// Takes one from `counter` if it is not zero: whether the call is to find the HSM busy.
+fn take_busy(counter: &AtomicUsize) -> Result<(), AppError> {
+    match counter.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)) {
+        Ok(_) => Err(AppError::HsmBusy(
+            "the HSM request queue is full (test)".into(),
+        )),
+        Err(_) => Ok(()),
+    }
 }
 
 impl MemoryKeys {
@@ -146,6 +164,7 @@ impl Keys for MemoryKeys {
             self.signing.notify_one();
             self.release_sign.notified().await;
         }
+        take_busy(&self.busy_signs)?;
         if self.destroyed.lock().unwrap().iter().any(|k| k == key_ref) {
             return Err(AppError::fault("key destroyed"));
         }
@@ -174,6 +193,7 @@ impl Keys for MemoryKeys {
         binding: &str,
         plaintext: &[u8],
     ) -> Result<Vec<u8>, AppError> {
+        take_busy(&self.busy_seals)?;
         let mut sealed = aad(purpose, binding);
         sealed.extend_from_slice(plaintext);
         Ok(sealed)
@@ -185,6 +205,7 @@ impl Keys for MemoryKeys {
         binding: &str,
         sealed: &[u8],
     ) -> Result<Zeroizing<Vec<u8>>, AppError> {
+        take_busy(&self.busy_unseals)?;
         let prefix = aad(purpose, binding);
         sealed
             .strip_prefix(prefix.as_slice())
@@ -207,6 +228,12 @@ impl Keys for MemoryKeys {
         }
         out.truncate(len);
         Ok(out)
+    }
+
+    /// Records the pause and yields: the tests check the pauses, not the wall clock.
+    async fn busy_pause(&self, pause: Duration) {
+        self.busy_pauses.lock().unwrap().push(pause);
+        tokio::task::yield_now().await;
     }
 }
 
@@ -462,6 +489,10 @@ impl Keys for Memory {
 
     async fn random(&self, len: usize) -> Result<Vec<u8>, AppError> {
         self.keys.random(len).await
+    }
+
+    async fn busy_pause(&self, pause: Duration) {
+        self.keys.busy_pause(pause).await
     }
 }
 

@@ -21,8 +21,10 @@ mod revocation_support;
 mod state;
 
 pub use policy_oid::PolicyOid;
+pub use revocation_support::{MAX_OCSP_CERT_IDS, OcspStats};
 
 use std::fmt;
+use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
@@ -266,6 +268,7 @@ pub struct EmbeddedCa {
     state: Arc<CaState>,
     dir: PathBuf,
     crl_cache: revocation_support::CrlCache,
+    ocsp_cache: revocation_support::OcspCache,
 }
 
 impl EmbeddedCa {
@@ -344,6 +347,10 @@ impl EmbeddedCa {
             state: Arc::new(state),
             dir: dir.to_path_buf(),
             crl_cache: Default::default(),
+            ocsp_cache: revocation_support::OcspCache::new(
+                NonZeroUsize::new(revocation_support::OCSP_CACHE_ENTRIES)
+                    .unwrap_or(NonZeroUsize::MIN),
+            ),
         })
     }
 
@@ -407,6 +414,10 @@ impl EmbeddedCa {
             })
         })
         .await?;
+        // A response "unknown" to a query that guessed this serial is no longer true.
+        if let Ok(serial) = normalise_serial(&serial_hex) {
+            self.forget_ocsp(&serial);
+        }
         tracing::info!(serial = %serial_hex, profile = profile.as_str(), "certificate issued");
         Ok(IssuedCertificate { serial_hex, der })
     }
@@ -425,9 +436,13 @@ impl EmbeddedCa {
         }
         let serial = normalise_serial(serial_hex)?;
         let state = Arc::clone(&self.state);
-        let logged = serial.clone();
-        blocking(move || state.revoke(&serial, reason_code, at)).await?;
-        tracing::info!(serial = %logged, reason_code, "certificate revoked");
+        let stored = serial.clone();
+        let revoked = blocking(move || state.revoke(&stored, reason_code, at)).await;
+        // After the store has it (a response read before is refused from now on), and whatever
+        // the outcome: a failed write may still have reached the disk.
+        self.forget_ocsp(&serial);
+        revoked?;
+        tracing::info!(serial = %serial, reason_code, "certificate revoked");
         Ok(())
     }
 

@@ -163,14 +163,39 @@ impl CaState {
             .optional()?;
         Ok(match row {
             None => CertificateState::Unknown,
-            Some((_, Some(revoked_at), Some(reason_code))) => CertificateState::Revoked {
-                revoked_at: from_unix(revoked_at),
-                reason_code,
-            },
-            Some((not_after, _, _)) => CertificateState::Good {
-                not_after: from_unix(not_after),
-            },
+            Some((not_after, revoked_at, reason)) => row_state(not_after, revoked_at, reason),
         })
+    }
+
+    /// What the CA knows of each of `serials` (normalised), in one query: an OCSP request's
+    /// CertIDs are looked up together.
+    pub(crate) fn statuses(&self, serials: &[String]) -> Result<Vec<CertificateState>, CaError> {
+        if serials.is_empty() {
+            return Ok(Vec::new());
+        }
+        let placeholders = vec!["?"; serials.len()].join(", ");
+        let conn = self.conn()?;
+        let mut stmt = conn.prepare(&format!(
+            "SELECT serial, not_after, revoked_at, reason FROM certificates
+             WHERE serial IN ({placeholders})"
+        ))?;
+        let rows = stmt.query_map(rusqlite::params_from_iter(serials), |row| {
+            Ok((
+                row.get::<_, String>(0)?,
+                row_state(row.get(1)?, row.get(2)?, row.get(3)?),
+            ))
+        })?;
+        let found: std::collections::HashMap<String, CertificateState> =
+            rows.collect::<Result<_, _>>()?;
+        Ok(serials
+            .iter()
+            .map(|serial| {
+                found
+                    .get(serial)
+                    .copied()
+                    .unwrap_or(CertificateState::Unknown)
+            })
+            .collect())
     }
 
     /// Every revoked certificate, in revocation order (for a CRL).
@@ -188,6 +213,19 @@ impl CaState {
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
+/// The state of a stored row: revoked when it has a revocation time and reason.
+fn row_state(not_after: i64, revoked_at: Option<i64>, reason: Option<u8>) -> CertificateState {
+    match (revoked_at, reason) {
+        (Some(revoked_at), Some(reason_code)) => CertificateState::Revoked {
+            revoked_at: from_unix(revoked_at),
+            reason_code,
+        },
+        _ => CertificateState::Good {
+            not_after: from_unix(not_after),
+        },
     }
 }
 
@@ -251,6 +289,14 @@ mod tests {
             reason_code: 9,
         };
         assert_eq!(state.status("4a01").unwrap(), revoked);
+        // One query for several serials, in the order asked, unknown ones included.
+        assert_eq!(
+            state
+                .statuses(&["4a09".into(), "4a01".into(), "4a01".into()])
+                .unwrap(),
+            vec![CertificateState::Unknown, revoked, revoked]
+        );
+        assert!(state.statuses(&[]).unwrap().is_empty());
         let list = state.revocations().unwrap();
         assert_eq!(list.len(), 1);
         assert_eq!(list[0].serial_hex, "4a01");

@@ -172,6 +172,17 @@ impl Drop for ServerProcess {
     }
 }
 
+/// The configuration [`hsm`] opened its token with.
+static CONFIG: OnceLock<HsmConfig> = OnceLock::new();
+
+/// Another `Hsm` on this process's token (its keys provisioned by [`hsm`]), with the
+/// configuration `adjust` makes of the fixture's.
+pub async fn another_hsm(adjust: impl FnOnce(HsmConfig) -> HsmConfig) -> Arc<Hsm> {
+    let _ = hsm();
+    let config = adjust(CONFIG.get().unwrap().clone());
+    Arc::new(Hsm::open(config).await.unwrap())
+}
+
 /// This process's token with its system keys provisioned (the pattern of
 /// hsm-adapter/tests/common: `softhsm-setup token` under `SOFTHSM2_CONF`'s directory).
 pub fn hsm() -> Arc<Hsm> {
@@ -205,6 +216,7 @@ pub fn hsm() -> Arc<Hsm> {
             SecretString::from(read(&pin_file)),
         );
         let so_pin = SecretString::from(read(&so_pin_file));
+        let _ = CONFIG.set(config.clone());
         // Opened on a runtime of its own: the fixture is shared by the tests' runtimes.
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
