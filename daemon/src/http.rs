@@ -421,6 +421,84 @@ async fn http<I>(
     }
 }
 
+/// A listener served on a thread of its own (see [`serve_apart`]).
+#[derive(Debug)]
+pub(crate) struct Apart {
+    stop: Arc<watch::Sender<bool>>,
+    done: tokio::task::JoinHandle<()>,
+}
+
+impl Apart {
+    /// Stops it (as a shutdown does) and waits until its connections are closed.
+    pub(crate) async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.done.await;
+    }
+
+    /// Waits until it stopped, at the daemon's shutdown.
+    pub(crate) async fn finished(self) {
+        let _ = self.done.await;
+    }
+}
+
+/// The scheduling priority (nice value) of a listener served apart: below the API's, so that a
+/// flood of it takes the CPU that signing leaves over, not the CPU signing needs.
+const APART_NICE: i32 = 10;
+
+/// Serves `router` on `listener` like [`serve`], on a thread of its own with a one-thread
+/// runtime at a lower scheduling priority. The embedded CA's listener runs so: it takes anyone's
+/// requests, and a flood of them must not slow the signing flow on the same cores.
+pub(crate) fn serve_apart(
+    listener: TcpListener,
+    settings: Listener,
+    router: Router,
+    shutdown: &watch::Receiver<bool>,
+) -> Result<Apart, String> {
+    let name = settings.name;
+    let listener = listener
+        .into_std()
+        .map_err(|error| format!("cannot hand the {name} listener over: {error}"))?;
+    let (stop, stopped) = watch::channel(false);
+    let stop = Arc::new(stop);
+    // The daemon's shutdown stops it too.
+    let mut global = shutdown.clone();
+    let forward = stop.clone();
+    tokio::spawn(async move {
+        let _ = global.changed().await;
+        let _ = forward.send(true);
+    });
+    let thread = std::thread::Builder::new()
+        .name(format!("smartsign-{name}"))
+        .spawn(move || {
+            if let Err(error) =
+                rustix::process::setpriority_process(Some(rustix::thread::gettid()), APART_NICE)
+            {
+                tracing::warn!(listener = name, %error, "cannot lower the listener's priority");
+            }
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(error) => {
+                    tracing::error!(listener = name, %error, "cannot start its runtime");
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                match TcpListener::from_std(listener) {
+                    Ok(listener) => serve(listener, settings, None, router, stopped).await,
+                    Err(error) => tracing::error!(listener = name, %error, "cannot listen"),
+                }
+            });
+        })
+        .map_err(|error| format!("cannot start the {name} listener's thread: {error}"))?;
+    let done = tokio::task::spawn_blocking(move || {
+        let _ = thread.join();
+    });
+    Ok(Apart { stop, done })
+}
+
 /// Binds a listener, naming the address in the error.
 pub(crate) async fn bind(address: SocketAddr, what: &str) -> Result<TcpListener, String> {
     TcpListener::bind(address)

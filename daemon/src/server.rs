@@ -281,13 +281,12 @@ async fn start(
             if let Some(dev) = dev.as_mut() {
                 dev.ca_address = Some(address);
             }
-            ca_task = Some(tokio::spawn(crate::http::serve(
+            ca_task = Some(crate::http::serve_apart(
                 listener,
                 listener_settings(config, base, "ca", Duration::from_secs(2)),
-                None,
                 crate::ca_http::router(host, app.clock.clone()),
-                shutdown.clone(),
-            )));
+                shutdown,
+            )?);
             tracing::info!(ca = %address, "embedded CA listening");
         }
         // A renewal or re-application that a crash interrupted is finished or undone before the
@@ -323,19 +322,16 @@ async fn start(
     }
     .await;
     if let Err(error) = started {
-        if let Some(task) = ca_task {
-            task.abort();
-            let _ = task.await;
+        if let Some(ca) = ca_task {
+            ca.stop().await;
         }
         if let Err(closing) = close(app).await {
             tracing::error!(error = %closing, "closing after a failed start-up");
         }
         return Err(error);
     }
-    if let Some(task) = ca_task {
-        tasks.spawn(async move {
-            let _ = task.await;
-        });
+    if let Some(ca) = ca_task {
+        tasks.spawn(ca.finished());
     }
     tasks.spawn(crate::sweeps::scheduler(
         app.clone(),
