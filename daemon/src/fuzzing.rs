@@ -4,8 +4,8 @@
 
 use crate::config::Config;
 
-/// The configuration file's text, as `Config::load` reads it: TOML into [`Config`], then
-/// [`Config::check`] (which looks at the files it names). A configuration that parses must
+/// The configuration file's text, as `Config::load` reads it: TOML into `Config`, then
+/// `Config::check` (which looks at the files it names). A configuration that parses must
 /// also survive a round trip through its own TOML (`--dev` writes one so).
 ///
 /// A `hsm.ceremony_transcript` that is not a regular file is left out: `check` reads it whole,

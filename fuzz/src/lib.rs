@@ -45,11 +45,12 @@ impl<'a> Fields<'a> {
     }
 }
 
-/// The clock of the CA targets: fixed, so that a crash reproduces (the seeds' certificates are
-/// made to be valid at this time).
+/// The clock of the CA and status targets: fixed, so that a crash reproduces. The seeds'
+/// certificates, CRLs and OCSP responses (made by `make-seeds` in December 2026, valid for ten
+/// years) are current at this time.
 pub fn now() -> SystemTime {
-    // 2026-12-01T00:00:00Z.
-    SystemTime::UNIX_EPOCH + Duration::from_secs(1_796_083_200)
+    // 2027-01-01T00:00:00Z.
+    SystemTime::UNIX_EPOCH + Duration::from_secs(1_798_761_600)
 }
 
 /// The PBM reference and secret the CMP server accepts (the seeds' requests use them).
