@@ -15,6 +15,8 @@
 
 mod checkpoint;
 mod error;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 mod log;
 mod merkle;
 mod record;

@@ -12,7 +12,7 @@
 //! (group commit). Readers see only what has been made durable.
 
 use std::fs::{self, File, OpenOptions, TryLockError};
-use std::io::{self, BufRead, BufReader, Read as _, Write as _};
+use std::io::{self, BufRead, BufReader, Read, Write as _};
 use std::ops::Range;
 use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
@@ -612,8 +612,8 @@ fn answer_failure(pending: Vec<Pending>, reason: &str) {
 }
 
 /// What the open-time scan found.
-struct Scan {
-    tree: MerkleTree,
+pub(crate) struct Scan {
+    pub(crate) tree: MerkleTree,
     offsets: Vec<u64>,
     /// End of the last complete record.
     end: u64,
@@ -621,7 +621,7 @@ struct Scan {
     torn_bytes: u64,
 }
 
-fn scan(file: &File, path: &Path) -> Result<Scan, AuditError> {
+pub(crate) fn scan(file: impl Read, path: &Path) -> Result<Scan, AuditError> {
     let read_error = |error| AuditError::io(format!("reading {}", path.display()), error);
     let mut reader = BufReader::with_capacity(1 << 20, file);
     let mut tree = MerkleTree::new();

@@ -25,6 +25,8 @@ pub mod dev_pki;
 mod embedded_ca;
 pub mod enrolment;
 mod error;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod ocsp;
 pub mod signed_data;
 pub mod status;

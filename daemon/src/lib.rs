@@ -19,6 +19,8 @@ mod cli;
 mod clock;
 mod config;
 mod dev;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 mod http;
 mod lifecycle;
 mod limits;

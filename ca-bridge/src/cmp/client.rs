@@ -493,7 +493,6 @@ impl CmpClient {
     ) -> Result<Unconfirmed, CaError> {
         let recipient = self.trusted_recipient();
         let transaction = Transaction::new(&self.hsm).await?;
-        let expected = if kur { "kup" } else { "ip" };
         let der = self
             .request(
                 protector,
@@ -506,51 +505,13 @@ impl CmpClient {
             .await?;
         let response = self.exchange(der).await?;
         let message = self.check_response(&response, &transaction, protector)?;
-        let content = match &message.body {
-            PkiBody::Ip(content) if expected == "ip" => content,
-            PkiBody::Kup(content) if expected == "kup" => content,
-            other => return Err(unexpected(other, expected)),
-        };
-        let [cert_response] = content.response.as_slice() else {
-            return Err(CaError::Protocol(
-                "expected exactly one certResponse".into(),
-            ));
-        };
-        if !granted(&cert_response.status) {
-            return Err(CaError::Refused(describe_status(&cert_response.status)));
-        }
-        if cert_response.cert_req_id.as_bytes() != [0] {
-            return Err(CaError::Protocol(
-                "certResponse for another certReqId".into(),
-            ));
-        }
-        let Some(CertOrEncCert::Certificate(cert)) = cert_response
-            .certified_key_pair
-            .as_ref()
-            .map(|pair| &pair.cert_or_enc_cert)
-        else {
-            return Err(CaError::Protocol(
-                "certResponse without a certificate".into(),
-            ));
-        };
-        let cert_der = cert.to_der()?;
-        if cert.tbs_certificate.subject_public_key_info.to_der()? != request.public_key_spki_der {
-            return Err(CaError::Protocol(
-                "the certificate does not carry the requested public key".into(),
-            ));
-        }
-        let sender_nonce = octets(message.header.sender_nonce.as_ref())
-            .ok_or_else(|| CaError::Protocol("response without a senderNonce".into()))?
-            .to_vec();
-
+        let (issued, cert_hash, sender_nonce) =
+            issued_certificate(&message, kur, &request.public_key_spki_der)?;
         Ok(Unconfirmed {
-            issued: IssuedCertificate {
-                serial_hex: serial_hex(cert.tbs_certificate.serial_number.as_bytes()),
-                der: cert_der.clone(),
-            },
+            issued,
             transaction_id: transaction.id,
             sender_nonce,
-            cert_hash: message::cert_hash(cert, &cert_der),
+            cert_hash,
             subject,
             user,
         })
@@ -637,76 +598,181 @@ impl CmpClient {
         transaction: &Transaction,
         protector: &Protector<'_>,
     ) -> Result<PkiMessage<'a>, CaError> {
-        let not_cmp = |e: CaError| CaError::Protocol(format!("response is not a PKIMessage: {e}"));
-        let received = message::received(der).map_err(not_cmp)?;
-        let header = received.header().map_err(not_cmp)?;
-        if octets(header.trans_id.as_ref()) != Some(transaction.id.as_slice()) {
-            return Err(CaError::Protocol(
-                "response for another transactionID".into(),
-            ));
-        }
-        if octets(header.recip_nonce.as_ref()) != Some(transaction.nonce.as_slice()) {
-            return Err(CaError::Protocol(
-                "response's recipNonce is not our senderNonce".into(),
-            ));
-        }
-        // An unprotected error message answers a request the CA could not authenticate (RFC
-        // 9483 section 3.6.4). Its text cannot be trusted, but it only ever fails the request,
-        // which is all an attacker on the path could do anyway.
-        if header.protection_alg.is_none()
-            && received.protection.is_none()
-            && let Some(text) = message::describe_error(&received.body)?
-        {
-            return Err(CaError::Refused(format!(
-                "{text} (unprotected: the CA did not authenticate the request)"
-            )));
-        }
-        self.check_protection(&header, &received, protector)?;
-        if let Some(text) = message::describe_error(&received.body)? {
-            return Err(CaError::Refused(text));
-        }
-        PkiMessage::from_der(der)
-            .map_err(|e| CaError::Protocol(format!("response is not a PKIMessage: {e}")))
+        check_response(&self.trusted, der, transaction, protector)
     }
+}
 
-    fn check_protection(
-        &self,
-        header: &PkiHeader<'_>,
-        received: &message::Received,
-        protector: &Protector<'_>,
-    ) -> Result<(), CaError> {
-        let alg = header
-            .protection_alg
-            .as_ref()
-            .ok_or_else(|| CaError::Protection("response is not protected".into()))?;
-        let protection = received
-            .protection
-            .as_ref()
-            .ok_or_else(|| CaError::Protection("response is not protected".into()))?;
-        if alg.oid == pbm::ID_PASSWORD_BASED_MAC {
-            let Protector::Pbm { secret, .. } = protector else {
-                return Err(CaError::Protection(
-                    "PBM-protected response to a signed request".into(),
-                ));
-            };
-            return pbm::verify(alg, secret, &received.protected, protection.raw_bytes());
-        }
-        let extra = &received.extra_certs;
-        let signer = extra
-            .first()
-            .ok_or_else(|| CaError::Protection("signed response without extraCerts".into()))?;
-        verify_signature(
-            &signer.tbs_certificate.subject_public_key_info,
-            alg,
-            &received.protected,
-            protection,
-        )?;
-        if !chains_to(signer, &extra[1..], &self.trusted, SystemTime::now()) {
+/// Parses a response and checks that it answers `transaction` and is protected by the CA
+/// (or with our PBM secret); an error message becomes [`CaError::Refused`].
+fn check_response<'a>(
+    trusted: &[Certificate],
+    der: &'a [u8],
+    transaction: &Transaction,
+    protector: &Protector<'_>,
+) -> Result<PkiMessage<'a>, CaError> {
+    let not_cmp = |e: CaError| CaError::Protocol(format!("response is not a PKIMessage: {e}"));
+    let received = message::received(der).map_err(not_cmp)?;
+    let header = received.header().map_err(not_cmp)?;
+    if octets(header.trans_id.as_ref()) != Some(transaction.id.as_slice()) {
+        return Err(CaError::Protocol(
+            "response for another transactionID".into(),
+        ));
+    }
+    if octets(header.recip_nonce.as_ref()) != Some(transaction.nonce.as_slice()) {
+        return Err(CaError::Protocol(
+            "response's recipNonce is not our senderNonce".into(),
+        ));
+    }
+    // An unprotected error message answers a request the CA could not authenticate (RFC
+    // 9483 section 3.6.4). Its text cannot be trusted, but it only ever fails the request,
+    // which is all an attacker on the path could do anyway.
+    if header.protection_alg.is_none()
+        && received.protection.is_none()
+        && let Some(text) = message::describe_error(&received.body)?
+    {
+        return Err(CaError::Refused(format!(
+            "{text} (unprotected: the CA did not authenticate the request)"
+        )));
+    }
+    check_protection(trusted, &header, &received, protector)?;
+    if let Some(text) = message::describe_error(&received.body)? {
+        return Err(CaError::Refused(text));
+    }
+    PkiMessage::from_der(der)
+        .map_err(|e| CaError::Protocol(format!("response is not a PKIMessage: {e}")))
+}
+
+fn check_protection(
+    trusted: &[Certificate],
+    header: &PkiHeader<'_>,
+    received: &message::Received,
+    protector: &Protector<'_>,
+) -> Result<(), CaError> {
+    let alg = header
+        .protection_alg
+        .as_ref()
+        .ok_or_else(|| CaError::Protection("response is not protected".into()))?;
+    let protection = received
+        .protection
+        .as_ref()
+        .ok_or_else(|| CaError::Protection("response is not protected".into()))?;
+    if alg.oid == pbm::ID_PASSWORD_BASED_MAC {
+        let Protector::Pbm { secret, .. } = protector else {
             return Err(CaError::Protection(
-                "the response's signer is not trusted".into(),
+                "PBM-protected response to a signed request".into(),
             ));
-        }
-        Ok(())
+        };
+        return pbm::verify(alg, secret, &received.protected, protection.raw_bytes());
+    }
+    let extra = &received.extra_certs;
+    let signer = extra
+        .first()
+        .ok_or_else(|| CaError::Protection("signed response without extraCerts".into()))?;
+    verify_signature(
+        &signer.tbs_certificate.subject_public_key_info,
+        alg,
+        &received.protected,
+        protection,
+    )?;
+    if !chains_to(signer, &extra[1..], trusted, SystemTime::now()) {
+        return Err(CaError::Protection(
+            "the response's signer is not trusted".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The certificate of an ip (a kup if `kur`) that grants certReqId 0 with the requested public
+/// key (`request_spki_der`), its certHash and the response's senderNonce.
+fn issued_certificate(
+    message: &PkiMessage<'_>,
+    kur: bool,
+    request_spki_der: &[u8],
+) -> Result<(IssuedCertificate, Vec<u8>, Vec<u8>), CaError> {
+    let expected = if kur { "kup" } else { "ip" };
+    let content = match &message.body {
+        PkiBody::Ip(content) if expected == "ip" => content,
+        PkiBody::Kup(content) if expected == "kup" => content,
+        other => return Err(unexpected(other, expected)),
+    };
+    let [cert_response] = content.response.as_slice() else {
+        return Err(CaError::Protocol(
+            "expected exactly one certResponse".into(),
+        ));
+    };
+    if !granted(&cert_response.status) {
+        return Err(CaError::Refused(describe_status(&cert_response.status)));
+    }
+    if cert_response.cert_req_id.as_bytes() != [0] {
+        return Err(CaError::Protocol(
+            "certResponse for another certReqId".into(),
+        ));
+    }
+    let Some(CertOrEncCert::Certificate(cert)) = cert_response
+        .certified_key_pair
+        .as_ref()
+        .map(|pair| &pair.cert_or_enc_cert)
+    else {
+        return Err(CaError::Protocol(
+            "certResponse without a certificate".into(),
+        ));
+    };
+    let cert_der = cert.to_der()?;
+    if cert.tbs_certificate.subject_public_key_info.to_der()? != request_spki_der {
+        return Err(CaError::Protocol(
+            "the certificate does not carry the requested public key".into(),
+        ));
+    }
+    let sender_nonce = octets(message.header.sender_nonce.as_ref())
+        .ok_or_else(|| CaError::Protocol("response without a senderNonce".into()))?
+        .to_vec();
+    let issued = IssuedCertificate {
+        serial_hex: serial_hex(cert.tbs_certificate.serial_number.as_bytes()),
+        der: cert_der.clone(),
+    };
+    let cert_hash = message::cert_hash(cert, &cert_der);
+    Ok((issued, cert_hash, sender_nonce))
+}
+
+/// For the fuzz target `cmp_client` ([`crate::fuzzing::cmp_client_response`]): `response` read
+/// as [`CmpClient`] reads the answer to a request of transaction `transaction_id` with
+/// senderNonce `nonce`, PBM-protected with `secret` (signature-protected when `secret` is
+/// empty), trusting `trusted`; then its body as an ip, a kup, a pkiconf and an rp.
+#[cfg(feature = "fuzzing")]
+pub(crate) fn fuzz_response(
+    transaction_id: &[u8],
+    nonce: &[u8],
+    secret: &[u8],
+    trusted: &[Certificate],
+    request_spki_der: &[u8],
+    response: &[u8],
+) {
+    use secrecy::ExposeSecret as _;
+    let transaction = Transaction {
+        id: transaction_id.to_vec(),
+        nonce: nonce.to_vec(),
+    };
+    let secret = SecretSlice::from(secret.to_vec());
+    let protector = match trusted.first() {
+        Some(certificate) if secret.expose_secret().is_empty() => Protector::Ra {
+            certificate,
+            extra: &[],
+        },
+        _ => Protector::Pbm {
+            reference: b"fuzz",
+            secret: &secret,
+        },
+    };
+    let Ok(message) = check_response(trusted, response, &transaction, &protector) else {
+        return;
+    };
+    for kur in [false, true] {
+        let _ = issued_certificate(&message, kur, request_spki_der);
+    }
+    if let PkiBody::Rp(content) = &message.body
+        && let Some(status) = content.status.first()
+    {
+        let _ = (granted(status), describe_status(status));
     }
 }
 

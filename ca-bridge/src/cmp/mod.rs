@@ -28,3 +28,6 @@ mod server;
 
 pub use client::{ClientProtection, CmpClient, CmpClientConfig, Unconfirmed};
 pub use server::{CmpServer, CmpServerConfig};
+
+#[cfg(feature = "fuzzing")]
+pub(crate) use client::fuzz_response;
