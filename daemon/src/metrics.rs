@@ -28,6 +28,8 @@ pub(crate) struct Metrics {
     connections_closed: IntCounterVec,
     rate_limited: IntCounterVec,
     client_crl_next_update: IntGauge,
+    /// HSM jobs waiting, by lane (`signing`, `background`).
+    pub(crate) hsm_queued: IntGaugeVec,
     status: Arc<StatusMetrics>,
 }
 
@@ -167,6 +169,14 @@ impl Metrics {
             "nextUpdate of the client CRL in force (Unix time; 0 without one): past it, every \
              API handshake fails until a fresh CRL is loaded (SIGHUP)",
         )?;
+        let hsm_queued = IntGaugeVec::new(
+            Opts::new(
+                "hsm_queued_jobs",
+                "HSM jobs waiting for a worker, by lane: signing (user signatures, served first) \
+                 or background (CA, OCSP, CRL, checkpoints)",
+            ),
+            &["lane"],
+        )?;
         let status = Arc::new(StatusMetrics {
             cache: IntCounterVec::new(
                 Opts::new(
@@ -213,6 +223,7 @@ impl Metrics {
         registry.register(Box::new(connections_closed.clone()))?;
         registry.register(Box::new(rate_limited.clone()))?;
         registry.register(Box::new(client_crl_next_update.clone()))?;
+        registry.register(Box::new(hsm_queued.clone()))?;
         Ok(Self {
             registry,
             http_requests,
@@ -228,6 +239,7 @@ impl Metrics {
             connections_closed,
             rate_limited,
             client_crl_next_update,
+            hsm_queued,
             status,
         })
     }

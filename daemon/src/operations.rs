@@ -91,6 +91,15 @@ async fn handle(gate: &Gate, path: &str) -> (StatusCode, &'static str, Vec<u8>) 
                     .pending_requests
                     .set(i64::try_from(count).unwrap_or(i64::MAX));
             }
+            for (lane, label) in [
+                (hsm_adapter::Lane::Signing, "signing"),
+                (hsm_adapter::Lane::Background, "background"),
+            ] {
+                app.metrics
+                    .hsm_queued
+                    .with_label_values(&[label])
+                    .set(i64::try_from(app.hsm.queued(lane)).unwrap_or(i64::MAX));
+            }
             let stats = app.audit.stats();
             app.metrics
                 .audit_tree_size
