@@ -83,9 +83,20 @@ fn name_part(field: &str, text: &str) -> Result<String, ApiError> {
 
 /// `POST /v1/accounts`.
 pub(crate) async fn register(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError> {
-    let body: RegisterBody = ctx.json()?;
     let now = app.clock.now();
-    let today = now.date();
+    let new = registration_body(&ctx, now.date())?;
+    let actor = ctx.caller.to_string();
+    let record = registration::register(&*app, &app.issuance, &actor, new, now).await?;
+    Ok(Reply::json(
+        StatusCode::CREATED,
+        &account_view(&app, &record, now).await?,
+    ))
+}
+
+/// The body of `POST /v1/accounts`, each field checked where it is parsed (dates of birth
+/// from 1900 to `today`).
+pub(crate) fn registration_body(ctx: &Ctx, today: Date) -> Result<NewAccount, ApiError> {
+    let body: RegisterBody = ctx.json()?;
     let tier: Tier = body
         .tier
         .parse()
@@ -113,12 +124,7 @@ pub(crate) async fn register(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError>
         device_public_key: device_key(&body.device_public_key)?,
         guardian,
     };
-    let actor = ctx.caller.to_string();
-    let record = registration::register(&*app, &app.issuance, &actor, new, now).await?;
-    Ok(Reply::json(
-        StatusCode::CREATED,
-        &account_view(&app, &record, now).await?,
-    ))
+    Ok(new)
 }
 
 /// The body of every account route.
@@ -198,7 +204,7 @@ async fn reply_account(app: &App, record: &AccountRecord) -> Result<Reply, ApiEr
     ))
 }
 
-fn require_empty_object(ctx: &Ctx) -> Result<(), ApiError> {
+pub(crate) fn require_empty_object(ctx: &Ctx) -> Result<(), ApiError> {
     #[derive(Deserialize)]
     #[serde(deny_unknown_fields)]
     struct Empty {}
@@ -251,18 +257,29 @@ fn suspended_by(text: &str) -> Result<SuspendedBy, ApiError> {
 
 /// `PUT /v1/accounts/{id}/device`: binds a new device; the old key stops working.
 pub(crate) async fn switch_device(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError> {
+    let device = device_body(&ctx)?;
+    change(&app, &ctx, Change::SwitchDevice(device)).await
+}
+
+/// The body of `PUT /v1/accounts/{id}/device`: the new device key's DER.
+pub(crate) fn device_body(ctx: &Ctx) -> Result<Vec<u8>, ApiError> {
     #[derive(Deserialize)]
     #[serde(deny_unknown_fields)]
     struct Body {
         device_public_key: String,
     }
     let body: Body = ctx.json()?;
-    let device = device_key(&body.device_public_key)?;
-    change(&app, &ctx, Change::SwitchDevice(device)).await
+    device_key(&body.device_public_key)
 }
 
 /// `POST /v1/accounts/{id}/suspend`.
 pub(crate) async fn suspend(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError> {
+    let by = suspension_body(&ctx)?;
+    change(&app, &ctx, Change::Suspend(by)).await
+}
+
+/// The body of `POST /v1/accounts/{id}/suspend`: who suspends.
+pub(crate) fn suspension_body(ctx: &Ctx) -> Result<SuspendedBy, ApiError> {
     #[derive(Deserialize)]
     #[serde(deny_unknown_fields)]
     struct Body {
@@ -273,11 +290,17 @@ pub(crate) async fn suspend(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError> 
     let body: Body = ctx.json()?;
     let by = suspended_by(&body.by)?;
     check_reason(body.reason.as_deref())?;
-    change(&app, &ctx, Change::Suspend(by)).await
+    Ok(by)
 }
 
 /// `POST /v1/accounts/{id}/resume`.
 pub(crate) async fn resume(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError> {
+    let by = resumption_body(&ctx)?;
+    change(&app, &ctx, Change::Resume(by)).await
+}
+
+/// The body of `POST /v1/accounts/{id}/resume`: whose suspension is lifted.
+pub(crate) fn resumption_body(ctx: &Ctx) -> Result<SuspendedBy, ApiError> {
     #[derive(Deserialize)]
     #[serde(deny_unknown_fields)]
     struct Body {
@@ -289,15 +312,24 @@ pub(crate) async fn resume(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError> {
     } else {
         ctx.json::<Body>()?.by
     };
-    let by = match by {
-        None => SuspendedBy::User,
-        Some(by) => suspended_by(&by)?,
-    };
-    change(&app, &ctx, Change::Resume(by)).await
+    match by {
+        None => Ok(SuspendedBy::User),
+        Some(by) => suspended_by(&by),
+    }
 }
 
 /// `POST /v1/accounts/{id}/matching`: the result of the regular HKIC / residency check.
 pub(crate) async fn matching(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError> {
+    let acknowledged = matching_body(&ctx, app.clock.now())?;
+    change(&app, &ctx, Change::Matching(acknowledged)).await
+}
+
+/// The body of `POST /v1/accounts/{id}/matching`: for a mismatch, when the user acknowledged
+/// it (a past time from 2000 on, given `now`).
+pub(crate) fn matching_body(
+    ctx: &Ctx,
+    now: OffsetDateTime,
+) -> Result<Option<OffsetDateTime>, ApiError> {
     #[derive(Deserialize)]
     #[serde(deny_unknown_fields)]
     struct Body {
@@ -317,7 +349,7 @@ pub(crate) async fn matching(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError>
                         ApiError::InvalidRequest("acknowledged_at must be an RFC 3339 time".into())
                     })
                 })
-                .and_then(|at| acknowledged_in_range(at, app.clock.now()))?,
+                .and_then(|at| acknowledged_in_range(at, now))?,
         ),
         "matched" => None,
         _ => {
@@ -326,7 +358,7 @@ pub(crate) async fn matching(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError>
             ));
         }
     };
-    change(&app, &ctx, Change::Matching(acknowledged)).await
+    Ok(acknowledged)
 }
 
 /// The user acknowledged a mismatch in the past (a minute of clock skew allowed), and not
@@ -346,6 +378,15 @@ fn acknowledged_in_range(
 
 /// `POST /v1/accounts/{id}/invalidate`.
 pub(crate) async fn invalidate(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError> {
+    invalidation_body(&ctx)?;
+    let id = account_id(ctx.param(0))?;
+    let actor = ctx.caller.to_string();
+    let record = application::accounts::invalidate(&*app, &actor, &id, app.clock.now()).await?;
+    reply_account(&app, &record).await
+}
+
+/// The body of `POST /v1/accounts/{id}/invalidate`: a reason, checked and dropped.
+pub(crate) fn invalidation_body(ctx: &Ctx) -> Result<(), ApiError> {
     #[derive(Deserialize)]
     #[serde(deny_unknown_fields)]
     struct Body {
@@ -353,11 +394,7 @@ pub(crate) async fn invalidate(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiErro
         reason: Option<String>,
     }
     let body: Body = ctx.json()?;
-    check_reason(body.reason.as_deref())?;
-    let id = account_id(ctx.param(0))?;
-    let actor = ctx.caller.to_string();
-    let record = application::accounts::invalidate(&*app, &actor, &id, app.clock.now()).await?;
-    reply_account(&app, &record).await
+    check_reason(body.reason.as_deref())
 }
 
 /// `DELETE /v1/accounts/{id}`: revoke, destroy the key, delete the personal data.
@@ -381,6 +418,16 @@ pub(crate) async fn taid(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError> {
 
 /// `POST /v1/accounts/{id}/certificate/revoke` (registrar, officer).
 pub(crate) async fn revoke_certificate(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError> {
+    let reason = revocation_body(&ctx)?;
+    let id = account_id(ctx.param(0))?;
+    let actor = ctx.caller.to_string();
+    let now = app.clock.now();
+    let record = application::accounts::revoke_certificate(&*app, &actor, &id, reason, now).await?;
+    reply_account(&app, &record).await
+}
+
+/// The body of `POST /v1/accounts/{id}/certificate/revoke`: the RFC 5280 reason.
+pub(crate) fn revocation_body(ctx: &Ctx) -> Result<RevocationReason, ApiError> {
     #[derive(Deserialize)]
     #[serde(deny_unknown_fields)]
     struct Body {
@@ -394,11 +441,7 @@ pub(crate) async fn revoke_certificate(app: Arc<App>, ctx: Ctx) -> Result<Reply,
                 .into(),
         )
     })?;
-    let id = account_id(ctx.param(0))?;
-    let actor = ctx.caller.to_string();
-    let now = app.clock.now();
-    let record = application::accounts::revoke_certificate(&*app, &actor, &id, reason, now).await?;
-    reply_account(&app, &record).await
+    Ok(reason)
 }
 
 #[cfg(test)]

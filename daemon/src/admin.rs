@@ -38,11 +38,8 @@ pub(crate) async fn status(app: Arc<App>, _ctx: Ctx) -> Result<Reply, ApiError> 
     })))
 }
 
-/// `POST /v1/admin/clock` (`--dev` only): sets the daemon's clock.
-pub(crate) async fn set_clock(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError> {
-    if !app.dev {
-        return Err(ApiError::NotFound("route"));
-    }
+/// The body of `POST /v1/admin/clock`: the time to set, from 2000 to 2200.
+pub(crate) fn clock_body(ctx: &Ctx) -> Result<OffsetDateTime, ApiError> {
     #[derive(Deserialize)]
     #[serde(deny_unknown_fields)]
     struct Body {
@@ -50,12 +47,20 @@ pub(crate) async fn set_clock(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError
     }
     let body: Body = ctx.json()?;
     // The clock's offset covers ±292 years; a development clock has no use beyond this range.
-    let now = OffsetDateTime::parse(&body.now, &Rfc3339)
+    OffsetDateTime::parse(&body.now, &Rfc3339)
         .ok()
         .filter(|now| (2000..=2200).contains(&now.year()))
         .ok_or_else(|| {
             ApiError::InvalidRequest("now must be an RFC 3339 time from 2000 to 2200".into())
-        })?;
+        })
+}
+
+/// `POST /v1/admin/clock` (`--dev` only): sets the daemon's clock.
+pub(crate) async fn set_clock(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError> {
+    if !app.dev {
+        return Err(ApiError::NotFound("route"));
+    }
+    let now = clock_body(&ctx)?;
     app.append(
         "admin.clock_set",
         &ctx.caller.to_string(),

@@ -55,12 +55,15 @@ fn named(error: ApiError, parameters: &str) -> ApiError {
 /// `GET /v1/audit/records?from=N&limit=M`.
 pub(crate) async fn records(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError> {
     let from = ctx.query_u64("from", Some(0))?;
+    // A page holds at most MAX_RECORDS: a larger limit gets a full page (the auditor asks
+    // again from where it ended), a limit of 0 is a mistake.
     let limit = ctx.query_u64("limit", Some(1000))?;
-    if !(1..=MAX_RECORDS).contains(&limit) {
+    if limit == 0 {
         return Err(ApiError::InvalidRequest(format!(
-            "limit must be 1 to {MAX_RECORDS}"
+            "limit must be 1 or more (a page holds at most {MAX_RECORDS})"
         )));
     }
+    let limit = limit.min(MAX_RECORDS);
     let size = app.audit.tree_size();
     if from > size {
         return Err(ApiError::InvalidRequest(format!(

@@ -47,7 +47,7 @@ pub(crate) async fn consent_challenge(app: Arc<App>, ctx: Ctx) -> Result<Reply, 
 }
 
 /// The body of the routes that need the user's consent.
-fn consent(ctx: &Ctx) -> Result<Consent, ApiError> {
+pub(crate) fn consent(ctx: &Ctx) -> Result<Consent, ApiError> {
     #[derive(Deserialize)]
     #[serde(deny_unknown_fields)]
     struct Body {

@@ -68,7 +68,9 @@ pub(crate) async fn create(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError> {
     ))
 }
 
-fn parse_create(ctx: &Ctx, service: ServiceName) -> Result<NewRequest, AppError> {
+/// The body of `POST /v1/signing-requests` from `service`, each field checked where it is
+/// parsed.
+pub(crate) fn parse_create(ctx: &Ctx, service: ServiceName) -> Result<NewRequest, AppError> {
     let body: CreateBody = ctx.json_or_detail().map_err(AppError::InvalidRequest)?;
     // A TAID is the base64url of a keyed hash; anything else names no account anywhere.
     if !(1..=64).contains(&body.taid.len())
@@ -236,14 +238,20 @@ pub(crate) fn device_signature(text: &str) -> Result<Vec<u8>, ApiError> {
         })
 }
 
-/// `POST /v1/signing-requests/{id}/authorisation` (gateway).
-pub(crate) async fn authorise(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError> {
+/// The body of `POST /v1/signing-requests/{id}/authorisation`: the decision and the device's
+/// signature (DER).
+pub(crate) fn authorisation_body(ctx: &Ctx) -> Result<(Decision, Vec<u8>), ApiError> {
     let body: AuthorisationBody = ctx.json()?;
     let decision: Decision = body
         .decision
         .parse()
         .map_err(|_| ApiError::InvalidRequest("decision must be approve or reject".into()))?;
-    let signature = device_signature(&body.device_signature)?;
+    Ok((decision, device_signature(&body.device_signature)?))
+}
+
+/// `POST /v1/signing-requests/{id}/authorisation` (gateway).
+pub(crate) async fn authorise(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError> {
+    let (decision, signature) = authorisation_body(&ctx)?;
     let id = request_id(ctx.param(0))?;
     let actor = ctx.caller.to_string();
     let outcome = flow::authorise(
