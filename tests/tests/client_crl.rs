@@ -199,7 +199,8 @@ fn a_revoked_client_certificate_is_refused_and_a_stale_crl_fails_closed() {
     );
 
     // A CRL in force that passes its nextUpdate fails every handshake until a fresh one comes.
-    ca.crl(&crl, Some((openssl_time(-60), openssl_time(4))));
+    let stale_at = Instant::now() + Duration::from_secs(8);
+    ca.crl(&crl, Some((openssl_time(-60), openssl_time(8))));
     hang_up(&daemon);
     logged(
         &daemon,
@@ -207,7 +208,7 @@ fn a_revoked_client_certificate_is_refused_and_a_stale_crl_fails_closed() {
         2,
     );
     assert!(answers(&daemon, "demo-b"));
-    std::thread::sleep(Duration::from_secs(5));
+    std::thread::sleep(stale_at.saturating_duration_since(Instant::now()) + Duration::from_secs(2));
     assert!(!answers(&daemon, "demo-b"), "a stale CRL admits nobody");
     std::fs::write(&crl, fresh).unwrap();
     hang_up(&daemon);
