@@ -129,6 +129,48 @@ fn clients_that_hold_connections_open_are_cut_off_on_every_listener() {
         ),
         "{metrics}"
     );
+
+    // An HTTP/2 connection (its pings would keep it open) with nothing in flight is closed
+    // after the idle timeout (3 s here); the client's next request opens a new one.
+    let http2 = daemon
+        .client_builder()
+        .http2_prior_knowledge()
+        .identity(identity(&daemon, "auditor"))
+        .build()
+        .unwrap();
+    let first = http2
+        .get(format!("{}/v1/audit/checkpoint", daemon.api))
+        .send()
+        .unwrap();
+    assert_eq!(first.version(), reqwest::Version::HTTP_2);
+    assert_eq!(first.status(), 200);
+    std::thread::sleep(Duration::from_secs(5));
+    let metrics = reqwest::blocking::get(format!("{}/metrics", daemon.metrics))
+        .unwrap()
+        .text()
+        .unwrap();
+    // Nothing is left open on the API listener: the HTTP/2 connection was cut as idle.
+    assert!(
+        metrics.contains("smartsign_connections_open{listener=\"api\"} 0"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("smartsign_connections_cut_total{listener=\"api\",reason=\"idle\"}"),
+        "{metrics}"
+    );
+    let again = http2
+        .get(format!("{}/v1/audit/checkpoint", daemon.api))
+        .send()
+        .unwrap();
+    assert_eq!(again.status(), 200);
+}
+
+/// The client certificate and key of `name`, as reqwest takes them.
+fn identity(daemon: &DevDaemon, name: &str) -> reqwest::Identity {
+    let clients = daemon.state_dir().join("clients");
+    let mut pem = std::fs::read(clients.join(format!("{name}.pem"))).unwrap();
+    pem.extend(std::fs::read(clients.join(format!("{name}.key"))).unwrap());
+    reqwest::Identity::from_pem(&pem).unwrap()
 }
 
 /// An `openssl s_client` that sends the headers of a POST and a few bytes of its body as
