@@ -187,6 +187,10 @@ async fn accept(
         .await
         .map_err(std::io::Error::other)?;
     let (stream, address) = listener.accept().await?;
+    // Each response goes out as soon as it is written. With Nagle's algorithm on, a response
+    // whose TLS records leave in two writes waits for the client's delayed ACK (40 ms on
+    // Linux): measured as a p99 of 47 ms against 5 ms for the signing flow under load.
+    stream.set_nodelay(true)?;
     Ok((stream, address, permit))
 }
 
