@@ -23,7 +23,7 @@ use std::future::Future;
 
 use ca_bridge::IssuedCertificate;
 use cert_lifecycle::{
-    AccountId, AccountRecord, CertSerial, CertStatus, CertificateRecord, RevocationReason,
+    AccountId, AccountRecord, CertSerial, CertStatus, CertificateRecord, Profile, RevocationReason,
 };
 use serde_json::{Map, Value};
 use time::format_description::well_known::{Iso8601, Rfc3339};
@@ -70,6 +70,31 @@ pub fn fields<const N: usize>(pairs: [(&str, Value); N]) -> Map<String, Value> {
         .into_iter()
         .map(|(key, value)| (key.to_owned(), value))
         .collect()
+}
+
+/// The keyed hash of a Hong Kong date on which minors turn 18 (`AccountRecord::adult_day_key`):
+/// an HMAC under the HSM's TAID key, domain-separated from TAIDs (their input starts with a
+/// service name, never with a zero byte). Two minors born on the same day share it; the date
+/// itself stays secret without the HSM.
+pub async fn adult_day_key<P: Ports>(ports: &P, day: Date) -> Result<[u8; 32], AppError> {
+    let mut input = b"\0smartsign-adult-day-v1\0".to_vec();
+    input.extend_from_slice(day.to_string().as_bytes());
+    ports.taid_hash(&input).await
+}
+
+/// Gives `record` its holder's [`adult_day_key`] if it is to hold a minor's certificate
+/// (`profile`) and has none (an account registered before the store kept them). Every account
+/// registered as a minor has one from the start.
+pub async fn key_adult_day<P: Ports>(
+    ports: &P,
+    record: &mut AccountRecord,
+    profile: Profile,
+) -> Result<(), AppError> {
+    if profile == Profile::Minor && record.adult_day_key.is_none() {
+        let dob = date_of_birth(ports, record).await?;
+        record.adult_day_key = Some(adult_day_key(ports, cert_lifecycle::adult_on(dob)).await?);
+    }
+    Ok(())
 }
 
 /// The account holder's date of birth, unsealed.

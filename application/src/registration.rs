@@ -112,6 +112,11 @@ pub async fn register<P: Ports>(
         current_certificate: None,
         created_at: now,
         guardian_hkic_hash,
+        adult_day_key: if cert_lifecycle::is_minor(dob, now) {
+            Some(crate::adult_day_key(ports, cert_lifecycle::adult_on(dob)).await?)
+        } else {
+            None
+        },
         version: 0,
     };
     let issued = if new.tier == Tier::IamSmartPlus {
@@ -220,6 +225,7 @@ pub async fn upgrade<P: Ports>(
     }
     let mut record = record;
     for _ in 0..ATTACH_TRIES {
+        crate::key_adult_day(ports, &mut record, certificate.profile).await?;
         record.tier = Tier::IamSmartPlus;
         record.current_certificate = Some(certificate.serial.clone());
         let (stored, new) = (record.clone(), certificate.clone());

@@ -496,6 +496,7 @@ impl<P: Ports> KeyChange<'_, P> {
             )
             .await?;
         for _ in 0..ATTACH_TRIES {
+            crate::key_adult_day(ports, &mut record, new.profile).await?;
             record.current_certificate = Some(new.serial.clone());
             let (stored, certificate) = (record.clone(), new.clone());
             match ports

@@ -15,15 +15,21 @@
 //! sweep that stops half-way (a crash, the HSM or the CA gone) is finished by the next one:
 //! each rule looks at the stored state again, and every step is safe to repeat. Each account
 //! change is conditional like any other: a sweep never writes over a change made meanwhile.
+//!
+//! Each rule finds what is due through an index, a page at a time, in time proportional to what
+//! is due, and decrypts nothing it does not act on. Minors turning 18 are found by the keyed
+//! hash of the day ([`crate::adult_day_key`]): the sweep computes it for each Hong Kong day since
+//! the last run (the store's `adult_day` mark) and looks the day up.
 
 use cert_lifecycle::{
-    AccountId, AccountStatus, CertSerial, CertStatus, Profile, RevocationReason, Store,
+    AccountId, AccountRecord, AccountStatus, CertSerial, CertStatus, Profile, RevocationReason,
+    Store,
 };
 use serde_json::json;
-use time::OffsetDateTime;
+use time::{Date, Duration, OffsetDateTime};
 
 use crate::accounts::{
-    deregister_if, destroy_key_of, finish_revocation, invalidate_if, load, revoke_current,
+    deregister_if, destroy_key_of, finish_revocation, invalidate_if, revoke_current,
 };
 use crate::{AppError, Ports, fields};
 
@@ -93,6 +99,13 @@ pub async fn run<P: Ports>(
     Ok(changes)
 }
 
+/// Rows a sweep query reads at a time.
+const PAGE: usize = 500;
+
+/// The sweep mark of the minors' rule: the last Hong Kong day (Julian day number) whose 18th
+/// birthdays have been acted on.
+pub const ADULT_DAY_MARK: &str = "adult_day";
+
 /// Revocations that stopped before the CA had them or the key was gone, minors who turned 18,
 /// and expired certificates that still have a key.
 async fn certificates<P: Ports>(
@@ -101,34 +114,150 @@ async fn certificates<P: Ports>(
     now: OffsetDateTime,
     changes: &mut Changes,
 ) -> Result<(), AppError> {
-    let live = ports.write(|store| store.certificates_with_keys()).await?;
-    for certificate in live {
-        let entry = (certificate.account_id.clone(), certificate.serial.clone());
-        if certificate.status == CertStatus::Revoked {
-            if finish_revocation(ports, certificate, actor).await? {
+    loop {
+        let page = ports.read(|store| store.unfinished_revocations(PAGE))?;
+        let mut acted = 0;
+        for certificate in &page {
+            let entry = (certificate.account_id.clone(), certificate.serial.clone());
+            if finish_revocation(ports, certificate.clone(), actor).await? {
                 changes.revocations_finished.push(entry);
-            }
-            continue;
-        }
-        if certificate.status == CertStatus::Valid && certificate.profile == Profile::Minor {
-            let account = load(ports, &certificate.account_id)?;
-            let current = account.current_certificate.as_ref() == Some(&certificate.serial);
-            if current && !account.sealed_dob.is_empty() {
-                let dob = crate::date_of_birth(ports, &account).await?;
-                if now >= cert_lifecycle::minor_certificate_ends(dob) {
-                    let reason = RevocationReason::CessationOfOperation;
-                    revoke_current(ports, &account, reason, actor, now).await?;
-                    changes.minors_revoked.push(entry);
-                    continue;
-                }
+                acted += 1;
             }
         }
-        if now >= certificate.not_after {
-            destroy_key_of(ports, certificate, "expired", actor).await?;
+        if page.len() < PAGE || acted == 0 {
+            break;
+        }
+    }
+    minors(ports, actor, now, changes).await?;
+    loop {
+        let page = ports.read(|store| store.expired_with_keys(now, PAGE))?;
+        for certificate in &page {
+            let entry = (certificate.account_id.clone(), certificate.serial.clone());
+            destroy_key_of(ports, certificate.clone(), "expired", actor).await?;
             changes.expired_keys_destroyed.push(entry);
+        }
+        if page.len() < PAGE {
+            break;
         }
     }
     Ok(())
+}
+
+/// Minors who turned 18: by the keyed hash of each day from the mark to today. Without a mark
+/// (a store that kept no keys, or a clock moved back past it), every current minor's date of
+/// birth is read once instead, and the keys it lacks are stored.
+async fn minors<P: Ports>(
+    ports: &P,
+    actor: &str,
+    now: OffsetDateTime,
+    changes: &mut Changes,
+) -> Result<(), AppError> {
+    let today = cert_lifecycle::hk_date(now);
+    let mark = ports.read(|store| store.sweep_mark(ADULT_DAY_MARK))?;
+    let mark_day = mark.and_then(|day| i32::try_from(day).ok().map(Date::from_julian_day));
+    let mut reached = match mark_day {
+        Some(Ok(day)) if day <= today => day,
+        _ => {
+            every_minor(ports, actor, now, changes).await?;
+            // Unless the mark moved meanwhile; the next run then starts from there.
+            let day = i64::from(today.to_julian_day());
+            ports
+                .write(move |store| store.advance_sweep_mark(ADULT_DAY_MARK, mark, day))
+                .await?;
+            return Ok(());
+        }
+    };
+    while let Some(day) = reached.next_day().filter(|day| *day <= today) {
+        let key = crate::adult_day_key(ports, day).await?;
+        for account in ports.read(|store| store.accounts_with_adult_day(&key))? {
+            revoke_if_adult(ports, account, actor, now, changes).await?;
+        }
+        let (from, to) = (
+            i64::from(reached.to_julian_day()),
+            i64::from(day.to_julian_day()),
+        );
+        if !ports
+            .write(move |store| store.advance_sweep_mark(ADULT_DAY_MARK, Some(from), to))
+            .await?
+        {
+            return Ok(());
+        }
+        reached = day;
+    }
+    Ok(())
+}
+
+/// Every account with a valid minor's certificate in use: those 18 lose it, the others get the
+/// `adult_day_key` they lack.
+async fn every_minor<P: Ports>(
+    ports: &P,
+    actor: &str,
+    now: OffsetDateTime,
+    changes: &mut Changes,
+) -> Result<(), AppError> {
+    let mut after: Option<AccountId> = None;
+    loop {
+        let from = after.clone();
+        let page = ports.read(|store| store.current_minors(from.as_ref(), PAGE))?;
+        for account in &page {
+            if revoke_if_adult(ports, account.clone(), actor, now, changes).await?
+                || account.adult_day_key.is_some()
+            {
+                continue;
+            }
+            let dob = crate::date_of_birth(ports, account).await?;
+            let key = crate::adult_day_key(ports, cert_lifecycle::adult_on(dob)).await?;
+            let mut keyed = account.clone();
+            keyed.adult_day_key = Some(key);
+            // A change meanwhile fails the run before the mark is set: the next one, still
+            // without a mark, looks again.
+            ports
+                .write(move |store| store.update_account(&keyed))
+                .await?;
+        }
+        match page.last() {
+            Some(last) if page.len() == PAGE => after = Some(last.id.clone()),
+            _ => return Ok(()),
+        }
+    }
+}
+
+/// Revokes `account`'s minor's certificate if its holder is 18 at `now`; whether it did.
+async fn revoke_if_adult<P: Ports>(
+    ports: &P,
+    account: AccountRecord,
+    actor: &str,
+    now: OffsetDateTime,
+    changes: &mut Changes,
+) -> Result<bool, AppError> {
+    let Some(serial) = account.current_certificate.clone() else {
+        return Ok(false);
+    };
+    if account.sealed_dob.is_empty() {
+        return Ok(false);
+    }
+    let Some(certificate) = ports.read(|store| store.get_certificate(&serial))? else {
+        return Ok(false);
+    };
+    if certificate.status != CertStatus::Valid || certificate.profile != Profile::Minor {
+        return Ok(false);
+    }
+    let dob = crate::date_of_birth(ports, &account).await?;
+    if now < cert_lifecycle::minor_certificate_ends(dob) {
+        return Ok(false);
+    }
+    revoke_current(
+        ports,
+        &account,
+        RevocationReason::CessationOfOperation,
+        actor,
+        now,
+    )
+    .await?;
+    changes
+        .minors_revoked
+        .push((account.id.clone(), certificate.serial));
+    Ok(true)
 }
 
 /// Accounts whose 7-day rectification deadline has passed.
@@ -138,20 +267,24 @@ async fn rectification<P: Ports>(
     now: OffsetDateTime,
     changes: &mut Changes,
 ) -> Result<(), AppError> {
-    let pending = ports
-        .write(|store| store.accounts_in_status(AccountStatus::RectificationPending))
-        .await?;
     // Checked again on the account as stored when it changed meanwhile (rectified).
-    let due = |account: &cert_lifecycle::AccountRecord| {
+    let due = |account: &AccountRecord| {
         account.status == AccountStatus::RectificationPending
             && account.rectify_by.is_some_and(|deadline| now >= deadline)
     };
-    for mut account in pending {
-        if due(&account) && invalidate_if(ports, &mut account, actor, now, due).await? {
-            changes.invalidated.push(account.id);
+    loop {
+        let page = ports.read(|store| store.rectifications_due(now, PAGE))?;
+        let mut acted = 0;
+        for mut account in page.iter().cloned() {
+            if due(&account) && invalidate_if(ports, &mut account, actor, now, due).await? {
+                changes.invalidated.push(account.id);
+                acted += 1;
+            }
+        }
+        if page.len() < PAGE || acted == 0 {
+            return Ok(());
         }
     }
-    Ok(())
 }
 
 /// Accounts suspended or invalidated seven years ago and left so.
@@ -161,20 +294,29 @@ async fn retention<P: Ports>(
     now: OffsetDateTime,
     changes: &mut Changes,
 ) -> Result<(), AppError> {
+    // Seven years are at least 2,555 days and the deadline falls at the start of a Hong Kong
+    // day: an account changed after this instant is not due yet. Those between it and the
+    // exact deadline are checked one by one.
+    let before = now - Duration::days(7 * 365 - 2);
+    // Checked again on the account as stored when it changed meanwhile (resumed).
+    let due = |account: &AccountRecord| {
+        matches!(
+            account.status,
+            AccountStatus::Suspended | AccountStatus::Invalidated
+        ) && now >= cert_lifecycle::retention_ends(account.status_changed_at)
+    };
     for status in [AccountStatus::Suspended, AccountStatus::Invalidated] {
-        let accounts = ports
-            .write(move |store| store.accounts_in_status(status))
-            .await?;
-        // Checked again on the account as stored when it changed meanwhile (resumed).
-        let due = |account: &cert_lifecycle::AccountRecord| {
-            matches!(
-                account.status,
-                AccountStatus::Suspended | AccountStatus::Invalidated
-            ) && now >= cert_lifecycle::retention_ends(account.status_changed_at)
-        };
-        for mut account in accounts {
-            if due(&account) && deregister_if(ports, &mut account, actor, now, due).await? {
-                changes.deregistered.push(account.id);
+        loop {
+            let page = ports.read(|store| store.accounts_changed_before(status, before, PAGE))?;
+            let mut acted = 0;
+            for mut account in page.iter().cloned() {
+                if due(&account) && deregister_if(ports, &mut account, actor, now, due).await? {
+                    changes.deregistered.push(account.id);
+                    acted += 1;
+                }
+            }
+            if page.len() < PAGE || acted == 0 {
+                break;
             }
         }
     }

@@ -502,3 +502,153 @@ async fn a_sweep_leaves_an_account_rectified_meanwhile_active() {
         .unwrap();
     assert!(again.invalidated.is_empty());
 }
+
+/// A date of birth whose 18th birthday is `days` after today (Hong Kong date), or the day after
+/// when that would be a 29 February without its 18-years-earlier twin.
+fn born_to_turn_18_in(days: i64) -> time::Date {
+    let today = cert_lifecycle::hk_date(now());
+    (days..days + 2)
+        .find_map(|days| {
+            let day = today + time::Duration::days(days);
+            day.replace_year(day.year() - 18).ok()
+        })
+        .unwrap()
+}
+
+async fn register_minor(ports: &Memory, id: &str, n: u32, dob: time::Date, tier: Tier) {
+    let mut new = new_account(id, n, tier, &Device::new(n as u8));
+    new.date_of_birth = dob;
+    new.guardian = Some((hkic(900_000 + n), date!(1970 - 01 - 01)));
+    registration::register(ports, &issuance(), "registrar:reg", new, now())
+        .await
+        .unwrap();
+}
+
+/// Forgets `id`'s adult-day key, as an account registered before the store kept one.
+fn without_adult_day_key(ports: &Memory, id: &str) {
+    let id = AccountId::parse(id).unwrap();
+    let mut account = ports.store.get_account(&id).unwrap().unwrap();
+    account.adult_day_key = None;
+    ports.store.update_account(&account).unwrap();
+}
+
+fn adult_day_key(ports: &Memory, id: &str) -> Option<[u8; 32]> {
+    let id = AccountId::parse(id).unwrap();
+    ports.store.get_account(&id).unwrap().unwrap().adult_day_key
+}
+
+#[tokio::test]
+async fn the_sweep_finds_minors_turning_18_by_the_keyed_hash_of_their_day_and_unseals_nothing_else()
+{
+    let ports = Memory::new();
+    let soon = born_to_turn_18_in(10);
+    register_minor(&ports, "u-soon", 1, soon, Tier::IamSmartPlus).await;
+    register_minor(&ports, "u-twin", 2, soon, Tier::IamSmartPlus).await;
+    register_minor(&ports, "u-old", 3, soon, Tier::IamSmartPlus).await;
+    register_minor(
+        &ports,
+        "u-later",
+        4,
+        born_to_turn_18_in(200),
+        Tier::IamSmartPlus,
+    )
+    .await;
+    let adult = new_account("u-adult", 5, Tier::IamSmartPlus, &Device::new(5));
+    registration::register(&ports, &issuance(), "registrar:reg", adult, now())
+        .await
+        .unwrap();
+    without_adult_day_key(&ports, "u-old");
+
+    // The store keeps a keyed hash of the day, the same for the same day, none for an adult.
+    let key = adult_day_key(&ports, "u-soon").unwrap();
+    assert_eq!(adult_day_key(&ports, "u-twin"), Some(key));
+    assert_ne!(adult_day_key(&ports, "u-later"), Some(key));
+    assert_eq!(adult_day_key(&ports, "u-adult"), None);
+
+    // The first run has no mark: it reads every current minor once, and keys the one without.
+    let sweep = |at| application::sweeps::run(&ports, "system:sweep", at);
+    let first = sweep(now()).await.unwrap();
+    assert_eq!(first.count(), 0, "{first:?}");
+    assert_eq!(adult_day_key(&ports, "u-old"), Some(key));
+
+    // Then nothing is due until the day, and nothing is decrypted.
+    let ends = cert_lifecycle::minor_certificate_ends(soon);
+    for at in [
+        now() + time::Duration::days(1),
+        ends - time::Duration::seconds(1),
+    ] {
+        ports.keys.unsealed.lock().unwrap().clear();
+        let changes = sweep(at).await.unwrap();
+        assert_eq!(changes.count(), 0, "{changes:?}");
+        assert_eq!(*ports.keys.unsealed.lock().unwrap(), [], "at {at}");
+    }
+
+    // On the day, exactly the three who turn 18 lose their certificate, and only their dates
+    // of birth are read.
+    ports.keys.unsealed.lock().unwrap().clear();
+    let changes = sweep(ends).await.unwrap();
+    let mut revoked: Vec<_> = changes
+        .minors_revoked
+        .iter()
+        .map(|(id, _)| id.as_str().to_owned())
+        .collect();
+    revoked.sort();
+    assert_eq!(revoked, ["u-old", "u-soon", "u-twin"]);
+    let mut dates_read: Vec<_> = (ports.keys.unsealed.lock().unwrap().iter())
+        .filter(|(purpose, _)| *purpose == "dob")
+        .map(|(_, binding)| binding.clone())
+        .collect();
+    dates_read.sort();
+    assert_eq!(dates_read, revoked);
+    for id in ["u-later", "u-adult"] {
+        let account = ports
+            .store
+            .account_with_certificate(&AccountId::parse(id).unwrap())
+            .unwrap()
+            .unwrap();
+        assert_eq!(account.1.unwrap().status, CertStatus::Valid, "{id}");
+    }
+    // The next run finds nothing more.
+    let again = sweep(ends + time::Duration::hours(1)).await.unwrap();
+    assert_eq!(again.count(), 0, "{again:?}");
+}
+
+#[tokio::test]
+async fn an_upgrade_to_a_minors_certificate_keys_an_account_registered_without_one() {
+    let ports = Memory::new();
+    let dob = born_to_turn_18_in(30);
+    register_minor(&ports, "u-up", 1, dob, Tier::IamSmart).await;
+    without_adult_day_key(&ports, "u-up");
+    // The first run sets the mark; the account has no certificate yet, so it stays unkeyed.
+    let sweep = |at| application::sweeps::run(&ports, "system:sweep", at);
+    sweep(now()).await.unwrap();
+    assert_eq!(adult_day_key(&ports, "u-up"), None);
+    let id = AccountId::parse("u-up").unwrap();
+    registration::upgrade(&ports, &issuance(), "registrar:reg", &id, now())
+        .await
+        .unwrap();
+    assert!(adult_day_key(&ports, "u-up").is_some());
+    let changes = sweep(cert_lifecycle::minor_certificate_ends(dob))
+        .await
+        .unwrap();
+    assert_eq!(changes.minors_revoked.len(), 1, "{changes:?}");
+}
+
+#[tokio::test]
+async fn a_clock_moved_back_past_the_mark_reads_every_minor_again() {
+    let ports = Memory::new();
+    let dob = born_to_turn_18_in(5);
+    register_minor(&ports, "u-back", 1, dob, Tier::IamSmartPlus).await;
+    let sweep = |at| application::sweeps::run(&ports, "system:sweep", at);
+    // A run far ahead (a clock set forward) revokes it and moves the mark there...
+    let ahead = sweep(now() + time::Duration::days(400)).await.unwrap();
+    assert_eq!(ahead.minors_revoked.len(), 1);
+    // ...a minor registered once the clock is back, turning 18 before that mark, is still found.
+    let dob = born_to_turn_18_in(3);
+    register_minor(&ports, "u-after", 2, dob, Tier::IamSmartPlus).await;
+    sweep(now()).await.unwrap();
+    let changes = sweep(cert_lifecycle::minor_certificate_ends(dob))
+        .await
+        .unwrap();
+    assert_eq!(changes.minors_revoked.len(), 1, "{changes:?}");
+}

@@ -105,6 +105,11 @@ pub struct AccountRecord {
     /// A minor's guardian, as the keyed hash of their HKIC number (never the number), kept with
     /// the account once their date of birth was checked at registration; erased with it.
     pub guardian_hkic_hash: Option<[u8; 32]>,
+    /// A minor's 18th birthday (the Hong Kong date their minor's certificate ends) as a keyed
+    /// hash of that date, under an HSM key: the sweep finds who turns 18 on a day by computing
+    /// that day's hash, and the store never holds the date. `None` for an adult, and erased
+    /// with the personal data.
+    pub adult_day_key: Option<[u8; 32]>,
     /// How many changes the stored account has had: an update names the version it was made
     /// from, and is refused when the account moved on meanwhile (0 for a new account).
     pub version: u64,

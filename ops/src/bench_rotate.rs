@@ -220,6 +220,7 @@ async fn populate(hsm: &Arc<Hsm>, path: &Path, keys: u64) -> Result<(), BoxError
             current_certificate: Some(serial),
             created_at: now,
             guardian_hkic_hash: None,
+            adult_day_key: None,
             version: 0,
         };
         store.insert_account_with_certificate(&account, &certificate)?;

@@ -108,6 +108,8 @@ pub struct MemoryKeys {
     pub busy_unseals: AtomicUsize,
     /// Every pause the workflows took before asking a busy HSM again.
     pub busy_pauses: Mutex<Vec<Duration>>,
+    /// Every unseal call (decryption) made: its purpose and binding.
+    pub unsealed: Mutex<Vec<(&'static str, String)>>,
 }
 
 /// Takes one from `counter` if it is not zero: whether the call is to find the HSM busy.
@@ -206,6 +208,10 @@ impl Keys for MemoryKeys {
         sealed: &[u8],
     ) -> Result<Zeroizing<Vec<u8>>, AppError> {
         take_busy(&self.busy_unseals)?;
+        self.unsealed
+            .lock()
+            .unwrap()
+            .push((purpose, binding.to_owned()));
         let prefix = aad(purpose, binding);
         sealed
             .strip_prefix(prefix.as_slice())
@@ -563,6 +569,7 @@ pub fn account(ports: &Memory, id: &str, device: &Device, now: OffsetDateTime) -
         current_certificate: Some(serial.clone()),
         created_at: now,
         guardian_hkic_hash: None,
+        adult_day_key: None,
         version: 0,
     };
     let certificate = CertificateRecord {

@@ -273,6 +273,7 @@ mod tests {
             current_certificate: Some(certificate.serial.clone()),
             created_at: now,
             guardian_hkic_hash: None,
+            adult_day_key: None,
             version: 0,
         };
         (account, certificate)

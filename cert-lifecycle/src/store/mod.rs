@@ -145,13 +145,57 @@ pub trait Store: Send + Sync {
         id: &AccountId,
     ) -> Result<Option<(AccountRecord, Option<CertificateRecord>)>, StoreError>;
 
-    /// Every certificate that still has its key reference, oldest `not_before` first: what the
-    /// lifecycle sweeps look at (a minor's that must end at 18, expired ones whose key must go).
-    fn certificates_with_keys(&self) -> Result<Vec<CertificateRecord>, StoreError>;
+    /// Revoked certificates that still have their key reference (a revocation that stopped
+    /// before the CA had it or the key was gone), up to `limit`.
+    fn unfinished_revocations(&self, limit: usize) -> Result<Vec<CertificateRecord>, StoreError>;
 
-    /// Every account in `status`, oldest status change first (for the retention and
-    /// rectification sweeps).
-    fn accounts_in_status(&self, status: AccountStatus) -> Result<Vec<AccountRecord>, StoreError>;
+    /// Valid certificates past `not_after` at `now` that still have their key reference, the
+    /// earliest first, up to `limit`.
+    fn expired_with_keys(
+        &self,
+        now: OffsetDateTime,
+        limit: usize,
+    ) -> Result<Vec<CertificateRecord>, StoreError>;
+
+    /// The accounts whose 18th birthday has the keyed hash `key`.
+    fn accounts_with_adult_day(&self, key: &[u8; 32]) -> Result<Vec<AccountRecord>, StoreError>;
+
+    /// Accounts with a valid minor's certificate in use, in id order after `after`, up to
+    /// `limit` (the sweep's first run over a store that kept no `adult_day_key`).
+    fn current_minors(
+        &self,
+        after: Option<&AccountId>,
+        limit: usize,
+    ) -> Result<Vec<AccountRecord>, StoreError>;
+
+    /// Accounts pending rectification whose deadline is at or before `now`, the earliest first,
+    /// up to `limit`.
+    fn rectifications_due(
+        &self,
+        now: OffsetDateTime,
+        limit: usize,
+    ) -> Result<Vec<AccountRecord>, StoreError>;
+
+    /// Accounts in `status` whose status changed before `before`, the oldest change first, up
+    /// to `limit` (the retention sweep).
+    fn accounts_changed_before(
+        &self,
+        status: AccountStatus,
+        before: OffsetDateTime,
+        limit: usize,
+    ) -> Result<Vec<AccountRecord>, StoreError>;
+
+    /// A sweep's mark (how far a rule got), if set.
+    fn sweep_mark(&self, name: &str) -> Result<Option<i64>, StoreError>;
+
+    /// Moves a sweep's mark from `from` (`None`: unset) to `to`; false, changing nothing, when
+    /// the mark is no longer at `from` (another run moved it).
+    fn advance_sweep_mark(
+        &self,
+        name: &str,
+        from: Option<i64>,
+        to: i64,
+    ) -> Result<bool, StoreError>;
 
     /// Stores a TAID unless the account has one at this service already, and returns the stored
     /// one. `AlreadyExists` when `taid` is taken by another (service, account): a collision.

@@ -173,11 +173,29 @@ const MIGRATIONS: &[&str] = &[
         at INTEGER NOT NULL
     ) STRICT;
     CREATE INDEX hkic_mismatches_account ON hkic_mismatches(account_id, at);",
+    // Version 13: what the sweeps look for, each through an index, in time proportional to
+    // what is due. A minor's 18th birthday is kept only as a keyed hash of the date
+    // (`adult_day_key`), which the sweep computes for each day it covers; `sweep_marks` keeps
+    // how far it got.
+    "ALTER TABLE accounts ADD COLUMN adult_day_key BLOB;
+    CREATE INDEX accounts_adult_day ON accounts(adult_day_key) WHERE adult_day_key IS NOT NULL;
+    CREATE INDEX accounts_status ON accounts(status, status_changed_at);
+    CREATE INDEX accounts_rectification ON accounts(rectify_by)
+        WHERE status = 'rectification_pending';
+    CREATE INDEX certificates_keyed ON certificates(status, not_after)
+        WHERE key_ref IS NOT NULL;
+    CREATE INDEX certificates_minor ON certificates(account_id)
+        WHERE profile = 'minor' AND status = 'valid';
+    CREATE INDEX signing_requests_status ON signing_requests(status, expires_at);
+    CREATE TABLE sweep_marks (
+        name TEXT PRIMARY KEY,
+        value INTEGER NOT NULL
+    ) STRICT;",
 ];
 
 const ACCOUNT_COLUMNS: &str = "id, tier, status, status_changed_at, suspended_by, rectify_by, \
     sealed_name, sealed_dob, hkic_hash, device_public_key, device_generation, \
-    current_certificate, created_at, version, guardian_hkic_hash";
+    current_certificate, created_at, version, guardian_hkic_hash, adult_day_key";
 
 const CERTIFICATE_COLUMNS: &str = "serial, account_id, profile, not_before, not_after, status, \
     revocation_reason, revoked_at, sealed_der, key_ref, key_algorithm";
@@ -229,6 +247,8 @@ impl SqliteStore {
         writer.pragma_update(None, "secure_delete", true)?;
         writer.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         migrate(&mut writer)?;
+        #[cfg(test)]
+        traced::on(&writer);
         Ok(SqliteStore {
             path,
             writer: Mutex::new(writer),
@@ -267,6 +287,8 @@ impl SqliteStore {
                     | OpenFlags::SQLITE_OPEN_NO_MUTEX
                     | OpenFlags::SQLITE_OPEN_URI;
                 let conn = Connection::open_with_flags(&self.path, flags)?;
+                #[cfg(test)]
+                traced::on(&conn);
                 conn.busy_timeout(BUSY_TIMEOUT)?;
                 conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
                 conn
@@ -284,7 +306,7 @@ impl SqliteStore {
 fn insert_account_row(conn: &Connection, a: &AccountRecord) -> Result<(), StoreError> {
     let sql = format!(
         "INSERT INTO accounts ({ACCOUNT_COLUMNS}) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
     );
     conn.prepare_cached(&sql)?
         .execute(params_from_iter(account_values(a)))
@@ -301,7 +323,7 @@ fn update_account_row(conn: &Connection, a: &AccountRecord) -> Result<(), StoreE
                  suspended_by = ?5, rectify_by = ?6, sealed_name = ?7, sealed_dob = ?8, \
                  hkic_hash = ?9, device_public_key = ?10, device_generation = ?11, \
                  current_certificate = ?12, created_at = ?13, version = ?14 + 1, \
-                 guardian_hkic_hash = ?15 WHERE id = ?1 AND version = ?14",
+                 guardian_hkic_hash = ?15, adult_day_key = ?16 WHERE id = ?1 AND version = ?14",
         )?
         .execute(params_from_iter(account_values(a)))
         .map_err(write_error)?;
@@ -379,7 +401,38 @@ pub(super) fn one_row_changed(changed: usize) -> Result<(), StoreError> {
 }
 
 /// An account's columns in `ACCOUNT_COLUMNS` order (`?1` to `?15`), for insert and update alike.
-fn account_values(a: &AccountRecord) -> [Value; 15] {
+/// Every statement this thread's store calls ran, for the query-plan test.
+#[cfg(test)]
+mod traced {
+    use std::cell::RefCell;
+
+    thread_local! {
+        static STATEMENTS: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// Records, on the calling thread, every statement `conn` runs, with its parameters.
+    pub(super) fn on(conn: &rusqlite::Connection) {
+        use rusqlite::trace::{TraceEvent, TraceEventCodes};
+        fn record(event: TraceEvent<'_>) {
+            if let TraceEvent::Stmt(statement, sql) = event {
+                let sql = statement.expanded_sql().unwrap_or_else(|| sql.to_owned());
+                STATEMENTS.with(|statements| statements.borrow_mut().push(sql));
+            }
+        }
+        conn.trace_v2(TraceEventCodes::SQLITE_TRACE_STMT, Some(record));
+    }
+
+    pub(super) fn take() -> Vec<String> {
+        STATEMENTS.with(|statements| std::mem::take(&mut *statements.borrow_mut()))
+    }
+}
+
+/// A `LIMIT` value: SQLite's integers are signed.
+fn limit_value(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX)
+}
+
+fn account_values(a: &AccountRecord) -> [Value; 16] {
     [
         a.id.as_str().to_owned().into(),
         a.tier.as_str().to_owned().into(),
@@ -399,6 +452,7 @@ fn account_values(a: &AccountRecord) -> [Value; 15] {
         secs(a.created_at).into(),
         i64::try_from(a.version).unwrap_or(i64::MAX).into(),
         a.guardian_hkic_hash.map(|hash| hash.to_vec()).into(),
+        a.adult_day_key.map(|key| key.to_vec()).into(),
     ]
 }
 
@@ -568,6 +622,13 @@ fn account_from_row(row: &Row<'_>) -> rusqlite::Result<AccountRecord> {
             .map(|hash| {
                 <[u8; 32]>::try_from(hash.as_slice())
                     .map_err(|_| conversion(14, Type::Blob, "guardian hash is not 32 bytes"))
+            })
+            .transpose()?,
+        adult_day_key: row
+            .get::<_, Option<Vec<u8>>>(15)?
+            .map(|key| {
+                <[u8; 32]>::try_from(key.as_slice())
+                    .map_err(|_| conversion(15, Type::Blob, "adult day key is not 32 bytes"))
             })
             .transpose()?,
     })
@@ -763,7 +824,8 @@ impl Store for SqliteStore {
             let id = account.id.as_str();
             tx.execute(
                 "UPDATE accounts SET sealed_name = x'', sealed_dob = x'', \
-                 hkic_hash = zeroblob(32), guardian_hkic_hash = NULL WHERE id = ?1",
+                 hkic_hash = zeroblob(32), guardian_hkic_hash = NULL, adult_day_key = NULL \
+                 WHERE id = ?1",
                 [id],
             )?;
             // A certificate whose key is still there has not had its revocation reach the CA:
@@ -882,31 +944,149 @@ impl Store for SqliteStore {
         })
     }
 
-    fn certificates_with_keys(&self) -> Result<Vec<CertificateRecord>, StoreError> {
+    fn unfinished_revocations(&self, limit: usize) -> Result<Vec<CertificateRecord>, StoreError> {
         let sql = format!(
-            "SELECT {CERTIFICATE_COLUMNS} FROM certificates WHERE key_ref IS NOT NULL \
-             ORDER BY not_before, serial"
+            "SELECT {CERTIFICATE_COLUMNS} FROM certificates \
+             WHERE status = 'revoked' AND key_ref IS NOT NULL ORDER BY not_after, serial LIMIT ?1"
         );
         self.read(|conn| {
             let mut stmt = conn.prepare_cached(&sql)?;
             let rows = stmt
-                .query_map([], certificate_from_row)?
+                .query_map([limit_value(limit)], certificate_from_row)?
                 .collect::<Result<Vec<_>, _>>()?;
             Ok(rows)
         })
     }
 
-    fn accounts_in_status(&self, status: AccountStatus) -> Result<Vec<AccountRecord>, StoreError> {
+    fn expired_with_keys(
+        &self,
+        now: OffsetDateTime,
+        limit: usize,
+    ) -> Result<Vec<CertificateRecord>, StoreError> {
         let sql = format!(
-            "SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE status = ?1 \
-             ORDER BY status_changed_at, id"
+            "SELECT {CERTIFICATE_COLUMNS} FROM certificates \
+             WHERE status = 'valid' AND key_ref IS NOT NULL AND not_after <= ?1 \
+             ORDER BY not_after, serial LIMIT ?2"
         );
         self.read(|conn| {
             let mut stmt = conn.prepare_cached(&sql)?;
             let rows = stmt
-                .query_map([status.as_str()], account_from_row)?
+                .query_map(params![secs(now), limit_value(limit)], certificate_from_row)?
                 .collect::<Result<Vec<_>, _>>()?;
             Ok(rows)
+        })
+    }
+
+    fn accounts_with_adult_day(&self, key: &[u8; 32]) -> Result<Vec<AccountRecord>, StoreError> {
+        let sql =
+            format!("SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE adult_day_key = ?1 ORDER BY id");
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(&sql)?;
+            let rows = stmt
+                .query_map([key.as_slice()], account_from_row)?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn current_minors(
+        &self,
+        after: Option<&AccountId>,
+        limit: usize,
+    ) -> Result<Vec<AccountRecord>, StoreError> {
+        let columns = ACCOUNT_COLUMNS
+            .split(", ")
+            .map(|column| format!("a.{column}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!(
+            "SELECT {columns} FROM certificates c JOIN accounts a ON a.id = c.account_id \
+             WHERE c.profile = 'minor' AND c.status = 'valid' AND c.account_id > ?1 \
+             AND a.current_certificate = c.serial ORDER BY c.account_id LIMIT ?2"
+        );
+        let after = after.map_or("", AccountId::as_str);
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(&sql)?;
+            let rows = stmt
+                .query_map(params![after, limit_value(limit)], account_from_row)?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn rectifications_due(
+        &self,
+        now: OffsetDateTime,
+        limit: usize,
+    ) -> Result<Vec<AccountRecord>, StoreError> {
+        let sql = format!(
+            "SELECT {ACCOUNT_COLUMNS} FROM accounts \
+             WHERE status = 'rectification_pending' AND rectify_by <= ?1 \
+             ORDER BY rectify_by, id LIMIT ?2"
+        );
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(&sql)?;
+            let rows = stmt
+                .query_map(params![secs(now), limit_value(limit)], account_from_row)?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn accounts_changed_before(
+        &self,
+        status: AccountStatus,
+        before: OffsetDateTime,
+        limit: usize,
+    ) -> Result<Vec<AccountRecord>, StoreError> {
+        let sql = format!(
+            "SELECT {ACCOUNT_COLUMNS} FROM accounts \
+             WHERE status = ?1 AND status_changed_at < ?2 \
+             ORDER BY status_changed_at, id LIMIT ?3"
+        );
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(&sql)?;
+            let rows = stmt
+                .query_map(
+                    params![status.as_str(), secs(before), limit_value(limit)],
+                    account_from_row,
+                )?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn sweep_mark(&self, name: &str) -> Result<Option<i64>, StoreError> {
+        self.read(|conn| {
+            Ok(conn
+                .prepare_cached("SELECT value FROM sweep_marks WHERE name = ?1")?
+                .query_row([name], |row| row.get(0))
+                .optional()?)
+        })
+    }
+
+    fn advance_sweep_mark(
+        &self,
+        name: &str,
+        from: Option<i64>,
+        to: i64,
+    ) -> Result<bool, StoreError> {
+        self.write(|conn| {
+            let changed = match from {
+                None => conn
+                    .prepare_cached(
+                        "INSERT INTO sweep_marks (name, value) VALUES (?1, ?2) \
+                         ON CONFLICT (name) DO NOTHING",
+                    )?
+                    .execute(params![name, to]),
+                Some(from) => conn
+                    .prepare_cached(
+                        "UPDATE sweep_marks SET value = ?3 WHERE name = ?1 AND value = ?2",
+                    )?
+                    .execute(params![name, from, to]),
+            }
+            .map_err(write_error)?;
+            Ok(changed == 1)
         })
     }
 
@@ -1326,6 +1506,7 @@ mod tests {
             current_certificate: None,
             created_at: datetime!(2026-01-01 00:00 UTC),
             guardian_hkic_hash: None,
+            adult_day_key: None,
             version: 0,
         }
     }
@@ -2208,5 +2389,115 @@ mod tests {
             120
         );
         assert!(lock(&store.readers).len() <= MAX_IDLE_READERS);
+    }
+
+    /// Every query of the signing path and of the sweeps is served by an index: its plan scans
+    /// no table whole (`SCAN <table>`). The statements are the ones the store really ran, as
+    /// SQLite traced them. Only the journals and the audit outbox are read whole: they hold
+    /// only what is in flight.
+    #[test]
+    fn signing_path_and_sweep_queries_use_indexes() {
+        const READ_WHOLE: &[&str] = &["audit_outbox", "issuances", "key_changes"];
+        let (_dir, store) = temp_store();
+        let at = CREATED;
+        traced::take();
+        // Registration, TAIDs, HKIC checks.
+        let mut a = registered(&store, "u-1", "3f9a");
+        registered(&store, "u-2", "3f9b");
+        store.put_taid(&taid("t-1", "demo-a", "u-1")).unwrap();
+        store
+            .find_taid(&ServiceName::parse("demo-a").unwrap(), "t-1")
+            .unwrap();
+        store.accounts_with_hkic_hash(&hkic_hash_of("u-1")).unwrap();
+        store.record_hkic_mismatch(&id("u-1"), at).unwrap();
+        store.hkic_mismatches_since(&id("u-1"), at).unwrap();
+        // The signing flow.
+        let mut r = request(1, "u-1", "3f9a");
+        store.insert_request(&r, 5, at).unwrap();
+        store.get_request(&r.id).unwrap();
+        store.account_with_certificate(&id("u-1")).unwrap();
+        store
+            .get_certificate(&CertSerial::parse("3f9a").unwrap())
+            .unwrap();
+        store.pending_requests(&id("u-1"), at).unwrap();
+        r.status = SigningStatus::Approved;
+        store
+            .transition_request(&r, (SigningStatus::Pending, 0), at)
+            .unwrap();
+        r.mark_signed(vec![5; 600], at + Duration::seconds(1));
+        store
+            .transition_request(&r, (SigningStatus::Approved, 0), at)
+            .unwrap();
+        store.signing_history(&id("u-1"), at, None, 20).unwrap();
+        store.count_pending(at).unwrap();
+        store.approved_requests().unwrap();
+        // Account changes and the outbox.
+        a.status = AccountStatus::Suspended;
+        let outbox = store
+            .update_account_audited(&a, "account.suspended", "x", "{}")
+            .unwrap();
+        store.pending_audits().unwrap();
+        store.delete_pending_audit(outbox).unwrap();
+        // The sweeps.
+        store.unfinished_revocations(500).unwrap();
+        store.expired_with_keys(at, 500).unwrap();
+        store.accounts_with_adult_day(&[7; 32]).unwrap();
+        store.current_minors(None, 500).unwrap();
+        store.rectifications_due(at, 500).unwrap();
+        store
+            .accounts_changed_before(AccountStatus::Suspended, at, 500)
+            .unwrap();
+        store.sweep_mark("adult_day").unwrap();
+        store.advance_sweep_mark("adult_day", None, 1).unwrap();
+        store.advance_sweep_mark("adult_day", Some(1), 2).unwrap();
+        store
+            .current_certificates_ending(at, at + Duration::days(30))
+            .unwrap();
+        store
+            .mark_revoked(
+                &CertSerial::parse("3f9b").unwrap(),
+                RevocationReason::KeyCompromise,
+                at,
+            )
+            .unwrap();
+        store
+            .forget_key(&CertSerial::parse("3f9b").unwrap(), &[9])
+            .unwrap();
+        let mut b = store.get_account(&id("u-2")).unwrap().unwrap();
+        b.status = AccountStatus::Deregistered;
+        store.deregister(&b).unwrap();
+
+        let statements = traced::take();
+        assert!(statements.len() > 30, "{statements:?}");
+        let conn = Connection::open(store.path.clone()).unwrap();
+        let mut checked = 0;
+        for sql in statements {
+            let verb = sql
+                .split_whitespace()
+                .next()
+                .unwrap_or("")
+                .to_ascii_uppercase();
+            if !["SELECT", "UPDATE", "DELETE", "INSERT"].contains(&verb.as_str()) {
+                continue;
+            }
+            let mut plan = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+            let details: Vec<String> = plan
+                .query_map([], |row| row.get(3))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            for detail in &details {
+                let Some(scanned) = detail.strip_prefix("SCAN ") else {
+                    continue;
+                };
+                let table = scanned.split_whitespace().next().unwrap_or("");
+                assert!(
+                    table == "CONSTANT" || READ_WHOLE.contains(&table),
+                    "a whole-table scan: {detail}\nin: {sql}\nplan: {details:?}"
+                );
+            }
+            checked += 1;
+        }
+        assert!(checked > 30, "only {checked} statements checked");
     }
 }
