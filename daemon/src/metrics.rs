@@ -30,6 +30,10 @@ pub(crate) struct Metrics {
     client_crl_next_update: IntGauge,
     /// HSM jobs waiting, by lane (`signing`, `background`).
     pub(crate) hsm_queued: IntGaugeVec,
+    /// Signatures with a wrapped key, by whether a worker had it unwrapped already.
+    hsm_key_cache: IntCounterVec,
+    /// Serialises [`Metrics::key_cache`]'s catch-up of concurrent scrapes.
+    key_cache_catch_up: Arc<std::sync::Mutex<()>>,
     status: Arc<StatusMetrics>,
 }
 
@@ -177,6 +181,14 @@ impl Metrics {
             ),
             &["lane"],
         )?;
+        let hsm_key_cache = IntCounterVec::new(
+            Opts::new(
+                "hsm_key_cache_total",
+                "Signatures with a wrapped user key, by result: hit (a worker had the key \
+                 unwrapped) or miss (it was unwrapped for this signature)",
+            ),
+            &["result"],
+        )?;
         let status = Arc::new(StatusMetrics {
             cache: IntCounterVec::new(
                 Opts::new(
@@ -224,6 +236,7 @@ impl Metrics {
         registry.register(Box::new(rate_limited.clone()))?;
         registry.register(Box::new(client_crl_next_update.clone()))?;
         registry.register(Box::new(hsm_queued.clone()))?;
+        registry.register(Box::new(hsm_key_cache.clone()))?;
         Ok(Self {
             registry,
             http_requests,
@@ -240,8 +253,22 @@ impl Metrics {
             rate_limited,
             client_crl_next_update,
             hsm_queued,
+            hsm_key_cache,
+            key_cache_catch_up: Arc::new(std::sync::Mutex::new(())),
             status,
         })
+    }
+
+    /// Brings `hsm_key_cache_total` up to the adapter's counts since open.
+    pub(crate) fn key_cache(&self, hits: u64, misses: u64) {
+        let _serial = self
+            .key_cache_catch_up
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (label, count) in [("hit", hits), ("miss", misses)] {
+            let counter = self.hsm_key_cache.with_label_values(&[label]);
+            counter.inc_by(count.saturating_sub(counter.get()));
+        }
     }
 
     /// A CMP transaction with the CA (issue or revoke), in the same series as the status

@@ -41,6 +41,7 @@ use cryptoki::object::{Attribute, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
 
 use crate::affinity;
+use crate::bench_flow::find_one;
 use crate::config::HsmConfig;
 use crate::directory::system_key_template;
 use crate::error::HsmError;
@@ -400,16 +401,6 @@ impl RawBaseline {
             operations: operations.into_inner(),
             elapsed: end - start,
         })
-    }
-}
-
-fn find_one(session: &Session, template: &[Attribute]) -> Result<ObjectHandle, HsmError> {
-    match session.find_objects(template)?[..] {
-        [handle] => Ok(handle),
-        [] => Err(HsmError::UnexpectedResponse("bench key not found")),
-        _ => Err(HsmError::UnexpectedResponse(
-            "bench key found more than once",
-        )),
     }
 }
 

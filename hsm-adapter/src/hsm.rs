@@ -388,6 +388,20 @@ impl Hsm {
         let _ = joined.await;
     }
 
+    /// Signatures with a wrapped key since open: (found unwrapped in a worker's cache, had to
+    /// unwrap). Both stay 0 with the cache off.
+    pub fn key_cache(&self) -> (u64, u64) {
+        let shared = self.shared();
+        (
+            shared
+                .key_cache_hits
+                .load(std::sync::atomic::Ordering::Relaxed),
+            shared
+                .key_cache_misses
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
+    }
+
     /// How many requests wait in `lane` now (for metrics and tests).
     pub fn queued(&self, lane: Lane) -> usize {
         self.pool.queued(lane)

@@ -45,6 +45,8 @@ mod templates;
 
 #[cfg(feature = "bench")]
 pub mod bench;
+#[cfg(feature = "bench")]
+pub mod bench_flow;
 
 pub use affinity::{allowed_cpus, describe as describe_cpus};
 pub use config::{HsmConfig, SOFTHSM_MODULE, TokenSelector};

@@ -372,7 +372,12 @@ impl WorkerCtx {
         if let Some(cached) = self.cache.as_mut().and_then(|cache| cache.get(blob)) {
             let handle = cached.handle;
             match self.session.sign(&mechanism, handle, request.data()) {
-                Ok(signature) => return Ok(signature),
+                Ok(signature) => {
+                    self.shared
+                        .key_cache_hits
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    return Ok(signature);
+                }
                 Err(err) => {
                     let err = HsmError::from(err);
                     if err.recovery().is_some() {
@@ -386,6 +391,11 @@ impl WorkerCtx {
                     self.destroy_quietly(handle);
                 }
             }
+        }
+        if self.cache.is_some() {
+            self.shared
+                .key_cache_misses
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         let kek = self.checked(|d| d.kek_for(kek), Policy::System(SystemKey::Kek))?;
         let handle = self.session.unwrap_key(

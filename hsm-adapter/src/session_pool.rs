@@ -64,6 +64,10 @@ pub(crate) struct Shared {
     /// what lost one session (C_Finalize, a removed token) usually lost them all.
     sessions_lost: AtomicU64,
     directory: RwLock<Directory>,
+    /// Signatures with a wrapped key whose unwrapped copy the worker had cached.
+    pub(crate) key_cache_hits: AtomicU64,
+    /// Signatures with a wrapped key that had to unwrap it (with the cache on).
+    pub(crate) key_cache_misses: AtomicU64,
 }
 
 impl fmt::Debug for Shared {
@@ -558,6 +562,8 @@ impl Pool {
             gate: RwLock::new(()),
             epoch: AtomicU64::new(0),
             sessions_lost: AtomicU64::new(0),
+            key_cache_hits: AtomicU64::new(0),
+            key_cache_misses: AtomicU64::new(0),
             directory: RwLock::new(directory),
         });
         let (signing, signing_queue) = crossbeam_channel::bounded(config.queue_capacity);

@@ -15,8 +15,10 @@
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod audit_cmd;
+mod bench_accounts;
 mod bench_audit;
 mod bench_hsm;
+mod bench_populate;
 mod bench_rotate;
 mod bench_sign;
 mod ceremony;
@@ -43,7 +45,9 @@ use clap::{Parser, Subcommand};
     smartsign-ctl audit verify --records audit.ndjson --checkpoint checkpoint.json \\\n      \
     --public-key audit-key.pem\n  \
     smartsign-ctl bench hsm --seconds 3\n  \
-    smartsign-ctl bench audit --appenders 1,8,64")]
+    smartsign-ctl bench audit --appenders 1,8,64\n  \
+    smartsign-ctl bench populate --state-dir /var/tmp/bench --accounts 100000\n  \
+    smartsign-ctl bench sign --state-dir /var/tmp/bench --accounts 100000 --half-load")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -129,9 +133,16 @@ enum BenchCommand {
     /// Durable appends per second at several concurrencies, group commit beside one fsync per
     /// append.
     Audit(bench_audit::BenchAuditArgs),
-    /// The whole signing flow (create, authorise, fetch) over mutual TLS with N concurrent
-    /// clients against a `smartsignd --dev`, beside the raw HSM rate of the same key algorithm
-    /// and mode measured in the same run. Without --state-dir it starts the daemon itself.
+    /// Make N real "iAM Smart+" accounts through a `smartsignd --dev`'s API (keys in the HSM,
+    /// certificates from the embedded CA over CMP, personal data sealed), as fast as the machine
+    /// allows. Resumable: run it again with the same --state-dir to go on or to grow the
+    /// population. Starts the daemon itself unless one runs there.
+    Populate(bench_populate::BenchPopulateArgs),
+    /// The whole signing flow (create, authorise, fetch) over mutual TLS against a
+    /// `smartsignd --dev` with its state on disk, each flow for an account drawn at random from
+    /// the population, beside raw cryptoki doing the same HSM work in the same run; with --rate
+    /// or --half-load also an open loop at a fixed arrival rate, whose percentiles give the
+    /// latency the daemon adds to the HSM work.
     Sign(bench_sign::BenchSignArgs),
     /// How long `keys rotate-kek` takes for N wrapped keys in a store on disk, beside the HSM's
     /// share of the work (re-wrapping alone) in the same run. Without --token it makes a
@@ -178,6 +189,7 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
                 scratch::Token::RanInScratch => Ok(()),
             },
             Command::Bench(BenchCommand::Audit(args)) => bench_audit::run(args).await,
+            Command::Bench(BenchCommand::Populate(args)) => bench_populate::run(args).await,
             Command::Bench(BenchCommand::RotateKek(args)) => {
                 match scratch::ensure_token(&args.token)? {
                     scratch::Token::Given => bench_rotate::run(args).await,
