@@ -22,6 +22,9 @@ pub(crate) struct Metrics {
     pub(crate) pending_requests: IntGauge,
     pub(crate) checkpoint_age: IntGauge,
     pub(crate) audit_tree_size: IntGauge,
+    /// How long the last lifecycle sweep took, and when it ended.
+    pub(crate) sweep_duration: prometheus::Gauge,
+    pub(crate) sweep_last_run: IntGauge,
     /// 1 while the daemon waits for the officers' unseal shares.
     pub(crate) sealed: IntGauge,
     connections_open: IntGaugeVec,
@@ -145,6 +148,14 @@ impl Metrics {
             "Seconds since the latest signed audit checkpoint",
         )?;
         let audit_tree_size = IntGauge::new("audit_tree_size", "Records in the audit log")?;
+        let sweep_duration = prometheus::Gauge::new(
+            "sweep_duration_seconds",
+            "How long the last lifecycle sweep run took",
+        )?;
+        let sweep_last_run = IntGauge::new(
+            "sweep_last_run_timestamp_seconds",
+            "When the last lifecycle sweep run that finished ended (unix time, daemon clock)",
+        )?;
         let sealed = IntGauge::new(
             "sealed",
             "1 while the daemon is sealed, waiting for the officers' unseal shares",
@@ -237,6 +248,8 @@ impl Metrics {
         registry.register(Box::new(client_crl_next_update.clone()))?;
         registry.register(Box::new(hsm_queued.clone()))?;
         registry.register(Box::new(hsm_key_cache.clone()))?;
+        registry.register(Box::new(sweep_duration.clone()))?;
+        registry.register(Box::new(sweep_last_run.clone()))?;
         Ok(Self {
             registry,
             http_requests,
@@ -254,6 +267,8 @@ impl Metrics {
             client_crl_next_update,
             hsm_queued,
             hsm_key_cache,
+            sweep_duration,
+            sweep_last_run,
             key_cache_catch_up: Arc::new(std::sync::Mutex::new(())),
             status,
         })

@@ -22,8 +22,11 @@ const SCHEDULER: &str = "system:sweep";
 /// `POST /v1/admin/sweep` (officer): runs the sweeps now and answers what changed.
 pub(crate) async fn sweep_now(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError> {
     let now = app.clock.now();
+    let started = std::time::Instant::now();
     let changes = run(&app, &ctx.caller.to_string(), now).await?;
-    Ok(Reply::ok(&report(&changes, now)))
+    let mut body = report(&changes, now);
+    body["duration_ms"] = json!(started.elapsed().as_secs_f64() * 1000.0);
+    Ok(Reply::ok(&body))
 }
 
 /// Runs the sweeps at start and then every `interval` until shutdown. A failed run is logged
@@ -56,7 +59,15 @@ async fn run(
     now: OffsetDateTime,
 ) -> Result<Changes, application::AppError> {
     let _running = app.sweeping.lock().await;
-    sweeps::run(app, actor, now).await
+    let started = std::time::Instant::now();
+    let changes = sweeps::run(app, actor, now).await?;
+    app.metrics
+        .sweep_duration
+        .set(started.elapsed().as_secs_f64());
+    app.metrics
+        .sweep_last_run
+        .set(app.clock.now().unix_timestamp());
+    Ok(changes)
 }
 
 /// The route's answer.

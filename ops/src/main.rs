@@ -21,6 +21,7 @@ mod bench_hsm;
 mod bench_populate;
 mod bench_rotate;
 mod bench_sign;
+mod bench_sweep;
 mod ceremony;
 mod clone;
 mod hsm_opts;
@@ -144,6 +145,9 @@ enum BenchCommand {
     /// or --half-load also an open loop at a fixed arrival rate, whose percentiles give the
     /// latency the daemon adds to the HSM work.
     Sign(bench_sign::BenchSignArgs),
+    /// How long the lifecycle sweeps take with nothing due over a population of N accounts
+    /// (made first when fewer exist), as the daemon times a run of `POST /v1/admin/sweep`.
+    Sweep(bench_sweep::BenchSweepArgs),
     /// How long `keys rotate-kek` takes for N wrapped keys in a store on disk, beside the HSM's
     /// share of the work (re-wrapping alone) in the same run. Without --token it makes a
     /// scratch SoftHSM token.
@@ -190,6 +194,7 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             },
             Command::Bench(BenchCommand::Audit(args)) => bench_audit::run(args).await,
             Command::Bench(BenchCommand::Populate(args)) => bench_populate::run(args).await,
+            Command::Bench(BenchCommand::Sweep(args)) => bench_sweep::run(args).await,
             Command::Bench(BenchCommand::RotateKek(args)) => {
                 match scratch::ensure_token(&args.token)? {
                     scratch::Token::Given => bench_rotate::run(args).await,

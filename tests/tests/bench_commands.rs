@@ -62,6 +62,17 @@ fn populate_resumes_and_sign_draws_from_the_population() {
     indexes.sort_unstable();
     assert_eq!(indexes, (0..15).collect::<Vec<_>>());
 
+    let swept = ctl(
+        &["bench", "sweep", "--accounts", "15", "--runs", "2"],
+        &state,
+    );
+    assert!(swept.contains("accounts: 15"), "{swept}");
+    assert_eq!(
+        figures(&swept, "sweep with nothing due, 2 runs: min").len(),
+        1,
+        "{swept}"
+    );
+
     let report = ctl(
         &[
             "bench",
