@@ -105,13 +105,49 @@ pub enum StoreError {
     /// A stored value does not parse, or the schema is newer than this build knows.
     #[error("store is corrupt or too new: {0}")]
     Corrupt(String),
-    /// The database is busy past the store's timeout (another writer holds it), or cannot be
-    /// opened now (out of file descriptors): worth retrying later.
-    #[error("the store is busy or cannot be opened now")]
-    Unavailable(#[source] rusqlite::Error),
-    /// SQLite failed.
+    /// The database is busy past the store's timeout (another writer holds it), cannot be
+    /// opened or reached now (out of file descriptors, the server down or restarting, the
+    /// connection lost, no pooled connection free in time): worth retrying later.
+    #[error("the store is busy or cannot be reached now")]
+    Unavailable(#[source] DatabaseError),
+    /// The database failed.
     #[error("database error")]
-    Database(#[from] rusqlite::Error),
+    Database(#[source] DatabaseError),
+    /// The store cannot be set up as configured: a connection URL that does not parse or that
+    /// carries a password (which belongs in the password file), a password file that cannot be
+    /// read. Never names the password.
+    #[error("store configuration: {what}")]
+    Config {
+        /// What is wrong.
+        what: &'static str,
+        /// Why, when something else failed.
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
+}
+
+/// What a database reported, by backend, with its own error as the cause.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum DatabaseError {
+    /// SQLite failed.
+    #[error(transparent)]
+    Sqlite(#[from] rusqlite::Error),
+    /// PostgreSQL (the server, the connection or the client library) failed.
+    #[error(transparent)]
+    Postgres(#[from] tokio_postgres::Error),
+    /// The PostgreSQL connection pool gave no connection.
+    #[error(transparent)]
+    Pool(#[from] deadpool_postgres::PoolError),
+    /// The PostgreSQL store could not start the threads its connections run on.
+    #[error("cannot start the PostgreSQL store's threads")]
+    Threads(#[source] std::io::Error),
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> StoreError {
+        StoreError::Database(DatabaseError::Sqlite(e))
+    }
 }
 
 impl StoreError {
@@ -120,10 +156,13 @@ impl StoreError {
     pub(crate) fn classify(self) -> StoreError {
         use rusqlite::ErrorCode::{CannotOpen, DatabaseBusy, DatabaseLocked};
         match self {
-            StoreError::Database(rusqlite::Error::SqliteFailure(failure, text))
-                if matches!(failure.code, DatabaseBusy | DatabaseLocked | CannotOpen) =>
-            {
-                StoreError::Unavailable(rusqlite::Error::SqliteFailure(failure, text))
+            StoreError::Database(DatabaseError::Sqlite(rusqlite::Error::SqliteFailure(
+                failure,
+                text,
+            ))) if matches!(failure.code, DatabaseBusy | DatabaseLocked | CannotOpen) => {
+                StoreError::Unavailable(DatabaseError::Sqlite(rusqlite::Error::SqliteFailure(
+                    failure, text,
+                )))
             }
             error => error,
         }

@@ -3,7 +3,8 @@
 //! 18), the registration rule, the signing-request flow, and the store that keeps them.
 //!
 //! It owns the domain types with their wire names (API.md), HKIC number parsing, and the store
-//! (SQLite by default, behind [`Store`]). It does no network I/O and makes no PKCS#11 call, and it
+//! (SQLite by default, PostgreSQL for several nodes, behind [`Store`]). It does no network I/O
+//! but the PostgreSQL store's connections, and makes no PKCS#11 call, and it
 //! never sees personal data in plaintext apart from the HKIC number while it is parsed: names,
 //! dates of birth and results arrive sealed by the daemon. Every rule takes `now` as a parameter.
 
@@ -28,7 +29,7 @@ pub use age::{
     hk_date, is_minor, minor_certificate_ends, retention_ends, start_of_hk_day,
 };
 pub use certificate::{CertStatus, CertificateRecord, RevocationReason, profile_for};
-pub use error::{FlowError, HkicReason, ParseError, RuleError, StoreError};
+pub use error::{DatabaseError, FlowError, HkicReason, ParseError, RuleError, StoreError};
 pub use hkic::HkicNumber;
 pub use ids::{AccountId, CertSerial, RequestId, ServiceName};
 pub use renewal::{
@@ -41,5 +42,5 @@ pub use signing::{
 /// The shared vocabulary (`smartsign-types`): hash algorithms and certificate profiles.
 pub use smartsign_types::{HashAlgorithm, Profile};
 pub use store::{
-    KekRotation, KeyRefSlot, PendingAudit, SqliteStore, Store, StoredKeyRef, TaidRecord,
+    KekRotation, KeyRefSlot, PendingAudit, PgStore, SqliteStore, Store, StoredKeyRef, TaidRecord,
 };

@@ -1,15 +1,20 @@
 //! Where accounts, certificates, TAIDs and signing requests are kept.
 //!
-//! The trait is synchronous: the daemon calls it from `tokio::task::spawn_blocking`. It keeps a
-//! server database (several daemons in front of one HSM cluster) possible beside the embedded
-//! SQLite default.
+//! The trait is synchronous: the daemon calls it from `tokio::task::spawn_blocking`. Two
+//! backends implement it: [`SqliteStore`], the embedded default, and [`PgStore`], a PostgreSQL
+//! database shared by several daemons in front of one HSM cluster. One suite of tests
+//! (`conformance`) runs against both.
 
+#[cfg(test)]
+mod conformance;
 mod custody;
+mod postgres;
 mod sqlite;
 
 use time::OffsetDateTime;
 
 pub use custody::{KekRotation, KeyRefSlot, StoredKeyRef};
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
 use crate::{

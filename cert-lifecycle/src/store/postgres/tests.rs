@@ -1,0 +1,582 @@
+//! The PostgreSQL store's tests: the shared suite (`conformance`), and what only a server
+//! database has (nodes, connections, the password, plans). Each test has a schema of its own in
+//! the cluster that `SMARTSIGN_TEST_PG` names.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Barrier, Mutex};
+use std::time::Instant;
+
+use deadpool_postgres::GenericClient;
+use time::Duration;
+use tokio_postgres::NoTls;
+use tokio_postgres::types::ToSql;
+
+use super::{PgStore, WAIT};
+use crate::signing::tests::{CREATED, request};
+use crate::store::conformance::{self, account, id, registered};
+use crate::{AccountStatus, SigningStatus, Store, StoreError};
+
+/// The plans of the statements a store ran while recording (`EXPLAIN (FORMAT JSON)` with the
+/// same parameters, on the same connection, just before each).
+#[derive(Default)]
+pub(super) struct Plans(Mutex<Option<Vec<(String, serde_json::Value)>>>);
+
+impl Plans {
+    pub(super) async fn explain<C: GenericClient>(
+        &self,
+        client: &C,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) {
+        if self.0.lock().unwrap().is_none() {
+            return;
+        }
+        let row = client
+            .query_one(&format!("EXPLAIN (FORMAT JSON) {sql}"), params)
+            .await
+            .unwrap();
+        let plan: serde_json::Value = row.get(0);
+        if let Some(plans) = self.0.lock().unwrap().as_mut() {
+            plans.push((sql.to_owned(), plan));
+        }
+    }
+}
+
+impl Plans {
+    fn start(&self) {
+        *self.0.lock().unwrap() = Some(Vec::new());
+    }
+
+    fn take(&self) -> Vec<(String, serde_json::Value)> {
+        self.0.lock().unwrap().take().unwrap_or_default()
+    }
+}
+
+/// Where the tests find their PostgreSQL: libpq `key=value`s naming a host (or socket
+/// directory) and a superuser, as `ops/pg start DIR` prints them.
+const ENV: &str = "SMARTSIGN_TEST_PG";
+
+/// The administrator's connection string; `None` when the PostgreSQL tests are skipped.
+fn admin() -> Option<String> {
+    match std::env::var(ENV) {
+        Ok(value) if value == "skip" => None,
+        Ok(value) => Some(value),
+        Err(_) => panic!(
+            "{ENV} is not set: start a throwaway cluster with `ops/pg start DIR` and export the \
+             line it prints (ops/test does both), or set {ENV}=skip to skip the PostgreSQL tests"
+        ),
+    }
+}
+
+/// Runs `sql` (several statements) as the administrator.
+fn admin_sql(
+    admin: &str,
+    sql: &str,
+) -> Result<Vec<tokio_postgres::SimpleQueryMessage>, tokio_postgres::Error> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let (client, connection) = tokio_postgres::connect(admin, NoTls).await?;
+        let connection = tokio::spawn(connection);
+        let result = client.simple_query(sql).await;
+        drop(client);
+        let _ = connection.await;
+        result
+    })
+}
+
+/// A schema of its own in the test cluster for one test, so that tests run in parallel; dropped
+/// with everything in it at the end.
+pub(in crate::store) struct Schema {
+    admin: String,
+    name: String,
+}
+
+impl Schema {
+    fn new() -> Option<Schema> {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let admin = admin()?;
+        let name = format!(
+            "t_{}_{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        admin_sql(&admin, &format!("CREATE SCHEMA {name}")).unwrap();
+        Some(Schema { admin, name })
+    }
+
+    /// The store's connection string: the administrator's, in this schema.
+    fn url(&self) -> String {
+        format!(
+            "{} application_name={} options='-c search_path={}'",
+            self.admin, self.name, self.name
+        )
+    }
+
+    fn connect(&self) -> Result<PgStore, StoreError> {
+        PgStore::connect(&self.url(), None, 4)
+    }
+
+    fn sql(&self, sql: &str) -> Vec<tokio_postgres::SimpleQueryMessage> {
+        admin_sql(
+            &self.admin,
+            &format!("SET search_path TO {}; {sql}", self.name),
+        )
+        .unwrap()
+    }
+
+    /// The first column of the first row `sql` gives.
+    fn value(&self, sql: &str) -> Option<String> {
+        self.sql(sql).into_iter().find_map(|message| match message {
+            tokio_postgres::SimpleQueryMessage::Row(row) => Some(row.get(0)?.to_owned()),
+            _ => None,
+        })
+    }
+}
+
+impl Drop for Schema {
+    fn drop(&mut self) {
+        // Best effort (the cluster is thrown away anyway): a failure here must not hide the
+        // test's own.
+        let _ = admin_sql(
+            &self.admin,
+            &format!(
+                "DROP SCHEMA {name} CASCADE; DROP ROLE IF EXISTS {name}_pw",
+                name = self.name
+            ),
+        );
+    }
+}
+
+/// A fresh, empty store in a schema of its own.
+pub(in crate::store) fn fresh() -> Option<(Schema, PgStore)> {
+    let schema = Schema::new()?;
+    let store = schema.connect().unwrap();
+    Some((schema, store))
+}
+
+conformance::suite!(fresh());
+
+#[test]
+fn store_is_a_cloneable_send_sync_handle() {
+    fn assert_send_sync<T: Send + Sync + Clone>() {}
+    assert_send_sync::<PgStore>();
+    let Some((_schema, store)) = fresh() else {
+        return;
+    };
+    let other = store.clone();
+    store.insert_account(&account("u-1")).unwrap();
+    assert!(other.get_account(&id("u-1")).unwrap().is_some());
+    let _: Arc<dyn Store> = Arc::new(other);
+}
+
+#[test]
+fn nodes_starting_together_migrate_once() {
+    let Some(schema) = Schema::new() else { return };
+    let schema = Arc::new(schema);
+    let start = Arc::new(Barrier::new(4));
+    let nodes: Vec<_> = (0..4)
+        .map(|_| {
+            let (schema, start) = (Arc::clone(&schema), Arc::clone(&start));
+            std::thread::spawn(move || {
+                start.wait();
+                schema.connect().unwrap()
+            })
+        })
+        .collect();
+    for node in nodes {
+        node.join().unwrap().health().unwrap();
+    }
+    assert_eq!(
+        schema.value("SELECT count(*) || ':' || max(version) FROM schema_version"),
+        Some(format!("1:{}", PgStore::schema_version()))
+    );
+    // And again, over the schema as it is.
+    schema.connect().unwrap().health().unwrap();
+    assert_eq!(
+        schema.value("SELECT count(*) FROM schema_version"),
+        Some("1".to_owned())
+    );
+}
+
+#[test]
+fn newer_schema_is_refused() {
+    let Some((schema, store)) = fresh() else {
+        return;
+    };
+    drop(store);
+    schema.sql("UPDATE schema_version SET version = 99");
+    assert!(matches!(schema.connect(), Err(StoreError::Corrupt(_))));
+}
+
+#[test]
+fn the_password_comes_from_a_file_and_shows_nowhere() {
+    const PASSWORD: &str = "correct-horse-7f3a";
+    let Some((schema, _store)) = fresh() else {
+        return;
+    };
+    let role = format!("{}_pw", schema.name);
+    schema.sql(&format!(
+        "CREATE ROLE {role} LOGIN PASSWORD '{PASSWORD}'; \
+         GRANT ALL ON SCHEMA {name} TO {role}; \
+         GRANT ALL ON ALL TABLES IN SCHEMA {name} TO {role}",
+        name = schema.name
+    ));
+    let database = schema.value("SELECT current_database()").unwrap();
+    let url = format!("{} user={role} dbname={database}", schema.url());
+    assert!(url.contains(&role), "{url}");
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good");
+    std::fs::write(&good, format!("{PASSWORD}\n")).unwrap();
+    let store = PgStore::connect(&url, Some(&good), 2).unwrap();
+    store.insert_account(&account("u-1")).unwrap();
+    assert!(!format!("{store:?}").contains(PASSWORD));
+
+    // Every failure names what is wrong, never the password.
+    let shows = |e: &StoreError| {
+        let mut text = format!("{e} {e:?}");
+        let mut source = std::error::Error::source(e);
+        while let Some(cause) = source {
+            text.push_str(&format!(" {cause} {cause:?}"));
+            source = cause.source();
+        }
+        text
+    };
+    let bad = dir.path().join("bad");
+    std::fs::write(&bad, "wrong-password").unwrap();
+    let refused = PgStore::connect(&url, Some(&bad), 2).unwrap_err();
+    assert!(
+        matches!(refused, StoreError::Database(_)),
+        "a wrong password is not worth retrying: {refused:?}"
+    );
+    assert!(!shows(&refused).contains("wrong-password"));
+    let in_url = PgStore::connect(&format!("{url} password={PASSWORD}"), None, 2).unwrap_err();
+    assert!(matches!(in_url, StoreError::Config { .. }), "{in_url:?}");
+    assert!(!shows(&in_url).contains(PASSWORD));
+    let missing = PgStore::connect(&url, Some(&dir.path().join("none")), 2).unwrap_err();
+    assert!(matches!(missing, StoreError::Config { .. }), "{missing:?}");
+    assert!(matches!(
+        PgStore::connect("host='unterminated", None, 2),
+        Err(StoreError::Config { .. })
+    ));
+}
+
+#[test]
+fn two_nodes_approving_one_request_at_once_one_wins() {
+    let Some((schema, first)) = fresh() else {
+        return;
+    };
+    let second = schema.connect().unwrap();
+    registered(&first, "u-1", "3f9a");
+    for n in 0..30u8 {
+        let r = request(n, "u-1", "3f9a");
+        first.insert_request(&r, usize::MAX, r.created_at).unwrap();
+        let start = Arc::new(Barrier::new(2));
+        let outcomes: Vec<_> = std::thread::scope(|scope| {
+            let racers: Vec<_> = [&first, &second]
+                .into_iter()
+                .map(|node| {
+                    let (start, r) = (Arc::clone(&start), r.clone());
+                    scope.spawn(move || {
+                        let mut approved = r;
+                        approved.status = SigningStatus::Approved;
+                        start.wait();
+                        node.transition_request(&approved, (SigningStatus::Pending, 0), CREATED)
+                    })
+                })
+                .collect();
+            racers.into_iter().map(|t| t.join().unwrap()).collect()
+        });
+        let won = outcomes.iter().filter(|o| o.is_ok()).count();
+        assert_eq!(won, 1, "{outcomes:?}");
+        assert!(
+            outcomes
+                .iter()
+                .any(|o| matches!(o, Err(StoreError::Conflict)))
+        );
+    }
+    assert_eq!(first.approved_requests().unwrap().len(), 30);
+}
+
+#[test]
+fn the_pending_cap_holds_across_nodes() {
+    let Some((schema, first)) = fresh() else {
+        return;
+    };
+    let second = schema.connect().unwrap();
+    registered(&first, "u-1", "3f9a");
+    let start = Arc::new(Barrier::new(8));
+    let outcomes: Vec<_> = std::thread::scope(|scope| {
+        let racers: Vec<_> = (0..8u8)
+            .map(|n| {
+                let node = if n % 2 == 0 { &first } else { &second };
+                let start = Arc::clone(&start);
+                scope.spawn(move || {
+                    let r = request(n, "u-1", "3f9a");
+                    start.wait();
+                    node.insert_request(&r, 3, CREATED)
+                })
+            })
+            .collect();
+        racers.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    assert_eq!(
+        outcomes.iter().filter(|o| o.is_ok()).count(),
+        3,
+        "{outcomes:?}"
+    );
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| matches!(o, Ok(()) | Err(StoreError::Conflict)))
+    );
+    assert_eq!(
+        first.pending_requests(&id("u-1"), CREATED).unwrap().len(),
+        3
+    );
+}
+
+#[test]
+fn an_unreachable_server_is_unavailable() {
+    if admin().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("host={} user=postgres", dir.path().display());
+    let e = PgStore::connect(&url, None, 2).unwrap_err();
+    assert!(matches!(e, StoreError::Unavailable(_)), "{e:?}");
+}
+
+#[test]
+fn a_lost_connection_is_unavailable_and_the_store_recovers() {
+    let Some((schema, store)) = fresh() else {
+        return;
+    };
+    store.insert_account(&account("u-1")).unwrap();
+    for _ in 0..3 {
+        // The server ends every connection of the store (as a restart does).
+        let ended = schema.value(&format!(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE application_name = '{}'",
+            schema.name
+        ));
+        assert_ne!(ended, Some("0".to_owned()));
+        let mut answers = Vec::new();
+        loop {
+            match store.get_account(&id("u-1")) {
+                Ok(found) => {
+                    assert!(found.is_some());
+                    break;
+                }
+                Err(e) => {
+                    assert!(matches!(e, StoreError::Unavailable(_)), "{e:?}");
+                    answers.push(e);
+                    assert!(answers.len() < 8, "never recovered: {answers:?}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn a_pool_wait_past_the_timeout_is_unavailable() {
+    let Some(schema) = Schema::new() else { return };
+    let store = PgStore::connect(&schema.url(), None, 1).unwrap();
+    let held = store.inner.handle.block_on(store.inner.pool.get()).unwrap();
+    let started = Instant::now();
+    let busy = store.health();
+    assert!(matches!(busy, Err(StoreError::Unavailable(_))), "{busy:?}");
+    assert!(started.elapsed() >= WAIT);
+    drop(held);
+    store.health().unwrap();
+}
+
+#[test]
+fn calls_work_from_every_kind_of_thread() {
+    let Some((_schema, store)) = fresh() else {
+        return;
+    };
+    store.insert_account(&account("u-1")).unwrap();
+    let read = |store: &PgStore| store.get_account(&id("u-1")).unwrap().unwrap().id;
+    // A plain thread: this one.
+    assert_eq!(read(&store), id("u-1"));
+    // A worker of a multi-thread runtime, and one of its blocking threads.
+    let multi = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    multi.block_on(async {
+        let worker = store.clone();
+        let on_worker = tokio::spawn(async move { read(&worker) });
+        assert_eq!(on_worker.await.unwrap(), id("u-1"));
+        let blocking = store.clone();
+        let on_blocking = tokio::task::spawn_blocking(move || read(&blocking));
+        assert_eq!(on_blocking.await.unwrap(), id("u-1"));
+        store.health_async().await.unwrap();
+    });
+    // The only thread of a current-thread runtime, inside `block_on`.
+    let current = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    current.block_on(async {
+        assert_eq!(read(&store), id("u-1"));
+        store.health_async().await.unwrap();
+    });
+    // The last handle dropped inside an async context stops the store's runtime quietly.
+    current.block_on(async move { drop(store) });
+}
+
+/// Measures one `get_account` (one round trip, statement cached) on this thread.
+#[test]
+fn a_read_is_one_quick_round_trip() {
+    let Some((_schema, store)) = fresh() else {
+        return;
+    };
+    store.insert_account(&account("u-1")).unwrap();
+    for _ in 0..100 {
+        store.get_account(&id("u-1")).unwrap();
+    }
+    const N: u32 = 2000;
+    let started = Instant::now();
+    for _ in 0..N {
+        store.get_account(&id("u-1")).unwrap();
+    }
+    let each = started.elapsed() / N;
+    eprintln!("PgStore::get_account: {each:?} a call over {N}");
+    // Generous: the machine is shared; a regression to several round trips or a new
+    // connection per call shows well above it.
+    assert!(each < std::time::Duration::from_millis(2), "{each:?}");
+}
+
+/// Every statement of the signing path and of the sweeps is served by an index once the
+/// tables hold as many rows as a real deployment's (20,000 accounts, certificates, TAIDs and
+/// requests, analysed): no plan has a sequential scan of those tables. The statements are the
+/// ones the store ran, with their parameters.
+#[test]
+fn signing_path_and_sweep_queries_use_indexes() {
+    const LARGE: &[&str] = &["accounts", "certificates", "signing_requests", "taids"];
+    let Some((schema, store)) = fresh() else {
+        return;
+    };
+    schema.sql(
+        "BEGIN;
+         INSERT INTO accounts (id, tier, status, status_changed_at, sealed_name, sealed_dob,
+             hkic_hash, device_public_key, device_generation, current_certificate, created_at)
+         SELECT 'p-' || i, 'iam_smart_plus', 'active', 1767225600, '\\x01', '\\x02',
+             sha256(int4send(i)), '\\x04', 1, 'a' || i, 1767225600
+         FROM generate_series(1, 20000) AS i;
+         INSERT INTO certificates (serial, account_id, profile, not_before, not_after, status,
+             sealed_der, key_ref, key_algorithm)
+         SELECT 'a' || i, 'p-' || i, 'adult', 1767225600, 1893456000 + i * 1000, 'valid',
+             '\\x01', '\\x09', 'ecdsa_p256'
+         FROM generate_series(1, 20000) AS i;
+         INSERT INTO taids (taid, service, account_id)
+         SELECT 't' || i, 'demo-a', 'p-' || i FROM generate_series(1, 20000) AS i;
+         INSERT INTO signing_requests (id, service, account_id, certificate,
+             identification_code, hash_algorithm, hash, status, bad_attempts,
+             device_generation, created_at, expires_at, signed_at, finished_at)
+         SELECT 'r' || i, 'demo-a', 'p-' || i, 'a' || i, '0001', 'sha256', '\\xab', 'signed',
+             0, 1, 1767225600, 1767225720, 1767225610, 1767225610
+         FROM generate_series(1, 20000) AS i;
+         COMMIT;
+         ANALYZE;",
+    );
+    let at = CREATED;
+    store.inner.plans.start();
+    // Registration, TAIDs, HKIC checks.
+    let mut a = registered(&store, "u-1", "3f9a");
+    registered(&store, "u-2", "3f9b");
+    store
+        .put_taid(&conformance::taid("t-1", "demo-a", "u-1"))
+        .unwrap();
+    store
+        .put_taid(&conformance::taid("t-9", "demo-a", "u-1"))
+        .unwrap();
+    store
+        .find_taid(&crate::ServiceName::parse("demo-a").unwrap(), "t-1")
+        .unwrap();
+    store
+        .accounts_with_hkic_hash(&conformance::hkic_hash_of("u-1"))
+        .unwrap();
+    store.record_hkic_mismatch(&id("u-1"), at).unwrap();
+    store.hkic_mismatches_since(&id("u-1"), at).unwrap();
+    // The signing flow.
+    let mut r = request(1, "u-1", "3f9a");
+    store.insert_request(&r, 5, at).unwrap();
+    store.get_request(&r.id).unwrap();
+    store.account_with_certificate(&id("u-1")).unwrap();
+    store
+        .get_certificate(&crate::CertSerial::parse("3f9a").unwrap())
+        .unwrap();
+    store.pending_requests(&id("u-1"), at).unwrap();
+    r.status = SigningStatus::Approved;
+    store
+        .transition_request(&r, (SigningStatus::Pending, 0), at)
+        .unwrap();
+    r.mark_signed(vec![5; 600], at + Duration::seconds(1));
+    store
+        .transition_request(&r, (SigningStatus::Approved, 0), at)
+        .unwrap();
+    store.signing_history(&id("u-1"), at, None, 20).unwrap();
+    store.count_pending(at).unwrap();
+    store.approved_requests().unwrap();
+    // Account changes and the outbox.
+    a.status = AccountStatus::Suspended;
+    let outbox = store
+        .update_account_audited(&a, "account.suspended", "x", "{}")
+        .unwrap();
+    store.pending_audits().unwrap();
+    store.delete_pending_audit(outbox).unwrap();
+    // The sweeps.
+    store.unfinished_revocations(500).unwrap();
+    store.expired_with_keys(at, 500).unwrap();
+    store.accounts_with_adult_day(&[7; 32]).unwrap();
+    store.current_minors(None, 500).unwrap();
+    store.rectifications_due(at, 500).unwrap();
+    store
+        .accounts_changed_before(AccountStatus::Suspended, at, 500)
+        .unwrap();
+    store.sweep_mark("adult_day").unwrap();
+    store.advance_sweep_mark("adult_day", None, 1).unwrap();
+    store.advance_sweep_mark("adult_day", Some(1), 2).unwrap();
+    store
+        .current_certificates_ending(at, at + Duration::days(30))
+        .unwrap();
+    let b_serial = crate::CertSerial::parse("3f9b").unwrap();
+    store
+        .mark_revoked(&b_serial, crate::RevocationReason::KeyCompromise, at)
+        .unwrap();
+    store.forget_key(&b_serial, &[9]).unwrap();
+    let mut b = store.get_account(&id("u-2")).unwrap().unwrap();
+    b.status = AccountStatus::Deregistered;
+    store.deregister(&b).unwrap();
+
+    let plans = store.inner.plans.take();
+    assert!(plans.len() > 30, "only {} statements", plans.len());
+    fn seq_scans<'a>(node: &'a serde_json::Value, found: &mut Vec<&'a str>) {
+        match node {
+            serde_json::Value::Object(fields) => {
+                if fields.get("Node Type").and_then(|t| t.as_str()) == Some("Seq Scan")
+                    && let Some(table) = fields.get("Relation Name").and_then(|t| t.as_str())
+                {
+                    found.push(table);
+                }
+                fields.values().for_each(|v| seq_scans(v, found));
+            }
+            serde_json::Value::Array(items) => items.iter().for_each(|v| seq_scans(v, found)),
+            _ => {}
+        }
+    }
+    for (sql, plan) in &plans {
+        let mut scanned = Vec::new();
+        seq_scans(plan, &mut scanned);
+        assert!(
+            scanned.iter().all(|table| !LARGE.contains(table)),
+            "a whole-table scan of {scanned:?}\nin: {sql}\nplan: {plan:#}"
+        );
+    }
+}
