@@ -42,7 +42,7 @@ use crate::files::{remove_if_exists, sync_dir, write_atomically};
 use crate::merkle::{self, Nodes as _, TreeHash, leaf_hash};
 use crate::offsets::Offsets;
 use crate::record::{AuditEvent, MAX_RECORD_LEN, PreparedEvent, check_line};
-use crate::tiles::{Frontier, TileStore, TileView};
+use crate::tiles::{Frontier, TileCache, TileStore, TileView};
 use crate::time::{Clock, SystemClock, Timestamp};
 use crate::tree_state::{TREE_STATE_FILE, TREE_STATE_TEMP_FILE, Tree, TreeState};
 
@@ -137,8 +137,8 @@ pub struct AuditStats {
     /// Records read and hashed at open: those after the durable tree state, and the one that
     /// ties the tree state to the log (every record when the tree was rebuilt).
     pub records_scanned_at_open: u64,
-    /// Tree hashes held in memory: the partial tile of each level, fewer than 256 a level
-    /// whatever the log's size.
+    /// Tree hashes held in memory, whatever the log's size: the partial tile of each level
+    /// (fewer than 256 a level), and up to 64 checked full tiles of 256 that readers reuse.
     pub hashes_in_memory: u64,
 }
 
@@ -167,6 +167,7 @@ struct Shared {
     reader: File,
     offsets: Offsets,
     tiles: TileStore,
+    tile_cache: TileCache,
     state: RwLock<State>,
     latest_checkpoint: RwLock<Option<Checkpoint>>,
     tree_size: AtomicU64,
@@ -274,6 +275,7 @@ impl AuditLog {
             reader,
             offsets,
             tiles,
+            tile_cache: TileCache::default(),
             state: RwLock::new(State {
                 frontier: Arc::new(replay.tree.frontier().clone()),
                 end: replay.end,
@@ -354,7 +356,7 @@ impl AuditLog {
     /// The tree hash of the first `tree_size` records.
     pub fn root_hash(&self, tree_size: u64) -> Result<TreeHash, AuditError> {
         let frontier = self.frontier()?;
-        merkle::root(&mut TileView::new(&frontier, &self.shared.tiles), tree_size)
+        merkle::root(&mut self.shared.view(&frontier), tree_size)
     }
 
     /// The leaf hash of record `index`, if it is durable.
@@ -363,9 +365,7 @@ impl AuditLog {
         if index >= frontier.size() {
             return Ok(None);
         }
-        TileView::new(&frontier, &self.shared.tiles)
-            .node(0, index)
-            .map(Some)
+        self.shared.view(&frontier).node(0, index).map(Some)
     }
 
     /// Up to `limit` records from index `from`, as NDJSON: each line exactly as stored, with its
@@ -392,22 +392,14 @@ impl AuditLog {
     /// §2.1.3.1), leaf side first.
     pub fn inclusion_proof(&self, index: u64, tree_size: u64) -> Result<Vec<TreeHash>, AuditError> {
         let frontier = self.frontier()?;
-        merkle::inclusion_proof(
-            &mut TileView::new(&frontier, &self.shared.tiles),
-            index,
-            tree_size,
-        )
+        merkle::inclusion_proof(&mut self.shared.view(&frontier), index, tree_size)
     }
 
     /// The consistency proof from the tree of `first` records to the tree of `second` (RFC 9162
     /// §2.1.4.1); `1 <= first <= second <= tree_size`.
     pub fn consistency_proof(&self, first: u64, second: u64) -> Result<Vec<TreeHash>, AuditError> {
         let frontier = self.frontier()?;
-        merkle::consistency_proof(
-            &mut TileView::new(&frontier, &self.shared.tiles),
-            first,
-            second,
-        )
+        merkle::consistency_proof(&mut self.shared.view(&frontier), first, second)
     }
 
     /// The latest stored checkpoint, if any has been made.
@@ -430,7 +422,7 @@ impl AuditLog {
             let frontier = self.frontier()?;
             let size = frontier.size();
             // The current size's root needs only the frontier: no tile is read.
-            let root = merkle::root(&mut TileView::new(&frontier, &self.shared.tiles), size)?;
+            let root = merkle::root(&mut self.shared.view(&frontier), size)?;
             (size, root)
         };
         let timestamp = Timestamp::from_system_time(self.clock.now())?;
@@ -463,9 +455,10 @@ impl AuditLog {
 
     /// Counters since open.
     pub fn stats(&self) -> AuditStats {
-        let hashes_in_memory = self
+        let frontier = self
             .frontier()
             .map_or(0, |frontier| frontier.hashes() as u64);
+        let hashes_in_memory = frontier + self.shared.tile_cache.hashes() as u64;
         AuditStats {
             tree_size: self.tree_size(),
             appends: self.shared.appends.load(Ordering::Relaxed),
@@ -510,6 +503,11 @@ impl AuditLog {
 }
 
 impl Shared {
+    /// The tree of `frontier` for one request, its full tiles through the cache.
+    fn view<'a>(&'a self, frontier: &'a Frontier) -> TileView<'a> {
+        TileView::new(frontier, &self.tiles).with_cache(&self.tile_cache)
+    }
+
     /// Reads the lines of records `range` of the tree of `frontier`, whose last record ends at
     /// byte `end` of the log. The page must lie on record boundaries, start with the first record
     /// asked for (else the offsets file is wrong), and every line must have the leaf hash the
@@ -558,7 +556,7 @@ impl Shared {
                 range.start, range.end
             )));
         }
-        let mut tree = TileView::new(frontier, &self.tiles);
+        let mut tree = self.view(frontier);
         let mut offset = start;
         for (index, line) in range.zip(page.split_inclusive(|&b| b == b'\n')) {
             let leaf = leaf_hash(&line[..line.len() - 1]);

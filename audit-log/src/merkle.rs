@@ -104,20 +104,6 @@ fn split_point(n: u64) -> u64 {
     1 << (63 - (n - 1).leading_zeros())
 }
 
-/// The root of a block of leaves whose number is a power of two (a complete subtree): the RFC's
-/// split at the middle, applied down to the leaves.
-pub(crate) fn perfect_root(hashes: &[TreeHash]) -> TreeHash {
-    debug_assert!(hashes.len().is_power_of_two());
-    match hashes {
-        [] => empty_root(),
-        [one] => *one,
-        _ => {
-            let (left, right) = hashes.split_at(hashes.len() / 2);
-            node_hash(&perfect_root(left), &perfect_root(right))
-        }
-    }
-}
-
 /// The hashes of complete aligned subtrees of a tree of [`Nodes::size`] leaves: what the RFC's
 /// recursion needs to compute tree hashes and proofs.
 pub(crate) trait Nodes {

@@ -3,14 +3,15 @@
 //!
 //! A tile holds 256 consecutive tree hashes of one height: tile `N` of level `L` holds
 //! MTH(D[(N·256 + i)·256^L : (N·256 + i + 1)·256^L]) for `i` in 0..256. Level-0 tiles hold leaf
-//! hashes, and each hash of a level-`L + 1` tile is the root of a full level-`L` tile. The heights
-//! between two levels are rehashed from a tile when asked for (at most 127 hashes).
+//! hashes, and each hash of a level-`L + 1` tile is the root of a full level-`L` tile. The nodes
+//! between two levels are kept beside a tile's hashes wherever it is in memory ([`TileNodes`]), so
+//! that a proof looks them up instead of rehashing up to 127 hashes for each.
 //!
 //! A full tile is written once, when it fills, to `tile/<L>/<N>` in the log directory, `N` in
 //! 3-digit path elements, all but the last prefixed with `x` (`x001/x234/067`), as 8,192 bytes of
 //! raw hashes; it never changes. The partial tile of each level (its last
-//! `(size / 256^L) mod 256` hashes) is the [`Frontier`], kept in memory: fewer than 256 hashes per
-//! level, O(log n) in all. The current tree's root and right edge need nothing else; proofs and
+//! `(size / 256^L) mod 256` hashes) is the [`Frontier`], kept in memory with its nodes: fewer than
+//! 512 hashes per level, O(log n) in all. The current tree's root and right edge need nothing else; proofs and
 //! the roots of earlier sizes read full tiles.
 //!
 //! A tile read from disk is used only once its root equals the hash the level above holds for it,
@@ -21,9 +22,10 @@
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write as _};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::error::AuditError;
-use crate::merkle::{Nodes, TreeHash, perfect_root};
+use crate::merkle::{Nodes, TreeHash, node_hash};
 
 /// The tiles' directory in the log directory.
 pub(crate) const TILE_DIR: &str = "tile";
@@ -31,6 +33,9 @@ pub(crate) const TILE_DIR: &str = "tile";
 pub(crate) const TILE_WIDTH: usize = 256;
 /// log2 of [`TILE_WIDTH`]: the tree height between two tile levels.
 const TILE_HEIGHT: u32 = 8;
+/// Checked full tiles kept for the log's readers, with their nodes: about 1 MB at most. Enough
+/// for the upper-level tiles every proof passes through and the level-0 tiles of recent records.
+const CACHED_TILES: usize = 64;
 const HASH_LEN: usize = 32;
 
 /// The number of full tiles of `level` in a tree of `size` leaves.
@@ -75,17 +80,71 @@ pub(crate) struct FullTile {
     pub(crate) hashes: Vec<TreeHash>,
 }
 
-/// The partial tile of every level: all of the tree that is kept in memory.
+/// The hashes of a tile (full or partial) and the nodes above them inside it: `by_height[0]` the
+/// tile's hashes, `by_height[h]` the root of each complete block of `2^h` of them, up to the
+/// tile's root at height 8. At most 511 hashes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct TileNodes {
+    by_height: Vec<Vec<TreeHash>>,
+}
+
+impl TileNodes {
+    fn of(hashes: impl IntoIterator<Item = TreeHash>) -> Self {
+        let mut nodes = Self::default();
+        for hash in hashes {
+            nodes.push(hash);
+        }
+        nodes
+    }
+
+    /// Appends a hash and the blocks it completes; returns the tile's root once the tile is
+    /// full.
+    fn push(&mut self, hash: TreeHash) -> Option<TreeHash> {
+        let mut hash = hash;
+        for height in 0..=TILE_HEIGHT as usize {
+            if self.by_height.len() == height {
+                self.by_height.push(Vec::new());
+            }
+            let row = &mut self.by_height[height];
+            row.push(hash);
+            let len = row.len();
+            if height == TILE_HEIGHT as usize {
+                return Some(hash);
+            }
+            if len % 2 == 1 {
+                break;
+            }
+            hash = node_hash(&row[len - 2], &row[len - 1]);
+        }
+        None
+    }
+
+    /// The tile's hashes.
+    fn hashes(&self) -> &[TreeHash] {
+        self.by_height.first().map_or(&[], Vec::as_slice)
+    }
+
+    /// The root of block `index` of `2^height` hashes, if it is complete.
+    fn node(&self, height: u32, index: usize) -> Option<TreeHash> {
+        self.by_height.get(height as usize)?.get(index).copied()
+    }
+
+    fn len(&self) -> usize {
+        self.by_height.iter().map(Vec::len).sum()
+    }
+}
+
+/// The partial tile of every level, with its nodes: all of the tree that is kept in memory.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Frontier {
     size: u64,
     /// `rows[L]`: the level-`L` partial tile, [`partial_width`] hashes.
-    rows: Vec<Vec<TreeHash>>,
+    rows: Vec<TileNodes>,
 }
 
 impl Frontier {
-    /// The frontier of a tree of `size` leaves, a multiple of 256, from its partial tiles of
-    /// levels 1 and up (level 0 is empty there); `None` if their widths do not fit `size`.
+    /// The frontier of a tree of `size` leaves, a multiple of 256, from the hashes of its partial
+    /// tiles of levels 1 and up (level 0 is empty there); `None` if they do not fit `size`.
     pub(crate) fn at_tile_boundary(size: u64, upper: Vec<Vec<TreeHash>>) -> Option<Self> {
         let fits = size.is_multiple_of(TILE_WIDTH as u64)
             && upper.len() == levels(size).saturating_sub(1) as usize
@@ -95,7 +154,9 @@ impl Frontier {
         let rows = if size == 0 {
             Vec::new()
         } else {
-            std::iter::once(Vec::new()).chain(upper).collect()
+            std::iter::once(TileNodes::default())
+                .chain(upper.into_iter().map(TileNodes::of))
+                .collect()
         };
         fits.then_some(Self { size, rows })
     }
@@ -105,9 +166,9 @@ impl Frontier {
         self.size
     }
 
-    /// The hashes held: fewer than 256 per level.
+    /// The hashes held: fewer than 512 per level.
     pub(crate) fn hashes(&self) -> usize {
-        self.rows.iter().map(Vec::len).sum()
+        self.rows.iter().map(TileNodes::len).sum()
     }
 
     /// The frontier at the last multiple of 256 leaves: the partial tiles of levels 1 and up
@@ -115,7 +176,7 @@ impl Frontier {
     pub(crate) fn at_last_tile_boundary(&self) -> Self {
         let mut rows = self.rows.clone();
         if let Some(leaves) = rows.first_mut() {
-            leaves.clear();
+            *leaves = TileNodes::default();
         }
         Self {
             size: self.size - self.size % TILE_WIDTH as u64,
@@ -123,9 +184,9 @@ impl Frontier {
         }
     }
 
-    /// The partial tiles of levels 1 and up (what the tree state stores).
-    pub(crate) fn upper_rows(&self) -> &[Vec<TreeHash>] {
-        self.rows.get(1..).unwrap_or_default()
+    /// The hashes of the partial tiles of levels 1 and up (what the tree state stores).
+    pub(crate) fn upper_rows(&self) -> impl Iterator<Item = &[TreeHash]> {
+        self.rows.iter().skip(1).map(TileNodes::hashes)
     }
 
     /// Appends a leaf; returns the tiles it filled, lowest level first.
@@ -136,20 +197,19 @@ impl Frontier {
         let mut level = 0;
         loop {
             if self.rows.len() == level {
-                self.rows.push(Vec::with_capacity(TILE_WIDTH));
+                self.rows.push(TileNodes::default());
             }
             let row = &mut self.rows[level];
-            row.push(hash);
-            if row.len() < TILE_WIDTH {
+            let Some(root) = row.push(hash) else {
                 return filled;
-            }
-            let hashes = std::mem::replace(row, Vec::with_capacity(TILE_WIDTH));
-            hash = perfect_root(&hashes);
+            };
+            let mut full = std::mem::take(row);
+            hash = root;
             let level_u32 = level as u32;
             filled.push(FullTile {
                 level: level_u32,
                 index: full_tiles(self.size, level_u32) - 1,
-                hashes,
+                hashes: full.by_height.swap_remove(0),
             });
             level += 1;
         }
@@ -162,7 +222,7 @@ pub(crate) struct TileStore {
     dir: PathBuf,
     /// Test hook: the next write fails.
     #[cfg(test)]
-    pub(crate) fail_next_write: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    pub(crate) fail_next_write: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl TileStore {
@@ -171,7 +231,7 @@ impl TileStore {
         Self {
             dir: log_dir.join(TILE_DIR),
             #[cfg(test)]
-            fail_next_write: std::sync::Arc::default(),
+            fail_next_write: Arc::default(),
         }
     }
 
@@ -245,6 +305,69 @@ impl TileStore {
     }
 }
 
+/// Full tiles already checked, shared by the log's readers. A full tile never changes, nor does
+/// the hash the level above holds for it, so a tile checked once is not checked again. Holds
+/// [`CACHED_TILES`] tiles at most; the least recently used goes first.
+#[derive(Debug, Default)]
+pub(crate) struct TileCache {
+    slots: Mutex<CacheSlots>,
+}
+
+#[derive(Debug, Default)]
+struct CacheSlots {
+    tiles: Vec<CachedTile>,
+    /// Counts lookups, to order the tiles by last use.
+    clock: u64,
+}
+
+#[derive(Debug)]
+struct CachedTile {
+    level: u32,
+    index: u64,
+    nodes: Arc<TileNodes>,
+    used: u64,
+}
+
+impl TileCache {
+    fn slots(&self) -> std::sync::MutexGuard<'_, CacheSlots> {
+        // Every change under the lock leaves whole entries; a panic cannot leave a torn one.
+        self.slots.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn get(&self, level: u32, index: u64) -> Option<Arc<TileNodes>> {
+        let mut slots = self.slots();
+        slots.clock += 1;
+        let now = slots.clock;
+        let tile = slots
+            .tiles
+            .iter_mut()
+            .find(|tile| tile.level == level && tile.index == index)?;
+        tile.used = now;
+        Some(Arc::clone(&tile.nodes))
+    }
+
+    fn put(&self, level: u32, index: u64, nodes: &Arc<TileNodes>) {
+        let mut slots = self.slots();
+        let used = slots.clock;
+        let tile = CachedTile {
+            level,
+            index,
+            nodes: Arc::clone(nodes),
+            used,
+        };
+        if slots.tiles.len() < CACHED_TILES {
+            slots.tiles.push(tile);
+        } else if let Some(oldest) = slots.tiles.iter_mut().min_by_key(|tile| tile.used) {
+            *oldest = tile;
+        }
+    }
+
+    /// The hashes held.
+    pub(crate) fn hashes(&self) -> usize {
+        self.slots().tiles.iter().map(|tile| tile.nodes.len()).sum()
+    }
+}
+
 /// The tree of a [`Frontier`] with its full tiles read from a [`TileStore`], each checked against
 /// the level above before use. Make one per request: it keeps the tiles it has read (a few per
 /// level) until dropped.
@@ -252,6 +375,7 @@ impl TileStore {
 pub(crate) struct TileView<'a> {
     frontier: &'a Frontier,
     store: &'a TileStore,
+    cache: Option<&'a TileCache>,
     read: Vec<ReadTile>,
 }
 
@@ -260,7 +384,7 @@ pub(crate) struct TileView<'a> {
 struct ReadTile {
     level: u32,
     index: u64,
-    hashes: Vec<TreeHash>,
+    nodes: Arc<TileNodes>,
 }
 
 impl<'a> TileView<'a> {
@@ -268,17 +392,24 @@ impl<'a> TileView<'a> {
         Self {
             frontier,
             store,
+            cache: None,
             read: Vec::new(),
         }
     }
 
-    /// The hashes of tile `index` of `level`: the partial one from the frontier, or a full one
+    /// Takes checked tiles from `cache`, and puts the tiles it checks there.
+    pub(crate) fn with_cache(mut self, cache: &'a TileCache) -> Self {
+        self.cache = Some(cache);
+        self
+    }
+
+    /// Tile `index` of `level` with its nodes: the partial one from the frontier, or a full one
     /// from disk, checked.
-    fn tile(&mut self, level: u32, index: u64) -> Result<&[TreeHash], AuditError> {
+    fn tile(&mut self, level: u32, index: u64) -> Result<&TileNodes, AuditError> {
         let full = full_tiles(self.frontier.size, level);
         if index < full {
             let at = self.full_tile(level, index)?;
-            return Ok(&self.read[at].hashes);
+            return Ok(&self.read[at].nodes);
         }
         match self.frontier.rows.get(level as usize) {
             Some(row) if index == full => Ok(row),
@@ -289,8 +420,8 @@ impl<'a> TileView<'a> {
         }
     }
 
-    /// Reads full tile `index` of `level` and checks its root against the level above; returns
-    /// where it is in `self.read`.
+    /// Reads full tile `index` of `level` and checks its root against the level above (unless
+    /// the cache has it, checked); returns where it is in `self.read`.
     fn full_tile(&mut self, level: u32, index: u64) -> Result<usize, AuditError> {
         if let Some(at) = self
             .read
@@ -299,23 +430,38 @@ impl<'a> TileView<'a> {
         {
             return Ok(at);
         }
-        let hashes = self.store.read(level, index)?;
-        let slot = (index % TILE_WIDTH as u64) as usize;
-        let above = self.tile(level + 1, index / TILE_WIDTH as u64)?;
-        let expected = *above.get(slot).ok_or_else(|| {
-            AuditError::InvalidRange(format!("tile {index} of level {level} has no parent hash"))
-        })?;
-        let actual = perfect_root(&hashes);
-        if actual != expected {
-            return Err(AuditError::derived(
-                self.store.path(level, index),
-                format!("its hashes make {actual}, the level above holds {expected} for it"),
-            ));
-        }
+        let cached = self.cache.and_then(|cache| cache.get(level, index));
+        let nodes = match cached {
+            Some(nodes) => nodes,
+            None => {
+                let nodes = Arc::new(TileNodes::of(self.store.read(level, index)?));
+                let slot = (index % TILE_WIDTH as u64) as usize;
+                let expected = self
+                    .tile(level + 1, index / TILE_WIDTH as u64)?
+                    .node(0, slot)
+                    .ok_or_else(|| {
+                        AuditError::InvalidRange(format!(
+                            "tile {index} of level {level} has no parent hash"
+                        ))
+                    })?;
+                let root = nodes.node(TILE_HEIGHT, 0);
+                if root != Some(expected) {
+                    let made = root.map_or_else(|| "no root".to_owned(), |root| root.to_hex());
+                    return Err(AuditError::derived(
+                        self.store.path(level, index),
+                        format!("its hashes make {made}, the level above holds {expected} for it"),
+                    ));
+                }
+                if let Some(cache) = self.cache {
+                    cache.put(level, index, &nodes);
+                }
+                nodes
+            }
+        };
         self.read.push(ReadTile {
             level,
             index,
-            hashes,
+            nodes,
         });
         Ok(self.read.len() - 1)
     }
@@ -331,12 +477,14 @@ impl Nodes for TileView<'_> {
         let level = height / TILE_HEIGHT;
         let below = height % TILE_HEIGHT;
         let first = index << below;
-        let at = (first % TILE_WIDTH as u64) as usize;
-        let tile = self.tile(level, first / TILE_WIDTH as u64)?;
-        let block = tile.get(at..at + (1 << below)).ok_or_else(|| {
-            AuditError::InvalidRange(format!("no subtree {index} of height {height} in the tree"))
-        })?;
-        Ok(perfect_root(block))
+        let at = (first % TILE_WIDTH as u64) as usize >> below;
+        self.tile(level, first / TILE_WIDTH as u64)?
+            .node(below, at)
+            .ok_or_else(|| {
+                AuditError::InvalidRange(format!(
+                    "no subtree {index} of height {height} in the tree"
+                ))
+            })
     }
 }
 
@@ -457,7 +605,7 @@ mod tests {
                 i + 1
             );
             assert!(view.read.is_empty(), "the current root read tiles");
-            assert!(frontier.hashes() < TILE_WIDTH * levels(frontier.size()) as usize);
+            assert!(frontier.hashes() < 2 * TILE_WIDTH * levels(frontier.size()) as usize);
         }
         let sizes: Vec<u64> = (1..=3000).collect();
         check_sizes(&store, &frontier, &mut oracle, &sizes);
@@ -486,19 +634,53 @@ mod tests {
         check_sizes(&store, &frontier, &mut oracle, &sizes);
     }
 
+    fn upper(frontier: &Frontier) -> Vec<Vec<TreeHash>> {
+        frontier.upper_rows().map(<[TreeHash]>::to_vec).collect()
+    }
+
     #[test]
     fn the_frontier_at_a_boundary_round_trips() {
         let dir = tempfile::tempdir().unwrap();
         let (_, frontier, _) = build(dir.path(), 70_000);
         let boundary = frontier.at_last_tile_boundary();
         assert_eq!(boundary.size(), 69_888);
-        let rebuilt =
-            Frontier::at_tile_boundary(boundary.size(), boundary.upper_rows().to_vec()).unwrap();
+        let rebuilt = Frontier::at_tile_boundary(boundary.size(), upper(&boundary)).unwrap();
         assert_eq!(rebuilt, boundary);
         let (_, expected, _) = build(dir.path(), 69_888);
         assert_eq!(rebuilt, expected);
-        assert!(Frontier::at_tile_boundary(69_889, boundary.upper_rows().to_vec()).is_none());
-        assert!(Frontier::at_tile_boundary(69_632, boundary.upper_rows().to_vec()).is_none());
+        assert!(Frontier::at_tile_boundary(69_889, upper(&boundary)).is_none());
+        assert!(Frontier::at_tile_boundary(69_632, upper(&boundary)).is_none());
+    }
+
+    /// The cache keeps at most its fixed number of checked tiles, serves them unchecked (a tile
+    /// damaged after it was checked is not read again), and its answers are the tiles'.
+    #[test]
+    fn the_cache_is_bounded_and_serves_checked_tiles() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = 140_000;
+        let (store, frontier, mut oracle) = build(dir.path(), n);
+        let cache = TileCache::default();
+        for index in (0..n).step_by(101) {
+            let mut view = TileView::new(&frontier, &store).with_cache(&cache);
+            assert_eq!(
+                inclusion_proof(&mut view, index, n).unwrap(),
+                oracle.inclusion_proof(index, n).unwrap()
+            );
+            assert!(cache.hashes() <= CACHED_TILES * (2 * TILE_WIDTH - 1));
+        }
+        assert_eq!(cache.hashes(), CACHED_TILES * (2 * TILE_WIDTH - 1));
+        // The last full level-0 tile used is cached, so damage to it is not seen through the
+        // cache, and is seen without it.
+        let last = (0..n - n % 256).step_by(101).last().unwrap();
+        let path = store.path(0, last / 256);
+        fs::write(&path, [0u8; 8192]).unwrap();
+        let mut view = TileView::new(&frontier, &store).with_cache(&cache);
+        assert_eq!(
+            inclusion_proof(&mut view, last, n).unwrap(),
+            oracle.inclusion_proof(last, n).unwrap()
+        );
+        let mut view = TileView::new(&frontier, &store);
+        assert!(inclusion_proof(&mut view, last, n).is_err());
     }
 
     /// Any change to a tile on disk is caught when the tile is read, at every level: the

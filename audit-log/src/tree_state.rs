@@ -63,7 +63,7 @@ impl TreeState {
         bytes.extend_from_slice(MAGIC);
         bytes.extend_from_slice(&self.frontier.size().to_be_bytes());
         bytes.extend_from_slice(&self.log_end.to_be_bytes());
-        for hash in self.frontier.upper_rows().iter().flatten() {
+        for hash in self.frontier.upper_rows().flatten() {
             bytes.extend_from_slice(hash.as_bytes());
         }
         let digest: [u8; 32] = Sha256::digest(&bytes).into();

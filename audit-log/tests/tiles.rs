@@ -326,8 +326,12 @@ async fn memory_holds_the_right_edge_only() {
     let dir = tempfile::tempdir().unwrap();
     let log = Arc::new(open(dir.path()).await);
     append_many(&log, 0, 100_000).await;
-    // 100,000 = 1·65,536 + 134·256 + 160: partial tiles of 160, 134 and 1 hashes.
-    assert_eq!(log.stats().hashes_in_memory, 160 + 134 + 1);
+    // 100,000 = 1·65,536 + 134·256 + 160: partial tiles of 160, 134 and 1 hashes, each with
+    // the roots of its complete blocks of 2, 4, ... hashes.
+    let held = |width: u64| (0..9).map(|height| width >> height).sum::<u64>();
+    let expected = held(160) + held(134) + held(1);
+    assert_eq!(log.stats().hashes_in_memory, expected);
+    assert!(expected < 3 * 512);
     // The tree state follows while the log runs, not only at close.
     let started = Instant::now();
     while !dir.path().join(TREE_STATE).exists() {
@@ -337,5 +341,12 @@ async fn memory_holds_the_right_edge_only() {
     Arc::into_inner(log).unwrap().close().await.unwrap();
     let log = open(dir.path()).await;
     assert_eq!(log.stats().records_scanned_at_open, 1 + 160);
-    assert_eq!(log.stats().hashes_in_memory, 160 + 134 + 1);
+    assert_eq!(log.stats().hashes_in_memory, expected);
+    // Readers keep at most 64 checked tiles with their nodes (511 hashes each) besides.
+    for index in (0..100_000).step_by(997) {
+        log.inclusion_proof(index, 100_000).unwrap();
+    }
+    let stats = log.stats();
+    assert!(stats.hashes_in_memory > expected, "{stats:?}");
+    assert!(stats.hashes_in_memory <= expected + 64 * 511, "{stats:?}");
 }
