@@ -16,6 +16,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod audit_cmd;
 mod bench_audit;
+mod bench_audit_open;
 mod bench_hsm;
 mod bench_rotate;
 mod bench_sign;
@@ -43,7 +44,8 @@ use clap::{Parser, Subcommand};
     smartsign-ctl audit verify --records audit.ndjson --checkpoint checkpoint.json \\\n      \
     --public-key audit-key.pem\n  \
     smartsign-ctl bench hsm --seconds 3\n  \
-    smartsign-ctl bench audit --appenders 1,8,64")]
+    smartsign-ctl bench audit --appenders 1,8,64\n  \
+    smartsign-ctl bench audit-open --records 1000000 --dir /var/tmp/audit-bench")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -129,6 +131,10 @@ enum BenchCommand {
     /// Durable appends per second at several concurrencies, group commit beside one fsync per
     /// append.
     Audit(bench_audit::BenchAuditArgs),
+    /// Time to open an audit log of N records and the resident memory after opening it, after
+    /// more appends and after proofs, measured in a fresh process; builds (or tops up) the log
+    /// in --dir first and keeps it for the next run.
+    AuditOpen(bench_audit_open::BenchAuditOpenArgs),
     /// The whole signing flow (create, authorise, fetch) over mutual TLS with N concurrent
     /// clients against a `smartsignd --dev`, beside the raw HSM rate of the same key algorithm
     /// and mode measured in the same run. Without --state-dir it starts the daemon itself.
@@ -178,6 +184,7 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
                 scratch::Token::RanInScratch => Ok(()),
             },
             Command::Bench(BenchCommand::Audit(args)) => bench_audit::run(args).await,
+            Command::Bench(BenchCommand::AuditOpen(args)) => bench_audit_open::run(args).await,
             Command::Bench(BenchCommand::RotateKek(args)) => {
                 match scratch::ensure_token(&args.token)? {
                     scratch::Token::Given => bench_rotate::run(args).await,
