@@ -20,8 +20,9 @@
 //! writer writes its offsets and the tiles it filled, without fsync; a background thread fsyncs
 //! them and writes `tree-state` every 16,384 records and at close.
 //!
-//! Memory holds the partial tile of each tree level (fewer than 256 hashes a level) and nothing
-//! per record: roots of earlier sizes and proofs read tiles, pages of records read `offsets`. An
+//! Memory holds the partial tile of each tree level with the nodes above its hashes (fewer than
+//! 512 hashes a level), a cache of 64 checked full tiles, and nothing per record: roots of earlier
+//! sizes and proofs read tiles, pages of records read `offsets`. An
 //! open hashes only the records after `tree-state` (fewer than 16,384 + 256 after a crash, fewer
 //! than 256 after a clean close), besides the checks that tie the derived files to the log.
 
@@ -137,8 +138,9 @@ pub struct AuditStats {
     /// Records read and hashed at open: those after the durable tree state, and the one that
     /// ties the tree state to the log (every record when the tree was rebuilt).
     pub records_scanned_at_open: u64,
-    /// Tree hashes held in memory, whatever the log's size: the partial tile of each level
-    /// (fewer than 256 a level), and up to 64 checked full tiles of 256 that readers reuse.
+    /// Tree hashes held in memory, whatever the log's size: the partial tile of each level with
+    /// the nodes above its hashes (fewer than 512 a level), and up to 64 checked full tiles with
+    /// theirs (511 each) that readers reuse.
     pub hashes_in_memory: u64,
 }
 

@@ -115,7 +115,7 @@ pub(crate) trait Nodes {
     fn node(&mut self, height: u32, index: u64) -> Result<TreeHash, AuditError>;
 }
 
-/// MTH(D[0:tree_size]); `tree_size` must not exceed the tree's size.
+/// `MTH(D[0:tree_size])`; `tree_size` must not exceed the tree's size.
 pub(crate) fn root(nodes: &mut impl Nodes, tree_size: u64) -> Result<TreeHash, AuditError> {
     check_size(nodes, tree_size)?;
     if tree_size == 0 {
@@ -124,7 +124,7 @@ pub(crate) fn root(nodes: &mut impl Nodes, tree_size: u64) -> Result<TreeHash, A
     subtree(nodes, 0, tree_size)
 }
 
-/// PATH(index, D[0:tree_size]) of RFC 9162 §2.1.3.1, leaf side first.
+/// `PATH(index, D[0:tree_size])` of RFC 9162 §2.1.3.1, leaf side first.
 pub(crate) fn inclusion_proof(
     nodes: &mut impl Nodes,
     index: u64,
@@ -152,7 +152,7 @@ pub(crate) fn inclusion_proof(
     Ok(path)
 }
 
-/// PROOF(first, D[0:second]) of RFC 9162 §2.1.4.1, innermost first. Empty when
+/// `PROOF(first, D[0:second])` of RFC 9162 §2.1.4.1, innermost first. Empty when
 /// `first == second`; `first` must be at least 1.
 pub(crate) fn consistency_proof(
     nodes: &mut impl Nodes,
@@ -201,7 +201,7 @@ fn check_size(nodes: &impl Nodes, tree_size: u64) -> Result<(), AuditError> {
     Ok(())
 }
 
-/// MTH(D[start:end]) for a range the RFC's recursion visits: `start < end <= size`, and `start` a
+/// `MTH(D[start:end])` for a range the RFC's recursion visits: `start < end <= size`, and `start` a
 /// multiple of the smallest power of two not below `end - start`. Such a range is a complete
 /// block, or a complete block followed by a smaller range of the same kind.
 fn subtree(nodes: &mut impl Nodes, start: u64, end: u64) -> Result<TreeHash, AuditError> {
