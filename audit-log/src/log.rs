@@ -740,6 +740,7 @@ impl Writer {
             .fetch_add(pending.len() as u64, Ordering::Relaxed);
         if let Err(error) = derived {
             // Before the answers, so that an appender told of success sees the refusal next.
+            self.tree.stop_persisting();
             self.fail(format!("writing the audit tree failed: {error}"));
         }
         for one in pending {
@@ -1265,5 +1266,38 @@ mod tests {
         let proof = log.inclusion_proof(3, 256).unwrap();
         crate::verify_inclusion(&leaf, 3, 256, &proof, &root).unwrap();
         assert_eq!(log.append(event(256)).await.unwrap().index, 256);
+    }
+
+    /// The same for the offsets file: the batch whose entries were lost also filled a tile,
+    /// yet no tree state vouches for it, and the reopened log rewrites the entries.
+    #[tokio::test]
+    async fn a_failed_offsets_write_keeps_the_append_and_no_tree_state_covers_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(dir.path(), config()).await.unwrap();
+        for i in 0..255 {
+            log.append(event(i)).await.unwrap();
+        }
+        log.shared
+            .offsets
+            .fail_next_write
+            .store(true, Ordering::Relaxed);
+        assert_eq!(log.append(event(255)).await.unwrap().index, 255);
+        let error = log.health().unwrap_err();
+        assert!(
+            error.to_string().contains("injected offsets write failure"),
+            "{error}"
+        );
+        let error = log.records(255, 1).await.unwrap_err();
+        assert!(
+            matches!(error, AuditError::DerivedMismatch { .. }),
+            "{error}"
+        );
+        log.close().await.unwrap();
+        assert!(!dir.path().join(TREE_STATE_FILE).exists());
+
+        let log = AuditLog::open(dir.path(), config()).await.unwrap();
+        assert_eq!(log.stats().records_scanned_at_open, 256);
+        let records = log.records(0, 256).await.unwrap();
+        assert_eq!(records, fs::read(dir.path().join(LOG_FILE)).unwrap());
     }
 }

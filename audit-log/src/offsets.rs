@@ -27,6 +27,9 @@ const ENTRY_LEN: u64 = 8;
 pub(crate) struct Offsets {
     path: PathBuf,
     file: File,
+    /// Test hook: the next write fails.
+    #[cfg(test)]
+    pub(crate) fail_next_write: std::sync::atomic::AtomicBool,
 }
 
 impl Offsets {
@@ -40,7 +43,12 @@ impl Offsets {
             .truncate(false)
             .open(&path)
             .map_err(|error| AuditError::io(format!("opening {}", path.display()), error))?;
-        Ok(Self { path, file })
+        Ok(Self {
+            path,
+            file,
+            #[cfg(test)]
+            fail_next_write: std::sync::atomic::AtomicBool::new(false),
+        })
     }
 
     pub(crate) fn path(&self) -> &Path {
@@ -71,6 +79,16 @@ impl Offsets {
 
     /// Writes the entries of records `first`, `first + 1`, ...
     pub(crate) fn write(&self, first: u64, offsets: &[u64]) -> Result<(), AuditError> {
+        #[cfg(test)]
+        if self
+            .fail_next_write
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+        {
+            return Err(AuditError::io(
+                format!("writing {}", self.path.display()),
+                io::Error::other("injected offsets write failure"),
+            ));
+        }
         let bytes: Vec<u8> = offsets
             .iter()
             .flat_map(|offset| offset.to_be_bytes())

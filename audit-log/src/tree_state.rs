@@ -179,8 +179,9 @@ pub(crate) struct Tree {
     written: Vec<Range<u64>>,
     /// The size of the last tree state handed to the persister or loaded at open.
     handed_off: u64,
-    /// Set when a tile could not be written: no later tree state may claim it.
-    tile_lost: bool,
+    /// Set when a tile (or a file the state vouches for) could not be written: no later tree
+    /// state may claim it.
+    damaged: bool,
     inbox: Arc<Inbox>,
     persister: Option<JoinHandle<()>>,
 }
@@ -196,7 +197,7 @@ impl Tree {
             store,
             boundary_log_end: log_end,
             written: Vec::new(),
-            tile_lost: false,
+            damaged: false,
             inbox: Arc::default(),
             persister: None,
         }
@@ -229,11 +230,17 @@ impl Tree {
                 self.boundary_log_end = log_end;
             }
             if let Err(error) = self.store.write(&tile) {
-                self.tile_lost = true;
+                self.damaged = true;
                 result = result.and(Err(error));
             }
         }
         result
+    }
+
+    /// Hands no more tree states to the persister: a file the next one would vouch for (the
+    /// log's offsets) could not be written. The next open starts from the last state written.
+    pub(crate) fn stop_persisting(&mut self) {
+        self.damaged = true;
     }
 
     /// Starts the thread that makes tiles durable and writes the tree state in `dir`.
@@ -259,7 +266,7 @@ impl Tree {
     pub(crate) fn hand_off(&mut self, now: bool) {
         let new_tiles = self.size().saturating_sub(self.handed_off) / TILE_WIDTH as u64;
         if self.persister.is_none()
-            || self.tile_lost
+            || self.damaged
             || new_tiles == 0
             || (!now && new_tiles < STATE_EVERY_TILES)
         {
