@@ -57,6 +57,18 @@ pub enum AuditError {
         reason: String,
     },
 
+    /// A file the log derives from `audit.log` (a hash tile, the tree state, the record offsets)
+    /// is missing, damaged, or does not match the log. At open the log warns and rebuilds what
+    /// it needs from `audit.log`; after open the request that found it fails, and nothing is
+    /// served from it.
+    #[error("{} does not match audit.log: {reason}", path.display())]
+    DerivedMismatch {
+        /// The derived file.
+        path: PathBuf,
+        /// What does not match.
+        reason: String,
+    },
+
     /// The log cannot take appends: its writer failed (write or fsync error) or has stopped.
     /// Signing must stop until the log is reopened (fail closed).
     #[error("audit log unavailable: {reason}")]
@@ -149,7 +161,8 @@ pub enum ErrorKind {
     /// The log cannot be used now (I/O failure, locked, writer stopped, signer down): fail
     /// closed, 503 `audit_unavailable`.
     Unavailable,
-    /// The stored log or checkpoint is damaged; an operator must investigate.
+    /// The stored log, checkpoint or a file derived from the log is damaged; an operator must
+    /// investigate.
     Corrupt,
     /// Something an auditor was given does not verify (records, checkpoint, proof, key).
     Verification,
@@ -165,7 +178,9 @@ impl AuditError {
             Self::Io { .. } | Self::Locked { .. } | Self::Unavailable { .. } | Self::Signer(_) => {
                 ErrorKind::Unavailable
             }
-            Self::Corrupt { .. } | Self::CheckpointMismatch { .. } => ErrorKind::Corrupt,
+            Self::Corrupt { .. }
+            | Self::CheckpointMismatch { .. }
+            | Self::DerivedMismatch { .. } => ErrorKind::Corrupt,
             Self::InvalidProof(_)
             | Self::InvalidRecord { .. }
             | Self::RecordCountMismatch { .. }
@@ -183,6 +198,13 @@ impl AuditError {
         Self::Io {
             context: context.into(),
             source,
+        }
+    }
+
+    pub(crate) fn derived(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
+        Self::DerivedMismatch {
+            path: path.into(),
+            reason: reason.into(),
         }
     }
 

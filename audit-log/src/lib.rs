@@ -1,9 +1,9 @@
 //! `audit-log`: smartsign's tamper-evident, append-only audit log.
 //!
 //! It owns one directory: a file of records (one compact JSON line each, appended durably with
-//! group commit), the RFC 9162 Merkle tree over them (rebuilt at open), inclusion and
-//! consistency proofs, and the latest checkpoint signed through a [`CheckpointSigner`] (the HSM
-//! audit key in the daemon). [`verify_export`] checks an auditor's export offline. It does not
+//! group commit), the RFC 9162 Merkle tree over them (its full hash tiles on disk in the C2SP
+//! tlog-tiles layout, its right edge in memory), inclusion and consistency proofs, and the latest
+//! checkpoint signed through a [`CheckpointSigner`] (the HSM audit key in the daemon). [`verify_export`] checks an auditor's export offline. It does not
 //! decide what is audited or serve HTTP: the daemon does, and maps [`AuditError::kind`] to its
 //! problems.
 //!
@@ -15,13 +15,17 @@
 
 mod checkpoint;
 mod error;
+mod files;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 mod log;
 mod merkle;
+mod offsets;
 mod record;
+mod tiles;
 mod time;
 mod transcript;
+mod tree_state;
 mod verify;
 
 pub use checkpoint::{AuditPublicKey, Checkpoint, CheckpointSigner, Origin, SoftwareSigner};

@@ -1,12 +1,12 @@
 //! The Merkle tree of RFC 9162 §2.1 over the log's leaf hashes: tree hashes, inclusion proofs
 //! (§2.1.3) and consistency proofs (§2.1.4), their generation and their verification.
 //!
-//! [`MerkleTree`] keeps, for every level, the hashes of all complete aligned subtrees (level 0
-//! holds the leaf hashes, level `l` the hash of each block of `2^l` leaves starting at a multiple
-//! of `2^l`). Every subtree the RFC's recursion visits is either such a block or splits into one
-//! and a smaller remainder, so any tree hash or proof for any tree size up to the current one
-//! costs O(log² n) hashes and no rehashing of the leaves. The price is about 64 bytes of memory
-//! per record.
+//! Generation walks the RFC's recursion over a [`Nodes`]: anything that can give the hash of a
+//! complete aligned subtree (a block of `2^height` leaves starting at a multiple of `2^height`).
+//! Every subtree the recursion visits is either such a block or splits into one and a smaller
+//! remainder, so any tree hash or proof for any tree size up to the current one costs O(log² n)
+//! blocks and no rehashing of the leaves. The log's [`Nodes`] reads the blocks from hash tiles
+//! (the `tiles` module); the tests' is an in-memory tree of every level.
 
 use std::fmt;
 
@@ -104,20 +104,132 @@ fn split_point(n: u64) -> u64 {
     1 << (63 - (n - 1).leading_zeros())
 }
 
-/// All complete aligned subtree hashes of the log's tree, by level (see the module docs).
+/// The hashes of complete aligned subtrees of a tree of [`Nodes::size`] leaves: what the RFC's
+/// recursion needs to compute tree hashes and proofs.
+pub(crate) trait Nodes {
+    /// The number of leaves.
+    fn size(&self) -> u64;
+
+    /// MTH(D[index * 2^height : (index + 1) * 2^height]). Callers ask only for blocks that lie
+    /// within the tree.
+    fn node(&mut self, height: u32, index: u64) -> Result<TreeHash, AuditError>;
+}
+
+/// `MTH(D[0:tree_size])`; `tree_size` must not exceed the tree's size.
+pub(crate) fn root(nodes: &mut impl Nodes, tree_size: u64) -> Result<TreeHash, AuditError> {
+    check_size(nodes, tree_size)?;
+    if tree_size == 0 {
+        return Ok(empty_root());
+    }
+    subtree(nodes, 0, tree_size)
+}
+
+/// `PATH(index, D[0:tree_size])` of RFC 9162 §2.1.3.1, leaf side first.
+pub(crate) fn inclusion_proof(
+    nodes: &mut impl Nodes,
+    index: u64,
+    tree_size: u64,
+) -> Result<Vec<TreeHash>, AuditError> {
+    check_size(nodes, tree_size)?;
+    if index >= tree_size {
+        return Err(AuditError::InvalidRange(format!(
+            "index {index} is not below tree size {tree_size}"
+        )));
+    }
+    let (mut start, mut end) = (0, tree_size);
+    let mut path = Vec::new();
+    while end - start > 1 {
+        let k = split_point(end - start);
+        if index < start + k {
+            path.push(subtree(nodes, start + k, end)?);
+            end = start + k;
+        } else {
+            path.push(subtree(nodes, start, start + k)?);
+            start += k;
+        }
+    }
+    path.reverse();
+    Ok(path)
+}
+
+/// `PROOF(first, D[0:second])` of RFC 9162 §2.1.4.1, innermost first. Empty when
+/// `first == second`; `first` must be at least 1.
+pub(crate) fn consistency_proof(
+    nodes: &mut impl Nodes,
+    first: u64,
+    second: u64,
+) -> Result<Vec<TreeHash>, AuditError> {
+    check_size(nodes, second)?;
+    if first == 0 || first > second {
+        return Err(AuditError::InvalidRange(format!(
+            "a consistency proof needs 1 <= first <= second, got first {first}, second {second}"
+        )));
+    }
+    // SUBPROOF(m, D[start:end], complete) unrolled; `complete` is the RFC's `b`.
+    let (mut start, mut end, mut m, mut complete) = (0, second, first, true);
+    let mut path = Vec::new();
+    loop {
+        let n = end - start;
+        if m == n {
+            if !complete {
+                path.push(subtree(nodes, start, end)?);
+            }
+            break;
+        }
+        let k = split_point(n);
+        if m <= k {
+            path.push(subtree(nodes, start + k, end)?);
+            end = start + k;
+        } else {
+            path.push(subtree(nodes, start, start + k)?);
+            start += k;
+            m -= k;
+            complete = false;
+        }
+    }
+    path.reverse();
+    Ok(path)
+}
+
+fn check_size(nodes: &impl Nodes, tree_size: u64) -> Result<(), AuditError> {
+    if tree_size > nodes.size() {
+        return Err(AuditError::InvalidRange(format!(
+            "tree size {tree_size} exceeds the log's {}",
+            nodes.size()
+        )));
+    }
+    Ok(())
+}
+
+/// `MTH(D[start:end])` for a range the RFC's recursion visits: `start < end <= size`, and `start` a
+/// multiple of the smallest power of two not below `end - start`. Such a range is a complete
+/// block, or a complete block followed by a smaller range of the same kind.
+fn subtree(nodes: &mut impl Nodes, start: u64, end: u64) -> Result<TreeHash, AuditError> {
+    let n = end - start;
+    if n.is_power_of_two() {
+        debug_assert_eq!(start % n, 0, "unaligned subtree");
+        return nodes.node(n.trailing_zeros(), start >> n.trailing_zeros());
+    }
+    let k = split_point(n);
+    Ok(node_hash(
+        &subtree(nodes, start, start + k)?,
+        &subtree(nodes, start + k, end)?,
+    ))
+}
+
+/// Every level of the tree in memory (level 0 the leaf hashes, level `l` the hash of each block
+/// of `2^l` leaves): the oracle that the tiled tree is tested against. About 64 bytes per leaf,
+/// which is why the log does not keep one.
+#[cfg(test)]
 #[derive(Debug, Default)]
 pub(crate) struct MerkleTree {
     levels: Vec<Vec<TreeHash>>,
 }
 
+#[cfg(test)]
 impl MerkleTree {
     pub(crate) fn new() -> Self {
         Self::default()
-    }
-
-    /// The number of leaves.
-    pub(crate) fn size(&self) -> u64 {
-        self.levels.first().map_or(0, |leaves| leaves.len() as u64)
     }
 
     /// Appends a leaf and the complete subtrees it closes.
@@ -139,115 +251,42 @@ impl MerkleTree {
         }
     }
 
-    /// The leaf hash at `index`, if the tree has it.
     pub(crate) fn leaf(&self, index: u64) -> Option<TreeHash> {
-        let index = usize::try_from(index).ok()?;
-        self.levels.first()?.get(index).copied()
+        self.levels
+            .first()?
+            .get(usize::try_from(index).ok()?)
+            .copied()
     }
 
-    /// MTH(D[0:tree_size]); `tree_size` must not exceed [`Self::size`].
-    pub(crate) fn root(&self, tree_size: u64) -> Result<TreeHash, AuditError> {
-        self.check_size(tree_size)?;
-        Ok(if tree_size == 0 {
-            empty_root()
-        } else {
-            self.subtree(0, tree_size)
-        })
+    pub(crate) fn root(&mut self, tree_size: u64) -> Result<TreeHash, AuditError> {
+        root(self, tree_size)
     }
 
-    /// PATH(index, D[0:tree_size]) of RFC 9162 §2.1.3.1, leaf side first.
     pub(crate) fn inclusion_proof(
-        &self,
+        &mut self,
         index: u64,
         tree_size: u64,
     ) -> Result<Vec<TreeHash>, AuditError> {
-        self.check_size(tree_size)?;
-        if index >= tree_size {
-            return Err(AuditError::InvalidRange(format!(
-                "index {index} is not below tree size {tree_size}"
-            )));
-        }
-        let (mut start, mut end) = (0, tree_size);
-        let mut path = Vec::new();
-        while end - start > 1 {
-            let k = split_point(end - start);
-            if index < start + k {
-                path.push(self.subtree(start + k, end));
-                end = start + k;
-            } else {
-                path.push(self.subtree(start, start + k));
-                start += k;
-            }
-        }
-        path.reverse();
-        Ok(path)
+        inclusion_proof(self, index, tree_size)
     }
 
-    /// PROOF(first, D[0:second]) of RFC 9162 §2.1.4.1, innermost first. Empty when
-    /// `first == second`; `first` must be at least 1.
     pub(crate) fn consistency_proof(
-        &self,
+        &mut self,
         first: u64,
         second: u64,
     ) -> Result<Vec<TreeHash>, AuditError> {
-        self.check_size(second)?;
-        if first == 0 || first > second {
-            return Err(AuditError::InvalidRange(format!(
-                "a consistency proof needs 1 <= first <= second, got first {first}, second {second}"
-            )));
-        }
-        // SUBPROOF(m, D[start:end], complete) unrolled; `complete` is the RFC's `b`.
-        let (mut start, mut end, mut m, mut complete) = (0, second, first, true);
-        let mut path = Vec::new();
-        loop {
-            let n = end - start;
-            if m == n {
-                if !complete {
-                    path.push(self.subtree(start, end));
-                }
-                break;
-            }
-            let k = split_point(n);
-            if m <= k {
-                path.push(self.subtree(start + k, end));
-                end = start + k;
-            } else {
-                path.push(self.subtree(start, start + k));
-                start += k;
-                m -= k;
-                complete = false;
-            }
-        }
-        path.reverse();
-        Ok(path)
+        consistency_proof(self, first, second)
+    }
+}
+
+#[cfg(test)]
+impl Nodes for MerkleTree {
+    fn size(&self) -> u64 {
+        self.levels.first().map_or(0, |leaves| leaves.len() as u64)
     }
 
-    fn check_size(&self, tree_size: u64) -> Result<(), AuditError> {
-        if tree_size > self.size() {
-            return Err(AuditError::InvalidRange(format!(
-                "tree size {tree_size} exceeds the log's {}",
-                self.size()
-            )));
-        }
-        Ok(())
-    }
-
-    /// MTH(D[start:end]) for a range the RFC's recursion visits: `start < end <= size`, and
-    /// `start` a multiple of the smallest power of two not below `end - start`. Such a range is
-    /// a stored block, or a stored block followed by a smaller range of the same kind.
-    fn subtree(&self, start: u64, end: u64) -> TreeHash {
-        let n = end - start;
-        if n.is_power_of_two() {
-            let level = n.trailing_zeros() as usize;
-            debug_assert_eq!(start % n, 0, "unaligned subtree");
-            // In range: the block [start, end) is complete because end <= size.
-            return self.levels[level][(start >> level) as usize];
-        }
-        let k = split_point(n);
-        node_hash(
-            &self.subtree(start, start + k),
-            &self.subtree(start + k, end),
-        )
+    fn node(&mut self, height: u32, index: u64) -> Result<TreeHash, AuditError> {
+        Ok(self.levels[height as usize][index as usize])
     }
 }
 
@@ -526,7 +565,7 @@ mod tests {
     /// Checks every tree size up to `all.len()` of one tree against the reference, exhaustively
     /// for the sizes in `exhaustive` and on `samples` random choices otherwise.
     fn check_against_reference(all: &[[u8; 32]], sizes: &[usize], rng: &mut Rng, samples: usize) {
-        let tree = tree_of(all);
+        let mut tree = tree_of(all);
         for &n in sizes {
             let prefix = &all[..n];
             let root = TreeHash::from_bytes(mth(prefix));
@@ -637,7 +676,7 @@ mod tests {
 
     #[test]
     fn empty_tree_and_out_of_range_requests() {
-        let tree = tree_of(&leaves(5));
+        let mut tree = tree_of(&leaves(5));
         assert_eq!(tree.root(0).unwrap(), empty_root());
         assert_eq!(empty_root().to_hex(), hex::encode(sha(&[])));
         assert!(tree.root(6).is_err());

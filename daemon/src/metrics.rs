@@ -35,8 +35,11 @@ pub(crate) struct Metrics {
     pub(crate) hsm_queued: IntGaugeVec,
     /// Signatures with a wrapped key, by whether a worker had it unwrapped already.
     hsm_key_cache: IntCounterVec,
+    /// Store writes that succeeded, and the commits (fsyncs) that made them durable.
+    store_writes: prometheus::IntCounter,
+    store_commits: prometheus::IntCounter,
     /// Serialises [`Metrics::key_cache`]'s catch-up of concurrent scrapes.
-    key_cache_catch_up: Arc<std::sync::Mutex<()>>,
+    catch_up_lock: Arc<std::sync::Mutex<()>>,
     status: Arc<StatusMetrics>,
 }
 
@@ -200,6 +203,14 @@ impl Metrics {
             ),
             &["result"],
         )?;
+        let store_writes = prometheus::IntCounter::new(
+            "store_writes_total",
+            "Store writes that succeeded (each all or nothing)",
+        )?;
+        let store_commits = prometheus::IntCounter::new(
+            "store_commits_total",
+            "Store commits, each one fsync: writes waiting together share one (group commit)",
+        )?;
         let status = Arc::new(StatusMetrics {
             cache: IntCounterVec::new(
                 Opts::new(
@@ -249,6 +260,8 @@ impl Metrics {
         registry.register(Box::new(hsm_queued.clone()))?;
         registry.register(Box::new(hsm_key_cache.clone()))?;
         registry.register(Box::new(sweep_duration.clone()))?;
+        registry.register(Box::new(store_writes.clone()))?;
+        registry.register(Box::new(store_commits.clone()))?;
         registry.register(Box::new(sweep_last_run.clone()))?;
         Ok(Self {
             registry,
@@ -269,19 +282,27 @@ impl Metrics {
             hsm_key_cache,
             sweep_duration,
             sweep_last_run,
-            key_cache_catch_up: Arc::new(std::sync::Mutex::new(())),
+            store_writes,
+            store_commits,
+            catch_up_lock: Arc::new(std::sync::Mutex::new(())),
             status,
         })
     }
 
-    /// Brings `hsm_key_cache_total` up to the adapter's counts since open.
-    pub(crate) fn key_cache(&self, hits: u64, misses: u64) {
+    /// Brings the counters kept by the parts up to their counts since open: the adapter's
+    /// wrapped-key cache (hits, misses) and the store's (writes, commits).
+    pub(crate) fn catch_up(&self, key_cache: (u64, u64), store: (u64, u64)) {
         let _serial = self
-            .key_cache_catch_up
+            .catch_up_lock
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (hits, misses) = key_cache;
         for (label, count) in [("hit", hits), ("miss", misses)] {
             let counter = self.hsm_key_cache.with_label_values(&[label]);
+            counter.inc_by(count.saturating_sub(counter.get()));
+        }
+        let (writes, commits) = store;
+        for (counter, count) in [(&self.store_writes, writes), (&self.store_commits, commits)] {
             counter.inc_by(count.saturating_sub(counter.get()));
         }
     }

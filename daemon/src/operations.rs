@@ -100,8 +100,8 @@ async fn handle(gate: &Gate, path: &str) -> (StatusCode, &'static str, Vec<u8>) 
                     .with_label_values(&[label])
                     .set(i64::try_from(app.hsm.queued(lane)).unwrap_or(i64::MAX));
             }
-            let (hits, misses) = app.hsm.key_cache();
-            app.metrics.key_cache(hits, misses);
+            app.metrics
+                .catch_up(app.hsm.key_cache(), app.store.write_counts());
             let stats = app.audit.stats();
             app.metrics
                 .audit_tree_size

@@ -188,7 +188,7 @@ async fn measure(
 
 /// "ext4 (/dev/vda)": the type and source of the mount holding `path`, from
 /// /proc/self/mountinfo (the longest mount point that contains the path).
-fn filesystem_of(path: &Path) -> String {
+pub(crate) fn filesystem_of(path: &Path) -> String {
     let unknown = || "an unknown file system".to_owned();
     let (Ok(path), Ok(mountinfo)) = (
         fs::canonicalize(path),

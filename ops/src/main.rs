@@ -17,6 +17,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod audit_cmd;
 mod bench_accounts;
 mod bench_audit;
+mod bench_audit_open;
 mod bench_hsm;
 mod bench_populate;
 mod bench_rotate;
@@ -47,6 +48,7 @@ use clap::{Parser, Subcommand};
     --public-key audit-key.pem\n  \
     smartsign-ctl bench hsm --seconds 3\n  \
     smartsign-ctl bench audit --appenders 1,8,64\n  \
+    smartsign-ctl bench audit-open --records 1000000 --dir /var/tmp/audit-bench\n  \
     smartsign-ctl bench populate --state-dir /var/tmp/bench --accounts 100000\n  \
     smartsign-ctl bench sign --state-dir /var/tmp/bench --accounts 100000 --half-load")]
 struct Cli {
@@ -134,6 +136,10 @@ enum BenchCommand {
     /// Durable appends per second at several concurrencies, group commit beside one fsync per
     /// append.
     Audit(bench_audit::BenchAuditArgs),
+    /// Time to open an audit log of N records and the resident memory after opening it, after
+    /// more appends and after proofs, measured in a fresh process; builds (or tops up) the log
+    /// in --dir first and keeps it for the next run.
+    AuditOpen(bench_audit_open::BenchAuditOpenArgs),
     /// Make N real "iAM Smart+" accounts through a `smartsignd --dev`'s API (keys in the HSM,
     /// certificates from the embedded CA over CMP, personal data sealed), as fast as the machine
     /// allows. Resumable: run it again with the same --state-dir to go on or to grow the
@@ -193,6 +199,7 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
                 scratch::Token::RanInScratch => Ok(()),
             },
             Command::Bench(BenchCommand::Audit(args)) => bench_audit::run(args).await,
+            Command::Bench(BenchCommand::AuditOpen(args)) => bench_audit_open::run(args).await,
             Command::Bench(BenchCommand::Populate(args)) => bench_populate::run(args).await,
             Command::Bench(BenchCommand::Sweep(args)) => bench_sweep::run(args).await,
             Command::Bench(BenchCommand::RotateKek(args)) => {

@@ -7,7 +7,7 @@
 //! them. A reference lives in two places: a certificate's `key_ref`, and the `new_key_ref` of an
 //! unfinished renewal or re-application (`key_changes`).
 
-use rusqlite::{OptionalExtension, TransactionBehavior, params};
+use rusqlite::{OptionalExtension, params};
 use time::OffsetDateTime;
 
 use super::sqlite::{SqliteStore, one_row_changed, opt_time_at, secs, time_at, write_error};
@@ -125,16 +125,15 @@ impl SqliteStore {
         changes: &[(KeyRefSlot, Vec<u8>, Vec<u8>)],
     ) -> Result<(), StoreError> {
         self.write(|conn| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             for (slot, old, new) in changes {
                 let changed = match slot {
-                    KeyRefSlot::Certificate(serial) => tx
+                    KeyRefSlot::Certificate(serial) => conn
                         .prepare_cached(
                             "UPDATE certificates SET key_ref = ?3 \
                              WHERE serial = ?1 AND key_ref = ?2",
                         )?
                         .execute(params![serial.as_str(), old, new]),
-                    KeyRefSlot::KeyChange(account) => tx
+                    KeyRefSlot::KeyChange(account) => conn
                         .prepare_cached(
                             "UPDATE key_changes SET new_key_ref = ?3 \
                              WHERE account_id = ?1 AND new_key_ref = ?2",
@@ -142,10 +141,9 @@ impl SqliteStore {
                         .execute(params![account.as_str(), old, new]),
                 }
                 .map_err(write_error)?;
-                // Dropping the transaction rolls every earlier replacement back.
+                // The write's savepoint rolls every earlier replacement back.
                 one_row_changed(changed).map_err(|_| StoreError::Conflict)?;
             }
-            tx.commit()?;
             Ok(())
         })
     }

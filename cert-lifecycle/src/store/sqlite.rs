@@ -4,11 +4,19 @@
 //! serialises them anyway); reads take a read-only connection from a small pool and run beside the
 //! writer, which WAL allows. Every commit is synced (`synchronous=FULL`): a signing request's state
 //! is durable before the daemon acts on it. Times are unix seconds, enums their wire names.
+//!
+//! Writes are group-committed ([`Writer`]): each write runs in a savepoint of its own (all of it
+//! or nothing), and while other writes wait for the connection the transaction stays open for
+//! them, so that one commit, one fsync, makes a batch of them durable. A write returns only once
+//! its batch is committed. With one fsync per write the signing flow's three commits bounded it
+//! at a third of the disk's fsync rate (449 flows/s against 692 with no fsync at all, `bench
+//! sign`).
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Duration;
 
 use rusqlite::params_from_iter;
@@ -211,11 +219,195 @@ const REQUEST_COLUMNS: &str = "id, service, account_id, certificate, identificat
     hash_algorithm, hash, description, status, bad_attempts, device_generation, created_at, \
     expires_at, sealed_result, signed_at";
 
+/// Writes in one batch at most: a bound on how long a batch holds SQLite's write lock.
+const MAX_BATCH: usize = 64;
+
 /// The SQLite implementation of [`Store`].
 pub struct SqliteStore {
     path: PathBuf,
-    writer: Mutex<Connection>,
+    writer: Writer,
     readers: Mutex<Vec<Connection>>,
+}
+
+/// The writing connection and its group commit.
+///
+/// A write takes the connection, opens the batch's transaction if none is open, and runs in a
+/// savepoint of its own. Then, if other writes are waiting for the connection and the batch is
+/// not full, it leaves the transaction open and waits for the batch to end; otherwise it
+/// commits, and so ends the batch for every write in it. Whoever takes the connection last
+/// finds no one waiting and commits: no write waits on a batch that nobody will end.
+struct Writer {
+    batch: Mutex<Batch>,
+    /// Signalled when a batch ends.
+    ended: Condvar,
+    /// Writes waiting for the connection.
+    waiting: AtomicUsize,
+    /// Writes that succeeded, and the commits that made them durable, since open.
+    writes: AtomicU64,
+    commits: AtomicU64,
+}
+
+/// The connection and the batch open on it.
+struct Batch {
+    conn: Connection,
+    /// How the open batch ended, once it has; `None` while none is open.
+    open: Option<Arc<OnceLock<Result<(), BatchFailure>>>>,
+    /// Writes in the open batch that wait for its commit.
+    members: usize,
+    /// Copy the WAL into the database file and empty it after this batch (deregistration).
+    checkpoint_after: bool,
+}
+
+/// Why a batch's commit failed (each write of it gets the same error).
+#[derive(Clone, Debug)]
+struct BatchFailure {
+    code: ffi::Error,
+    message: Option<String>,
+}
+
+impl BatchFailure {
+    fn error(&self) -> StoreError {
+        StoreError::Database(rusqlite::Error::SqliteFailure(
+            self.code,
+            self.message.clone(),
+        ))
+        .classify()
+    }
+}
+
+impl Writer {
+    fn new(conn: Connection) -> Writer {
+        Writer {
+            batch: Mutex::new(Batch {
+                conn,
+                open: None,
+                members: 0,
+                checkpoint_after: false,
+            }),
+            ended: Condvar::new(),
+            waiting: AtomicUsize::new(0),
+            writes: AtomicU64::new(0),
+            commits: AtomicU64::new(0),
+        }
+    }
+
+    /// Runs `f` atomically in the open batch, and returns once the batch is durable.
+    fn write<T>(
+        &self,
+        checkpoint_after: bool,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        let mut batch = lock(&self.batch);
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
+        let outcome = match &batch.open {
+            Some(outcome) => Arc::clone(outcome),
+            None => {
+                batch
+                    .conn
+                    .execute_batch("BEGIN IMMEDIATE")
+                    .map_err(|error| StoreError::from(error).classify())?;
+                let outcome = Arc::new(OnceLock::new());
+                batch.open = Some(Arc::clone(&outcome));
+                outcome
+            }
+        };
+        let result = {
+            // A panic in `f` ends the batch on the way out, so that its other writes do not
+            // wait for ever.
+            let guard = EndOnPanic {
+                batch: &mut batch,
+                ended: &self.ended,
+            };
+            let result = in_savepoint(&mut guard.batch.conn, f);
+            std::mem::forget(guard);
+            result
+        };
+        if result.is_ok() {
+            self.writes.fetch_add(1, Ordering::Relaxed);
+            batch.members += 1;
+            batch.checkpoint_after |= checkpoint_after;
+        }
+        let others_waiting = self.waiting.load(Ordering::SeqCst) > 0;
+        if others_waiting && batch.members < MAX_BATCH {
+            // Nothing of a failed write is in the batch: it need not wait for it.
+            let value = result?;
+            while outcome.get().is_none() {
+                batch = self
+                    .ended
+                    .wait(batch)
+                    .unwrap_or_else(PoisonError::into_inner);
+            }
+            drop(batch);
+            return match outcome.get() {
+                Some(Err(failure)) => Err(failure.error()),
+                _ => Ok(value),
+            };
+        }
+        end_batch(&mut batch, &self.ended);
+        self.commits.fetch_add(1, Ordering::Relaxed);
+        drop(batch);
+        match (result, outcome.get()) {
+            (Ok(_), Some(Err(failure))) => Err(failure.error()),
+            (result, _) => result,
+        }
+    }
+}
+
+/// Ends the open batch if the thread is panicking.
+struct EndOnPanic<'a, 'b> {
+    batch: &'a mut MutexGuard<'b, Batch>,
+    ended: &'a Condvar,
+}
+
+impl Drop for EndOnPanic<'_, '_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            end_batch(self.batch, self.ended);
+        }
+    }
+}
+
+/// Runs `f` in a savepoint: all of it or, on an error, nothing.
+fn in_savepoint<T>(
+    conn: &mut Connection,
+    f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    let savepoint = conn.savepoint().map_err(StoreError::from)?;
+    let value = f(&savepoint).map_err(StoreError::classify)?;
+    savepoint.commit().map_err(write_error)?;
+    Ok(value)
+}
+
+/// Commits the open batch (rolls it back if the commit fails), records how it ended for its
+/// writes and wakes them.
+fn end_batch(batch: &mut Batch, ended: &Condvar) {
+    let Some(outcome) = batch.open.take() else {
+        return;
+    };
+    let committed = batch.conn.execute_batch("COMMIT").map_err(|error| {
+        if !batch.conn.is_autocommit() {
+            let _ = batch.conn.execute_batch("ROLLBACK");
+        }
+        match error {
+            rusqlite::Error::SqliteFailure(code, message) => BatchFailure { code, message },
+            other => BatchFailure {
+                code: ffi::Error::new(ffi::SQLITE_ERROR),
+                message: Some(other.to_string()),
+            },
+        }
+    });
+    let _ = outcome.set(committed);
+    batch.members = 0;
+    if std::mem::take(&mut batch.checkpoint_after) {
+        // Copy deleted personal data out of the WAL into the main file and empty the WAL, so
+        // that the old values do not linger in it. A reader still using an old snapshot makes
+        // this a partial checkpoint; the next one finishes it.
+        let _ = batch
+            .conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+    }
+    ended.notify_all();
 }
 
 impl fmt::Debug for SqliteStore {
@@ -251,9 +443,18 @@ impl SqliteStore {
         traced::on(&writer);
         Ok(SqliteStore {
             path,
-            writer: Mutex::new(writer),
+            writer: Writer::new(writer),
             readers: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Writes that succeeded since open, and the commits (fsyncs) that made them durable:
+    /// their ratio is what group commit saves.
+    pub fn write_counts(&self) -> (u64, u64) {
+        (
+            self.writer.writes.load(Ordering::Relaxed),
+            self.writer.commits.load(Ordering::Relaxed),
+        )
     }
 
     /// The schema version this build writes.
@@ -261,11 +462,22 @@ impl SqliteStore {
         MIGRATIONS.len()
     }
 
+    /// Runs `f` on the writing connection, atomically, and returns once it is durable (group
+    /// commit: see [`Writer`]).
     pub(super) fn write<T>(
         &self,
-        f: impl FnOnce(&mut Connection) -> Result<T, StoreError>,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        f(&mut lock(&self.writer)).map_err(StoreError::classify)
+        self.writer.write(false, f).map_err(StoreError::classify)
+    }
+
+    /// [`SqliteStore::write`], then a checkpoint that empties the WAL of what the write
+    /// replaced (deleted personal data).
+    fn write_and_checkpoint<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        self.writer.write(true, f).map_err(StoreError::classify)
     }
 
     pub(super) fn read<T>(
@@ -327,17 +539,34 @@ fn update_account_row(conn: &Connection, a: &AccountRecord) -> Result<(), StoreE
         )?
         .execute(params_from_iter(account_values(a)))
         .map_err(write_error)?;
-    if changed == 0 {
-        let exists: bool = conn
-            .prepare_cached("SELECT EXISTS (SELECT 1 FROM accounts WHERE id = ?1)")?
-            .query_row([a.id.as_str()], |row| row.get(0))?;
-        return Err(if exists {
-            StoreError::Conflict
-        } else {
-            StoreError::NotFound
-        });
+    if changed == 1 {
+        return require_current_certificate(conn, a);
     }
-    Ok(())
+    let exists: bool = conn
+        .prepare_cached("SELECT EXISTS (SELECT 1 FROM accounts WHERE id = ?1)")?
+        .query_row([a.id.as_str()], |row| row.get(0))?;
+    Err(if exists {
+        StoreError::Conflict
+    } else {
+        StoreError::NotFound
+    })
+}
+
+/// `Conflict` unless `a`'s current certificate is stored. The foreign key is deferred (an
+/// account and its first certificate refer to each other), so SQLite would check it only at
+/// the commit, which a group commit shares with other writes: each write checks its own.
+fn require_current_certificate(conn: &Connection, a: &AccountRecord) -> Result<(), StoreError> {
+    let Some(serial) = &a.current_certificate else {
+        return Ok(());
+    };
+    let stored: bool = conn
+        .prepare_cached("SELECT EXISTS (SELECT 1 FROM certificates WHERE serial = ?1)")?
+        .query_row([serial.as_str()], |row| row.get(0))?;
+    if stored {
+        Ok(())
+    } else {
+        Err(StoreError::Conflict)
+    }
 }
 
 fn insert_certificate_row(conn: &Connection, c: &CertificateRecord) -> Result<(), StoreError> {
@@ -691,7 +920,10 @@ fn get_certificate(
 
 impl Store for SqliteStore {
     fn insert_account(&self, a: &AccountRecord) -> Result<(), StoreError> {
-        self.write(|conn| insert_account_row(conn, a))
+        self.write(|conn| {
+            insert_account_row(conn, a)?;
+            require_current_certificate(conn, a)
+        })
     }
 
     fn insert_account_with_certificate(
@@ -700,10 +932,9 @@ impl Store for SqliteStore {
         certificate: &CertificateRecord,
     ) -> Result<(), StoreError> {
         self.write(|conn| {
-            let tx = conn.transaction().map_err(write_error)?;
-            insert_account_row(&tx, account)?;
-            insert_certificate_row(&tx, certificate)?;
-            tx.commit().map_err(write_error)
+            insert_account_row(conn, account)?;
+            insert_certificate_row(conn, certificate)?;
+            require_current_certificate(conn, account)
         })
     }
 
@@ -713,10 +944,9 @@ impl Store for SqliteStore {
         certificate: &CertificateRecord,
     ) -> Result<(), StoreError> {
         self.write(|conn| {
-            let tx = conn.transaction().map_err(write_error)?;
-            insert_certificate_row(&tx, certificate)?;
-            update_account_row(&tx, account)?;
-            tx.commit().map_err(write_error)
+            insert_certificate_row(conn, certificate)?;
+            update_account_row(conn, account)?;
+            Ok(())
         })
     }
 
@@ -736,15 +966,13 @@ impl Store for SqliteStore {
         fields: &str,
     ) -> Result<i64, StoreError> {
         self.write(|conn| {
-            let tx = conn.transaction().map_err(write_error)?;
-            update_account_row(&tx, a)?;
-            tx.prepare_cached(
+            update_account_row(conn, a)?;
+            conn.prepare_cached(
                 "INSERT INTO audit_outbox (event, actor, fields) VALUES (?1, ?2, ?3)",
             )?
             .execute([event, actor, fields])
             .map_err(write_error)?;
-            let id = tx.last_insert_rowid();
-            tx.commit().map_err(write_error)?;
+            let id = conn.last_insert_rowid();
             Ok(id)
         })
     }
@@ -818,11 +1046,11 @@ impl Store for SqliteStore {
     }
 
     fn deregister(&self, account: &AccountRecord) -> Result<(), StoreError> {
-        self.write(|conn| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            update_account_row(&tx, account)?;
+        // The WAL is emptied after the commit, so that the erased values do not linger in it.
+        self.write_and_checkpoint(|conn| {
+            update_account_row(conn, account)?;
             let id = account.id.as_str();
-            tx.execute(
+            conn.execute(
                 "UPDATE accounts SET sealed_name = x'', sealed_dob = x'', \
                  hkic_hash = zeroblob(32), guardian_hkic_hash = NULL, adult_day_key = NULL \
                  WHERE id = ?1",
@@ -830,28 +1058,23 @@ impl Store for SqliteStore {
             )?;
             // A certificate whose key is still there has not had its revocation reach the CA:
             // its DER stays (sealed) until then, erased with the key (`forget_key`).
-            tx.execute(
+            conn.execute(
                 "UPDATE certificates SET sealed_der = x'' \
                  WHERE account_id = ?1 AND key_ref IS NULL",
                 [id],
             )?;
             // A request still open ends here: an approval in flight can no longer store (and
             // release) its result.
-            tx.execute(
+            conn.execute(
                 "UPDATE signing_requests SET status = 'failed', finished_at = ?2 \
                  WHERE account_id = ?1 AND status IN ('pending', 'approved')",
                 params![id, secs(account.status_changed_at)],
             )?;
-            tx.execute(
+            conn.execute(
                 "UPDATE signing_requests SET sealed_result = NULL, hash = x'', \
                  description = NULL WHERE account_id = ?1",
                 [id],
             )?;
-            tx.commit()?;
-            // Copy the change into the main file and empty the WAL, so that the old values do
-            // not linger in it. A reader still using an old snapshot makes this a partial
-            // checkpoint; the next one finishes it.
-            conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
             Ok(())
         })
     }
@@ -888,25 +1111,19 @@ impl Store for SqliteStore {
     }
 
     fn forget_key(&self, serial: &CertSerial, key_ref: &[u8]) -> Result<(), StoreError> {
-        self.write(|conn| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            tx.prepare_cached(
+        // As at deregistration: an erased certificate must not linger in the WAL.
+        self.write_and_checkpoint(|conn| {
+            conn.prepare_cached(
                 "UPDATE certificates SET key_ref = NULL WHERE serial = ?1 AND key_ref = ?2",
             )?
             .execute(params![serial.as_str(), key_ref])?;
-            let erased = tx
-                .prepare_cached(
-                    "UPDATE certificates SET sealed_der = x'' \
+            conn.prepare_cached(
+                "UPDATE certificates SET sealed_der = x'' \
                      WHERE serial = ?1 AND key_ref IS NULL AND length(sealed_der) > 0 \
                      AND EXISTS (SELECT 1 FROM accounts WHERE accounts.id = \
                          certificates.account_id AND accounts.status = 'deregistered')",
-                )?
-                .execute([serial.as_str()])?;
-            tx.commit()?;
-            if erased > 0 {
-                // As at deregistration: the old value must not linger in the WAL.
-                conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
-            }
+            )?
+            .execute([serial.as_str()])?;
             Ok(())
         })
     }
@@ -1092,8 +1309,7 @@ impl Store for SqliteStore {
 
     fn put_taid(&self, t: &TaidRecord) -> Result<TaidRecord, StoreError> {
         self.write(|conn| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let existing = tx
+            let existing = conn
                 .prepare_cached("SELECT taid FROM taids WHERE service = ?1 AND account_id = ?2")?
                 .query_row([t.service.as_str(), t.account_id.as_str()], |row| {
                     row.get::<_, String>(0)
@@ -1102,7 +1318,7 @@ impl Store for SqliteStore {
             let stored = match existing {
                 Some(taid) => TaidRecord { taid, ..t.clone() },
                 None => {
-                    tx.prepare_cached(
+                    conn.prepare_cached(
                         "INSERT INTO taids (taid, service, account_id) VALUES (?1, ?2, ?3)",
                     )?
                     .execute([t.taid.as_str(), t.service.as_str(), t.account_id.as_str()])
@@ -1110,7 +1326,6 @@ impl Store for SqliteStore {
                     t.clone()
                 }
             };
-            tx.commit()?;
             Ok(stored)
         })
     }
@@ -1147,21 +1362,19 @@ impl Store for SqliteStore {
         values.push(secs(now).into());
         values.push(i64::try_from(max_pending).unwrap_or(i64::MAX).into());
         self.write(|conn| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let known: bool = tx
+            let known: bool = conn
                 .prepare_cached("SELECT EXISTS (SELECT 1 FROM signing_requests WHERE id = ?1)")?
                 .query_row([r.id.as_str()], |row| row.get(0))?;
             if known {
                 return Err(StoreError::AlreadyExists);
             }
-            let inserted = tx
+            let inserted = conn
                 .prepare_cached(&sql)?
                 .execute(params_from_iter(values))
                 .map_err(write_error)?;
             if inserted == 0 {
                 return Err(StoreError::Conflict);
             }
-            tx.commit()?;
             Ok(())
         })
     }
@@ -1184,8 +1397,7 @@ impl Store for SqliteStore {
     ) -> Result<(), StoreError> {
         let (status, attempts) = from;
         self.write(|conn| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let changed = tx
+            let changed = conn
                 .prepare_cached(
                     "UPDATE signing_requests SET status = ?2, bad_attempts = ?3, \
                      sealed_result = ?4, signed_at = ?5, finished_at = CASE \
@@ -1215,7 +1427,7 @@ impl Store for SqliteStore {
                 ])
                 .map_err(write_error)?;
             if changed == 0 {
-                let exists: bool = tx
+                let exists: bool = conn
                     .prepare_cached("SELECT EXISTS (SELECT 1 FROM signing_requests WHERE id = ?1)")?
                     .query_row([r.id.as_str()], |row| row.get(0))?;
                 return Err(if exists {
@@ -1224,7 +1436,6 @@ impl Store for SqliteStore {
                     StoreError::NotFound
                 });
             }
-            tx.commit()?;
             Ok(())
         })
     }
@@ -1513,7 +1724,8 @@ mod tests {
     #[test]
     fn store_uses_wal_full_sync_and_foreign_keys() {
         let (dir, store) = temp_store();
-        let writer = lock(&store.writer);
+        let batch = lock(&store.writer.batch);
+        let writer = &batch.conn;
         let mode: String = writer
             .pragma_query_value(None, "journal_mode", |r| r.get(0))
             .unwrap();
@@ -1569,7 +1781,8 @@ mod tests {
         let path = dir.path().join("store.sqlite");
         for _ in 0..3 {
             let store = SqliteStore::open(&path).unwrap();
-            let version: i64 = lock(&store.writer)
+            let version: i64 = lock(&store.writer.batch)
+                .conn
                 .pragma_query_value(None, "user_version", |r| r.get(0))
                 .unwrap();
             assert_eq!(
@@ -1732,5 +1945,85 @@ mod tests {
             checked += 1;
         }
         assert!(checked > 30, "only {checked} statements checked");
+    }
+
+    /// Group commit: writes from many threads at once share commits; each is durable when it
+    /// returns (a new connection sees it) and all of it or nothing, and one write's failure or
+    /// panic takes nothing from the others in its batch.
+    #[test]
+    fn concurrent_writes_share_commits_and_stay_atomic_and_durable_each() {
+        let (dir, store) = temp_store();
+        let store = std::sync::Arc::new(store);
+        let path = dir.path().join("store.sqlite");
+        let threads: Vec<_> = (0..16)
+            .map(|t| {
+                let (store, path) = (store.clone(), path.clone());
+                std::thread::spawn(move || {
+                    for i in 0..25 {
+                        let name = format!("u-{t}-{i}");
+                        match i % 5 {
+                            // A write that fails half-way: its first statement is undone.
+                            0 => {
+                                let failed = store.write(|conn| {
+                                    insert_account_row(conn, &account(&name))?;
+                                    Err::<(), _>(StoreError::Conflict)
+                                });
+                                assert!(matches!(failed, Err(StoreError::Conflict)));
+                            }
+                            // A write that panics: its batch still ends for the others.
+                            1 => {
+                                let store = store.clone();
+                                let panicked = std::thread::spawn(move || {
+                                    store.write(|conn| {
+                                        insert_account_row(conn, &account(&name))?;
+                                        panic!("a bug in a write");
+                                        #[allow(unreachable_code)]
+                                        Ok(())
+                                    })
+                                })
+                                .join();
+                                assert!(panicked.is_err());
+                            }
+                            _ => {
+                                store.insert_account(&account(&name)).unwrap();
+                                // Durable and visible to any connection once it returned.
+                                let other = Connection::open(&path).unwrap();
+                                let found: bool = other
+                                    .query_row(
+                                        "SELECT EXISTS (SELECT 1 FROM accounts WHERE id = ?1)",
+                                        [&name],
+                                        |row| row.get(0),
+                                    )
+                                    .unwrap();
+                                assert!(found, "{name} not visible after its write returned");
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        let count = |sql: &str| -> i64 {
+            Connection::open(&path)
+                .unwrap()
+                .query_row(sql, [], |row| row.get(0))
+                .unwrap()
+        };
+        assert_eq!(count("SELECT count(*) FROM accounts"), 16 * 15);
+        assert_eq!(
+            count("SELECT count(*) FROM accounts WHERE id LIKE 'u-%-0' OR id LIKE 'u-%-5'"),
+            0
+        );
+        let (writes, commits) = store.write_counts();
+        assert_eq!(writes, 16 * 15);
+        assert!(
+            commits < writes,
+            "no write shared a commit: {commits} commits"
+        );
+        // Nothing is left open: a new write commits on its own.
+        store.insert_account(&account("u-last")).unwrap();
+        assert_eq!(count("SELECT count(*) FROM accounts"), 16 * 15 + 1);
     }
 }
