@@ -267,7 +267,7 @@ struct BatchFailure {
 
 impl BatchFailure {
     fn error(&self) -> StoreError {
-        StoreError::Database(rusqlite::Error::SqliteFailure(
+        StoreError::from(rusqlite::Error::SqliteFailure(
             self.code,
             self.message.clone(),
         ))
