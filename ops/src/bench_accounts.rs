@@ -4,9 +4,11 @@
 //!
 //! Account `i` is `bench-{i}`, with an HKIC number of its own and a device key derived from `i`,
 //! so that `bench sign` can approve for any of millions of accounts without storing their keys.
-//! `bench populate` records each account's TAID at the demo service in
-//! `DIR/bench-accounts.txt` (`{i} {taid}` per line) once its registration is done, which makes
-//! it resumable: a second run skips what the file lists.
+//! `bench populate` records each account's TAIDs at the two demo services in
+//! `DIR/bench-accounts.txt` (`{i} {taid at demo-a} {taid at demo-b}` per line) once its
+//! registration is done, which makes it resumable: a second run skips what the file lists. The
+//! flows of `bench sign` alternate between the two services, as a national appliance serves
+//! many: one service alone would meet its own per-client rate limit first.
 
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader};
@@ -23,8 +25,11 @@ use sha2::Digest;
 
 /// The benchmark accounts' TAIDs, in the state directory.
 pub(crate) const ACCOUNTS_FILE: &str = "bench-accounts.txt";
-/// The service the benchmark signs for.
-pub(crate) const SERVICE: &str = "demo-a";
+/// The services the benchmark signs for.
+pub(crate) const SERVICES: [&str; 2] = ["demo-a", "demo-b"];
+
+/// An account of the population: its index and its TAID at each of [`SERVICES`].
+pub(crate) type Listed = (u64, [String; 2]);
 
 /// Where the daemon's state goes and how it is started.
 #[derive(clap::Args, Debug, Clone)]
@@ -183,8 +188,8 @@ impl Daemon {
             .unwrap_or(0.0))
     }
 
-    /// The accounts `bench populate` finished here: (index, TAID), in the order they were done.
-    pub(crate) fn populated(&self) -> Result<Vec<(u64, String)>, Box<dyn std::error::Error>> {
+    /// The accounts `bench populate` finished here, in the order they were done.
+    pub(crate) fn populated(&self) -> Result<Vec<Listed>, Box<dyn std::error::Error>> {
         let path = self.state.join(ACCOUNTS_FILE);
         let file = match std::fs::File::open(&path) {
             Ok(file) => file,
@@ -196,14 +201,14 @@ impl Daemon {
         for line in BufReader::new(file).lines() {
             // A line cut short by a crash is not a line.
             let line = line?;
-            let Some((index, taid)) = line.split_once(' ') else {
-                continue;
-            };
-            if let Ok(index) = index.parse::<u64>()
-                && !taid.is_empty()
+            let fields: Vec<&str> = line.split(' ').collect();
+            if let [index, a, b] = fields[..]
+                && let Ok(index) = index.parse::<u64>()
+                && !a.is_empty()
+                && !b.is_empty()
                 && seen.insert(index)
             {
-                accounts.push((index, taid.to_owned()));
+                accounts.push((index, [a.to_owned(), b.to_owned()]));
             }
         }
         Ok(accounts)

@@ -1,7 +1,7 @@
 //! `smartsign-ctl bench populate`: N real "iAM Smart+" accounts, made through the daemon's API
 //! as the registration system makes them (a key in the HSM, a certificate from the embedded CA
 //! over CMP, the personal data sealed, the audit records written), then each account's TAID at
-//! the demo service. Resumable: accounts already listed in the state directory are skipped.
+//! the demo services. Resumable: accounts already listed in the state directory are skipped.
 //! Progress goes to stderr every few seconds; the rate to stdout at the end.
 
 use std::sync::Arc;
@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
 
-use crate::bench_accounts::{DaemonArgs, SERVICE, account_id, device, hkic_number, send_patiently};
+use crate::bench_accounts::{
+    DaemonArgs, Listed, SERVICES, account_id, device, hkic_number, send_patiently,
+};
 
 /// Arguments of `bench populate`.
 #[derive(clap::Args, Debug)]
@@ -87,7 +89,7 @@ pub(crate) async fn populate(
     let next = Arc::new(AtomicU64::new(0));
     let made = Arc::new(AtomicU64::new(0));
     let limited = Arc::new(AtomicU64::new(0));
-    let finished = Arc::new(Mutex::new(Vec::<(u64, String)>::new()));
+    let finished = Arc::new(Mutex::new(Vec::<Listed>::new()));
     let mut workers = tokio::task::JoinSet::new();
     for _ in 0..concurrency.max(1) {
         let (registrar, api, todo, next, made, limited, finished) = (
@@ -106,13 +108,13 @@ pub(crate) async fn populate(
                 let Some(&i) = usize::try_from(slot).ok().and_then(|slot| todo.get(slot)) else {
                     return Ok::<_, String>(());
                 };
-                let taid = register(&registrar, &api, i, &limited)
+                let taids = register(&registrar, &api, i, &limited)
                     .await
                     .map_err(|error| format!("account {i}: {error}"))?;
                 made.fetch_add(1, Ordering::Relaxed);
                 let batch = {
                     let mut finished = finished.lock().await;
-                    finished.push((i, taid));
+                    finished.push((i, taids));
                     if finished.len() >= RECORD_BATCH {
                         std::mem::take(&mut *finished)
                     } else {
@@ -163,7 +165,7 @@ pub(crate) async fn populate(
     })
 }
 
-fn record(state: &std::path::Path, batch: &[(u64, String)]) -> Result<(), String> {
+fn record(state: &std::path::Path, batch: &[Listed]) -> Result<(), String> {
     let mut file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -171,7 +173,7 @@ fn record(state: &std::path::Path, batch: &[(u64, String)]) -> Result<(), String
         .map_err(|error| format!("cannot open the account list: {error}"))?;
     let text: String = batch
         .iter()
-        .map(|(index, taid)| format!("{index} {taid}\n"))
+        .map(|(index, [a, b])| format!("{index} {a} {b}\n"))
         .collect();
     std::io::Write::write_all(&mut file, text.as_bytes())
         .and_then(|()| file.sync_data())
@@ -179,13 +181,13 @@ fn record(state: &std::path::Path, batch: &[(u64, String)]) -> Result<(), String
 }
 
 /// Registers account `i` (an account left by an earlier run that stopped before listing it is
-/// taken as it is) and gives its TAID at the demo service.
+/// taken as it is) and gives its TAIDs at the demo services.
 async fn register(
     registrar: &reqwest::Client,
     api: &str,
     i: u64,
     limited: &AtomicU64,
-) -> Result<String, Box<dyn std::error::Error + Send + Sync>> {
+) -> Result<[String; 2], Box<dyn std::error::Error + Send + Sync>> {
     let id = account_id(i);
     let public_key = device(i).map_err(|error| error.to_string())?.1;
     let response = send_patiently(
@@ -209,14 +211,18 @@ async fn register(
             return Err(format!("registration: {status} {}", response.text().await?).into());
         }
     }
-    let response = send_patiently(
-        registrar.get(format!("{api}/v1/accounts/{id}/taid?service={SERVICE}")),
-        limited,
-    )
-    .await?;
-    if !response.status().is_success() {
-        return Err(format!("TAID: {} {}", response.status(), response.text().await?).into());
+    let mut taids = [String::new(), String::new()];
+    for (taid, service) in taids.iter_mut().zip(SERVICES) {
+        let response = send_patiently(
+            registrar.get(format!("{api}/v1/accounts/{id}/taid?service={service}")),
+            limited,
+        )
+        .await?;
+        if !response.status().is_success() {
+            return Err(format!("TAID: {} {}", response.status(), response.text().await?).into());
+        }
+        let body: Value = response.json().await?;
+        *taid = body["taid"].as_str().ok_or("no taid")?.to_owned();
     }
-    let body: Value = response.json().await?;
-    Ok(body["taid"].as_str().ok_or("no taid")?.to_owned())
+    Ok(taids)
 }

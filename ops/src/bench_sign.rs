@@ -35,7 +35,7 @@ use hsm_adapter::{Hsm, HsmConfig, KeyAlgorithm, KeyMode, SOFTHSM_MODULE, TokenSe
 use ring::rand::SystemRandom;
 use serde_json::{Value, json};
 
-use crate::bench_accounts::{Daemon, DaemonArgs, device, send_patiently};
+use crate::bench_accounts::{Daemon, DaemonArgs, Listed, SERVICES, device, send_patiently};
 use crate::hsm_opts::read_secret;
 
 /// Full flow at least this share of the same-work raw rate (issue 15).
@@ -139,7 +139,7 @@ async fn measure(args: &BenchSignArgs) -> Result<(), Box<dyn std::error::Error>>
     }
     let cores = std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN);
     let seconds = Duration::from_secs(args.seconds);
-    let population: Vec<(u64, String)> = daemon
+    let population: Vec<Listed> = daemon
         .populated()?
         .into_iter()
         .filter(|(i, _)| *i < args.accounts)
@@ -377,10 +377,11 @@ impl Measured {
 
 /// The parties of the flow and the population they sign for.
 struct FlowSide {
-    service: reqwest::Client,
+    /// A client of each of [`SERVICES`]; flows alternate between them.
+    services: [reqwest::Client; 2],
     gateway: reqwest::Client,
     api: String,
-    accounts: Vec<(u64, String)>,
+    accounts: Vec<Listed>,
     limited: AtomicU64,
     draws: AtomicU64,
 }
@@ -388,10 +389,10 @@ struct FlowSide {
 impl FlowSide {
     fn new(
         daemon: &Daemon,
-        accounts: Vec<(u64, String)>,
+        accounts: Vec<Listed>,
     ) -> Result<Arc<FlowSide>, Box<dyn std::error::Error>> {
         Ok(Arc::new(FlowSide {
-            service: daemon.client(crate::bench_accounts::SERVICE)?,
+            services: [daemon.client(SERVICES[0])?, daemon.client(SERVICES[1])?],
             gateway: daemon.client("gateway")?,
             api: daemon.api.clone(),
             accounts,
@@ -404,15 +405,17 @@ impl FlowSide {
         }))
     }
 
-    /// An account at random (SplitMix64 over a shared counter: uniform enough, and lock-free).
-    fn draw(&self) -> &(u64, String) {
+    /// An account at random, and a service at random (SplitMix64 over a shared counter:
+    /// uniform enough, and lock-free).
+    fn draw(&self) -> (&Listed, usize) {
         let mut z = self
             .draws
             .fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed);
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
         z ^= z >> 31;
-        &self.accounts[(z % self.accounts.len() as u64) as usize]
+        let account = &self.accounts[((z >> 1) % self.accounts.len() as u64) as usize];
+        (account, (z & 1) as usize)
     }
 
     /// `clients` clients each run flows back to back for `duration`; flows that end after it
@@ -496,22 +499,25 @@ impl FlowSide {
     async fn prepared_flow(
         self: &Arc<Self>,
     ) -> Option<impl Future<Output = Result<(), FlowError>> + use<>> {
-        let (index, taid) = self.draw().clone();
+        let ((index, taids), service) = self.draw();
+        let (index, taid) = (*index, taids[service].clone());
         let (key, _) = device(index).ok()?;
         let side = Arc::clone(self);
-        Some(async move { side.one_flow(&taid, &key).await })
+        Some(async move { side.one_flow(service, &taid, &key).await })
     }
 
     async fn one_flow(
         &self,
+        service: usize,
         taid: &str,
         key: &ring::signature::EcdsaKeyPair,
     ) -> Result<(), FlowError> {
+        let client = &self.services[service];
         use sha2::Digest;
         let hash = sha2::Sha256::digest(self.draws.load(Ordering::Relaxed).to_be_bytes());
         let api = &self.api;
         let created: Value = send_patiently(
-            self.service
+            client
                 .post(format!("{api}/v1/signing-requests"))
                 .json(&json!({"taid": taid, "hash_algorithm": "sha256",
                               "hash": STANDARD.encode(hash)})),
@@ -540,7 +546,7 @@ impl FlowSide {
         .await?
         .error_for_status()?;
         let result: Value = send_patiently(
-            self.service.get(format!("{api}/v1/signing-requests/{id}")),
+            client.get(format!("{api}/v1/signing-requests/{id}")),
             &self.limited,
         )
         .await?
