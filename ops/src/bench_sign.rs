@@ -157,7 +157,7 @@ async fn measure(args: &BenchSignArgs) -> Result<(), Box<dyn std::error::Error>>
         args.clients
     );
     flows.closed(args.clients, Duration::from_secs(1)).await;
-    let (hits_before, misses_before) = cache_counts(&daemon).await?;
+    let before = cache_counts(&daemon).await?;
     let rounds = (seconds.as_nanos() / ROUND.as_nanos()).max(1) as u32;
     let round = seconds / rounds;
     let mut raw_work = FlowWork::default();
@@ -169,8 +169,8 @@ async fn measure(args: &BenchSignArgs) -> Result<(), Box<dyn std::error::Error>>
             flow.add(flows.closed(args.clients, round).await);
         }
     }
-    let (hits, misses) = cache_counts(&daemon).await?;
-    let (hits, misses) = (hits - hits_before, misses - misses_before);
+    let after = cache_counts(&daemon).await?;
+    let [hits, misses, status_hits, status_misses] = std::array::from_fn(|i| after[i] - before[i]);
     let raw_rate = raw_work.per_second();
     let flow_rate = flow.per_second();
     let ratio = flow_rate / raw_rate;
@@ -202,6 +202,11 @@ async fn measure(args: &BenchSignArgs) -> Result<(), Box<dyn std::error::Error>>
          {:.2} unwraps per flow)",
         100.0 * hits / signatures.max(1.0),
         misses / (flow.latencies.len().max(1) as f64)
+    );
+    println!(
+        "  certificate status: {:.1}% of checks answered from the cache ({status_misses:.0} \
+         asked the CA)",
+        100.0 * status_hits / (status_hits + status_misses).max(1.0)
     );
     println!(
         "  full flow >= {TARGET_RATIO} of raw: {}",
@@ -283,16 +288,19 @@ fn file_system(path: &Path) -> String {
         .map_or_else(|| "an unknown file system".into(), |(_, kind)| kind)
 }
 
-/// The daemon's wrapped-key cache counters.
-async fn cache_counts(daemon: &Daemon) -> Result<(f64, f64), Box<dyn std::error::Error>> {
-    Ok((
-        daemon
-            .metric("smartsign_hsm_key_cache_total{result=\"hit\"}")
-            .await?,
-        daemon
-            .metric("smartsign_hsm_key_cache_total{result=\"miss\"}")
-            .await?,
-    ))
+/// The daemon's cache counters: the wrapped-key cache's hits and misses, and the certificate
+/// status cache's.
+async fn cache_counts(daemon: &Daemon) -> Result<[f64; 4], Box<dyn std::error::Error>> {
+    let mut counts = [0.0; 4];
+    for (count, series) in counts.iter_mut().zip([
+        "smartsign_hsm_key_cache_total{result=\"hit\"}",
+        "smartsign_hsm_key_cache_total{result=\"miss\"}",
+        "smartsign_status_cache_total{result=\"hit\"}",
+        "smartsign_status_cache_total{result=\"miss\"}",
+    ]) {
+        *count = daemon.metric(series).await?;
+    }
+    Ok(counts)
 }
 
 /// The raw baseline: a wrapped key of the daemon's algorithm on the daemon's own token.
