@@ -37,6 +37,12 @@ pub struct StatusPolicy {
     pub ocsp_url: Option<String>,
     /// Replaces the certificate's CRL distribution point.
     pub crl_url: Option<String>,
+    /// Where a check without a cached OCSP answer looks first. [`StatusSource::Ocsp`] (the
+    /// default) asks the responder about each certificate and falls back to the CRL;
+    /// [`StatusSource::Crl`] reads the issuer's CRL, held in memory while it is fresh, and asks
+    /// the responder only when no fresh CRL can be had: its cost does not grow with the number
+    /// of certificates checked.
+    pub first: StatusSource,
 }
 
 impl Default for StatusPolicy {
@@ -48,6 +54,7 @@ impl Default for StatusPolicy {
             timeout: Duration::from_secs(10),
             ocsp_url: None,
             crl_url: None,
+            first: StatusSource::Ocsp,
         }
     }
 }
@@ -164,7 +171,8 @@ impl StatusChecker {
 
     /// The status of `cert_der` (issued by the issuer) at `now`, the caller's clock. A fresh
     /// cached OCSP answer first (one past half its life is refreshed in the background and
-    /// still returned), then OCSP fetched, then the CRL. Without an answer the policy accepts:
+    /// still returned), then OCSP fetched, then the CRL; with [`StatusPolicy::first`] at
+    /// [`StatusSource::Crl`], the CRL before OCSP. Without an answer the policy accepts:
     /// [`CaError::StatusUnavailable`]. A certificate the issuer did not sign is
     /// [`CaError::Protection`].
     pub async fn check(&self, cert_der: &[u8], now: SystemTime) -> Result<CertStatus, CaError> {
@@ -295,6 +303,14 @@ impl StatusChecker {
                 return Ok(to_status(&answer, false));
             }
         }
+        let crl_first_error = if self.inner.policy.first == StatusSource::Crl {
+            match self.crl_status(target, now).await {
+                Ok(status) => return Ok(status),
+                Err(e) => Some(e.to_string()),
+            }
+        } else {
+            None
+        };
         let ocsp_error = match self.fetch_ocsp(target, now).await {
             Ok(answer) if usable(&answer, now, self.inner.policy.max_age) => {
                 return Ok(to_status(&answer, false));
@@ -302,9 +318,12 @@ impl StatusChecker {
             Ok(_) => "the OCSP answer is older than max_age".to_owned(),
             Err(e) => e.to_string(),
         };
-        let crl_error = match self.crl_status(target, now).await {
-            Ok(status) => return Ok(status),
-            Err(e) => e.to_string(),
+        let crl_error = match crl_first_error {
+            Some(error) => error,
+            None => match self.crl_status(target, now).await {
+                Ok(status) => return Ok(status),
+                Err(e) => e.to_string(),
+            },
         };
         if let Some(grace) = self.inner.policy.grace {
             let cached = lock(&self.inner.answers)?.get(&target.serial_hex).copied();

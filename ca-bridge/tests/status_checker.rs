@@ -74,6 +74,16 @@ fn checker(
     max_age: Duration,
     grace: Option<Duration>,
 ) -> (StatusChecker, Arc<Counts>) {
+    checker_first(ca, server, max_age, grace, StatusSource::Ocsp)
+}
+
+fn checker_first(
+    ca: &EmbeddedCa,
+    server: &common::TestServer,
+    max_age: Duration,
+    grace: Option<Duration>,
+    first: StatusSource,
+) -> (StatusChecker, Arc<Counts>) {
     let counts = Arc::new(Counts::default());
     let policy = StatusPolicy {
         max_age,
@@ -81,6 +91,7 @@ fn checker(
         timeout: Duration::from_secs(5),
         ocsp_url: Some(server.url("/ocsp")),
         crl_url: Some(server.url("/crl")),
+        first,
     };
     let checker = StatusChecker::new(
         HttpTransport::new(Duration::from_secs(5)).unwrap(),
@@ -237,4 +248,56 @@ async fn a_certificate_of_another_issuer_is_refused() {
         checker.check(&ee.der, SystemTime::now()).await,
         Err(CaError::Protection(_))
     ));
+}
+
+/// With the CRL first, checks of many certificates cost one CRL fetch and no OCSP request; a
+/// certificate on the CRL is revoked; a CRL past `max_age` is fetched again and shows a later
+/// revocation; with the CA down and no fresh CRL, the check fails closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_crl_first_many_certificates_cost_one_fetch() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = open_ca(dir.path()).await;
+    let mode = Arc::new(AtomicU8::new(SERVE));
+    let server = serve_ca(Arc::clone(&ca), Arc::clone(&mode)).await;
+    let mut issued = Vec::new();
+    for i in 0..5 {
+        issued.push(issue(&ca, dir.path(), &format!("ee{i}.pem")).await);
+    }
+    let now = SystemTime::now();
+    ca.revoke(&issued[4].serial_hex, 1, now).await.unwrap();
+    let (checker, counts) = checker_first(&ca, &server, 10 * MINUTE, None, StatusSource::Crl);
+    for ee in &issued[..4] {
+        let status = checker.check(&ee.der, now).await.unwrap();
+        assert!(is_good(&status, StatusSource::Crl, false), "{status:?}");
+    }
+    let status = checker.check(&issued[4].der, now).await.unwrap();
+    assert!(
+        matches!(status, CertStatus::Revoked { reason_code: 1, .. }),
+        "{status:?}"
+    );
+    assert_eq!(
+        counts.crl.load(Ordering::SeqCst),
+        1,
+        "one CRL for five checks"
+    );
+    assert_eq!(counts.ocsp.load(Ordering::SeqCst), 0, "no OCSP request");
+
+    // Revoked later: seen once the CRL in memory is older than max_age.
+    ca.revoke(&issued[0].serial_hex, 4, now).await.unwrap();
+    let later = now + 11 * MINUTE;
+    let status = checker.check(&issued[0].der, later).await.unwrap();
+    assert!(
+        matches!(status, CertStatus::Revoked { reason_code: 4, .. }),
+        "{status:?}"
+    );
+    assert_eq!(counts.crl.load(Ordering::SeqCst), 2);
+
+    // The CA down and the CRL stale: neither source answers, and the check fails closed.
+    mode.store(DOWN, Ordering::SeqCst);
+    let much_later = now + 30 * MINUTE;
+    let refused = checker.check(&issued[1].der, much_later).await;
+    assert!(
+        matches!(refused, Err(CaError::StatusUnavailable(_))),
+        "{refused:?}"
+    );
 }

@@ -78,6 +78,11 @@ pub(crate) fn connect(
             timeout: Duration::from_secs(config.ca.timeout_seconds),
             ocsp_url: config.status.ocsp_url.clone(),
             crl_url: config.status.crl_url.clone(),
+            first: if config.status.first == "crl" {
+                ca_bridge::status::StatusSource::Crl
+            } else {
+                ca_bridge::status::StatusSource::Ocsp
+            },
         },
         observer,
     )

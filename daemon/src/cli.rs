@@ -92,6 +92,11 @@ struct Cli {
     #[arg(long, value_name = "URL", requires = "dev")]
     status_via: Option<String>,
 
+    /// Where the certificate status check looks first in --dev: ocsp or crl (`[status] first`).
+    #[arg(long, value_name = "SOURCE", default_value = "ocsp", requires = "dev",
+          value_parser = ["ocsp", "crl"])]
+    status_first: String,
+
     /// When no fresh certificate status can be had in --dev, accept a good answer this many
     /// seconds past its maximum age (default 0: refuse with `status_unavailable`).
     #[arg(long, value_name = "SECONDS", default_value_t = 0, requires = "dev")]
@@ -161,6 +166,7 @@ fn run_dev(cli: &Cli) -> Result<ExitCode, String> {
                 config.status.ocsp_url = Some(format!("{base}/ocsp"));
                 config.status.crl_url = Some(format!("{base}/crl"));
             }
+            config.status.first = cli.status_first.clone();
             if cli.status_grace > 0 {
                 config.status.on_unavailable = "grace".into();
                 config.status.grace_seconds = cli.status_grace;

@@ -320,6 +320,12 @@ pub(crate) struct StatusConfig {
     pub(crate) ocsp_url: Option<String>,
     /// Fetch this CRL instead of the certificates' distribution point.
     pub(crate) crl_url: Option<String>,
+    /// Where a check without a cached OCSP answer looks first: `ocsp` (ask the responder about
+    /// each certificate; the CRL if it cannot answer) or `crl` (the issuer's CRL, held in memory
+    /// while fresh; the responder if no fresh CRL can be had). With millions of certificates
+    /// nearly every check misses the OCSP cache, and `crl` costs one fetch per `max_age`.
+    #[serde(default = "default_status_first")]
+    pub(crate) first: String,
 }
 
 impl Default for StatusConfig {
@@ -330,8 +336,13 @@ impl Default for StatusConfig {
             grace_seconds: 0,
             ocsp_url: None,
             crl_url: None,
+            first: default_status_first(),
         }
     }
+}
+
+fn default_status_first() -> String {
+    "ocsp".into()
 }
 
 fn default_status_max_age() -> u64 {
@@ -753,6 +764,12 @@ impl Config {
             if !(60..=30 * 86_400).contains(&embedded.crl_validity_seconds) {
                 problems.push("ca.embedded.crl_validity_seconds must be 60 to 2592000".into());
             }
+        }
+        if !matches!(self.status.first.as_str(), "ocsp" | "crl") {
+            problems.push(format!(
+                "status.first is {:?}; use \"ocsp\" or \"crl\"",
+                self.status.first
+            ));
         }
         if self.status.max_age_seconds == 0 {
             problems.push("status.max_age_seconds must be at least 1".into());

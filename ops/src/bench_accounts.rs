@@ -49,6 +49,10 @@ pub(crate) struct DaemonArgs {
     /// Key mode of a daemon started here on a new state directory.
     #[arg(long, default_value = "wrapped")]
     pub(crate) key_mode: String,
+    /// Where a daemon started here looks first for certificate status: ocsp or crl
+    /// (`[status] first`).
+    #[arg(long, default_value = "ocsp", value_parser = ["ocsp", "crl"])]
+    pub(crate) status_first: String,
 }
 
 /// A daemon the benchmark uses; stopped on drop if it was started here.
@@ -125,6 +129,7 @@ impl Daemon {
             .args(["127.0.0.1:0", "--ca-listen", "127.0.0.1:0"])
             .args(["--key-algorithm", &args.key_algorithm])
             .args(["--key-mode", &args.key_mode])
+            .args(["--status-first", &args.status_first])
             .arg("--state-dir")
             .arg(&state)
             .stdout(std::process::Stdio::null())

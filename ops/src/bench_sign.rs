@@ -170,7 +170,14 @@ async fn measure(args: &BenchSignArgs) -> Result<(), Box<dyn std::error::Error>>
         }
     }
     let after = cache_counts(&daemon).await?;
-    let [hits, misses, status_hits, status_misses] = std::array::from_fn(|i| after[i] - before[i]);
+    let [
+        hits,
+        misses,
+        status_hits,
+        status_misses,
+        ocsp_requests,
+        crl_fetches,
+    ] = std::array::from_fn(|i| after[i] - before[i]);
     let raw_rate = raw_work.per_second();
     let flow_rate = flow.per_second();
     let ratio = flow_rate / raw_rate;
@@ -204,8 +211,8 @@ async fn measure(args: &BenchSignArgs) -> Result<(), Box<dyn std::error::Error>>
         misses / (flow.latencies.len().max(1) as f64)
     );
     println!(
-        "  certificate status: {:.1}% of checks answered from the cache ({status_misses:.0} \
-         asked the CA)",
+        "  certificate status: {:.1}% of checks from the OCSP cache; {ocsp_requests:.0} OCSP \
+         requests, {crl_fetches:.0} CRL fetches",
         100.0 * status_hits / (status_hits + status_misses).max(1.0)
     );
     println!(
@@ -290,13 +297,15 @@ fn file_system(path: &Path) -> String {
 
 /// The daemon's cache counters: the wrapped-key cache's hits and misses, and the certificate
 /// status cache's.
-async fn cache_counts(daemon: &Daemon) -> Result<[f64; 4], Box<dyn std::error::Error>> {
-    let mut counts = [0.0; 4];
+async fn cache_counts(daemon: &Daemon) -> Result<[f64; 6], Box<dyn std::error::Error>> {
+    let mut counts = [0.0; 6];
     for (count, series) in counts.iter_mut().zip([
         "smartsign_hsm_key_cache_total{result=\"hit\"}",
         "smartsign_hsm_key_cache_total{result=\"miss\"}",
         "smartsign_status_cache_total{result=\"hit\"}",
         "smartsign_status_cache_total{result=\"miss\"}",
+        "smartsign_ca_request_duration_seconds_count{kind=\"ocsp\"}",
+        "smartsign_ca_request_duration_seconds_count{kind=\"crl\"}",
     ]) {
         *count = daemon.metric(series).await?;
     }
