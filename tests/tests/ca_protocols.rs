@@ -173,6 +173,36 @@ fn signing_stops_with_status_unavailable_when_the_ca_is_unreachable() {
     );
 }
 
+/// With `[status] first = "crl"` (`--status-first crl`), a signature's status check reads the
+/// CRL held in memory: no OCSP request, one CRL fetch, and another once the CRL is older than
+/// `max_age_seconds`.
+#[test]
+fn with_the_crl_first_signing_asks_no_ocsp_and_refetches_a_stale_crl() {
+    let daemon = DevDaemon::start(&["--status-first", "crl"]);
+    let mut pending = Pending::new(&daemon, "u-crl-first");
+    let approved = pending.approve(&daemon);
+    assert_eq!(approved.status(), 200, "{}", approved.text().unwrap());
+    assert_eq!(pending.read(&daemon)["status"], "signed");
+    let count = |kind: &str| -> u64 {
+        let series = format!("smartsign_ca_request_duration_seconds_count{{kind=\"{kind}\"}} ");
+        metrics(&daemon)
+            .lines()
+            .find_map(|line| line.strip_prefix(&series)?.parse().ok())
+            .unwrap_or(0)
+    };
+    assert_eq!(count("ocsp"), 0, "no OCSP request");
+    assert_eq!(count("crl"), 1, "one CRL fetch");
+    // Two hours on, the CRL in memory is stale: it is fetched again, and signing goes on.
+    set_clock(&daemon, &two_hours_later(&pending));
+    let created = pending.create(&daemon);
+    assert_eq!(created.status(), 201, "{}", created.text().unwrap());
+    pending.request = created.json().unwrap();
+    let approved = pending.approve(&daemon);
+    assert_eq!(approved.status(), 200, "{}", approved.text().unwrap());
+    assert_eq!(count("ocsp"), 0);
+    assert_eq!(count("crl"), 2, "the stale CRL fetched again");
+}
+
 /// With `--status-grace`, the same outage still signs: the last good answer is within the
 /// configured grace.
 #[test]
