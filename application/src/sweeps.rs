@@ -129,14 +129,21 @@ async fn certificates<P: Ports>(
         }
     }
     minors(ports, actor, now, changes).await?;
+    let mut destroyed = std::collections::HashSet::new();
     loop {
         let page = ports.read(|store| store.expired_with_keys(now, PAGE))?;
+        let mut acted = 0;
         for certificate in &page {
+            // A key that came back meanwhile (a key change) is not destroyed twice in a run.
+            if !destroyed.insert(certificate.serial.clone()) {
+                continue;
+            }
             let entry = (certificate.account_id.clone(), certificate.serial.clone());
             destroy_key_of(ports, certificate.clone(), "expired", actor).await?;
             changes.expired_keys_destroyed.push(entry);
+            acted += 1;
         }
-        if page.len() < PAGE {
+        if page.len() < PAGE || acted == 0 {
             break;
         }
     }

@@ -652,3 +652,27 @@ async fn a_clock_moved_back_past_the_mark_reads_every_minor_again() {
         .unwrap();
     assert_eq!(changes.minors_revoked.len(), 1, "{changes:?}");
 }
+
+/// The sweeps read a page at a time: more accounts due than one page holds are all handled in
+/// one run.
+#[tokio::test]
+async fn a_sweep_handles_more_than_a_page_of_due_accounts() {
+    let ports = Memory::new();
+    let long_ago = now() - time::Duration::days(30);
+    let due = 501;
+    for i in 0..due {
+        let record = support::account(&ports, &format!("u-page-{i}"), &Device::new(1), now());
+        let mismatch = Change::Matching(Some(long_ago));
+        accounts::change(&ports, "registrar:reg", &record.id, mismatch, now())
+            .await
+            .unwrap();
+    }
+    let changes = application::sweeps::run(&ports, "system:sweep", now())
+        .await
+        .unwrap();
+    assert_eq!(changes.invalidated.len(), due);
+    let again = application::sweeps::run(&ports, "system:sweep", now())
+        .await
+        .unwrap();
+    assert_eq!(again.count(), 0, "{again:?}");
+}

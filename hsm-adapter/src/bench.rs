@@ -41,7 +41,7 @@ use cryptoki::object::{Attribute, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
 
 use crate::affinity;
-use crate::bench_flow::find_one;
+use crate::bench_flow::{find_one, release_and_join};
 use crate::config::HsmConfig;
 use crate::directory::system_key_template;
 use crate::error::HsmError;
@@ -382,16 +382,7 @@ impl RawBaseline {
                     })
                 })
                 .collect();
-            start_line.wait();
-            let start = Instant::now();
-            let results: Vec<_> = threads
-                .into_iter()
-                .map(|t| {
-                    t.join()
-                        .unwrap_or(Err(HsmError::UnexpectedResponse("bench thread panicked")))
-                })
-                .collect();
-            (start, results)
+            release_and_join(&start_line, threads)
         });
         let mut end = start;
         for result in results {

@@ -205,16 +205,7 @@ impl Work {
                     })
                 })
                 .collect();
-            start_line.wait();
-            let start = Instant::now();
-            let results: Vec<_> = threads
-                .into_iter()
-                .map(|t| {
-                    t.join()
-                        .unwrap_or(Err(HsmError::UnexpectedResponse("bench thread panicked")))
-                })
-                .collect();
-            (start, results)
+            release_and_join(&start_line, threads)
         });
         let mut work = FlowWork::default();
         let mut end = start;
@@ -248,6 +239,24 @@ fn open(session: &Session, key: ObjectHandle, sealed: &[u8]) -> Result<(), HsmEr
     let params = GcmParams::new(&mut iv, b"bench", (8 * GCM_TAG_LEN as u64).into())?;
     session.decrypt(&Mechanism::AesGcm(params), key, ciphertext)?;
     Ok(())
+}
+
+/// Lets the threads waiting at `start_line` go, and gives when they went and what each
+/// returned (a panicked thread as an error).
+pub(crate) fn release_and_join<T>(
+    start_line: &Barrier,
+    threads: Vec<std::thread::ScopedJoinHandle<'_, Result<T, HsmError>>>,
+) -> (Instant, Vec<Result<T, HsmError>>) {
+    start_line.wait();
+    let start = Instant::now();
+    let results = threads
+        .into_iter()
+        .map(|t| {
+            t.join()
+                .unwrap_or(Err(HsmError::UnexpectedResponse("bench thread panicked")))
+        })
+        .collect();
+    (start, results)
 }
 
 pub(crate) fn find_one(
