@@ -8,6 +8,7 @@
 #![allow(clippy::expect_used)]
 
 pub mod flow;
+pub mod pg;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -165,6 +166,8 @@ pub struct DevDaemon {
     child: Option<std::process::Child>,
     dir: tempfile::TempDir,
     audit_quota_kib: Option<u32>,
+    /// A node's configuration file: it runs `smartsignd --config` on another daemon's state.
+    config: Option<PathBuf>,
     extra_args: Vec<String>,
     env: Vec<(String, String)>,
     /// `https://127.0.0.1:PORT` of the API.
@@ -193,6 +196,7 @@ impl DevDaemon {
             child: None,
             dir: base,
             audit_quota_kib: None,
+            config: None,
             extra_args: extra_args.iter().map(|arg| (*arg).to_owned()).collect(),
             env: Vec::new(),
             api: String::new(),
@@ -219,6 +223,7 @@ impl DevDaemon {
             child: None,
             dir: base,
             audit_quota_kib: Some(kib),
+            config: None,
             extra_args: Vec::new(),
             env: Vec::new(),
             api: String::new(),
@@ -303,7 +308,60 @@ impl DevDaemon {
         assert!(signed.status.success(), "{}", describe(&signed));
     }
 
+    /// Another daemon on this one's token, TLS files, clients and CA (which this `--dev` run
+    /// hosts): `smartsignd --config` with this run's configuration, on new free ports, without
+    /// the embedded CA, and as `edit` changes it (for example a PostgreSQL `[store]` and an
+    /// audit directory of its own: a node has its own disk). Returns once the node answers `/healthz`. A node's
+    /// [`DevDaemon::start_again`] runs the same configuration again.
+    pub fn node(&self, name: &str, edit: impl FnOnce(&mut toml::Table)) -> DevDaemon {
+        let text = std::fs::read_to_string(self.state_dir().join("smartsignd.toml"))
+            .expect("the dev configuration");
+        let mut config: toml::Table = toml::from_str(&text).expect("the dev configuration parses");
+        let (api, metrics) = (free_address(), free_address());
+        let server = config["server"].as_table_mut().expect("[server]");
+        server.insert("listen".into(), api.clone().into());
+        server.insert("metrics_listen".into(), metrics.clone().into());
+        config["ca"]
+            .as_table_mut()
+            .expect("[ca]")
+            .remove("embedded");
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("smartsignd-{name}-"))
+            .tempdir_in(self.dir.path().parent().expect("a parent"))
+            .expect("node directory");
+        config["audit"].as_table_mut().expect("[audit]").insert(
+            "dir".into(),
+            dir.path().join("audit").display().to_string().into(),
+        );
+        edit(&mut config);
+        std::os::unix::fs::symlink(self.state_dir(), dir.path().join("state"))
+            .expect("link the shared state");
+        let path = dir.path().join(format!("{name}.toml"));
+        std::fs::write(&path, toml::to_string(&config).expect("serialise")).expect("write");
+        let mut node = DevDaemon {
+            child: None,
+            dir,
+            audit_quota_kib: None,
+            config: Some(path.clone()),
+            extra_args: Vec::new(),
+            env: self.env.clone(),
+            api: String::new(),
+            metrics: String::new(),
+            ca: self.ca.clone(),
+        };
+        node.launch_with_config(
+            &path,
+            &format!("https://{api}"),
+            &format!("http://{metrics}"),
+        );
+        node
+    }
+
     fn launch(&mut self) {
+        if let Some(config) = self.config.clone() {
+            let (api, metrics) = (self.api.clone(), self.metrics.clone());
+            return self.launch_with_config(&config, &api, &metrics);
+        }
         let endpoints = self.state_dir().join("endpoints.json");
         let _ = std::fs::remove_file(&endpoints);
         let mut command = match self.audit_quota_kib {

@@ -18,7 +18,7 @@ use crate::AppError;
 /// The records: one [`Store`], read on the caller's thread and written off it.
 pub trait Records: Send + Sync {
     /// The store the records live in.
-    type Store: Store + 'static;
+    type Store: Store + ?Sized + 'static;
 
     /// A read of a few rows by key: fast enough to run where the caller is.
     fn read<T>(

@@ -11,7 +11,7 @@ pub(crate) use application::{certificate_status, rfc3339};
 use std::sync::Arc;
 
 use axum::http::StatusCode;
-use cert_lifecycle::Store;
+
 use cert_lifecycle::{
     AccountId, AccountRecord, CertificateRecord, HkicNumber, RevocationReason, ServiceName,
     SuspendedBy, Tier,

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use audit_log::AuditLog;
-use cert_lifecycle::SqliteStore;
+use cert_lifecycle::Store;
 use hsm_adapter::{Hsm, KeyAlgorithm, KeyMode};
 
 use crate::clock::DaemonClock;
@@ -23,7 +23,9 @@ pub(crate) struct Policy {
 #[derive(Debug)]
 pub(crate) struct App {
     pub(crate) hsm: Arc<Hsm>,
-    pub(crate) store: Arc<SqliteStore>,
+    pub(crate) store: Arc<dyn Store>,
+    /// This node's name (`[store] node_id`).
+    pub(crate) node_id: String,
     pub(crate) ca: crate::ca::CaLink,
     pub(crate) audit: Arc<AuditLog>,
     pub(crate) clock: Arc<DaemonClock>,
@@ -60,10 +62,10 @@ impl App {
     pub(crate) async fn store<T, F>(&self, call: F) -> Result<T, ApiError>
     where
         T: Send + 'static,
-        F: FnOnce(&SqliteStore) -> Result<T, cert_lifecycle::StoreError> + Send + 'static,
+        F: FnOnce(&(dyn Store + 'static)) -> Result<T, cert_lifecycle::StoreError> + Send + 'static,
     {
         let store = self.store.clone();
-        tokio::task::spawn_blocking(move || call(&store))
+        tokio::task::spawn_blocking(move || call(store.as_ref()))
             .await
             .map_err(|error| {
                 tracing::error!(%error, "store task failed");

@@ -8,6 +8,7 @@ use application::ports::AuditTrail;
 use std::path::Path;
 
 use audit_log::{AuditPublicKey, Transcript};
+use cert_lifecycle::StoreError;
 use hsm_adapter::SystemKey;
 use serde_json::Value;
 use sha2::Digest as _;
@@ -68,10 +69,20 @@ pub(crate) async fn anchor(app: &App, path: &Path) -> Result<(), String> {
         })?;
     let store = app.store.clone();
     let now = app.clock.now();
-    tokio::task::spawn_blocking(move || store.record_ceremony(&sha256, index, now))
+    match tokio::task::spawn_blocking(move || store.record_ceremony(&sha256, index, now))
         .await
         .map_err(|error| error.to_string())?
-        .map_err(|error| format!("cannot write the store: {error}"))?;
-    tracing::info!(index, "ceremony transcript recorded in the audit log");
+    {
+        Ok(()) => tracing::info!(index, "ceremony transcript recorded in the audit log"),
+        // Another node that started at the same time recorded it first: the log holds it
+        // twice, which an auditor reads as two starts that saw the same transcript.
+        Err(StoreError::AlreadyExists) => {
+            tracing::info!(
+                index,
+                "ceremony transcript recorded in the audit log (again)"
+            )
+        }
+        Err(error) => return Err(format!("cannot write the store: {error}")),
+    }
     Ok(())
 }

@@ -198,12 +198,148 @@ fn default_key_mode() -> String {
     "wrapped".into()
 }
 
-/// The database.
+/// The database: SQLite embedded (one node, the default), or PostgreSQL shared by several nodes.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct StoreConfig {
-    /// The SQLite file (WAL mode; its `-wal` and `-shm` files live beside it).
-    pub(crate) path: PathBuf,
+    /// `"sqlite"` (the default) or `"postgres"`.
+    #[serde(default)]
+    pub(crate) backend: StoreBackend,
+    /// SQLite: the database file (WAL mode; its `-wal` and `-shm` files live beside it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) path: Option<PathBuf>,
+    /// PostgreSQL: the connection string, as a URL (`postgresql://user@host:5432/db`) or libpq
+    /// keywords (`host=/run/postgresql user=smartsign dbname=smartsign`), without a password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) url: Option<String>,
+    /// PostgreSQL: the file whose first line is the password; leave it out for a server that
+    /// asks none (peer authentication on a Unix socket).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) password_file: Option<PathBuf>,
+    /// PostgreSQL: connections this node keeps open at most.
+    #[serde(
+        default = "default_pool_size",
+        skip_serializing_if = "is_default_pool_size"
+    )]
+    pub(crate) pool_size: usize,
+    /// This node's name among the nodes that share the database: in its log lines, its
+    /// `/readyz` and its metrics. The host name when left out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) node_id: Option<String>,
+}
+
+/// Where the store lives.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum StoreBackend {
+    /// One node: an SQLite file beside the daemon, the audit log a local file.
+    #[default]
+    Sqlite,
+    /// Several nodes: one PostgreSQL database, which also holds the audit log's records.
+    Postgres,
+}
+
+fn default_pool_size() -> usize {
+    16
+}
+
+fn is_default_pool_size(size: &usize) -> bool {
+    *size == default_pool_size()
+}
+
+impl StoreConfig {
+    /// An SQLite store at `path`.
+    pub(crate) fn sqlite(path: PathBuf) -> Self {
+        Self {
+            backend: StoreBackend::Sqlite,
+            path: Some(path),
+            url: None,
+            password_file: None,
+            pool_size: default_pool_size(),
+            node_id: None,
+        }
+    }
+
+    /// This node's name: `node_id`, else the host name, else `"node"`.
+    pub(crate) fn node_id(&self) -> String {
+        self.node_id.clone().unwrap_or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|name| name.trim().to_owned())
+                .filter(|name| !name.is_empty())
+                .unwrap_or_else(|| "node".into())
+        })
+    }
+
+    /// What is wrong with the section.
+    fn check(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        match self.backend {
+            StoreBackend::Sqlite => {
+                if self.path.is_none() {
+                    problems.push(
+                        "store.path is missing: the SQLite file, for example \
+                         /var/lib/smartsign/smartsign.sqlite"
+                            .into(),
+                    );
+                }
+                for (set, key) in [
+                    (self.url.is_some(), "store.url"),
+                    (self.password_file.is_some(), "store.password_file"),
+                ] {
+                    if set {
+                        problems.push(format!(
+                            "{key} is for backend = \"postgres\"; the SQLite store has none"
+                        ));
+                    }
+                }
+            }
+            StoreBackend::Postgres => {
+                if self.path.is_some() {
+                    problems.push(
+                        "store.path is for backend = \"sqlite\"; a PostgreSQL store takes \
+                         store.url (and store.password_file)"
+                            .into(),
+                    );
+                }
+                match &self.url {
+                    None => problems.push(
+                        "store.url is missing: the PostgreSQL connection string, for example \
+                         \"host=db.example user=smartsign dbname=smartsign\""
+                            .into(),
+                    ),
+                    Some(url) => {
+                        if let Err(error) = cert_lifecycle::PgStore::check_url(url) {
+                            problems.push(format!("store.url: {error}"));
+                        }
+                    }
+                }
+                if let Some(path) = &self.password_file
+                    && !path.is_file()
+                {
+                    problems.push(format!(
+                        "store.password_file {} does not exist",
+                        path.display()
+                    ));
+                }
+                if self.pool_size == 0 {
+                    problems.push("store.pool_size must be at least 1".into());
+                }
+            }
+        }
+        if let Some(id) = &self.node_id
+            && (id.is_empty()
+                || id.len() > 64
+                || !id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)))
+        {
+            problems.push(format!(
+                "store.node_id {id:?}: use 1 to 64 letters, digits, '-', '_' or '.'"
+            ));
+        }
+        problems
+    }
 }
 
 /// The audit log.
@@ -620,6 +756,7 @@ impl Config {
         }
         problems.extend(self.check_ca());
         problems.extend(self.check_limits());
+        problems.extend(self.store.check());
         let server = &self.server;
         if [
             &server.tls_certificate,

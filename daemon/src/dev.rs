@@ -143,9 +143,7 @@ pub(crate) fn config(
             worker_cpus: None,
             ceremony_transcript: None,
         },
-        store: StoreConfig {
-            path: state_dir.join("smartsign.sqlite"),
-        },
+        store: StoreConfig::sqlite(state_dir.join("smartsign.sqlite")),
         audit: AuditConfig {
             dir: state_dir.join("audit"),
             origin: "smartsign-dev".into(),

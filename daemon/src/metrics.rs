@@ -291,7 +291,7 @@ impl Metrics {
 
     /// Brings the counters kept by the parts up to their counts since open: the adapter's
     /// wrapped-key cache (hits, misses) and the store's (writes, commits).
-    pub(crate) fn catch_up(&self, key_cache: (u64, u64), store: (u64, u64)) {
+    pub(crate) fn catch_up(&self, key_cache: (u64, u64), store: Option<(u64, u64)>) {
         let _serial = self
             .catch_up_lock
             .lock()
@@ -301,9 +301,10 @@ impl Metrics {
             let counter = self.hsm_key_cache.with_label_values(&[label]);
             counter.inc_by(count.saturating_sub(counter.get()));
         }
-        let (writes, commits) = store;
-        for (counter, count) in [(&self.store_writes, writes), (&self.store_commits, commits)] {
-            counter.inc_by(count.saturating_sub(counter.get()));
+        if let Some((writes, commits)) = store {
+            for (counter, count) in [(&self.store_writes, writes), (&self.store_commits, commits)] {
+                counter.inc_by(count.saturating_sub(counter.get()));
+            }
         }
     }
 

@@ -10,7 +10,7 @@ use axum::http::StatusCode;
 use axum::http::header::CONTENT_TYPE;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use cert_lifecycle::Store;
+
 use serde_json::json;
 
 use crate::app::App;
@@ -70,6 +70,7 @@ async fn handle(gate: &Gate, path: &str) -> (StatusCode, &'static str, Vec<u8>) 
             let body = json!({
                 "ready": ready,
                 "sealed": false,
+                "node": app.node_id,
                 "components": components
                     .iter()
                     .map(|(name, problem)| {
@@ -101,7 +102,7 @@ async fn handle(gate: &Gate, path: &str) -> (StatusCode, &'static str, Vec<u8>) 
                     .set(i64::try_from(app.hsm.queued(lane)).unwrap_or(i64::MAX));
             }
             app.metrics
-                .catch_up(app.hsm.key_cache(), app.store.write_counts());
+                .catch_up(app.hsm.key_cache(), app.store.commit_counts());
             let stats = app.audit.stats();
             app.metrics
                 .audit_tree_size

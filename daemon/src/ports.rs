@@ -12,9 +12,7 @@ use audit_log::{Actor, AuditEvent, EventName};
 use ca_bridge::cmp::Unconfirmed;
 use ca_bridge::status::CertStatus;
 use ca_bridge::{IssueRequest, IssuedCertificate};
-use cert_lifecycle::{
-    CertSerial, HashAlgorithm, HkicNumber, RevocationReason, SqliteStore, StoreError,
-};
+use cert_lifecycle::{CertSerial, HashAlgorithm, HkicNumber, RevocationReason, Store, StoreError};
 use hsm_adapter::{Digest, SignatureScheme, UserKeyRef};
 use serde_json::{Map, Value};
 use time::OffsetDateTime;
@@ -35,24 +33,25 @@ pub(crate) fn hsm_error(error: hsm_adapter::HsmError) -> AppError {
 }
 
 impl Records for App {
-    type Store = SqliteStore;
+    type Store = dyn Store;
 
     /// On the caller's thread: from SQLite's page cache (WAL: readers do not wait for the
-    /// writer) a read by key takes microseconds, less than a trip to the blocking pool.
+    /// writer) a read by key takes microseconds, less than a trip to the blocking pool; the
+    /// PostgreSQL store waits for its one round trip inside `block_in_place`.
     fn read<T>(
         &self,
-        call: impl FnOnce(&SqliteStore) -> Result<T, StoreError>,
+        call: impl FnOnce(&Self::Store) -> Result<T, StoreError>,
     ) -> Result<T, AppError> {
-        call(&self.store).map_err(AppError::from)
+        call(self.store.as_ref()).map_err(AppError::from)
     }
 
     async fn write<T, F>(&self, call: F) -> Result<T, AppError>
     where
         T: Send + 'static,
-        F: FnOnce(&SqliteStore) -> Result<T, StoreError> + Send + 'static,
+        F: FnOnce(&Self::Store) -> Result<T, StoreError> + Send + 'static,
     {
         let store = self.store.clone();
-        tokio::task::spawn_blocking(move || call(&store))
+        tokio::task::spawn_blocking(move || call(store.as_ref()))
             .await
             .map_err(AppError::fault)?
             .map_err(AppError::from)

@@ -250,7 +250,7 @@ impl ApiError {
             StatusUnavailable => {
                 "no fresh certificate status could be had from the CA; nothing was signed".into()
             }
-            StoreUnavailable => "the store is busy; nothing was changed; retry after the \
+            StoreUnavailable => "the store is busy or cannot be reached; retry after the \
                 number of seconds in Retry-After"
                 .into(),
             RenewalNotDue => {

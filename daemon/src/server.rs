@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use audit_log::{AuditLog, AuditLogConfig, AuditPublicKey, Origin};
-use cert_lifecycle::SqliteStore;
+use cert_lifecycle::{PgStore, SqliteStore, Store};
 use hsm_adapter::{Hsm, HsmConfig, HsmError, KeyMode, SystemKey, TokenSelector};
 use secrecy::SecretString;
 use tokio::sync::{mpsc, watch};
@@ -20,7 +20,7 @@ use crate::app::{App, Policy};
 use crate::audit_api::HsmCheckpointSigner;
 use crate::ca_http::EmbeddedHost;
 use crate::clock::DaemonClock;
-use crate::config::Config;
+use crate::config::{Config, StoreBackend, StoreConfig};
 use crate::limits::ClientLimiter;
 use crate::metrics::Metrics;
 use crate::tls::{NamePolicy, ServerTls};
@@ -401,16 +401,7 @@ async fn assemble(
             trusted.join(", ")
         ));
     }
-    let store_path = config.store.path.clone();
-    let store = tokio::task::spawn_blocking(move || SqliteStore::open(&store_path))
-        .await
-        .map_err(|error| error.to_string())?
-        .map_err(|error| {
-            format!(
-                "cannot open the store {}: {error}",
-                config.store.path.display()
-            )
-        })?;
+    let store = open_store(&config.store).await?;
     let audit_key = hsm
         .system_public_key(SystemKey::Audit)
         .await
@@ -474,7 +465,8 @@ async fn assemble(
     };
     let app = Arc::new(App {
         hsm,
-        store: Arc::new(store),
+        store: store.shared(),
+        node_id: config.store.node_id(),
         ca,
         audit,
         clock: base.clock.clone(),
@@ -495,6 +487,45 @@ async fn assemble(
         sweeping: Default::default(),
     });
     Ok((app, embedded))
+}
+
+/// The store the configuration names, opened (SQLite) or connected to (PostgreSQL), its schema
+/// brought up to date.
+async fn open_store(config: &StoreConfig) -> Result<Backend, String> {
+    let config = config.clone();
+    tokio::task::spawn_blocking(move || match config.backend {
+        StoreBackend::Sqlite => {
+            let path = config.path.as_deref().ok_or("store.path is missing")?;
+            SqliteStore::open(path)
+                .map(|store| Backend::Sqlite(Arc::new(store)))
+                .map_err(|error| format!("cannot open the store {}: {error}", path.display()))
+        }
+        StoreBackend::Postgres => {
+            let url = config.url.as_deref().ok_or("store.url is missing")?;
+            PgStore::connect(url, config.password_file.as_deref(), config.pool_size)
+                .map(|store| Backend::Postgres(Arc::new(store)))
+                .map_err(|error| format!("cannot connect to the PostgreSQL store: {error}"))
+        }
+    })
+    .await
+    .map_err(|error| error.to_string())?
+}
+
+/// The store, by backend.
+#[derive(Clone, Debug)]
+enum Backend {
+    Sqlite(Arc<SqliteStore>),
+    Postgres(Arc<PgStore>),
+}
+
+impl Backend {
+    /// The store as the workflows use it.
+    fn shared(&self) -> Arc<dyn Store> {
+        match self {
+            Backend::Sqlite(store) => store.clone(),
+            Backend::Postgres(store) => store.clone(),
+        }
+    }
 }
 
 /// The settings of the listener `name`.

@@ -69,7 +69,10 @@ struct DaemonPaths {
 
 #[derive(serde::Deserialize)]
 struct StorePaths {
-    path: PathBuf,
+    #[serde(default)]
+    backend: Option<String>,
+    #[serde(default)]
+    path: Option<PathBuf>,
 }
 
 #[derive(serde::Deserialize)]
@@ -88,6 +91,17 @@ impl DaemonPaths {
 
 pub(crate) async fn run(args: RotateKekArgs) -> Result<(), BoxError> {
     let paths = DaemonPaths::read(&args.config)?;
+    let store_path = match (paths.store.backend.as_deref(), &paths.store.path) {
+        (None | Some("sqlite"), Some(path)) => path.clone(),
+        (Some("postgres"), _) => {
+            return Err(
+                "keys rotate-kek re-wraps the keys of an SQLite store only; with \
+                        [store] backend = \"postgres\" it is not available yet (see the README)"
+                    .into(),
+            );
+        }
+        _ => return Err(format!("{}: [store] has no path", args.config.display()).into()),
+    };
     let so_pin = args.so_pin.pin()?;
     let actor = Actor::new(format!("officer:{}", args.officer))?;
     let hsm = open_configured(&args.config, args.pin.pin()?).await?;
@@ -108,12 +122,8 @@ pub(crate) async fn run(args: RotateKekArgs) -> Result<(), BoxError> {
             paths.audit.dir.display()
         )
     })?;
-    let store = SqliteStore::open(&paths.store.path).map_err(|error| {
-        format!(
-            "cannot open the store {}: {error}",
-            paths.store.path.display()
-        )
-    })?;
+    let store = SqliteStore::open(&store_path)
+        .map_err(|error| format!("cannot open the store {}: {error}", store_path.display()))?;
     let rotation = Rotation {
         hsm: &hsm,
         store: &store,

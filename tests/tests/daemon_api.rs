@@ -475,6 +475,61 @@ fn check_config_accepts_the_dev_configuration_and_explains_mistakes() {
         describe(&refused)
     );
 
+    // The PostgreSQL store: its keys, and what belongs to the other backend.
+    let store_path = text
+        .lines()
+        .find(|line| line.starts_with("path = ") && line.contains("smartsign.sqlite"))
+        .unwrap()
+        .to_owned();
+    let text = text.replace("backend = \"sqlite\"\n", "");
+    for (name, store, problem) in [
+        (
+            "pg-good.toml",
+            "backend = \"postgres\"\nurl = \"host=/run/postgresql user=smartsign\"",
+            None,
+        ),
+        (
+            "pg-no-url.toml",
+            "backend = \"postgres\"",
+            Some("store.url is missing"),
+        ),
+        (
+            "pg-password.toml",
+            "backend = \"postgres\"\nurl = \"postgresql://smartsign:secret@db/smartsign\"",
+            Some("carries a password: give it in a file"),
+        ),
+        (
+            "pg-path.toml",
+            &format!("backend = \"postgres\"\nurl = \"host=db\"\n{store_path}"),
+            Some("store.path is for backend = \"sqlite\""),
+        ),
+        (
+            "sqlite-url.toml",
+            &format!("{store_path}\nurl = \"host=db\""),
+            Some("store.url is for backend = \"postgres\""),
+        ),
+        (
+            "bad-node.toml",
+            &format!("{store_path}\nnode_id = \"a b\""),
+            Some("store.node_id \"a b\""),
+        ),
+    ] {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text.replace(&store_path, store)).unwrap();
+        let checked = check(&path);
+        match problem {
+            None => assert!(checked.status.success(), "{name}: {}", describe(&checked)),
+            Some(problem) => {
+                assert!(!checked.status.success(), "{name}");
+                assert!(
+                    String::from_utf8_lossy(&checked.stderr).contains(problem),
+                    "{name}: {}",
+                    describe(&checked)
+                );
+            }
+        }
+    }
+
     let bad_mode = dir.path().join("mode.toml");
     std::fs::write(
         &bad_mode,

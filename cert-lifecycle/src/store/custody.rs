@@ -205,42 +205,6 @@ impl SqliteStore {
     }
 }
 
-impl SqliteStore {
-    /// The audit index of the record of the ceremony transcript with this SHA-256, if the log
-    /// has one.
-    pub fn ceremony_record(&self, sha256: &[u8; 32]) -> Result<Option<u64>, StoreError> {
-        self.read(|conn| {
-            let index: Option<i64> = conn
-                .prepare_cached("SELECT audit_index FROM ceremony_transcripts WHERE sha256 = ?1")?
-                .query_row(params![sha256.as_slice()], |row| row.get(0))
-                .optional()?;
-            index
-                .map(|i| u64::try_from(i).map_err(|_| StoreError::Corrupt("audit index".into())))
-                .transpose()
-        })
-    }
-
-    /// Notes that audit record `audit_index` holds the ceremony transcript with this SHA-256.
-    pub fn record_ceremony(
-        &self,
-        sha256: &[u8; 32],
-        audit_index: u64,
-        now: OffsetDateTime,
-    ) -> Result<(), StoreError> {
-        let index = i64::try_from(audit_index)
-            .map_err(|_| StoreError::Corrupt("audit index out of range".into()))?;
-        self.write(|conn| {
-            conn.prepare_cached(
-                "INSERT INTO ceremony_transcripts (sha256, audit_index, recorded_at) \
-                 VALUES (?1, ?2, ?3)",
-            )?
-            .execute(params![sha256.as_slice(), index, secs(now)])
-            .map_err(write_error)?;
-            Ok(())
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -50,7 +50,7 @@ pub struct PendingAudit {
 }
 
 /// The records the appliance keeps. Every method is one transaction.
-pub trait Store: Send + Sync {
+pub trait Store: Send + Sync + std::fmt::Debug {
     /// Adds a new account; `AlreadyExists` when the id is taken.
     fn insert_account(&self, account: &AccountRecord) -> Result<(), StoreError>;
 
@@ -298,6 +298,25 @@ pub trait Store: Send + Sync {
 
     /// The unfinished first issuances, oldest first.
     fn issuances(&self) -> Result<Vec<IssuanceJournal>, StoreError>;
+
+    /// The audit index of the record of the ceremony transcript with this SHA-256, if the log
+    /// has one.
+    fn ceremony_record(&self, sha256: &[u8; 32]) -> Result<Option<u64>, StoreError>;
+
+    /// Notes that audit record `audit_index` holds the ceremony transcript with this SHA-256;
+    /// `AlreadyExists` when another node noted it first.
+    fn record_ceremony(
+        &self,
+        sha256: &[u8; 32],
+        audit_index: u64,
+        now: OffsetDateTime,
+    ) -> Result<(), StoreError>;
+
+    /// Writes asked and transactions committed since the store was opened, for a store that
+    /// groups writes into shared commits (SQLite); `None` for one that does not.
+    fn commit_counts(&self) -> Option<(u64, u64)> {
+        None
+    }
 
     /// The active "iAM Smart+" accounts whose current certificate is not revoked and has
     /// `not_after` in `(after, until]`, with that certificate, soonest `not_after` first.

@@ -289,16 +289,7 @@ impl PgStore {
         password_file: Option<&Path>,
         pool_size: usize,
     ) -> Result<PgStore, StoreError> {
-        let mut config: tokio_postgres::Config = url.parse().map_err(|e| StoreError::Config {
-            what: "the PostgreSQL connection URL does not parse",
-            source: Some(Box::new(e)),
-        })?;
-        if config.get_password().is_some() {
-            return Err(StoreError::Config {
-                what: "the PostgreSQL connection URL carries a password: give it in a file",
-                source: None,
-            });
-        }
+        let mut config = parse_url(url)?;
         if let Some(path) = password_file {
             let contents = Zeroizing::new(std::fs::read(path).map_err(|e| StoreError::Config {
                 what: "cannot read the PostgreSQL password file",
@@ -363,6 +354,12 @@ impl PgStore {
         Ok(store)
     }
 
+    /// Checks a connection URL as [`PgStore::connect`] would, without connecting (for
+    /// `smartsignd --check-config`).
+    pub fn check_url(url: &str) -> Result<(), StoreError> {
+        parse_url(url).map(drop)
+    }
+
     /// The schema version this build writes.
     pub fn schema_version() -> usize {
         MIGRATIONS.len()
@@ -418,6 +415,21 @@ impl PgStore {
             plans: &self.inner.plans,
         }
     }
+}
+
+/// A connection URL (or libpq keywords) without a password: the password comes from a file.
+fn parse_url(url: &str) -> Result<tokio_postgres::Config, StoreError> {
+    let config: tokio_postgres::Config = url.parse().map_err(|e| StoreError::Config {
+        what: "the PostgreSQL connection URL does not parse",
+        source: Some(Box::new(e)),
+    })?;
+    if config.get_password().is_some() {
+        return Err(StoreError::Config {
+            what: "the PostgreSQL connection URL carries a password: give it in a file",
+            source: None,
+        });
+    }
+    Ok(config)
 }
 
 /// "host=… port=… dbname=… user=…" of a configuration, for `Debug`.
@@ -1873,6 +1885,45 @@ impl Store for PgStore {
             let client = self.client().await?;
             let found = self.db(&client).query(&sql, &[]).await?;
             rows(found, issuance_from_row)
+        })
+    }
+
+    fn ceremony_record(&self, sha256: &[u8; 32]) -> Result<Option<u64>, StoreError> {
+        self.run(async {
+            let client = self.client().await?;
+            let row = self
+                .db(&client)
+                .query_opt(
+                    "SELECT audit_index FROM ceremony_transcripts WHERE sha256 = $1",
+                    &[&sha256.as_slice()],
+                )
+                .await?;
+            row.map(|row| {
+                u64::try_from(row.get::<_, i64>(0))
+                    .map_err(|_| StoreError::Corrupt("audit index".into()))
+            })
+            .transpose()
+        })
+    }
+
+    fn record_ceremony(
+        &self,
+        sha256: &[u8; 32],
+        audit_index: u64,
+        now: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        let index = i64::try_from(audit_index)
+            .map_err(|_| StoreError::Corrupt("audit index out of range".into()))?;
+        self.run(async {
+            let client = self.client().await?;
+            self.db(&client)
+                .execute(
+                    "INSERT INTO ceremony_transcripts (sha256, audit_index, recorded_at) \
+                     VALUES ($1, $2, $3)",
+                    &[&sha256.as_slice(), &index, &secs(now)],
+                )
+                .await?;
+            Ok(())
         })
     }
 
