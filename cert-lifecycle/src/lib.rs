@@ -42,5 +42,6 @@ pub use signing::{
 /// The shared vocabulary (`smartsign-types`): hash algorithms and certificate profiles.
 pub use smartsign_types::{HashAlgorithm, Profile};
 pub use store::{
-    KekRotation, KeyRefSlot, PendingAudit, PgStore, SqliteStore, Store, StoredKeyRef, TaidRecord,
+    KekRotation, KeyRefSlot, Leadership, PendingAudit, PgStore, SqliteStore, Store, StoredKeyRef,
+    TaidRecord,
 };

@@ -26,6 +26,8 @@ pub(crate) struct App {
     pub(crate) store: Arc<dyn Store>,
     /// This node's name (`[store] node_id`).
     pub(crate) node_id: String,
+    /// Whether this node runs the sweeps and signs the checkpoints.
+    pub(crate) leader: crate::leader::Leader,
     pub(crate) ca: crate::ca::CaLink,
     pub(crate) audit: Arc<AuditLog>,
     pub(crate) clock: Arc<DaemonClock>,

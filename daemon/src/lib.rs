@@ -22,6 +22,7 @@ mod dev;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 mod http;
+mod leader;
 mod lifecycle;
 mod limits;
 mod metrics;

@@ -25,6 +25,7 @@ pub(crate) struct Metrics {
     /// How long the last lifecycle sweep took, and when it ended.
     pub(crate) sweep_duration: prometheus::Gauge,
     pub(crate) sweep_last_run: IntGauge,
+    pub(crate) leader: IntGauge,
     /// 1 while the daemon waits for the officers' unseal shares.
     pub(crate) sealed: IntGauge,
     connections_open: IntGaugeVec,
@@ -159,6 +160,10 @@ impl Metrics {
             "sweep_last_run_timestamp_seconds",
             "When the last lifecycle sweep run that finished ended (unix time, daemon clock)",
         )?;
+        let leader = IntGauge::new(
+            "leader",
+            "1 while this node runs the sweeps and signs the audit checkpoints (always, on SQLite)",
+        )?;
         let sealed = IntGauge::new(
             "sealed",
             "1 while the daemon is sealed, waiting for the officers' unseal shares",
@@ -263,6 +268,7 @@ impl Metrics {
         registry.register(Box::new(store_writes.clone()))?;
         registry.register(Box::new(store_commits.clone()))?;
         registry.register(Box::new(sweep_last_run.clone()))?;
+        registry.register(Box::new(leader.clone()))?;
         Ok(Self {
             registry,
             http_requests,
@@ -282,6 +288,7 @@ impl Metrics {
             hsm_key_cache,
             sweep_duration,
             sweep_last_run,
+            leader,
             store_writes,
             store_commits,
             catch_up_lock: Arc::new(std::sync::Mutex::new(())),

@@ -71,6 +71,7 @@ async fn handle(gate: &Gate, path: &str) -> (StatusCode, &'static str, Vec<u8>) 
                 "ready": ready,
                 "sealed": false,
                 "node": app.node_id,
+                "leader": app.leader.leads(),
                 "components": components
                     .iter()
                     .map(|(name, problem)| {

@@ -21,6 +21,7 @@ use crate::audit_api::HsmCheckpointSigner;
 use crate::ca_http::EmbeddedHost;
 use crate::clock::DaemonClock;
 use crate::config::{Config, StoreBackend, StoreConfig};
+use crate::leader::Leader;
 use crate::limits::ClientLimiter;
 use crate::metrics::Metrics;
 use crate::tls::{NamePolicy, ServerTls};
@@ -467,6 +468,12 @@ async fn assemble(
         hsm,
         store: store.shared(),
         node_id: config.store.node_id(),
+        leader: match &store {
+            Backend::Sqlite(_) => Leader::Alone,
+            Backend::Postgres(store) => {
+                Leader::Elected(Arc::new(std::sync::Mutex::new(store.leadership("leader"))))
+            }
+        },
         ca,
         audit,
         clock: base.clock.clone(),
@@ -598,13 +605,16 @@ fn local(listener: &tokio::net::TcpListener) -> Result<SocketAddr, String> {
     listener.local_addr().map_err(|error| error.to_string())
 }
 
-/// Writes a checkpoint every `interval` when the log grew.
+/// Writes a checkpoint every `interval` when the log grew and this node leads.
 async fn checkpoints(app: Arc<App>, interval: Duration, mut shutdown: watch::Receiver<bool>) {
     let signer = HsmCheckpointSigner(app.hsm.clone());
     loop {
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
             _ = shutdown.changed() => return,
+        }
+        if !app.leader.leads() {
+            continue;
         }
         let current = app.audit.tree_size();
         let signed = app.audit.latest_checkpoint().map(|c| c.tree_size());

@@ -29,24 +29,35 @@ pub(crate) async fn sweep_now(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError
     Ok(Reply::ok(&body))
 }
 
-/// Runs the sweeps at start and then every `interval` until shutdown. A failed run is logged
-/// and retried at the next tick.
+/// How often a node checks that it leads, or whether the leader is gone: how long the sweeps
+/// can stop when their node dies.
+const LEADER_TICK: Duration = Duration::from_secs(5);
+
+/// Runs the sweeps at start and then every `interval` until shutdown, while this node leads
+/// (always, on SQLite); a node that takes the lead over runs them at once. A failed run is
+/// logged and retried at the next interval.
 pub(crate) async fn scheduler(
     app: Arc<App>,
     interval: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let mut last_run: Option<std::time::Instant> = None;
     loop {
-        let now = app.clock.now();
-        match run(&app, SCHEDULER, now).await {
-            Ok(changes) if changes.count() > 0 => {
-                tracing::info!(changed = changes.count(), "lifecycle sweep");
+        if !app.leader.check(&app.metrics).await {
+            last_run = None;
+        } else if last_run.is_none_or(|at| at.elapsed() >= interval) {
+            last_run = Some(std::time::Instant::now());
+            let now = app.clock.now();
+            match run(&app, SCHEDULER, now).await {
+                Ok(changes) if changes.count() > 0 => {
+                    tracing::info!(changed = changes.count(), "lifecycle sweep");
+                }
+                Ok(_) => tracing::debug!("lifecycle sweep: nothing due"),
+                Err(error) => tracing::error!(%error, "lifecycle sweep stopped"),
             }
-            Ok(_) => tracing::debug!("lifecycle sweep: nothing due"),
-            Err(error) => tracing::error!(%error, "lifecycle sweep stopped"),
         }
         tokio::select! {
-            _ = tokio::time::sleep(interval) => {}
+            _ = tokio::time::sleep(interval.min(LEADER_TICK)) => {}
             _ = shutdown.changed() => return,
         }
     }

@@ -14,7 +14,7 @@ mod sqlite;
 use time::OffsetDateTime;
 
 pub use custody::{KekRotation, KeyRefSlot, StoredKeyRef};
-pub use postgres::PgStore;
+pub use postgres::{Leadership, PgStore};
 pub use sqlite::SqliteStore;
 
 use crate::{

@@ -250,6 +250,8 @@ struct Inner {
     runtime: Option<tokio::runtime::Runtime>,
     handle: Handle,
     pool: Pool,
+    /// What the pool connects with, for the connections of their own that leaders hold.
+    config: tokio_postgres::Config,
     /// Host, port, database and user, for `Debug` (never the password).
     target: String,
     #[cfg(test)]
@@ -318,7 +320,7 @@ impl PgStore {
             .build()
             .map_err(|e| StoreError::Unavailable(DatabaseError::Threads(e)))?;
         let manager = Manager::from_config(
-            config,
+            config.clone(),
             NoTls,
             ManagerConfig {
                 // A connection whose socket closed is dropped, one still open is reused as it
@@ -342,6 +344,7 @@ impl PgStore {
                 handle: runtime.handle().clone(),
                 runtime: Some(runtime),
                 pool,
+                config,
                 target,
                 #[cfg(test)]
                 plans: tests::Plans::default(),
@@ -1953,6 +1956,9 @@ impl Store for PgStore {
         })
     }
 }
+
+mod leader;
+pub use leader::Leadership;
 
 #[cfg(test)]
 pub(super) mod tests;
