@@ -18,6 +18,7 @@ mod error;
 mod files;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
+mod ledger;
 mod log;
 mod merkle;
 mod offsets;
@@ -30,6 +31,7 @@ mod verify;
 
 pub use checkpoint::{AuditPublicKey, Checkpoint, CheckpointSigner, Origin, SoftwareSigner};
 pub use error::{AuditError, ErrorKind, SignerError};
+pub use ledger::{Ledger, LedgerError};
 pub use log::{AppendReceipt, AuditLog, AuditLogConfig, AuditStats, CHECKPOINT_FILE, LOG_FILE};
 pub use merkle::{TreeHash, empty_root, leaf_hash, verify_consistency, verify_inclusion};
 pub use record::{Actor, AuditEvent, EventName, MAX_RECORD_LEN};
