@@ -14,6 +14,10 @@
 //! `tile/`, `offsets` and `tree-state` are derived from `audit.log` and rebuilt from it when they
 //! are missing, damaged or do not match it.
 //!
+//! With a shared ledger (several nodes), the ledger is the truth and `audit.log` this node's
+//! copy of it: each batch is numbered and made durable in the ledger, then written here with the
+//! records other nodes appended before it (the `ledger` module).
+//!
 //! Appends are durable when they return: one writer thread takes everything queued, writes it
 //! with one `pwrite` and one `fdatasync`, then publishes the records and answers every appender
 //! (group commit). Readers see only what has been made durable. Before publishing a batch, the
