@@ -16,11 +16,11 @@ use super::{AUDIT_LOCK, PgStore, get, limit_value, pg_error};
 use crate::StoreError;
 
 impl PgStore {
-    /// Appends one batch to the audit ledger, in one transaction under [`AUDIT_LOCK`]: reads
-    /// the records from index `from` on (those other nodes appended after the caller's copy
-    /// ends), calls `batch(first)` with `first` = `from` + their number, stores the lines it
-    /// returns at `first`, `first + 1`, ... (one statement), and commits. Returns the records
-    /// read, in index order.
+    /// Appends one batch to the audit ledger, in one transaction under the ledger's advisory
+    /// lock: reads the records from index `from` on (those other nodes appended after the
+    /// caller's copy ends), calls `batch(first)` with `first` = `from` + their number, stores the
+    /// lines it returns at `first`, `first + 1`, ... (one statement), and commits. Returns the
+    /// records read, in index order.
     ///
     /// When `batch` fails, nothing is stored and its error is returned. A ledger holding fewer
     /// than `from` records is [`StoreError::Conflict`] (the caller's copy is ahead of it), one
