@@ -3,6 +3,7 @@
 use std::io;
 use std::path::PathBuf;
 
+use crate::ledger::LedgerError;
 use crate::merkle::TreeHash;
 
 /// Everything that can go wrong in the audit log, its proofs and its offline verification.
@@ -149,6 +150,21 @@ pub enum AuditError {
     /// after 9999).
     #[error("clock: {0}")]
     Clock(String),
+
+    /// The shared ledger (several nodes) failed: appends fail until it answers again, without
+    /// reopening the log.
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+
+    /// What the shared ledger holds does not match the local copy of the log, or itself: a record
+    /// that does not check, a record that differs from the local copy's, fewer records than the
+    /// local copy (the ledger was replaced or restored from an older backup), a checkpoint that
+    /// does not match the records. Never repaired: an operator must look at it.
+    #[error("the audit ledger does not match the log: {reason}")]
+    LedgerMismatch {
+        /// What does not match.
+        reason: String,
+    },
 }
 
 /// How a caller should treat an [`AuditError`]: the one mapping the daemon needs for its HTTP
@@ -175,12 +191,15 @@ impl AuditError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             Self::InvalidEvent(_) | Self::InvalidRange(_) => ErrorKind::InvalidInput,
-            Self::Io { .. } | Self::Locked { .. } | Self::Unavailable { .. } | Self::Signer(_) => {
-                ErrorKind::Unavailable
-            }
+            Self::Io { .. }
+            | Self::Locked { .. }
+            | Self::Unavailable { .. }
+            | Self::Signer(_)
+            | Self::Ledger(_) => ErrorKind::Unavailable,
             Self::Corrupt { .. }
             | Self::CheckpointMismatch { .. }
-            | Self::DerivedMismatch { .. } => ErrorKind::Corrupt,
+            | Self::DerivedMismatch { .. }
+            | Self::LedgerMismatch { .. } => ErrorKind::Corrupt,
             Self::InvalidProof(_)
             | Self::InvalidRecord { .. }
             | Self::RecordCountMismatch { .. }
@@ -210,6 +229,23 @@ impl AuditError {
 
     pub(crate) fn unavailable(reason: impl Into<String>) -> Self {
         Self::Unavailable {
+            reason: reason.into(),
+        }
+    }
+
+    /// The same error again, for each appender of a failed batch: the ledger's errors whole,
+    /// others by their message.
+    pub(crate) fn duplicate(&self) -> Self {
+        match self {
+            Self::Ledger(error) => Self::Ledger(error.clone()),
+            Self::LedgerMismatch { reason } => Self::ledger_mismatch(reason.clone()),
+            Self::Unavailable { reason } => Self::unavailable(reason.clone()),
+            other => Self::unavailable(other.to_string()),
+        }
+    }
+
+    pub(crate) fn ledger_mismatch(reason: impl Into<String>) -> Self {
+        Self::LedgerMismatch {
             reason: reason.into(),
         }
     }

@@ -7,6 +7,10 @@
 //! decide what is audited or serve HTTP: the daemon does, and maps [`AuditError::kind`] to its
 //! problems.
 //!
+//! With a [`Ledger`] (several nodes: PostgreSQL in the daemon) the records are durable and numbered
+//! in the ledger first, and the directory is this node's full copy of one log shared by all
+//! nodes: see [`AuditLogConfig::with_ledger`].
+//!
 //! A record's leaf hash is SHA-256(0x00 || line), the line as stored and served, without its
 //! newline; records have one canonical spelling (see [`AuditEvent`] and the `record` module), so
 //! the log refuses at open any line it could not have written.
@@ -18,6 +22,7 @@ mod error;
 mod files;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
+mod ledger;
 mod log;
 mod merkle;
 mod offsets;
@@ -30,6 +35,7 @@ mod verify;
 
 pub use checkpoint::{AuditPublicKey, Checkpoint, CheckpointSigner, Origin, SoftwareSigner};
 pub use error::{AuditError, ErrorKind, SignerError};
+pub use ledger::{Ledger, LedgerError};
 pub use log::{AppendReceipt, AuditLog, AuditLogConfig, AuditStats, CHECKPOINT_FILE, LOG_FILE};
 pub use merkle::{TreeHash, empty_root, leaf_hash, verify_consistency, verify_inclusion};
 pub use record::{Actor, AuditEvent, EventName, MAX_RECORD_LEN};

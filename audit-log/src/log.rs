@@ -14,6 +14,10 @@
 //! `tile/`, `offsets` and `tree-state` are derived from `audit.log` and rebuilt from it when they
 //! are missing, damaged or do not match it.
 //!
+//! With a shared ledger (several nodes), the ledger is the truth and `audit.log` this node's
+//! copy of it: each batch is numbered and made durable in the ledger, then written here with the
+//! records other nodes appended before it (the `ledger` module).
+//!
 //! Appends are durable when they return: one writer thread takes everything queued, writes it
 //! with one `pwrite` and one `fdatasync`, then publishes the records and answers every appender
 //! (group commit). Readers see only what has been made durable. Before publishing a batch, the
@@ -32,7 +36,7 @@ use std::ops::Range;
 use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard};
 use std::thread::JoinHandle;
 
 use tokio::sync::{mpsc, oneshot};
@@ -40,6 +44,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::checkpoint::{AuditPublicKey, Checkpoint, CheckpointSigner, Origin};
 use crate::error::AuditError;
 use crate::files::{remove_if_exists, sync_dir, write_atomically};
+use crate::ledger::{Ledger, LedgerError};
 use crate::merkle::{self, Nodes as _, TreeHash, leaf_hash};
 use crate::offsets::Offsets;
 use crate::record::{AuditEvent, MAX_RECORD_LEN, PreparedEvent, check_line};
@@ -61,13 +66,16 @@ const MAX_BATCH: usize = 4096;
 const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
 /// The open-time replay writes record offsets in chunks of this many.
 const OFFSETS_CHUNK: usize = 8192;
+/// Records read from the ledger at a time when catching up; each page is one write and one fsync.
+const LEDGER_PAGE: usize = 4096;
 
 /// How to open an [`AuditLog`].
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct AuditLogConfig {
     origin: Origin,
     clock: Arc<dyn Clock>,
     checkpoint_key: Option<AuditPublicKey>,
+    ledger: Option<Box<dyn Ledger>>,
     #[cfg(feature = "bench")]
     fsync_per_append: bool,
 }
@@ -79,6 +87,7 @@ impl AuditLogConfig {
             origin,
             clock: Arc::new(SystemClock),
             checkpoint_key: None,
+            ledger: None,
             #[cfg(feature = "bench")]
             fsync_per_append: false,
         }
@@ -97,6 +106,27 @@ impl AuditLogConfig {
     #[must_use]
     pub fn with_checkpoint_key(mut self, key: AuditPublicKey) -> Self {
         self.checkpoint_key = Some(key);
+        self
+    }
+
+    /// The shared ledger of several nodes (PostgreSQL in the daemon), which then holds the truth:
+    /// the log directory becomes this node's full local copy of it.
+    ///
+    /// At open, after the local replay, the log checks that its last record is the ledger's
+    /// record at that index (a local copy ahead of the ledger, or differing from it, is refused
+    /// as [`AuditError::LedgerMismatch`]), catches up with what other nodes appended, and adopts
+    /// the ledger's latest checkpoint when it is newer. Each batch of appends is then stored in
+    /// the ledger, which numbers it after whatever other nodes appended, before it is written
+    /// locally; see the `ledger` module and docs/audit-log.md.
+    ///
+    /// Record times: each record carries the clock of the node that wrote it. Records of several
+    /// nodes interleave in index order, so a record's time may be up to the nodes' clock skew
+    /// earlier than the time of the record before it. Nothing relies on times being in order
+    /// (the canonical form, the open-time scan, [`verify_export`](crate::verify_export) and
+    /// `smartsign-ctl audit verify` check each time's form only): the index is the log's order.
+    #[must_use]
+    pub fn with_ledger(mut self, ledger: Box<dyn Ledger>) -> Self {
+        self.ledger = Some(ledger);
         self
     }
 
@@ -151,11 +181,13 @@ pub struct AuditStats {
 #[derive(Debug)]
 pub struct AuditLog {
     shared: Arc<Shared>,
-    queue: mpsc::Sender<Job>,
+    queue: mpsc::Sender<Request>,
     writer: JoinHandle<()>,
     origin: Origin,
     clock: Arc<dyn Clock>,
     checkpoint_key: Option<AuditPublicKey>,
+    /// Whether the log is a copy of a shared ledger (its writer holds the ledger).
+    shared_ledger: bool,
     /// Serialises checkpoint creation so that stored checkpoints only grow.
     checkpoint_lock: tokio::sync::Mutex<()>,
 }
@@ -172,10 +204,14 @@ struct Shared {
     tile_cache: TileCache,
     state: RwLock<State>,
     latest_checkpoint: RwLock<Option<Checkpoint>>,
+    /// Held while `checkpoint.json` is replaced, which the writer (adopting the ledger's) and
+    /// [`AuditLog::checkpoint`] both do.
+    checkpoint_file: Mutex<()>,
     tree_size: AtomicU64,
     appends: AtomicU64,
     fsyncs: AtomicU64,
-    records_scanned_at_open: u64,
+    /// Set once the open is over (the replay, and the catch-up from the ledger).
+    records_scanned_at_open: AtomicU64,
     /// Test hook: the next write puts half its bytes in the file and then fails.
     #[cfg(test)]
     fail_next_write: std::sync::atomic::AtomicBool,
@@ -190,12 +226,39 @@ struct State {
     end: u64,
     /// Set once a write or fsync failed; the log refuses appends until reopened.
     failure: Option<String>,
+    /// The failure of the last call to the ledger, cleared by the next one that succeeds.
+    ledger_failure: Option<LedgerError>,
+}
+
+type Reply<T> = oneshot::Sender<Result<T, AuditError>>;
+
+/// What the writer thread is asked to do.
+#[derive(Debug)]
+enum Request {
+    Append(Job),
+    /// Catch up with the ledger and adopt its latest checkpoint when newer.
+    Sync(Reply<Synced>),
+    /// Store a checkpoint (its JSON) in the ledger if it covers more records than the ledger's
+    /// latest.
+    PutCheckpoint {
+        tree_size: u64,
+        note: Vec<u8>,
+        reply: Reply<bool>,
+    },
 }
 
 #[derive(Debug)]
 struct Job {
     event: PreparedEvent,
-    reply: oneshot::Sender<Result<AppendReceipt, AuditError>>,
+    reply: Reply<AppendReceipt>,
+}
+
+/// The log after a sync with the ledger.
+#[derive(Clone, Copy, Debug)]
+struct Synced {
+    tree_size: u64,
+    /// The tree size of the ledger's latest checkpoint.
+    ledger_checkpoint: Option<u64>,
 }
 
 impl AuditLog {
@@ -214,6 +277,9 @@ impl AuditLog {
     /// they do not match, or are missing or damaged, the log warns and rebuilds them from
     /// `audit.log`, whose records are the truth, rather than refusing to open: the rebuilt tree is
     /// held to the signed checkpoint just the same.
+    ///
+    /// With a ledger ([`AuditLogConfig::with_ledger`]) the log then catches up with it; a ledger
+    /// that cannot be reached fails the open.
     pub async fn open(dir: impl Into<PathBuf>, config: AuditLogConfig) -> Result<Self, AuditError> {
         let dir = dir.into();
         tokio::task::spawn_blocking(move || Self::open_blocking(dir, config))
@@ -243,7 +309,7 @@ impl AuditLog {
             tiles: &tiles,
             offsets: &offsets,
         };
-        let mut replay = source.replay_checked(checkpoint.as_ref())?;
+        let replay = source.replay_checked(checkpoint.as_ref())?;
         if replay.torn_bytes > 0 {
             tracing::warn!(
                 path = %log_path.display(),
@@ -259,18 +325,7 @@ impl AuditLog {
         }
         let reader = File::open(&log_path)
             .map_err(|error| AuditError::io(format!("opening {}", log_path.display()), error))?;
-        replay.tree.start_persister(
-            dir.clone(),
-            (offsets.path().to_owned(), offsets.try_clone()?),
-        )?;
-        replay.tree.hand_off(true);
         let size = replay.tree.size();
-        tracing::info!(
-            path = %log_path.display(),
-            records = size,
-            scanned = replay.scanned,
-            "audit log opened"
-        );
         let shared = Arc::new(Shared {
             dir,
             log_path,
@@ -282,30 +337,64 @@ impl AuditLog {
                 frontier: Arc::new(replay.tree.frontier().clone()),
                 end: replay.end,
                 failure: None,
+                ledger_failure: None,
             }),
             latest_checkpoint: RwLock::new(checkpoint),
+            checkpoint_file: Mutex::new(()),
             tree_size: AtomicU64::new(size),
             appends: AtomicU64::new(0),
             fsyncs: AtomicU64::new(0),
-            records_scanned_at_open: replay.scanned,
+            records_scanned_at_open: AtomicU64::new(replay.scanned),
             #[cfg(test)]
             fail_next_write: std::sync::atomic::AtomicBool::new(false),
         });
         let (queue, receiver) = mpsc::channel(QUEUE_CAPACITY);
-        let writer = Writer {
+        let shared_ledger = config.ledger.is_some();
+        let mut writer = Writer {
             file,
             _lock: lock,
             receiver,
             shared: Arc::clone(&shared),
             clock: Arc::clone(&config.clock),
+            ledger: config.ledger,
+            ledger_down: false,
+            origin: config.origin.clone(),
+            checkpoint_key: config.checkpoint_key,
             tree: replay.tree,
             next_index: size,
             end: replay.end,
             failure: None,
             buf: Vec::new(),
+            staged: Vec::new(),
             #[cfg(feature = "bench")]
             fsync_per_append: config.fsync_per_append,
         };
+        let caught_up = if shared_ledger {
+            writer.join_ledger()?
+        } else {
+            0
+        };
+        // Records caught up from the ledger were fsynced before they entered the tree, so the
+        // tree state may cover them.
+        writer.tree.start_persister(
+            shared.dir.clone(),
+            (
+                shared.offsets.path().to_owned(),
+                shared.offsets.try_clone()?,
+            ),
+        )?;
+        writer.tree.hand_off(true);
+        let scanned = replay.scanned + caught_up;
+        shared
+            .records_scanned_at_open
+            .store(scanned, Ordering::Relaxed);
+        tracing::info!(
+            path = %shared.log_path.display(),
+            records = writer.tree.size(),
+            scanned,
+            caught_up,
+            "audit log opened"
+        );
         let writer = std::thread::Builder::new()
             .name("audit-log-writer".into())
             .spawn(move || writer.run())
@@ -317,6 +406,7 @@ impl AuditLog {
             origin: config.origin,
             clock: config.clock,
             checkpoint_key: config.checkpoint_key,
+            shared_ledger,
             checkpoint_lock: tokio::sync::Mutex::new(()),
         })
     }
@@ -324,23 +414,41 @@ impl AuditLog {
     /// Appends `event` and returns once its record is durable on disk (written and fsynced,
     /// shared with whatever other appends were queued). Never blocks the async runtime.
     ///
+    /// With a ledger, the record is durable in the ledger first (one transaction per batch),
+    /// then in the local copy. A ledger that fails fails the append, which may or may not have
+    /// reached the ledger; the log is not poisoned: the next append or [`AuditLog::sync`] brings
+    /// in whatever the ledger holds, and appends work again once the ledger answers.
+    ///
     /// Dropping the returned future after it started does not withdraw the event: it may still
     /// be written, unacknowledged.
     pub async fn append(&self, event: AuditEvent) -> Result<AppendReceipt, AuditError> {
         let event = PreparedEvent::new(&event)?;
-        self.health()?;
-        let (reply, answer) = oneshot::channel();
-        self.queue
-            .send(Job { event, reply })
+        // Not the ledger's last failure: trying again is how the log finds the ledger back.
+        self.writer_health()?;
+        self.ask(|reply| Request::Append(Job { event, reply }))
             .await
-            .map_err(|_| AuditError::unavailable("the audit log writer has stopped"))?;
-        answer
-            .await
-            .map_err(|_| AuditError::unavailable("the audit log writer has stopped"))?
     }
 
-    /// `Ok` while the log takes appends; otherwise why not (for `/readyz`).
+    /// Catches up with the ledger now: brings in the records other nodes appended and adopts the
+    /// ledger's latest checkpoint when it is newer (checked as at open). Returns the tree size.
+    /// Without a ledger, returns the tree size.
+    pub async fn sync(&self) -> Result<u64, AuditError> {
+        Ok(self.synced().await?.tree_size)
+    }
+
+    /// `Ok` while the log takes appends; otherwise why not (for `/readyz`). With a ledger, the
+    /// failure of the last call to it (an append, a sync) is reported until a call succeeds:
+    /// [`AuditLog::sync`] probes it.
     pub fn health(&self) -> Result<(), AuditError> {
+        self.writer_health()?;
+        match &self.state()?.ledger_failure {
+            Some(error) => Err(AuditError::Ledger(error.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// `Ok` unless the writer stopped or failed (until the log is reopened).
+    fn writer_health(&self) -> Result<(), AuditError> {
         if self.writer.is_finished() {
             return Err(AuditError::unavailable("the audit log writer has stopped"));
         }
@@ -348,6 +456,27 @@ impl AuditLog {
             Some(reason) => Err(AuditError::unavailable(reason.clone())),
             None => Ok(()),
         }
+    }
+
+    /// Sends the writer `request`, made with the channel for its answer, and waits for it.
+    async fn ask<T>(&self, request: impl FnOnce(Reply<T>) -> Request) -> Result<T, AuditError> {
+        let stopped = || AuditError::unavailable("the audit log writer has stopped");
+        let (reply, answer) = oneshot::channel();
+        self.queue
+            .send(request(reply))
+            .await
+            .map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+
+    async fn synced(&self) -> Result<Synced, AuditError> {
+        if !self.shared_ledger {
+            return Ok(Synced {
+                tree_size: self.tree_size(),
+                ledger_checkpoint: None,
+            });
+        }
+        self.ask(Request::Sync).await
     }
 
     /// The number of durable records.
@@ -404,22 +533,25 @@ impl AuditLog {
         merkle::consistency_proof(&mut self.shared.view(&frontier), first, second)
     }
 
-    /// The latest stored checkpoint, if any has been made.
+    /// The latest stored checkpoint, if any has been made. With a ledger, the ledger's latest as
+    /// of the last sync (or checkpoint), when it is newer than this node's.
     pub fn latest_checkpoint(&self) -> Option<Checkpoint> {
-        match self.shared.latest_checkpoint.read() {
-            Ok(checkpoint) => checkpoint.clone(),
-            // Only a panic while replacing the value poisons it; the value is whole either way.
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+        self.shared.latest_checkpoint()
     }
 
     /// Signs a checkpoint of the durable tree with `signer`, stores it durably (temporary file,
     /// fsync, rename, directory fsync) and returns it.
+    ///
+    /// With a ledger, the log first syncs, so that it signs the ledger's whole tree as this node
+    /// knows it. When the ledger already holds a checkpoint of at least that size (another node
+    /// signed it), that one is returned instead; otherwise the new one is stored in the ledger
+    /// first, then locally. Either way the checkpoints of all nodes form one growing series.
     pub async fn checkpoint<S: CheckpointSigner>(
         &self,
         signer: &S,
     ) -> Result<Checkpoint, AuditError> {
         let _serial = self.checkpoint_lock.lock().await;
+        let synced = self.synced().await?;
         let (tree_size, root_hash) = {
             let frontier = self.frontier()?;
             let size = frontier.size();
@@ -427,6 +559,12 @@ impl AuditLog {
             let root = merkle::root(&mut self.shared.view(&frontier), size)?;
             (size, root)
         };
+        if synced.ledger_checkpoint >= Some(tree_size)
+            && let Some(latest) = self.latest_checkpoint()
+            && latest.tree_size() >= tree_size
+        {
+            return Ok(latest);
+        }
         let timestamp = Timestamp::from_system_time(self.clock.now())?;
         let statement = Checkpoint::statement(&self.origin, tree_size, &root_hash, &timestamp);
         let signature = signer.sign(&statement).await?;
@@ -440,17 +578,36 @@ impl AuditLog {
         if let Some(key) = &self.checkpoint_key {
             checkpoint.verify(key)?;
         }
-        let json = checkpoint.to_json();
-        let dir = self.shared.dir.clone();
-        tokio::task::spawn_blocking(move || {
-            write_atomically(&dir, CHECKPOINT_FILE, CHECKPOINT_TEMP_FILE, &json)
-        })
-        .await
-        .map_err(|error| AuditError::unavailable(format!("checkpoint task failed: {error}")))??;
-        match self.shared.latest_checkpoint.write() {
-            Ok(mut latest) => *latest = Some(checkpoint.clone()),
-            Err(poisoned) => *poisoned.into_inner() = Some(checkpoint.clone()),
+        if self.shared_ledger {
+            let note = checkpoint.to_json();
+            let stored = self
+                .ask(|reply| Request::PutCheckpoint {
+                    tree_size,
+                    note,
+                    reply,
+                })
+                .await?;
+            if !stored {
+                // Another node stored one at least as large since the sync: that one it is.
+                self.synced().await?;
+                return self
+                    .latest_checkpoint()
+                    .filter(|latest| latest.tree_size() >= tree_size)
+                    .ok_or_else(|| {
+                        AuditError::ledger_mismatch(format!(
+                            "it refused a checkpoint of {tree_size} records as not the largest, \
+                             yet its latest is smaller"
+                        ))
+                    });
+            }
         }
+        let shared = Arc::clone(&self.shared);
+        let stored = checkpoint.clone();
+        tokio::task::spawn_blocking(move || shared.store_checkpoint(&stored))
+            .await
+            .map_err(|error| {
+                AuditError::unavailable(format!("checkpoint task failed: {error}"))
+            })??;
         tracing::info!(tree_size, root_hash = %root_hash, "audit checkpoint stored");
         Ok(checkpoint)
     }
@@ -465,7 +622,7 @@ impl AuditLog {
             tree_size: self.tree_size(),
             appends: self.shared.appends.load(Ordering::Relaxed),
             fsyncs: self.shared.fsyncs.load(Ordering::Relaxed),
-            records_scanned_at_open: self.shared.records_scanned_at_open,
+            records_scanned_at_open: self.shared.records_scanned_at_open.load(Ordering::Relaxed),
             hashes_in_memory,
         }
     }
@@ -505,6 +662,40 @@ impl AuditLog {
 }
 
 impl Shared {
+    fn latest_checkpoint(&self) -> Option<Checkpoint> {
+        // Only a panic while replacing the value poisons the lock; the value is whole either way.
+        self.latest_checkpoint
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Makes `checkpoint` the latest, stored durably (temporary file, fsync, rename, directory
+    /// fsync), unless the latest is already it or covers more records: the stored checkpoint
+    /// only grows. Returns whether it was stored.
+    fn store_checkpoint(&self, checkpoint: &Checkpoint) -> Result<bool, AuditError> {
+        let _file = self
+            .checkpoint_file
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(latest) = self.latest_checkpoint()
+            && (latest == *checkpoint || latest.tree_size() > checkpoint.tree_size())
+        {
+            return Ok(false);
+        }
+        write_atomically(
+            &self.dir,
+            CHECKPOINT_FILE,
+            CHECKPOINT_TEMP_FILE,
+            &checkpoint.to_json(),
+        )?;
+        *self
+            .latest_checkpoint
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Some(checkpoint.clone());
+        Ok(true)
+    }
+
     /// The tree of `frontier` for one request, its full tiles through the cache.
     fn view<'a>(&'a self, frontier: &'a Frontier) -> TileView<'a> {
         TileView::new(frontier, &self.tiles).with_cache(&self.tile_cache)
@@ -581,50 +772,77 @@ impl Shared {
     }
 }
 
-/// The writer thread: the only code that writes `audit.log` after open.
+/// The writer thread: the only code that writes `audit.log` after open, and the only user of the
+/// ledger.
 struct Writer {
     file: File,
     /// Holds the directory's advisory lock for as long as the writer lives.
     _lock: File,
-    receiver: mpsc::Receiver<Job>,
+    receiver: mpsc::Receiver<Request>,
     shared: Arc<Shared>,
     clock: Arc<dyn Clock>,
+    ledger: Option<Box<dyn Ledger>>,
+    /// Whether the last call to the ledger failed (mirrored in `State::ledger_failure`).
+    ledger_down: bool,
+    origin: Origin,
+    checkpoint_key: Option<AuditPublicKey>,
     tree: Tree,
     next_index: u64,
     end: u64,
     failure: Option<String>,
+    /// The lines of the next write, each with its newline.
     buf: Vec<u8>,
+    /// Each line of `buf`: its bytes there, newline included, and its leaf hash.
+    staged: Vec<(Range<usize>, TreeHash)>,
     #[cfg(feature = "bench")]
     fsync_per_append: bool,
 }
 
-/// A rendered record waiting for its fsync.
-struct Pending {
-    reply: oneshot::Sender<Result<AppendReceipt, AuditError>>,
-    index: u64,
-    leaf_hash: TreeHash,
-    time: Timestamp,
-    /// The line with its newline, in `Writer::buf`.
-    bytes: Range<usize>,
-}
+/// Events of one batch with the times the writer gave them, apart from their appenders' replies
+/// so that the ledger's batch closure (which must be `Send`) can borrow them.
+type Timed = Vec<(PreparedEvent, Timestamp)>;
 
 impl Writer {
     fn run(mut self) {
         let mut batch = Vec::new();
         // Ends when every sender is gone: the log was dropped or closed.
-        while let Some(job) = self.receiver.blocking_recv() {
-            let mut bytes = job.event.approximate_len();
-            batch.push(job);
-            while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
-                match self.receiver.try_recv() {
-                    Ok(job) => {
-                        bytes += job.event.approximate_len();
+        while let Some(request) = self.receiver.blocking_recv() {
+            let mut next = Some(request);
+            while let Some(request) = next.take() {
+                match request {
+                    Request::Append(job) => {
+                        let mut bytes = job.event.approximate_len();
                         batch.push(job);
+                        while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
+                            match self.receiver.try_recv() {
+                                Ok(Request::Append(job)) => {
+                                    bytes += job.event.approximate_len();
+                                    batch.push(job);
+                                }
+                                // Served once this batch is committed.
+                                Ok(other) => {
+                                    next = Some(other);
+                                    break;
+                                }
+                                Err(_) => break,
+                            }
+                        }
+                        self.commit(&mut batch);
                     }
-                    Err(_) => break,
+                    Request::Sync(reply) => {
+                        let _ = reply.send(self.sync());
+                    }
+                    Request::PutCheckpoint {
+                        tree_size,
+                        note,
+                        reply,
+                    } => {
+                        let stored =
+                            self.ledger_call(|ledger| ledger.put_checkpoint(tree_size, &note));
+                        let _ = reply.send(stored);
+                    }
                 }
             }
-            self.commit(&mut batch);
         }
         // The last tree state is written while the directory lock is still held.
         self.tree.close();
@@ -638,52 +856,294 @@ impl Writer {
             }
             return;
         }
-        self.buf.clear();
-        let mut pending = Vec::with_capacity(batch.len());
+        let mut events = Vec::with_capacity(batch.len());
+        let mut replies = Vec::with_capacity(batch.len());
         for job in batch.drain(..) {
-            let time = match Timestamp::from_system_time(self.clock.now()) {
-                Ok(time) => time,
+            match Timestamp::from_system_time(self.clock.now()) {
+                Ok(time) => {
+                    events.push((job.event, time));
+                    replies.push(job.reply);
+                }
                 Err(error) => {
                     let _ = job.reply.send(Err(error));
-                    continue;
                 }
-            };
-            let index = self.next_index + pending.len() as u64;
-            let start = self.buf.len();
-            job.event.render(index, &time, &mut self.buf);
-            let leaf_hash = leaf_hash(&self.buf[start..]);
-            self.buf.push(b'\n');
-            pending.push(Pending {
-                reply: job.reply,
-                index,
-                leaf_hash,
-                time,
-                bytes: start..self.buf.len(),
-            });
+            }
         }
         #[cfg(feature = "bench")]
         if self.fsync_per_append {
-            for one in pending {
-                self.write_durably(vec![one]);
+            for (event, reply) in events.into_iter().zip(replies) {
+                self.record(vec![event], vec![reply]);
             }
             return;
         }
-        if !pending.is_empty() {
-            self.write_durably(pending);
+        if !events.is_empty() {
+            self.record(events, replies);
         }
     }
 
-    /// Writes the consecutive lines of `pending` at the end of the file with one write and one
-    /// fsync, publishes them, and answers their appenders.
-    fn write_durably(&mut self, pending: Vec<Pending>) {
-        let (Some(first), Some(last)) = (pending.first(), pending.last()) else {
-            return;
-        };
-        let range = first.bytes.start..last.bytes.end;
-        if let Some(reason) = &self.failure {
-            let reason = reason.clone();
-            return answer_failure(pending, &reason);
+    /// Records one batch: in the ledger first when there is one (which numbers it after what
+    /// other nodes appended, and hands those records back), then in the local copy with one
+    /// write and one fsync; then answers its appenders.
+    fn record(&mut self, events: Timed, replies: Vec<Reply<AppendReceipt>>) {
+        self.buf.clear();
+        self.staged.clear();
+        let mut first = self.next_index;
+        if self.ledger.is_some() {
+            match self.append_to_ledger(&events) {
+                Ok(numbered) => first = numbered,
+                Err(error) => return answer(replies, || error.duplicate()),
+            }
         }
+        let ours = self.staged.len();
+        for ((event, time), index) in events.iter().zip(first..) {
+            let start = self.buf.len();
+            event.render(index, time, &mut self.buf);
+            let leaf_hash = leaf_hash(&self.buf[start..]);
+            self.buf.push(b'\n');
+            self.staged.push((start..self.buf.len(), leaf_hash));
+        }
+        let tree_size = match self.write_staged() {
+            Ok(tree_size) => tree_size,
+            Err(reason) => return answer(replies, || AuditError::unavailable(reason.clone())),
+        };
+        self.shared
+            .appends
+            .fetch_add(replies.len() as u64, Ordering::Relaxed);
+        let receipts = events.into_iter().zip(&self.staged[ours..]).zip(first..);
+        for ((((_, time), &(_, leaf_hash)), index), reply) in receipts.zip(replies) {
+            let receipt = AppendReceipt {
+                index,
+                leaf_hash,
+                time,
+                tree_size,
+            };
+            let _ = reply.send(Ok(receipt));
+        }
+        self.tree.hand_off(false);
+    }
+
+    /// Stores the batch in the ledger and stages the records other nodes appended before it.
+    /// Returns the index of the batch's first record.
+    ///
+    /// A failed append may still have reached the ledger: its records are then brought in as
+    /// other nodes' are, by the next append or sync (their appenders were told of the failure,
+    /// so nothing acted on them). A record from the ledger that does not check stops the log
+    /// until it is reopened, before anything else is stored on top of it.
+    fn append_to_ledger(&mut self, events: &Timed) -> Result<u64, AuditError> {
+        let from = self.next_index;
+        let mut numbered = None;
+        let others = self.ledger_call(|ledger| {
+            let others = ledger.append(from, &mut |first| {
+                numbered = Some(first);
+                let lines = events
+                    .iter()
+                    .zip(first..)
+                    .map(|((event, time), index)| {
+                        let mut line = Vec::with_capacity(event.approximate_len());
+                        event.render(index, time, &mut line);
+                        line
+                    })
+                    .collect();
+                Ok(lines)
+            })?;
+            let expected = from + others.len() as u64;
+            match numbered {
+                Some(first) if first == expected => Ok(others),
+                _ => Err(LedgerError::Inconsistent(format!(
+                    "it returned {} records from index {from} but numbered the batch from {}",
+                    others.len(),
+                    numbered.map_or_else(|| "nowhere".to_owned(), |first| first.to_string())
+                ))),
+            }
+        })?;
+        self.stage_from_ledger(from, &others)?;
+        Ok(from + others.len() as u64)
+    }
+
+    /// At open: checks that the local copy is where the ledger's records begin (its last record
+    /// is the ledger's record of that index), then syncs. Returns how many records it caught up.
+    fn join_ledger(&mut self) -> Result<u64, AuditError> {
+        let size = self.tree.size();
+        if let Some(last) = size.checked_sub(1) {
+            let local = self
+                .shared
+                .read_records(last..size, self.tree.frontier(), self.end)?;
+            let local = local.strip_suffix(b"\n").unwrap_or(&local);
+            let ledger = self.ledger_call(|ledger| ledger.read(last, 1))?;
+            match ledger.first() {
+                None => {
+                    return Err(AuditError::ledger_mismatch(format!(
+                        "the local copy holds {size} records, the ledger fewer: it was replaced or \
+                         restored from an older backup, and records this node acknowledged are \
+                         not in it"
+                    )));
+                }
+                Some(line) if line != local => {
+                    return Err(AuditError::ledger_mismatch(format!(
+                        "record {last} of the local copy differs from the ledger's: they are not \
+                         the same log"
+                    )));
+                }
+                Some(_) => {}
+            }
+        }
+        self.sync()?;
+        Ok(self.tree.size() - size)
+    }
+
+    /// Catches up with the ledger, then adopts its latest checkpoint when newer than the local
+    /// one. The checkpoint is read first: one is stored only once the records it covers are, so
+    /// the records read after it cover it.
+    fn sync(&mut self) -> Result<Synced, AuditError> {
+        if self.ledger.is_none() {
+            return Ok(Synced {
+                tree_size: self.tree.size(),
+                ledger_checkpoint: None,
+            });
+        }
+        if let Some(reason) = &self.failure {
+            return Err(AuditError::unavailable(reason.clone()));
+        }
+        let note = self.ledger_call(|ledger| ledger.latest_checkpoint())?;
+        self.catch_up()?;
+        let ledger_checkpoint = match note {
+            Some(note) => Some(self.adopt_checkpoint(&note)?),
+            None => None,
+        };
+        Ok(Synced {
+            tree_size: self.tree.size(),
+            ledger_checkpoint,
+        })
+    }
+
+    /// Brings in the records the ledger holds after the local copy, a page at a time: each page
+    /// checked, written and fsynced, then published.
+    fn catch_up(&mut self) -> Result<(), AuditError> {
+        loop {
+            let from = self.next_index;
+            let lines = self.ledger_call(|ledger| ledger.read(from, LEDGER_PAGE))?;
+            if lines.is_empty() {
+                return Ok(());
+            }
+            self.buf.clear();
+            self.staged.clear();
+            self.stage_from_ledger(from, &lines)?;
+            self.write_staged().map_err(AuditError::unavailable)?;
+            self.tree.hand_off(false);
+        }
+    }
+
+    /// Checks lines from the ledger as the open-time scan checks the local file (each a record
+    /// in its one spelling, with indexes `from`, `from + 1`, ...) and stages them for the next
+    /// write. A line that does not check stops the log until it is reopened.
+    fn stage_from_ledger(&mut self, from: u64, lines: &[Vec<u8>]) -> Result<(), AuditError> {
+        for (line, index) in lines.iter().zip(from..) {
+            let problem = match check_line(line) {
+                Ok(found) if found == index => None,
+                Ok(found) => Some(format!("it holds index {found}")),
+                Err(reason) => Some(reason),
+            };
+            if let Some(problem) = problem {
+                let error = AuditError::ledger_mismatch(format!(
+                    "its record {index} is refused: {problem}"
+                ));
+                self.fail(error.to_string());
+                return Err(error);
+            }
+            let start = self.buf.len();
+            self.buf.extend_from_slice(line);
+            self.buf.push(b'\n');
+            self.staged.push((start..self.buf.len(), leaf_hash(line)));
+        }
+        Ok(())
+    }
+
+    /// Checks a checkpoint from the ledger as the stored one is checked at open (origin,
+    /// signature with a key, size and root against the tree) and makes it the latest when it is
+    /// newer. Returns its tree size.
+    fn adopt_checkpoint(&self, note: &[u8]) -> Result<u64, AuditError> {
+        let mismatch = |reason: String| {
+            AuditError::ledger_mismatch(format!("its latest checkpoint: {reason}"))
+        };
+        let checkpoint =
+            Checkpoint::from_json(note).map_err(|error| mismatch(error.to_string()))?;
+        if checkpoint.origin() != &self.origin {
+            return Err(mismatch(format!(
+                "origin {:?} is not this log's {:?}",
+                checkpoint.origin().as_str(),
+                self.origin.as_str()
+            )));
+        }
+        if let Some(key) = &self.checkpoint_key {
+            checkpoint
+                .verify(key)
+                .map_err(|error| mismatch(error.to_string()))?;
+        }
+        let tree_size = checkpoint.tree_size();
+        if tree_size > self.tree.size() {
+            return Err(mismatch(format!(
+                "it covers {tree_size} records, the ledger holds {}",
+                self.tree.size()
+            )));
+        }
+        let root = merkle::root(&mut self.shared.view(self.tree.frontier()), tree_size)?;
+        if root != *checkpoint.root_hash() {
+            return Err(mismatch(format!(
+                "the first {tree_size} records have root {root}, the checkpoint says {}",
+                checkpoint.root_hash()
+            )));
+        }
+        if self.shared.store_checkpoint(&checkpoint)? {
+            tracing::info!(tree_size, "audit checkpoint adopted from the ledger");
+        }
+        Ok(tree_size)
+    }
+
+    /// Calls the ledger and keeps `State::ledger_failure` up to date with the outcome.
+    fn ledger_call<T>(
+        &mut self,
+        call: impl FnOnce(&mut dyn Ledger) -> Result<T, LedgerError>,
+    ) -> Result<T, AuditError> {
+        let Some(ledger) = self.ledger.as_mut() else {
+            return Err(AuditError::unavailable("the audit log has no ledger"));
+        };
+        let result = call(ledger.as_mut());
+        match &result {
+            Err(error) => {
+                tracing::error!(%error, "the audit ledger failed; appends fail until it answers");
+                self.ledger_down = true;
+                self.set_ledger_failure(Some(error.clone()));
+            }
+            Ok(_) if self.ledger_down => {
+                tracing::info!("the audit ledger answers again");
+                self.ledger_down = false;
+                self.set_ledger_failure(None);
+            }
+            Ok(_) => {}
+        }
+        result.map_err(AuditError::from)
+    }
+
+    fn set_ledger_failure(&self, failure: Option<LedgerError>) {
+        // Only this thread takes the write lock; a poisoned lock holds a whole value.
+        self.shared
+            .state
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .ledger_failure = failure;
+    }
+
+    /// Writes the staged lines at the end of the file with one write and one fsync, then records
+    /// their offsets and leaves and publishes them. Returns the new tree size, or why the write
+    /// failed (the log then refuses appends until reopened).
+    fn write_staged(&mut self) -> Result<u64, String> {
+        if let Some(reason) = &self.failure {
+            return Err(reason.clone());
+        }
+        let (Some(first), Some(last)) = (self.staged.first(), self.staged.last()) else {
+            return Ok(self.tree.size());
+        };
+        let range = first.0.start..last.0.end;
         let bytes = &self.buf[range.clone()];
         let path = &self.shared.log_path;
         #[cfg(test)]
@@ -691,7 +1151,7 @@ impl Writer {
             let _ = self.file.write_all_at(&bytes[..bytes.len() / 2], self.end);
             let reason = "injected write failure".to_owned();
             self.fail(reason.clone());
-            return answer_failure(pending, &reason);
+            return Err(reason);
         }
         let result = self
             .file
@@ -704,23 +1164,25 @@ impl Writer {
             });
         if let Err(reason) = result {
             self.fail(reason.clone());
-            return answer_failure(pending, &reason);
+            return Err(reason);
         }
         self.shared.fsyncs.fetch_add(1, Ordering::Relaxed);
 
         let base = self.end - range.start as u64;
         self.end = base + range.end as u64;
-        // The batch's offsets and the tiles it fills are written before the size that needs them
+        // The offsets and the tiles the lines fill are written before the size that needs them
         // is published. They are derived from audit.log, which now holds the records, so a
-        // failure here does not undo the appends: they are answered, and later ones refused.
-        let starts: Vec<u64> = pending
+        // failure here does not undo the write: the caller answers its appends, and later ones
+        // are refused.
+        let starts: Vec<u64> = self
+            .staged
             .iter()
-            .map(|one| base + one.bytes.start as u64)
+            .map(|(bytes, _)| base + bytes.start as u64)
             .collect();
         let mut derived = self.shared.offsets.write(self.next_index, &starts);
-        for one in &pending {
+        for (bytes, leaf_hash) in &self.staged {
             // Every leaf goes in, even after a failure, so that the tree stays the log's.
-            let pushed = self.tree.push(one.leaf_hash, base + one.bytes.end as u64);
+            let pushed = self.tree.push(*leaf_hash, base + bytes.end as u64);
             derived = derived.and(pushed);
         }
         let tree_size = self.tree.size();
@@ -731,35 +1193,24 @@ impl Writer {
                 state.end = self.end;
             }
             // Unreachable: only this thread takes the write lock.
-            Err(_) => return answer_failure(pending, "audit log state lock poisoned"),
+            Err(_) => return Err("audit log state lock poisoned".to_owned()),
         }
         self.next_index = tree_size;
         self.shared.tree_size.store(tree_size, Ordering::Release);
-        self.shared
-            .appends
-            .fetch_add(pending.len() as u64, Ordering::Relaxed);
         if let Err(error) = derived {
             // Before the answers, so that an appender told of success sees the refusal next.
             self.tree.stop_persisting();
             self.fail(format!("writing the audit tree failed: {error}"));
         }
-        for one in pending {
-            let receipt = AppendReceipt {
-                index: one.index,
-                leaf_hash: one.leaf_hash,
-                time: one.time,
-                tree_size,
-            };
-            let _ = one.reply.send(Ok(receipt));
-        }
-        self.tree.hand_off(false);
+        Ok(tree_size)
     }
 
     /// After a failed write or fsync nothing about the file's tail can be trusted (a failed
     /// fsync may have dropped dirty pages): refuse appends until an operator reopens the log,
     /// whose scan decides what is there. After a failed tile or offsets write the records are
     /// durable and `end` already includes them, so nothing is cut; the reopened log rebuilds
-    /// what is missing.
+    /// what is missing. With a ledger, records it committed that the local copy lost are
+    /// brought back by the catch-up of the reopened log.
     fn fail(&mut self, reason: String) {
         tracing::error!(path = %self.shared.log_path.display(), %reason, "audit log failed; appends refused");
         // Best effort: remove what part of the failed write reached the file, so that records
@@ -778,9 +1229,11 @@ impl Writer {
     }
 }
 
-fn answer_failure(pending: Vec<Pending>, reason: &str) {
-    for one in pending {
-        let _ = one.reply.send(Err(AuditError::unavailable(reason)));
+/// Answers every appender of a batch with the error `error` makes.
+fn answer<T>(replies: Vec<Reply<T>>, error: impl Fn() -> AuditError) {
+    for reply in replies {
+        // The appender may have gone away; nobody else to tell.
+        let _ = reply.send(Err(error()));
     }
 }
 

@@ -102,7 +102,8 @@ pub enum StoreError {
     /// The write breaks a relation, e.g. a certificate of an unknown account.
     #[error("conflicts with stored records")]
     Conflict,
-    /// A stored value does not parse, or the schema is newer than this build knows.
+    /// A stored value does not parse or contradicts the others (a gap in the audit ledger's
+    /// indexes), or the schema is newer than this build knows.
     #[error("store is corrupt or too new: {0}")]
     Corrupt(String),
     /// The database is busy past the store's timeout (another writer holds it), cannot be

@@ -65,6 +65,8 @@ use crate::{
     SigningRequest, SigningStatus, StoreError,
 };
 
+mod audit_ledger;
+
 /// Worker threads of the store's runtime: they only move bytes between the sockets and the
 /// callers, which parse and build the rows.
 const RUNTIME_THREADS: usize = 2;
@@ -76,6 +78,10 @@ const WAIT: Duration = Duration::from_secs(5);
 /// The key of the advisory lock under which a node brings the schema up to date, so that
 /// nodes starting together migrate once ("smartsig" in ASCII).
 const MIGRATION_LOCK: i64 = 0x736d_6172_7473_6967;
+
+/// The key of the advisory lock under which one node at a time appends to the audit ledger or
+/// stores an audit checkpoint ("smartaud" in ASCII); see the `audit_ledger` module.
+const AUDIT_LOCK: i64 = 0x736d_6172_7461_7564;
 
 /// The schema, one entry per version; `schema_version` holds how many are applied. Append new
 /// versions, never edit an old one.
@@ -218,6 +224,18 @@ const MIGRATIONS: &[&str] = &[
     CREATE TABLE sweep_marks (
         name TEXT COLLATE "C" PRIMARY KEY,
         value BIGINT NOT NULL
+    );"#,
+    // Version 2: the audit log's shared ledger (the `audit_ledger` module): its records, one
+    // line each at its index, and its signed checkpoints (their JSON) by tree size. SQLite has
+    // no counterpart: one node keeps the audit log in its own files.
+    r#"CREATE TABLE audit_records (
+        idx BIGINT PRIMARY KEY CHECK (idx >= 0),
+        line BYTEA NOT NULL
+    );
+
+    CREATE TABLE audit_checkpoints (
+        tree_size BIGINT PRIMARY KEY CHECK (tree_size >= 0),
+        note BYTEA NOT NULL
     );"#,
 ];
 

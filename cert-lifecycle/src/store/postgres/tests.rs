@@ -580,3 +580,105 @@ fn signing_path_and_sweep_queries_use_indexes() {
         );
     }
 }
+
+/// Appends `count` records to the audit ledger as a node's audit log does: from the end of its
+/// copy (`copy`), which it extends with what other nodes appended, then with its own. Each
+/// record says its index and its node.
+fn append_as_node(store: &PgStore, copy: &mut Vec<Vec<u8>>, node: usize, count: u64) {
+    let mut ours = Vec::new();
+    let others = store
+        .audit_append(copy.len() as u64, &mut |first| {
+            ours = (first..first + count)
+                .map(|idx| format!("{idx}:{node}").into_bytes())
+                .collect();
+            Ok::<_, StoreError>(ours.clone())
+        })
+        .unwrap();
+    copy.extend(others);
+    copy.extend(ours);
+}
+
+#[test]
+fn audit_appends_from_several_nodes_get_contiguous_indexes() {
+    let Some(schema) = Schema::new() else { return };
+    let nodes: Vec<PgStore> = (0..4).map(|_| schema.connect().unwrap()).collect();
+    let start = Barrier::new(nodes.len());
+    let copies: Vec<Vec<Vec<u8>>> = std::thread::scope(|scope| {
+        let writers: Vec<_> = nodes
+            .iter()
+            .enumerate()
+            .map(|(node, store)| {
+                let start = &start;
+                scope.spawn(move || {
+                    let mut copy = Vec::new();
+                    start.wait();
+                    for batch in 0..30 {
+                        append_as_node(store, &mut copy, node, 1 + batch % 3);
+                    }
+                    copy
+                })
+            })
+            .collect();
+        writers.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+
+    let ledger = nodes[0].audit_read(0, 10_000).unwrap();
+    assert_eq!(ledger.len(), 4 * 60);
+    for (idx, line) in ledger.iter().enumerate() {
+        let line = String::from_utf8(line.clone()).unwrap();
+        assert!(line.starts_with(&format!("{idx}:")), "{line} at {idx}");
+    }
+    // Each node's copy is the ledger up to its last append, the others' records included.
+    for copy in &copies {
+        assert_eq!(copy[..], ledger[..copy.len()]);
+    }
+    // Pages of it.
+    assert_eq!(nodes[1].audit_read(100, 7).unwrap(), ledger[100..107]);
+    assert_eq!(nodes[1].audit_read(238, 7).unwrap(), ledger[238..]);
+    assert!(nodes[1].audit_read(240, 7).unwrap().is_empty());
+}
+
+#[test]
+fn an_audit_batch_that_fails_stores_nothing() {
+    let Some((_schema, store)) = fresh() else {
+        return;
+    };
+    let mut copy = Vec::new();
+    append_as_node(&store, &mut copy, 0, 2);
+    let refused = store.audit_append(2, &mut |_| Err(StoreError::NotFound));
+    assert!(matches!(refused, Err(StoreError::NotFound)), "{refused:?}");
+    assert_eq!(store.audit_read(0, 10).unwrap(), copy);
+
+    // Not past the end of the ledger; from inside it, the records after come back.
+    let beyond = store.audit_append(3, &mut |_| Ok::<_, StoreError>(vec![b"x".to_vec()]));
+    assert!(matches!(beyond, Err(StoreError::Conflict)), "{beyond:?}");
+    let mut first = None;
+    let others = store
+        .audit_append(1, &mut |index| {
+            first = Some(index);
+            Ok::<_, StoreError>(vec![b"2:0".to_vec()])
+        })
+        .unwrap();
+    assert_eq!((others, first), (copy[1..].to_vec(), Some(2)));
+    assert_eq!(store.audit_read(0, 10).unwrap().len(), 3);
+}
+
+#[test]
+fn a_smaller_audit_checkpoint_is_refused() {
+    let Some((_schema, store)) = fresh() else {
+        return;
+    };
+    assert_eq!(store.audit_latest_checkpoint().unwrap(), None);
+    assert!(store.audit_put_checkpoint(10, b"ten").unwrap());
+    assert!(!store.audit_put_checkpoint(5, b"five").unwrap());
+    assert!(!store.audit_put_checkpoint(10, b"ten again").unwrap());
+    assert_eq!(
+        store.audit_latest_checkpoint().unwrap(),
+        Some(b"ten".to_vec())
+    );
+    assert!(store.audit_put_checkpoint(11, b"eleven").unwrap());
+    assert_eq!(
+        store.audit_latest_checkpoint().unwrap(),
+        Some(b"eleven".to_vec())
+    );
+}
