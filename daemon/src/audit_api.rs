@@ -52,6 +52,18 @@ fn named(error: ApiError, parameters: &str) -> ApiError {
     }
 }
 
+/// The log's size once this node's copy has what the other nodes appended (with several
+/// nodes; one round trip to the ledger).
+async fn synced(app: &App) -> Result<u64, ApiError> {
+    if !app.leader.shared() {
+        return Ok(app.audit.tree_size());
+    }
+    app.audit.sync().await.map_err(|error| {
+        tracing::error!(%error, "cannot bring the audit log up to date from the ledger");
+        ApiError::AuditUnavailable
+    })
+}
+
 /// `GET /v1/audit/records?from=N&limit=M`.
 pub(crate) async fn records(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError> {
     let from = ctx.query_u64("from", Some(0))?;
@@ -64,7 +76,7 @@ pub(crate) async fn records(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError> 
         )));
     }
     let limit = limit.min(MAX_RECORDS);
-    let size = app.audit.tree_size();
+    let size = synced(&app).await?;
     if from > size {
         return Err(ApiError::InvalidRequest(format!(
             "from must be at most the log's size, {size}"
@@ -76,8 +88,11 @@ pub(crate) async fn records(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError> 
 
 /// `GET /v1/audit/checkpoint`.
 pub(crate) async fn checkpoint(app: Arc<App>, _ctx: Ctx) -> Result<Reply, ApiError> {
+    let size = synced(&app).await?;
     let checkpoint = match app.audit.latest_checkpoint() {
-        Some(checkpoint) if checkpoint.tree_size() == app.audit.tree_size() => checkpoint,
+        Some(checkpoint) if checkpoint.tree_size() == size => checkpoint,
+        // With several nodes, the leader signs the series; the others serve its latest.
+        Some(checkpoint) if !app.leader.leads() => checkpoint,
         _ => app
             .audit
             .checkpoint(&HsmCheckpointSigner(app.hsm.clone()))
@@ -99,6 +114,7 @@ fn hashes(hashes: Vec<audit_log::TreeHash>) -> Reply {
 pub(crate) async fn inclusion(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError> {
     let index = ctx.query_u64("index", None)?;
     let tree_size = ctx.query_u64("tree_size", None)?;
+    synced(&app).await?;
     app.audit
         .inclusion_proof(index, tree_size)
         .map(hashes)
@@ -109,6 +125,7 @@ pub(crate) async fn inclusion(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError
 pub(crate) async fn consistency(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError> {
     let first = ctx.query_u64("first", None)?;
     let second = ctx.query_u64("second", None)?;
+    synced(&app).await?;
     app.audit
         .consistency_proof(first, second)
         .map(hashes)

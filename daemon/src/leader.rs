@@ -48,6 +48,11 @@ impl Leader {
         now
     }
 
+    /// Whether several nodes share the store (and so the audit log's ledger).
+    pub(crate) fn shared(&self) -> bool {
+        matches!(self, Leader::Elected(_))
+    }
+
     /// Whether the last [`Leader::check`] found this node leading.
     pub(crate) fn leads(&self) -> bool {
         match self {

@@ -12,8 +12,6 @@ mod admin;
 mod api;
 mod app;
 mod audit_api;
-// Wired into the server by the several-node work on server.rs.
-#[allow(dead_code)]
 mod audit_ledger;
 mod ca;
 mod ca_http;

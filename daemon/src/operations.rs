@@ -48,7 +48,14 @@ pub(crate) async fn readiness(app: &App) -> Vec<(&'static str, Option<String>)> 
         .await
         .err()
         .map(|error| error.to_string());
-    let audit = app.audit.health().err().map(|error| error.to_string());
+    // With several nodes, the ledger in the database answers for the log: asking it is also
+    // how the log learns that an outage is over.
+    let audit = if app.leader.shared() {
+        app.audit.sync().await.err()
+    } else {
+        app.audit.health().err()
+    }
+    .map(|error| error.to_string());
     let store = app
         .store(|store| store.health())
         .await

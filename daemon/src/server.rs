@@ -18,6 +18,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::app::{App, Policy};
 use crate::audit_api::HsmCheckpointSigner;
+use crate::audit_ledger::PgLedger;
 use crate::ca_http::EmbeddedHost;
 use crate::clock::DaemonClock;
 use crate::config::{Config, StoreBackend, StoreConfig};
@@ -407,21 +408,25 @@ async fn assemble(
         .system_public_key(SystemKey::Audit)
         .await
         .map_err(|error| format!("cannot read the audit public key: {error}"))?;
-    let audit = AuditLog::open(
-        &config.audit.dir,
+    let mut audit_config =
         AuditLogConfig::new(Origin::new(&config.audit.origin).map_err(|e| e.to_string())?)
             .with_clock(base.clock.clone())
             .with_checkpoint_key(
                 AuditPublicKey::from_spki_der(audit_key.as_der()).map_err(|e| e.to_string())?,
-            ),
-    )
-    .await
-    .map_err(|error| {
-        format!(
-            "cannot open the audit log {}: {error}",
-            config.audit.dir.display()
-        )
-    })?;
+            );
+    // Several nodes: the records are durable in PostgreSQL first; the directory is this node's
+    // copy of the one log.
+    if let Backend::Postgres(store) = &store {
+        audit_config = audit_config.with_ledger(Box::new(PgLedger::new(store.clone())));
+    }
+    let audit = AuditLog::open(&config.audit.dir, audit_config)
+        .await
+        .map_err(|error| {
+            format!(
+                "cannot open the audit log {}: {error}",
+                config.audit.dir.display()
+            )
+        })?;
     let audit = Arc::new(audit);
     let opened = async {
         let embedded = match &config.ca.embedded {
@@ -605,17 +610,33 @@ fn local(listener: &tokio::net::TcpListener) -> Result<SocketAddr, String> {
     listener.local_addr().map_err(|error| error.to_string())
 }
 
-/// Writes a checkpoint every `interval` when the log grew and this node leads.
+/// Writes a checkpoint every `interval` when the log grew and this node leads. With several
+/// nodes, each also brings its copy of the log up to date at least every 5 s, so that its
+/// next append has little to read while it holds the ledger's lock, and so that it finds the
+/// ledger again after an outage even when idle.
 async fn checkpoints(app: Arc<App>, interval: Duration, mut shutdown: watch::Receiver<bool>) {
     let signer = HsmCheckpointSigner(app.hsm.clone());
+    let tick = if app.leader.shared() {
+        interval.min(Duration::from_secs(5))
+    } else {
+        interval
+    };
+    let mut last = tokio::time::Instant::now();
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(interval) => {}
+            _ = tokio::time::sleep(tick) => {}
             _ = shutdown.changed() => return,
         }
-        if !app.leader.leads() {
+        if app.leader.shared()
+            && let Err(error) = app.audit.sync().await
+        {
+            tracing::warn!(%error, "cannot bring the audit log up to date from the ledger");
             continue;
         }
+        if !app.leader.leads() || last.elapsed() < interval {
+            continue;
+        }
+        last = tokio::time::Instant::now();
         let current = app.audit.tree_size();
         let signed = app.audit.latest_checkpoint().map(|c| c.tree_size());
         if signed != Some(current)
