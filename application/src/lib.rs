@@ -32,6 +32,27 @@ use time::{Date, OffsetDateTime};
 pub use error::{AppError, Cause};
 pub use ports::Ports;
 
+/// What a recovery may take for work that a crash interrupted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stranded {
+    /// Everything unfinished: one node, whose own crash left whatever it finds at start.
+    All,
+    /// Only what started before this time: several nodes share the store, and younger work
+    /// may still be running on another node. The time is far enough back that no operation
+    /// still runs (each waits for the HSM, the CA and the store for seconds, not minutes).
+    StartedBefore(OffsetDateTime),
+}
+
+impl Stranded {
+    /// Whether work that started at `started` is the recovery's to take.
+    pub fn covers(self, started: OffsetDateTime) -> bool {
+        match self {
+            Stranded::All => true,
+            Stranded::StartedBefore(cutoff) => started < cutoff,
+        }
+    }
+}
+
 /// A certificate's status by the local record: revoked, expired (at `now`) or valid.
 pub fn certificate_status(certificate: &CertificateRecord, now: OffsetDateTime) -> CertStatus {
     if certificate.status == CertStatus::Revoked {

@@ -443,13 +443,16 @@ async fn try_undo<P: Ports>(
     ports.write(move |store| store.delete_issuance(&id)).await
 }
 
-/// Settles every first issuance a crash interrupted; run at start-up before serving. A
-/// certificate the store keeps ends its row; any other is revoked at the CA and its key
-/// destroyed. A row that cannot be settled now (the CA or the HSM unavailable) stays for the
-/// next start. Gives how many were undone.
-pub async fn recover<P: Ports>(ports: &P) -> Result<usize, AppError> {
+/// Settles every first issuance a crash interrupted that `scope` covers; run at start-up before
+/// serving (and by the leader's sweeps, with several nodes). A certificate the store keeps ends
+/// its row; any other is revoked at the CA and its key destroyed. A row that cannot be settled
+/// now (the CA or the HSM unavailable) stays for the next try. Gives how many were undone.
+pub async fn recover<P: Ports>(ports: &P, scope: crate::Stranded) -> Result<usize, AppError> {
     let mut undone = 0;
     for journal in ports.write(|store| store.issuances()).await? {
+        if !scope.covers(journal.started_at) {
+            continue;
+        }
         let kept = match &journal.serial {
             Some(serial) => ports.read(|store| store.get_certificate(serial))?.is_some(),
             None => false,

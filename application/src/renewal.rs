@@ -617,10 +617,18 @@ async fn try_undo<P: Ports>(
     ports.write(move |store| store.delete_key_change(&id)).await
 }
 
-/// Finishes or undoes every key change a crash interrupted; run at start-up before serving.
-/// A row that cannot be settled now (the CA or the HSM unavailable) stays for the next start.
-pub async fn recover<P: Ports>(ports: &P, now: OffsetDateTime) -> Result<(), AppError> {
+/// Finishes or undoes every key change a crash interrupted that `scope` covers; run at start-up
+/// before serving (and by the leader's sweeps, with several nodes). A row that cannot be
+/// settled now (the CA or the HSM unavailable) stays for the next try.
+pub async fn recover<P: Ports>(
+    ports: &P,
+    now: OffsetDateTime,
+    scope: crate::Stranded,
+) -> Result<(), AppError> {
     for journal in ports.write(|store| store.key_changes()).await? {
+        if !scope.covers(journal.started_at) {
+            continue;
+        }
         let account = ports.read(|store| store.get_account(&journal.account_id))?;
         let finished = account.as_ref().is_some_and(|account| {
             journal.new_serial.is_some() && account.current_certificate == journal.new_serial

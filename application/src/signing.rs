@@ -671,13 +671,21 @@ where
     }
 }
 
-/// Start-up recovery: every request left `approved` (signing began and did not end) fails. Its
-/// signature, if the HSM made one, was never released, so the user's one approval has not
-/// signed; it cannot sign later either. Gives how many were failed.
-pub async fn recover<P: Ports>(ports: &P, now: OffsetDateTime) -> Result<usize, AppError> {
+/// Start-up recovery: every request left `approved` (signing began and did not end) that
+/// `scope` covers fails. Its signature, if the HSM made one, was never released, so the user's
+/// one approval has not signed; it cannot sign later either. A request is approved before it
+/// expires, so its expiry stands for when its signing began. Gives how many were failed.
+pub async fn recover<P: Ports>(
+    ports: &P,
+    now: OffsetDateTime,
+    scope: crate::Stranded,
+) -> Result<usize, AppError> {
     let stranded = ports.write(|store| store.approved_requests()).await?;
     let mut failed = 0;
     for mut request in stranded {
+        if !scope.covers(request.expires_at) {
+            continue;
+        }
         let approved = (request.status, request.bad_attempts);
         request.mark_failed();
         // `false`: finished meanwhile by whoever was signing it.

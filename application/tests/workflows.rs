@@ -9,9 +9,9 @@ mod support;
 
 use std::sync::atomic::Ordering;
 
-use application::AppError;
 use application::accounts::{self, Change};
 use application::signing::{self, Authorised, NewRequest, SigningSettings};
+use application::{AppError, Stranded};
 use cert_lifecycle::{
     AccountId, AccountStatus, Decision, HashAlgorithm, RequestId, ServiceName, SigningRequest,
     SigningStatus, Store, SuspendedBy,
@@ -286,14 +286,37 @@ async fn recovery_fails_a_request_left_approved_and_it_never_signs_again() {
         .store
         .transition_request(&approved, (SigningStatus::Pending, 0), now())
         .unwrap();
-    assert_eq!(signing::recover(&ports, now()).await.unwrap(), 1);
+    // With several nodes, a request whose signing may still run on another node is left
+    // alone: it was approved before it expired, which is not long enough ago.
+    let cutoff = now() - time::Duration::minutes(10);
+    assert_eq!(
+        signing::recover(&ports, now(), Stranded::StartedBefore(cutoff))
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(stored(&ports, &request.id).status, SigningStatus::Approved);
+    // Once it expired long enough ago, it is stranded on any node.
+    let later = request.expires_at + time::Duration::minutes(11);
+    let cutoff = later - time::Duration::minutes(10);
+    assert_eq!(
+        signing::recover(&ports, later, Stranded::StartedBefore(cutoff))
+            .await
+            .unwrap(),
+        1
+    );
     assert_eq!(stored(&ports, &request.id).status, SigningStatus::Failed);
     assert_eq!(ports.audit.count("signing.failed", request.id.as_str()), 1);
     let again = authorise(&ports, &request, &device, Decision::Approve).await;
     assert!(matches!(again, Err(AppError::RequestNotPending("failed"))));
     assert_eq!(ports.keys.signatures.load(Ordering::SeqCst), 0);
     // A second recovery finds nothing.
-    assert_eq!(signing::recover(&ports, now()).await.unwrap(), 0);
+    assert_eq!(
+        signing::recover(&ports, now(), Stranded::All)
+            .await
+            .unwrap(),
+        0
+    );
 }
 
 #[tokio::test]

@@ -293,13 +293,14 @@ async fn start(
         }
         // A renewal or re-application that a crash interrupted is finished or undone before the
         // API serves; the CA (the embedded one too) is reachable by now.
-        application::renewal::recover(&*app, app.clock.now())
+        let scope = stranded(&app);
+        application::renewal::recover(&*app, app.clock.now(), scope)
             .await
             .map_err(|error| format!("cannot read the key-change journal: {error}"))?;
         // A signature that a crash interrupted after the approval was never released: its
         // request fails, and can never sign again.
         // A first certificate that a crash kept from the store is revoked at the CA.
-        application::registration::recover(&*app)
+        application::registration::recover(&*app, scope)
             .await
             .map_err(|error| format!("cannot settle the interrupted issuances: {error}"))?;
         // Audit records of account changes that a crash (or an audit log that could not take
@@ -308,7 +309,7 @@ async fn start(
         if delivered > 0 {
             tracing::warn!(delivered, "audit records delivered from the outbox");
         }
-        application::signing::recover(&*app, app.clock.now())
+        application::signing::recover(&*app, app.clock.now(), scope)
             .await
             .map_err(|error| format!("cannot fail the interrupted signing requests: {error}"))?;
         app.append(
@@ -499,6 +500,21 @@ async fn assemble(
         sweeping: Default::default(),
     });
     Ok((app, embedded))
+}
+
+/// How long after it began interrupted work is surely not running on another node: far past the
+/// deadlines of the HSM, the CA and the store that every step waits for.
+pub(crate) const STRANDED_AFTER: time::Duration = time::Duration::minutes(10);
+
+/// What the recoveries may take now: on one node, everything its own crash left; with several
+/// nodes, what began long enough ago that no node still runs it (the leader's sweeps take the
+/// rest once it is that old).
+pub(crate) fn stranded(app: &App) -> application::Stranded {
+    if app.leader.shared() {
+        application::Stranded::StartedBefore(app.clock.now() - STRANDED_AFTER)
+    } else {
+        application::Stranded::All
+    }
 }
 
 /// The store the configuration names, opened (SQLite) or connected to (PostgreSQL), its schema

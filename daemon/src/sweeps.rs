@@ -71,6 +71,9 @@ async fn run(
 ) -> Result<Changes, application::AppError> {
     let _running = app.sweeping.lock().await;
     let started = std::time::Instant::now();
+    if app.leader.shared() {
+        settle_stranded(app, now).await;
+    }
     let changes = sweeps::run(app, actor, now).await?;
     app.metrics
         .sweep_duration
@@ -79,6 +82,23 @@ async fn run(
         .sweep_last_run
         .set(app.clock.now().unix_timestamp());
     Ok(changes)
+}
+
+/// With several nodes, work that a node's crash interrupted long enough ago is settled here, as
+/// a node settles its own at start: the node may never come back.
+async fn settle_stranded(app: &App, now: OffsetDateTime) {
+    let scope = crate::server::stranded(app);
+    if let Err(error) = application::renewal::recover(app, now, scope).await {
+        tracing::error!(%error, "cannot settle the stranded key changes");
+    }
+    if let Err(error) = application::registration::recover(app, scope).await {
+        tracing::error!(%error, "cannot settle the stranded issuances");
+    }
+    match application::signing::recover(app, now, scope).await {
+        Ok(0) => {}
+        Ok(failed) => tracing::warn!(failed, "stranded signing requests failed"),
+        Err(error) => tracing::error!(%error, "cannot fail the stranded signing requests"),
+    }
 }
 
 /// The route's answer.
