@@ -39,6 +39,7 @@ pub(crate) struct Metrics {
     /// Store writes that succeeded, and the commits (fsyncs) that made them durable.
     store_writes: prometheus::IntCounter,
     store_commits: prometheus::IntCounter,
+    store_round_trips: prometheus::IntCounter,
     /// Serialises [`Metrics::key_cache`]'s catch-up of concurrent scrapes.
     catch_up_lock: Arc<std::sync::Mutex<()>>,
     status: Arc<StatusMetrics>,
@@ -216,6 +217,10 @@ impl Metrics {
             "store_commits_total",
             "Store commits, each one fsync: writes waiting together share one (group commit)",
         )?;
+        let store_round_trips = prometheus::IntCounter::new(
+            "store_round_trips_total",
+            "Round trips to the PostgreSQL server (one a statement, two a transaction)",
+        )?;
         let status = Arc::new(StatusMetrics {
             cache: IntCounterVec::new(
                 Opts::new(
@@ -267,6 +272,7 @@ impl Metrics {
         registry.register(Box::new(sweep_duration.clone()))?;
         registry.register(Box::new(store_writes.clone()))?;
         registry.register(Box::new(store_commits.clone()))?;
+        registry.register(Box::new(store_round_trips.clone()))?;
         registry.register(Box::new(sweep_last_run.clone()))?;
         registry.register(Box::new(leader.clone()))?;
         Ok(Self {
@@ -291,6 +297,7 @@ impl Metrics {
             leader,
             store_writes,
             store_commits,
+            store_round_trips,
             catch_up_lock: Arc::new(std::sync::Mutex::new(())),
             status,
         })
@@ -298,7 +305,12 @@ impl Metrics {
 
     /// Brings the counters kept by the parts up to their counts since open: the adapter's
     /// wrapped-key cache (hits, misses) and the store's (writes, commits).
-    pub(crate) fn catch_up(&self, key_cache: (u64, u64), store: Option<(u64, u64)>) {
+    pub(crate) fn catch_up(
+        &self,
+        key_cache: (u64, u64),
+        store: Option<(u64, u64)>,
+        round_trips: Option<u64>,
+    ) {
         let _serial = self
             .catch_up_lock
             .lock()
@@ -312,6 +324,10 @@ impl Metrics {
             for (counter, count) in [(&self.store_writes, writes), (&self.store_commits, commits)] {
                 counter.inc_by(count.saturating_sub(counter.get()));
             }
+        }
+        if let Some(count) = round_trips {
+            let counter = &self.store_round_trips;
+            counter.inc_by(count.saturating_sub(counter.get()));
         }
     }
 

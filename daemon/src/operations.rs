@@ -109,8 +109,11 @@ async fn handle(gate: &Gate, path: &str) -> (StatusCode, &'static str, Vec<u8>) 
                     .with_label_values(&[label])
                     .set(i64::try_from(app.hsm.queued(lane)).unwrap_or(i64::MAX));
             }
-            app.metrics
-                .catch_up(app.hsm.key_cache(), app.store.commit_counts());
+            app.metrics.catch_up(
+                app.hsm.key_cache(),
+                app.store.commit_counts(),
+                app.store.round_trips(),
+            );
             let stats = app.audit.stats();
             app.metrics
                 .audit_tree_size

@@ -164,6 +164,18 @@ impl Daemon {
         }
     }
 
+    /// A daemon that runs elsewhere (a node of `bench nodes`), its TLS clients and population
+    /// list in `state`.
+    pub(crate) fn attached(state: PathBuf, api: String, metrics: String) -> Daemon {
+        Daemon {
+            child: None,
+            _temporary: None,
+            state,
+            api,
+            metrics,
+        }
+    }
+
     /// A mutual-TLS client with the development certificate of `name`.
     pub(crate) fn client(&self, name: &str) -> Result<reqwest::Client, Box<dyn std::error::Error>> {
         let mut identity = std::fs::read(self.state.join(format!("clients/{name}.pem")))?;

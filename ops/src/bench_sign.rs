@@ -355,14 +355,14 @@ impl RawSide {
 
 /// Flows measured: their latencies, failures and the time they took.
 #[derive(Default)]
-struct Measured {
-    latencies: Vec<Duration>,
-    failed: u64,
+pub(crate) struct Measured {
+    pub(crate) latencies: Vec<Duration>,
+    pub(crate) failed: u64,
     elapsed: Duration,
 }
 
 impl Measured {
-    fn add(&mut self, mut other: Measured) {
+    pub(crate) fn add(&mut self, mut other: Measured) {
         self.latencies.append(&mut other.latencies);
         self.failed += other.failed;
         self.elapsed += other.elapsed;
@@ -382,7 +382,7 @@ impl Measured {
             .unwrap_or_default()
     }
 
-    fn percentiles(&mut self) -> String {
+    pub(crate) fn percentiles(&mut self) -> String {
         format!(
             "{:.1} / {:.1} / {:.1}",
             ms(self.percentile(0.50)),
@@ -393,7 +393,7 @@ impl Measured {
 }
 
 /// The parties of the flow and the population they sign for.
-struct FlowSide {
+pub(crate) struct FlowSide {
     /// A client of each of [`SERVICES`]; flows alternate between them.
     services: [reqwest::Client; 2],
     gateway: reqwest::Client,
@@ -408,10 +408,19 @@ impl FlowSide {
         daemon: &Daemon,
         accounts: Vec<Listed>,
     ) -> Result<Arc<FlowSide>, Box<dyn std::error::Error>> {
+        Self::at(daemon, accounts, &daemon.api)
+    }
+
+    /// The flow against the API at `api` (a node that shares `daemon`'s TLS clients).
+    pub(crate) fn at(
+        daemon: &Daemon,
+        accounts: Vec<Listed>,
+        api: &str,
+    ) -> Result<Arc<FlowSide>, Box<dyn std::error::Error>> {
         Ok(Arc::new(FlowSide {
             services: [daemon.client(SERVICES[0])?, daemon.client(SERVICES[1])?],
             gateway: daemon.client("gateway")?,
-            api: daemon.api.clone(),
+            api: api.to_owned(),
             accounts,
             limited: AtomicU64::new(0),
             draws: AtomicU64::new(
@@ -437,7 +446,7 @@ impl FlowSide {
 
     /// `clients` clients each run flows back to back for `duration`; flows that end after it
     /// are not counted.
-    async fn closed(self: &Arc<Self>, clients: usize, duration: Duration) -> Measured {
+    pub(crate) async fn closed(self: &Arc<Self>, clients: usize, duration: Duration) -> Measured {
         let end = Instant::now() + duration;
         let mut tasks = tokio::task::JoinSet::new();
         for _ in 0..clients.max(1) {

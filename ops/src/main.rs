@@ -19,6 +19,7 @@ mod bench_accounts;
 mod bench_audit;
 mod bench_audit_open;
 mod bench_hsm;
+mod bench_nodes;
 mod bench_populate;
 mod bench_rotate;
 mod bench_sign;
@@ -158,6 +159,10 @@ enum BenchCommand {
     /// share of the work (re-wrapping alone) in the same run. Without --token it makes a
     /// scratch SoftHSM token.
     RotateKek(bench_rotate::BenchRotateArgs),
+    /// The aggregate signing rate of 1, 2, ... N nodes on one PostgreSQL database and one
+    /// SoftHSM token, with each node's CPU time and database round trips per signature (and
+    /// PostgreSQL's CPU time), for sizing a deployment.
+    Nodes(bench_nodes::BenchNodesArgs),
 }
 
 fn main() -> ExitCode {
@@ -202,6 +207,7 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             Command::Bench(BenchCommand::AuditOpen(args)) => bench_audit_open::run(args).await,
             Command::Bench(BenchCommand::Populate(args)) => bench_populate::run(args).await,
             Command::Bench(BenchCommand::Sweep(args)) => bench_sweep::run(args).await,
+            Command::Bench(BenchCommand::Nodes(args)) => bench_nodes::run(args).await,
             Command::Bench(BenchCommand::RotateKek(args)) => {
                 match scratch::ensure_token(&args.token)? {
                     scratch::Token::Given => bench_rotate::run(args).await,

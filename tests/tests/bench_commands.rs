@@ -123,3 +123,59 @@ fn populate_resumes_and_sign_draws_from_the_population() {
         "{report}"
     );
 }
+
+#[test]
+fn nodes_reports_each_node_count_with_its_costs() {
+    let Some(admin) = smartsign_tests::pg::admin() else {
+        return;
+    };
+    let database = smartsign_tests::pg::Database::create(&admin);
+    let base = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let state = base.path().join("state");
+    let args = [
+        "bench",
+        "nodes",
+        "--database",
+        &database.url(),
+        "--nodes",
+        "2",
+        "--accounts",
+        "12",
+        "--clients",
+        "4",
+        "--seconds",
+        "2",
+    ];
+    let report = ctl(&args, &state);
+    assert!(report.contains("12 accounts in PostgreSQL"), "{report}");
+    // The accounts are in the shared database, made through the first node.
+    assert_eq!(
+        database.sql("SELECT count(*) FROM accounts WHERE id LIKE 'bench-%'"),
+        "12"
+    );
+    for nodes in ["1", "2"] {
+        let row: Vec<&str> = report
+            .lines()
+            .find(|line| line.split_whitespace().next() == Some(nodes))
+            .unwrap_or_else(|| panic!("no row for {nodes} node(s):\n{report}"))
+            .split_whitespace()
+            .collect();
+        let rate: f64 = row[1].parse().unwrap();
+        assert!(rate > 0.0, "{report}");
+        assert_eq!(row[2], "0", "no flow failed: {report}");
+    }
+    // Each node made its own database round trips: one figure per node on the 2-node row.
+    let two = report.lines().find(|line| line.starts_with('2')).unwrap();
+    assert!(two.matches(" / ").count() >= 4, "{two}");
+    // And the signing log in the database holds their signatures, once each.
+    let signed: u64 = database
+        .sql("SELECT count(*) FROM audit_records WHERE convert_from(line, 'UTF8') LIKE '%\"signing.signed\"%'")
+        .parse()
+        .unwrap();
+    let requests: u64 = database
+        .sql("SELECT count(*) FROM signing_requests WHERE status = 'signed'")
+        .parse()
+        .unwrap();
+    assert_eq!(signed, requests);
+    assert!(signed > 0);
+}

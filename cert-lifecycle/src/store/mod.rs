@@ -318,6 +318,12 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         None
     }
 
+    /// Round trips to a database server since the store was opened (PostgreSQL); `None` for
+    /// an embedded store.
+    fn round_trips(&self) -> Option<u64> {
+        None
+    }
+
     /// The active "iAM Smart+" accounts whose current certificate is not revoked and has
     /// `not_after` in `(after, until]`, with that certificate, soonest `not_after` first.
     fn current_certificates_ending(

@@ -45,6 +45,7 @@ use std::fmt;
 use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use deadpool_postgres::{
@@ -268,6 +269,8 @@ struct Inner {
     runtime: Option<tokio::runtime::Runtime>,
     handle: Handle,
     pool: Pool,
+    /// See [`PgStore::round_trips`].
+    round_trips: AtomicU64,
     /// What the pool connects with, for the connections of their own that leaders hold.
     config: tokio_postgres::Config,
     /// Host, port, database and user, for `Debug` (never the password).
@@ -362,6 +365,7 @@ impl PgStore {
                 handle: runtime.handle().clone(),
                 runtime: Some(runtime),
                 pool,
+                round_trips: AtomicU64::new(0),
                 config,
                 target,
                 #[cfg(test)]
@@ -432,9 +436,25 @@ impl PgStore {
     fn db<'a, C: GenericClient>(&'a self, client: &'a C) -> Db<'a, C> {
         Db {
             client,
+            round_trips: &self.inner.round_trips,
             #[cfg(test)]
             plans: &self.inner.plans,
         }
+    }
+
+    /// Begins a transaction: two round trips with its commit (`BEGIN`, `COMMIT`).
+    async fn begin<'a>(
+        &self,
+        client: &'a mut Object,
+    ) -> Result<deadpool_postgres::Transaction<'a>, StoreError> {
+        self.inner.round_trips.fetch_add(2, Ordering::Relaxed);
+        client.transaction().await.map_err(pg_error)
+    }
+
+    /// Round trips to the server since the store was opened: one per statement, two per
+    /// transaction (a benchmark divides it by the signatures made).
+    pub fn round_trips(&self) -> u64 {
+        self.inner.round_trips.load(Ordering::Relaxed)
     }
 }
 
@@ -579,6 +599,7 @@ fn refs(values: &[Param]) -> Vec<&(dyn ToSql + Sync)> {
 /// connection.
 struct Db<'a, C> {
     client: &'a C,
+    round_trips: &'a AtomicU64,
     #[cfg(test)]
     plans: &'a tests::Plans,
 }
@@ -592,6 +613,7 @@ impl<C: GenericClient> Db<'_, C> {
         #[cfg(test)]
         self.plans.explain(self.client, sql, params).await;
         let statement = self.prepare(sql).await?;
+        self.round_trips.fetch_add(1, Ordering::Relaxed);
         self.client
             .execute(&statement, params)
             .await
@@ -606,6 +628,7 @@ impl<C: GenericClient> Db<'_, C> {
         #[cfg(test)]
         self.plans.explain(self.client, sql, params).await;
         let statement = self.prepare(sql).await?;
+        self.round_trips.fetch_add(1, Ordering::Relaxed);
         self.client
             .query(&statement, params)
             .await
@@ -620,6 +643,7 @@ impl<C: GenericClient> Db<'_, C> {
         #[cfg(test)]
         self.plans.explain(self.client, sql, params).await;
         let statement = self.prepare(sql).await?;
+        self.round_trips.fetch_add(1, Ordering::Relaxed);
         self.client
             .query_opt(&statement, params)
             .await
@@ -634,6 +658,7 @@ impl<C: GenericClient> Db<'_, C> {
         #[cfg(test)]
         self.plans.explain(self.client, sql, params).await;
         let statement = self.prepare(sql).await?;
+        self.round_trips.fetch_add(1, Ordering::Relaxed);
         self.client
             .query_one(&statement, params)
             .await
@@ -1071,7 +1096,7 @@ impl Store for PgStore {
     ) -> Result<(), StoreError> {
         self.run(async {
             let mut client = self.client().await?;
-            let tx = client.transaction().await.map_err(pg_error)?;
+            let tx = self.begin(&mut client).await?;
             let db = self.db(&tx);
             insert_account_row(&db, account).await?;
             insert_certificate_row(&db, certificate).await?;
@@ -1086,7 +1111,7 @@ impl Store for PgStore {
     ) -> Result<(), StoreError> {
         self.run(async {
             let mut client = self.client().await?;
-            let tx = client.transaction().await.map_err(pg_error)?;
+            let tx = self.begin(&mut client).await?;
             let db = self.db(&tx);
             insert_certificate_row(&db, certificate).await?;
             update_account_row(&db, account).await?;
@@ -1103,7 +1128,7 @@ impl Store for PgStore {
     ) -> Result<i64, StoreError> {
         self.run(async {
             let mut client = self.client().await?;
-            let tx = client.transaction().await.map_err(pg_error)?;
+            let tx = self.begin(&mut client).await?;
             let db = self.db(&tx);
             update_account_row(&db, a).await?;
             let row = db
@@ -1204,7 +1229,7 @@ impl Store for PgStore {
         let id = account.id.as_str();
         self.run(async {
             let mut client = self.client().await?;
-            let tx = client.transaction().await.map_err(pg_error)?;
+            let tx = self.begin(&mut client).await?;
             let db = self.db(&tx);
             update_account_row(&db, account).await?;
             db.execute(
@@ -1283,7 +1308,7 @@ impl Store for PgStore {
     fn forget_key(&self, serial: &CertSerial, key_ref: &[u8]) -> Result<(), StoreError> {
         self.run(async {
             let mut client = self.client().await?;
-            let tx = client.transaction().await.map_err(pg_error)?;
+            let tx = self.begin(&mut client).await?;
             let db = self.db(&tx);
             db.execute(
                 "UPDATE certificates SET key_ref = NULL WHERE serial = $1 AND key_ref = $2",
@@ -1559,7 +1584,7 @@ impl Store for PgStore {
         values.push(Box::new(i64::try_from(max_pending).unwrap_or(i64::MAX)));
         self.run(async {
             let mut client = self.client().await?;
-            let tx = client.transaction().await.map_err(pg_error)?;
+            let tx = self.begin(&mut client).await?;
             let db = self.db(&tx);
             let known = db
                 .exists(
@@ -1762,7 +1787,7 @@ impl Store for PgStore {
             format!("INSERT INTO consent_challenges ({CHALLENGE_COLUMNS}) VALUES ($1, $2, $3, $4)");
         self.run(async {
             let mut client = self.client().await?;
-            let tx = client.transaction().await.map_err(pg_error)?;
+            let tx = self.begin(&mut client).await?;
             let db = self.db(&tx);
             // What SQLite's INSERT OR REPLACE does: the row of either key goes.
             db.execute(
@@ -1907,6 +1932,10 @@ impl Store for PgStore {
             let found = self.db(&client).query(&sql, &[]).await?;
             rows(found, issuance_from_row)
         })
+    }
+
+    fn round_trips(&self) -> Option<u64> {
+        Some(PgStore::round_trips(self))
     }
 
     fn ceremony_record(&self, sha256: &[u8; 32]) -> Result<Option<u64>, StoreError> {

@@ -37,7 +37,7 @@ impl PgStore {
         let from = index(from)?;
         let appended = self.run(async {
             let mut client = self.client().await?;
-            let tx = client.transaction().await.map_err(pg_error)?;
+            let tx = self.begin(&mut client).await?;
             let db = self.db(&tx);
             db.execute("SELECT pg_advisory_xact_lock($1)", &[&AUDIT_LOCK])
                 .await?;
@@ -109,7 +109,7 @@ impl PgStore {
         let tree_size = index(tree_size)?;
         self.run(async {
             let mut client = self.client().await?;
-            let tx = client.transaction().await.map_err(pg_error)?;
+            let tx = self.begin(&mut client).await?;
             let db = self.db(&tx);
             // Of two nodes storing at once, the second waits here, then compares with the
             // first's.
