@@ -176,6 +176,27 @@ impl Daemon {
         }
     }
 
+    /// The process id of the `smartsignd` serving this state directory: the one started here,
+    /// or the one whose command line names the directory.
+    pub(crate) fn pid(&self) -> Option<u32> {
+        if let Some(child) = &self.child {
+            return Some(child.id());
+        }
+        let wanted = self.state.to_str()?;
+        std::fs::read_dir("/proc")
+            .ok()?
+            .filter_map(Result::ok)
+            .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+            .find(|pid| {
+                std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|line| {
+                    let args: Vec<&[u8]> = line.split(|&b| b == 0).collect();
+                    args.first()
+                        .is_some_and(|program| program.ends_with(b"smartsignd"))
+                        && args.iter().any(|arg| *arg == wanted.as_bytes())
+                })
+            })
+    }
+
     /// A mutual-TLS client with the development certificate of `name`.
     pub(crate) fn client(&self, name: &str) -> Result<reqwest::Client, Box<dyn std::error::Error>> {
         let mut identity = std::fs::read(self.state.join(format!("clients/{name}.pem")))?;

@@ -373,7 +373,7 @@ impl Measured {
     }
 
     /// The `p` quantile (nearest rank).
-    fn percentile(&mut self, p: f64) -> Duration {
+    pub(crate) fn percentile(&mut self, p: f64) -> Duration {
         self.latencies.sort_unstable();
         let rank = ((p * self.latencies.len() as f64).ceil() as usize).max(1);
         self.latencies
@@ -404,7 +404,7 @@ pub(crate) struct FlowSide {
 }
 
 impl FlowSide {
-    fn new(
+    pub(crate) fn new(
         daemon: &Daemon,
         accounts: Vec<Listed>,
     ) -> Result<Arc<FlowSide>, Box<dyn std::error::Error>> {
@@ -484,7 +484,7 @@ impl FlowSide {
 
     /// Flow `k` starts `k / rate` seconds in, for `duration`; each latency counts from when
     /// its flow was due.
-    async fn open(self: &Arc<Self>, rate: f64, duration: Duration) -> Measured {
+    pub(crate) async fn open(self: &Arc<Self>, rate: f64, duration: Duration) -> Measured {
         let start = tokio::time::Instant::now();
         let limit = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
         let mut tasks = tokio::task::JoinSet::new();

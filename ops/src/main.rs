@@ -23,6 +23,7 @@ mod bench_nodes;
 mod bench_populate;
 mod bench_rotate;
 mod bench_sign;
+mod bench_soak;
 mod bench_sweep;
 mod ceremony;
 mod clone;
@@ -163,6 +164,10 @@ enum BenchCommand {
     /// SoftHSM token, with each node's CPU time and database round trips per signature (and
     /// PostgreSQL's CPU time), for sizing a deployment.
     Nodes(bench_nodes::BenchNodesArgs),
+    /// The signing flow at a fixed rate for an hour (or --minutes), printing each minute the
+    /// flows done, their p99 and the daemon's resident memory, and the memory's growth after
+    /// the warm-up.
+    Soak(bench_soak::BenchSoakArgs),
 }
 
 fn main() -> ExitCode {
@@ -208,6 +213,7 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             Command::Bench(BenchCommand::Populate(args)) => bench_populate::run(args).await,
             Command::Bench(BenchCommand::Sweep(args)) => bench_sweep::run(args).await,
             Command::Bench(BenchCommand::Nodes(args)) => bench_nodes::run(args).await,
+            Command::Bench(BenchCommand::Soak(args)) => bench_soak::run(args).await,
             Command::Bench(BenchCommand::RotateKek(args)) => {
                 match scratch::ensure_token(&args.token)? {
                     scratch::Token::Given => bench_rotate::run(args).await,
