@@ -192,7 +192,7 @@ impl Daemon {
                     let args: Vec<&[u8]> = line.split(|&b| b == 0).collect();
                     args.first()
                         .is_some_and(|program| program.ends_with(b"smartsignd"))
-                        && args.iter().any(|arg| *arg == wanted.as_bytes())
+                        && args.contains(&wanted.as_bytes())
                 })
             })
     }
