@@ -109,6 +109,10 @@ struct Cli {
 
 /// Runs the command line; the binary's `main`.
 pub fn main() -> ExitCode {
+    if let Err(error) = crate::systemd::refuse_core_dumps() {
+        eprintln!("smartsignd: cannot refuse core dumps (PR_SET_DUMPABLE): {error}");
+        return ExitCode::FAILURE;
+    }
     let cli = Cli::parse();
     if let Some(path) = &cli.check_config {
         return match Config::load(path) {

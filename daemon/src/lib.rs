@@ -34,6 +34,7 @@ mod routes;
 mod server;
 mod signing;
 mod sweeps;
+mod systemd;
 mod tls;
 mod unseal;
 

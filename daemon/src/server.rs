@@ -101,6 +101,9 @@ pub(crate) async fn run(config: Config, mut dev: Option<DevOptions>) -> Result<(
         base.metrics.clone(),
         shutdown_rx.clone(),
     ));
+    if let Some(interval) = crate::systemd::watchdog_interval() {
+        tasks.spawn(crate::systemd::watchdog(interval, shutdown_rx.clone()));
+    }
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
 
@@ -128,6 +131,9 @@ pub(crate) async fn run(config: Config, mut dev: Option<DevOptions>) -> Result<(
                 base.started,
             ));
             listen(&config, &base, tls, &gate, &mut tasks, &shutdown_rx).await?;
+            crate::systemd::notify(
+                "STATUS=sealed: waiting for a quorum of officers' unseal shares",
+            );
             tracing::warn!(
                 threshold = quorum.threshold,
                 "sealed: the HSM opens when a quorum of officers gives its shares \
@@ -136,6 +142,7 @@ pub(crate) async fn run(config: Config, mut dev: Option<DevOptions>) -> Result<(
             loop {
                 let attempt = tokio::select! {
                     () = &mut shutdown => {
+                        crate::systemd::notify("STOPPING=1");
                         tracing::info!("shutting down while sealed");
                         let _ = shutdown_tx.send(true);
                         while tasks.join_next().await.is_some() {}
@@ -168,8 +175,10 @@ pub(crate) async fn run(config: Config, mut dev: Option<DevOptions>) -> Result<(
         _ => return Err("set either hsm.pin_file or [hsm.quorum] (see --check-config)".into()),
     };
     tracing::info!("smartsignd is serving");
+    crate::systemd::notify("READY=1\nSTATUS=serving");
 
     (&mut shutdown).await;
+    crate::systemd::notify("STOPPING=1\nSTATUS=finishing in-flight requests");
     tracing::info!("shutting down: finishing in-flight requests");
     let _ = shutdown_tx.send(true);
     while tasks.join_next().await.is_some() {}

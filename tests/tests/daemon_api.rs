@@ -667,3 +667,44 @@ fn removed_token_fails_signing_closed_with_hsm_unavailable() {
     );
     assert_not_ready_because_of(&daemon, "hsm");
 }
+
+#[test]
+fn systemd_hears_ready_once_the_daemon_serves_and_watchdog_pings() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&path).unwrap();
+    socket
+        .set_read_timeout(Some(std::time::Duration::from_secs(60)))
+        .unwrap();
+    let mut daemon = DevDaemon::start(&[]);
+    daemon.set_env("NOTIFY_SOCKET", Some(path.to_str().unwrap()));
+    daemon.set_env("WATCHDOG_USEC", Some("1000000"));
+    daemon.restart();
+    let mut heard = Vec::new();
+    let mut buf = [0u8; 512];
+    while !(heard.iter().any(|m: &String| m.contains("READY=1"))
+        && heard.iter().filter(|m| m.contains("WATCHDOG=1")).count() >= 2)
+    {
+        let n = socket.recv(&mut buf).expect("a notification within 60 s");
+        heard.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    // Ready only once it serves: the API answers by then.
+    let ready = heard.iter().position(|m| m.contains("READY=1")).unwrap();
+    assert!(heard[ready].contains("STATUS="), "{heard:?}");
+    let answered = daemon
+        .client("auditor")
+        .get(format!("{}/v1/audit/checkpoint", daemon.api))
+        .send()
+        .unwrap();
+    assert_eq!(answered.status(), 200);
+    daemon.stop();
+    let mut stopping = false;
+    while let Ok(n) = socket.recv(&mut buf) {
+        if String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1") {
+            stopping = true;
+            break;
+        }
+    }
+    assert!(stopping, "STOPPING=1 at shutdown: {heard:?}");
+}
