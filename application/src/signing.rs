@@ -618,6 +618,10 @@ impl<P: Ports> Attempt<'_, P> {
                 fields([
                     ("request_id", json!(request.id.as_str())),
                     ("account_id", json!(request.account_id.as_str())),
+                    // What was signed, for whom, with which key, from this record alone.
+                    ("service", json!(request.service.as_str())),
+                    ("hash_algorithm", json!(request.hash_algorithm.as_str())),
+                    ("hash", json!(hex::encode(&request.hash))),
                     ("serial", json!(certificate.serial.as_str())),
                     ("signature_algorithm", json!(algorithm)),
                     (

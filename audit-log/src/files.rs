@@ -50,3 +50,27 @@ pub(crate) fn remove_if_exists(path: &Path) -> Result<(), AuditError> {
         )),
     }
 }
+
+/// Appends `line` and a newline to `dir/name` (made when missing), durably.
+pub(crate) fn append_line(dir: &Path, name: &str, line: &[u8]) -> Result<(), AuditError> {
+    let path = dir.join(name);
+    let io_error = |what: &str| {
+        let context = format!("{what} {}", path.display());
+        move |error| AuditError::io(context, error)
+    };
+    let created = !path.exists();
+    let mut file = OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(&path)
+        .map_err(io_error("opening"))?;
+    let mut bytes = Vec::with_capacity(line.len() + 1);
+    bytes.extend_from_slice(line);
+    bytes.push(b'\n');
+    file.write_all(&bytes).map_err(io_error("appending to"))?;
+    file.sync_data().map_err(io_error("fsync of"))?;
+    if created {
+        sync_dir(dir)?;
+    }
+    Ok(())
+}

@@ -31,10 +31,14 @@ pub trait Ledger: Send + fmt::Debug {
     /// stored and the error is [`LedgerError::Batch`]. Any other error leaves the outcome unknown
     /// (the commit may have landed): the caller must not treat the batch as recorded, and learns
     /// what the ledger holds by reading it again. A ledger holding fewer than `from` lines is
-    /// [`LedgerError::Inconsistent`], and nothing is stored.
+    /// [`LedgerError::Inconsistent`], and nothing is stored; so is one whose record `from - 1`
+    /// is not `previous` (this node's last line, given when `from > 0`): the ledger is not the
+    /// log this node copied (restored from a backup, or a replica that missed commits), and
+    /// appending to it would fork the log.
     fn append(
         &mut self,
         from: u64,
+        previous: Option<&[u8]>,
         batch: &mut (dyn FnMut(u64) -> Result<Vec<Vec<u8>>, AuditError> + Send),
     ) -> Result<Vec<Vec<u8>>, LedgerError>;
 

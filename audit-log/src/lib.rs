@@ -36,7 +36,10 @@ mod verify;
 pub use checkpoint::{AuditPublicKey, Checkpoint, CheckpointSigner, Origin, SoftwareSigner};
 pub use error::{AuditError, ErrorKind, SignerError};
 pub use ledger::{Ledger, LedgerError};
-pub use log::{AppendReceipt, AuditLog, AuditLogConfig, AuditStats, CHECKPOINT_FILE, LOG_FILE};
+pub use log::{
+    AppendReceipt, AuditLog, AuditLogConfig, AuditStats, CHECKPOINT_FILE, CHECKPOINT_HISTORY_FILE,
+    LOG_FILE,
+};
 pub use merkle::{TreeHash, empty_root, leaf_hash, verify_consistency, verify_inclusion};
 pub use record::{Actor, AuditEvent, EventName, MAX_RECORD_LEN};
 pub use time::{Clock, SystemClock, Timestamp};

@@ -43,7 +43,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::checkpoint::{AuditPublicKey, Checkpoint, CheckpointSigner, Origin};
 use crate::error::AuditError;
-use crate::files::{remove_if_exists, sync_dir, write_atomically};
+use crate::files::{append_line, remove_if_exists, sync_dir, write_atomically};
 use crate::ledger::{Ledger, LedgerError};
 use crate::merkle::{self, Nodes as _, TreeHash, leaf_hash};
 use crate::offsets::Offsets;
@@ -56,6 +56,11 @@ use crate::tree_state::{TREE_STATE_FILE, TREE_STATE_TEMP_FILE, Tree, TreeState};
 pub const LOG_FILE: &str = "audit.log";
 /// The latest checkpoint in the log directory.
 pub const CHECKPOINT_FILE: &str = "checkpoint.json";
+/// Every checkpoint this directory stored, one JSON line each, in order: append-only, for the
+/// operator to ship off the appliance, so that a rewritten log cannot also rewrite the
+/// checkpoints it was seen with (`smartsign-ctl audit verify --since-checkpoint` checks a new
+/// one against any of them).
+pub const CHECKPOINT_HISTORY_FILE: &str = "checkpoints.ndjson";
 const CHECKPOINT_TEMP_FILE: &str = "checkpoint.json.tmp";
 const LOCK_FILE: &str = "lock";
 
@@ -366,6 +371,7 @@ impl AuditLog {
             failure: None,
             buf: Vec::new(),
             staged: Vec::new(),
+            last_line: None,
             #[cfg(feature = "bench")]
             fsync_per_append: config.fsync_per_append,
         };
@@ -683,12 +689,11 @@ impl Shared {
         {
             return Ok(false);
         }
-        write_atomically(
-            &self.dir,
-            CHECKPOINT_FILE,
-            CHECKPOINT_TEMP_FILE,
-            &checkpoint.to_json(),
-        )?;
+        let json = checkpoint.to_json();
+        // The history first: a checkpoint in force is always in it (a crash between the two
+        // leaves one in the history that the next store repeats, which a reader skips).
+        append_line(&self.dir, CHECKPOINT_HISTORY_FILE, &json)?;
+        write_atomically(&self.dir, CHECKPOINT_FILE, CHECKPOINT_TEMP_FILE, &json)?;
         *self
             .latest_checkpoint
             .write()
@@ -794,6 +799,9 @@ struct Writer {
     buf: Vec<u8>,
     /// Each line of `buf`: its bytes there, newline included, and its leaf hash.
     staged: Vec<(Range<usize>, TreeHash)>,
+    /// The local copy's last line (with a ledger): the ledger's record before the next batch
+    /// must be this one.
+    last_line: Option<Vec<u8>>,
     #[cfg(feature = "bench")]
     fsync_per_append: bool,
 }
@@ -932,8 +940,9 @@ impl Writer {
     fn append_to_ledger(&mut self, events: &Timed) -> Result<u64, AuditError> {
         let from = self.next_index;
         let mut numbered = None;
-        let others = self.ledger_call(|ledger| {
-            let others = ledger.append(from, &mut |first| {
+        let previous = self.last_line.clone();
+        let appended = self.ledger_call(|ledger| {
+            let others = ledger.append(from, previous.as_deref(), &mut |first| {
                 numbered = Some(first);
                 let lines = events
                     .iter()
@@ -955,7 +964,18 @@ impl Writer {
                     numbered.map_or_else(|| "nowhere".to_owned(), |first| first.to_string())
                 ))),
             }
-        })?;
+        });
+        let others = match appended {
+            Ok(others) => others,
+            // Not the log this node holds: nothing more is appended on either side of the fork
+            // until an operator looks.
+            Err(AuditError::Ledger(LedgerError::Inconsistent(reason))) => {
+                let error = AuditError::ledger_mismatch(reason);
+                self.fail(error.to_string());
+                return Err(error);
+            }
+            Err(error) => return Err(error),
+        };
         self.stage_from_ledger(from, &others)?;
         Ok(from + others.len() as u64)
     }
@@ -986,6 +1006,7 @@ impl Writer {
                 }
                 Some(_) => {}
             }
+            self.last_line = Some(local.to_vec());
         }
         self.sync()?;
         Ok(self.tree.size() - size)
@@ -1167,6 +1188,10 @@ impl Writer {
             return Err(reason);
         }
         self.shared.fsyncs.fetch_add(1, Ordering::Relaxed);
+        self.last_line = self
+            .staged
+            .last()
+            .map(|(line, _)| self.buf[line.start..line.end - 1].to_vec());
 
         let base = self.end - range.start as u64;
         self.end = base + range.end as u64;

@@ -74,6 +74,7 @@ impl Ledger for MemoryLedger {
     fn append(
         &mut self,
         from: u64,
+        previous: Option<&[u8]>,
         batch: &mut (dyn FnMut(u64) -> Result<Vec<Vec<u8>>, AuditError> + Send),
     ) -> Result<Vec<Vec<u8>>, LedgerError> {
         let mut books = self.books();
@@ -83,6 +84,14 @@ impl Ledger for MemoryLedger {
             return Err(LedgerError::Inconsistent(format!(
                 "it holds {} records, fewer than {from}",
                 books.lines.len()
+            )));
+        }
+        if let Some(previous) = previous
+            && books.lines[from - 1] != previous
+        {
+            return Err(LedgerError::Inconsistent(format!(
+                "its record {} is not this node's",
+                from - 1
             )));
         }
         let others = books.lines[from..].to_vec();
@@ -404,4 +413,34 @@ async fn a_record_from_the_ledger_that_does_not_check_stops_the_log() {
     assert!(log.append(event(2)).await.is_err());
     assert_eq!(ledger.lines().len(), 2);
     assert_eq!(log.tree_size(), 1);
+}
+
+/// The database went back in time under a running node (restored from a backup, or failed over
+/// to a replica that missed the last commits) and another node appended since: the node's next
+/// batch finds the ledger's record before it is not its own, and nothing more is appended by
+/// it, rather than a fork of the log being signed.
+#[tokio::test]
+async fn a_ledger_that_went_back_in_time_under_a_running_node_is_not_forked() {
+    let ledger = MemoryLedger::default();
+    let dir = tempfile::tempdir().unwrap();
+    let log = open_node(dir.path(), &ledger).await;
+    for i in 0..4 {
+        log.append(event(i)).await.unwrap();
+    }
+    {
+        let mut books = ledger.books();
+        books.lines.truncate(2);
+        books.lines.extend((2..5).map(record));
+    }
+    let before = ledger.lines();
+    let error = log.append(event(9)).await.unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Corrupt, "{error}");
+    assert!(error.to_string().contains("record 3"), "{error}");
+    assert_eq!(
+        ledger.lines(),
+        before,
+        "nothing was appended on top of the fork"
+    );
+    assert!(log.append(event(10)).await.is_err());
+    assert_eq!(ledger.lines(), before);
 }

@@ -591,3 +591,31 @@ async fn openssl_verifies_checkpoint_signatures() {
         )
     );
 }
+
+/// Every checkpoint stored is also appended to `checkpoints.ndjson`, in order, and stays there
+/// when later ones replace `checkpoint.json`.
+#[tokio::test]
+async fn every_checkpoint_is_kept_in_the_append_only_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open(dir.path()).await;
+    let mut signed = Vec::new();
+    for round in 0..3 {
+        for i in 0..4 {
+            log.append(event(round * 4 + i)).await.unwrap();
+        }
+        signed.push(log.checkpoint(&signer()).await.unwrap());
+    }
+    let history = fs::read_to_string(dir.path().join(audit_log::CHECKPOINT_HISTORY_FILE)).unwrap();
+    let lines: Vec<&str> = history.lines().collect();
+    assert_eq!(lines.len(), 3, "{history}");
+    for (line, checkpoint) in lines.iter().zip(&signed) {
+        assert_eq!(line.as_bytes(), checkpoint.to_json().as_slice());
+        // Each verifies on its own, against the records it covered.
+        let parsed: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(parsed["tree_size"], checkpoint.tree_size());
+    }
+    assert_eq!(
+        fs::read(dir.path().join(CHECKPOINT_FILE)).unwrap(),
+        signed[2].to_json()
+    );
+}

@@ -143,6 +143,9 @@ pub enum DatabaseError {
     /// The PostgreSQL store could not start the threads its connections run on.
     #[error("cannot start the PostgreSQL store's threads")]
     Threads(#[source] std::io::Error),
+    /// The PostgreSQL server did not answer within the store's wait.
+    #[error("PostgreSQL did not answer within {0:?}")]
+    Timeout(std::time::Duration),
 }
 
 impl From<rusqlite::Error> for StoreError {

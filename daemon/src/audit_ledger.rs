@@ -35,10 +35,11 @@ impl Ledger for PgLedger {
     fn append(
         &mut self,
         from: u64,
+        previous: Option<&[u8]>,
         batch: &mut (dyn FnMut(u64) -> Result<Vec<Vec<u8>>, AuditError> + Send),
     ) -> Result<Vec<Vec<u8>>, LedgerError> {
         self.store
-            .audit_append(from, &mut |first| {
+            .audit_append(from, previous, &mut |first| {
                 batch(first).map_err(AppendFailure::Batch)
             })
             .map_err(|failure| match failure {

@@ -668,6 +668,14 @@ impl Config {
                 self.hsm.key_mode
             ));
         }
+        if self.hsm.key_mode == "resident" && self.store.backend == StoreBackend::Postgres {
+            problems.push(
+                "hsm.key_mode = \"resident\" with [store] backend = \"postgres\": a resident key \
+                 lives in one node's HSM, and another node could neither use nor destroy it; \
+                 several nodes use \"wrapped\" keys, which any node with the same KEK unwraps"
+                    .into(),
+            );
+        }
         if self.hsm.workers == Some(0) {
             problems.push("hsm.workers must be at least 1".into());
         }

@@ -250,6 +250,26 @@ impl Metrics {
             )?,
             last_ok: AtomicBool::new(true),
         });
+        // The error and refusal counters exist from the start at zero, so that alert rules and
+        // dashboards find them before the first failure (and a rate over them is 0, not empty).
+        for kind in ["cmp", "ocsp", "crl"] {
+            status.ca_errors.with_label_values(&[kind]);
+        }
+        for role in ["registrar", "service", "gateway", "officer", "auditor"] {
+            for limit in ["rate", "concurrency"] {
+                rate_limited.with_label_values(&[role, limit]);
+            }
+        }
+        for listener in ["api", "operations"] {
+            for reason in [
+                "per_address",
+                "handshake_timeout",
+                "handshake_failed",
+                "idle",
+            ] {
+                connections_closed.with_label_values(&[listener, reason]);
+            }
+        }
         registry.register(Box::new(status.cache.clone()))?;
         registry.register(Box::new(status.ca_latency.clone()))?;
         registry.register(Box::new(status.ca_errors.clone()))?;

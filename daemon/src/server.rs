@@ -485,9 +485,7 @@ async fn assemble(
         node_id: config.store.node_id(),
         leader: match &store {
             Backend::Sqlite(_) => Leader::Alone,
-            Backend::Postgres(store) => {
-                Leader::Elected(Arc::new(std::sync::Mutex::new(store.leadership("leader"))))
-            }
+            Backend::Postgres(store) => Leader::elected(store.leadership("leader")),
         },
         ca,
         audit,

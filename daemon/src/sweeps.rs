@@ -33,6 +33,10 @@ pub(crate) async fn sweep_now(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError
 /// can stop when their node dies.
 const LEADER_TICK: Duration = Duration::from_secs(5);
 
+/// How often the leader of several nodes settles the work of nodes that died (work older than
+/// `server::STRANDED_AFTER`).
+const SETTLE_INTERVAL: Duration = Duration::from_secs(60);
+
 /// Runs the sweeps at start and then every `interval` until shutdown, while this node leads
 /// (always, on SQLite); a node that takes the lead over runs them at once. A failed run is
 /// logged and retried at the next interval.
@@ -42,9 +46,18 @@ pub(crate) async fn scheduler(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut last_run: Option<std::time::Instant> = None;
+    let mut last_settled: Option<std::time::Instant> = None;
     loop {
         if !app.leader.check(&app.metrics).await {
             last_run = None;
+        } else if app.leader.shared()
+            && last_run.is_some()
+            && last_settled.is_none_or(|at| at.elapsed() >= SETTLE_INTERVAL)
+        {
+            // A dead node's work is settled within minutes, not at the next hourly sweep.
+            last_settled = Some(std::time::Instant::now());
+            let _running = app.sweeping.lock().await;
+            settle_stranded(&app, app.clock.now()).await;
         } else if last_run.is_none_or(|at| at.elapsed() >= interval) {
             last_run = Some(std::time::Instant::now());
             let now = app.clock.now();

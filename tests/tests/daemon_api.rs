@@ -273,6 +273,17 @@ fn state_logs_and_audit_hold_no_personal_data_and_the_audit_export_verifies_offl
         );
     }
 
+    // The signature's record says alone what was signed, for which service, with which key.
+    let signed: Value = text
+        .lines()
+        .map(|line| serde_json::from_str::<Value>(line).unwrap())
+        .find(|record| record["event"] == "signing.signed")
+        .unwrap();
+    assert_eq!(signed["fields"]["service"], "demo-a", "{signed}");
+    assert_eq!(signed["fields"]["hash_algorithm"], "sha256", "{signed}");
+    assert_eq!(signed["fields"]["hash"], hex::encode(&hash), "{signed}");
+    assert!(signed["fields"]["serial"].is_string(), "{signed}");
+
     // Stop the daemon so that everything is on disk, then grep every file it wrote, and its log.
     daemon.stop();
     let secrets = [
@@ -529,6 +540,23 @@ fn check_config_accepts_the_dev_configuration_and_explains_mistakes() {
             }
         }
     }
+
+    // Resident keys live in one node's HSM: several nodes are refused them.
+    let resident = dir.path().join("pg-resident.toml");
+    std::fs::write(
+        &resident,
+        text.replace(&store_path, "backend = \"postgres\"\nurl = \"host=db\"")
+            .replace("key_mode = \"wrapped\"", "key_mode = \"resident\""),
+    )
+    .unwrap();
+    let refused = check(&resident);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr)
+            .contains("hsm.key_mode = \"resident\" with [store] backend = \"postgres\""),
+        "{}",
+        describe(&refused)
+    );
 
     let bad_mode = dir.path().join("mode.toml");
     std::fs::write(

@@ -76,6 +76,13 @@ const RUNTIME_THREADS: usize = 2;
 /// lock before it is [`StoreError::Unavailable`] (SQLite's busy timeout).
 const WAIT: Duration = Duration::from_secs(5);
 
+/// How long a transaction may wait for its client between statements before the server ends
+/// it (and releases its locks).
+const IDLE_IN_TRANSACTION: Duration = Duration::from_secs(10);
+
+/// How long one statement may run before the server cancels it (the migrations excepted).
+const STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// The key of the advisory lock under which a node brings the schema up to date, so that
 /// nodes starting together migrate once ("smartsig" in ASCII).
 const MIGRATION_LOCK: i64 = 0x736d_6172_7473_6967;
@@ -325,13 +332,25 @@ impl PgStore {
             config.connect_timeout(WAIT);
         }
         // A statement waiting for a lock fails like SQLite's busy timeout, instead of holding
-        // its caller for as long as the other transaction runs.
+        // its caller for as long as the other transaction runs. A node that dies, pauses or
+        // loses the network inside a transaction (the audit ledger's, whose lock every node
+        // needs) loses it within seconds, not when the kernel gives up on the socket: the
+        // server ends a transaction left idle, cancels a statement that runs too long, and
+        // probes a silent client; the client probes a silent server.
         let options = format!(
-            "{} -c lock_timeout={}",
+            "{} -c lock_timeout={wait} -c idle_in_transaction_session_timeout={idle} \
+             -c statement_timeout={statement} -c tcp_keepalives_idle=10 \
+             -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3",
             config.get_options().unwrap_or(""),
-            WAIT.as_millis()
+            wait = WAIT.as_millis(),
+            idle = IDLE_IN_TRANSACTION.as_millis(),
+            statement = STATEMENT_TIMEOUT.as_millis(),
         );
         config.options(options.trim_start());
+        config.keepalives(true);
+        config.keepalives_idle(Duration::from_secs(10));
+        config.keepalives_interval(Duration::from_secs(5));
+        config.keepalives_retries(3);
         let target = describe(&config);
 
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -499,6 +518,10 @@ fn describe(config: &tokio_postgres::Config) -> String {
 
 async fn migrate(client: &mut Object) -> Result<(), StoreError> {
     let tx = client.transaction().await.map_err(pg_error)?;
+    // Building an index over millions of rows may take longer than a statement may.
+    tx.batch_execute("SET LOCAL statement_timeout = 0")
+        .await
+        .map_err(pg_error)?;
     // Held until the transaction ends: the second node to start waits here, then finds the
     // schema up to date.
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])

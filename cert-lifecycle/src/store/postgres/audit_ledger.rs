@@ -29,6 +29,7 @@ impl PgStore {
     pub fn audit_append<E>(
         &self,
         from: u64,
+        previous: Option<&[u8]>,
         batch: &mut (dyn FnMut(u64) -> Result<Vec<Vec<u8>>, E> + Send),
     ) -> Result<Vec<Vec<u8>>, E>
     where
@@ -48,7 +49,7 @@ impl PgStore {
                     &[&(from - 1).max(0)],
                 )
                 .await?;
-            let others = after(rows, from)?;
+            let others = after(rows, from, previous)?;
             let first = from + others.len() as i64;
             let lines = match batch(first as u64) {
                 Ok(lines) => lines,
@@ -136,13 +137,26 @@ fn index(value: u64) -> Result<i64, StoreError> {
 }
 
 /// The lines of `rows` (of `idx >= from - 1`, in order) after record `from - 1`, which must be
-/// there when `from > 0`: a ledger that does not reach `from` is [`StoreError::Conflict`].
-fn after(rows: Vec<Row>, from: i64) -> Result<Vec<Vec<u8>>, StoreError> {
+/// there when `from > 0`: a ledger that does not reach `from` is [`StoreError::Conflict`]; one
+/// whose record `from - 1` is not `previous` (the caller's last line, when given) is
+/// [`StoreError::Corrupt`]: it is not the log the caller holds.
+fn after(rows: Vec<Row>, from: i64, previous: Option<&[u8]>) -> Result<Vec<Vec<u8>>, StoreError> {
     let mut rows = rows.into_iter();
     if from > 0 {
-        let before = rows.next().map(|row| get::<i64>(&row, 0)).transpose()?;
-        if before != Some(from - 1) {
+        let Some(before) = rows.next() else {
             return Err(StoreError::Conflict);
+        };
+        if get::<i64>(&before, 0)? != from - 1 {
+            return Err(StoreError::Conflict);
+        }
+        if let Some(previous) = previous
+            && get::<Vec<u8>>(&before, 1)? != previous
+        {
+            return Err(StoreError::Corrupt(format!(
+                "the audit ledger's record {} is not the one this node holds: the database was \
+                 restored or failed over to a copy that missed commits",
+                from - 1
+            )));
         }
     }
     contiguous(rows, from)

@@ -14,8 +14,9 @@
 
 use tokio_postgres::{Client, NoTls};
 
-use super::{PgStore, pg_error};
+use super::{PgStore, WAIT, pg_error};
 use crate::StoreError;
+use crate::error::DatabaseError;
 
 /// A node's claim to a role that one node at a time plays (the sweeps, the checkpoints).
 pub struct Leadership {
@@ -53,32 +54,13 @@ impl Leadership {
     /// `Unavailable` when the database cannot be reached, and the role is then not held.
     pub fn hold(&mut self) -> Result<bool, StoreError> {
         let store = self.store.clone();
+        // A half-open connection (the server or the network gone without a word) would hold
+        // the caller forever: past the store's wait, the connection is dropped and the role
+        // counts as lost.
         let result = store.run(async {
-            if self.client.as_ref().is_none_or(Client::is_closed) {
-                self.held = false;
-                let (client, connection) =
-                    store.inner.config.connect(NoTls).await.map_err(pg_error)?;
-                // It ends with an error when the server goes away; the next `hold` sees the
-                // client closed and connects again.
-                store.inner.handle.spawn(async move {
-                    let _ = connection.await;
-                });
-                self.client = Some(client);
-            }
-            let Some(client) = self.client.as_ref() else {
-                return Ok(false);
-            };
-            // Session locks stack: taking it again while held only counts up, which is fine,
-            // as it is never released but with the connection.
-            let row = client
-                .query_one(
-                    "SELECT pg_try_advisory_lock(hashtext('smartsign.' || $1::text || '.' || \
-                     current_schema())::bigint)",
-                    &[&self.role],
-                )
+            tokio::time::timeout(WAIT, self.try_hold(&store))
                 .await
-                .map_err(pg_error)?;
-            Ok(row.get::<_, bool>(0))
+                .unwrap_or(Err(StoreError::Unavailable(DatabaseError::Timeout(WAIT))))
         });
         match result {
             Ok(held) => {
@@ -91,6 +73,33 @@ impl Leadership {
                 Err(error)
             }
         }
+    }
+
+    async fn try_hold(&mut self, store: &PgStore) -> Result<bool, StoreError> {
+        if self.client.as_ref().is_none_or(Client::is_closed) {
+            self.held = false;
+            let (client, connection) = store.inner.config.connect(NoTls).await.map_err(pg_error)?;
+            // It ends with an error when the server goes away; the next `hold` sees the
+            // client closed and connects again.
+            store.inner.handle.spawn(async move {
+                let _ = connection.await;
+            });
+            self.client = Some(client);
+        }
+        let Some(client) = self.client.as_ref() else {
+            return Ok(false);
+        };
+        // Session locks stack: taking it again while held only counts up, which is fine,
+        // as it is never released but with the connection.
+        let row = client
+            .query_one(
+                "SELECT pg_try_advisory_lock(hashtext('smartsign.' || $1::text || '.' || \
+                 current_schema())::bigint)",
+                &[&self.role],
+            )
+            .await
+            .map_err(pg_error)?;
+        Ok(row.get::<_, bool>(0))
     }
 
     /// Whether the last [`Leadership::hold`] found the role held.

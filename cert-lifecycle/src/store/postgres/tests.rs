@@ -586,8 +586,9 @@ fn signing_path_and_sweep_queries_use_indexes() {
 /// record says its index and its node.
 fn append_as_node(store: &PgStore, copy: &mut Vec<Vec<u8>>, node: usize, count: u64) {
     let mut ours = Vec::new();
+    let previous = copy.last().cloned();
     let others = store
-        .audit_append(copy.len() as u64, &mut |first| {
+        .audit_append(copy.len() as u64, previous.as_deref(), &mut |first| {
             ours = (first..first + count)
                 .map(|idx| format!("{idx}:{node}").into_bytes())
                 .collect();
@@ -645,16 +646,24 @@ fn an_audit_batch_that_fails_stores_nothing() {
     };
     let mut copy = Vec::new();
     append_as_node(&store, &mut copy, 0, 2);
-    let refused = store.audit_append(2, &mut |_| Err(StoreError::NotFound));
+    let refused = store.audit_append(2, copy.last().map(Vec::as_slice), &mut |_| {
+        Err(StoreError::NotFound)
+    });
     assert!(matches!(refused, Err(StoreError::NotFound)), "{refused:?}");
     assert_eq!(store.audit_read(0, 10).unwrap(), copy);
 
     // Not past the end of the ledger; from inside it, the records after come back.
-    let beyond = store.audit_append(3, &mut |_| Ok::<_, StoreError>(vec![b"x".to_vec()]));
+    let beyond = store.audit_append(3, None, &mut |_| Ok::<_, StoreError>(vec![b"x".to_vec()]));
     assert!(matches!(beyond, Err(StoreError::Conflict)), "{beyond:?}");
     let mut first = None;
+    // A node whose record 0 is not the ledger's holds another log: refused, nothing stored.
+    let forked = store.audit_append(1, Some(b"0:other".as_slice()), &mut |_| {
+        Ok::<_, StoreError>(vec![b"fork".to_vec()])
+    });
+    assert!(matches!(forked, Err(StoreError::Corrupt(_))), "{forked:?}");
+    assert_eq!(store.audit_read(0, 10).unwrap(), copy);
     let others = store
-        .audit_append(1, &mut |index| {
+        .audit_append(1, Some(copy[0].as_slice()), &mut |index| {
             first = Some(index);
             Ok::<_, StoreError>(vec![b"2:0".to_vec()])
         })

@@ -1,0 +1,125 @@
+//! The deployment files (`ops/deploy/`) against the daemon they deploy: every metric the alert
+//! rules and the dashboard use exists in a running daemon's `/metrics`, and the example
+//! configuration is one that `smartsignd --check-config` accepts once its files are in place.
+//! (`ops/deploy/check` runs the real tools on them: systemd-analyze and promtool.)
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashSet;
+use std::process::Command;
+
+use smartsign_tests::flow::Pending;
+use smartsign_tests::{DevDaemon, binary, describe, run, workspace_root};
+
+/// The `smartsign_*` names in `text`.
+fn metric_names(text: &str) -> HashSet<String> {
+    let mut names = HashSet::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("smartsign_") {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+            .unwrap_or(tail.len());
+        // `smartsign_*` in a comment is a pattern, not a name.
+        if !tail[..end].ends_with('_') {
+            names.insert(tail[..end].to_owned());
+        }
+        rest = &tail[end..];
+    }
+    names
+}
+
+#[test]
+fn every_metric_the_alerts_and_the_dashboard_use_is_served() {
+    let daemon = DevDaemon::start(&[]);
+    // One signature, so that the per-signature series exist as they do in production.
+    let pending = Pending::new(&daemon, "metrics-1");
+    assert_eq!(pending.approve(&daemon).status(), 200);
+    let exposed = reqwest::blocking::get(format!("{}/metrics", daemon.metrics))
+        .unwrap()
+        .text()
+        .unwrap();
+    let families: HashSet<&str> = exposed
+        .lines()
+        .filter_map(|line| line.strip_prefix("# TYPE "))
+        .filter_map(|line| line.split_whitespace().next())
+        .collect();
+    let deploy = workspace_root().join("ops/deploy");
+    let mut used = HashSet::new();
+    for file in [
+        "prometheus/smartsign-alerts.yml",
+        "prometheus/smartsign-alerts.test.yml",
+        "grafana/smartsign.json",
+    ] {
+        used.extend(metric_names(
+            &std::fs::read_to_string(deploy.join(file)).unwrap(),
+        ));
+    }
+    assert!(used.len() > 15, "{used:?}");
+    let mut missing: Vec<String> = used
+        .into_iter()
+        .filter(|name| {
+            let family = ["_bucket", "_count", "_sum"]
+                .iter()
+                .find_map(|suffix| name.strip_suffix(suffix))
+                .filter(|base| families.contains(base))
+                .unwrap_or(name);
+            !families.contains(family)
+        })
+        .collect();
+    missing.sort();
+    assert!(
+        missing.is_empty(),
+        "used by the deployment files, not served: {missing:?}"
+    );
+}
+
+#[test]
+fn the_example_configuration_passes_check_config_once_its_files_are_in_place() {
+    let dev = DevDaemon::start(&[]);
+    let state = dev.state_dir();
+    let root = tempfile::tempdir().unwrap();
+    let etc = root.path().join("etc/smartsign");
+    let example =
+        std::fs::read_to_string(workspace_root().join("ops/deploy/smartsignd.toml")).unwrap();
+    // The files the example names, from the development run's state: TLS, the CA's
+    // certificates, the RA certificate, and the ceremony transcript of its token.
+    for (name, from) in [
+        ("tls/server.pem", state.join("tls/server.pem")),
+        ("tls/server.key", state.join("tls/server.key")),
+        ("tls/client-ca.pem", state.join("tls/ca.pem")),
+        ("ca/issuing.pem", state.join("ca/issuing.pem")),
+        ("ca/root.pem", state.join("ca/root.pem")),
+        ("ca/ra.pem", state.join("ca/cmp-client.pem")),
+    ] {
+        let to = etc.join(name);
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(&from, &to).unwrap_or_else(|e| panic!("{}: {e}", from.display()));
+    }
+    let text = example
+        .replace("/etc/smartsign/", &format!("{}/", etc.display()))
+        // A ceremony transcript is the token's own, and a client CRL the client CA's: the
+        // development run has neither (the check reads and verifies both).
+        .lines()
+        .filter(|line| !line.starts_with("ceremony_transcript") && !line.starts_with("client_crl"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let path = etc.join("smartsignd.toml");
+    std::fs::write(&path, text).unwrap();
+    let checked = run(Command::new(binary("smartsignd", "smartsignd"))
+        .arg("--check-config")
+        .arg(&path));
+    assert!(checked.status.success(), "{}", describe(&checked));
+
+    // And a file the example names that is missing is said by name.
+    std::fs::remove_file(etc.join("ca/root.pem")).unwrap();
+    let checked = run(Command::new(binary("smartsignd", "smartsignd"))
+        .arg("--check-config")
+        .arg(&path));
+    assert!(!checked.status.success());
+    assert!(
+        String::from_utf8_lossy(&checked.stderr).contains("ca.root_certificate"),
+        "{}",
+        describe(&checked)
+    );
+}
