@@ -15,27 +15,49 @@ use crate::app::App;
 use crate::problem::ApiError;
 use application::fields;
 
-/// `GET /v1/admin/status`.
+/// `GET /v1/admin/status`: what `smartsign-ctl status` shows an officer.
 pub(crate) async fn status(app: Arc<App>, _ctx: Ctx) -> Result<Reply, ApiError> {
     let readiness = crate::operations::readiness(&app).await;
     let stats = app.audit.stats();
-    Ok(Reply::ok(&json!({
+    let now = app.clock.now();
+    let checkpoint = app.audit.latest_checkpoint();
+    let checkpoint_time = checkpoint
+        .as_ref()
+        .and_then(|c| OffsetDateTime::parse(c.timestamp().as_str(), &Rfc3339).ok());
+    let pending = app.store(move |store| store.count_pending(now)).await.ok();
+    let mut body = json!({
         "sealed": false,
         "ready": readiness.iter().all(|(_, problem)| problem.is_none()),
         "components": readiness
             .iter()
             .map(|(name, problem)| (name.to_string(), json!(problem.as_deref().unwrap_or("ok"))))
             .collect::<serde_json::Map<_, _>>(),
-        "now": rfc3339(app.clock.now()),
+        "now": rfc3339(now),
         "dev": app.dev,
+        "node": app.node_id,
+        "leader": app.leader.leads(),
         "uptime_seconds": app.started.elapsed().as_secs(),
         "hsm_workers": app.hsm.workers(),
         "key_mode": format!("{:?}", app.policy.key_mode).to_lowercase(),
+        "pending_requests": pending,
         "audit": {
             "tree_size": stats.tree_size,
-            "checkpoint_tree_size": app.audit.latest_checkpoint().map(|c| c.tree_size()),
+            "checkpoint_tree_size": checkpoint.as_ref().map(|c| c.tree_size()),
+            "checkpoint_time": checkpoint_time.map(rfc3339),
+            "checkpoint_age_seconds": checkpoint_time.map(|at| (now - at).whole_seconds()),
         },
-    })))
+    });
+    app.metrics.catch_up(
+        app.hsm.key_cache(),
+        app.store.commit_counts(),
+        app.store.round_trips(),
+    );
+    if let (Some(body), serde_json::Value::Object(report)) =
+        (body.as_object_mut(), app.metrics.status_report())
+    {
+        body.extend(report);
+    }
+    Ok(Reply::ok(&body))
 }
 
 /// The body of `POST /v1/admin/clock`: the time to set, from 2000 to 2200.

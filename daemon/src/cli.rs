@@ -107,6 +107,11 @@ struct Cli {
     log_format: Option<String>,
 }
 
+/// The command line's definition: its man page and shell completions are made from it.
+pub fn command() -> clap::Command {
+    <Cli as clap::CommandFactory>::command()
+}
+
 /// Runs the command line; the binary's `main`.
 pub fn main() -> ExitCode {
     if let Err(error) = crate::systemd::refuse_core_dumps() {
@@ -177,6 +182,9 @@ fn run_dev(cli: &Cli) -> Result<ExitCode, String> {
             }
             crate::dev::write_config(&state_dir, &config)?;
             init_logging(&config, cli.log_format.as_deref())?;
+            if config.hsm.lock_memory {
+                crate::memory::lock(false)?;
+            }
             let so_pin = crate::server::read_pin(&state_dir.join("hsm/so.pin"))?;
             crate::server::run(
                 config,
@@ -194,6 +202,11 @@ fn run_dev(cli: &Cli) -> Result<ExitCode, String> {
 
 fn run(config: Config, log_format: Option<&str>) -> Result<(), String> {
     init_logging(&config, log_format)?;
+    if config.hsm.lock_memory {
+        crate::memory::lock(true)?;
+    } else {
+        tracing::warn!("[hsm] lock_memory = false: the PIN and the unseal shares may reach swap");
+    }
     runtime()?.block_on(crate::server::run(config, None))
 }
 

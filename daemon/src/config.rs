@@ -156,6 +156,11 @@ pub(crate) struct HsmSection {
     /// the token's audit key at each start, and recorded in the audit log once (its SHA-256).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) ceremony_transcript: Option<PathBuf>,
+    /// Lock the daemon's memory out of swap (the PIN, the unseal shares, unwrapped keys): the
+    /// daemon refuses to start when it cannot (no `CAP_IPC_LOCK` and a finite
+    /// `RLIMIT_MEMLOCK`). Default `true`; `false` only on a machine without swap.
+    #[serde(default = "default_true")]
+    pub(crate) lock_memory: bool,
 }
 
 // Written by hand so that the path of the PIN file shows but nothing else could leak.
@@ -171,6 +176,7 @@ impl fmt::Debug for HsmSection {
             .field("workers", &self.workers)
             .field("worker_cpus", &self.worker_cpus)
             .field("ceremony_transcript", &self.ceremony_transcript)
+            .field("lock_memory", &self.lock_memory)
             .finish()
     }
 }
@@ -939,4 +945,8 @@ impl Config {
         }
         problems
     }
+}
+
+fn default_true() -> bool {
+    true
 }

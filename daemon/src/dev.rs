@@ -142,6 +142,8 @@ pub(crate) fn config(
             workers: None,
             worker_cpus: None,
             ceremony_transcript: None,
+            // Development machines may not allow it; `--dev` warns and goes on.
+            lock_memory: true,
         },
         store: StoreConfig::sqlite(state_dir.join("smartsign.sqlite")),
         audit: AuditConfig {

@@ -3,7 +3,8 @@
 //!
 //! It is thin on purpose: it wires `hsm-adapter`, `cert-lifecycle`, `ca-bridge` and `audit-log`
 //! together. The rules live in `cert-lifecycle`, the formats in `ca-bridge`, the PKCS#11 calls in
-//! `hsm-adapter`. Its one public item is [`main`], which the `smartsignd` binary calls.
+//! `hsm-adapter`. Its public items are [`main`], which the `smartsignd` binary calls, and
+//! [`command`], its command line's definition (for `smartsign-ctl docs`).
 
 #![forbid(unsafe_code)]
 
@@ -26,6 +27,7 @@ mod http;
 mod leader;
 mod lifecycle;
 mod limits;
+mod memory;
 mod metrics;
 mod operations;
 mod ports;
@@ -38,4 +40,4 @@ mod systemd;
 mod tls;
 mod unseal;
 
-pub use cli::main;
+pub use cli::{command, main};

@@ -351,6 +351,40 @@ impl Metrics {
         }
     }
 
+    /// What `GET /v1/admin/status` reports of the counters: the wrapped-key cache, the CA and
+    /// the certificate status cache, the last lifecycle sweep.
+    pub(crate) fn status_report(&self) -> serde_json::Value {
+        let count = |vec: &IntCounterVec, label: &str| vec.with_label_values(&[label]).get();
+        let last_sweep = self.sweep_last_run.get();
+        serde_json::json!({
+            "key_cache": {
+                "hits": count(&self.hsm_key_cache, "hit"),
+                "misses": count(&self.hsm_key_cache, "miss"),
+            },
+            "ca": {
+                "ok": self.status.problem().is_none(),
+                "problem": self.status.problem(),
+                "errors": {
+                    "cmp": count(&self.status.ca_errors, "cmp"),
+                    "ocsp": count(&self.status.ca_errors, "ocsp"),
+                    "crl": count(&self.status.ca_errors, "crl"),
+                },
+                "crl_age_seconds": self.status.crl_age.get(),
+            },
+            "status_cache": {
+                "hits": count(&self.status.cache, "hit"),
+                "misses": count(&self.status.cache, "miss"),
+            },
+            "sweep": {
+                "last_run": (last_sweep > 0)
+                    .then(|| time::OffsetDateTime::from_unix_timestamp(last_sweep).ok())
+                    .flatten()
+                    .map(crate::accounts::rfc3339),
+                "duration_seconds": self.sweep_duration.get(),
+            },
+        })
+    }
+
     /// A CMP transaction with the CA (issue or revoke), in the same series as the status
     /// requests (`kind="cmp"`).
     pub(crate) fn observe_cmp(&self, elapsed: Duration, ok: bool) {

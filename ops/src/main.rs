@@ -26,11 +26,14 @@ mod bench_sign;
 mod bench_soak;
 mod bench_sweep;
 mod ceremony;
+mod client;
 mod clone;
+mod docs;
 mod hsm_opts;
 mod keys;
 mod rotate_kek;
 mod scratch;
+mod status;
 mod unseal;
 
 use std::process::ExitCode;
@@ -48,6 +51,9 @@ use clap::{Parser, Subcommand};
     smartsign-ctl ceremony split --pin-file user.pin --threshold 2 --shares 3 --out-dir shares\n  \
     smartsign-ctl audit verify --records audit.ndjson --checkpoint checkpoint.json \\\n      \
     --public-key audit-key.pem\n  \
+    smartsign-ctl status --url https://appliance:8443 --cert officer.pem --key officer.key \\\n      \
+    --ca tls-ca.pem\n  \
+    smartsign-ctl docs --out-dir /usr/share\n  \
     smartsign-ctl bench hsm --seconds 3\n  \
     smartsign-ctl bench audit --appenders 1,8,64\n  \
     smartsign-ctl bench audit-open --records 1000000 --dir /var/tmp/audit-bench\n  \
@@ -73,6 +79,13 @@ enum Command {
     /// Give an officer's share of the user PIN to a sealed daemon (from a file or standard
     /// input, never the command line), with the officer's client certificate.
     Unseal(unseal::UnsealArgs),
+    /// A running daemon's state, with an officer's client certificate: sealed or not,
+    /// readiness by component, keys, the audit log and its checkpoint's age, the CA and the
+    /// status cache, the last lifecycle sweep. Exits 1 unless the daemon is ready.
+    Status(status::StatusArgs),
+    /// Write the man pages and the bash, zsh and fish completions of smartsignd and
+    /// smartsign-ctl, laid out as under /usr/share.
+    Docs(docs::DocsArgs),
     /// Throughput measurements against the raw baselines, in the same run.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -225,6 +238,8 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             Command::Ceremony(CeremonyCommand::Init(args)) => ceremony::init(args).await,
             Command::Ceremony(CeremonyCommand::Verify(args)) => ceremony::verify(args).await,
             Command::Unseal(args) => unseal::run(args).await,
+            Command::Status(args) => status::run(args).await,
+            Command::Docs(args) => docs::run(args, <Cli as clap::CommandFactory>::command()),
             Command::Bench(BenchCommand::Sign(_)) => Ok(()),
         }
     })

@@ -16,18 +16,8 @@ use zeroize::Zeroizing;
 It prints the daemon's answer: 202 while more shares are needed, 200 once unsealed."
 )]
 pub(crate) struct UnsealArgs {
-    /// The daemon's API, e.g. `https://appliance:8443`.
-    #[arg(long)]
-    url: String,
-    /// The officer's client certificate (PEM, role `officer` in its OU).
-    #[arg(long, value_name = "FILE")]
-    cert: PathBuf,
-    /// The certificate's private key (PEM).
-    #[arg(long, value_name = "FILE")]
-    key: PathBuf,
-    /// The CA certificate the daemon's server certificate chains to (PEM).
-    #[arg(long, value_name = "FILE")]
-    ca: PathBuf,
+    #[command(flatten)]
+    daemon: crate::client::DaemonArgs,
     /// The share file; without it the share is read from standard input.
     #[arg(long, value_name = "FILE")]
     share_file: Option<PathBuf>,
@@ -47,26 +37,10 @@ pub(crate) async fn run(args: UnsealArgs) -> Result<(), Box<dyn std::error::Erro
     if share.is_empty() {
         return Err("the share is empty".into());
     }
-    let read = |path: &PathBuf| {
-        std::fs::read(path).map_err(|error| format!("cannot read {}: {error}", path.display()))
-    };
-    let mut identity = Zeroizing::new(read(&args.cert)?);
-    identity.extend_from_slice(b"\n");
-    identity.extend_from_slice(&Zeroizing::new(read(&args.key)?));
-    let client = reqwest::Client::builder()
-        .use_rustls_tls()
-        // A share never crosses the network in clear text, whatever the URL says.
-        .https_only(true)
-        .tls_built_in_root_certs(false)
-        .add_root_certificate(reqwest::Certificate::from_pem(&read(&args.ca)?)?)
-        .identity(reqwest::Identity::from_pem(&identity)?)
-        .build()?;
+    let client = args.daemon.client()?;
     let body = Zeroizing::new(serde_json::to_vec(&serde_json::json!({ "share": share }))?);
     let response = client
-        .post(format!(
-            "{}/v1/admin/unseal",
-            args.url.trim_end_matches('/')
-        ))
+        .post(args.daemon.at("/v1/admin/unseal"))
         .header("content-type", "application/json")
         .body(body.to_vec())
         .send()

@@ -736,3 +736,46 @@ fn systemd_hears_ready_once_the_daemon_serves_and_watchdog_pings() {
     }
     assert!(stopping, "STOPPING=1 at shutdown: {heard:?}");
 }
+
+/// `/proc/PID/status`'s `VmLck` of a process, in kB.
+fn locked_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmLck:"))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmLck in /proc/PID/status")
+}
+
+#[test]
+fn the_daemon_keeps_its_memory_out_of_swap() {
+    // The tests run with CAP_IPC_LOCK (root), as the unit's LimitMEMLOCK=infinity allows.
+    let daemon = DevDaemon::start(&[]);
+    let pid = daemon.pid().unwrap();
+    // The pages touched since start, the PIN's among them, are locked.
+    assert!(locked_kib(pid) > 1024, "VmLck {} kB", locked_kib(pid));
+}
+
+#[test]
+fn a_daemon_that_cannot_lock_its_memory_refuses_to_start() {
+    let mut daemon = DevDaemon::start(&[]);
+    // The same configuration, started as production starts it, under a 64 KiB limit and
+    // without CAP_IPC_LOCK (capsh drops it from the bounding set before exec).
+    let config = daemon.state_dir().join("smartsignd.toml");
+    daemon.stop();
+    let output = Command::new("capsh")
+        .args(["--drop=cap_ipc_lock", "--", "-c"])
+        .arg(format!(
+            "ulimit -l 64 && exec {} --config {}",
+            binary("smartsignd", "smartsignd").display(),
+            config.display()
+        ))
+        .output()
+        .expect("capsh (libcap2-bin)");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("RLIMIT_MEMLOCK") && stderr.contains("LimitMEMLOCK=infinity"),
+        "{stderr}"
+    );
+}

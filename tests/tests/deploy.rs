@@ -1,6 +1,8 @@
 //! The deployment files (`ops/deploy/`) against the daemon they deploy: every metric the alert
 //! rules and the dashboard use exists in a running daemon's `/metrics`, and the example
-//! configuration is one that `smartsignd --check-config` accepts once its files are in place.
+//! configuration is one that `smartsignd --check-config` accepts once its files are in place;
+//! `smartsign-ctl status` reports a running daemon to an officer only; `smartsign-ctl docs`
+//! writes man pages that render and completions that the shells parse.
 //! (`ops/deploy/check` runs the real tools on them: systemd-analyze and promtool.)
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -121,5 +123,150 @@ fn the_example_configuration_passes_check_config_once_its_files_are_in_place() {
         String::from_utf8_lossy(&checked.stderr).contains("ca.root_certificate"),
         "{}",
         describe(&checked)
+    );
+}
+
+/// `smartsign-ctl status` against `daemon` as the client `name`.
+fn ctl_status(daemon: &DevDaemon, name: &str, extra: &[&str]) -> std::process::Output {
+    let state = daemon.state_dir();
+    run(Command::new(binary("smartsign-ops", "smartsign-ctl"))
+        .args(["status", "--url", &daemon.api])
+        .arg("--cert")
+        .arg(state.join(format!("clients/{name}.pem")))
+        .arg("--key")
+        .arg(state.join(format!("clients/{name}.key")))
+        .arg("--ca")
+        .arg(state.join("tls/ca.pem"))
+        .args(extra))
+}
+
+#[test]
+fn ctl_status_shows_an_officer_the_running_daemon() {
+    let daemon = DevDaemon::start(&[]);
+    // A signature first, so that the audit log, the key cache and the status cache have
+    // something to show; then a checkpoint and a sweep.
+    let pending = Pending::new(&daemon, "status-user");
+    assert_eq!(pending.approve(&daemon).status(), 200);
+    let officer = daemon.client("officer");
+    let swept = officer
+        .post(format!("{}/v1/admin/sweep", daemon.api))
+        .send()
+        .unwrap();
+    assert_eq!(swept.status(), 200);
+    let checkpoint = daemon
+        .client("auditor")
+        .get(format!("{}/v1/audit/checkpoint", daemon.api))
+        .send()
+        .unwrap();
+    assert_eq!(checkpoint.status(), 200);
+
+    let shown = ctl_status(&daemon, "officer", &[]);
+    assert!(shown.status.success(), "{}", describe(&shown));
+    let text = String::from_utf8_lossy(&shown.stdout);
+    for expected in [
+        "sealed            no",
+        "ready             yes",
+        "  hsm             ok",
+        "  audit           ok",
+        "wrapped mode",
+        "CA                answering",
+        "status cache",
+    ] {
+        assert!(text.contains(expected), "{expected:?} in:\n{text}");
+    }
+    assert!(
+        !text.contains("last sweep        -"),
+        "a sweep ran:\n{text}"
+    );
+
+    let json = ctl_status(&daemon, "officer", &["--json"]);
+    assert!(json.status.success(), "{}", describe(&json));
+    let body: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert!(body["audit"]["tree_size"].as_u64().unwrap() > 0, "{body}");
+    assert!(
+        body["audit"]["checkpoint_age_seconds"].as_i64().is_some(),
+        "{body}"
+    );
+    assert!(
+        body["status_cache"]["hits"].as_u64().unwrap()
+            + body["status_cache"]["misses"].as_u64().unwrap()
+            > 0,
+        "{body}"
+    );
+    assert!(body["sweep"]["last_run"].is_string(), "{body}");
+
+    // Only an officer: an auditor's certificate is refused, and the command says so.
+    let refused = ctl_status(&daemon, "auditor", &[]);
+    assert!(!refused.status.success(), "{}", describe(&refused));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("403"),
+        "{}",
+        describe(&refused)
+    );
+}
+
+#[test]
+fn ctl_docs_writes_man_pages_that_render_and_completions_the_shells_parse() {
+    let out = tempfile::tempdir().unwrap();
+    let written = run(Command::new(binary("smartsign-ops", "smartsign-ctl"))
+        .args(["docs", "--out-dir"])
+        .arg(out.path()));
+    assert!(written.status.success(), "{}", describe(&written));
+    for page in [
+        "man/man8/smartsignd.8",
+        "man/man1/smartsign-ctl.1",
+        "man/man1/smartsign-ctl-status.1",
+        "man/man1/smartsign-ctl-audit-verify.1",
+    ] {
+        let rendered = run(Command::new("man")
+            .env("MANWIDTH", "100")
+            .arg("-l")
+            .arg(out.path().join(page)));
+        assert!(rendered.status.success(), "{page}: {}", describe(&rendered));
+        assert!(
+            rendered.stderr.is_empty(),
+            "{page} renders without warnings: {}",
+            describe(&rendered)
+        );
+        let text = String::from_utf8_lossy(&rendered.stdout);
+        assert!(
+            text.contains("OPTIONS") || text.contains("SUBCOMMANDS"),
+            "{page}: {text}"
+        );
+    }
+    let daemon_page = run(Command::new("man")
+        .arg("-l")
+        .arg(out.path().join("man/man8/smartsignd.8")));
+    assert!(String::from_utf8_lossy(&daemon_page.stdout).contains("--check-config"));
+    for bin in ["smartsignd", "smartsign-ctl"] {
+        let bash = out.path().join("bash-completion/completions").join(bin);
+        let parsed = run(Command::new("bash").arg("-n").arg(&bash));
+        assert!(parsed.status.success(), "{bin}: {}", describe(&parsed));
+        assert!(
+            out.path()
+                .join(format!("zsh/vendor-completions/_{bin}"))
+                .exists()
+        );
+        assert!(
+            out.path()
+                .join(format!("fish/vendor_completions.d/{bin}.fish"))
+                .exists()
+        );
+    }
+    // The completion knows the subcommands: completing `smartsign-ctl st` offers `status`.
+    let completed = run(Command::new("bash").arg("-c").arg(format!(
+        "source {}; complete=$(complete -p smartsign-ctl) && function=${{complete##*-F }} && \
+         COMP_WORDS=(smartsign-ctl st) && COMP_CWORD=1 && \
+         ${{function%% *}} smartsign-ctl st smartsign-ctl && printf '%s\\n' \"${{COMPREPLY[@]}}\"",
+        out.path()
+            .join("bash-completion/completions/smartsign-ctl")
+            .display()
+    )));
+    assert!(
+        String::from_utf8_lossy(&completed.stdout)
+            .lines()
+            .any(|line| line == "status"),
+        "{}",
+        describe(&completed)
     );
 }
