@@ -30,6 +30,9 @@ fn now() -> OffsetDateTime {
     OffsetDateTime::now_utc()
 }
 
+/// The renewal window the sweeps tell users about.
+const WINDOW: time::Duration = time::Duration::days(400);
+
 fn issuance() -> IssuanceSettings {
     IssuanceSettings {
         certificate_validity: time::Duration::days(365),
@@ -40,7 +43,7 @@ fn renewal_settings() -> RenewalSettings {
     RenewalSettings {
         issuance: issuance(),
         // Every certificate of these tests (a year) is inside the window.
-        renewal_window: time::Duration::days(400),
+        renewal_window: WINDOW,
         challenge_ttl: time::Duration::minutes(5),
     }
 }
@@ -486,7 +489,9 @@ async fn a_sweep_leaves_an_account_rectified_meanwhile_active() {
     ports.ca.hold_next_revoke.store(true, Ordering::SeqCst);
     let sweeping = {
         let ports = ports.clone();
-        tokio::spawn(async move { application::sweeps::run(&*ports, "system:sweep", now()).await })
+        tokio::spawn(async move {
+            application::sweeps::run(&*ports, WINDOW, "system:sweep", now()).await
+        })
     };
     ports.ca.revoking.notified().await;
     // ...while the registrar records a match.
@@ -505,7 +510,7 @@ async fn a_sweep_leaves_an_account_rectified_meanwhile_active() {
     let stored = ports.store.get_account(&record.id).unwrap().unwrap();
     assert_eq!(stored.status, AccountStatus::Active, "the match is kept");
     // A second sweep finds nothing due.
-    let again = application::sweeps::run(&*ports, "system:sweep", now())
+    let again = application::sweeps::run(&*ports, WINDOW, "system:sweep", now())
         .await
         .unwrap();
     assert!(again.invalidated.is_empty());
@@ -537,7 +542,7 @@ fn without_adult_day_key(ports: &Memory, id: &str) {
     let id = AccountId::parse(id).unwrap();
     let mut account = ports.store.get_account(&id).unwrap().unwrap();
     account.adult_day_key = None;
-    ports.store.update_account(&account).unwrap();
+    ports.store.update_account(&account, &[]).unwrap();
 }
 
 fn adult_day_key(ports: &Memory, id: &str) -> Option<[u8; 32]> {
@@ -574,7 +579,7 @@ async fn the_sweep_finds_minors_turning_18_by_the_keyed_hash_of_their_day_and_un
     assert_eq!(adult_day_key(&ports, "u-adult"), None);
 
     // The first run has no mark: it reads every current minor once, and keys the one without.
-    let sweep = |at| application::sweeps::run(&ports, "system:sweep", at);
+    let sweep = |at| application::sweeps::run(&ports, WINDOW, "system:sweep", at);
     let first = sweep(now()).await.unwrap();
     assert_eq!(first.count(), 0, "{first:?}");
     assert_eq!(adult_day_key(&ports, "u-old"), Some(key));
@@ -628,7 +633,7 @@ async fn an_upgrade_to_a_minors_certificate_keys_an_account_registered_without_o
     register_minor(&ports, "u-up", 1, dob, Tier::IamSmart).await;
     without_adult_day_key(&ports, "u-up");
     // The first run sets the mark; the account has no certificate yet, so it stays unkeyed.
-    let sweep = |at| application::sweeps::run(&ports, "system:sweep", at);
+    let sweep = |at| application::sweeps::run(&ports, WINDOW, "system:sweep", at);
     sweep(now()).await.unwrap();
     assert_eq!(adult_day_key(&ports, "u-up"), None);
     let id = AccountId::parse("u-up").unwrap();
@@ -647,7 +652,7 @@ async fn a_clock_moved_back_past_the_mark_reads_every_minor_again() {
     let ports = Memory::new();
     let dob = born_to_turn_18_in(5);
     register_minor(&ports, "u-back", 1, dob, Tier::IamSmartPlus).await;
-    let sweep = |at| application::sweeps::run(&ports, "system:sweep", at);
+    let sweep = |at| application::sweeps::run(&ports, WINDOW, "system:sweep", at);
     // A run far ahead (a clock set forward) revokes it and moves the mark there...
     let ahead = sweep(now() + time::Duration::days(400)).await.unwrap();
     assert_eq!(ahead.minors_revoked.len(), 1);
@@ -675,11 +680,11 @@ async fn a_sweep_handles_more_than_a_page_of_due_accounts() {
             .await
             .unwrap();
     }
-    let changes = application::sweeps::run(&ports, "system:sweep", now())
+    let changes = application::sweeps::run(&ports, WINDOW, "system:sweep", now())
         .await
         .unwrap();
     assert_eq!(changes.invalidated.len(), due);
-    let again = application::sweeps::run(&ports, "system:sweep", now())
+    let again = application::sweeps::run(&ports, WINDOW, "system:sweep", now())
         .await
         .unwrap();
     assert_eq!(again.count(), 0, "{again:?}");
