@@ -953,7 +953,7 @@ pub(super) fn certificate_notices_are_told_once_each(store: &dyn Store) {
     let window = CertificateNotice::RenewalWindowOpen;
     let expired = CertificateNotice::Expired;
     // Three certificates of one account ending on three days; the last one revoked.
-    registered(store, "u-1", "1000");
+    store.insert_account(&account("u-1")).unwrap();
     let ends = |serial: &str, day: i64| {
         let mut c = certificate(serial, "u-1");
         c.not_after = datetime!(2029-01-01 00:00 UTC) + Duration::days(day);

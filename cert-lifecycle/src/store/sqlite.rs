@@ -2067,6 +2067,23 @@ mod tests {
         store
             .current_certificates_ending(at, at + Duration::days(30))
             .unwrap();
+        // The time-based events and the feed.
+        for (notice, until) in [
+            (crate::CertificateNotice::Expired, at),
+            (crate::CertificateNotice::RenewalWindowOpen, at + Duration::days(60)),
+        ] {
+            store.certificates_to_notify(notice, until, 500).unwrap();
+        }
+        let told = conformance::event(crate::EventKind::CertificateExpired, "u-1");
+        store
+            .record_notice(
+                &crate::CertSerial::parse("3f9a").unwrap(),
+                crate::CertificateNotice::Expired,
+                &[told],
+            )
+            .unwrap();
+        store.events_after(0, 100).unwrap();
+        store.events_after(10, 100).unwrap();
         store
             .mark_revoked(
                 &CertSerial::parse("3f9b").unwrap(),

@@ -458,7 +458,13 @@ fn a_read_is_one_quick_round_trip() {
 /// ones the store ran, with their parameters.
 #[test]
 fn signing_path_and_sweep_queries_use_indexes() {
-    const LARGE: &[&str] = &["accounts", "certificates", "signing_requests", "taids"];
+    const LARGE: &[&str] = &[
+        "accounts",
+        "certificates",
+        "signing_requests",
+        "taids",
+        "user_events",
+    ];
     let Some((schema, store)) = fresh() else {
         return;
     };
@@ -473,6 +479,9 @@ fn signing_path_and_sweep_queries_use_indexes() {
              sealed_der, key_ref, key_algorithm)
          SELECT 'a' || i, 'p-' || i, 'adult', 1767225600, 1893456000 + i * 1000, 'valid',
              '\\x01', '\\x09', 'ecdsa_p256'
+         FROM generate_series(1, 20000) AS i;
+         INSERT INTO user_events (at, account_id, event, serial)
+         SELECT 1767225600, 'p-' || i, 'certificate.issued', 'a' || i
          FROM generate_series(1, 20000) AS i;
          INSERT INTO taids (taid, service, account_id)
          SELECT 't' || i, 'demo-a', 'p-' || i FROM generate_series(1, 20000) AS i;
@@ -546,6 +555,23 @@ fn signing_path_and_sweep_queries_use_indexes() {
     store
         .current_certificates_ending(at, at + Duration::days(30))
         .unwrap();
+    // The time-based events and the feed.
+    for (notice, until) in [
+        (crate::CertificateNotice::Expired, at),
+        (crate::CertificateNotice::RenewalWindowOpen, at + Duration::days(60)),
+    ] {
+        store.certificates_to_notify(notice, until, 500).unwrap();
+    }
+    let told = conformance::event(crate::EventKind::CertificateExpired, "u-1");
+    store
+        .record_notice(
+            &crate::CertSerial::parse("3f9a").unwrap(),
+            crate::CertificateNotice::Expired,
+            &[told],
+        )
+        .unwrap();
+    store.events_after(0, 100).unwrap();
+    store.events_after(10, 100).unwrap();
     let b_serial = crate::CertSerial::parse("3f9b").unwrap();
     store
         .mark_revoked(&b_serial, crate::RevocationReason::KeyCompromise, at, &[])
