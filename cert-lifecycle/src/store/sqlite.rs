@@ -2070,7 +2070,10 @@ mod tests {
         // The time-based events and the feed.
         for (notice, until) in [
             (crate::CertificateNotice::Expired, at),
-            (crate::CertificateNotice::RenewalWindowOpen, at + Duration::days(60)),
+            (
+                crate::CertificateNotice::RenewalWindowOpen,
+                at + Duration::days(60),
+            ),
         ] {
             store.certificates_to_notify(notice, until, 500).unwrap();
         }

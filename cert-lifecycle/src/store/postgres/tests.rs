@@ -558,7 +558,10 @@ fn signing_path_and_sweep_queries_use_indexes() {
     // The time-based events and the feed.
     for (notice, until) in [
         (crate::CertificateNotice::Expired, at),
-        (crate::CertificateNotice::RenewalWindowOpen, at + Duration::days(60)),
+        (
+            crate::CertificateNotice::RenewalWindowOpen,
+            at + Duration::days(60),
+        ),
     ] {
         store.certificates_to_notify(notice, until, 500).unwrap();
     }
