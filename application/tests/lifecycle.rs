@@ -30,8 +30,11 @@ fn now() -> OffsetDateTime {
     OffsetDateTime::now_utc()
 }
 
-/// The renewal window the sweeps tell users about.
+/// The renewal window of the key changes: every certificate of these tests (a year) is in it.
 const WINDOW: time::Duration = time::Duration::days(400);
+
+/// The renewal window the sweeps tell users about: a month before a year's certificate ends.
+const SWEEP_WINDOW: time::Duration = time::Duration::days(30);
 
 fn issuance() -> IssuanceSettings {
     IssuanceSettings {
@@ -490,7 +493,7 @@ async fn a_sweep_leaves_an_account_rectified_meanwhile_active() {
     let sweeping = {
         let ports = ports.clone();
         tokio::spawn(async move {
-            application::sweeps::run(&*ports, WINDOW, "system:sweep", now()).await
+            application::sweeps::run(&*ports, SWEEP_WINDOW, "system:sweep", now()).await
         })
     };
     ports.ca.revoking.notified().await;
@@ -510,7 +513,7 @@ async fn a_sweep_leaves_an_account_rectified_meanwhile_active() {
     let stored = ports.store.get_account(&record.id).unwrap().unwrap();
     assert_eq!(stored.status, AccountStatus::Active, "the match is kept");
     // A second sweep finds nothing due.
-    let again = application::sweeps::run(&*ports, WINDOW, "system:sweep", now())
+    let again = application::sweeps::run(&*ports, SWEEP_WINDOW, "system:sweep", now())
         .await
         .unwrap();
     assert!(again.invalidated.is_empty());
@@ -579,7 +582,7 @@ async fn the_sweep_finds_minors_turning_18_by_the_keyed_hash_of_their_day_and_un
     assert_eq!(adult_day_key(&ports, "u-adult"), None);
 
     // The first run has no mark: it reads every current minor once, and keys the one without.
-    let sweep = |at| application::sweeps::run(&ports, WINDOW, "system:sweep", at);
+    let sweep = |at| application::sweeps::run(&ports, SWEEP_WINDOW, "system:sweep", at);
     let first = sweep(now()).await.unwrap();
     assert_eq!(first.count(), 0, "{first:?}");
     assert_eq!(adult_day_key(&ports, "u-old"), Some(key));
@@ -633,7 +636,7 @@ async fn an_upgrade_to_a_minors_certificate_keys_an_account_registered_without_o
     register_minor(&ports, "u-up", 1, dob, Tier::IamSmart).await;
     without_adult_day_key(&ports, "u-up");
     // The first run sets the mark; the account has no certificate yet, so it stays unkeyed.
-    let sweep = |at| application::sweeps::run(&ports, WINDOW, "system:sweep", at);
+    let sweep = |at| application::sweeps::run(&ports, SWEEP_WINDOW, "system:sweep", at);
     sweep(now()).await.unwrap();
     assert_eq!(adult_day_key(&ports, "u-up"), None);
     let id = AccountId::parse("u-up").unwrap();
@@ -652,7 +655,7 @@ async fn a_clock_moved_back_past_the_mark_reads_every_minor_again() {
     let ports = Memory::new();
     let dob = born_to_turn_18_in(5);
     register_minor(&ports, "u-back", 1, dob, Tier::IamSmartPlus).await;
-    let sweep = |at| application::sweeps::run(&ports, WINDOW, "system:sweep", at);
+    let sweep = |at| application::sweeps::run(&ports, SWEEP_WINDOW, "system:sweep", at);
     // A run far ahead (a clock set forward) revokes it and moves the mark there...
     let ahead = sweep(now() + time::Duration::days(400)).await.unwrap();
     assert_eq!(ahead.minors_revoked.len(), 1);
@@ -680,11 +683,11 @@ async fn a_sweep_handles_more_than_a_page_of_due_accounts() {
             .await
             .unwrap();
     }
-    let changes = application::sweeps::run(&ports, WINDOW, "system:sweep", now())
+    let changes = application::sweeps::run(&ports, SWEEP_WINDOW, "system:sweep", now())
         .await
         .unwrap();
     assert_eq!(changes.invalidated.len(), due);
-    let again = application::sweeps::run(&ports, WINDOW, "system:sweep", now())
+    let again = application::sweeps::run(&ports, SWEEP_WINDOW, "system:sweep", now())
         .await
         .unwrap();
     assert_eq!(again.count(), 0, "{again:?}");
