@@ -692,3 +692,127 @@ async fn a_sweep_handles_more_than_a_page_of_due_accounts() {
         .unwrap();
     assert_eq!(again.count(), 0, "{again:?}");
 }
+
+/// The user events of an account's changes, read as the store keeps them.
+fn told(ports: &Memory) -> Vec<(String, &'static str)> {
+    ports
+        .store
+        .events_after(0, 1000)
+        .unwrap()
+        .into_iter()
+        .map(|stored| {
+            (
+                stored.event.account_id.as_str().to_owned(),
+                stored.event.kind.as_str(),
+            )
+        })
+        .collect()
+}
+
+/// Each change tells what it stored, once: a refused change tells nothing, two sweeps at once
+/// tell a renewal window once, an invalidation tells its revocation (with the reason) and the
+/// invalidation; an invalidation that lost its race to a match tells only the revocation it
+/// made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_events_tell_what_was_stored_and_each_once() {
+    let ports = Arc::new(Memory::new());
+    let device = Device::new(20);
+    let new = new_account("u-ev", 20, Tier::IamSmartPlus, &device);
+    let record = registration::register(&*ports, &issuance(), "registrar:reg", new, now())
+        .await
+        .unwrap();
+    let id = record.id.clone();
+    let change = |change| accounts::change(&*ports, "registrar:reg", &id, change, now());
+    change(Change::Suspend(SuspendedBy::User)).await.unwrap();
+    assert!(change(Change::Suspend(SuspendedBy::User)).await.is_err());
+    assert!(
+        change(Change::Resume(SuspendedBy::Government))
+            .await
+            .is_err()
+    );
+    change(Change::Resume(SuspendedBy::User)).await.unwrap();
+    change(Change::Matching(None)).await.unwrap();
+    assert_eq!(
+        told(&ports),
+        [
+            ("u-ev".to_owned(), "certificate.issued"),
+            ("u-ev".to_owned(), "account.suspended"),
+            ("u-ev".to_owned(), "account.resumed"),
+        ]
+    );
+
+    // Ten days before the certificate ends, two sweeps at once: one tells the window.
+    let at = now() + time::Duration::days(355);
+    let sweeps: Vec<_> = (0..2)
+        .map(|_| {
+            let ports = ports.clone();
+            tokio::spawn(async move {
+                application::sweeps::run(&*ports, SWEEP_WINDOW, "system:sweep", at).await
+            })
+        })
+        .collect();
+    let mut opened = 0;
+    for sweep in sweeps {
+        opened += sweep.await.unwrap().unwrap().renewal_windows_opened.len();
+    }
+    assert_eq!(opened, 1);
+    accounts::invalidate(&*ports, "registrar:reg", &id, at)
+        .await
+        .unwrap();
+    let events = ports.store.events_after(0, 1000).unwrap();
+    let kinds: Vec<_> = events.iter().map(|e| e.event.kind.as_str()).collect();
+    assert_eq!(
+        kinds[3..],
+        [
+            "certificate.renewal_window_open",
+            "certificate.revoked",
+            "account.invalidated"
+        ]
+    );
+    assert_eq!(
+        events[4].event.details.reason,
+        Some(RevocationReason::PrivilegeWithdrawn)
+    );
+
+    // An invalidation by the sweep that loses its race to a match: the certificate it revoked
+    // is told, the invalidation that was not stored is not.
+    let other = support::account(&ports, "u-race", &Device::new(21), now());
+    let long_ago = now() - time::Duration::days(30);
+    accounts::change(
+        &*ports,
+        "registrar:reg",
+        &other.id,
+        Change::Matching(Some(long_ago)),
+        now(),
+    )
+    .await
+    .unwrap();
+    ports.ca.hold_next_revoke.store(true, Ordering::SeqCst);
+    let sweeping = {
+        let ports = ports.clone();
+        tokio::spawn(async move {
+            application::sweeps::run(&*ports, SWEEP_WINDOW, "system:sweep", now()).await
+        })
+    };
+    ports.ca.revoking.notified().await;
+    accounts::change(
+        &*ports,
+        "registrar:reg",
+        &other.id,
+        Change::Matching(None),
+        now(),
+    )
+    .await
+    .unwrap();
+    ports.ca.release_revoke.notify_one();
+    assert!(sweeping.await.unwrap().unwrap().invalidated.is_empty());
+    let race: Vec<_> = told(&ports)
+        .into_iter()
+        .filter(|(account, _)| account == "u-race")
+        .map(|(_, kind)| kind)
+        .collect();
+    assert_eq!(
+        race,
+        ["account.rectification_pending", "certificate.revoked"]
+    );
+}

@@ -838,7 +838,7 @@ pub(super) fn events_are_stored_with_their_change_and_read_in_order_in_pages(sto
             "account.suspended",
             "registrar:r",
             "{}",
-            &[suspended.clone()],
+            std::slice::from_ref(&suspended),
         )
         .unwrap();
     a.version += 1;

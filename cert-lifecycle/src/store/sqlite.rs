@@ -2069,9 +2069,9 @@ mod tests {
             .unwrap();
         // The time-based events and the feed.
         for (notice, until) in [
-            (crate::CertificateNotice::Expired, at),
+            (CertificateNotice::Expired, at),
             (
-                crate::CertificateNotice::RenewalWindowOpen,
+                CertificateNotice::RenewalWindowOpen,
                 at + Duration::days(60),
             ),
         ] {
@@ -2080,8 +2080,8 @@ mod tests {
         let told = conformance::event(crate::EventKind::CertificateExpired, "u-1");
         store
             .record_notice(
-                &crate::CertSerial::parse("3f9a").unwrap(),
-                crate::CertificateNotice::Expired,
+                &CertSerial::parse("3f9a").unwrap(),
+                CertificateNotice::Expired,
                 &[told],
             )
             .unwrap();

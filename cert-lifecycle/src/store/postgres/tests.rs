@@ -565,7 +565,7 @@ fn signing_path_and_sweep_queries_use_indexes() {
     ] {
         store.certificates_to_notify(notice, until, 500).unwrap();
     }
-    let told = conformance::event(crate::EventKind::CertificateExpired, "u-1");
+    let told = event(crate::EventKind::CertificateExpired, "u-1");
     store
         .record_notice(
             &crate::CertSerial::parse("3f9a").unwrap(),
