@@ -1960,6 +1960,59 @@ mod tests {
         }
     }
 
+    /// A store made before the user events (schema 13) upgrades: its certificates are all still
+    /// to be told their time-based events, and the feed starts empty.
+    #[test]
+    fn a_store_from_before_the_events_upgrades() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.sqlite");
+        {
+            let mut conn = Connection::open(&path).unwrap();
+            let tx = conn.transaction().unwrap();
+            for sql in &MIGRATIONS[..13] {
+                tx.execute_batch(sql).unwrap();
+            }
+            tx.pragma_update(None, "user_version", 13).unwrap();
+            tx.commit().unwrap();
+        }
+        {
+            // Rows of the old schema, written without the new columns (the account and its
+            // certificate refer to each other; this connection checks no foreign key).
+            let conn = Connection::open(&path).unwrap();
+            conn.pragma_update(None, "foreign_keys", false).unwrap();
+            let sql = format!(
+                "INSERT INTO accounts ({}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, \
+                 ?11, ?12, ?13, ?14, ?15, ?16)",
+                ACCOUNT_COLUMNS
+            );
+            let mut a = account("u-1");
+            a.current_certificate = Some(CertSerial::parse("3f9a").unwrap());
+            conn.execute(&sql, params_from_iter(account_values(&a)))
+                .unwrap();
+            let sql = format!(
+                "INSERT INTO certificates ({CERTIFICATE_COLUMNS}) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
+            );
+            let c = crate::certificate::tests::record("3f9a", "u-1");
+            conn.execute(&sql, params_from_iter(certificate_values(&c)))
+                .unwrap();
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        assert!(store.events_after(0, 10).unwrap().is_empty());
+        let c = crate::certificate::tests::record("3f9a", "u-1");
+        let due = store
+            .certificates_to_notify(CertificateNotice::Expired, c.not_after, 10)
+            .unwrap();
+        assert_eq!(due, [c.clone()]);
+        let told = conformance::event(crate::EventKind::CertificateExpired, "u-1");
+        assert!(
+            store
+                .record_notice(&c.serial, CertificateNotice::Expired, &[told])
+                .unwrap()
+        );
+        assert_eq!(store.events_after(0, 10).unwrap().len(), 1);
+    }
+
     #[test]
     fn newer_schema_is_refused() {
         let dir = tempfile::tempdir().unwrap();
