@@ -6,13 +6,14 @@
 //! to the new state, which may now refuse it. No change is ever written over another.
 
 use cert_lifecycle::{
-    AccountId, AccountRecord, AccountStatus, CertStatus, CertificateRecord, RECTIFICATION_PERIOD,
-    RevocationReason, ServiceName, Store, StoreError, SuspendedBy, TaidRecord, Tier,
+    AccountId, AccountRecord, AccountStatus, CertStatus, CertificateRecord, EventKind,
+    RECTIFICATION_PERIOD, RevocationReason, ServiceName, Store, StoreError, SuspendedBy,
+    TaidRecord, Tier, UserEvent,
 };
 use serde_json::{Map, Value, json};
 use time::OffsetDateTime;
 
-use crate::{AppError, Ports, fields, rfc3339};
+use crate::{AppError, Ports, events, fields, rfc3339};
 
 /// How often a change re-reads the account after losing a race before it answers `conflict`.
 const CHANGE_TRIES: usize = 4;
@@ -46,7 +47,8 @@ impl Change {
         .find(|event| *event == name)
     }
 
-    /// Applies the change's rule to `record` as stored now; gives its audit record.
+    /// Applies the change's rule to `record` as stored now; gives its audit record and the
+    /// user events it yields.
     fn apply(&self, record: &mut AccountRecord, now: OffsetDateTime) -> Result<Audited, AppError> {
         let account_id = json!(record.id.as_str());
         match self {
@@ -58,7 +60,13 @@ impl Change {
                 Ok(Audited::new(
                     "account.suspended",
                     fields([("account_id", account_id), ("by", json!(by.as_str()))]),
-                ))
+                )
+                .telling(events::suspension(
+                    EventKind::AccountSuspended,
+                    &record.id,
+                    *by,
+                    now,
+                )))
             }
             Change::Resume(by) => {
                 // Only the party that suspended may lift it: a government suspension is not the
@@ -74,7 +82,13 @@ impl Change {
                 Ok(Audited::new(
                     "account.resumed",
                     fields([("account_id", account_id), ("by", json!(by.as_str()))]),
-                ))
+                )
+                .telling(events::suspension(
+                    EventKind::AccountResumed,
+                    &record.id,
+                    *by,
+                    now,
+                )))
             }
             Change::SwitchDevice(device) => {
                 if record.status == AccountStatus::Deregistered {
@@ -121,28 +135,49 @@ impl Change {
                 } else {
                     "matched"
                 };
-                Ok(Audited::new(
+                let audited = Audited::new(
                     "account.matching",
                     fields([
                         ("account_id", account_id),
                         ("result", json!(result)),
                         ("rectify_by", json!(record.rectify_by.map(rfc3339))),
                     ]),
-                ))
+                );
+                // A match that clears a pending rectification is no event of API.md's list.
+                Ok(if acknowledged.is_some() {
+                    audited.telling(events::rectification_pending(
+                        &record.id,
+                        record.rectify_by,
+                        now,
+                    ))
+                } else {
+                    audited
+                })
             }
         }
     }
 }
 
-/// An audit record to write once a change is stored.
+/// An audit record to write once a change is stored, and the user events stored with it.
 struct Audited {
     event: &'static str,
     fields: Map<String, Value>,
+    tell: Vec<UserEvent>,
 }
 
 impl Audited {
     fn new(event: &'static str, fields: Map<String, Value>) -> Audited {
-        Audited { event, fields }
+        Audited {
+            event,
+            fields,
+            tell: Vec::new(),
+        }
+    }
+
+    /// With a user event, stored in the change's transaction.
+    fn telling(mut self, event: UserEvent) -> Audited {
+        self.tell.push(event);
+        self
     }
 }
 
@@ -161,12 +196,15 @@ pub async fn change<P: Ports>(
         let audited = change.apply(&mut record, now)?;
         // Owned: a closure that crosses to the blocking pool holds no borrowed text.
         let (stored, owner) = (record.clone(), actor.to_owned());
-        let (event, fields) = (
+        let (event, fields, tell) = (
             audited.event.to_owned(),
             Value::Object(audited.fields).to_string(),
+            audited.tell,
         );
         match ports
-            .write(move |store| store.update_account_audited(&stored, &event, &owner, &fields))
+            .write(move |store| {
+                store.update_account_audited(&stored, &event, &owner, &fields, &tell)
+            })
             .await
         {
             Ok(outbox) => {
@@ -285,6 +323,7 @@ pub async fn invalidate_if<P: Ports>(
 ) -> Result<bool, AppError> {
     let end = End {
         event: "account.invalidated",
+        tell: EventKind::AccountInvalidated,
         reason: RevocationReason::PrivilegeWithdrawn,
         due,
         apply: move |record: &mut AccountRecord| {
@@ -292,7 +331,9 @@ pub async fn invalidate_if<P: Ports>(
             record.status_changed_at = now;
             record.rectify_by = None;
         },
-        write: |store: &P::Store, record: &AccountRecord| store.update_account(record),
+        write: |store: &P::Store, record: &AccountRecord, tell: &[UserEvent]| {
+            store.update_account(record, tell)
+        },
     };
     end.run(ports, record, actor, now).await
 }
@@ -330,6 +371,7 @@ pub async fn deregister_if<P: Ports>(
     // leaves a deregistered account with its data.
     let end = End {
         event: "account.deregistered",
+        tell: EventKind::AccountDeregistered,
         reason: RevocationReason::CessationOfOperation,
         due,
         apply: move |record: &mut AccountRecord| {
@@ -338,19 +380,23 @@ pub async fn deregister_if<P: Ports>(
             record.suspended_by = None;
             record.rectify_by = None;
         },
-        write: |store: &P::Store, record: &AccountRecord| store.deregister(record),
+        write: |store: &P::Store, record: &AccountRecord, tell: &[UserEvent]| {
+            store.deregister(record, tell)
+        },
     };
     end.run(ports, record, actor, now).await
 }
 
 /// A final state (invalidated, deregistered): audited, the current certificate revoked with
-/// `reason`, then the state stored with `write`, only if `due` holds for the account as stored.
+/// `reason`, then the state stored with `write` with its user event `tell`, only if `due` holds
+/// for the account as stored.
 /// On a lost race it reads the account again: if `due` still holds, it revokes the certificate
 /// if that changed meanwhile (a renewal that finished) and applies `apply` on top, so the
 /// other change is kept too and never undoes this one; if not (a sweep's rule no longer
 /// applies), it stops.
 struct End<D, A, W> {
     event: &'static str,
+    tell: EventKind,
     reason: RevocationReason,
     due: D,
     apply: A,
@@ -370,7 +416,10 @@ where
         now: OffsetDateTime,
     ) -> Result<bool, AppError>
     where
-        W: Fn(&P::Store, &AccountRecord) -> Result<(), StoreError> + Copy + Send + 'static,
+        W: Fn(&P::Store, &AccountRecord, &[UserEvent]) -> Result<(), StoreError>
+            + Copy
+            + Send
+            + 'static,
     {
         let mut audited = false;
         for _ in 0..CHANGE_TRIES {
@@ -397,7 +446,8 @@ where
             }
             (self.apply)(record);
             let (copy, write) = (record.clone(), self.write);
-            match ports.write(move |store| write(store, &copy)).await {
+            let tell = [events::account_ended(self.tell, &record.id, now)];
+            match ports.write(move |store| write(store, &copy, &tell)).await {
                 Ok(()) => {
                     *record = load(ports, &record.id)?;
                     return Ok(true);
@@ -411,14 +461,17 @@ where
 }
 
 /// Revokes the account's current certificate: audited, then the local state (which refuses every
-/// signature from then on), then the CA, then the key. Safe to repeat: a revocation that stopped
-/// half-way is finished by the next call or the next sweep ([`finish_revocation`]).
+/// signature from then on) with its `certificate.revoked` event and the events `also` gives for
+/// the certificate, then the CA, then the key. Safe to repeat: a revocation that stopped
+/// half-way is finished by the next call or the next sweep ([`finish_revocation`]); the events
+/// are stored with the local state, once.
 pub async fn revoke_current<P: Ports>(
     ports: &P,
     record: &AccountRecord,
     reason: RevocationReason,
     actor: &str,
     now: OffsetDateTime,
+    also: impl Fn(&CertificateRecord) -> Vec<UserEvent>,
 ) -> Result<(), AppError> {
     let Some(serial) = record.current_certificate.clone() else {
         return Ok(());
@@ -426,9 +479,15 @@ pub async fn revoke_current<P: Ports>(
     let certificate = ports
         .read(|store| store.get_certificate(&serial))?
         .ok_or(AppError::NoCertificate)?;
-    revoke(ports, certificate, reason, actor, now)
+    let also = also(&certificate);
+    revoke(ports, certificate, reason, actor, now, also)
         .await
         .map(drop)
+}
+
+/// No further events with a revocation.
+pub fn nothing_more(_: &CertificateRecord) -> Vec<UserEvent> {
+    Vec::new()
 }
 
 /// Revokes every certificate of the account that is still valid or still has its key: the
@@ -448,20 +507,22 @@ async fn revoke_all<P: Ports>(
         if certificate.status == CertStatus::Revoked && certificate.key_ref.is_none() {
             continue;
         }
-        settled &= revoke(ports, certificate, reason, actor, now).await?;
+        settled &= revoke(ports, certificate, reason, actor, now, Vec::new()).await?;
     }
     Ok(settled)
 }
 
 /// Revokes one certificate: audited, the local state (a conditional change: a first
-/// revocation's reason and time stand), the CA, the key. Whether it is settled (the CA took
-/// it and the key is gone).
+/// revocation's reason and time stand) with the `certificate.revoked` event and `also`, stored
+/// only by the change that revokes it, the CA, the key. Whether it is settled (the CA took it
+/// and the key is gone).
 async fn revoke<P: Ports>(
     ports: &P,
     mut certificate: CertificateRecord,
     reason: RevocationReason,
     actor: &str,
     now: OffsetDateTime,
+    also: Vec<UserEvent>,
 ) -> Result<bool, AppError> {
     if certificate.status != CertStatus::Revoked {
         ports
@@ -476,8 +537,10 @@ async fn revoke<P: Ports>(
             )
             .await?;
         let serial = certificate.serial.clone();
+        let mut tell = vec![events::revoked(&certificate, reason, now)];
+        tell.extend(also);
         ports
-            .write(move |store| store.mark_revoked(&serial, reason, now))
+            .write(move |store| store.mark_revoked(&serial, reason, now, &tell))
             .await?;
         ports.step("revocation-after-local");
         // As stored: a revocation that came first keeps its reason.
@@ -607,6 +670,6 @@ pub async fn revoke_certificate<P: Ports>(
     if certificate.status == CertStatus::Revoked {
         return Err(AppError::CertificateRevoked);
     }
-    revoke_current(ports, &record, reason, actor, now).await?;
+    revoke_current(ports, &record, reason, actor, now, nothing_more).await?;
     load(ports, id)
 }

@@ -13,6 +13,7 @@
 
 pub mod accounts;
 mod error;
+pub mod events;
 pub mod ports;
 pub mod registration;
 pub mod renewal;

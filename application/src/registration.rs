@@ -7,14 +7,14 @@
 //! at the CA and its key destroyed, so no valid certificate stays at the CA without its account.
 
 use cert_lifecycle::{
-    AccountId, AccountRecord, AccountStatus, CertSerial, CertStatus, CertificateRecord, HkicNumber,
-    IssuanceJournal, IssuancePurpose, Profile, RuleError, Store, StoreError, Tier,
+    AccountId, AccountRecord, AccountStatus, CertSerial, CertStatus, CertificateRecord, EventKind,
+    HkicNumber, IssuanceJournal, IssuancePurpose, Profile, RuleError, Store, StoreError, Tier,
 };
 use serde_json::json;
 use time::{Date, OffsetDateTime};
 use zeroize::Zeroizing;
 
-use crate::{AppError, PersonalName, Ports, fields};
+use crate::{AppError, PersonalName, Ports, events, fields};
 
 /// What issuance needs from the configuration.
 #[derive(Debug, Clone)]
@@ -145,7 +145,11 @@ pub async fn register<P: Ports>(
         );
         ports
             .write(move |store| match &certificate {
-                Some(certificate) => store.insert_account_with_certificate(&record, certificate),
+                Some(certificate) => {
+                    let issued =
+                        events::certificate_in_use(EventKind::CertificateIssued, certificate, now);
+                    store.insert_account_with_certificate(&record, certificate, &[issued])
+                }
                 None => store.insert_account(&record),
             })
             .await
@@ -229,8 +233,9 @@ pub async fn upgrade<P: Ports>(
         record.tier = Tier::IamSmartPlus;
         record.current_certificate = Some(certificate.serial.clone());
         let (stored, new) = (record.clone(), certificate.clone());
+        let told = events::certificate_in_use(EventKind::CertificateIssued, certificate, now);
         match ports
-            .write(move |store| store.attach_certificate(&stored, &new))
+            .write(move |store| store.attach_certificate(&stored, &new, &[told]))
             .await
         {
             Ok(()) => {

@@ -21,8 +21,8 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use cert_lifecycle::{
     AccountId, AccountRecord, AccountStatus, CertSerial, CertStatus, CertificateRecord,
-    ConsentChallenge, ConsentPurpose, KeyChangeJournal, RevocationReason, RuleError, Store,
-    StoreError, Tier,
+    ConsentChallenge, ConsentPurpose, EventKind, KeyChangeJournal, RevocationReason, RuleError,
+    Store, StoreError, Tier,
 };
 use serde_json::json;
 use time::OffsetDateTime;
@@ -30,7 +30,7 @@ use time::OffsetDateTime;
 use crate::accounts::{load, require_active};
 use crate::registration::{IssuanceSettings, issue_request};
 use crate::signing::device_signature_valid;
-use crate::{AppError, Ports, certificate_status, fields, rfc3339};
+use crate::{AppError, Ports, certificate_status, events, fields, rfc3339};
 
 /// The actor of what start-up recovery does.
 const RECOVERY_ACTOR: &str = "system";
@@ -476,9 +476,10 @@ impl<P: Ports> KeyChange<'_, P> {
         journal: &KeyChangeJournal,
     ) -> Result<AccountRecord, AppError> {
         let ports = self.ports;
-        let event = match self.purpose {
-            ConsentPurpose::Renew => "certificate.renewed",
-            _ => "certificate.reapplied",
+        let (event, tell) = match self.purpose {
+            ConsentPurpose::Renew => ("certificate.renewed", EventKind::CertificateRenewed),
+            // A new certificate after expiry or revocation: to the user, one issued.
+            _ => ("certificate.reapplied", EventKind::CertificateIssued),
         };
         ports
             .append(
@@ -499,8 +500,9 @@ impl<P: Ports> KeyChange<'_, P> {
             crate::key_adult_day(ports, &mut record, new.profile).await?;
             record.current_certificate = Some(new.serial.clone());
             let (stored, certificate) = (record.clone(), new.clone());
+            let told = events::certificate_in_use(tell, new, self.now);
             match ports
-                .write(move |store| store.attach_certificate(&stored, &certificate))
+                .write(move |store| store.attach_certificate(&stored, &certificate, &[told]))
                 .await
             {
                 Ok(()) => {
@@ -554,7 +556,15 @@ async fn finish<P: Ports>(
             let mut old_view = old_record.clone();
             old_view.current_certificate = Some(old_serial);
             let reason = RevocationReason::Superseded;
-            crate::accounts::revoke_current(ports, &old_view, reason, actor, now).await
+            crate::accounts::revoke_current(
+                ports,
+                &old_view,
+                reason,
+                actor,
+                now,
+                crate::accounts::nothing_more,
+            )
+            .await
         }
         _ => {
             let Some(old) = ports.read(|store| store.get_certificate(&old_serial))? else {

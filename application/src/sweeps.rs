@@ -10,6 +10,11 @@
 //!   invalidated: certificate revoked (privilege_withdrawn), key destroyed.
 //! - An account suspended or invalidated seven years ago and left so is deregistered: certificate
 //!   revoked (cessation_of_operation) if still valid, key destroyed, personal data deleted.
+//! - A valid certificate that entered its renewal window, or passed its `not_after`, is told to
+//!   its user (`certificate.renewal_window_open`, `certificate.expired`), once each: the event is
+//!   stored with a compare-and-set of the certificate's notice stage, in one transaction, so
+//!   neither a crash nor two sweeps at once lose or repeat one. An index holds only the
+//!   certificates still to be told they expired.
 //!
 //! Every change is audited before it is made, through the same workflows the routes use. A
 //! sweep that stops half-way (a crash, the HSM or the CA gone) is finished by the next one:
@@ -22,8 +27,8 @@
 //! the last run (the store's `adult_day` mark) and looks the day up.
 
 use cert_lifecycle::{
-    AccountId, AccountRecord, AccountStatus, CertSerial, CertStatus, Profile, RevocationReason,
-    Store,
+    AccountId, AccountRecord, AccountStatus, CertSerial, CertStatus, CertificateNotice, EventKind,
+    Profile, RevocationReason, Store,
 };
 use serde_json::json;
 use time::{Date, Duration, OffsetDateTime};
@@ -31,7 +36,7 @@ use time::{Date, Duration, OffsetDateTime};
 use crate::accounts::{
     deregister_if, destroy_key_of, finish_revocation, invalidate_if, revoke_current,
 };
-use crate::{AppError, Ports, fields};
+use crate::{AppError, Ports, events, fields};
 
 /// What one run changed, by rule.
 #[derive(Debug, Default)]
@@ -46,6 +51,10 @@ pub struct Changes {
     pub invalidated: Vec<AccountId>,
     /// Accounts deregistered seven years after their suspension or invalidation.
     pub deregistered: Vec<AccountId>,
+    /// Certificates whose renewal window opened, told to their users.
+    pub renewal_windows_opened: Vec<(AccountId, CertSerial)>,
+    /// Certificates that expired, told to their users.
+    pub expiries_told: Vec<(AccountId, CertSerial)>,
     /// Audit records of account changes that had waited in the store's outbox, appended.
     pub audits_delivered: usize,
 }
@@ -58,13 +67,17 @@ impl Changes {
             + self.expired_keys_destroyed.len()
             + self.invalidated.len()
             + self.deregistered.len()
+            + self.renewal_windows_opened.len()
+            + self.expiries_told.len()
     }
 }
 
-/// Runs every rule at `now`; audits a summary when anything changed. The caller makes sure one
-/// run goes at a time.
+/// Runs every rule at `now`, with renewal opening `renewal_window` before a certificate's
+/// `not_after`; audits a summary when anything changed. The caller makes sure one run goes at a
+/// time.
 pub async fn run<P: Ports>(
     ports: &P,
+    renewal_window: Duration,
     actor: &str,
     now: OffsetDateTime,
 ) -> Result<Changes, AppError> {
@@ -73,6 +86,7 @@ pub async fn run<P: Ports>(
         ..Changes::default()
     };
     certificates(ports, actor, now, &mut changes).await?;
+    notices(ports, renewal_window, now, &mut changes).await?;
     rectification(ports, actor, now, &mut changes).await?;
     retention(ports, actor, now, &mut changes).await?;
     if changes.count() > 0 {
@@ -92,6 +106,11 @@ pub async fn run<P: Ports>(
                     ),
                     ("invalidated", json!(changes.invalidated.len())),
                     ("deregistered", json!(changes.deregistered.len())),
+                    (
+                        "renewal_windows_opened",
+                        json!(changes.renewal_windows_opened.len()),
+                    ),
+                    ("expiries_told", json!(changes.expiries_told.len())),
                 ]),
             )
             .await?;
@@ -219,7 +238,7 @@ async fn every_minor<P: Ports>(
             // A change meanwhile fails the run before the mark is set: the next one, still
             // without a mark, looks again.
             ports
-                .write(move |store| store.update_account(&keyed))
+                .write(move |store| store.update_account(&keyed, &[]))
                 .await?;
         }
         match page.last() {
@@ -253,18 +272,70 @@ async fn revoke_if_adult<P: Ports>(
     if now < cert_lifecycle::minor_certificate_ends(dob) {
         return Ok(false);
     }
+    // The user hears both: the certificate revoked, and why (turned 18).
     revoke_current(
         ports,
         &account,
         RevocationReason::CessationOfOperation,
         actor,
         now,
+        |certificate| vec![events::turned_18(certificate, now)],
     )
     .await?;
     changes
         .minors_revoked
         .push((account.id.clone(), certificate.serial));
     Ok(true)
+}
+
+/// Tells each valid certificate's user that it expired, then that its renewal window opened
+/// (one past `not_after` is told only that it expired), once each.
+async fn notices<P: Ports>(
+    ports: &P,
+    renewal_window: Duration,
+    now: OffsetDateTime,
+    changes: &mut Changes,
+) -> Result<(), AppError> {
+    let rules = [
+        (
+            CertificateNotice::Expired,
+            EventKind::CertificateExpired,
+            now,
+        ),
+        (
+            CertificateNotice::RenewalWindowOpen,
+            EventKind::CertificateRenewalWindowOpen,
+            now + renewal_window,
+        ),
+    ];
+    for (notice, kind, until) in rules {
+        loop {
+            let page = ports
+                .write(move |store| store.certificates_to_notify(notice, until, PAGE))
+                .await?;
+            let mut acted = 0;
+            for certificate in &page {
+                let serial = certificate.serial.clone();
+                let tell = [events::certificate_time(kind, certificate, now)];
+                // False when another run told it first.
+                if ports
+                    .write(move |store| store.record_notice(&serial, notice, &tell))
+                    .await?
+                {
+                    let entry = (certificate.account_id.clone(), certificate.serial.clone());
+                    match notice {
+                        CertificateNotice::Expired => changes.expiries_told.push(entry),
+                        _ => changes.renewal_windows_opened.push(entry),
+                    }
+                    acted += 1;
+                }
+            }
+            if page.len() < PAGE || acted == 0 {
+                break;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Accounts whose 7-day rectification deadline has passed.

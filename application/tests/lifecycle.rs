@@ -30,6 +30,12 @@ fn now() -> OffsetDateTime {
     OffsetDateTime::now_utc()
 }
 
+/// The renewal window of the key changes: every certificate of these tests (a year) is in it.
+const WINDOW: time::Duration = time::Duration::days(400);
+
+/// The renewal window the sweeps tell users about: a month before a year's certificate ends.
+const SWEEP_WINDOW: time::Duration = time::Duration::days(30);
+
 fn issuance() -> IssuanceSettings {
     IssuanceSettings {
         certificate_validity: time::Duration::days(365),
@@ -40,7 +46,7 @@ fn renewal_settings() -> RenewalSettings {
     RenewalSettings {
         issuance: issuance(),
         // Every certificate of these tests (a year) is inside the window.
-        renewal_window: time::Duration::days(400),
+        renewal_window: WINDOW,
         challenge_ttl: time::Duration::minutes(5),
     }
 }
@@ -486,7 +492,9 @@ async fn a_sweep_leaves_an_account_rectified_meanwhile_active() {
     ports.ca.hold_next_revoke.store(true, Ordering::SeqCst);
     let sweeping = {
         let ports = ports.clone();
-        tokio::spawn(async move { application::sweeps::run(&*ports, "system:sweep", now()).await })
+        tokio::spawn(async move {
+            application::sweeps::run(&*ports, SWEEP_WINDOW, "system:sweep", now()).await
+        })
     };
     ports.ca.revoking.notified().await;
     // ...while the registrar records a match.
@@ -505,7 +513,7 @@ async fn a_sweep_leaves_an_account_rectified_meanwhile_active() {
     let stored = ports.store.get_account(&record.id).unwrap().unwrap();
     assert_eq!(stored.status, AccountStatus::Active, "the match is kept");
     // A second sweep finds nothing due.
-    let again = application::sweeps::run(&*ports, "system:sweep", now())
+    let again = application::sweeps::run(&*ports, SWEEP_WINDOW, "system:sweep", now())
         .await
         .unwrap();
     assert!(again.invalidated.is_empty());
@@ -537,7 +545,7 @@ fn without_adult_day_key(ports: &Memory, id: &str) {
     let id = AccountId::parse(id).unwrap();
     let mut account = ports.store.get_account(&id).unwrap().unwrap();
     account.adult_day_key = None;
-    ports.store.update_account(&account).unwrap();
+    ports.store.update_account(&account, &[]).unwrap();
 }
 
 fn adult_day_key(ports: &Memory, id: &str) -> Option<[u8; 32]> {
@@ -574,7 +582,7 @@ async fn the_sweep_finds_minors_turning_18_by_the_keyed_hash_of_their_day_and_un
     assert_eq!(adult_day_key(&ports, "u-adult"), None);
 
     // The first run has no mark: it reads every current minor once, and keys the one without.
-    let sweep = |at| application::sweeps::run(&ports, "system:sweep", at);
+    let sweep = |at| application::sweeps::run(&ports, SWEEP_WINDOW, "system:sweep", at);
     let first = sweep(now()).await.unwrap();
     assert_eq!(first.count(), 0, "{first:?}");
     assert_eq!(adult_day_key(&ports, "u-old"), Some(key));
@@ -628,7 +636,7 @@ async fn an_upgrade_to_a_minors_certificate_keys_an_account_registered_without_o
     register_minor(&ports, "u-up", 1, dob, Tier::IamSmart).await;
     without_adult_day_key(&ports, "u-up");
     // The first run sets the mark; the account has no certificate yet, so it stays unkeyed.
-    let sweep = |at| application::sweeps::run(&ports, "system:sweep", at);
+    let sweep = |at| application::sweeps::run(&ports, SWEEP_WINDOW, "system:sweep", at);
     sweep(now()).await.unwrap();
     assert_eq!(adult_day_key(&ports, "u-up"), None);
     let id = AccountId::parse("u-up").unwrap();
@@ -647,7 +655,7 @@ async fn a_clock_moved_back_past_the_mark_reads_every_minor_again() {
     let ports = Memory::new();
     let dob = born_to_turn_18_in(5);
     register_minor(&ports, "u-back", 1, dob, Tier::IamSmartPlus).await;
-    let sweep = |at| application::sweeps::run(&ports, "system:sweep", at);
+    let sweep = |at| application::sweeps::run(&ports, SWEEP_WINDOW, "system:sweep", at);
     // A run far ahead (a clock set forward) revokes it and moves the mark there...
     let ahead = sweep(now() + time::Duration::days(400)).await.unwrap();
     assert_eq!(ahead.minors_revoked.len(), 1);
@@ -675,12 +683,136 @@ async fn a_sweep_handles_more_than_a_page_of_due_accounts() {
             .await
             .unwrap();
     }
-    let changes = application::sweeps::run(&ports, "system:sweep", now())
+    let changes = application::sweeps::run(&ports, SWEEP_WINDOW, "system:sweep", now())
         .await
         .unwrap();
     assert_eq!(changes.invalidated.len(), due);
-    let again = application::sweeps::run(&ports, "system:sweep", now())
+    let again = application::sweeps::run(&ports, SWEEP_WINDOW, "system:sweep", now())
         .await
         .unwrap();
     assert_eq!(again.count(), 0, "{again:?}");
+}
+
+/// The user events of an account's changes, read as the store keeps them.
+fn told(ports: &Memory) -> Vec<(String, &'static str)> {
+    ports
+        .store
+        .events_after(0, 1000)
+        .unwrap()
+        .into_iter()
+        .map(|stored| {
+            (
+                stored.event.account_id.as_str().to_owned(),
+                stored.event.kind.as_str(),
+            )
+        })
+        .collect()
+}
+
+/// Each change tells what it stored, once: a refused change tells nothing, two sweeps at once
+/// tell a renewal window once, an invalidation tells its revocation (with the reason) and the
+/// invalidation; an invalidation that lost its race to a match tells only the revocation it
+/// made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_events_tell_what_was_stored_and_each_once() {
+    let ports = Arc::new(Memory::new());
+    let device = Device::new(20);
+    let new = new_account("u-ev", 20, Tier::IamSmartPlus, &device);
+    let record = registration::register(&*ports, &issuance(), "registrar:reg", new, now())
+        .await
+        .unwrap();
+    let id = record.id.clone();
+    let change = |change| accounts::change(&*ports, "registrar:reg", &id, change, now());
+    change(Change::Suspend(SuspendedBy::User)).await.unwrap();
+    assert!(change(Change::Suspend(SuspendedBy::User)).await.is_err());
+    assert!(
+        change(Change::Resume(SuspendedBy::Government))
+            .await
+            .is_err()
+    );
+    change(Change::Resume(SuspendedBy::User)).await.unwrap();
+    change(Change::Matching(None)).await.unwrap();
+    assert_eq!(
+        told(&ports),
+        [
+            ("u-ev".to_owned(), "certificate.issued"),
+            ("u-ev".to_owned(), "account.suspended"),
+            ("u-ev".to_owned(), "account.resumed"),
+        ]
+    );
+
+    // Ten days before the certificate ends, two sweeps at once: one tells the window.
+    let at = now() + time::Duration::days(355);
+    let sweeps: Vec<_> = (0..2)
+        .map(|_| {
+            let ports = ports.clone();
+            tokio::spawn(async move {
+                application::sweeps::run(&*ports, SWEEP_WINDOW, "system:sweep", at).await
+            })
+        })
+        .collect();
+    let mut opened = 0;
+    for sweep in sweeps {
+        opened += sweep.await.unwrap().unwrap().renewal_windows_opened.len();
+    }
+    assert_eq!(opened, 1);
+    accounts::invalidate(&*ports, "registrar:reg", &id, at)
+        .await
+        .unwrap();
+    let events = ports.store.events_after(0, 1000).unwrap();
+    let kinds: Vec<_> = events.iter().map(|e| e.event.kind.as_str()).collect();
+    assert_eq!(
+        kinds[3..],
+        [
+            "certificate.renewal_window_open",
+            "certificate.revoked",
+            "account.invalidated"
+        ]
+    );
+    assert_eq!(
+        events[4].event.details.reason,
+        Some(RevocationReason::PrivilegeWithdrawn)
+    );
+
+    // An invalidation by the sweep that loses its race to a match: the certificate it revoked
+    // is told, the invalidation that was not stored is not.
+    let other = support::account(&ports, "u-race", &Device::new(21), now());
+    let long_ago = now() - time::Duration::days(30);
+    accounts::change(
+        &*ports,
+        "registrar:reg",
+        &other.id,
+        Change::Matching(Some(long_ago)),
+        now(),
+    )
+    .await
+    .unwrap();
+    ports.ca.hold_next_revoke.store(true, Ordering::SeqCst);
+    let sweeping = {
+        let ports = ports.clone();
+        tokio::spawn(async move {
+            application::sweeps::run(&*ports, SWEEP_WINDOW, "system:sweep", now()).await
+        })
+    };
+    ports.ca.revoking.notified().await;
+    accounts::change(
+        &*ports,
+        "registrar:reg",
+        &other.id,
+        Change::Matching(None),
+        now(),
+    )
+    .await
+    .unwrap();
+    ports.ca.release_revoke.notify_one();
+    assert!(sweeping.await.unwrap().unwrap().invalidated.is_empty());
+    let race: Vec<_> = told(&ports)
+        .into_iter()
+        .filter(|(account, _)| account == "u-race")
+        .map(|(_, kind)| kind)
+        .collect();
+    assert_eq!(
+        race,
+        ["account.rectification_pending", "certificate.revoked"]
+    );
 }

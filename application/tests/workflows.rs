@@ -22,6 +22,9 @@ use time::OffsetDateTime;
 
 const ROUNDS: usize = 50;
 
+/// The renewal window the sweeps tell users about: a month before a year's certificate ends.
+const SWEEP_WINDOW: time::Duration = time::Duration::days(30);
+
 fn settings() -> SigningSettings {
     SigningSettings {
         request_ttl: time::Duration::minutes(5),
@@ -547,7 +550,7 @@ async fn an_account_change_keeps_its_audit_record_when_the_log_cannot_take_it() 
     assert_eq!(ports.store.pending_audits().unwrap().len(), 1);
     // Back up: the next sweep (or start) delivers it, once.
     *ports.audit.failing.lock().unwrap() = None;
-    let changes = application::sweeps::run(&ports, "system:sweep", now())
+    let changes = application::sweeps::run(&ports, SWEEP_WINDOW, "system:sweep", now())
         .await
         .unwrap();
     assert_eq!(changes.audits_delivered, 1);
@@ -697,7 +700,7 @@ async fn a_deregistration_while_the_ca_is_down_finishes_at_the_next_sweep() {
     );
     // The CA is back: the next sweep revokes it there, destroys the key, erases the DER.
     ports.ca.revocations_down.store(false, Ordering::SeqCst);
-    let changes = application::sweeps::run(&ports, "system:sweep", now())
+    let changes = application::sweeps::run(&ports, SWEEP_WINDOW, "system:sweep", now())
         .await
         .unwrap();
     assert_eq!(changes.revocations_finished.len(), 1);

@@ -14,6 +14,7 @@ mod account;
 mod age;
 mod certificate;
 mod error;
+mod events;
 mod hkic;
 mod ids;
 mod renewal;
@@ -30,6 +31,7 @@ pub use age::{
 };
 pub use certificate::{CertStatus, CertificateRecord, RevocationReason, profile_for};
 pub use error::{DatabaseError, FlowError, HkicReason, ParseError, RuleError, StoreError};
+pub use events::{CertificateNotice, EventDetails, EventKind, StoredEvent, UserEvent};
 pub use hkic::HkicNumber;
 pub use ids::{AccountId, CertSerial, RequestId, ServiceName};
 pub use renewal::{

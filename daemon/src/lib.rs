@@ -21,6 +21,7 @@ mod cli;
 mod clock;
 mod config;
 mod dev;
+mod events;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 mod http;

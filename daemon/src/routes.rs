@@ -12,7 +12,7 @@ use crate::api::{Ctx, Reply};
 use crate::app::App;
 use crate::problem::ApiError;
 use crate::tls::Role::{self, *};
-use crate::{accounts, admin, audit_api, lifecycle, signing, sweeps, unseal};
+use crate::{accounts, admin, audit_api, events, lifecycle, signing, sweeps, unseal};
 
 type Handler = fn(Arc<App>, Ctx) -> Pin<Box<dyn Future<Output = Result<Reply, ApiError>> + Send>>;
 
@@ -155,6 +155,7 @@ pub(crate) fn table() -> &'static [Route] {
                 &[Gateway],
                 lifecycle::deregistration
             ),
+            route!(GET, "/v1/events", &[Gateway, Registrar], events::feed),
             route!(GET, "/v1/audit/records", &[Auditor], audit_api::records),
             route!(
                 GET,

@@ -87,7 +87,7 @@ async fn run(
     if app.leader.shared() {
         settle_stranded(app, now).await;
     }
-    let changes = sweeps::run(app, actor, now).await?;
+    let changes = sweeps::run(app, app.renewal.renewal_window, actor, now).await?;
     app.metrics
         .sweep_duration
         .set(started.elapsed().as_secs_f64());
@@ -132,6 +132,8 @@ fn report(changes: &Changes, now: OffsetDateTime) -> Value {
         "expired_keys_destroyed": certificates(&changes.expired_keys_destroyed),
         "invalidated": accounts(&changes.invalidated),
         "deregistered": accounts(&changes.deregistered),
+        "renewal_windows_opened": certificates(&changes.renewal_windows_opened),
+        "expiries_told": certificates(&changes.expiries_told),
         "audits_delivered": changes.audits_delivered,
     })
 }

@@ -223,7 +223,7 @@ async fn populate(hsm: &Arc<Hsm>, path: &Path, keys: u64) -> Result<(), BoxError
             adult_day_key: None,
             version: 0,
         };
-        store.insert_account_with_certificate(&account, &certificate)?;
+        store.insert_account_with_certificate(&account, &certificate, &[])?;
         stored += 1;
         if stored.is_multiple_of(10_000) {
             eprintln!(

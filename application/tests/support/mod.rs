@@ -587,7 +587,7 @@ pub fn account(ports: &Memory, id: &str, device: &Device, now: OffsetDateTime) -
     };
     ports
         .store
-        .insert_account_with_certificate(&record, &certificate)
+        .insert_account_with_certificate(&record, &certificate, &[])
         .unwrap();
     ports
         .store

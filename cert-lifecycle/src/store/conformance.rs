@@ -8,9 +8,10 @@ use super::{Store, TaidRecord};
 use crate::certificate::tests::record as certificate;
 use crate::signing::tests::{CREATED, request};
 use crate::{
-    AccountId, AccountRecord, AccountStatus, CertSerial, CertStatus, ConsentChallenge,
-    ConsentPurpose, KeyChangeJournal, RequestId, RevocationReason, ServiceName, SigningRequest,
-    SigningStatus, StoreError, SuspendedBy, Tier,
+    AccountId, AccountRecord, AccountStatus, CertSerial, CertStatus, CertificateNotice,
+    ConsentChallenge, ConsentPurpose, EventDetails, EventKind, KeyChangeJournal, RequestId,
+    RevocationReason, ServiceName, SigningRequest, SigningStatus, StoreError, SuspendedBy, Tier,
+    UserEvent,
 };
 
 /// A test of each function of the suite, each over a store from `$fresh`, an expression giving
@@ -42,7 +43,10 @@ macro_rules! suite {
             pending_count_and_health,
             consent_challenge_is_replaced_per_purpose_and_taken_once,
             key_change_journal_is_one_per_account_and_follows_its_steps,
-            certificates_ending_lists_only_active_plus_accounts_with_valid_current_certificates
+            certificates_ending_lists_only_active_plus_accounts_with_valid_current_certificates,
+            events_are_stored_with_their_change_and_read_in_order_in_pages,
+            a_refused_change_stores_no_event,
+            certificate_notices_are_told_once_each
         );
     };
     (@each $fresh:expr; $($name:ident),* $(,)?) => {
@@ -100,7 +104,7 @@ pub(super) fn registered(store: &dyn Store, name: &str, serial: &str) -> Account
         .insert_certificate(&certificate(serial, name))
         .unwrap();
     a.current_certificate = Some(CertSerial::parse(serial).unwrap());
-    store.update_account(&a).unwrap();
+    store.update_account(&a, &[]).unwrap();
     a.version += 1;
     a
 }
@@ -124,7 +128,7 @@ pub(super) fn one_account_per_person_until_deregistered(store: &dyn Store) {
     ));
     let mut gone = first.clone();
     gone.status = AccountStatus::Deregistered;
-    store.update_account(&gone).unwrap();
+    store.update_account(&gone, &[]).unwrap();
     store.insert_account(&same_person).unwrap();
 }
 
@@ -148,12 +152,12 @@ pub(super) fn an_approval_needs_the_account_active_and_on_the_same_device(store:
         .insert_request(&second, usize::MAX, second.created_at)
         .unwrap();
     account.status = AccountStatus::Suspended;
-    store.update_account(&account).unwrap();
+    store.update_account(&account, &[]).unwrap();
     account.version += 1;
     assert!(matches!(approve(&second), Err(StoreError::Conflict)));
     account.status = AccountStatus::Active;
     account.device_generation = 2;
-    store.update_account(&account).unwrap();
+    store.update_account(&account, &[]).unwrap();
     assert!(matches!(approve(&second), Err(StoreError::Conflict)));
     assert_eq!(
         store.get_request(&second.id).unwrap().unwrap().status,
@@ -175,7 +179,7 @@ pub(super) fn account_round_trips_with_every_field(store: &dyn Store) {
     a.suspended_by = Some(SuspendedBy::Government);
     a.rectify_by = Some(datetime!(2026-02-08 12:34:56 UTC));
     a.device_generation = 7;
-    store.update_account(&a).unwrap();
+    store.update_account(&a, &[]).unwrap();
     a.version += 1;
     assert_eq!(store.get_account(&a.id).unwrap(), Some(a.clone()));
     assert_eq!(store.get_account(&id("nobody")).unwrap(), None);
@@ -187,12 +191,12 @@ pub(super) fn an_update_from_a_stale_copy_is_refused_and_changes_nothing(store: 
     let mut suspended = read.clone();
     suspended.status = AccountStatus::Suspended;
     suspended.suspended_by = Some(SuspendedBy::User);
-    store.update_account(&suspended).unwrap();
+    store.update_account(&suspended, &[]).unwrap();
     // ...and the second, whose copy is stale, would have undone it.
     let mut switched = read.clone();
     switched.device_generation = 2;
     assert!(matches!(
-        store.update_account(&switched),
+        store.update_account(&switched, &[]),
         Err(StoreError::Conflict)
     ));
     let stored = store.get_account(&read.id).unwrap().unwrap();
@@ -202,7 +206,7 @@ pub(super) fn an_update_from_a_stale_copy_is_refused_and_changes_nothing(store: 
     // Re-read and applied on top, it goes through.
     let mut again = stored;
     again.device_generation = 2;
-    store.update_account(&again).unwrap();
+    store.update_account(&again, &[]).unwrap();
     let stored = store.get_account(&read.id).unwrap().unwrap();
     assert_eq!(
         (stored.status, stored.device_generation),
@@ -220,14 +224,15 @@ pub(super) fn account_id_is_unique(store: &dyn Store) {
 
 pub(super) fn updating_an_unknown_record_is_not_found(store: &dyn Store) {
     assert!(matches!(
-        store.update_account(&account("u-1")),
+        store.update_account(&account("u-1"), &[]),
         Err(StoreError::NotFound)
     ));
     assert!(matches!(
         store.mark_revoked(
             &CertSerial::parse("1").unwrap(),
             RevocationReason::Superseded,
-            CREATED
+            CREATED,
+            &[]
         ),
         Err(StoreError::NotFound)
     ));
@@ -240,7 +245,7 @@ pub(super) fn updating_an_unknown_record_is_not_found(store: &dyn Store) {
         Err(StoreError::NotFound)
     ));
     assert!(matches!(
-        store.deregister(&account("u-1")),
+        store.deregister(&account("u-1"), &[]),
         Err(StoreError::NotFound)
     ));
 }
@@ -270,7 +275,7 @@ pub(super) fn deregistered_account_keeps_no_personal_data(store: &dyn Store) {
         vec![id("u-1")]
     );
     a.status = AccountStatus::Deregistered;
-    store.deregister(&a).unwrap();
+    store.deregister(&a, &[]).unwrap();
     let after = store.get_account(&a.id).unwrap().unwrap();
     assert!(after.personal_data_deleted());
     assert_eq!(after.status, AccountStatus::Deregistered);
@@ -307,13 +312,13 @@ pub(super) fn certificate_round_trips_and_is_listed_by_account(store: &dyn Store
     let revoked_at = datetime!(2027-06-01 08:00 UTC);
     assert!(
         store
-            .mark_revoked(&old.serial, RevocationReason::Superseded, revoked_at)
+            .mark_revoked(&old.serial, RevocationReason::Superseded, revoked_at, &[])
             .unwrap()
     );
     // A second revocation changes nothing: the first reason and time stand.
     assert!(
         !store
-            .mark_revoked(&old.serial, RevocationReason::KeyCompromise, CREATED)
+            .mark_revoked(&old.serial, RevocationReason::KeyCompromise, CREATED, &[])
             .unwrap()
     );
     // The key is forgotten only if it is still the one named.
@@ -563,7 +568,7 @@ pub(super) fn account_and_first_certificate_are_stored_together_or_not_at_all(st
     let mut a = account("u-1");
     a.current_certificate = Some(CertSerial::parse("3f9a").unwrap());
     store
-        .insert_account_with_certificate(&a, &certificate("3f9a", "u-1"))
+        .insert_account_with_certificate(&a, &certificate("3f9a", "u-1"), &[])
         .unwrap();
     let (got, cert) = store.account_with_certificate(&a.id).unwrap().unwrap();
     assert_eq!(got, a);
@@ -573,7 +578,7 @@ pub(super) fn account_and_first_certificate_are_stored_together_or_not_at_all(st
     let mut b = account("u-2");
     b.current_certificate = Some(CertSerial::parse("3f9a").unwrap());
     assert!(matches!(
-        store.insert_account_with_certificate(&b, &certificate("3f9a", "u-2")),
+        store.insert_account_with_certificate(&b, &certificate("3f9a", "u-2"), &[]),
         Err(StoreError::AlreadyExists)
     ));
     assert_eq!(store.get_account(&b.id).unwrap(), None);
@@ -583,7 +588,7 @@ pub(super) fn account_and_first_certificate_are_stored_together_or_not_at_all(st
     c.current_certificate = Some(CertSerial::parse("ffff").unwrap());
     assert!(
         store
-            .insert_account_with_certificate(&c, &certificate("3000", "u-3"))
+            .insert_account_with_certificate(&c, &certificate("3000", "u-3"), &[])
             .is_err()
     );
     assert_eq!(store.get_account(&c.id).unwrap(), None);
@@ -603,7 +608,7 @@ pub(super) fn attached_certificate_becomes_current_or_nothing_changes(store: &dy
     a.tier = Tier::IamSmartPlus;
     a.current_certificate = Some(CertSerial::parse("4000").unwrap());
     store
-        .attach_certificate(&a, &certificate("4000", "u-1"))
+        .attach_certificate(&a, &certificate("4000", "u-1"), &[])
         .unwrap();
     a.version += 1;
     let (got, cert) = store.account_with_certificate(&a.id).unwrap().unwrap();
@@ -615,7 +620,7 @@ pub(super) fn attached_certificate_becomes_current_or_nothing_changes(store: &dy
     ghost.current_certificate = Some(CertSerial::parse("5000").unwrap());
     assert!(
         store
-            .attach_certificate(&ghost, &certificate("5000", "u-9"))
+            .attach_certificate(&ghost, &certificate("5000", "u-9"), &[])
             .is_err()
     );
     assert_eq!(
@@ -757,12 +762,12 @@ pub(super) fn certificates_ending_lists_only_active_plus_accounts_with_valid_cur
         .unwrap()
         .unwrap();
     store
-        .mark_revoked(&c.serial, RevocationReason::KeyCompromise, CREATED)
+        .mark_revoked(&c.serial, RevocationReason::KeyCompromise, CREATED, &[])
         .unwrap();
     revoked.status = AccountStatus::Active;
     let mut suspended = registered(store, "u-3", "c1");
     suspended.status = AccountStatus::Suspended;
-    store.update_account(&suspended).unwrap();
+    store.update_account(&suspended, &[]).unwrap();
     suspended.version += 1;
     let found = store
         .current_certificates_ending(ends - Duration::days(60), ends)
@@ -781,4 +786,227 @@ pub(super) fn certificates_ending_lists_only_active_plus_accounts_with_valid_cur
             .unwrap()
             .is_empty()
     );
+}
+
+/// An event about `account` at the suite's creation time.
+pub(super) fn event(kind: EventKind, account: &str) -> UserEvent {
+    UserEvent::new(kind, id(account), CREATED)
+}
+
+/// Every event in the store, from the first, read `page` at a time: (position, event).
+pub(super) fn all_events(store: &dyn Store, page: usize) -> Vec<(i64, UserEvent)> {
+    let mut out = Vec::new();
+    let mut after = 0;
+    loop {
+        let got = store.events_after(after, page).unwrap();
+        assert!(got.len() <= page);
+        let Some(last) = got.last() else {
+            return out;
+        };
+        after = last.position;
+        out.extend(
+            got.into_iter()
+                .map(|stored| (stored.position, stored.event)),
+        );
+    }
+}
+
+pub(super) fn events_are_stored_with_their_change_and_read_in_order_in_pages(store: &dyn Store) {
+    assert!(store.events_after(0, 10).unwrap().is_empty());
+    let serial = CertSerial::parse("3f9a").unwrap();
+    let cert = certificate("3f9a", "u-1");
+    let mut a = account("u-1");
+    a.current_certificate = Some(serial.clone());
+    let issued = event(EventKind::CertificateIssued, "u-1").with(EventDetails {
+        serial: Some(serial.clone()),
+        not_after: Some(cert.not_after),
+        ..EventDetails::default()
+    });
+    store
+        .insert_account_with_certificate(&a, &cert, std::slice::from_ref(&issued))
+        .unwrap();
+
+    a.status = AccountStatus::Suspended;
+    a.suspended_by = Some(SuspendedBy::Government);
+    let suspended = event(EventKind::AccountSuspended, "u-1").with(EventDetails {
+        by: Some(SuspendedBy::Government),
+        ..EventDetails::default()
+    });
+    store
+        .update_account_audited(
+            &a,
+            "account.suspended",
+            "registrar:r",
+            "{}",
+            std::slice::from_ref(&suspended),
+        )
+        .unwrap();
+    a.version += 1;
+
+    let revoked = event(EventKind::CertificateRevoked, "u-1").with(EventDetails {
+        serial: Some(serial.clone()),
+        reason: Some(RevocationReason::CessationOfOperation),
+        ..EventDetails::default()
+    });
+    let turned = event(EventKind::AccountTurned18, "u-1").with(EventDetails {
+        serial: Some(serial.clone()),
+        ..EventDetails::default()
+    });
+    assert!(
+        store
+            .mark_revoked(
+                &serial,
+                RevocationReason::CessationOfOperation,
+                CREATED,
+                &[revoked.clone(), turned.clone(),]
+            )
+            .unwrap()
+    );
+
+    a.status = AccountStatus::Deregistered;
+    let deregistered = event(EventKind::AccountDeregistered, "u-1");
+    store
+        .deregister(&a, std::slice::from_ref(&deregistered))
+        .unwrap();
+
+    // In the order of their changes, each with every detail, whatever the page size; still
+    // there after the account's personal data is gone.
+    let expected = vec![issued, suspended, revoked, turned, deregistered];
+    for page in [1, 2, 3, 100] {
+        let got = all_events(store, page);
+        assert_eq!(
+            got.iter().map(|(_, e)| e.clone()).collect::<Vec<_>>(),
+            expected
+        );
+        assert!(got.windows(2).all(|w| w[0].0 < w[1].0));
+        assert!(got[0].0 > 0);
+    }
+    let last = all_events(store, 100).last().unwrap().0;
+    assert!(store.events_after(last, 10).unwrap().is_empty());
+    assert!(store.events_after(last + 1000, 10).unwrap().is_empty());
+}
+
+pub(super) fn a_refused_change_stores_no_event(store: &dyn Store) {
+    let a = registered(store, "u-1", "3f9a");
+    let any = || vec![event(EventKind::AccountSuspended, "u-1")];
+    // From a stale copy: Conflict, nothing stored.
+    let mut stale = a.clone();
+    stale.version = 0;
+    stale.status = AccountStatus::Suspended;
+    assert!(matches!(
+        store.update_account(&stale, &any()),
+        Err(StoreError::Conflict)
+    ));
+    assert!(matches!(
+        store.update_account_audited(&stale, "account.suspended", "x", "{}", &any()),
+        Err(StoreError::Conflict)
+    ));
+    assert!(matches!(
+        store.deregister(&stale, &any()),
+        Err(StoreError::Conflict)
+    ));
+    assert!(
+        store
+            .attach_certificate(&stale, &certificate("4000", "u-1"), &any())
+            .is_err()
+    );
+    // A second registration of the same id.
+    assert!(
+        store
+            .insert_account_with_certificate(&a, &certificate("5000", "u-1"), &any())
+            .is_err()
+    );
+    // An unknown account or certificate.
+    assert!(matches!(
+        store.update_account(&account("u-9"), &any()),
+        Err(StoreError::NotFound)
+    ));
+    let ghost = CertSerial::parse("ffff").unwrap();
+    assert!(matches!(
+        store.mark_revoked(&ghost, RevocationReason::KeyCompromise, CREATED, &any()),
+        Err(StoreError::NotFound)
+    ));
+    assert!(store.events_after(0, 100).unwrap().is_empty());
+
+    // A revocation stores its events once: a repeated one changes nothing.
+    let serial = CertSerial::parse("3f9a").unwrap();
+    let revoked = || vec![event(EventKind::CertificateRevoked, "u-1")];
+    assert!(
+        store
+            .mark_revoked(
+                &serial,
+                RevocationReason::KeyCompromise,
+                CREATED,
+                &revoked()
+            )
+            .unwrap()
+    );
+    assert!(
+        !store
+            .mark_revoked(&serial, RevocationReason::Superseded, CREATED, &revoked())
+            .unwrap()
+    );
+    assert_eq!(all_events(store, 100).len(), 1);
+}
+
+pub(super) fn certificate_notices_are_told_once_each(store: &dyn Store) {
+    let window = CertificateNotice::RenewalWindowOpen;
+    let expired = CertificateNotice::Expired;
+    // Three certificates of one account ending on three days; the last one revoked.
+    store.insert_account(&account("u-1")).unwrap();
+    let ends = |serial: &str, day: i64| {
+        let mut c = certificate(serial, "u-1");
+        c.not_after = datetime!(2029-01-01 00:00 UTC) + Duration::days(day);
+        store.insert_certificate(&c).unwrap();
+        c.serial
+    };
+    let (first, second, revoked) = (ends("2000", 0), ends("3000", 10), ends("4000", 20));
+    store
+        .mark_revoked(&revoked, RevocationReason::KeyCompromise, CREATED, &[])
+        .unwrap();
+    let serials = |notice, until: time::OffsetDateTime| -> Vec<String> {
+        store
+            .certificates_to_notify(notice, until, 100)
+            .unwrap()
+            .into_iter()
+            .map(|c| c.serial.as_str().to_owned())
+            .collect()
+    };
+    let at = |day: i64| datetime!(2029-01-01 00:00 UTC) + Duration::days(day);
+    assert!(serials(window, at(-1)).is_empty());
+    assert_eq!(serials(window, at(15)), ["2000", "3000"]);
+    assert_eq!(
+        store
+            .certificates_to_notify(window, at(15), 1)
+            .unwrap()
+            .len(),
+        1
+    );
+
+    let told = |serial: &CertSerial, notice| {
+        store
+            .record_notice(
+                serial,
+                notice,
+                &[event(EventKind::CertificateRenewalWindowOpen, "u-1")],
+            )
+            .unwrap()
+    };
+    // Told once: a second (a racing sweep) changes nothing and stores no event.
+    assert!(told(&first, window));
+    assert!(!told(&first, window));
+    assert_eq!(serials(window, at(15)), ["3000"]);
+    // Expiry comes after the window: still to be told.
+    assert_eq!(serials(expired, at(15)), ["2000", "3000"]);
+    assert!(told(&first, expired));
+    assert!(!told(&first, expired));
+    assert!(!told(&first, window));
+    // Expired without its window told: the window is moot then.
+    assert!(told(&second, expired));
+    assert!(serials(window, at(100)).is_empty());
+    assert!(serials(expired, at(100)).is_empty());
+    // A revoked certificate is told nothing.
+    assert!(!told(&revoked, window));
+    assert!(!told(&revoked, expired));
+    assert_eq!(all_events(store, 100).len(), 3);
 }

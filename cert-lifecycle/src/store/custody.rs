@@ -247,7 +247,7 @@ mod tests {
         let store = SqliteStore::open(dir.path().join("s.sqlite")).unwrap();
         for (name, serial) in [("u-1", "a1"), ("u-2", "b1"), ("u-3", "c1")] {
             let (a, c) = account(name, serial);
-            store.insert_account_with_certificate(&a, &c).unwrap();
+            store.insert_account_with_certificate(&a, &c, &[]).unwrap();
         }
         let mut seen = Vec::new();
         let mut after = None;

@@ -18,9 +18,9 @@ pub use postgres::{Leadership, PgStore};
 pub use sqlite::SqliteStore;
 
 use crate::{
-    AccountId, AccountRecord, AccountStatus, CertSerial, CertificateRecord, ConsentChallenge,
-    IssuanceJournal, KeyChangeJournal, RequestId, RevocationReason, ServiceName, SigningRequest,
-    SigningStatus, StoreError,
+    AccountId, AccountRecord, AccountStatus, CertSerial, CertificateNotice, CertificateRecord,
+    ConsentChallenge, IssuanceJournal, KeyChangeJournal, RequestId, RevocationReason, ServiceName,
+    SigningRequest, SigningStatus, StoreError, StoredEvent, UserEvent,
 };
 
 /// A tokenised account identifier: the account's name at one online service (DESIGN.md).
@@ -50,6 +50,11 @@ pub struct PendingAudit {
 }
 
 /// The records the appliance keeps. Every method is one transaction.
+///
+/// The methods that change an account or a certificate take the user events (`events`) that
+/// the change yields, by the application's rule, and store them in the same transaction, only
+/// when the change is made: a refused or conflicting change stores none. Events are numbered in
+/// the order their transactions commit (see [`Store::events_after`]).
 pub trait Store: Send + Sync + std::fmt::Debug {
     /// Adds a new account; `AlreadyExists` when the id is taken.
     fn insert_account(&self, account: &AccountRecord) -> Result<(), StoreError>;
@@ -59,13 +64,18 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     /// Replaces the record, only if the stored one is still at `account.version` (and bumps the
     /// version): `Conflict` when another change came first, `NotFound` when there is none.
-    fn update_account(&self, account: &AccountRecord) -> Result<(), StoreError>;
+    fn update_account(
+        &self,
+        account: &AccountRecord,
+        events: &[UserEvent],
+    ) -> Result<(), StoreError>;
 
     /// Inserts an "iAM Smart+" account with its first certificate, in one transaction.
     fn insert_account_with_certificate(
         &self,
         account: &AccountRecord,
         certificate: &CertificateRecord,
+        events: &[UserEvent],
     ) -> Result<(), StoreError>;
 
     /// Stores a new certificate and the account that now points at it, in one transaction, only
@@ -75,6 +85,7 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         &self,
         account: &AccountRecord,
         certificate: &CertificateRecord,
+        events: &[UserEvent],
     ) -> Result<(), StoreError>;
 
     /// [`Store::update_account`], and in the same transaction the audit record of the change
@@ -85,6 +96,7 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         event: &str,
         actor: &str,
         fields: &str,
+        events: &[UserEvent],
     ) -> Result<i64, StoreError>;
 
     /// Records that an HKIC number sent with a signing request for `account` was not the
@@ -118,7 +130,7 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// requests' sealed results, hashes and descriptions; a request still pending or approved
     /// fails. The pseudonymous records stay for audit. Conditional on `account.version` like
     /// `update_account`.
-    fn deregister(&self, account: &AccountRecord) -> Result<(), StoreError>;
+    fn deregister(&self, account: &AccountRecord, events: &[UserEvent]) -> Result<(), StoreError>;
 
     /// Adds a certificate of an existing account; `AlreadyExists` for a known serial, `Conflict`
     /// for an unknown account.
@@ -129,13 +141,40 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     -> Result<Option<CertificateRecord>, StoreError>;
 
     /// Marks a certificate revoked (a revoked one keeps its first reason and time); whether it
-    /// changed it. `NotFound` when there is none.
+    /// changed it, and only then are `events` stored. `NotFound` when there is none.
     fn mark_revoked(
         &self,
         serial: &CertSerial,
         reason: RevocationReason,
         at: OffsetDateTime,
+        events: &[UserEvent],
     ) -> Result<bool, StoreError>;
+
+    /// Valid (not revoked) certificates whose time-based event `notice` is not told yet (nor a
+    /// later one) and whose `not_after` is at or before `until`, the earliest first, up to
+    /// `limit`: through an index that holds only valid certificates not yet told they expired.
+    fn certificates_to_notify(
+        &self,
+        notice: CertificateNotice,
+        until: OffsetDateTime,
+        limit: usize,
+    ) -> Result<Vec<CertificateRecord>, StoreError>;
+
+    /// Notes that the certificate's `notice` is told, only if it is still valid and neither it
+    /// nor a later notice is told already (a compare-and-set), and stores `events` with it;
+    /// whether it did. Two sweeps that race tell it once.
+    fn record_notice(
+        &self,
+        serial: &CertSerial,
+        notice: CertificateNotice,
+        events: &[UserEvent],
+    ) -> Result<bool, StoreError>;
+
+    /// The events after position `after` (0: from the first), in position order, up to
+    /// `limit`. Positions follow commit order: an event committed after a reader saw position
+    /// `p` gets a position above `p`, so a reader that goes on from the last position it saw
+    /// misses none (PostgreSQL serialises the transactions that store events for this).
+    fn events_after(&self, after: i64, limit: usize) -> Result<Vec<StoredEvent>, StoreError>;
 
     /// Forgets a certificate's key reference, if it is still `key_ref` (the key is destroyed).
     /// The certificate of a deregistered account loses its sealed DER with it: it was kept only

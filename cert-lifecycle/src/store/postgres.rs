@@ -61,9 +61,10 @@ use zeroize::Zeroizing;
 use super::{Store, TaidRecord};
 use crate::error::DatabaseError;
 use crate::{
-    AccountId, AccountRecord, AccountStatus, CertSerial, CertificateRecord, ConsentChallenge,
-    IssuanceJournal, KeyChangeJournal, PendingAudit, RequestId, RevocationReason, ServiceName,
-    SigningRequest, SigningStatus, StoreError,
+    AccountId, AccountRecord, AccountStatus, CertSerial, CertificateNotice, CertificateRecord,
+    ConsentChallenge, EventDetails, IssuanceJournal, KeyChangeJournal, PendingAudit, RequestId,
+    RevocationReason, ServiceName, SigningRequest, SigningStatus, StoreError, StoredEvent,
+    UserEvent,
 };
 
 mod audit_ledger;
@@ -90,6 +91,19 @@ const MIGRATION_LOCK: i64 = 0x736d_6172_7473_6967;
 /// The key of the advisory lock under which one node at a time appends to the audit ledger or
 /// stores an audit checkpoint ("smartaud" in ASCII); see the `audit_ledger` module.
 const AUDIT_LOCK: i64 = 0x736d_6172_7461_7564;
+
+/// The key of the advisory lock that every transaction storing user events holds from just
+/// before its first event until it ends ("smartevt" in ASCII).
+///
+/// An identity (like a sequence) hands out numbers in the order transactions ask, not in the
+/// order they commit: a transaction that took position 7 may commit after one that took 8. A
+/// reader that saw 8 and goes on from there would miss 7 for ever. Under this lock the
+/// transactions that store events run their insert and commit one at a time, so positions are
+/// taken in commit order and every position below a visible one is visible or never will be
+/// (a rolled-back transaction's). The lock is taken last, after the transaction's row locks,
+/// so it adds no deadlock; lifecycle events are rare, so serialising them costs nothing that
+/// matters.
+const EVENTS_LOCK: i64 = 0x736d_6172_7465_7674;
 
 /// The schema, one entry per version; `schema_version` holds how many are applied. Append new
 /// versions, never edit an old one.
@@ -245,6 +259,23 @@ const MIGRATIONS: &[&str] = &[
         tree_size BIGINT PRIMARY KEY CHECK (tree_size >= 0),
         note BYTEA NOT NULL
     );"#,
+    // Version 3: the user events and the certificates' notice stage, as SQLite's version 14.
+    // `seq` comes from an identity, which alone would not follow commit order across nodes:
+    // every transaction that stores events takes the events lock first (`insert_events`).
+    r#"CREATE TABLE user_events (
+        seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        at BIGINT NOT NULL,
+        account_id TEXT COLLATE "C" NOT NULL,
+        event TEXT COLLATE "C" NOT NULL,
+        serial TEXT COLLATE "C",
+        reason TEXT COLLATE "C",
+        not_after BIGINT,
+        by_party TEXT COLLATE "C",
+        rectify_by BIGINT
+    );
+    ALTER TABLE certificates ADD COLUMN notice SMALLINT NOT NULL DEFAULT 0;
+    CREATE INDEX certificates_to_notify ON certificates (not_after, serial)
+        WHERE status = 'valid' AND notice < 2;"#,
 ];
 
 const ACCOUNT_COLUMNS: &str = "id, tier, status, status_changed_at, suspended_by, rectify_by, \
@@ -1075,6 +1106,56 @@ async fn get_certificate<C: GenericClient>(
         .transpose()
 }
 
+/// Stores `events` in the transaction `db` runs (it must be one: the events lock is held until
+/// it ends), under the events lock ([`EVENTS_LOCK`]).
+async fn insert_events<C: GenericClient>(
+    db: &Db<'_, C>,
+    events: &[UserEvent],
+) -> Result<(), StoreError> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    db.execute("SELECT pg_advisory_xact_lock($1)", &[&EVENTS_LOCK])
+        .await?;
+    for event in events {
+        let details = &event.details;
+        db.execute(
+            "INSERT INTO user_events (at, account_id, event, serial, reason, not_after, \
+             by_party, rectify_by) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            &[
+                &secs(event.at),
+                &event.account_id.as_str(),
+                &event.kind.as_str(),
+                &details.serial.as_ref().map(CertSerial::as_str),
+                &details.reason.map(RevocationReason::as_str),
+                &details.not_after.map(secs),
+                &details.by.map(|by| by.as_str()),
+                &details.rectify_by.map(secs),
+            ],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+fn event_from_row(row: &Row) -> Result<StoredEvent, StoreError> {
+    Ok(StoredEvent {
+        position: get(row, 0)?,
+        event: UserEvent {
+            at: time_at(row, 1)?,
+            account_id: parsed(row, 2)?,
+            kind: parsed(row, 3)?,
+            details: EventDetails {
+                serial: opt_parsed(row, 4)?,
+                reason: opt_parsed(row, 5)?,
+                not_after: opt_time_at(row, 6)?,
+                by: opt_parsed(row, 7)?,
+                rectify_by: opt_time_at(row, 8)?,
+            },
+        },
+    })
+}
+
 /// `columns` with each name prefixed by `table.`.
 fn qualified(table: &str, columns: &str) -> String {
     columns
@@ -1105,10 +1186,17 @@ impl Store for PgStore {
         })
     }
 
-    fn update_account(&self, a: &AccountRecord) -> Result<(), StoreError> {
+    fn update_account(&self, a: &AccountRecord, events: &[UserEvent]) -> Result<(), StoreError> {
         self.run(async {
-            let client = self.client().await?;
-            update_account_row(&self.db(&client), a).await
+            let mut client = self.client().await?;
+            if events.is_empty() {
+                return update_account_row(&self.db(&client), a).await;
+            }
+            let tx = self.begin(&mut client).await?;
+            let db = self.db(&tx);
+            update_account_row(&db, a).await?;
+            insert_events(&db, events).await?;
+            tx.commit().await.map_err(pg_error)
         })
     }
 
@@ -1116,6 +1204,7 @@ impl Store for PgStore {
         &self,
         account: &AccountRecord,
         certificate: &CertificateRecord,
+        events: &[UserEvent],
     ) -> Result<(), StoreError> {
         self.run(async {
             let mut client = self.client().await?;
@@ -1123,6 +1212,7 @@ impl Store for PgStore {
             let db = self.db(&tx);
             insert_account_row(&db, account).await?;
             insert_certificate_row(&db, certificate).await?;
+            insert_events(&db, events).await?;
             tx.commit().await.map_err(pg_error)
         })
     }
@@ -1131,6 +1221,7 @@ impl Store for PgStore {
         &self,
         account: &AccountRecord,
         certificate: &CertificateRecord,
+        events: &[UserEvent],
     ) -> Result<(), StoreError> {
         self.run(async {
             let mut client = self.client().await?;
@@ -1138,6 +1229,7 @@ impl Store for PgStore {
             let db = self.db(&tx);
             insert_certificate_row(&db, certificate).await?;
             update_account_row(&db, account).await?;
+            insert_events(&db, events).await?;
             tx.commit().await.map_err(pg_error)
         })
     }
@@ -1148,12 +1240,14 @@ impl Store for PgStore {
         event: &str,
         actor: &str,
         fields: &str,
+        events: &[UserEvent],
     ) -> Result<i64, StoreError> {
         self.run(async {
             let mut client = self.client().await?;
             let tx = self.begin(&mut client).await?;
             let db = self.db(&tx);
             update_account_row(&db, a).await?;
+            insert_events(&db, events).await?;
             let row = db
                 .query_one(
                     "INSERT INTO audit_outbox (event, actor, fields) VALUES ($1, $2, $3) \
@@ -1248,7 +1342,7 @@ impl Store for PgStore {
         })
     }
 
-    fn deregister(&self, account: &AccountRecord) -> Result<(), StoreError> {
+    fn deregister(&self, account: &AccountRecord, events: &[UserEvent]) -> Result<(), StoreError> {
         let id = account.id.as_str();
         self.run(async {
             let mut client = self.client().await?;
@@ -1284,6 +1378,7 @@ impl Store for PgStore {
                 &[&id],
             )
             .await?;
+            insert_events(&db, events).await?;
             tx.commit().await.map_err(pg_error)
         })
     }
@@ -1310,10 +1405,12 @@ impl Store for PgStore {
         serial: &CertSerial,
         reason: RevocationReason,
         at: OffsetDateTime,
+        events: &[UserEvent],
     ) -> Result<bool, StoreError> {
         self.run(async {
-            let client = self.client().await?;
-            let db = self.db(&client);
+            let mut client = self.client().await?;
+            let tx = self.begin(&mut client).await?;
+            let db = self.db(&tx);
             let changed = db
                 .execute(
                     "UPDATE certificates SET status = 'revoked', revocation_reason = $2, \
@@ -1324,7 +1421,74 @@ impl Store for PgStore {
             if changed == 0 && get_certificate(&db, serial).await?.is_none() {
                 return Err(StoreError::NotFound);
             }
+            if changed == 1 {
+                insert_events(&db, events).await?;
+            }
+            tx.commit().await.map_err(pg_error)?;
             Ok(changed == 1)
+        })
+    }
+
+    fn certificates_to_notify(
+        &self,
+        notice: CertificateNotice,
+        until: OffsetDateTime,
+        limit: usize,
+    ) -> Result<Vec<CertificateRecord>, StoreError> {
+        let sql = format!(
+            "SELECT {CERTIFICATE_COLUMNS} FROM certificates \
+             WHERE status = 'valid' AND notice < 2 AND notice < $1 AND not_after <= $2 \
+             ORDER BY not_after, serial LIMIT $3"
+        );
+        let stage = i16::try_from(notice.stage()).unwrap_or(i16::MAX);
+        self.run(async {
+            let client = self.client().await?;
+            let found = self
+                .db(&client)
+                .query(&sql, &[&stage, &secs(until), &limit_value(limit)])
+                .await?;
+            rows(found, certificate_from_row)
+        })
+    }
+
+    fn record_notice(
+        &self,
+        serial: &CertSerial,
+        notice: CertificateNotice,
+        events: &[UserEvent],
+    ) -> Result<bool, StoreError> {
+        let stage = i16::try_from(notice.stage()).unwrap_or(i16::MAX);
+        self.run(async {
+            let mut client = self.client().await?;
+            let tx = self.begin(&mut client).await?;
+            let db = self.db(&tx);
+            let changed = db
+                .execute(
+                    "UPDATE certificates SET notice = $2 \
+                     WHERE serial = $1 AND status = 'valid' AND notice < $2",
+                    &[&serial.as_str(), &stage],
+                )
+                .await?;
+            if changed == 1 {
+                insert_events(&db, events).await?;
+            }
+            tx.commit().await.map_err(pg_error)?;
+            Ok(changed == 1)
+        })
+    }
+
+    fn events_after(&self, after: i64, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
+        self.run(async {
+            let client = self.client().await?;
+            let found = self
+                .db(&client)
+                .query(
+                    "SELECT seq, at, account_id, event, serial, reason, not_after, by_party, \
+                     rectify_by FROM user_events WHERE seq > $1 ORDER BY seq LIMIT $2",
+                    &[&after, &limit_value(limit)],
+                )
+                .await?;
+            rows(found, event_from_row)
         })
     }
 

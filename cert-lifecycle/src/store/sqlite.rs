@@ -28,9 +28,10 @@ use time::OffsetDateTime;
 
 use super::{Store, TaidRecord};
 use crate::{
-    AccountId, AccountRecord, AccountStatus, CertSerial, CertificateRecord, ConsentChallenge,
-    IssuanceJournal, KeyChangeJournal, PendingAudit, RequestId, RevocationReason, ServiceName,
-    SigningRequest, SigningStatus, StoreError,
+    AccountId, AccountRecord, AccountStatus, CertSerial, CertificateNotice, CertificateRecord,
+    ConsentChallenge, EventDetails, IssuanceJournal, KeyChangeJournal, PendingAudit, RequestId,
+    RevocationReason, ServiceName, SigningRequest, SigningStatus, StoreError, StoredEvent,
+    UserEvent,
 };
 
 /// How long a connection waits for another process's lock before it fails.
@@ -199,6 +200,26 @@ const MIGRATIONS: &[&str] = &[
         name TEXT PRIMARY KEY,
         value INTEGER NOT NULL
     ) STRICT;",
+    // Version 14: the user events (`GET /v1/events`), each written with the change it reports;
+    // `seq` is the feed's position (AUTOINCREMENT: never reused, increasing in commit order, as
+    // one connection writes). Ids and facts only, each in a typed column. A certificate's
+    // `notice` is how far the sweep has told its time-based events (0 nothing, 1 renewal window
+    // open, 2 expired); the index holds only the valid certificates still to be told they
+    // expired, so the sweep finds what is due without reading the others.
+    "CREATE TABLE user_events (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        at INTEGER NOT NULL,
+        account_id TEXT NOT NULL,
+        event TEXT NOT NULL,
+        serial TEXT,
+        reason TEXT,
+        not_after INTEGER,
+        by_party TEXT,
+        rectify_by INTEGER
+    ) STRICT;
+    ALTER TABLE certificates ADD COLUMN notice INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX certificates_to_notify ON certificates(not_after, serial)
+        WHERE status = 'valid' AND notice < 2;",
 ];
 
 const ACCOUNT_COLUMNS: &str = "id, tier, status, status_changed_at, suspended_by, rectify_by, \
@@ -578,6 +599,47 @@ fn insert_certificate_row(conn: &Connection, c: &CertificateRecord) -> Result<()
         .execute(params_from_iter(certificate_values(c)))
         .map_err(write_error)?;
     Ok(())
+}
+
+/// Stores `events` in the transaction of the change they report.
+fn insert_events(conn: &Connection, events: &[UserEvent]) -> Result<(), StoreError> {
+    for event in events {
+        let details = &event.details;
+        conn.prepare_cached(
+            "INSERT INTO user_events (at, account_id, event, serial, reason, not_after, \
+             by_party, rectify_by) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        )?
+        .execute(params![
+            secs(event.at),
+            event.account_id.as_str(),
+            event.kind.as_str(),
+            details.serial.as_ref().map(CertSerial::as_str),
+            details.reason.map(RevocationReason::as_str),
+            opt_secs(details.not_after),
+            details.by.map(|by| by.as_str()),
+            opt_secs(details.rectify_by),
+        ])
+        .map_err(write_error)?;
+    }
+    Ok(())
+}
+
+fn event_from_row(row: &Row<'_>) -> rusqlite::Result<StoredEvent> {
+    Ok(StoredEvent {
+        position: row.get(0)?,
+        event: UserEvent {
+            at: time_at(row, 1)?,
+            account_id: parsed(row, 2)?,
+            kind: parsed(row, 3)?,
+            details: EventDetails {
+                serial: opt_parsed(row, 4)?,
+                reason: opt_parsed(row, 5)?,
+                not_after: opt_time_at(row, 6)?,
+                by: opt_parsed(row, 7)?,
+                rectify_by: opt_time_at(row, 8)?,
+            },
+        },
+    })
 }
 
 /// A panic while a connection was borrowed rolled its transaction back when the transaction
@@ -965,11 +1027,13 @@ impl Store for SqliteStore {
         &self,
         account: &AccountRecord,
         certificate: &CertificateRecord,
+        events: &[UserEvent],
     ) -> Result<(), StoreError> {
         self.write(|conn| {
             insert_account_row(conn, account)?;
             insert_certificate_row(conn, certificate)?;
-            require_current_certificate(conn, account)
+            require_current_certificate(conn, account)?;
+            insert_events(conn, events)
         })
     }
 
@@ -977,11 +1041,12 @@ impl Store for SqliteStore {
         &self,
         account: &AccountRecord,
         certificate: &CertificateRecord,
+        events: &[UserEvent],
     ) -> Result<(), StoreError> {
         self.write(|conn| {
             insert_certificate_row(conn, certificate)?;
             update_account_row(conn, account)?;
-            Ok(())
+            insert_events(conn, events)
         })
     }
 
@@ -989,8 +1054,11 @@ impl Store for SqliteStore {
         self.read(|conn| get_account(conn, id))
     }
 
-    fn update_account(&self, a: &AccountRecord) -> Result<(), StoreError> {
-        self.write(|conn| update_account_row(conn, a))
+    fn update_account(&self, a: &AccountRecord, events: &[UserEvent]) -> Result<(), StoreError> {
+        self.write(|conn| {
+            update_account_row(conn, a)?;
+            insert_events(conn, events)
+        })
     }
 
     fn update_account_audited(
@@ -999,9 +1067,11 @@ impl Store for SqliteStore {
         event: &str,
         actor: &str,
         fields: &str,
+        events: &[UserEvent],
     ) -> Result<i64, StoreError> {
         self.write(|conn| {
             update_account_row(conn, a)?;
+            insert_events(conn, events)?;
             conn.prepare_cached(
                 "INSERT INTO audit_outbox (event, actor, fields) VALUES (?1, ?2, ?3)",
             )?
@@ -1080,10 +1150,11 @@ impl Store for SqliteStore {
         })
     }
 
-    fn deregister(&self, account: &AccountRecord) -> Result<(), StoreError> {
+    fn deregister(&self, account: &AccountRecord, events: &[UserEvent]) -> Result<(), StoreError> {
         // The WAL is emptied after the commit, so that the erased values do not linger in it.
         self.write_and_checkpoint(|conn| {
             update_account_row(conn, account)?;
+            insert_events(conn, events)?;
             let id = account.id.as_str();
             conn.execute(
                 "UPDATE accounts SET sealed_name = x'', sealed_dob = x'', \
@@ -1130,6 +1201,7 @@ impl Store for SqliteStore {
         serial: &CertSerial,
         reason: RevocationReason,
         at: OffsetDateTime,
+        events: &[UserEvent],
     ) -> Result<bool, StoreError> {
         self.write(|conn| {
             let changed = conn
@@ -1141,7 +1213,68 @@ impl Store for SqliteStore {
             if changed == 0 && get_certificate(conn, serial)?.is_none() {
                 return Err(StoreError::NotFound);
             }
+            if changed == 1 {
+                insert_events(conn, events)?;
+            }
             Ok(changed == 1)
+        })
+    }
+
+    fn certificates_to_notify(
+        &self,
+        notice: CertificateNotice,
+        until: OffsetDateTime,
+        limit: usize,
+    ) -> Result<Vec<CertificateRecord>, StoreError> {
+        // `status = 'valid' AND notice < 2` is the partial index's own condition, written out
+        // so that SQLite uses it.
+        let sql = format!(
+            "SELECT {CERTIFICATE_COLUMNS} FROM certificates \
+             WHERE status = 'valid' AND notice < 2 AND notice < ?1 AND not_after <= ?2 \
+             ORDER BY not_after, serial LIMIT ?3"
+        );
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(&sql)?;
+            let rows = stmt
+                .query_map(
+                    params![notice.stage(), secs(until), limit_value(limit)],
+                    certificate_from_row,
+                )?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn record_notice(
+        &self,
+        serial: &CertSerial,
+        notice: CertificateNotice,
+        events: &[UserEvent],
+    ) -> Result<bool, StoreError> {
+        self.write(|conn| {
+            let changed = conn
+                .prepare_cached(
+                    "UPDATE certificates SET notice = ?2 \
+                     WHERE serial = ?1 AND status = 'valid' AND notice < ?2",
+                )?
+                .execute(params![serial.as_str(), notice.stage()])?;
+            if changed == 1 {
+                insert_events(conn, events)?;
+            }
+            Ok(changed == 1)
+        })
+    }
+
+    fn events_after(&self, after: i64, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT seq, at, account_id, event, serial, reason, not_after, by_party, \
+                 rectify_by FROM user_events WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+            )?;
+            let rows = stmt
+                .query_map(params![after, limit_value(limit)], event_from_row)?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
         })
     }
 
@@ -1827,6 +1960,59 @@ mod tests {
         }
     }
 
+    /// A store made before the user events (schema 13) upgrades: its certificates are all still
+    /// to be told their time-based events, and the feed starts empty.
+    #[test]
+    fn a_store_from_before_the_events_upgrades() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.sqlite");
+        {
+            let mut conn = Connection::open(&path).unwrap();
+            let tx = conn.transaction().unwrap();
+            for sql in &MIGRATIONS[..13] {
+                tx.execute_batch(sql).unwrap();
+            }
+            tx.pragma_update(None, "user_version", 13).unwrap();
+            tx.commit().unwrap();
+        }
+        {
+            // Rows of the old schema, written without the new columns (the account and its
+            // certificate refer to each other; this connection checks no foreign key).
+            let conn = Connection::open(&path).unwrap();
+            conn.pragma_update(None, "foreign_keys", false).unwrap();
+            let sql = format!(
+                "INSERT INTO accounts ({}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, \
+                 ?11, ?12, ?13, ?14, ?15, ?16)",
+                ACCOUNT_COLUMNS
+            );
+            let mut a = account("u-1");
+            a.current_certificate = Some(CertSerial::parse("3f9a").unwrap());
+            conn.execute(&sql, params_from_iter(account_values(&a)))
+                .unwrap();
+            let sql = format!(
+                "INSERT INTO certificates ({CERTIFICATE_COLUMNS}) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
+            );
+            let c = crate::certificate::tests::record("3f9a", "u-1");
+            conn.execute(&sql, params_from_iter(certificate_values(&c)))
+                .unwrap();
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        assert!(store.events_after(0, 10).unwrap().is_empty());
+        let c = crate::certificate::tests::record("3f9a", "u-1");
+        let due = store
+            .certificates_to_notify(CertificateNotice::Expired, c.not_after, 10)
+            .unwrap();
+        assert_eq!(due, std::slice::from_ref(&c));
+        let told = conformance::event(crate::EventKind::CertificateExpired, "u-1");
+        assert!(
+            store
+                .record_notice(&c.serial, CertificateNotice::Expired, &[told])
+                .unwrap()
+        );
+        assert_eq!(store.events_after(0, 10).unwrap().len(), 1);
+    }
+
     #[test]
     fn newer_schema_is_refused() {
         let dir = tempfile::tempdir().unwrap();
@@ -1915,7 +2101,7 @@ mod tests {
         // Account changes and the outbox.
         a.status = AccountStatus::Suspended;
         let outbox = store
-            .update_account_audited(&a, "account.suspended", "x", "{}")
+            .update_account_audited(&a, "account.suspended", "x", "{}", &[])
             .unwrap();
         store.pending_audits().unwrap();
         store.delete_pending_audit(outbox).unwrap();
@@ -1934,11 +2120,32 @@ mod tests {
         store
             .current_certificates_ending(at, at + Duration::days(30))
             .unwrap();
+        // The time-based events and the feed.
+        for (notice, until) in [
+            (CertificateNotice::Expired, at),
+            (
+                CertificateNotice::RenewalWindowOpen,
+                at + Duration::days(60),
+            ),
+        ] {
+            store.certificates_to_notify(notice, until, 500).unwrap();
+        }
+        let told = conformance::event(crate::EventKind::CertificateExpired, "u-1");
+        store
+            .record_notice(
+                &CertSerial::parse("3f9a").unwrap(),
+                CertificateNotice::Expired,
+                &[told],
+            )
+            .unwrap();
+        store.events_after(0, 100).unwrap();
+        store.events_after(10, 100).unwrap();
         store
             .mark_revoked(
                 &CertSerial::parse("3f9b").unwrap(),
                 RevocationReason::KeyCompromise,
                 at,
+                &[],
             )
             .unwrap();
         store
@@ -1946,7 +2153,7 @@ mod tests {
             .unwrap();
         let mut b = store.get_account(&id("u-2")).unwrap().unwrap();
         b.status = AccountStatus::Deregistered;
-        store.deregister(&b).unwrap();
+        store.deregister(&b, &[]).unwrap();
 
         let statements = traced::take();
         assert!(statements.len() > 30, "{statements:?}");

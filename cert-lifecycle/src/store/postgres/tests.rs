@@ -11,9 +11,9 @@ use time::Duration;
 use tokio_postgres::NoTls;
 use tokio_postgres::types::ToSql;
 
-use super::{PgStore, WAIT};
+use super::{EVENTS_LOCK, PgStore, WAIT};
 use crate::signing::tests::{CREATED, request};
-use crate::store::conformance::{self, account, id, registered};
+use crate::store::conformance::{self, account, event, id, registered};
 use crate::{AccountStatus, SigningStatus, Store, StoreError};
 
 /// The plans of the statements a store ran while recording (`EXPLAIN (FORMAT JSON)` with the
@@ -458,7 +458,13 @@ fn a_read_is_one_quick_round_trip() {
 /// ones the store ran, with their parameters.
 #[test]
 fn signing_path_and_sweep_queries_use_indexes() {
-    const LARGE: &[&str] = &["accounts", "certificates", "signing_requests", "taids"];
+    const LARGE: &[&str] = &[
+        "accounts",
+        "certificates",
+        "signing_requests",
+        "taids",
+        "user_events",
+    ];
     let Some((schema, store)) = fresh() else {
         return;
     };
@@ -473,6 +479,9 @@ fn signing_path_and_sweep_queries_use_indexes() {
              sealed_der, key_ref, key_algorithm)
          SELECT 'a' || i, 'p-' || i, 'adult', 1767225600, 1893456000 + i * 1000, 'valid',
              '\\x01', '\\x09', 'ecdsa_p256'
+         FROM generate_series(1, 20000) AS i;
+         INSERT INTO user_events (at, account_id, event, serial)
+         SELECT 1767225600, 'p-' || i, 'certificate.issued', 'a' || i
          FROM generate_series(1, 20000) AS i;
          INSERT INTO taids (taid, service, account_id)
          SELECT 't' || i, 'demo-a', 'p-' || i FROM generate_series(1, 20000) AS i;
@@ -527,7 +536,7 @@ fn signing_path_and_sweep_queries_use_indexes() {
     // Account changes and the outbox.
     a.status = AccountStatus::Suspended;
     let outbox = store
-        .update_account_audited(&a, "account.suspended", "x", "{}")
+        .update_account_audited(&a, "account.suspended", "x", "{}", &[])
         .unwrap();
     store.pending_audits().unwrap();
     store.delete_pending_audit(outbox).unwrap();
@@ -546,14 +555,34 @@ fn signing_path_and_sweep_queries_use_indexes() {
     store
         .current_certificates_ending(at, at + Duration::days(30))
         .unwrap();
+    // The time-based events and the feed.
+    for (notice, until) in [
+        (crate::CertificateNotice::Expired, at),
+        (
+            crate::CertificateNotice::RenewalWindowOpen,
+            at + Duration::days(60),
+        ),
+    ] {
+        store.certificates_to_notify(notice, until, 500).unwrap();
+    }
+    let told = event(crate::EventKind::CertificateExpired, "u-1");
+    store
+        .record_notice(
+            &crate::CertSerial::parse("3f9a").unwrap(),
+            crate::CertificateNotice::Expired,
+            &[told],
+        )
+        .unwrap();
+    store.events_after(0, 100).unwrap();
+    store.events_after(10, 100).unwrap();
     let b_serial = crate::CertSerial::parse("3f9b").unwrap();
     store
-        .mark_revoked(&b_serial, crate::RevocationReason::KeyCompromise, at)
+        .mark_revoked(&b_serial, crate::RevocationReason::KeyCompromise, at, &[])
         .unwrap();
     store.forget_key(&b_serial, &[9]).unwrap();
     let mut b = store.get_account(&id("u-2")).unwrap().unwrap();
     b.status = AccountStatus::Deregistered;
-    store.deregister(&b).unwrap();
+    store.deregister(&b, &[]).unwrap();
 
     let plans = store.inner.plans.take();
     assert!(plans.len() > 30, "only {} statements", plans.len());
@@ -690,4 +719,119 @@ fn a_smaller_audit_checkpoint_is_refused() {
         store.audit_latest_checkpoint().unwrap(),
         Some(b"eleven".to_vec())
     );
+}
+
+/// A transaction that stores events and commits late cannot be overtaken: one that asks for a
+/// position meanwhile waits for the events lock, so the reader never sees a position above
+/// one that is still to commit.
+#[test]
+fn a_later_event_waits_for_an_earlier_one_to_commit() {
+    let Some((schema, store)) = fresh() else {
+        return;
+    };
+    let mut a = registered(&store, "u-1", "3f9a");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (mut slow, connection) = runtime
+        .block_on(tokio_postgres::connect(&schema.url(), NoTls))
+        .unwrap();
+    let connection = runtime.spawn(connection);
+    // Another node's transaction: it holds the events lock and has its position, uncommitted.
+    let slow_tx = runtime.block_on(slow.transaction()).unwrap();
+    runtime
+        .block_on(slow_tx.execute("SELECT pg_advisory_xact_lock($1)", &[&EVENTS_LOCK]))
+        .unwrap();
+    runtime
+        .block_on(slow_tx.execute(
+            "INSERT INTO user_events (at, account_id, event) \
+             VALUES (0, 'u-1', 'account.resumed')",
+            &[],
+        ))
+        .unwrap();
+    let later = std::thread::scope(|scope| {
+        let later = scope.spawn(|| {
+            a.status = AccountStatus::Suspended;
+            store.update_account(&a, &[event(crate::EventKind::AccountSuspended, "u-1")])
+        });
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        assert!(
+            !later.is_finished(),
+            "the later transaction waits for the lock"
+        );
+        assert!(store.events_after(0, 10).unwrap().is_empty());
+        runtime.block_on(slow_tx.commit()).unwrap();
+        later.join().unwrap()
+    });
+    later.unwrap();
+    let events = store.events_after(0, 10).unwrap();
+    let kinds: Vec<_> = events.iter().map(|e| e.event.kind.as_str()).collect();
+    assert_eq!(kinds, ["account.resumed", "account.suspended"]);
+    assert!(events[0].position < events[1].position);
+    drop(slow);
+    let _ = runtime.block_on(connection);
+}
+
+/// Nodes storing events at once while a reader polls from its cursor: the reader ends up with
+/// every event, in position order, none skipped and none twice.
+#[test]
+fn a_polling_reader_misses_no_event_of_concurrent_nodes() {
+    let Some((schema, first)) = fresh() else {
+        return;
+    };
+    let nodes = [
+        first.clone(),
+        schema.connect().unwrap(),
+        schema.connect().unwrap(),
+    ];
+    const WRITERS: usize = 4;
+    const CHANGES: usize = 40;
+    let accounts: Vec<_> = (0..WRITERS)
+        .map(|n| registered(&first, &format!("u-{n}"), &format!("{:x}", 0x1000 + n)))
+        .collect();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let read = std::thread::scope(|scope| {
+        let writers: Vec<_> = accounts
+            .into_iter()
+            .enumerate()
+            .map(|(n, mut a)| {
+                let node = &nodes[n % nodes.len()];
+                scope.spawn(move || {
+                    for _ in 0..CHANGES {
+                        a.device_generation += 1;
+                        let told = event(crate::EventKind::AccountResumed, a.id.as_str());
+                        node.update_account(&a, &[told]).unwrap();
+                        a.version += 1;
+                    }
+                })
+            })
+            .collect();
+        let reader = scope.spawn(|| {
+            let mut seen = Vec::new();
+            let mut after = 0;
+            loop {
+                // Read the flag first: a page read after it is false covers every commit.
+                let finished = done.load(Ordering::SeqCst);
+                let page = nodes[1].events_after(after, 7).unwrap();
+                if let Some(last) = page.last() {
+                    after = last.position;
+                }
+                let empty = page.is_empty();
+                seen.extend(page);
+                if finished && empty {
+                    return seen;
+                }
+            }
+        });
+        for writer in writers {
+            writer.join().unwrap();
+        }
+        done.store(true, Ordering::SeqCst);
+        reader.join().unwrap()
+    });
+    let all = first.events_after(0, 10_000).unwrap();
+    assert_eq!(all.len(), WRITERS * CHANGES);
+    assert_eq!(read, all);
+    assert!(all.windows(2).all(|w| w[0].position < w[1].position));
 }
