@@ -49,8 +49,9 @@ CREATE TABLE last (
 
 /// Which records a query wants: every condition given must hold. Times are compared as the log
 /// writes them (whole seconds, UTC): `from_time` inclusive, `to_time` exclusive.
+// Not `non_exhaustive`: callers build it with `..RecordFilter::default()`, which a new
+// filter keeps working.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-#[non_exhaustive]
 pub struct RecordFilter {
     /// The first index that may match.
     pub from: u64,
