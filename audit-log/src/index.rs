@@ -143,6 +143,11 @@ impl RecordIndex {
 
     fn open_file(path: &Path) -> Result<Self, AuditError> {
         let connection = Connection::open(path).map_err(sql_error("opening"))?;
+        // A log dropped without `close` may leave its index thread finishing a page while the
+        // directory is opened again: wait for it rather than fail.
+        connection
+            .busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(sql_error("setting its busy timeout"))?;
         // Derived data: a crash may lose the last transactions (the catch-up adds them again),
         // never corrupt the file (WAL).
         connection

@@ -160,6 +160,22 @@ pub fn verify_since(
              was cut or replaced"
         )));
     }
+    if m == n {
+        // Equal sizes: the same root (and so the same records), nothing added.
+        if m > 0 {
+            verify_consistency(m, n, old.root_hash(), new.root_hash(), consistency_proof)?;
+        } else if !consistency_proof.is_empty() {
+            return Err(AuditError::InvalidProof(
+                "a proof between empty trees must be empty".into(),
+            ));
+        }
+        if !records.is_empty() {
+            return Err(AuditError::RecordCountMismatch {
+                records: records.iter().filter(|&&b| b == b'\n').count() as u64,
+                tree_size: 0,
+            });
+        }
+    }
     let mut tree = if m == 0 {
         if !consistency_proof.is_empty() {
             return Err(AuditError::InvalidProof(
@@ -167,23 +183,7 @@ pub fn verify_since(
             ));
         }
         RootBuilder::new()
-    } else {
-        verify_consistency(m, n, old.root_hash(), new.root_hash(), consistency_proof)?;
-        if m == n {
-            RootBuilder::from_frontier(0, &[])?
-        } else {
-            let frontier = frontier_from_consistency(m, n, old.root_hash(), consistency_proof)?;
-            RootBuilder::from_frontier(m, &frontier)?
-        }
-    };
-    if m == n && m > 0 {
-        // Proven equal above; nothing was added.
-        if !records.is_empty() {
-            return Err(AuditError::RecordCountMismatch {
-                records: records.iter().filter(|&&b| b == b'\n').count() as u64,
-                tree_size: 0,
-            });
-        }
+    } else if m == n {
         return Ok(SinceReport {
             old_size: m,
             new_size: n,
@@ -191,7 +191,11 @@ pub fn verify_since(
             origin: new.origin().clone(),
             timestamp: new.timestamp().clone(),
         });
-    }
+    } else {
+        verify_consistency(m, n, old.root_hash(), new.root_hash(), consistency_proof)?;
+        let frontier = frontier_from_consistency(m, n, old.root_hash(), consistency_proof)?;
+        RootBuilder::from_frontier(m, &frontier)?
+    };
     push_records(&mut tree, records, n)?;
     if tree.size() != n {
         return Err(AuditError::RecordCountMismatch {
