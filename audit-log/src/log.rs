@@ -238,7 +238,9 @@ struct Shared {
     /// Set once the open is over (the replay, and the catch-up from the ledger).
     records_scanned_at_open: AtomicU64,
     /// The record index, if the log keeps one; whoever holds the lock brings it up to date.
-    index: Option<Mutex<RecordIndex>>,
+    /// `None` inside while it cannot be opened (a full disk): appends go on, queries fail, and
+    /// the next catch-up tries again.
+    index: Option<Mutex<Option<RecordIndex>>>,
     records_indexed: AtomicU64,
     /// Test hook: the next write puts half its bytes in the file and then fails.
     #[cfg(test)]
@@ -374,10 +376,15 @@ impl AuditLog {
             appends: AtomicU64::new(0),
             fsyncs: AtomicU64::new(0),
             records_scanned_at_open: AtomicU64::new(replay.scanned),
-            index: config
-                .record_index
-                .then(|| RecordIndex::open(&dir_for_index).map(Mutex::new))
-                .transpose()?,
+            index: config.record_index.then(|| {
+                // Derived data: a log whose index cannot be opened still takes appends.
+                let index = RecordIndex::open(&dir_for_index)
+                    .inspect_err(|error| {
+                        tracing::warn!(%error, "the audit record index cannot be opened yet");
+                    })
+                    .ok();
+                Mutex::new(index)
+            }),
             records_indexed: AtomicU64::new(0),
             #[cfg(test)]
             fail_next_write: std::sync::atomic::AtomicBool::new(false),
@@ -760,9 +767,18 @@ impl Shared {
     /// The record index thread: catches up at start, then each time the writer publishes. A
     /// failure is logged and tried again at the next wake-up; queries catch up themselves.
     fn run_indexer(&self, wakes: &std::sync::mpsc::Receiver<()>) {
+        // A failing index (a full disk) is reported once a minute, not at every batch.
+        let mut warned: Option<std::time::Instant> = None;
         loop {
-            if let Err(error) = self.catch_up_index() {
-                tracing::warn!(%error, "the audit record index could not catch up; queries will retry");
+            match self.catch_up_index() {
+                Ok(()) => warned = None,
+                Err(error) => {
+                    if warned.is_none_or(|at| at.elapsed() >= std::time::Duration::from_secs(60)) {
+                        tracing::warn!(%error, "the audit record index could not catch up; \
+                            appends go on, queries by filter fail until it does");
+                        warned = Some(std::time::Instant::now());
+                    }
+                }
             }
             if wakes.recv().is_err() {
                 return;
@@ -771,11 +787,29 @@ impl Shared {
     }
 
     fn catch_up_index(&self) -> Result<(), AuditError> {
-        let Some(index) = &self.index else {
+        if self.index.is_none() {
             return Ok(());
+        }
+        self.with_index(|index| self.catch_up_locked(index).map(drop))
+    }
+
+    /// Runs `call` on the record index under its lock, opening it first if it could not be
+    /// opened before.
+    fn with_index<T>(
+        &self,
+        call: impl FnOnce(&mut RecordIndex) -> Result<T, AuditError>,
+    ) -> Result<T, AuditError> {
+        let Some(slot) = &self.index else {
+            return Err(AuditError::Index(
+                "this log was opened without its record index".into(),
+            ));
         };
-        let mut index = index.lock().unwrap_or_else(PoisonError::into_inner);
-        self.catch_up_locked(&mut index).map(drop)
+        let mut slot = slot.lock().unwrap_or_else(PoisonError::into_inner);
+        let index = match &mut *slot {
+            Some(index) => index,
+            None => slot.insert(RecordIndex::open(&self.dir)?),
+        };
+        call(index)
     }
 
     /// Brings the index up to the durable tree: checks that its last record is this log's
@@ -830,16 +864,12 @@ impl Shared {
     }
 
     fn find_records(&self, filter: &RecordFilter, limit: u64) -> Result<RecordPage, AuditError> {
-        let Some(index) = &self.index else {
-            return Err(AuditError::Index(
-                "this log was opened without its record index".into(),
-            ));
-        };
-        let mut index = index.lock().unwrap_or_else(PoisonError::into_inner);
-        let (frontier, end) = self.catch_up_locked(&mut index)?;
+        let (frontier, end, found) = self.with_index(|index| {
+            let (frontier, end) = self.catch_up_locked(index)?;
+            let found = index.find(filter, frontier.size(), limit)?;
+            Ok((frontier, end, found))
+        })?;
         let size = frontier.size();
-        let found = index.find(filter, size, limit)?;
-        drop(index);
         let mut records = Vec::new();
         // Consecutive indexes are read as one range.
         let mut run: Option<Range<u64>> = None;
@@ -2173,6 +2203,33 @@ mod tests {
             .unwrap();
         assert_eq!(page.count, 20);
         assert_eq!(rows(dir.path()), (20, 19));
+        log.close().await.unwrap();
+    }
+
+    /// An index that cannot be opened never stops the log: appends go on, queries by filter
+    /// fail, and once it can be opened it catches up.
+    #[tokio::test]
+    async fn a_record_index_that_cannot_be_opened_does_not_stop_appends() {
+        let dir = tempfile::tempdir().unwrap();
+        let blocker = dir.path().join(crate::index::INDEX_FILE);
+        std::fs::create_dir_all(blocker.join("in-the-way")).unwrap();
+        let log = AuditLog::open(dir.path(), config().with_record_index())
+            .await
+            .unwrap();
+        for i in 0..5 {
+            log.append(account_event(i)).await.unwrap();
+        }
+        let error = log
+            .find_records(RecordFilter::from_index(0), 10)
+            .await
+            .unwrap_err();
+        assert_eq!(error.kind(), crate::ErrorKind::Unavailable, "{error}");
+        std::fs::remove_dir_all(&blocker).unwrap();
+        let page = log
+            .find_records(RecordFilter::from_index(0), 10)
+            .await
+            .unwrap();
+        assert_eq!(page.count, 5);
         log.close().await.unwrap();
     }
 }
