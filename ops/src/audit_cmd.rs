@@ -27,11 +27,12 @@ pub(crate) struct VerifyArgs {
     /// An earlier checkpoint, verified before (e.g. a line of checkpoints.ndjson, or a
     /// monitor's last): verify the new checkpoint, the consistency proof from the old one, and
     /// that --records are exactly the records added since.
-    #[arg(long, value_name = "OLD.json", requires = "consistency_proof")]
+    #[arg(long, value_name = "OLD.json")]
     since_checkpoint: Option<PathBuf>,
     /// The consistency proof from the old checkpoint's tree size to the new one's, as
-    /// `GET /v1/audit/proofs/consistency?first=<old>&second=<new>` gives it (`{"hashes": [...]}`).
-    #[arg(long, value_name = "PROOF.json")]
+    /// `GET /v1/audit/proofs/consistency?first=<old>&second=<new>` gives it (`{"hashes": [...]}`);
+    /// not needed when the old tree is empty or as large as the new one.
+    #[arg(long, value_name = "PROOF.json", requires = "since_checkpoint")]
     consistency_proof: Option<PathBuf>,
     /// The audit public key, a P-256 SubjectPublicKeyInfo in PEM (`GET /v1/audit/public-key`,
     /// obtained out of band for a real audit).
