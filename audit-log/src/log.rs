@@ -2212,7 +2212,7 @@ mod tests {
     async fn a_record_index_that_cannot_be_opened_does_not_stop_appends() {
         let dir = tempfile::tempdir().unwrap();
         let blocker = dir.path().join(crate::index::INDEX_FILE);
-        std::fs::create_dir_all(blocker.join("in-the-way")).unwrap();
+        fs::create_dir_all(blocker.join("in-the-way")).unwrap();
         let log = AuditLog::open(dir.path(), config().with_record_index())
             .await
             .unwrap();
@@ -2224,7 +2224,7 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(error.kind(), crate::ErrorKind::Unavailable, "{error}");
-        std::fs::remove_dir_all(&blocker).unwrap();
+        fs::remove_dir_all(&blocker).unwrap();
         let page = log
             .find_records(RecordFilter::from_index(0), 10)
             .await

@@ -100,7 +100,7 @@ fn record_filter(ctx: &Ctx) -> Result<Option<RecordFilter>, ApiError> {
         let id = RequestId::parse(value).map_err(|_| {
             bad(
                 "request_id",
-                "not a signing request id of this appliance".into(),
+                "must be a signing request id (32 lowercase hex digits)".into(),
             )
         })?;
         filter.request_id = Some(id.as_str().to_owned());
@@ -123,11 +123,11 @@ fn record_filter(ctx: &Ctx) -> Result<Option<RecordFilter>, ApiError> {
 /// `from_time` (inclusive) and `to_time` (exclusive) then keep their meaning exactly.
 fn record_time(text: &str) -> Result<Timestamp, String> {
     let time = OffsetDateTime::parse(text, &Rfc3339)
-        .map_err(|_| "an RFC 3339 time, e.g. 2026-11-22T10:00:00Z".to_owned())?;
+        .map_err(|_| "must be an RFC 3339 time, e.g. 2026-11-22T10:00:00Z".to_owned())?;
     let seconds = time.unix_timestamp() + i64::from(time.nanosecond() > 0);
-    let seconds = u64::try_from(seconds).map_err(|_| "a time from 1970 on".to_owned())?;
+    let seconds = u64::try_from(seconds).map_err(|_| "must be a time from 1970 on".to_owned())?;
     Timestamp::from_system_time(SystemTime::UNIX_EPOCH + Duration::from_secs(seconds))
-        .map_err(|_| "a time from 1970 to 9999".to_owned())
+        .map_err(|_| "must be a time from 1970 to 9999".to_owned())
 }
 
 /// `GET /v1/audit/records?from=N&limit=M` and the filters of API.md "Additions":
