@@ -2140,26 +2140,22 @@ mod tests {
         }
         wait_indexed(&log, 10).await;
         log.close().await.unwrap();
-        // A crash after the last batch was durable, before its rows were committed.
-        let index = rusqlite::Connection::open(dir.path().join(crate::index::INDEX_FILE)).unwrap();
-        index
-            .execute_batch(
-                "DELETE FROM records WHERE idx >= 6; \
-                 UPDATE last SET idx = 5, leaf_hash = (SELECT leaf_hash FROM last)",
-            )
-            .unwrap();
-        drop(index);
-        // Fix the last row's hash to record 5's, as a real crash would have left it.
+        // Records appended while the log was opened without its index.
         let log = AuditLog::open(dir.path(), config()).await.unwrap();
         let leaf5 = log.leaf_hash(5).unwrap().unwrap();
         for i in 10..20 {
             log.append(account_event(i)).await.unwrap();
         }
         log.close().await.unwrap();
+        // And a crash after the batches of records 6..10 were durable, before their rows were
+        // committed: the index ends at record 5, as such a crash leaves it.
         let index = rusqlite::Connection::open(dir.path().join(crate::index::INDEX_FILE)).unwrap();
         index
+            .execute("DELETE FROM records WHERE idx >= 6", [])
+            .unwrap();
+        index
             .execute(
-                "UPDATE last SET leaf_hash = ?1",
+                "UPDATE last SET idx = 5, leaf_hash = ?1",
                 [leaf5.as_bytes().as_slice()],
             )
             .unwrap();
