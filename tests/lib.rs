@@ -234,6 +234,41 @@ impl DevDaemon {
         daemon
     }
 
+    /// A second `--dev` daemon on a copy of this one's state directory (token, store, audit log,
+    /// TLS and clients), started beside it: the two then go their own ways, as a restored or
+    /// cloned appliance would (same audit key, separate logs). This one is stopped for the copy,
+    /// so that the copy is consistent, and started again.
+    pub fn fork(&mut self) -> DevDaemon {
+        self.stop();
+        let base = tempfile::Builder::new()
+            .prefix("smartsignd-fork-")
+            .tempdir_in(self.dir.path().parent().expect("a parent"))
+            .expect("temporary state directory");
+        let copied = run(Command::new("cp")
+            .arg("-a")
+            .arg(self.state_dir())
+            .arg(base.path().join("state")));
+        assert!(copied.status.success(), "{}", describe(&copied));
+        // The token configuration names the original's token directory; made again, it names
+        // the copy's.
+        std::fs::remove_file(base.path().join("state/hsm/softhsm2.conf"))
+            .expect("the copy's softhsm2.conf");
+        let mut copy = DevDaemon {
+            child: None,
+            dir: base,
+            audit_quota_kib: None,
+            config: None,
+            extra_args: self.extra_args.clone(),
+            env: self.env.clone(),
+            api: String::new(),
+            metrics: String::new(),
+            ca: String::new(),
+        };
+        copy.launch();
+        self.launch();
+        copy
+    }
+
     /// The state directory.
     pub fn state_dir(&self) -> PathBuf {
         self.dir.path().join("state")

@@ -165,6 +165,16 @@ pub enum AuditError {
         /// What does not match.
         reason: String,
     },
+
+    /// The record index (`index.sqlite`, derived from `audit.log`) cannot be read or written.
+    /// Appends are not affected; queries by filter fail until it works again.
+    #[error("audit record index: {0}")]
+    Index(String),
+
+    /// A signing receipt is malformed or does not prove what it claims (record, index, proof,
+    /// event).
+    #[error("invalid receipt: {0}")]
+    InvalidReceipt(String),
 }
 
 /// How a caller should treat an [`AuditError`]: the one mapping the daemon needs for its HTTP
@@ -195,7 +205,8 @@ impl AuditError {
             | Self::Locked { .. }
             | Self::Unavailable { .. }
             | Self::Signer(_)
-            | Self::Ledger(_) => ErrorKind::Unavailable,
+            | Self::Ledger(_)
+            | Self::Index(_) => ErrorKind::Unavailable,
             Self::Corrupt { .. }
             | Self::CheckpointMismatch { .. }
             | Self::DerivedMismatch { .. }
@@ -208,6 +219,7 @@ impl AuditError {
             | Self::BadCheckpointSignature
             | Self::BadTranscriptSignature
             | Self::InvalidTranscript(_)
+            | Self::InvalidReceipt(_)
             | Self::InvalidPublicKey(_) => ErrorKind::Verification,
             Self::Clock(_) => ErrorKind::Internal,
         }

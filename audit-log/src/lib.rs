@@ -22,6 +22,7 @@ mod error;
 mod files;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
+mod index;
 mod ledger;
 mod log;
 mod merkle;
@@ -35,13 +36,16 @@ mod verify;
 
 pub use checkpoint::{AuditPublicKey, Checkpoint, CheckpointSigner, Origin, SoftwareSigner};
 pub use error::{AuditError, ErrorKind, SignerError};
+pub use index::RecordFilter;
 pub use ledger::{Ledger, LedgerError};
 pub use log::{
     AppendReceipt, AuditLog, AuditLogConfig, AuditStats, CHECKPOINT_FILE, CHECKPOINT_HISTORY_FILE,
-    LOG_FILE,
+    LOG_FILE, RecordPage,
 };
 pub use merkle::{TreeHash, empty_root, leaf_hash, verify_consistency, verify_inclusion};
 pub use record::{Actor, AuditEvent, EventName, MAX_RECORD_LEN};
 pub use time::{Clock, SystemClock, Timestamp};
 pub use transcript::Transcript;
-pub use verify::{VerifyReport, verify_export};
+pub use verify::{
+    ReceiptReport, SinceReport, VerifyReport, verify_export, verify_receipt, verify_since,
+};

@@ -44,6 +44,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::checkpoint::{AuditPublicKey, Checkpoint, CheckpointSigner, Origin};
 use crate::error::AuditError;
 use crate::files::{append_line, remove_if_exists, sync_dir, write_atomically};
+use crate::index::{RecordFilter, RecordIndex, Row};
 use crate::ledger::{Ledger, LedgerError};
 use crate::merkle::{self, Nodes as _, TreeHash, leaf_hash};
 use crate::offsets::Offsets;
@@ -73,6 +74,10 @@ const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
 const OFFSETS_CHUNK: usize = 8192;
 /// Records read from the ledger at a time when catching up; each page is one write and one fsync.
 const LEDGER_PAGE: usize = 4096;
+/// Records added to the record index in one transaction.
+const INDEX_PAGE: u64 = 4096;
+/// How long the index thread lets batches gather after a wake-up.
+const INDEX_DELAY: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// How to open an [`AuditLog`].
 #[derive(Debug)]
@@ -81,6 +86,7 @@ pub struct AuditLogConfig {
     clock: Arc<dyn Clock>,
     checkpoint_key: Option<AuditPublicKey>,
     ledger: Option<Box<dyn Ledger>>,
+    record_index: bool,
     #[cfg(feature = "bench")]
     fsync_per_append: bool,
 }
@@ -93,9 +99,20 @@ impl AuditLogConfig {
             clock: Arc::new(SystemClock),
             checkpoint_key: None,
             ledger: None,
+            record_index: false,
             #[cfg(feature = "bench")]
             fsync_per_append: false,
         }
+    }
+
+    /// Keeps the record index (`index.sqlite`, docs/audit-log.md) that
+    /// [`AuditLog::find_records`] answers from: derived from `audit.log`, brought up to date by
+    /// a thread of its own at open and after each batch (never on the append path), and before
+    /// each query. The daemon sets it; tools that only append or verify need not.
+    #[must_use]
+    pub fn with_record_index(mut self) -> Self {
+        self.record_index = true;
+        self
     }
 
     /// The clock that times records and checkpoints.
@@ -173,6 +190,9 @@ pub struct AuditStats {
     /// Records read and hashed at open: those after the durable tree state, and the one that
     /// ties the tree state to the log (every record when the tree was rebuilt).
     pub records_scanned_at_open: u64,
+    /// Records in the record index (0 without one); behind `tree_size` only briefly, while the
+    /// index thread catches up.
+    pub records_indexed: u64,
     /// Tree hashes held in memory, whatever the log's size: the partial tile of each level with
     /// the nodes above its hashes (fewer than 512 a level), and up to 64 checked full tiles with
     /// theirs (511 each) that readers reuse.
@@ -188,6 +208,8 @@ pub struct AuditLog {
     shared: Arc<Shared>,
     queue: mpsc::Sender<Request>,
     writer: JoinHandle<()>,
+    /// The thread that keeps the record index up to date, if the log keeps one.
+    indexer: Option<JoinHandle<()>>,
     origin: Origin,
     clock: Arc<dyn Clock>,
     checkpoint_key: Option<AuditPublicKey>,
@@ -217,6 +239,11 @@ struct Shared {
     fsyncs: AtomicU64,
     /// Set once the open is over (the replay, and the catch-up from the ledger).
     records_scanned_at_open: AtomicU64,
+    /// The record index, if the log keeps one; whoever holds the lock brings it up to date.
+    /// `None` inside while it cannot be opened (a full disk): appends go on, queries fail, and
+    /// the next catch-up tries again.
+    index: Option<Mutex<Option<RecordIndex>>>,
+    records_indexed: AtomicU64,
     /// Test hook: the next write puts half its bytes in the file and then fails.
     #[cfg(test)]
     fail_next_write: std::sync::atomic::AtomicBool,
@@ -331,6 +358,7 @@ impl AuditLog {
         let reader = File::open(&log_path)
             .map_err(|error| AuditError::io(format!("opening {}", log_path.display()), error))?;
         let size = replay.tree.size();
+        let dir_for_index = dir.clone();
         let shared = Arc::new(Shared {
             dir,
             log_path,
@@ -350,11 +378,23 @@ impl AuditLog {
             appends: AtomicU64::new(0),
             fsyncs: AtomicU64::new(0),
             records_scanned_at_open: AtomicU64::new(replay.scanned),
+            index: config.record_index.then(|| {
+                // Derived data: a log whose index cannot be opened still takes appends.
+                let index = RecordIndex::open(&dir_for_index)
+                    .inspect_err(|error| {
+                        tracing::warn!(%error, "the audit record index cannot be opened yet");
+                    })
+                    .ok();
+                Mutex::new(index)
+            }),
+            records_indexed: AtomicU64::new(0),
             #[cfg(test)]
             fail_next_write: std::sync::atomic::AtomicBool::new(false),
         });
         let (queue, receiver) = mpsc::channel(QUEUE_CAPACITY);
         let shared_ledger = config.ledger.is_some();
+        // One pending wake-up is enough: the index thread catches up to whatever is published.
+        let (index_wake, index_wakes) = std::sync::mpsc::sync_channel(1);
         let mut writer = Writer {
             file,
             _lock: lock,
@@ -372,6 +412,7 @@ impl AuditLog {
             buf: Vec::new(),
             staged: Vec::new(),
             last_line: None,
+            index_wake: shared.index.is_some().then_some(index_wake),
             #[cfg(feature = "bench")]
             fsync_per_append: config.fsync_per_append,
         };
@@ -401,6 +442,17 @@ impl AuditLog {
             caught_up,
             "audit log opened"
         );
+        let indexer = match shared.index.is_some() {
+            true => {
+                let shared = Arc::clone(&shared);
+                let thread = std::thread::Builder::new()
+                    .name("audit-log-indexer".into())
+                    .spawn(move || shared.run_indexer(&index_wakes))
+                    .map_err(|error| AuditError::io("starting the audit index thread", error))?;
+                Some(thread)
+            }
+            false => None,
+        };
         let writer = std::thread::Builder::new()
             .name("audit-log-writer".into())
             .spawn(move || writer.run())
@@ -409,6 +461,7 @@ impl AuditLog {
             shared,
             queue,
             writer,
+            indexer,
             origin: config.origin,
             clock: config.clock,
             checkpoint_key: config.checkpoint_key,
@@ -525,6 +578,22 @@ impl AuditLog {
             .map_err(|error| AuditError::unavailable(format!("reading task failed: {error}")))?
     }
 
+    /// Up to `limit` records that `filter` matches, in index order, as NDJSON (each line exactly
+    /// as stored, checked against its leaf hash like [`AuditLog::records`]), found through the
+    /// record index ([`AuditLogConfig::with_record_index`]; without it, an error). The index is
+    /// first brought up to the durable tree size, so every record durable when the call began
+    /// is considered. The HTTP layer bounds `limit`.
+    pub async fn find_records(
+        &self,
+        filter: RecordFilter,
+        limit: u64,
+    ) -> Result<RecordPage, AuditError> {
+        let shared = Arc::clone(&self.shared);
+        tokio::task::spawn_blocking(move || shared.find_records(&filter, limit))
+            .await
+            .map_err(|error| AuditError::unavailable(format!("query task failed: {error}")))?
+    }
+
     /// The inclusion proof of record `index` in the tree of `tree_size` records (RFC 9162
     /// §2.1.3.1), leaf side first.
     pub fn inclusion_proof(&self, index: u64, tree_size: u64) -> Result<Vec<TreeHash>, AuditError> {
@@ -629,6 +698,7 @@ impl AuditLog {
             appends: self.shared.appends.load(Ordering::Relaxed),
             fsyncs: self.shared.fsyncs.load(Ordering::Relaxed),
             records_scanned_at_open: self.shared.records_scanned_at_open.load(Ordering::Relaxed),
+            records_indexed: self.shared.records_indexed.load(Ordering::Relaxed),
             hashes_in_memory,
         }
     }
@@ -645,12 +715,27 @@ impl AuditLog {
 
     /// Stops the writer and waits for it, releasing the directory lock.
     pub async fn close(self) -> Result<(), AuditError> {
-        let Self { queue, writer, .. } = self;
+        let Self {
+            queue,
+            writer,
+            indexer,
+            ..
+        } = self;
         drop(queue);
-        tokio::task::spawn_blocking(move || writer.join())
-            .await
-            .map_err(|error| AuditError::unavailable(format!("closing task failed: {error}")))?
-            .map_err(|_| AuditError::unavailable("the audit log writer panicked"))
+        tokio::task::spawn_blocking(move || {
+            writer
+                .join()
+                .map_err(|_| AuditError::unavailable("the audit log writer panicked"))?;
+            // The writer held the index thread's wake-up sender: that thread ends now too.
+            if let Some(indexer) = indexer {
+                indexer
+                    .join()
+                    .map_err(|_| AuditError::unavailable("the audit index thread panicked"))?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|error| AuditError::unavailable(format!("closing task failed: {error}")))?
     }
 
     fn state(&self) -> Result<RwLockReadGuard<'_, State>, AuditError> {
@@ -667,7 +752,158 @@ impl AuditLog {
     }
 }
 
+/// One page of [`AuditLog::find_records`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RecordPage {
+    /// The matching records as NDJSON, each line exactly as stored.
+    pub records: Vec<u8>,
+    /// How many records `records` holds.
+    pub count: u64,
+    /// Where the next page starts: every record below it was considered. The tree size when the
+    /// page was not full; after the last record returned when it was (more may match).
+    pub next_from: u64,
+}
+
 impl Shared {
+    /// The record index thread: catches up at start, then each time the writer publishes. A
+    /// failure is logged and tried again at the next wake-up; queries catch up themselves.
+    fn run_indexer(&self, wakes: &std::sync::mpsc::Receiver<()>) {
+        // A failing index (a full disk) is reported once a minute, not at every batch.
+        let mut warned: Option<std::time::Instant> = None;
+        loop {
+            match self.catch_up_index() {
+                Ok(()) => warned = None,
+                Err(error) => {
+                    if warned.is_none_or(|at| at.elapsed() >= std::time::Duration::from_secs(60)) {
+                        tracing::warn!(%error, "the audit record index could not catch up; \
+                            appends go on, queries by filter fail until it does");
+                        warned = Some(std::time::Instant::now());
+                    }
+                }
+            }
+            if wakes.recv().is_err() {
+                return;
+            }
+            // Let a few batches gather: one transaction for all of them costs far less CPU,
+            // which the writer shares, than one per batch. Queries catch up themselves.
+            std::thread::sleep(INDEX_DELAY);
+        }
+    }
+
+    fn catch_up_index(&self) -> Result<(), AuditError> {
+        if self.index.is_none() {
+            return Ok(());
+        }
+        self.with_index(|index| self.catch_up_locked(index).map(drop))
+    }
+
+    /// Runs `call` on the record index under its lock, opening it first if it could not be
+    /// opened before.
+    fn with_index<T>(
+        &self,
+        call: impl FnOnce(&mut RecordIndex) -> Result<T, AuditError>,
+    ) -> Result<T, AuditError> {
+        let Some(slot) = &self.index else {
+            return Err(AuditError::Index(
+                "this log was opened without its record index".into(),
+            ));
+        };
+        let mut slot = slot.lock().unwrap_or_else(PoisonError::into_inner);
+        let index = match &mut *slot {
+            Some(index) => index,
+            None => slot.insert(RecordIndex::open(&self.dir)?),
+        };
+        call(index)
+    }
+
+    /// Brings the index up to the durable tree: checks that its last record is this log's
+    /// (rebuilding it otherwise), then adds the records after it, a page per transaction.
+    /// Returns the tree it caught up to and where its last record ends.
+    fn catch_up_locked(&self, index: &mut RecordIndex) -> Result<(Arc<Frontier>, u64), AuditError> {
+        let (frontier, end) = {
+            let state = self
+                .state
+                .read()
+                .map_err(|_| AuditError::unavailable("the audit log writer panicked"))?;
+            (Arc::clone(&state.frontier), state.end)
+        };
+        let size = frontier.size();
+        let (mut indexed, last) = index.indexed()?;
+        let belongs = match (indexed.checked_sub(1), last) {
+            (None, _) => true,
+            (Some(last_index), Some(leaf)) if indexed <= size => {
+                self.view(&frontier).node(0, last_index)? == leaf
+            }
+            _ => false,
+        };
+        if !belongs {
+            tracing::warn!(
+                indexed,
+                tree_size = size,
+                "the audit record index does not match the log; rebuilding it"
+            );
+            index.clear()?;
+            indexed = 0;
+        }
+        while indexed < size {
+            let to = indexed.saturating_add(INDEX_PAGE).min(size);
+            let page = self.read_records(indexed..to, &frontier, end)?;
+            let mut rows = Vec::with_capacity((to - indexed) as usize);
+            let mut last_leaf = None;
+            for (line, record) in page.split_inclusive(|&b| b == b'\n').zip(indexed..) {
+                let line = line.strip_suffix(b"\n").unwrap_or(line);
+                let row = Row::of_line(line)
+                    .map_err(|reason| AuditError::Index(format!("record {record}: {reason}")))?;
+                rows.push(row);
+                last_leaf = Some(leaf_hash(line));
+            }
+            if let Some(last_leaf) = last_leaf {
+                index.add(indexed, &rows, &last_leaf)?;
+            }
+            indexed = to;
+            self.records_indexed.store(indexed, Ordering::Relaxed);
+        }
+        self.records_indexed.store(indexed, Ordering::Relaxed);
+        Ok((frontier, end))
+    }
+
+    fn find_records(&self, filter: &RecordFilter, limit: u64) -> Result<RecordPage, AuditError> {
+        let (frontier, end, found) = self.with_index(|index| {
+            let (frontier, end) = self.catch_up_locked(index)?;
+            let found = index.find(filter, frontier.size(), limit)?;
+            Ok((frontier, end, found))
+        })?;
+        let size = frontier.size();
+        let mut records = Vec::new();
+        // Consecutive indexes are read as one range.
+        let mut run: Option<Range<u64>> = None;
+        for &record in &found {
+            match &mut run {
+                Some(range) if range.end == record => range.end += 1,
+                _ => {
+                    if let Some(range) = run.take() {
+                        records.extend(self.read_records(range, &frontier, end)?);
+                    }
+                    run = Some(record..record + 1);
+                }
+            }
+        }
+        if let Some(range) = run {
+            records.extend(self.read_records(range, &frontier, end)?);
+        }
+        let count = found.len() as u64;
+        let next_from = match found.last() {
+            Some(last) if count == limit => last + 1,
+            _ => size.max(filter.from),
+        };
+        Ok(RecordPage {
+            records,
+            count,
+            next_from,
+        })
+    }
+
     fn latest_checkpoint(&self) -> Option<Checkpoint> {
         // Only a panic while replacing the value poisons the lock; the value is whole either way.
         self.latest_checkpoint
@@ -802,6 +1038,8 @@ struct Writer {
     /// The local copy's last line (with a ledger): the ledger's record before the next batch
     /// must be this one.
     last_line: Option<Vec<u8>>,
+    /// Wakes the record index thread once a batch is published (after its fsync).
+    index_wake: Option<std::sync::mpsc::SyncSender<()>>,
     #[cfg(feature = "bench")]
     fsync_per_append: bool,
 }
@@ -1222,6 +1460,10 @@ impl Writer {
         }
         self.next_index = tree_size;
         self.shared.tree_size.store(tree_size, Ordering::Release);
+        if let Some(wake) = &self.index_wake {
+            // Full means a wake-up is pending already, which covers this batch too.
+            let _ = wake.try_send(());
+        }
         if let Err(error) = derived {
             // Before the answers, so that an appender told of success sees the refusal next.
             self.tree.stop_persisting();
@@ -1777,5 +2019,218 @@ mod tests {
         assert_eq!(log.stats().records_scanned_at_open, 256);
         let records = log.records(0, 256).await.unwrap();
         assert_eq!(records, fs::read(dir.path().join(LOG_FILE)).unwrap());
+    }
+
+    fn account_event(i: u64) -> AuditEvent {
+        let (event, actor) = match i % 3 {
+            0 => ("signing.requested", "service:demo-a"),
+            1 => ("signing.signed", "gateway:app"),
+            _ => ("account.suspended", "registrar:reg"),
+        };
+        let mut event = AuditEvent::new(EventName::new(event).unwrap(), Actor::new(actor).unwrap())
+            .with_field("account_id", format!("u-{}", i % 4))
+            .with_field("request_id", format!("r-{i}"));
+        if i % 3 == 1 {
+            event = event.with_field("service", "demo-b");
+        }
+        event
+    }
+
+    fn indexes(page: &RecordPage) -> Vec<u64> {
+        page.records
+            .split(|&b| b == b'\n')
+            .filter(|line| !line.is_empty())
+            .map(|line| check_line(line).unwrap())
+            .collect()
+    }
+
+    async fn wait_indexed(log: &AuditLog, size: u64) {
+        for _ in 0..500 {
+            if log.stats().records_indexed == size {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("not indexed: {:?}", log.stats());
+    }
+
+    /// Filters find exactly the matching records, in order; paging with `next_from` gives each
+    /// once; a query sees every record durable before it.
+    #[tokio::test]
+    async fn the_record_index_answers_filters_and_pages() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(dir.path(), config().with_record_index())
+            .await
+            .unwrap();
+        for i in 0..50 {
+            log.append(account_event(i)).await.unwrap();
+        }
+        let account = |from| RecordFilter {
+            account_id: Some("u-1".into()),
+            ..RecordFilter::from_index(from)
+        };
+        let all = log.find_records(account(0), 1000).await.unwrap();
+        let expected: Vec<u64> = (0..50).filter(|i| i % 4 == 1).collect();
+        assert_eq!(indexes(&all), expected);
+        assert_eq!(all.next_from, 50);
+        // Pages of 3: every record once, in order.
+        let mut paged = Vec::new();
+        let mut from = 0;
+        loop {
+            let page = log.find_records(account(from), 3).await.unwrap();
+            paged.extend(indexes(&page));
+            if page.count < 3 {
+                break;
+            }
+            from = page.next_from;
+        }
+        assert_eq!(paged, expected);
+        let by_event = RecordFilter {
+            event: Some("signing.signed".into()),
+            ..RecordFilter::default()
+        };
+        let signed = log.find_records(by_event, 1000).await.unwrap();
+        assert_eq!(
+            indexes(&signed),
+            (0..50).filter(|i| i % 3 == 1).collect::<Vec<_>>()
+        );
+        // The service: a `service` field, or a service that acted.
+        for (service, expected) in [("demo-b", 1), ("demo-a", 0)] {
+            let filter = RecordFilter {
+                service: Some(service.into()),
+                ..RecordFilter::default()
+            };
+            let page = log.find_records(filter, 1000).await.unwrap();
+            assert_eq!(
+                indexes(&page),
+                (0..50).filter(|i| i % 3 == expected).collect::<Vec<_>>()
+            );
+        }
+        let one = RecordFilter {
+            request_id: Some("r-7".into()),
+            ..RecordFilter::default()
+        };
+        assert_eq!(indexes(&log.find_records(one, 10).await.unwrap()), vec![7]);
+        // Fixed clock: every record has the same time.
+        let time = |text: &str| Some(Timestamp::parse(text).unwrap());
+        let window = RecordFilter {
+            from_time: time("2026-11-22T10:00:00Z"),
+            to_time: time("2026-11-22T10:00:01Z"),
+            ..RecordFilter::default()
+        };
+        assert_eq!(log.find_records(window, 1000).await.unwrap().count, 50);
+        let before = RecordFilter {
+            to_time: time("2026-11-22T10:00:00Z"),
+            ..RecordFilter::default()
+        };
+        assert_eq!(log.find_records(before, 1000).await.unwrap().count, 0);
+        // Appended just now: found at once, whatever the index thread is doing.
+        log.append(account_event(53)).await.unwrap();
+        let page = log.find_records(account(50), 10).await.unwrap();
+        assert_eq!(indexes(&page), vec![50]);
+        log.close().await.unwrap();
+    }
+
+    /// Records durable on disk but not in the index (a crash between the batch and its
+    /// indexing, or appended while the log was opened without the index) are indexed at open;
+    /// an index of another log is rebuilt.
+    #[tokio::test]
+    async fn the_record_index_catches_up_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(dir.path(), config().with_record_index())
+            .await
+            .unwrap();
+        for i in 0..10 {
+            log.append(account_event(i)).await.unwrap();
+        }
+        wait_indexed(&log, 10).await;
+        log.close().await.unwrap();
+        // Records appended while the log was opened without its index.
+        let log = AuditLog::open(dir.path(), config()).await.unwrap();
+        let leaf5 = log.leaf_hash(5).unwrap().unwrap();
+        for i in 10..20 {
+            log.append(account_event(i)).await.unwrap();
+        }
+        log.close().await.unwrap();
+        // And a crash after the batches of records 6..10 were durable, before their rows were
+        // committed: the index ends at record 5, as such a crash leaves it.
+        let index = rusqlite::Connection::open(dir.path().join(crate::index::INDEX_FILE)).unwrap();
+        index
+            .execute("DELETE FROM records WHERE idx >= 6", [])
+            .unwrap();
+        index
+            .execute(
+                "UPDATE last SET idx = 5, leaf_hash = ?1",
+                [leaf5.as_bytes().as_slice()],
+            )
+            .unwrap();
+        drop(index);
+
+        let log = AuditLog::open(dir.path(), config().with_record_index())
+            .await
+            .unwrap();
+        wait_indexed(&log, 20).await;
+        let rows = |dir: &Path| {
+            let index = rusqlite::Connection::open(dir.join(crate::index::INDEX_FILE)).unwrap();
+            index
+                .query_row("SELECT count(*), max(idx) FROM records", [], |row| {
+                    Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?))
+                })
+                .unwrap()
+        };
+        assert_eq!(rows(dir.path()), (20, 19));
+        let filter = RecordFilter {
+            account_id: Some("u-2".into()),
+            ..RecordFilter::default()
+        };
+        let page = log.find_records(filter.clone(), 100).await.unwrap();
+        assert_eq!(indexes(&page), vec![2, 6, 10, 14, 18]);
+        log.close().await.unwrap();
+
+        // An index whose last record is not this log's: rebuilt from the log.
+        let index = rusqlite::Connection::open(dir.path().join(crate::index::INDEX_FILE)).unwrap();
+        index
+            .execute_batch(
+                "UPDATE last SET leaf_hash = zeroblob(32); DELETE FROM records WHERE idx = 3",
+            )
+            .unwrap();
+        drop(index);
+        let log = AuditLog::open(dir.path(), config().with_record_index())
+            .await
+            .unwrap();
+        let page = log
+            .find_records(RecordFilter::from_index(0), 100)
+            .await
+            .unwrap();
+        assert_eq!(page.count, 20);
+        assert_eq!(rows(dir.path()), (20, 19));
+        log.close().await.unwrap();
+    }
+
+    /// An index that cannot be opened never stops the log: appends go on, queries by filter
+    /// fail, and once it can be opened it catches up.
+    #[tokio::test]
+    async fn a_record_index_that_cannot_be_opened_does_not_stop_appends() {
+        let dir = tempfile::tempdir().unwrap();
+        let blocker = dir.path().join(crate::index::INDEX_FILE);
+        fs::create_dir_all(blocker.join("in-the-way")).unwrap();
+        let log = AuditLog::open(dir.path(), config().with_record_index())
+            .await
+            .unwrap();
+        for i in 0..5 {
+            log.append(account_event(i)).await.unwrap();
+        }
+        let error = log
+            .find_records(RecordFilter::from_index(0), 10)
+            .await
+            .unwrap_err();
+        assert_eq!(error.kind(), crate::ErrorKind::Unavailable, "{error}");
+        fs::remove_dir_all(&blocker).unwrap();
+        let page = log
+            .find_records(RecordFilter::from_index(0), 10)
+            .await
+            .unwrap();
+        assert_eq!(page.count, 5);
+        log.close().await.unwrap();
     }
 }

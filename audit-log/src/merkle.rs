@@ -307,6 +307,27 @@ impl RootBuilder {
         self.size
     }
 
+    /// The builder of a tree of `size` leaves from its frontier: the hashes of its complete
+    /// subtrees, left to right (sizes the powers of two of `size`'s binary form, descending), as
+    /// [`frontier_from_consistency`] gives them.
+    pub(crate) fn from_frontier(size: u64, frontier: &[TreeHash]) -> Result<Self, AuditError> {
+        if frontier.len() != size.count_ones() as usize {
+            return Err(AuditError::InvalidProof(format!(
+                "a tree of {size} leaves has {} complete subtrees, not {}",
+                size.count_ones(),
+                frontier.len()
+            )));
+        }
+        let sizes = (0..64u32)
+            .rev()
+            .map(|bit| 1u64 << bit)
+            .filter(|bit| size & bit != 0);
+        Ok(Self {
+            stack: sizes.zip(frontier.iter().copied()).collect(),
+            size,
+        })
+    }
+
     pub(crate) fn push(&mut self, leaf: TreeHash) {
         self.size += 1;
         let mut node = (1, leaf);
@@ -379,6 +400,55 @@ pub fn verify_inclusion(
         )));
     }
     Ok(())
+}
+
+/// The frontier of the tree of `first` leaves (its complete subtrees' hashes, left to right) that
+/// a consistency proof from `first` to `second` carries: the nodes that the RFC 9162 §2.1.4.2
+/// verification folds into the first root. Meaningful only for a proof that
+/// [`verify_consistency`] accepted, which checks that they fold to the first root; a frontier
+/// that folds to a signed root is, by the hash's collision resistance, the tree's own.
+pub(crate) fn frontier_from_consistency(
+    first: u64,
+    second: u64,
+    first_root: &TreeHash,
+    proof: &[TreeHash],
+) -> Result<Vec<TreeHash>, AuditError> {
+    if first == 0 || first > second {
+        return Err(AuditError::InvalidProof(format!(
+            "a consistency proof needs 1 <= first <= second, got first {first}, second {second}"
+        )));
+    }
+    if first.is_power_of_two() {
+        // The first tree is one complete subtree: its root.
+        return Ok(vec![*first_root]);
+    }
+    let Some((start, rest)) = proof.split_first() else {
+        return Err(AuditError::InvalidProof(
+            "the proof is empty: it carries no frontier of the first tree".into(),
+        ));
+    };
+    let (mut fnode, mut snode) = (first - 1, second - 1);
+    while fnode & 1 == 1 {
+        fnode >>= 1;
+        snode >>= 1;
+    }
+    let mut right_to_left = vec![*start];
+    for node in rest {
+        if snode == 0 {
+            break;
+        }
+        if fnode & 1 == 1 || fnode == snode {
+            right_to_left.push(*node);
+            while fnode & 1 == 0 && fnode != 0 {
+                fnode >>= 1;
+                snode >>= 1;
+            }
+        }
+        fnode >>= 1;
+        snode >>= 1;
+    }
+    right_to_left.reverse();
+    Ok(right_to_left)
 }
 
 /// Checks a consistency proof (RFC 9162 §2.1.4.2): that the tree of `first` leaves with root
@@ -698,5 +768,35 @@ mod tests {
         assert!(TreeHash::from_hex(&hash.to_hex()[1..]).is_err());
         assert!(TreeHash::from_hex(&format!("{}0", hash.to_hex())).is_err());
         assert_eq!(leaf_hash(b"x").as_bytes(), &sha(&[&[0], b"x"]));
+    }
+
+    #[test]
+    fn the_frontier_from_a_consistency_proof_extends_to_the_second_root() {
+        let mut tree = MerkleTree::new();
+        let leaves: Vec<TreeHash> = (0..70u32).map(|i| leaf_hash(&i.to_be_bytes())).collect();
+        for leaf in &leaves {
+            tree.push(*leaf);
+        }
+        for first in 1..=40u64 {
+            for second in first + 1..=70 {
+                let proof = tree.consistency_proof(first, second).unwrap();
+                let first_root = tree.root(first).unwrap();
+                let second_root = tree.root(second).unwrap();
+                verify_consistency(first, second, &first_root, &second_root, &proof).unwrap();
+                let frontier =
+                    frontier_from_consistency(first, second, &first_root, &proof).unwrap();
+                let mut expected = RootBuilder::new();
+                for leaf in &leaves[..first as usize] {
+                    expected.push(*leaf);
+                }
+                let mut builder = RootBuilder::from_frontier(first, &frontier).unwrap();
+                assert_eq!(builder.stack, expected.stack, "{first} -> {second}");
+                for leaf in &leaves[first as usize..second as usize] {
+                    builder.push(*leaf);
+                }
+                assert_eq!(builder.root(), second_root, "{first} -> {second}");
+            }
+        }
+        assert!(RootBuilder::from_frontier(3, &[leaves[0]]).is_err());
     }
 }

@@ -360,6 +360,8 @@ pub(crate) struct Reply {
     pub(crate) status: axum::http::StatusCode,
     pub(crate) content_type: &'static str,
     pub(crate) body: Vec<u8>,
+    /// Extra response headers (e.g. `x-next-after` of the audit records).
+    pub(crate) headers: Vec<(&'static str, String)>,
 }
 
 impl Reply {
@@ -370,6 +372,7 @@ impl Reply {
             // Serialising our own response types cannot fail: they hold no maps with non-string
             // keys and no failing Serialize impls.
             body: serde_json::to_vec(value).unwrap_or_default(),
+            headers: Vec::new(),
         }
     }
 
@@ -382,6 +385,7 @@ impl Reply {
             status,
             content_type: "application/json",
             body: Vec::new(),
+            headers: Vec::new(),
         }
     }
 
@@ -390,13 +394,30 @@ impl Reply {
             status: axum::http::StatusCode::OK,
             content_type,
             body,
+            headers: Vec::new(),
         }
+    }
+
+    /// The same answer with the header `name: value` (a name from this crate, in lowercase).
+    pub(crate) fn with_header(mut self, name: &'static str, value: String) -> Self {
+        self.headers.push((name, value));
+        self
     }
 }
 
 impl IntoResponse for Reply {
     fn into_response(self) -> Response {
-        (self.status, [(CONTENT_TYPE, self.content_type)], self.body).into_response()
+        let mut response =
+            (self.status, [(CONTENT_TYPE, self.content_type)], self.body).into_response();
+        for (name, value) in self.headers {
+            // Our own header names and values (numbers): always valid.
+            if let Ok(value) = HeaderValue::from_str(&value) {
+                response
+                    .headers_mut()
+                    .insert(axum::http::HeaderName::from_static(name), value);
+            }
+        }
+        response
     }
 }
 

@@ -44,6 +44,8 @@ pub(crate) struct App {
     pub(crate) started: Instant,
     /// Held while the lifecycle sweeps run: one run at a time.
     pub(crate) sweeping: tokio::sync::Mutex<()>,
+    /// How often the leader signs a checkpoint when the log grew (a receipt's `Retry-After`).
+    pub(crate) checkpoint_interval: std::time::Duration,
 }
 
 impl App {

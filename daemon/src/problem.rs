@@ -16,6 +16,12 @@ pub(crate) enum ApiError {
     ClientCertificateRequired,
     Forbidden,
     NotFound(&'static str),
+    /// 404 `not_found` with `Retry-After`: the caller's resource exists but what it asks for is
+    /// not there yet (a signing receipt before a checkpoint covers its record).
+    NotYet {
+        what: &'static str,
+        retry_after: u32,
+    },
     MethodNotAllowed,
     AccountExists,
     AccountNotActive(&'static str),
@@ -77,7 +83,9 @@ impl ApiError {
     pub(crate) fn retry_after(&self) -> Option<u32> {
         match self {
             ApiError::StoreUnavailable => Some(1),
-            ApiError::RateLimited { retry_after } => Some((*retry_after).max(1)),
+            ApiError::RateLimited { retry_after } | ApiError::NotYet { retry_after, .. } => {
+                Some((*retry_after).max(1))
+            }
             _ => None,
         }
     }
@@ -88,7 +96,7 @@ impl ApiError {
             InvalidRequest(_) | InvalidHash(_) => StatusCode::BAD_REQUEST,
             ClientCertificateRequired => StatusCode::UNAUTHORIZED,
             Forbidden => StatusCode::FORBIDDEN,
-            NotFound(_) => StatusCode::NOT_FOUND,
+            NotFound(_) | NotYet { .. } => StatusCode::NOT_FOUND,
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             AccountExists
             | AccountNotActive(_)
@@ -123,7 +131,7 @@ impl ApiError {
             InvalidHash(_) => "invalid_hash",
             ClientCertificateRequired => "client_certificate_required",
             Forbidden => "forbidden",
-            NotFound(_) => "not_found",
+            NotFound(_) | NotYet { .. } => "not_found",
             MethodNotAllowed => "method_not_allowed",
             AccountExists => "account_exists",
             AccountNotActive(_) => "account_not_active",
@@ -168,7 +176,7 @@ impl ApiError {
             InvalidHash(_) => "Hash does not fit its algorithm",
             ClientCertificateRequired => "Client certificate required",
             Forbidden => "Forbidden",
-            NotFound(_) => "Not found",
+            NotFound(_) | NotYet { .. } => "Not found",
             MethodNotAllowed => "Method not allowed",
             AccountExists => "Account exists",
             AccountNotActive(_) => "Account not active",
@@ -215,6 +223,9 @@ impl ApiError {
             | InvalidHkic(detail)
             | UnsealFailed(detail) => detail.clone(),
             NotFound(what) => format!("no such {what}"),
+            NotYet { what, .. } => {
+                format!("no {what} yet; retry after the number of seconds in Retry-After")
+            }
             AccountNotActive(status) => format!("the account is {status}"),
             RequestNotPending(status) => format!("the request is {status}"),
             ClientCertificateRequired => {
@@ -430,6 +441,10 @@ mod tests {
             PayloadTooLarge(16),
             RequestTimeout,
             RateLimited { retry_after: 3 },
+            NotYet {
+                what: "receipt",
+                retry_after: 60,
+            },
             Internal,
         ]
     }

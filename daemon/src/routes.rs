@@ -133,6 +133,12 @@ pub(crate) fn table() -> &'static [Route] {
             route!(GET, "/v1/signing-requests/{id}", &[Service], signing::get),
             route!(
                 GET,
+                "/v1/signing-requests/{id}/receipt",
+                &[Service],
+                audit_api::receipt
+            ),
+            route!(
+                GET,
                 "/v1/accounts/{id}/signing-requests",
                 &[Gateway],
                 signing::pending_for_account

@@ -423,7 +423,9 @@ async fn assemble(
             .with_clock(base.clock.clone())
             .with_checkpoint_key(
                 AuditPublicKey::from_spki_der(audit_key.as_der()).map_err(|e| e.to_string())?,
-            );
+            )
+            // `GET /v1/audit/records` filters and receipts find records through it.
+            .with_record_index();
     // Several nodes: the records are durable in PostgreSQL first; the directory is this node's
     // copy of the one log.
     if let Backend::Postgres(store) = &store {
@@ -505,6 +507,7 @@ async fn assemble(
         dev: dev.is_some(),
         started: base.started,
         sweeping: Default::default(),
+        checkpoint_interval: Duration::from_secs(config.audit.checkpoint_interval_seconds),
     });
     Ok((app, embedded))
 }

@@ -30,6 +30,10 @@ pub(crate) struct BenchAuditArgs {
     /// Concurrent appenders to measure group commit with, comma-separated.
     #[arg(long, value_delimiter = ',', default_values_t = vec![1, 8, 64])]
     appenders: Vec<usize>,
+    /// Keep the record index during the group-commit runs, as the daemon does (its thread
+    /// indexes each batch after its fsync), to see what it costs the append path.
+    #[arg(long)]
+    record_index: bool,
 }
 
 /// One measured configuration.
@@ -82,20 +86,26 @@ pub(crate) async fn run(args: BenchAuditArgs) -> Result<(), Box<dyn Error>> {
         baseline_appenders,
         duration,
         true,
+        false,
     )
     .await?;
     let mut group = Vec::new();
     for &appenders in &args.appenders {
         eprintln!("bench audit: group commit, {appenders} appenders ...");
         let dir = scratch.path().join(format!("group-{appenders}"));
-        group.push(measure(&dir, appenders, duration, false).await?);
+        group.push(measure(&dir, appenders, duration, false, args.record_index).await?);
     }
 
     let baseline_rate = baseline.per_second(baseline.appends);
     println!(
-        "audit log durable appends, {} s per run, on {filesystem} ({})",
+        "audit log durable appends, {} s per run, on {filesystem} ({}){}",
         args.seconds,
-        scratch.path().display()
+        scratch.path().display(),
+        if args.record_index {
+            ", group commit with the record index"
+        } else {
+            ""
+        }
     );
     println!(
         "{:<22} {:>9} {:>12} {:>10} {:>14} {:>12}",
@@ -147,9 +157,13 @@ async fn measure(
     appenders: usize,
     duration: Duration,
     fsync_per_append: bool,
+    record_index: bool,
 ) -> Result<Measurement, Box<dyn Error>> {
-    let config = AuditLogConfig::new(Origin::new("bench.smartsign/audit")?)
+    let mut config = AuditLogConfig::new(Origin::new("bench.smartsign/audit")?)
         .with_fsync_per_append(fsync_per_append);
+    if record_index {
+        config = config.with_record_index();
+    }
     let log = Arc::new(AuditLog::open(dir, config).await?);
     let event_name = EventName::new("bench.append")?;
     let started = Instant::now();
@@ -159,6 +173,7 @@ async fn measure(
             let log = Arc::clone(&log);
             let event = AuditEvent::new(event_name.clone(), Actor::new(format!("bench:{task}"))?)
                 .with_field("request_id", "bench-0000000000000000")
+                .with_field("account_id", format!("u-{task}"))
                 .with_field("hash_algorithm", "sha256");
             Ok(tokio::spawn(async move {
                 let mut appends = 0u64;

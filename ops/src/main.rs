@@ -15,6 +15,7 @@
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod audit_cmd;
+mod audit_watch;
 mod bench_accounts;
 mod bench_audit;
 mod bench_audit_open;
@@ -54,6 +55,9 @@ use clap::{Parser, Subcommand};
     smartsign-ctl status --url https://appliance:8443 --cert officer.pem --key officer.key \\\n      \
     --ca tls-ca.pem\n  \
     smartsign-ctl docs --out-dir /usr/share\n  \
+    smartsign-ctl audit verify-receipt receipt.json --public-key audit-key.pem\n  \
+    smartsign-ctl audit watch --url https://appliance:8443 --cert auditor.pem --key auditor.key \\\n      \
+    --ca tls-ca.pem --public-key audit-key.pem --state watch.json\n  \
     smartsign-ctl bench hsm --seconds 3\n  \
     smartsign-ctl bench audit --appenders 1,8,64\n  \
     smartsign-ctl bench audit-open --records 1000000 --dir /var/tmp/audit-bench\n  \
@@ -139,8 +143,15 @@ enum CeremonyCommand {
 #[derive(Debug, Subcommand)]
 enum AuditCommand {
     /// Verify an audit export offline: every record, the Merkle root and the checkpoint
-    /// signature. Exits 0 only when everything checks.
+    /// signature; or, with --since-checkpoint, a new checkpoint, the consistency proof from an
+    /// old one and the records added since. Exits 0 only when everything checks.
     Verify(audit_cmd::VerifyArgs),
+    /// Verify a signing receipt offline: the record, its inclusion proof and the signed
+    /// checkpoint it leads to. Exits 0 only when everything checks.
+    VerifyReceipt(audit_cmd::VerifyReceiptArgs),
+    /// An auditor's monitor: fetch each new checkpoint, prove it consistent with the last one
+    /// verified (kept in a state file), and exit non-zero saying why on any inconsistency.
+    Watch(audit_watch::WatchArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -234,6 +245,10 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
                 }
             }
             Command::Audit(AuditCommand::Verify(args)) => audit_cmd::verify(args),
+            Command::Audit(AuditCommand::VerifyReceipt(args)) => {
+                audit_cmd::verify_receipt_cmd(args)
+            }
+            Command::Audit(AuditCommand::Watch(args)) => audit_watch::run(args).await,
             Command::Ceremony(CeremonyCommand::Split(args)) => ceremony::split(args),
             Command::Ceremony(CeremonyCommand::Init(args)) => ceremony::init(args).await,
             Command::Ceremony(CeremonyCommand::Verify(args)) => ceremony::verify(args).await,

@@ -218,6 +218,28 @@ fn a_request_moves_between_nodes_and_two_nodes_approving_it_sign_once() {
             .filter(|line| line.contains("\"signing.signed\""))
             .collect();
         assert_eq!(signed.len(), 11, "{records}");
+        // Each node's record index holds the records the others appended: the filter finds
+        // them all (after the node's sync), exactly as they are in its copy of the log.
+        let filtered = node
+            .client("auditor")
+            .get(format!(
+                "{}/v1/audit/records?event=signing.signed&account_id=moving-1",
+                node.api
+            ))
+            .send()
+            .unwrap()
+            .text()
+            .unwrap();
+        assert_eq!(filtered.lines().collect::<Vec<_>>(), signed);
+        // And each node gives the owner its receipt, to the leader's checkpoint.
+        let receipt = node
+            .client("demo-a")
+            .get(format!("{}/receipt", pending.url(node)))
+            .send()
+            .unwrap();
+        assert_eq!(receipt.status(), 200, "{}", node.api);
+        let receipt: Value = receipt.json().unwrap();
+        assert!(signed.contains(&receipt["record"].as_str().unwrap()));
     }
 }
 
