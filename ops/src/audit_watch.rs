@@ -29,18 +29,9 @@ const PAGE: u64 = 10_000;
       --interval 300
 It exits non-zero, saying why, when the log is not consistent with what it saw before.")]
 pub(crate) struct WatchArgs {
-    /// The daemon's API, e.g. `https://appliance:8443`.
-    #[arg(long)]
-    url: String,
-    /// The auditor's client certificate (PEM, role `auditor` in its OU).
-    #[arg(long, value_name = "FILE")]
-    cert: PathBuf,
-    /// The certificate's private key (PEM).
-    #[arg(long, value_name = "FILE")]
-    key: PathBuf,
-    /// The CA certificate the daemon's server certificate chains to (PEM).
-    #[arg(long, value_name = "FILE")]
-    ca: PathBuf,
+    /// The daemon, with the auditor's client certificate (role `auditor` in its OU).
+    #[command(flatten)]
+    daemon: crate::client::DaemonArgs,
     /// Where the last verified checkpoint (and the pinned key) is kept; made on the first run.
     #[arg(long, value_name = "FILE")]
     state: PathBuf,
@@ -271,23 +262,9 @@ struct Client {
 
 impl Client {
     fn new(args: &WatchArgs) -> Result<Self, Box<dyn Error>> {
-        let read = |path: &PathBuf| {
-            fs::read(path).map_err(|error| format!("cannot read {}: {error}", path.display()))
-        };
-        let mut identity = read(&args.cert)?;
-        identity.extend_from_slice(b"\n");
-        identity.extend_from_slice(&read(&args.key)?);
-        let http = reqwest::Client::builder()
-            .use_rustls_tls()
-            .https_only(true)
-            .tls_built_in_root_certs(false)
-            .add_root_certificate(reqwest::Certificate::from_pem(&read(&args.ca)?)?)
-            .identity(reqwest::Identity::from_pem(&identity)?)
-            .timeout(Duration::from_secs(60))
-            .build()?;
         Ok(Self {
-            http,
-            base: args.url.trim_end_matches('/').to_owned(),
+            http: args.daemon.client()?,
+            base: args.daemon.at(""),
         })
     }
 

@@ -41,7 +41,7 @@ impl DaemonArgs {
             .tls_built_in_root_certs(false)
             .add_root_certificate(reqwest::Certificate::from_pem(&read(&self.ca)?)?)
             .identity(reqwest::Identity::from_pem(&identity)?)
-            .timeout(std::time::Duration::from_secs(30))
+            .timeout(std::time::Duration::from_secs(60))
             .build()?)
     }
 
