@@ -108,7 +108,7 @@ fn record_filter(ctx: &Ctx) -> Result<Option<RecordFilter>, ApiError> {
     }
     for name in ["from_time", "to_time"] {
         if let Some(value) = text(name) {
-            let time = record_time(value).map_err(|why| bad(name, why))?;
+            let time = record_time(value, name == "to_time").map_err(|why| bad(name, why))?;
             match name {
                 "from_time" => filter.from_time = Some(time),
                 _ => filter.to_time = Some(time),
@@ -119,12 +119,14 @@ fn record_filter(ctx: &Ctx) -> Result<Option<RecordFilter>, ApiError> {
     Ok(any.then_some(filter))
 }
 
-/// An RFC 3339 time as a record time. Records carry whole seconds, so a fraction is rounded up:
-/// `from_time` (inclusive) and `to_time` (exclusive) then keep their meaning exactly.
-fn record_time(text: &str) -> Result<Timestamp, String> {
+/// An RFC 3339 time as a record time. Records carry their time truncated to whole seconds, so a
+/// fraction is dropped from `from_time` (inclusive: a record of the same second, logged after
+/// it, is kept) and rounded up in `to_time` (exclusive, with `round_up`): the answer holds every
+/// record of the window, and at most the rest of its first and last seconds.
+fn record_time(text: &str, round_up: bool) -> Result<Timestamp, String> {
     let time = OffsetDateTime::parse(text, &Rfc3339)
         .map_err(|_| "must be an RFC 3339 time, e.g. 2026-11-22T10:00:00Z".to_owned())?;
-    let seconds = time.unix_timestamp() + i64::from(time.nanosecond() > 0);
+    let seconds = time.unix_timestamp() + i64::from(round_up && time.nanosecond() > 0);
     let seconds = u64::try_from(seconds).map_err(|_| "must be a time from 1970 on".to_owned())?;
     Timestamp::from_system_time(SystemTime::UNIX_EPOCH + Duration::from_secs(seconds))
         .map_err(|_| "must be a time from 1970 to 9999".to_owned())
@@ -176,6 +178,8 @@ pub(crate) async fn records(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError> 
             };
             (body, next_from)
         }
+        // Past the end there is nothing to look up (and an index the store could not hold).
+        Some(_) if start >= size => (Vec::new(), start),
         Some(mut filter) => {
             filter.from = start;
             let page = app
@@ -197,7 +201,7 @@ pub(crate) async fn records(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError> 
 /// `signing.signed` record, the record's index, the inclusion proof to the latest signed
 /// checkpoint, and that checkpoint, once it covers the record. Before then (the request not
 /// signed yet, or no checkpoint since), 404 with `Retry-After`. Another service's request is
-/// answered as an unknown one is: 404 without it.
+/// 403 `forbidden`, as its `GET` is.
 pub(crate) async fn receipt(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError> {
     let unknown = ApiError::NotFound("signing request");
     let service = ServiceName::parse(&ctx.caller.name).map_err(|_| ApiError::Forbidden)?;
@@ -208,8 +212,11 @@ pub(crate) async fn receipt(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError> 
     let request = app
         .store(move |store| store.get_request(&lookup))
         .await?
-        .filter(|request| request.service == service)
         .ok_or(unknown)?;
+    // As `GET /v1/signing-requests/{id}` answers (API.md: 403 when not the request's owner).
+    if request.service != service {
+        return Err(ApiError::Forbidden);
+    }
     let retry_after = u32::try_from(app.checkpoint_interval.as_secs())
         .unwrap_or(u32::MAX)
         .max(1);

@@ -38,8 +38,15 @@ pub(crate) fn lock(required: bool) -> Result<(), String> {
         tracing::warn!("{reason} (development mode goes on)");
         return Ok(());
     }
-    mlockall(MlockAllFlags::CURRENT | MlockAllFlags::FUTURE | MlockAllFlags::ONFAULT)
-        .map_err(|error| format!("mlockall: {error}; {HOW}"))?;
+    if let Err(error) =
+        mlockall(MlockAllFlags::CURRENT | MlockAllFlags::FUTURE | MlockAllFlags::ONFAULT)
+    {
+        if required {
+            return Err(format!("mlockall: {error}; {HOW}"));
+        }
+        tracing::warn!(%error, "mlockall failed (development mode goes on)");
+        return Ok(());
+    }
     tracing::info!("memory locked: nothing of the process reaches swap");
     Ok(())
 }
