@@ -15,7 +15,8 @@ use application::{AppError, Stranded};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use cert_lifecycle::{
-    AccountId, Decision, HashAlgorithm, RevocationReason, ServiceName, SigningRequest, SigningStatus, Store,
+    AccountId, Decision, HashAlgorithm, RevocationReason, ServiceName, SigningRequest,
+    SigningStatus, Store,
 };
 use p256::ecdsa::signature::hazmat::PrehashVerifier;
 use serde_json::Value;
@@ -198,7 +199,10 @@ async fn a_batch_is_signed_in_one_job_and_each_result_is_for_its_own_hash() {
 /// The certificate's public key (P-256) from its PEM.
 fn certificate_key(pem: &str) -> p256::ecdsa::VerifyingKey {
     use x509_cert::der::Decode;
-    let body: String = pem.lines().filter(|line| !line.starts_with("-----")).collect();
+    let body: String = pem
+        .lines()
+        .filter(|line| !line.starts_with("-----"))
+        .collect();
     let der = STANDARD.decode(body).unwrap();
     let certificate = x509_cert::Certificate::from_der(&der).unwrap();
     p256::ecdsa::VerifyingKey::from_sec1_bytes(
@@ -378,7 +382,8 @@ async fn a_batch_of_the_wrong_shape_is_refused_and_nothing_is_kept() {
     let ports = Memory::new();
     let device = Device::new(5);
     support::account(&ports, "u-shape", &device, now());
-    let create = |new: NewRequest| signing::create(&ports, &settings(), "service:demo", new, now());
+    let settings = settings();
+    let create = |new: NewRequest| signing::create(&ports, &settings, "service:demo", new, now());
 
     let too_many = create(new_batch("u-shape", documents(21))).await;
     assert!(

@@ -101,9 +101,7 @@ pub(crate) fn parse_create(ctx: &Ctx, service: ServiceName) -> Result<NewRequest
                 .enumerate()
                 .map(|(index, hash)| {
                     STANDARD.decode(hash).map_err(|_| {
-                        AppError::InvalidRequest(format!(
-                            "hashes[{index}] must be standard base64"
-                        ))
+                        AppError::InvalidRequest(format!("hashes[{index}] must be standard base64"))
                     })
                 })
                 .collect::<Result<Vec<_>, _>>()?;

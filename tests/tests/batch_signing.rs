@@ -22,13 +22,13 @@ use smartsign_tests::flow::{problem, registration};
 use smartsign_tests::{DevDaemon, binary, describe, device_key, run};
 
 /// An account with its device key and TAID at demo-a.
-struct Signer {
+struct Account {
     id: String,
     key: SigningKey,
     taid: String,
 }
 
-fn register(daemon: &DevDaemon, id: &str) -> Signer {
+fn register(daemon: &DevDaemon, id: &str) -> Account {
     let key = device_key();
     let registered = daemon
         .client("registrar")
@@ -47,7 +47,7 @@ fn register(daemon: &DevDaemon, id: &str) -> Signer {
         .unwrap()
         .json()
         .unwrap();
-    Signer {
+    Account {
         id: id.to_owned(),
         key,
         taid: taid["taid"].as_str().unwrap().to_owned(),
@@ -80,7 +80,7 @@ fn encoded(hashes: &[Vec<u8>]) -> Vec<String> {
 }
 
 /// A batch request at demo-a over `hashes` (SHA-256); its create answer.
-fn create_batch(daemon: &DevDaemon, signer: &Signer, hashes: &[Vec<u8>]) -> Value {
+fn create_batch(daemon: &DevDaemon, signer: &Account, hashes: &[Vec<u8>]) -> Value {
     let created = create(
         daemon,
         &json!({"taid": signer.taid, "hash_algorithm": "sha256", "hashes": encoded(hashes),
@@ -123,7 +123,7 @@ fn send(
         .unwrap()
 }
 
-fn approve(daemon: &DevDaemon, request: &Value, signer: &Signer, hashes: &[Vec<u8>]) -> Response {
+fn approve(daemon: &DevDaemon, request: &Value, signer: &Account, hashes: &[Vec<u8>]) -> Response {
     let statement = batch_statement(request, hashes.len(), hashes, "approve");
     send(daemon, request, &signer.key, "approve", &statement)
 }
@@ -142,7 +142,7 @@ fn read(daemon: &DevDaemon, request: &Value) -> Value {
         .unwrap()
 }
 
-fn pending(daemon: &DevDaemon, signer: &Signer) -> Vec<Value> {
+fn pending(daemon: &DevDaemon, signer: &Account) -> Vec<Value> {
     let list: Value = daemon
         .client("gateway")
         .get(format!(
@@ -368,10 +368,7 @@ fn receipt(daemon: &DevDaemon, id: &str) -> Value {
         assert_eq!(checkpoint.status(), 200);
         let answer = daemon
             .client("demo-a")
-            .get(format!(
-                "{}/v1/signing-requests/{id}/receipt",
-                daemon.api
-            ))
+            .get(format!("{}/v1/signing-requests/{id}/receipt", daemon.api))
             .send()
             .unwrap();
         if answer.status() == 200 {
@@ -452,7 +449,10 @@ fn batch_authorisations_over_anything_but_the_batch_are_refused_and_lock_it() {
     );
     let approved = approve(&daemon, &request, &signer, &hashes);
     assert_eq!(approved.status(), 200);
-    assert_eq!(read(&daemon, &request)["results"].as_array().unwrap().len(), 3);
+    assert_eq!(
+        read(&daemon, &request)["results"].as_array().unwrap().len(),
+        3
+    );
 
     // A reject statement over the batch ends it, with no result.
     let request = create_batch(&daemon, &signer, &hashes);
@@ -528,10 +528,7 @@ fn batches_of_the_wrong_shape_the_pending_cap_and_a_revoked_certificate() {
         refused(json!({"hashes": encoded(&hashes[..2]), "hash_algorithm": "sha512"})),
         bad_hash
     );
-    assert_eq!(
-        refused(json!({"hashes": ["not base64!"]})),
-        bad_request
-    );
+    assert_eq!(refused(json!({"hashes": ["not base64!"]})), bad_request);
     assert!(pending(&daemon, &signer).is_empty(), "nothing was kept");
 
     // A batch of the most there may be (20) takes one place of the five pending requests.
@@ -544,7 +541,10 @@ fn batches_of_the_wrong_shape_the_pending_cap_and_a_revoked_certificate() {
         assert_eq!(single.status(), 201);
     }
     assert_eq!(
-        problem(create(&daemon, &body(json!({"hashes": encoded(&hashes[..2])})))),
+        problem(create(
+            &daemon,
+            &body(json!({"hashes": encoded(&hashes[..2])}))
+        )),
         (429, "too_many_pending".into())
     );
     let listed = pending(&daemon, &signer);
@@ -575,7 +575,10 @@ fn batches_of_the_wrong_shape_the_pending_cap_and_a_revoked_certificate() {
     assert_eq!(answer["status"], "failed");
     assert!(answer.get("results").is_none());
     assert_eq!(
-        problem(create(&daemon, &body(json!({"hashes": encoded(&hashes[..2])})))),
+        problem(create(
+            &daemon,
+            &body(json!({"hashes": encoded(&hashes[..2])}))
+        )),
         (409, "certificate_revoked".into())
     );
 }

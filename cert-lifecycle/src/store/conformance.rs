@@ -643,7 +643,10 @@ pub(super) fn a_batch_keeps_its_hashes_in_order_and_counts_once(store: &dyn Stor
     let now = CREATED + Duration::seconds(1);
     store.insert_request(&batch, 2, now).unwrap();
     assert_eq!(store.get_request(&batch.id).unwrap(), Some(batch.clone()));
-    assert_eq!(store.pending_requests(&id("u-1"), now).unwrap(), [batch.clone()]);
+    assert_eq!(
+        store.pending_requests(&id("u-1"), now).unwrap(),
+        [batch.clone()]
+    );
     // One place of two: one more request fits, a third does not.
     store
         .insert_request(&request(2, "u-1", "3f9a"), 2, now)
@@ -671,7 +674,10 @@ pub(super) fn a_batch_keeps_its_hashes_in_order_and_counts_once(store: &dyn Stor
     let erased = store.get_request(&batch.id).unwrap().unwrap();
     assert_eq!(erased.hashes, Some(Vec::new()));
     assert!(erased.is_batch() && erased.sealed_result.is_none());
-    let single = store.get_request(&request(2, "u-1", "3f9a").id).unwrap().unwrap();
+    let single = store
+        .get_request(&request(2, "u-1", "3f9a").id)
+        .unwrap()
+        .unwrap();
     assert_eq!((single.hashes, single.hash.len()), (None, 0));
 }
 
