@@ -1970,6 +1970,57 @@ mod tests {
         }
     }
 
+    /// A store made before batch signing (schema 14) upgrades: its requests read as the
+    /// single-hash requests they are, and a batch can be added beside them.
+    #[test]
+    fn a_store_from_before_batches_upgrades() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.sqlite");
+        let old = crate::signing::tests::request(1, "u-1", "3f9a");
+        {
+            let mut conn = Connection::open(&path).unwrap();
+            let tx = conn.transaction().unwrap();
+            for sql in &MIGRATIONS[..14] {
+                tx.execute_batch(sql).unwrap();
+            }
+            tx.pragma_update(None, "user_version", 14).unwrap();
+            tx.commit().unwrap();
+            conn.pragma_update(None, "foreign_keys", false).unwrap();
+            let sql = format!(
+                "INSERT INTO accounts ({ACCOUNT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, \
+                 ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
+            );
+            conn.execute(&sql, params_from_iter(account_values(&account("u-1"))))
+                .unwrap();
+            let sql = format!(
+                "INSERT INTO certificates ({CERTIFICATE_COLUMNS}) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
+            );
+            let c = crate::certificate::tests::record("3f9a", "u-1");
+            conn.execute(&sql, params_from_iter(certificate_values(&c)))
+                .unwrap();
+            // The old schema's columns: all but the new `hashes`.
+            let columns = REQUEST_COLUMNS.trim_end_matches(", hashes");
+            let sql = format!(
+                "INSERT INTO signing_requests ({columns}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, \
+                 ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
+            );
+            conn.execute(&sql, params_from_iter(&request_values(&old)[..15]))
+                .unwrap();
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        let read = store.get_request(&old.id).unwrap().unwrap();
+        assert_eq!(read, old);
+        assert!(!read.is_batch());
+        let mut batch = crate::signing::tests::request(2, "u-1", "3f9a");
+        batch.hash = Vec::new();
+        batch.hashes = Some(vec![vec![1; 32], vec![2; 32]]);
+        store
+            .insert_request(&batch, usize::MAX, batch.created_at)
+            .unwrap();
+        assert_eq!(store.get_request(&batch.id).unwrap(), Some(batch));
+    }
+
     /// A store made before the user events (schema 13) upgrades: its certificates are all still
     /// to be told their time-based events, and the feed starts empty.
     #[test]
