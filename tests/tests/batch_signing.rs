@@ -582,3 +582,49 @@ fn batches_of_the_wrong_shape_the_pending_cap_and_a_revoked_certificate() {
         (409, "certificate_revoked".into())
     );
 }
+
+#[test]
+fn max_batch_is_the_policys_and_check_config_holds_it_to_its_range() {
+    let mut daemon = DevDaemon::start(&[]);
+    let written = std::fs::read_to_string(daemon.state_dir().join("smartsignd.toml")).unwrap();
+    assert!(
+        written.lines().any(|line| line == "max_batch = 20"),
+        "the default is written out"
+    );
+    daemon.relaunch_with_settings(&[("max_batch", "3")]);
+    let signer = register(&daemon, "u-batch-4");
+    let (_, hashes) = documents("u-batch-4", 4);
+    let body = |hashes: &[Vec<u8>]| json!({"taid": signer.taid, "hash_algorithm": "sha256", "hashes": encoded(hashes)});
+    assert_eq!(
+        problem(create(&daemon, &body(&hashes))),
+        (400, "invalid_request".into())
+    );
+    assert_eq!(create(&daemon, &body(&hashes[..3])).status(), 201);
+    daemon.stop();
+
+    let smartsignd = binary("smartsignd", "smartsignd");
+    let text = std::fs::read_to_string(daemon.state_dir().join("smartsignd.toml")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for (value, good) in [("0", false), ("101", false), ("1", true), ("100", true)] {
+        let path = dir.path().join(format!("max-batch-{value}.toml"));
+        std::fs::write(
+            &path,
+            text.replace("max_batch = 3", &format!("max_batch = {value}")),
+        )
+        .unwrap();
+        let checked = run(Command::new(&smartsignd).arg("--check-config").arg(&path));
+        assert_eq!(
+            checked.status.success(),
+            good,
+            "{value}: {}",
+            describe(&checked)
+        );
+        if !good {
+            assert!(
+                String::from_utf8_lossy(&checked.stderr).contains("policy.max_batch"),
+                "{value}: {}",
+                describe(&checked)
+            );
+        }
+    }
+}
