@@ -607,11 +607,22 @@ fn max_batch_is_the_policys_and_check_config_holds_it_to_its_range() {
     let dir = tempfile::tempdir().unwrap();
     for (value, good) in [("0", false), ("101", false), ("1", true), ("100", true)] {
         let path = dir.path().join(format!("max-batch-{value}.toml"));
-        std::fs::write(
-            &path,
-            text.replace("max_batch = 3", &format!("max_batch = {value}")),
-        )
-        .unwrap();
+        let changed: Vec<String> = text
+            .lines()
+            .map(|line| {
+                if line.starts_with("max_batch = ") {
+                    format!("max_batch = {value}")
+                } else {
+                    line.to_owned()
+                }
+            })
+            .collect();
+        assert!(
+            changed
+                .iter()
+                .any(|line| *line == format!("max_batch = {value}"))
+        );
+        std::fs::write(&path, changed.join("\n") + "\n").unwrap();
         let checked = run(Command::new(&smartsignd).arg("--check-config").arg(&path));
         assert_eq!(
             checked.status.success(),
