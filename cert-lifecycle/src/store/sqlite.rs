@@ -1976,7 +1976,7 @@ mod tests {
     fn a_store_from_before_batches_upgrades() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("store.sqlite");
-        let old = crate::signing::tests::request(1, "u-1", "3f9a");
+        let old = request(1, "u-1", "3f9a");
         {
             let mut conn = Connection::open(&path).unwrap();
             let tx = conn.transaction().unwrap();
@@ -2012,7 +2012,7 @@ mod tests {
         let read = store.get_request(&old.id).unwrap().unwrap();
         assert_eq!(read, old);
         assert!(!read.is_batch());
-        let mut batch = crate::signing::tests::request(2, "u-1", "3f9a");
+        let mut batch = request(2, "u-1", "3f9a");
         batch.hash = Vec::new();
         batch.hashes = Some(vec![vec![1; 32], vec![2; 32]]);
         store
