@@ -33,7 +33,17 @@ pub trait Records: Send + Sync {
         F: FnOnce(&Self::Store) -> Result<T, StoreError> + Send + 'static;
 }
 
-/// The two signatures of one signing: the raw one over the hash and the CMS one over the signed
+/// What one hash of a signing asks of the HSM: the raw signature over the hash itself and the
+/// CMS signature over its signed attributes' digest, both of the request's hash algorithm.
+#[derive(Debug, Clone, Copy)]
+pub struct ToSign<'a> {
+    /// The request's hash.
+    pub raw: &'a [u8],
+    /// The digest of the CMS signed attributes made for it.
+    pub attributes: &'a [u8],
+}
+
+/// The two signatures of one hash: the raw one over the hash and the CMS one over the signed
 /// attributes, and the algorithm of the key that made them.
 #[derive(Debug)]
 pub struct Signatures {
@@ -65,15 +75,16 @@ pub trait Keys: Send + Sync {
     /// Makes a user key of the configured algorithm and storage.
     fn generate(&self) -> impl Future<Output = Result<NewKey, AppError>> + Send;
 
-    /// Signs two digests of `hash`'s algorithm with the user key `key_ref` refers to (as the
-    /// store keeps it), in one trip: ECDSA for an EC key, PKCS#1 v1.5 for RSA.
+    /// Signs the two digests of each of `items` (of `hash`'s algorithm) with the user key
+    /// `key_ref` refers to (as the store keeps it), all in one trip (one HSM job, however
+    /// many: a batch is signed whole or not at all): ECDSA for an EC key, PKCS#1 v1.5 for RSA.
+    /// The signatures come back in the order of `items`.
     fn sign(
         &self,
         key_ref: &[u8],
         hash: HashAlgorithm,
-        raw: &[u8],
-        attributes: &[u8],
-    ) -> impl Future<Output = Result<Signatures, AppError>> + Send;
+        items: &[ToSign<'_>],
+    ) -> impl Future<Output = Result<Vec<Signatures>, AppError>> + Send;
 
     /// Destroys a user key; a key the HSM no longer has counts as destroyed.
     fn destroy(&self, key_ref: &[u8]) -> impl Future<Output = Result<(), AppError>> + Send;

@@ -21,6 +21,7 @@ use sha2::Digest as _;
 use time::OffsetDateTime;
 use zeroize::Zeroizing;
 
+use crate::ports::ToSign;
 use crate::{AppError, Ports, certificate_status, fields, rfc3339};
 
 /// What signing needs from the configuration.
@@ -30,6 +31,8 @@ pub struct SigningSettings {
     pub request_ttl: time::Duration,
     /// How many requests an account may have pending at once.
     pub max_pending: usize,
+    /// How many hashes one batch request may carry (`policy.max_batch`).
+    pub max_batch: usize,
     /// The issuing CA and the root, DER, for the CMS `certificates`.
     pub chain_der: Vec<Vec<u8>>,
     /// The same, PEM, for the result's `chain`.
@@ -45,8 +48,10 @@ pub struct NewRequest {
     pub taid: String,
     /// The hash's algorithm.
     pub hash_algorithm: HashAlgorithm,
-    /// The hash to sign.
+    /// The hash to sign; empty for a batch.
     pub hash: Vec<u8>,
+    /// A batch's hashes (`"hashes"` in place of `"hash"`), in order; `None` for one hash.
+    pub hashes: Option<Vec<Vec<u8>>>,
     /// The signer's HKIC number, when the service wants it checked; compared and dropped.
     pub hkic: Option<HkicNumber>,
     /// Shown to the user in the app.
@@ -103,14 +108,7 @@ async fn create_checked<P: Ports>(
     new: NewRequest,
     now: OffsetDateTime,
 ) -> Result<SigningRequest, AppError> {
-    if new.hash.len() != new.hash_algorithm.output_len() {
-        return Err(AppError::InvalidHash(format!(
-            "a {} hash has {} bytes, not {}",
-            new.hash_algorithm.as_str(),
-            new.hash_algorithm.output_len(),
-            new.hash.len()
-        )));
-    }
+    check_hashes(&new, settings.max_batch)?;
     if let Some(description) = &new.description
         && (description.chars().count() > MAX_DESCRIPTION
             || description.chars().any(char::is_control))
@@ -151,6 +149,7 @@ async fn create_checked<P: Ports>(
         identification_code: code,
         hash_algorithm: new.hash_algorithm,
         hash: new.hash,
+        hashes: new.hashes,
         description: new.description,
         status: SigningStatus::Pending,
         bad_attempts: 0,
@@ -160,18 +159,14 @@ async fn create_checked<P: Ports>(
         sealed_result: None,
         signed_at: None,
     };
-    ports
-        .append(
-            "signing.requested",
-            actor,
-            fields([
-                ("request_id", json!(request.id.as_str())),
-                ("account_id", json!(account.id.as_str())),
-                ("serial", json!(certificate.serial.as_str())),
-                ("hash_algorithm", json!(request.hash_algorithm.as_str())),
-            ]),
-        )
-        .await?;
+    let mut record = fields([
+        ("request_id", json!(request.id.as_str())),
+        ("account_id", json!(account.id.as_str())),
+        ("serial", json!(certificate.serial.as_str())),
+        ("hash_algorithm", json!(request.hash_algorithm.as_str())),
+    ]);
+    add_batch_fields(&mut record, &request);
+    ports.append("signing.requested", actor, record).await?;
     let (stored, max_pending) = (request.clone(), settings.max_pending);
     match ports
         .write(move |store| store.insert_request(&stored, max_pending, now))
@@ -197,6 +192,59 @@ async fn create_checked<P: Ports>(
             })
         }
         Err(error) => Err(error),
+    }
+}
+
+/// Checks the hash, or a batch's hashes: one of them (`hash` or `hashes`), 1 to `max_batch`
+/// hashes in a batch, each of the algorithm's length (`invalid_hash` names the one that is not).
+fn check_hashes(new: &NewRequest, max_batch: usize) -> Result<(), AppError> {
+    let algorithm = new.hash_algorithm;
+    let wrong = |which: String, len: usize| {
+        AppError::InvalidHash(format!(
+            "{which}: a {} hash has {} bytes, not {len}",
+            algorithm.as_str(),
+            algorithm.output_len(),
+        ))
+    };
+    match &new.hashes {
+        None => {
+            if new.hash.len() != algorithm.output_len() {
+                return Err(wrong("hash".into(), new.hash.len()));
+            }
+        }
+        Some(hashes) => {
+            if !new.hash.is_empty() {
+                return Err(AppError::InvalidRequest(
+                    "hash and hashes: give one of them, not both".into(),
+                ));
+            }
+            if !(1..=max_batch).contains(&hashes.len()) {
+                return Err(AppError::InvalidRequest(format!(
+                    "hashes: 1 to {max_batch} hashes, not {}",
+                    hashes.len()
+                )));
+            }
+            if let Some((index, hash)) = hashes
+                .iter()
+                .enumerate()
+                .find(|(_, hash)| hash.len() != algorithm.output_len())
+            {
+                return Err(wrong(format!("hashes[{index}]"), hash.len()));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A batch's hashes in its audit records: `hashes` (hex, in order) and `batch_size`. A
+/// single-hash request adds nothing.
+fn add_batch_fields(record: &mut serde_json::Map<String, Value>, request: &SigningRequest) {
+    if let Some(hashes) = &request.hashes {
+        record.insert(
+            "hashes".into(),
+            hashes.iter().map(hex::encode).collect::<Vec<_>>().into(),
+        );
+        record.insert("batch_size".into(), json!(hashes.len()));
     }
 }
 
@@ -294,14 +342,16 @@ async fn deny<P: Ports>(
     Ok(())
 }
 
-/// A request as its service sees it: its status now and, once signed, the result.
+/// A request as its service sees it: its status now and, once signed, the result (a batch's:
+/// the list of results, in the order of its hashes).
 #[derive(Debug)]
 pub struct RequestView {
     /// The stored request.
     pub request: SigningRequest,
     /// Its status at `now` (a pending request past its expiry is expired).
     pub status: SigningStatus,
-    /// The signing result (API.md), once signed.
+    /// The signing result (API.md), once signed; for a batch ([`SigningRequest::is_batch`]),
+    /// an array of them in the order of its hashes (`results`).
     pub result: Option<Value>,
 }
 
@@ -574,71 +624,108 @@ impl<P: Ports> Attempt<'_, P> {
             certificate_der,
             key_ref,
         } = prepared;
-        // Write before acting: the approval is durable before the HSM signs.
+        // Write before acting: the approval (with a batch's hashes) is durable before the HSM
+        // signs.
+        let mut approved = fields([
+            ("request_id", json!(request.id.as_str())),
+            ("account_id", json!(request.account_id.as_str())),
+            ("serial", json!(certificate.serial.as_str())),
+        ]);
+        add_batch_fields(&mut approved, request);
         ports
-            .append(
-                "signing.approved",
-                self.actor,
-                fields([
-                    ("request_id", json!(request.id.as_str())),
-                    ("account_id", json!(request.account_id.as_str())),
-                    ("serial", json!(certificate.serial.as_str())),
-                ]),
-            )
+            .append("signing.approved", self.actor, approved)
             .await?;
         let signed_at = self.now.replace_nanosecond(0).unwrap_or(self.now);
-        let attributes = SignedAttributes::new(
-            request.hash_algorithm,
-            &request.hash,
-            signed_at.into(),
-            &certificate_der,
-        )
-        .map_err(AppError::fault)?;
-        // The raw signature over the hash and the CMS signature over the signed attributes, in
-        // one trip to the HSM.
-        let to_sign = attributes.digest_to_sign();
+        let hashes = request.hashes_to_sign();
+        let attributes = hashes
+            .iter()
+            .map(|hash| {
+                SignedAttributes::new(
+                    request.hash_algorithm,
+                    hash,
+                    signed_at.into(),
+                    &certificate_der,
+                )
+                .map_err(AppError::fault)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        // For each hash, the raw signature over it and the CMS signature over its signed
+        // attributes: all of them in one trip to the HSM (one job), a batch as one request.
+        let digests: Vec<Vec<u8>> = attributes
+            .iter()
+            .map(SignedAttributes::digest_to_sign)
+            .collect();
+        let items: Vec<ToSign<'_>> = hashes
+            .iter()
+            .zip(&digests)
+            .map(|(hash, attributes)| ToSign {
+                raw: hash,
+                attributes,
+            })
+            .collect();
         let signatures = when_hsm_free(ports, || {
-            ports.sign(&key_ref, request.hash_algorithm, &request.hash, &to_sign)
+            ports.sign(&key_ref, request.hash_algorithm, &items)
         })
         .await?;
-        let algorithm = signature_algorithm(signatures.algorithm, request.hash_algorithm);
-        let cms_signature = cms_signature(signatures.algorithm, request.hash_algorithm);
+        if signatures.len() != hashes.len() {
+            return Err(AppError::fault("the HSM gave another number of signatures"));
+        }
+        let key_algorithm = signatures
+            .first()
+            .map(|s| s.algorithm)
+            .ok_or_else(|| AppError::fault("no signature"))?;
+        let algorithm = signature_algorithm(key_algorithm, request.hash_algorithm);
+        let cms_signature = cms_signature(key_algorithm, request.hash_algorithm);
         let mut certificates: Vec<&[u8]> = vec![&certificate_der];
         certificates.extend(self.settings.chain_der.iter().map(Vec::as_slice));
-        let cms = attributes
-            .into_content_info(&signatures.attributes, cms_signature, &certificates)
-            .map_err(AppError::fault)?;
+        let mut results = Vec::with_capacity(signatures.len());
+        for (attributes, signatures) in attributes.into_iter().zip(&signatures) {
+            let cms = attributes
+                .into_content_info(&signatures.attributes, cms_signature, &certificates)
+                .map_err(AppError::fault)?;
+            results.push(json!({
+                "signature": STANDARD.encode(&signatures.raw),
+                "signature_algorithm": algorithm,
+                "cms": STANDARD.encode(&cms),
+                "certificate": crate::pem("CERTIFICATE", &certificate_der),
+                "chain": self.settings.chain_pem,
+                "signed_at": rfc3339(signed_at),
+            }));
+        }
 
-        // The signature exists only in memory until this record is durable; if it cannot be
-        // written, the signature is dropped and the request fails (fail closed).
-        ports
-            .append(
-                "signing.signed",
-                self.actor,
-                fields([
-                    ("request_id", json!(request.id.as_str())),
-                    ("account_id", json!(request.account_id.as_str())),
-                    // What was signed, for whom, with which key, from this record alone.
-                    ("service", json!(request.service.as_str())),
-                    ("hash_algorithm", json!(request.hash_algorithm.as_str())),
-                    ("hash", json!(hex::encode(&request.hash))),
-                    ("serial", json!(certificate.serial.as_str())),
-                    ("signature_algorithm", json!(algorithm)),
-                    (
-                        "signature_sha256",
-                        json!(hex::encode(sha2::Sha256::digest(&signatures.raw))),
-                    ),
-                ]),
-            )
-            .await?;
-        let result = json!({
-            "signature": STANDARD.encode(&signatures.raw),
-            "signature_algorithm": algorithm,
-            "cms": STANDARD.encode(&cms),
-            "certificate": crate::pem("CERTIFICATE", &certificate_der),
-            "chain": self.settings.chain_pem,
-            "signed_at": rfc3339(signed_at),
-        });
+        // The signatures exist only in memory until this record is durable; if it cannot be
+        // written, they are dropped and the request fails (fail closed). For a batch, `hash`
+        // is the batch's digest (what the device's statement names) and `hashes` lists them.
+        let hash = match request.batch_digest() {
+            Some(digest) => hex::encode(digest),
+            None => hex::encode(&request.hash),
+        };
+        let mut record = fields([
+            ("request_id", json!(request.id.as_str())),
+            ("account_id", json!(request.account_id.as_str())),
+            // What was signed, for whom, with which key, from this record alone.
+            ("service", json!(request.service.as_str())),
+            ("hash_algorithm", json!(request.hash_algorithm.as_str())),
+            ("hash", json!(hash)),
+            ("serial", json!(certificate.serial.as_str())),
+            ("signature_algorithm", json!(algorithm)),
+        ]);
+        let signature_sha256: Vec<String> = signatures
+            .iter()
+            .map(|s| hex::encode(sha2::Sha256::digest(&s.raw)))
+            .collect();
+        if request.is_batch() {
+            add_batch_fields(&mut record, request);
+            record.insert("signatures_sha256".into(), json!(signature_sha256));
+        } else {
+            record.insert("signature_sha256".into(), json!(signature_sha256[0]));
+        }
+        ports.append("signing.signed", self.actor, record).await?;
+        let result = if request.is_batch() {
+            Value::Array(results)
+        } else {
+            results.swap_remove(0)
+        };
         let plain = Zeroizing::new(serde_json::to_vec(&result).map_err(AppError::fault)?);
         let sealed =
             when_hsm_free(ports, || ports.seal("result", request.id.as_str(), &plain)).await?;

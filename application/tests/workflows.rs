@@ -28,6 +28,7 @@ const SWEEP_WINDOW: time::Duration = time::Duration::days(30);
 fn settings() -> SigningSettings {
     SigningSettings {
         request_ttl: time::Duration::minutes(5),
+        max_batch: 20,
         max_pending: 5,
         chain_der: Vec::new(),
         chain_pem: Vec::new(),
@@ -44,6 +45,7 @@ async fn request(ports: &Memory, account: &str) -> SigningRequest {
         taid: format!("taid-{account}"),
         hash_algorithm: HashAlgorithm::Sha256,
         hash: Sha256::digest(account.as_bytes()).to_vec(),
+        hashes: None,
         hkic: None,
         description: Some("a test document".into()),
     };
@@ -332,6 +334,7 @@ async fn refusals_are_audited_and_change_nothing() {
         taid: "taid-u-refuse".into(),
         hash_algorithm: HashAlgorithm::Sha384,
         hash: vec![0; 32],
+        hashes: None,
         hkic: None,
         description: None,
     };
@@ -345,6 +348,7 @@ async fn refusals_are_audited_and_change_nothing() {
         taid: "taid-u-refuse".into(),
         hash_algorithm: HashAlgorithm::Sha256,
         hash: vec![0; 32],
+        hashes: None,
         hkic: None,
         description: None,
     };
@@ -652,6 +656,7 @@ async fn a_request_made_while_the_account_is_deregistered_keeps_nothing() {
                 taid: "taid-u-late".into(),
                 hash_algorithm: HashAlgorithm::Sha256,
                 hash: vec![9; 32],
+                hashes: None,
                 hkic: None,
                 description: Some("PERSONAL-DESCRIPTION".into()),
             };
@@ -734,6 +739,7 @@ async fn an_account_takes_five_pending_requests_with_distinct_codes_and_no_more(
         taid: "taid-u-flood".into(),
         hash_algorithm: HashAlgorithm::Sha256,
         hash: vec![1; 32],
+        hashes: None,
         hkic: None,
         description: None,
     };
@@ -751,6 +757,7 @@ async fn an_account_takes_five_pending_requests_with_distinct_codes_and_no_more(
         taid: "taid-u-flood".into(),
         hash_algorithm: HashAlgorithm::Sha256,
         hash: vec![1; 32],
+        hashes: None,
         hkic: None,
         description: None,
     };
@@ -769,6 +776,7 @@ async fn three_hkic_mismatches_in_a_day_lock_hkic_carrying_requests() {
         taid: "taid-u-oracle".into(),
         hash_algorithm: HashAlgorithm::Sha256,
         hash: vec![2; 32],
+        hashes: None,
         hkic: Some(cert_lifecycle::HkicNumber::parse(hkic).unwrap()),
         description: None,
     };

@@ -247,8 +247,11 @@ pub struct ReceiptReport {
     pub service: String,
     /// `fields.hash_algorithm`.
     pub hash_algorithm: String,
-    /// `fields.hash` (hex).
+    /// `fields.hash` (hex): the hash signed, or for a batch the SHA-256 of its hashes
+    /// concatenated (what the device's batch statement names).
     pub hash: String,
+    /// `fields.hashes` (hex, in order): a batch's hashes; empty for a single hash.
+    pub hashes: Vec<String>,
     /// `fields.serial`: the signer's certificate.
     pub serial: String,
     /// The checkpoint's tree size.
@@ -319,6 +322,21 @@ pub fn verify_receipt(
         service: field("service")?,
         hash_algorithm: field("hash_algorithm")?,
         hash: field("hash")?,
+        hashes: match &value["fields"]["hashes"] {
+            Value::Null => Vec::new(),
+            Value::Array(list) => list
+                .iter()
+                .map(|hash| hash.as_str().map(str::to_owned))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| {
+                    AuditError::InvalidReceipt("the record's hashes are not strings".into())
+                })?,
+            _ => {
+                return Err(AuditError::InvalidReceipt(
+                    "the record's hashes are not a list".into(),
+                ));
+            }
+        },
         serial: field("serial")?,
         tree_size: checkpoint.tree_size(),
         root_hash: *checkpoint.root_hash(),

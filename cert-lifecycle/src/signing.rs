@@ -83,8 +83,12 @@ pub struct SigningRequest {
     pub identification_code: String,
     /// The hash function of `hash`.
     pub hash_algorithm: HashAlgorithm,
-    /// The hash to sign, as given.
+    /// The hash to sign, as given; empty for a batch.
     pub hash: Vec<u8>,
+    /// A batch's hashes, in the order given, each of `hash_algorithm`'s length: `None` for a
+    /// single-hash request. A batch is one request (one code, one approval, one state): its
+    /// hashes are signed together or not at all.
+    pub hashes: Option<Vec<Vec<u8>>>,
     /// What the user is signing, for the app (at most 200 characters).
     pub description: Option<String>,
     /// Where it stands (see [`SigningRequest::effective_status`]).
@@ -164,17 +168,55 @@ impl SigningRequest {
         self.status = SigningStatus::Failed;
     }
 
-    /// The statement the device signs for `decision` (DESIGN.md): lines joined by `\n`, no
-    /// trailing newline.
+    /// Whether this is a batch (made with `hashes`), even of one hash.
+    pub fn is_batch(&self) -> bool {
+        self.hashes.is_some()
+    }
+
+    /// What the HSM signs, in order: the one hash, or a batch's hashes.
+    pub fn hashes_to_sign(&self) -> Vec<&[u8]> {
+        match &self.hashes {
+            Some(hashes) => hashes.iter().map(Vec::as_slice).collect(),
+            None => vec![self.hash.as_slice()],
+        }
+    }
+
+    /// A batch's digest: SHA-256 of its hashes' raw bytes concatenated in order (API.md, the
+    /// batch statement). `None` for a single-hash request.
+    pub fn batch_digest(&self) -> Option<[u8; 32]> {
+        use sha2::Digest as _;
+        let hashes = self.hashes.as_ref()?;
+        let mut digest = sha2::Sha256::new();
+        for hash in hashes {
+            digest.update(hash);
+        }
+        Some(digest.finalize().into())
+    }
+
+    /// The statement the device signs for `decision` (API.md): lines joined by `\n`, no
+    /// trailing newline. A batch has its own statement (`smartsign-authorise-batch-v1`, with
+    /// the number of hashes and their digest), so that a single-hash statement never approves
+    /// a batch, nor a batch statement a single hash.
     pub fn authorisation_statement(&self, decision: Decision) -> String {
-        format!(
-            "smartsign-authorise-v1\n{}\n{}\n{}\n{}\n{}",
-            self.id,
-            self.identification_code,
-            self.hash_algorithm,
-            hex::encode(&self.hash),
-            decision,
-        )
+        match (&self.hashes, self.batch_digest()) {
+            (Some(hashes), Some(digest)) => format!(
+                "smartsign-authorise-batch-v1\n{}\n{}\n{}\n{}\n{}\n{}",
+                self.id,
+                self.identification_code,
+                self.hash_algorithm,
+                hashes.len(),
+                hex::encode(digest),
+                decision,
+            ),
+            _ => format!(
+                "smartsign-authorise-v1\n{}\n{}\n{}\n{}\n{}",
+                self.id,
+                self.identification_code,
+                self.hash_algorithm,
+                hex::encode(&self.hash),
+                decision,
+            ),
+        }
     }
 }
 
@@ -187,6 +229,7 @@ impl fmt::Debug for SigningRequest {
             .field("account_id", &self.account_id)
             .field("certificate", &self.certificate)
             .field("hash_algorithm", &self.hash_algorithm)
+            .field("batch", &self.hashes.as_ref().map(Vec::len))
             .field("status", &self.status)
             .field("bad_attempts", &self.bad_attempts)
             .field("device_generation", &self.device_generation)
@@ -195,6 +238,28 @@ impl fmt::Debug for SigningRequest {
             .field("signed_at", &self.signed_at)
             .finish_non_exhaustive()
     }
+}
+
+/// A batch's hashes as the store keeps them: concatenated (each has its algorithm's length).
+pub(crate) fn joined_hashes(hashes: Option<&Vec<Vec<u8>>>) -> Option<Vec<u8>> {
+    hashes.map(|hashes| hashes.concat())
+}
+
+/// The stored form back: `None` (a single-hash request) stays `None`; an empty value is a
+/// batch whose hashes were erased with its account. A length that is not a multiple of the
+/// algorithm's is corrupt.
+pub(crate) fn split_hashes(
+    algorithm: HashAlgorithm,
+    joined: Option<Vec<u8>>,
+) -> Result<Option<Vec<Vec<u8>>>, &'static str> {
+    let Some(joined) = joined else {
+        return Ok(None);
+    };
+    let len = algorithm.output_len();
+    if joined.len() % len != 0 {
+        return Err("a batch's stored hashes do not fit its hash algorithm");
+    }
+    Ok(Some(joined.chunks(len).map(<[u8]>::to_vec).collect()))
 }
 
 /// A four-digit identification code from four random bytes (the caller takes them from the HSM),
@@ -225,6 +290,7 @@ pub(crate) mod tests {
             identification_code: format!("{:04}", 4820 + u32::from(id_byte)),
             hash_algorithm: HashAlgorithm::Sha256,
             hash: vec![0xab; 32],
+            hashes: None,
             description: Some("Tax return 2026".to_owned()),
             status: SigningStatus::Pending,
             bad_attempts: 0,
@@ -397,6 +463,46 @@ pub(crate) mod tests {
             r.authorisation_statement(Decision::Reject)
                 .ends_with("\nreject")
         );
+    }
+
+    /// The batch statement of API.md, worked by hand: the digest is SHA-256 over the raw
+    /// hashes concatenated, and the count is its own line.
+    #[test]
+    fn batch_statement_has_the_api_form() {
+        use sha2::Digest as _;
+        let mut r = request(0xab, "u-1", "1");
+        r.identification_code = "4821".to_owned();
+        r.hash = Vec::new();
+        r.hashes = Some(vec![vec![1; 32], vec![2; 32], vec![3; 32]]);
+        let mut concatenated = vec![1; 32];
+        concatenated.extend([2; 32]);
+        concatenated.extend([3; 32]);
+        let digest = hex::encode(sha2::Sha256::digest(&concatenated));
+        assert_eq!(
+            r.authorisation_statement(Decision::Approve),
+            format!(
+                "smartsign-authorise-batch-v1\n{}\n4821\nsha256\n3\n{digest}\napprove",
+                "ab".repeat(16)
+            )
+        );
+        assert!(r.is_batch());
+        assert_eq!(r.hashes_to_sign(), [&[1u8; 32][..], &[2; 32], &[3; 32]]);
+        // Another order is another statement.
+        r.hashes = Some(vec![vec![2; 32], vec![1; 32], vec![3; 32]]);
+        assert!(
+            !r.authorisation_statement(Decision::Approve)
+                .contains(&digest)
+        );
+        // A batch of one is still a batch.
+        r.hashes = Some(vec![vec![1; 32]]);
+        assert!(
+            r.authorisation_statement(Decision::Reject)
+                .starts_with("smartsign-authorise-batch-v1\n")
+        );
+        let single = request(0xab, "u-1", "1");
+        assert!(!single.is_batch());
+        assert_eq!(single.hashes_to_sign(), [&[0xab; 32][..]]);
+        assert_eq!(single.batch_digest(), None);
     }
 
     #[test]

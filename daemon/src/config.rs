@@ -518,6 +518,10 @@ pub(crate) struct PolicyConfig {
     /// 429 `too_many_pending`.
     #[serde(default = "default_max_pending")]
     pub(crate) max_pending_requests: u32,
+    /// How many hashes one batch signing request (`"hashes"`) may carry (1 to 100): one
+    /// approval signs them all.
+    #[serde(default = "default_max_batch")]
+    pub(crate) max_batch: u32,
 }
 
 impl Default for PolicyConfig {
@@ -529,6 +533,7 @@ impl Default for PolicyConfig {
             key_algorithm: default_key_algorithm(),
             sweep_interval_seconds: default_sweep_interval(),
             max_pending_requests: default_max_pending(),
+            max_batch: default_max_batch(),
         }
     }
 }
@@ -539,6 +544,10 @@ fn default_request_ttl() -> u64 {
 
 fn default_max_pending() -> u32 {
     5
+}
+
+fn default_max_batch() -> u32 {
+    20
 }
 
 fn default_validity() -> u32 {
@@ -748,6 +757,10 @@ impl Config {
         }
         if !(1..=100).contains(&self.policy.max_pending_requests) {
             problems.push("policy.max_pending_requests must be between 1 and 100".into());
+        }
+        // A batch of 100 SHA-512 hashes in base64 still fits the API's 16 KiB body limit.
+        if !(1..=100).contains(&self.policy.max_batch) {
+            problems.push("policy.max_batch must be between 1 and 100".into());
         }
         if !(1..=3650).contains(&self.policy.certificate_validity_days) {
             problems.push("policy.certificate_validity_days must be between 1 and 3650".into());

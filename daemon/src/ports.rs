@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use application::AppError;
 use application::ports::{
-    AuditTrail, Authority, CertificateStatus, Keys, NewKey, Records, Signatures,
+    AuditTrail, Authority, CertificateStatus, Keys, NewKey, Records, Signatures, ToSign,
 };
 use audit_log::{Actor, AuditEvent, EventName};
 use ca_bridge::cmp::Unconfirmed;
@@ -78,31 +78,40 @@ impl Keys for App {
         &self,
         key_ref: &[u8],
         hash: HashAlgorithm,
-        raw: &[u8],
-        attributes: &[u8],
-    ) -> Result<Signatures, AppError> {
+        items: &[ToSign<'_>],
+    ) -> Result<Vec<Signatures>, AppError> {
         let key = UserKeyRef::from_bytes(key_ref).map_err(AppError::fault)?;
         let scheme = if key.algorithm().is_ec() {
             SignatureScheme::Ecdsa
         } else {
             SignatureScheme::RsaPkcs1v15
         };
-        let digests = [
-            Digest::new(hash, raw.to_vec()).map_err(hsm_error)?,
-            Digest::new(hash, attributes.to_vec()).map_err(hsm_error)?,
-        ];
+        // Every digest of every item in one job: one hand-over to an HSM worker and one key
+        // lookup (or unwrap) for a whole batch.
+        let mut digests = Vec::with_capacity(items.len() * 2);
+        for item in items {
+            digests.push(Digest::new(hash, item.raw.to_vec()).map_err(hsm_error)?);
+            digests.push(Digest::new(hash, item.attributes.to_vec()).map_err(hsm_error)?);
+        }
         let started = Instant::now();
         let signatures = self.hsm.sign_each(&key, scheme, &digests).await;
         self.metrics.observe_hsm("sign", started.elapsed());
-        let [raw, attributes]: [Vec<u8>; 2] = signatures
-            .map_err(hsm_error)?
-            .try_into()
-            .map_err(|_| AppError::fault("the HSM gave other than two signatures"))?;
-        Ok(Signatures {
-            algorithm: key.algorithm(),
-            raw,
-            attributes,
-        })
+        let signatures = signatures.map_err(hsm_error)?;
+        if signatures.len() != digests.len() {
+            return Err(AppError::fault(
+                "the HSM gave another number of signatures than digests",
+            ));
+        }
+        let mut signatures = signatures.into_iter();
+        let mut pairs = Vec::with_capacity(items.len());
+        while let (Some(raw), Some(attributes)) = (signatures.next(), signatures.next()) {
+            pairs.push(Signatures {
+                algorithm: key.algorithm(),
+                raw,
+                attributes,
+            });
+        }
+        Ok(pairs)
     }
 
     async fn destroy(&self, key_ref: &[u8]) -> Result<(), AppError> {

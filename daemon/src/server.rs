@@ -474,6 +474,7 @@ async fn assemble(
                 .map_err(|_| "policy.request_ttl_seconds is too large".to_owned())?,
         ),
         max_pending: usize::try_from(config.policy.max_pending_requests).unwrap_or(usize::MAX),
+        max_batch: usize::try_from(config.policy.max_batch).unwrap_or(usize::MAX),
         chain_der: ca.chain_der.clone(),
         chain_pem: ca.chain_pem.clone(),
     };

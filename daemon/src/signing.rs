@@ -36,7 +36,8 @@ pub(crate) fn device_key(pem: &str) -> Result<Vec<u8>, ApiError> {
 struct CreateBody {
     taid: String,
     hash_algorithm: String,
-    hash: String,
+    hash: Option<String>,
+    hashes: Option<Vec<String>>,
     hkic_number: Option<String>,
     description: Option<String>,
 }
@@ -86,9 +87,37 @@ pub(crate) fn parse_create(ctx: &Ctx, service: ServiceName) -> Result<NewRequest
     let hash_algorithm: HashAlgorithm = body.hash_algorithm.parse().map_err(|_| {
         AppError::InvalidRequest("hash_algorithm must be sha256, sha384 or sha512".into())
     })?;
-    let hash = STANDARD
-        .decode(&body.hash)
-        .map_err(|_| AppError::InvalidRequest("hash must be standard base64".into()))?;
+    // `hash` (one) or `hashes` (a batch, API.md "Batch signing"): exactly one of them.
+    let (hash, hashes) = match (body.hash, body.hashes) {
+        (Some(hash), None) => (
+            STANDARD
+                .decode(&hash)
+                .map_err(|_| AppError::InvalidRequest("hash must be standard base64".into()))?,
+            None,
+        ),
+        (None, Some(hashes)) => {
+            let decoded = hashes
+                .iter()
+                .enumerate()
+                .map(|(index, hash)| {
+                    STANDARD.decode(hash).map_err(|_| {
+                        AppError::InvalidRequest(format!("hashes[{index}] must be standard base64"))
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            (Vec::new(), Some(decoded))
+        }
+        (Some(_), Some(_)) => {
+            return Err(AppError::InvalidRequest(
+                "hash, hashes: give one of them, not both".into(),
+            ));
+        }
+        (None, None) => {
+            return Err(AppError::InvalidRequest(
+                "hash: missing (or hashes, for a batch)".into(),
+            ));
+        }
+    };
     let hkic = body
         .hkic_number
         .as_deref()
@@ -100,6 +129,7 @@ pub(crate) fn parse_create(ctx: &Ctx, service: ServiceName) -> Result<NewRequest
         taid: body.taid,
         hash_algorithm,
         hash,
+        hashes,
         hkic,
         description: body.description,
     })
@@ -120,7 +150,13 @@ pub(crate) async fn get(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError> {
         "expires_at": rfc3339(view.request.expires_at),
     });
     if let Some(result) = view.result {
-        body["result"] = result;
+        // A batch answers `results`, one per hash in order; a single hash keeps `result`.
+        let key = if view.request.is_batch() {
+            "results"
+        } else {
+            "result"
+        };
+        body[key] = result;
     }
     Ok(Reply::ok(&body))
 }
@@ -157,17 +193,29 @@ pub(crate) async fn history(app: Arc<App>, ctx: Ctx) -> Result<Reply, ApiError> 
         .requests
         .iter()
         .map(|(request, finished)| {
-            json!({
+            let mut item = json!({
                 "request_id": request.id.as_str(),
                 "service": request.service.as_str(),
                 "hash_algorithm": request.hash_algorithm.as_str(),
-                "hash": STANDARD.encode(&request.hash),
                 "status": request.effective_status(now).as_str(),
                 "finished_at": rfc3339(*finished),
-            })
+            });
+            put_hashes(&mut item, request);
+            item
         })
         .collect();
     Ok(Reply::ok(&json!({"requests": list, "next": next})))
+}
+
+/// What a listed request signs: `"hash"` (base64), or for a batch `"hashes"` (base64, in
+/// order) in its place.
+fn put_hashes(item: &mut Value, request: &cert_lifecycle::SigningRequest) {
+    match &request.hashes {
+        Some(hashes) => {
+            item["hashes"] = hashes.iter().map(|h| STANDARD.encode(h)).collect();
+        }
+        None => item["hash"] = json!(STANDARD.encode(&request.hash)),
+    }
 }
 
 /// A history cursor: the finish time (unix seconds) and id of the last request of a page.
@@ -198,15 +246,16 @@ pub(crate) async fn pending_for_account(app: Arc<App>, ctx: Ctx) -> Result<Reply
     let list: Vec<Value> = requests
         .iter()
         .map(|request| {
-            json!({
+            let mut item = json!({
                 "request_id": request.id.as_str(),
                 "service": request.service.as_str(),
                 "identification_code": request.identification_code,
                 "hash_algorithm": request.hash_algorithm.as_str(),
-                "hash": STANDARD.encode(&request.hash),
                 "description": request.description,
                 "expires_at": rfc3339(request.expires_at),
-            })
+            });
+            put_hashes(&mut item, request);
+            item
         })
         .collect();
     Ok(Reply::ok(&json!({"requests": list})))

@@ -56,6 +56,7 @@ fuzz_target!(|data: &[u8]| {
         identification_code: code,
         hash_algorithm,
         hash,
+        hashes: None,
         description: None,
         status: SigningStatus::Pending,
         bad_attempts: 0,

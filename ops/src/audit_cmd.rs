@@ -87,10 +87,21 @@ pub(crate) fn verify_receipt_cmd(args: VerifyReceiptArgs) -> Result<(), Box<dyn 
         report.request_id
     );
     println!("  service:          {}", report.service);
-    println!(
-        "  hash:             {} {}",
-        report.hash_algorithm, report.hash
-    );
+    if report.hashes.is_empty() {
+        println!(
+            "  hash:             {} {}",
+            report.hash_algorithm, report.hash
+        );
+    } else {
+        println!(
+            "  batch:            {} hashes, SHA-256 of them {}",
+            report.hashes.len(),
+            report.hash
+        );
+        for (index, hash) in report.hashes.iter().enumerate() {
+            println!("  hash {index:>3}:        {} {hash}", report.hash_algorithm);
+        }
+    }
     println!("  certificate:      serial {}", report.serial);
     println!("  signed at:        {}", report.time);
     println!("  record index:     {}", report.index);

@@ -20,7 +20,7 @@ use std::time::{Duration, SystemTime};
 
 use application::AppError;
 use application::ports::{
-    AuditTrail, Authority, CertificateStatus, Keys, NewKey, Records, Signatures,
+    AuditTrail, Authority, CertificateStatus, Keys, NewKey, Records, Signatures, ToSign,
 };
 use ca_bridge::status::{CertStatus as Answer, StatusSource};
 use ca_bridge::{IssueRequest, IssuedCertificate};
@@ -93,7 +93,10 @@ impl Records for Memory {
 /// only: the HSM's references carry no secret).
 #[derive(Default)]
 pub struct MemoryKeys {
+    /// Signing jobs (calls), each one trip to the HSM.
     pub signatures: AtomicUsize,
+    /// Hashes signed, over all jobs.
+    pub hashes_signed: AtomicUsize,
     /// The next signature waits for `release_sign` (once).
     pub hold_next_sign: AtomicBool,
     pub signing: Notify,
@@ -159,9 +162,8 @@ impl Keys for MemoryKeys {
         &self,
         key_ref: &[u8],
         _hash: HashAlgorithm,
-        raw: &[u8],
-        attributes: &[u8],
-    ) -> Result<Signatures, AppError> {
+        items: &[ToSign<'_>],
+    ) -> Result<Vec<Signatures>, AppError> {
         if self.hold_next_sign.swap(false, Ordering::SeqCst) {
             self.signing.notify_one();
             self.release_sign.notified().await;
@@ -176,12 +178,19 @@ impl Keys for MemoryKeys {
                 key.sign_prehash(digest).map_err(AppError::fault)?;
             Ok(signature.to_der().as_bytes().to_vec())
         };
+        // One call is one HSM job, however many hashes it signs.
         self.signatures.fetch_add(1, Ordering::SeqCst);
-        Ok(Signatures {
-            algorithm: KeyAlgorithm::EcP256,
-            raw: sign(raw)?,
-            attributes: sign(attributes)?,
-        })
+        self.hashes_signed.fetch_add(items.len(), Ordering::SeqCst);
+        items
+            .iter()
+            .map(|item| {
+                Ok(Signatures {
+                    algorithm: KeyAlgorithm::EcP256,
+                    raw: sign(item.raw)?,
+                    attributes: sign(item.attributes)?,
+                })
+            })
+            .collect()
     }
 
     async fn destroy(&self, key_ref: &[u8]) -> Result<(), AppError> {
@@ -457,10 +466,9 @@ impl Keys for Memory {
         &self,
         key_ref: &[u8],
         hash: HashAlgorithm,
-        raw: &[u8],
-        attributes: &[u8],
-    ) -> Result<Signatures, AppError> {
-        self.keys.sign(key_ref, hash, raw, attributes).await
+        items: &[ToSign<'_>],
+    ) -> Result<Vec<Signatures>, AppError> {
+        self.keys.sign(key_ref, hash, items).await
     }
 
     async fn destroy(&self, key_ref: &[u8]) -> Result<(), AppError> {

@@ -34,6 +34,7 @@ macro_rules! suite {
             taid_of_another_service_is_not_found,
             taid_collision_and_unknown_account_are_refused,
             signing_request_round_trips_through_its_states,
+            a_batch_keeps_its_hashes_in_order_and_counts_once,
             signing_request_needs_known_account_and_certificate,
             signing_history_lists_finished_requests_newest_first_in_pages,
             pending_requests_leave_out_expired_finished_and_other_accounts,
@@ -629,6 +630,55 @@ pub(super) fn attached_certificate_becomes_current_or_nothing_changes(store: &dy
             .unwrap(),
         None
     );
+}
+
+/// A batch is one request: its hashes come back in their order through every transition, it
+/// takes one place among the account's pending requests, and deregistration erases them.
+pub(super) fn a_batch_keeps_its_hashes_in_order_and_counts_once(store: &dyn Store) {
+    registered(store, "u-1", "3f9a");
+    let mut batch = request(1, "u-1", "3f9a");
+    batch.hash_algorithm = crate::HashAlgorithm::Sha384;
+    batch.hash = Vec::new();
+    batch.hashes = Some((1..=20u8).rev().map(|n| vec![n; 48]).collect());
+    let now = CREATED + Duration::seconds(1);
+    store.insert_request(&batch, 2, now).unwrap();
+    assert_eq!(store.get_request(&batch.id).unwrap(), Some(batch.clone()));
+    assert_eq!(
+        store.pending_requests(&id("u-1"), now).unwrap(),
+        [batch.clone()]
+    );
+    // One place of two: one more request fits, a third does not.
+    store
+        .insert_request(&request(2, "u-1", "3f9a"), 2, now)
+        .unwrap();
+    assert!(matches!(
+        store.insert_request(&request(3, "u-1", "3f9a"), 2, now),
+        Err(StoreError::Conflict)
+    ));
+    batch.status = SigningStatus::Approved;
+    store
+        .transition_request(&batch, (SigningStatus::Pending, 0), now)
+        .unwrap();
+    assert_eq!(store.approved_requests().unwrap(), [batch.clone()]);
+    batch.mark_signed(vec![5; 900], now);
+    store
+        .transition_request(&batch, (SigningStatus::Approved, 0), now)
+        .unwrap();
+    let history = store.signing_history(&id("u-1"), now, None, 10).unwrap();
+    assert_eq!(history.len(), 1);
+    assert_eq!(history[0].0, batch);
+
+    let mut a = store.get_account(&id("u-1")).unwrap().unwrap();
+    a.status = AccountStatus::Deregistered;
+    store.deregister(&a, &[]).unwrap();
+    let erased = store.get_request(&batch.id).unwrap().unwrap();
+    assert_eq!(erased.hashes, Some(Vec::new()));
+    assert!(erased.is_batch() && erased.sealed_result.is_none());
+    let single = store
+        .get_request(&request(2, "u-1", "3f9a").id)
+        .unwrap()
+        .unwrap();
+    assert_eq!((single.hashes, single.hash.len()), (None, 0));
 }
 
 pub(super) fn an_account_has_a_bounded_number_of_pending_requests_with_distinct_codes(

@@ -276,6 +276,9 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE certificates ADD COLUMN notice SMALLINT NOT NULL DEFAULT 0;
     CREATE INDEX certificates_to_notify ON certificates (not_after, serial)
         WHERE status = 'valid' AND notice < 2;"#,
+    // Version 4: batch signing, as SQLite's version 15: a batch's hashes concatenated in
+    // order; NULL for a single-hash request.
+    "ALTER TABLE signing_requests ADD COLUMN hashes BYTEA;",
 ];
 
 const ACCOUNT_COLUMNS: &str = "id, tier, status, status_changed_at, suspended_by, rectify_by, \
@@ -294,7 +297,7 @@ const ISSUANCE_COLUMNS: &str = "account_id, purpose, key_ref, serial, sealed_der
 
 const REQUEST_COLUMNS: &str = "id, service, account_id, certificate, identification_code, \
     hash_algorithm, hash, description, status, bad_attempts, device_generation, created_at, \
-    expires_at, sealed_result, signed_at";
+    expires_at, sealed_result, signed_at, hashes";
 
 /// The PostgreSQL implementation of [`Store`]: a handle; clones share one pool and runtime.
 #[derive(Clone)]
@@ -875,14 +878,18 @@ fn certificate_from_row(row: &Row) -> Result<CertificateRecord, StoreError> {
 }
 
 fn request_from_row(row: &Row) -> Result<SigningRequest, StoreError> {
+    let hash_algorithm = parsed(row, 5)?;
+    let hashes = crate::signing::split_hashes(hash_algorithm, get(row, 15)?)
+        .map_err(|e| StoreError::Corrupt(e.into()))?;
     Ok(SigningRequest {
         id: parsed(row, 0)?,
         service: parsed(row, 1)?,
         account_id: parsed(row, 2)?,
         certificate: parsed(row, 3)?,
         identification_code: get(row, 4)?,
-        hash_algorithm: parsed(row, 5)?,
+        hash_algorithm,
         hash: get(row, 6)?,
+        hashes,
         description: get(row, 7)?,
         status: parsed(row, 8)?,
         bad_attempts: get::<Int<u8>>(row, 9)?.0,
@@ -976,7 +983,7 @@ fn certificate_values(c: &CertificateRecord) -> Vec<Param> {
     ]
 }
 
-/// A request's columns in `REQUEST_COLUMNS` order (`$1` to `$15`).
+/// A request's columns in `REQUEST_COLUMNS` order (`$1` to `$16`).
 fn request_values(r: &SigningRequest) -> Vec<Param> {
     vec![
         Box::new(r.id.as_str().to_owned()),
@@ -994,6 +1001,7 @@ fn request_values(r: &SigningRequest) -> Vec<Param> {
         Box::new(secs(r.expires_at)),
         Box::new(r.sealed_result.clone()),
         Box::new(r.signed_at.map(secs)),
+        Box::new(crate::signing::joined_hashes(r.hashes.as_ref())),
     ]
 }
 
@@ -1374,6 +1382,7 @@ impl Store for PgStore {
             .await?;
             db.execute(
                 "UPDATE signing_requests SET sealed_result = NULL, hash = '', \
+                 hashes = CASE WHEN hashes IS NULL THEN NULL ELSE ''::BYTEA END, \
                  description = NULL WHERE account_id = $1",
                 &[&id],
             )
@@ -1760,11 +1769,11 @@ impl Store for PgStore {
             "INSERT INTO signing_requests ({REQUEST_COLUMNS}) \
              SELECT $1::TEXT, $2::TEXT, $3::TEXT, $4::TEXT, $5::TEXT, $6::TEXT, $7::BYTEA, \
                  $8::TEXT, $9::TEXT, $10::BIGINT, $11::BIGINT, $12::BIGINT, $13::BIGINT, \
-                 $14::BYTEA, $15::BIGINT \
+                 $14::BYTEA, $15::BIGINT, $16::BYTEA \
              WHERE (SELECT count(*) FROM signing_requests WHERE account_id = $3 \
-                  AND status = 'pending' AND expires_at > $16) < $17 \
+                  AND status = 'pending' AND expires_at > $17) < $18 \
              AND NOT EXISTS (SELECT 1 FROM signing_requests WHERE account_id = $3 \
-                  AND status = 'pending' AND expires_at > $16 AND identification_code = $5)"
+                  AND status = 'pending' AND expires_at > $17 AND identification_code = $5)"
         );
         let mut values = request_values(r);
         values.push(Box::new(secs(now)));
@@ -1911,7 +1920,7 @@ impl Store for PgStore {
                     ],
                 )
                 .await?;
-            rows(found, |row| Ok((request_from_row(row)?, time_at(row, 15)?)))
+            rows(found, |row| Ok((request_from_row(row)?, time_at(row, 16)?)))
         })
     }
 

@@ -220,6 +220,10 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE certificates ADD COLUMN notice INTEGER NOT NULL DEFAULT 0;
     CREATE INDEX certificates_to_notify ON certificates(not_after, serial)
         WHERE status = 'valid' AND notice < 2;",
+    // Version 15: batch signing. A batch's hashes, concatenated in order (each of the
+    // request's algorithm's length); NULL for a single-hash request (`hash`), so every older
+    // row reads as one.
+    "ALTER TABLE signing_requests ADD COLUMN hashes BLOB;",
 ];
 
 const ACCOUNT_COLUMNS: &str = "id, tier, status, status_changed_at, suspended_by, rectify_by, \
@@ -238,7 +242,7 @@ const ISSUANCE_COLUMNS: &str = "account_id, purpose, key_ref, serial, sealed_der
 
 const REQUEST_COLUMNS: &str = "id, service, account_id, certificate, identification_code, \
     hash_algorithm, hash, description, status, bad_attempts, device_generation, created_at, \
-    expires_at, sealed_result, signed_at";
+    expires_at, sealed_result, signed_at, hashes";
 
 /// Writes in one batch at most: a bound on how long a batch holds SQLite's write lock.
 const MAX_BATCH: usize = 64;
@@ -764,8 +768,8 @@ fn certificate_values(c: &CertificateRecord) -> [Value; 11] {
     ]
 }
 
-/// A request's columns in `REQUEST_COLUMNS` order (`?1` to `?15`), for insert and update alike.
-fn request_values(r: &SigningRequest) -> [Value; 15] {
+/// A request's columns in `REQUEST_COLUMNS` order (`?1` to `?16`), for insert and update alike.
+fn request_values(r: &SigningRequest) -> [Value; 16] {
     [
         r.id.as_str().to_owned().into(),
         r.service.as_str().to_owned().into(),
@@ -782,6 +786,7 @@ fn request_values(r: &SigningRequest) -> [Value; 15] {
         secs(r.expires_at).into(),
         r.sealed_result.clone().into(),
         opt_secs(r.signed_at).into(),
+        crate::signing::joined_hashes(r.hashes.as_ref()).into(),
     ]
 }
 
@@ -942,14 +947,18 @@ fn certificate_from_row(row: &Row<'_>) -> rusqlite::Result<CertificateRecord> {
 }
 
 fn request_from_row(row: &Row<'_>) -> rusqlite::Result<SigningRequest> {
+    let hash_algorithm = parsed(row, 5)?;
+    let hashes = crate::signing::split_hashes(hash_algorithm, row.get(15)?)
+        .map_err(|e| conversion(15, Type::Blob, e))?;
     Ok(SigningRequest {
         id: parsed(row, 0)?,
         service: parsed(row, 1)?,
         account_id: parsed(row, 2)?,
         certificate: parsed(row, 3)?,
         identification_code: row.get(4)?,
-        hash_algorithm: parsed(row, 5)?,
+        hash_algorithm,
         hash: row.get(6)?,
+        hashes,
         description: row.get(7)?,
         status: parsed(row, 8)?,
         bad_attempts: row.get(9)?,
@@ -1178,6 +1187,7 @@ impl Store for SqliteStore {
             )?;
             conn.execute(
                 "UPDATE signing_requests SET sealed_result = NULL, hash = x'', \
+                 hashes = CASE WHEN hashes IS NULL THEN NULL ELSE x'' END, \
                  description = NULL WHERE account_id = ?1",
                 [id],
             )?;
@@ -1519,12 +1529,12 @@ impl Store for SqliteStore {
     ) -> Result<(), StoreError> {
         let sql = format!(
             "INSERT INTO signing_requests ({REQUEST_COLUMNS}) \
-             SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15 \
+             SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16 \
              WHERE EXISTS (SELECT 1 FROM accounts WHERE id = ?3 AND status = 'active') \
              AND (SELECT count(*) FROM signing_requests WHERE account_id = ?3 \
-                  AND status = 'pending' AND expires_at > ?16) < ?17 \
+                  AND status = 'pending' AND expires_at > ?17) < ?18 \
              AND NOT EXISTS (SELECT 1 FROM signing_requests WHERE account_id = ?3 \
-                  AND status = 'pending' AND expires_at > ?16 AND identification_code = ?5)"
+                  AND status = 'pending' AND expires_at > ?17 AND identification_code = ?5)"
         );
         let mut values = request_values(r).to_vec();
         values.push(secs(now).into());
@@ -1637,7 +1647,7 @@ impl Store for SqliteStore {
             let rows = stmt
                 .query_map(
                     params![account.as_str(), secs(now), before_time, before_id, limit],
-                    |row| Ok((request_from_row(row)?, time_at(row, 15)?)),
+                    |row| Ok((request_from_row(row)?, time_at(row, 16)?)),
                 )?
                 .collect::<Result<Vec<_>, _>>()?;
             Ok(rows)
@@ -1958,6 +1968,57 @@ mod tests {
                 i64::try_from(SqliteStore::schema_version()).unwrap()
             );
         }
+    }
+
+    /// A store made before batch signing (schema 14) upgrades: its requests read as the
+    /// single-hash requests they are, and a batch can be added beside them.
+    #[test]
+    fn a_store_from_before_batches_upgrades() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.sqlite");
+        let old = request(1, "u-1", "3f9a");
+        {
+            let mut conn = Connection::open(&path).unwrap();
+            let tx = conn.transaction().unwrap();
+            for sql in &MIGRATIONS[..14] {
+                tx.execute_batch(sql).unwrap();
+            }
+            tx.pragma_update(None, "user_version", 14).unwrap();
+            tx.commit().unwrap();
+            conn.pragma_update(None, "foreign_keys", false).unwrap();
+            let sql = format!(
+                "INSERT INTO accounts ({ACCOUNT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, \
+                 ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
+            );
+            conn.execute(&sql, params_from_iter(account_values(&account("u-1"))))
+                .unwrap();
+            let sql = format!(
+                "INSERT INTO certificates ({CERTIFICATE_COLUMNS}) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
+            );
+            let c = crate::certificate::tests::record("3f9a", "u-1");
+            conn.execute(&sql, params_from_iter(certificate_values(&c)))
+                .unwrap();
+            // The old schema's columns: all but the new `hashes`.
+            let columns = REQUEST_COLUMNS.trim_end_matches(", hashes");
+            let sql = format!(
+                "INSERT INTO signing_requests ({columns}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, \
+                 ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
+            );
+            conn.execute(&sql, params_from_iter(&request_values(&old)[..15]))
+                .unwrap();
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        let read = store.get_request(&old.id).unwrap().unwrap();
+        assert_eq!(read, old);
+        assert!(!read.is_batch());
+        let mut batch = request(2, "u-1", "3f9a");
+        batch.hash = Vec::new();
+        batch.hashes = Some(vec![vec![1; 32], vec![2; 32]]);
+        store
+            .insert_request(&batch, usize::MAX, batch.created_at)
+            .unwrap();
+        assert_eq!(store.get_request(&batch.id).unwrap(), Some(batch));
     }
 
     /// A store made before the user events (schema 13) upgrades: its certificates are all still
