@@ -13,6 +13,7 @@
 mod account;
 mod age;
 mod certificate;
+mod csc;
 mod error;
 mod events;
 mod hkic;
@@ -30,6 +31,7 @@ pub use age::{
     hk_date, is_minor, minor_certificate_ends, retention_ends, start_of_hk_day,
 };
 pub use certificate::{CertStatus, CertificateRecord, RevocationReason, profile_for};
+pub use csc::CscSad;
 pub use error::{DatabaseError, FlowError, HkicReason, ParseError, RuleError, StoreError};
 pub use events::{CertificateNotice, EventDetails, EventKind, StoredEvent, UserEvent};
 pub use hkic::HkicNumber;

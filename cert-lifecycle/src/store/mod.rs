@@ -19,7 +19,7 @@ pub use sqlite::SqliteStore;
 
 use crate::{
     AccountId, AccountRecord, AccountStatus, CertSerial, CertificateNotice, CertificateRecord,
-    ConsentChallenge, IssuanceJournal, KeyChangeJournal, RequestId, RevocationReason, ServiceName,
+    ConsentChallenge, CscSad, IssuanceJournal, KeyChangeJournal, RequestId, RevocationReason, ServiceName,
     SigningRequest, SigningStatus, StoreError, StoredEvent, UserEvent,
 };
 
@@ -248,6 +248,25 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// The account a TAID stands for at `service`; `None` for a TAID of another service.
     fn find_taid(&self, service: &ServiceName, taid: &str)
     -> Result<Option<AccountId>, StoreError>;
+
+    /// The TAIDs `service` holds (its CSC credentials), in TAID order, after `after`, at most
+    /// `limit`: through the (service, taid) index, never another service's.
+    fn taids_of(
+        &self,
+        service: &ServiceName,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError>;
+
+    /// Stores a CSC signature activation datum (`AlreadyExists` for a known one).
+    fn insert_sad(&self, sad: &CscSad) -> Result<(), StoreError>;
+
+    /// The SAD whose SHA-256 is `sad_hash`.
+    fn get_sad(&self, sad_hash: &[u8; 32]) -> Result<Option<CscSad>, StoreError>;
+
+    /// Redeems the SAD at `now`, only if it is unused and unexpired (a conditional update):
+    /// whether this call did. Two concurrent `signHash` calls cannot both redeem it.
+    fn redeem_sad(&self, sad_hash: &[u8; 32], now: OffsetDateTime) -> Result<bool, StoreError>;
 
     /// Adds a signing request, only while its account is active, has fewer than `max_pending`
     /// requests pending at `now`, and none of them shows the same identification code:

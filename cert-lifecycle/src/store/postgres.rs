@@ -62,7 +62,7 @@ use super::{Store, TaidRecord};
 use crate::error::DatabaseError;
 use crate::{
     AccountId, AccountRecord, AccountStatus, CertSerial, CertificateNotice, CertificateRecord,
-    ConsentChallenge, EventDetails, IssuanceJournal, KeyChangeJournal, PendingAudit, RequestId,
+    ConsentChallenge, CscSad, EventDetails, IssuanceJournal, KeyChangeJournal, PendingAudit, RequestId,
     RevocationReason, ServiceName, SigningRequest, SigningStatus, StoreError, StoredEvent,
     UserEvent,
 };
@@ -279,6 +279,17 @@ const MIGRATIONS: &[&str] = &[
     // Version 4: batch signing, as SQLite's version 15: a batch's hashes concatenated in
     // order; NULL for a single-hash request.
     "ALTER TABLE signing_requests ADD COLUMN hashes BYTEA;",
+    // Version 5: the CSC facade, as SQLite's version 16.
+    r#"CREATE INDEX taids_of_service ON taids (service, taid);
+    CREATE TABLE csc_sads (
+        sad_hash BYTEA PRIMARY KEY,
+        service TEXT COLLATE "C" NOT NULL,
+        taid TEXT COLLATE "C" NOT NULL,
+        request_id TEXT COLLATE "C" NOT NULL REFERENCES signing_requests (id),
+        hashes_sha256 BYTEA NOT NULL,
+        expires_at BIGINT NOT NULL,
+        used_at BIGINT
+    );"#,
 ];
 
 const ACCOUNT_COLUMNS: &str = "id, tier, status, status_changed_at, suspended_by, rectify_by, \
@@ -1755,6 +1766,89 @@ impl Store for PgStore {
                 .await?
                 .map(|row| parsed(&row, 0))
                 .transpose()
+        })
+    }
+
+    fn taids_of(
+        &self,
+        service: &ServiceName,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        self.run(async {
+            let client = self.client().await?;
+            self.db(&client)
+                .query(
+                    "SELECT taid FROM taids WHERE service = $1 AND taid > $2 \
+                     ORDER BY taid LIMIT $3",
+                    &[&service.as_str(), &after.unwrap_or(""), &limit_value(limit)],
+                )
+                .await?
+                .iter()
+                .map(|row| get(row, 0))
+                .collect()
+        })
+    }
+
+    fn insert_sad(&self, sad: &CscSad) -> Result<(), StoreError> {
+        self.run(async {
+            let client = self.client().await?;
+            self.db(&client)
+                .execute(
+                    "INSERT INTO csc_sads (sad_hash, service, taid, request_id, hashes_sha256, \
+                     expires_at, used_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                    &[
+                        &sad.sad_hash.as_slice(),
+                        &sad.service.as_str(),
+                        &sad.taid,
+                        &sad.request_id.as_str(),
+                        &sad.hashes_sha256.as_slice(),
+                        &secs(sad.expires_at),
+                        &sad.used_at.map(secs),
+                    ],
+                )
+                .await?;
+            Ok(())
+        })
+    }
+
+    fn get_sad(&self, sad_hash: &[u8; 32]) -> Result<Option<CscSad>, StoreError> {
+        self.run(async {
+            let client = self.client().await?;
+            self.db(&client)
+                .query_opt(
+                    "SELECT sad_hash, service, taid, request_id, hashes_sha256, expires_at, \
+                     used_at FROM csc_sads WHERE sad_hash = $1",
+                    &[&sad_hash.as_slice()],
+                )
+                .await?
+                .map(|row| {
+                    Ok(CscSad {
+                        sad_hash: get::<Bytes32>(&row, 0)?.0,
+                        service: parsed(&row, 1)?,
+                        taid: get(&row, 2)?,
+                        request_id: parsed(&row, 3)?,
+                        hashes_sha256: get::<Bytes32>(&row, 4)?.0,
+                        expires_at: time_at(&row, 5)?,
+                        used_at: opt_time_at(&row, 6)?,
+                    })
+                })
+                .transpose()
+        })
+    }
+
+    fn redeem_sad(&self, sad_hash: &[u8; 32], now: OffsetDateTime) -> Result<bool, StoreError> {
+        self.run(async {
+            let client = self.client().await?;
+            let changed = self
+                .db(&client)
+                .execute(
+                    "UPDATE csc_sads SET used_at = $2 \
+                     WHERE sad_hash = $1 AND used_at IS NULL AND expires_at > $2",
+                    &[&sad_hash.as_slice(), &secs(now)],
+                )
+                .await?;
+            Ok(changed == 1)
         })
     }
 

@@ -29,7 +29,7 @@ use time::OffsetDateTime;
 use super::{Store, TaidRecord};
 use crate::{
     AccountId, AccountRecord, AccountStatus, CertSerial, CertificateNotice, CertificateRecord,
-    ConsentChallenge, EventDetails, IssuanceJournal, KeyChangeJournal, PendingAudit, RequestId,
+    ConsentChallenge, CscSad, EventDetails, IssuanceJournal, KeyChangeJournal, PendingAudit, RequestId,
     RevocationReason, ServiceName, SigningRequest, SigningStatus, StoreError, StoredEvent,
     UserEvent,
 };
@@ -224,6 +224,20 @@ const MIGRATIONS: &[&str] = &[
     // request's algorithm's length); NULL for a single-hash request (`hash`), so every older
     // row reads as one.
     "ALTER TABLE signing_requests ADD COLUMN hashes BLOB;",
+    // Version 16: the CSC facade. A service lists its credentials (its TAIDs) in TAID order;
+    // each signature activation datum (SAD) is kept as its SHA-256 only, bound to its service,
+    // credential, request and hashes, and redeemed once (`used_at`, set by a conditional
+    // update).
+    "CREATE INDEX taids_of_service ON taids(service, taid);
+    CREATE TABLE csc_sads (
+        sad_hash BLOB PRIMARY KEY,
+        service TEXT NOT NULL,
+        taid TEXT NOT NULL,
+        request_id TEXT NOT NULL REFERENCES signing_requests(id),
+        hashes_sha256 BLOB NOT NULL,
+        expires_at INTEGER NOT NULL,
+        used_at INTEGER
+    ) STRICT;",
 ];
 
 const ACCOUNT_COLUMNS: &str = "id, tier, status, status_changed_at, suspended_by, rectify_by, \
@@ -1518,6 +1532,84 @@ impl Store for SqliteStore {
                 .prepare_cached("SELECT account_id FROM taids WHERE service = ?1 AND taid = ?2")?
                 .query_row([service.as_str(), taid], |row| parsed(row, 0))
                 .optional()?)
+        })
+    }
+
+    fn taids_of(
+        &self,
+        service: &ServiceName,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        self.read(|conn| {
+            let mut statement = conn.prepare_cached(
+                "SELECT taid FROM taids WHERE service = ?1 AND taid > ?2 ORDER BY taid LIMIT ?3",
+            )?;
+            let rows = statement.query_map(
+                params![service.as_str(), after.unwrap_or(""), limit_value(limit)],
+                |row| row.get::<_, String>(0),
+            )?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+    }
+
+    fn insert_sad(&self, sad: &CscSad) -> Result<(), StoreError> {
+        self.write(|conn| {
+            conn.prepare_cached(
+                "INSERT INTO csc_sads (sad_hash, service, taid, request_id, hashes_sha256, \
+                 expires_at, used_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?
+            .execute(params![
+                sad.sad_hash.as_slice(),
+                sad.service.as_str(),
+                sad.taid,
+                sad.request_id.as_str(),
+                sad.hashes_sha256.as_slice(),
+                secs(sad.expires_at),
+                opt_secs(sad.used_at),
+            ])
+            .map_err(write_error)?;
+            Ok(())
+        })
+    }
+
+    fn get_sad(&self, sad_hash: &[u8; 32]) -> Result<Option<CscSad>, StoreError> {
+        self.read(|conn| {
+            Ok(conn
+                .prepare_cached(
+                    "SELECT sad_hash, service, taid, request_id, hashes_sha256, expires_at, \
+                     used_at FROM csc_sads WHERE sad_hash = ?1",
+                )?
+                .query_row([sad_hash.as_slice()], |row| {
+                    let bytes = |idx: usize| -> rusqlite::Result<[u8; 32]> {
+                        let raw: Vec<u8> = row.get(idx)?;
+                        <[u8; 32]>::try_from(raw.as_slice())
+                            .map_err(|e| conversion(idx, Type::Blob, e))
+                    };
+                    Ok(CscSad {
+                        sad_hash: bytes(0)?,
+                        service: parsed(row, 1)?,
+                        taid: row.get(2)?,
+                        request_id: parsed(row, 3)?,
+                        hashes_sha256: bytes(4)?,
+                        expires_at: time_at(row, 5)?,
+                        used_at: opt_time_at(row, 6)?,
+                    })
+                })
+                .optional()?)
+        })
+    }
+
+    fn redeem_sad(&self, sad_hash: &[u8; 32], now: OffsetDateTime) -> Result<bool, StoreError> {
+        self.write(|conn| {
+            let changed = conn
+                .prepare_cached(
+                    "UPDATE csc_sads SET used_at = ?2 \
+                     WHERE sad_hash = ?1 AND used_at IS NULL AND expires_at > ?2",
+                )?
+                .execute(params![sad_hash.as_slice(), secs(now)])
+                .map_err(write_error)?;
+            Ok(changed == 1)
         })
     }
 
