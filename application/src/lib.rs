@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 pub mod accounts;
+pub mod csc;
 mod error;
 pub mod events;
 pub mod ports;

@@ -19,8 +19,8 @@ pub use sqlite::SqliteStore;
 
 use crate::{
     AccountId, AccountRecord, AccountStatus, CertSerial, CertificateNotice, CertificateRecord,
-    ConsentChallenge, CscSad, IssuanceJournal, KeyChangeJournal, RequestId, RevocationReason, ServiceName,
-    SigningRequest, SigningStatus, StoreError, StoredEvent, UserEvent,
+    ConsentChallenge, CscSad, IssuanceJournal, KeyChangeJournal, RequestId, RevocationReason,
+    ServiceName, SigningRequest, SigningStatus, StoreError, StoredEvent, UserEvent,
 };
 
 /// A tokenised account identifier: the account's name at one online service (DESIGN.md).

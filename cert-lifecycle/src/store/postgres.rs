@@ -62,9 +62,9 @@ use super::{Store, TaidRecord};
 use crate::error::DatabaseError;
 use crate::{
     AccountId, AccountRecord, AccountStatus, CertSerial, CertificateNotice, CertificateRecord,
-    ConsentChallenge, CscSad, EventDetails, IssuanceJournal, KeyChangeJournal, PendingAudit, RequestId,
-    RevocationReason, ServiceName, SigningRequest, SigningStatus, StoreError, StoredEvent,
-    UserEvent,
+    ConsentChallenge, CscSad, EventDetails, IssuanceJournal, KeyChangeJournal, PendingAudit,
+    RequestId, RevocationReason, ServiceName, SigningRequest, SigningStatus, StoreError,
+    StoredEvent, UserEvent,
 };
 
 mod audit_ledger;

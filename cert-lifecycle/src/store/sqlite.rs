@@ -29,9 +29,9 @@ use time::OffsetDateTime;
 use super::{Store, TaidRecord};
 use crate::{
     AccountId, AccountRecord, AccountStatus, CertSerial, CertificateNotice, CertificateRecord,
-    ConsentChallenge, CscSad, EventDetails, IssuanceJournal, KeyChangeJournal, PendingAudit, RequestId,
-    RevocationReason, ServiceName, SigningRequest, SigningStatus, StoreError, StoredEvent,
-    UserEvent,
+    ConsentChallenge, CscSad, EventDetails, IssuanceJournal, KeyChangeJournal, PendingAudit,
+    RequestId, RevocationReason, ServiceName, SigningRequest, SigningStatus, StoreError,
+    StoredEvent, UserEvent,
 };
 
 /// How long a connection waits for another process's lock before it fails.
