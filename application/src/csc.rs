@@ -255,3 +255,57 @@ fn raw_signatures(result: Option<&Value>, count: usize) -> Result<Vec<Vec<u8>>, 
         })
         .collect()
 }
+
+/// A credential as `credentials/info` shows it.
+#[derive(Debug)]
+pub struct Credential {
+    /// The account's current certificate.
+    pub certificate: cert_lifecycle::CertificateRecord,
+    /// Its DER.
+    pub der: Vec<u8>,
+    /// Its status now.
+    pub status: cert_lifecycle::CertStatus,
+}
+
+/// The credential `taid` of `service`: the account's current certificate. Another service's
+/// TAID, or an account without a certificate, is not found.
+pub async fn credential<P: Ports>(
+    ports: &P,
+    service: &ServiceName,
+    taid: &str,
+    now: OffsetDateTime,
+) -> Result<Credential, AppError> {
+    let not_found = || AppError::NotFound("credential");
+    let account_id = ports
+        .read(|store| store.find_taid(service, taid))?
+        .ok_or_else(not_found)?;
+    let account = ports
+        .read(|store| store.get_account(&account_id))?
+        .ok_or_else(not_found)?;
+    let serial = account.current_certificate.ok_or_else(not_found)?;
+    let certificate = ports
+        .read(|store| store.get_certificate(&serial))?
+        .ok_or_else(not_found)?;
+    let der = ports
+        .unseal("certificate", account_id.as_str(), &certificate.sealed_der)
+        .await?;
+    let status = crate::certificate_status(&certificate, now);
+    Ok(Credential {
+        certificate,
+        der: der.to_vec(),
+        status,
+    })
+}
+
+/// `credentials/list`: the TAIDs `service` holds, a page after `after`.
+pub async fn credentials<P: Ports>(
+    ports: &P,
+    service: &ServiceName,
+    after: Option<String>,
+    limit: usize,
+) -> Result<Vec<String>, AppError> {
+    let service = service.clone();
+    ports
+        .write(move |store| store.taids_of(&service, after.as_deref(), limit))
+        .await
+}

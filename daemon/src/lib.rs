@@ -20,6 +20,7 @@ mod ceremony;
 mod cli;
 mod clock;
 mod config;
+mod csc;
 mod dev;
 mod events;
 #[cfg(feature = "fuzzing")]

@@ -12,7 +12,7 @@ use crate::api::{Ctx, Reply};
 use crate::app::App;
 use crate::problem::ApiError;
 use crate::tls::Role::{self, *};
-use crate::{accounts, admin, audit_api, events, lifecycle, signing, sweeps, unseal};
+use crate::{accounts, admin, audit_api, csc, events, lifecycle, signing, sweeps, unseal};
 
 type Handler = fn(Arc<App>, Ctx) -> Pin<Box<dyn Future<Output = Result<Reply, ApiError>> + Send>>;
 
@@ -162,6 +162,26 @@ pub(crate) fn table() -> &'static [Route] {
                 lifecycle::deregistration
             ),
             route!(GET, "/v1/events", &[Gateway, Registrar], events::feed),
+            route!(POST, "/csc/v1/info", &[Service], csc::info),
+            route!(POST, "/csc/v1/credentials/list", &[Service], csc::list),
+            route!(
+                POST,
+                "/csc/v1/credentials/info",
+                &[Service],
+                csc::credential_info
+            ),
+            route!(
+                POST,
+                "/csc/v1/credentials/authorize",
+                &[Service],
+                csc::authorize
+            ),
+            route!(
+                POST,
+                "/csc/v1/signatures/signHash",
+                &[Service],
+                csc::sign_hash
+            ),
             route!(GET, "/v1/audit/records", &[Auditor], audit_api::records),
             route!(
                 GET,
