@@ -282,6 +282,10 @@ pub async fn credential<P: Ports>(
     let account = ports
         .read(|store| store.get_account(&account_id))?
         .ok_or_else(not_found)?;
+    // A deregistered account's certificate data is erased: it is no credential any more.
+    if account.status == cert_lifecycle::AccountStatus::Deregistered {
+        return Err(not_found());
+    }
     let serial = account.current_certificate.ok_or_else(not_found)?;
     let certificate = ports
         .read(|store| store.get_certificate(&serial))?

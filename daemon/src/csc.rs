@@ -47,22 +47,21 @@ fn invalid(description: impl Into<String>) -> Reply {
     csc_error(StatusCode::BAD_REQUEST, "invalid_request", description)
 }
 
-/// The workflow's refusals in CSC's shape; failures of a part stay the native problems (503).
+/// The workflow's refusals in CSC's shape (400 `invalid_request`); the failures of a part stay
+/// the native problems (503), which a client retries.
 fn answer(result: Result<Reply, AppError>) -> Result<Reply, ApiError> {
     match result {
         Ok(reply) => Ok(reply),
         Err(
-            error @ (AppError::InvalidRequest(_)
-            | AppError::InvalidHash(_)
-            | AppError::NotFound(_)
-            | AppError::AccountNotActive(_)
-            | AppError::NotIamSmartPlus
-            | AppError::NoCertificate
-            | AppError::CertificateRevoked
-            | AppError::CertificateExpired
-            | AppError::TooManyPending),
-        ) => Ok(invalid(error.to_string())),
-        Err(error) => Err(error.into()),
+            error @ (AppError::HsmUnavailable(_)
+            | AppError::HsmBusy(_)
+            | AppError::AuditUnavailable(_)
+            | AppError::StatusUnavailable(_)
+            | AppError::StoreUnavailable(_)
+            | AppError::Store(_)
+            | AppError::Fault(_)),
+        ) => Err(error.into()),
+        Err(refusal) => Ok(invalid(refusal.to_string())),
     }
 }
 

@@ -33,6 +33,8 @@ macro_rules! suite {
             taid_is_made_once_per_service_and_account,
             taid_of_another_service_is_not_found,
             taid_collision_and_unknown_account_are_refused,
+            a_service_lists_only_its_own_taids_in_pages,
+            a_sad_is_redeemed_once_and_only_before_it_expires,
             signing_request_round_trips_through_its_states,
             a_batch_keeps_its_hashes_in_order_and_counts_once,
             signing_request_needs_known_account_and_certificate,
@@ -421,6 +423,54 @@ pub(super) fn taid_collision_and_unknown_account_are_refused(store: &dyn Store) 
         store.put_taid(&taid("T3", "demo-a", "u-9")),
         Err(StoreError::Conflict)
     ));
+}
+
+pub(super) fn a_service_lists_only_its_own_taids_in_pages(store: &dyn Store) {
+    for (account, taid_a, taid_b) in [
+        ("u-1", "Tb", "X1"),
+        ("u-2", "Ta", "X2"),
+        ("u-3", "Tc", "X3"),
+    ] {
+        store.insert_account(&self::account(account)).unwrap();
+        store.put_taid(&taid(taid_a, "demo-a", account)).unwrap();
+        store.put_taid(&taid(taid_b, "demo-b", account)).unwrap();
+    }
+    let demo_a = ServiceName::parse("demo-a").unwrap();
+    assert_eq!(store.taids_of(&demo_a, None, 2).unwrap(), ["Ta", "Tb"]);
+    assert_eq!(store.taids_of(&demo_a, Some("Tb"), 2).unwrap(), ["Tc"]);
+    assert!(store.taids_of(&demo_a, Some("Tc"), 2).unwrap().is_empty());
+    let other = ServiceName::parse("demo-c").unwrap();
+    assert!(store.taids_of(&other, None, 10).unwrap().is_empty());
+}
+
+pub(super) fn a_sad_is_redeemed_once_and_only_before_it_expires(store: &dyn Store) {
+    registered(store, "u-1", "3f9a");
+    let r = request(1, "u-1", "3f9a");
+    store.insert_request(&r, usize::MAX, r.created_at).unwrap();
+    let sad = |byte: u8| crate::CscSad {
+        sad_hash: [byte; 32],
+        service: ServiceName::parse("demo-a").unwrap(),
+        taid: "T1".into(),
+        request_id: r.id.clone(),
+        hashes_sha256: [7; 32],
+        expires_at: CREATED + Duration::minutes(10),
+        used_at: None,
+    };
+    store.insert_sad(&sad(1)).unwrap();
+    store.insert_sad(&sad(2)).unwrap();
+    assert_eq!(store.get_sad(&[1; 32]).unwrap(), Some(sad(1)));
+    assert_eq!(store.get_sad(&[3; 32]).unwrap(), None);
+    let now = CREATED + Duration::minutes(1);
+    assert!(store.redeem_sad(&[1; 32], now).unwrap());
+    assert!(!store.redeem_sad(&[1; 32], now).unwrap(), "a second use");
+    assert_eq!(store.get_sad(&[1; 32]).unwrap().unwrap().used_at, Some(now));
+    assert!(
+        !store
+            .redeem_sad(&[2; 32], CREATED + Duration::minutes(10))
+            .unwrap(),
+        "expired"
+    );
+    assert!(!store.redeem_sad(&[3; 32], now).unwrap(), "unknown");
 }
 
 pub(super) fn signing_request_round_trips_through_its_states(store: &dyn Store) {
