@@ -289,7 +289,8 @@ const MIGRATIONS: &[&str] = &[
         hashes_sha256 BYTEA NOT NULL,
         expires_at BIGINT NOT NULL,
         used_at BIGINT
-    );"#,
+    );
+    CREATE INDEX csc_sads_request ON csc_sads (request_id);"#,
 ];
 
 const ACCOUNT_COLUMNS: &str = "id, tier, status, status_changed_at, suspended_by, rectify_by, \

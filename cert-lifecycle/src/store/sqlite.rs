@@ -237,7 +237,8 @@ const MIGRATIONS: &[&str] = &[
         hashes_sha256 BLOB NOT NULL,
         expires_at INTEGER NOT NULL,
         used_at INTEGER
-    ) STRICT;",
+    ) STRICT;
+    CREATE INDEX csc_sads_request ON csc_sads(request_id);",
 ];
 
 const ACCOUNT_COLUMNS: &str = "id, tier, status, status_changed_at, suspended_by, rectify_by, \
