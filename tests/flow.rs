@@ -146,13 +146,7 @@ impl Pending {
             self.request["identification_code"].as_str().unwrap(),
             hex::encode(&self.hash)
         );
-        let signature: p256::ecdsa::Signature = self.key.sign(statement.as_bytes());
-        daemon
-            .client("gateway")
-            .post(format!("{}/authorisation", self.url(daemon)))
-            .json(&json!({"decision": "approve",
-                          "device_signature": STANDARD.encode(signature.to_der().as_bytes())}))
-            .send()
+        decide(daemon, &self.request, &self.key, "approve", &statement)
     }
 
     /// The first request as its service reads it now.
@@ -282,4 +276,26 @@ pub fn verify_audit(daemon: &DevDaemon, dir: &Path) -> String {
         .arg(dir.join("audit.pem")));
     assert!(verified.status.success(), "{}", describe(&verified));
     String::from_utf8_lossy(&records).into_owned()
+}
+
+/// The gateway passes on the device's signature (by `key`) over `statement` as its `decision`
+/// on `request` (the create answer, or anything with its `request_id`).
+pub fn decide(
+    daemon: &DevDaemon,
+    request: &Value,
+    key: &SigningKey,
+    decision: &str,
+    statement: &str,
+) -> reqwest::Result<Response> {
+    let signature: p256::ecdsa::Signature = key.sign(statement.as_bytes());
+    daemon
+        .client("gateway")
+        .post(format!(
+            "{}/v1/signing-requests/{}/authorisation",
+            daemon.api,
+            request["request_id"].as_str().unwrap()
+        ))
+        .json(&json!({"decision": decision,
+                      "device_signature": STANDARD.encode(signature.to_der().as_bytes())}))
+        .send()
 }

@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use p256::ecdsa::SigningKey;
-use p256::ecdsa::signature::Signer;
 use reqwest::blocking::Response;
 use serde_json::{Value, json};
 use sha2::Digest;
@@ -109,18 +108,7 @@ fn send(
     decision: &str,
     statement: &str,
 ) -> Response {
-    let signature: p256::ecdsa::Signature = key.sign(statement.as_bytes());
-    daemon
-        .client("gateway")
-        .post(format!(
-            "{}/v1/signing-requests/{}/authorisation",
-            daemon.api,
-            request["request_id"].as_str().unwrap()
-        ))
-        .json(&json!({"decision": decision,
-                      "device_signature": STANDARD.encode(signature.to_der().as_bytes())}))
-        .send()
-        .unwrap()
+    smartsign_tests::flow::decide(daemon, request, key, decision, statement).unwrap()
 }
 
 fn approve(daemon: &DevDaemon, request: &Value, signer: &Account, hashes: &[Vec<u8>]) -> Response {

@@ -9,7 +9,6 @@ use std::process::Command;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use p256::ecdsa::signature::Signer;
 use p256::pkcs8::{EncodePrivateKey, LineEnding};
 use serde_json::{Value, json};
 use sha2::Digest;
@@ -145,18 +144,8 @@ fn decide(daemon: &DevDaemon, account: &Account, answer: &Value, hash: &[u8], de
         answer["identification_code"].as_str().unwrap(),
         hex::encode(hash)
     );
-    let signature: p256::ecdsa::Signature = account.key.sign(statement.as_bytes());
-    let sent = daemon
-        .client("gateway")
-        .post(format!(
-            "{}/v1/signing-requests/{}/authorisation",
-            daemon.api,
-            answer["request_id"].as_str().unwrap()
-        ))
-        .json(&json!({"decision": decision,
-                      "device_signature": STANDARD.encode(signature.to_der().as_bytes())}))
-        .send()
-        .unwrap();
+    let sent =
+        smartsign_tests::flow::decide(daemon, answer, &account.key, decision, &statement).unwrap();
     assert_eq!(sent.status(), 200);
 }
 
