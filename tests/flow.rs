@@ -140,12 +140,7 @@ impl Pending {
 
     /// As [`Pending::approve`], for a daemon that may die while it answers.
     pub fn try_approve(&self, daemon: &DevDaemon) -> reqwest::Result<Response> {
-        let statement = format!(
-            "smartsign-authorise-v1\n{}\n{}\nsha256\n{}\napprove",
-            self.request["request_id"].as_str().unwrap(),
-            self.request["identification_code"].as_str().unwrap(),
-            hex::encode(&self.hash)
-        );
+        let statement = statement(&self.request, Shape::Single(&self.hash), "approve");
         decide(daemon, &self.request, &self.key, "approve", &statement)
     }
 
@@ -276,6 +271,35 @@ pub fn verify_audit(daemon: &DevDaemon, dir: &Path) -> String {
         .arg(dir.join("audit.pem")));
     assert!(verified.status.success(), "{}", describe(&verified));
     String::from_utf8_lossy(&records).into_owned()
+}
+
+/// What a request signs: one hash, or a batch of SHA-256 hashes.
+#[derive(Debug, Clone, Copy)]
+pub enum Shape<'a> {
+    /// `"hash"`.
+    Single(&'a [u8]),
+    /// `"hashes"`, in order.
+    Batch(&'a [Vec<u8>]),
+}
+
+/// The statement of API.md the device signs for `decision` on `request` (anything with its
+/// `request_id` and `identification_code`) over SHA-256 hashes, computed here on its own.
+pub fn statement(request: &Value, shape: Shape<'_>, decision: &str) -> String {
+    let (id, code) = (
+        request["request_id"].as_str().unwrap(),
+        request["identification_code"].as_str().unwrap(),
+    );
+    match shape {
+        Shape::Single(hash) => format!(
+            "smartsign-authorise-v1\n{id}\n{code}\nsha256\n{}\n{decision}",
+            hex::encode(hash)
+        ),
+        Shape::Batch(hashes) => format!(
+            "smartsign-authorise-batch-v1\n{id}\n{code}\nsha256\n{}\n{}\n{decision}",
+            hashes.len(),
+            hex::encode(sha2::Sha256::digest(hashes.concat()))
+        ),
+    }
 }
 
 /// The gateway passes on the device's signature (by `key`) over `statement` as its `decision`

@@ -54,6 +54,19 @@ pub enum CscRefusal {
     NotApproved(&'static str),
 }
 
+impl CscRefusal {
+    /// The refusal's name in the audit record (`reason` of `csc.sign_hash_denied`).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::InvalidSad => "invalid_sad",
+            Self::OtherHashes => "other_hashes",
+            Self::Used => "used",
+            Self::Expired => "expired",
+            Self::NotApproved(_) => "not_approved",
+        }
+    }
+}
+
 /// What `signHash` found.
 #[derive(Debug)]
 pub enum SignOutcome {
@@ -177,7 +190,8 @@ pub async fn authorize<P: Ports>(
 }
 
 /// `signatures/signHash`: the signatures of the request the SAD activates, once it is signed;
-/// the SAD is then redeemed (once, in the store).
+/// the SAD is then redeemed (once, in the store). Every refusal is audited
+/// (`csc.sign_hash_denied`), as the native flow audits a refused authorisation.
 pub async fn sign_hash<P: Ports>(
     ports: &P,
     actor: &str,
@@ -187,8 +201,31 @@ pub async fn sign_hash<P: Ports>(
     hashes: &[Vec<u8>],
     now: OffsetDateTime,
 ) -> Result<SignOutcome, AppError> {
-    let key = sad_digest(sad);
-    let Some(stored) = ports.read(|store| store.get_sad(&key))? else {
+    let stored = ports.read(|store| store.get_sad(&sad_digest(sad)))?;
+    let outcome = redeem(ports, actor, service, taid, stored.as_ref(), hashes, now).await?;
+    if let SignOutcome::Refused(refusal) = &outcome {
+        let mut record = fields([
+            ("code", json!("invalid_request")),
+            ("reason", json!(refusal.reason())),
+        ]);
+        if let Some(stored) = &stored {
+            record.insert("request_id".into(), json!(stored.request_id.as_str()));
+        }
+        ports.append("csc.sign_hash_denied", actor, record).await?;
+    }
+    Ok(outcome)
+}
+
+async fn redeem<P: Ports>(
+    ports: &P,
+    actor: &str,
+    service: &ServiceName,
+    taid: &str,
+    stored: Option<&CscSad>,
+    hashes: &[Vec<u8>],
+    now: OffsetDateTime,
+) -> Result<SignOutcome, AppError> {
+    let Some(stored) = stored else {
         return Ok(SignOutcome::Refused(CscRefusal::InvalidSad));
     };
     if &stored.service != service || stored.taid != taid {
@@ -214,6 +251,7 @@ pub async fn sign_hash<P: Ports>(
         }
     }
     let signatures = raw_signatures(view.result.as_ref(), hashes.len())?;
+    let key = stored.sad_hash;
     if !ports
         .write(move |store| store.redeem_sad(&key, now))
         .await?

@@ -12,7 +12,7 @@ use base64::engine::general_purpose::STANDARD;
 use p256::pkcs8::{EncodePrivateKey, LineEnding};
 use serde_json::{Value, json};
 use sha2::Digest;
-use smartsign_tests::flow::registration;
+use smartsign_tests::flow::{self, registration};
 use smartsign_tests::{DevDaemon, describe, device_key, run, workspace_root};
 
 /// A registered iAM Smart+ account: its device key, TAID at demo-a and certificate serial.
@@ -138,14 +138,8 @@ fn authorize(daemon: &DevDaemon, account: &Account, hashes: &[Vec<u8>]) -> Value
 }
 
 fn decide(daemon: &DevDaemon, account: &Account, answer: &Value, hash: &[u8], decision: &str) {
-    let statement = format!(
-        "smartsign-authorise-v1\n{}\n{}\nsha256\n{}\n{decision}",
-        answer["request_id"].as_str().unwrap(),
-        answer["identification_code"].as_str().unwrap(),
-        hex::encode(hash)
-    );
-    let sent =
-        smartsign_tests::flow::decide(daemon, answer, &account.key, decision, &statement).unwrap();
+    let statement = flow::statement(answer, flow::Shape::Single(hash), decision);
+    let sent = flow::decide(daemon, answer, &account.key, decision, &statement).unwrap();
     assert_eq!(sent.status(), 200);
 }
 
@@ -233,9 +227,9 @@ fn a_sad_activates_only_its_hashes_once_for_its_service_until_it_expires() {
     );
 
     // Approved: the signature verifies, and the SAD is spent.
-    let answer = authorize(&daemon, &account, std::slice::from_ref(&hash));
-    decide(&daemon, &account, &answer, &hash, "approve");
-    let sad = &answer["SAD"];
+    let first_answer = authorize(&daemon, &account, std::slice::from_ref(&hash));
+    decide(&daemon, &account, &first_answer, &hash, "approve");
+    let sad = &first_answer["SAD"];
     refused(
         sign_hash(
             &daemon,
@@ -303,28 +297,28 @@ fn a_sad_activates_only_its_hashes_once_for_its_service_until_it_expires() {
     );
 
     // Rejected by the user: no signature.
-    let answer = authorize(&daemon, &account, std::slice::from_ref(&other));
-    decide(&daemon, &account, &answer, &other, "reject");
+    let rejected = authorize(&daemon, &account, std::slice::from_ref(&other));
+    decide(&daemon, &account, &rejected, &other, "reject");
     refused(
         sign_hash(
             &daemon,
             "demo-a",
             &account,
-            &answer["SAD"],
+            &rejected["SAD"],
             std::slice::from_ref(&other),
         ),
         "did not approve",
     );
 
     // Never approved, and past its lifetime: expired.
-    let answer = authorize(&daemon, &account, std::slice::from_ref(&hash));
-    smartsign_tests::flow::move_clock(&daemon, 1);
+    let expired = authorize(&daemon, &account, std::slice::from_ref(&hash));
+    flow::move_clock(&daemon, 1);
     refused(
         sign_hash(
             &daemon,
             "demo-a",
             &account,
-            &answer["SAD"],
+            &expired["SAD"],
             std::slice::from_ref(&hash),
         ),
         "expired",
@@ -337,6 +331,8 @@ fn a_sad_activates_only_its_hashes_once_for_its_service_until_it_expires() {
         .send()
         .unwrap();
     assert!(deleted.status().is_success(), "{}", deleted.status());
+    let (_, listed) = csc(&daemon, "demo-a", "credentials/list", &json!({}));
+    assert_eq!(listed["credentialIDs"], json!([]));
     refused(
         csc(
             &daemon,
@@ -345,5 +341,49 @@ fn a_sad_activates_only_its_hashes_once_for_its_service_until_it_expires() {
             &json!({"credentialID": account.taid}),
         ),
         "credential",
+    );
+
+    // Every refusal of signHash is in the audit log, naming the request its SAD was for.
+    let records = daemon
+        .client("auditor")
+        .get(format!(
+            "{}/v1/audit/records?event=csc.sign_hash_denied",
+            daemon.api
+        ))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    let denied: Vec<(String, String, String)> = records
+        .lines()
+        .map(|line| serde_json::from_str::<Value>(line).unwrap())
+        .map(|record| {
+            let text = |value: &Value| value.as_str().unwrap_or_default().to_owned();
+            (
+                text(&record["actor"]),
+                text(&record["fields"]["reason"]),
+                text(&record["fields"]["request_id"]),
+            )
+        })
+        .collect();
+    let request = |answer: &Value| answer["request_id"].as_str().unwrap().to_owned();
+    let first = request(&first_answer);
+    assert_eq!(
+        denied,
+        [
+            ("service:demo-b".into(), "invalid_sad".into(), first.clone()),
+            (
+                "service:demo-a".into(),
+                "other_hashes".into(),
+                first.clone()
+            ),
+            ("service:demo-a".into(), "used".into(), first),
+            (
+                "service:demo-a".into(),
+                "not_approved".into(),
+                request(&rejected)
+            ),
+            ("service:demo-a".into(), "expired".into(), request(&expired)),
+        ]
     );
 }

@@ -1,5 +1,6 @@
-//! SIGKILL from outside, at random moments, under a signing, renewal and deregistration load:
-//! after each restart every acknowledged signature is still there and signed once, and at the
+//! SIGKILL from outside, at random moments, under a signing (every other request a batch of
+//! hashes under one approval), renewal and deregistration load: after each restart every
+//! acknowledged signature is still there (a batch's all of them) and signed once, and at the
 //! end every acknowledged deregistration left no personal data, every acknowledged renewal or
 //! re-application holds, every certificate the CA issued is either kept by the store or revoked,
 //! and the audit log verifies.
@@ -16,7 +17,7 @@ use base64::Engine as _;
 use serde_json::Value;
 use sha2::Digest as _;
 use smartsign_tests::DevDaemon;
-use smartsign_tests::flow::{Pending, consent, registration, verify_audit};
+use smartsign_tests::flow::{Shape, consent, decide, registration, statement, verify_audit};
 
 fn rounds() -> usize {
     std::env::var("KILL_ROUNDS")
@@ -28,11 +29,15 @@ fn rounds() -> usize {
 /// What the load saw acknowledged before a kill.
 #[derive(Default)]
 struct Acknowledged {
-    signed: Vec<String>,
+    /// Signing requests, with their number of hashes.
+    signed: Vec<(String, usize)>,
     deregistered: Vec<String>,
     /// Renewals and re-applications: the account and its new certificate's serial.
     renewed: Vec<(String, String)>,
 }
+
+/// The hashes of every other signing request of the load: a batch under one approval.
+const BATCH: usize = 3;
 
 /// Accounts registered before the clock moves into their renewal window: each is renewed once
 /// (a key update), then revoked and re-applied for (an initial request) over and over.
@@ -41,9 +46,8 @@ const RENEWABLE: usize = 24;
 /// Rejects every pending request of account `id` from its device; `Err` when the daemon went
 /// away.
 fn reject_pending(daemon: &DevDaemon, id: &str, key: &p256::ecdsa::SigningKey) -> Result<(), ()> {
-    use p256::ecdsa::signature::Signer;
-    let gateway = daemon.client("gateway");
-    let pending: Value = gateway
+    let pending: Value = daemon
+        .client("gateway")
         .get(format!(
             "{}/v1/accounts/{id}/signing-requests?status=pending",
             daemon.api
@@ -51,33 +55,23 @@ fn reject_pending(daemon: &DevDaemon, id: &str, key: &p256::ecdsa::SigningKey) -
         .send()
         .and_then(|response| response.json())
         .map_err(drop)?;
+    let decode = |value: &Value| {
+        value
+            .as_str()
+            .and_then(|text| base64::engine::general_purpose::STANDARD.decode(text).ok())
+    };
     for request in pending["requests"].as_array().into_iter().flatten() {
-        let (Some(request_id), Some(code), Some(hash)) = (
-            request["request_id"].as_str(),
-            request["identification_code"].as_str(),
-            request["hash"].as_str(),
-        ) else {
-            continue;
+        let hashes: Option<Vec<Vec<u8>>> = request["hashes"]
+            .as_array()
+            .map(|list| list.iter().filter_map(decode).collect());
+        let hash = decode(&request["hash"]);
+        let shape = match (&hashes, &hash) {
+            (Some(hashes), _) => Shape::Batch(hashes),
+            (None, Some(hash)) => Shape::Single(hash),
+            (None, None) => continue,
         };
-        let hash = base64::engine::general_purpose::STANDARD
-            .decode(hash)
-            .map_err(drop)?;
-        let statement = format!(
-            "smartsign-authorise-v1\n{request_id}\n{code}\nsha256\n{}\nreject",
-            hex::encode(hash)
-        );
-        let signature: p256::ecdsa::Signature = key.sign(statement.as_bytes());
-        gateway
-            .post(format!(
-                "{}/v1/signing-requests/{request_id}/authorisation",
-                daemon.api
-            ))
-            .json(&serde_json::json!({
-                "decision": "reject",
-                "device_signature": base64_of(signature.to_der().as_bytes()),
-            }))
-            .send()
-            .map_err(drop)?;
+        let statement = statement(request, shape, "reject");
+        decide(daemon, request, key, "reject", &statement).map_err(drop)?;
     }
     Ok(())
 }
@@ -201,33 +195,38 @@ fn sigkill_under_load_loses_no_acknowledged_change_and_signs_nothing_twice() {
                 }
                 while !stop.load(Ordering::Relaxed) {
                     sequence += 1;
-                    let hash = sha2::Sha256::digest(format!("{round}-{sequence}")).to_vec();
+                    // Every other request a batch of BATCH hashes under one approval.
+                    let hashes: Vec<Vec<u8>> = (0..if sequence.is_multiple_of(2) { BATCH } else { 1 })
+                        .map(|n| sha2::Sha256::digest(format!("{round}-{sequence}-{n}")).to_vec())
+                        .collect();
+                    let body = match hashes.as_slice() {
+                        [hash] => serde_json::json!({"taid": taid, "hash_algorithm": "sha256",
+                            "hash": base64_of(hash)}),
+                        _ => serde_json::json!({"taid": taid, "hash_algorithm": "sha256",
+                            "hashes": hashes.iter().map(|hash| base64_of(hash)).collect::<Vec<_>>()}),
+                    };
                     let Ok(request) = service
                         .post(format!("{}/v1/signing-requests", daemon.api))
-                        .json(
-                            &serde_json::json!({"taid": taid, "hash_algorithm": "sha256",
-                            "hash": base64_of(&hash)}),
-                        )
+                        .json(&body)
                         .send()
                         .and_then(|response| response.json::<Value>())
                     else {
                         return;
                     };
-                    if !request["request_id"].is_string() {
+                    let Some(request_id) = request["request_id"].as_str() else {
                         continue;
-                    }
-                    let pending = Pending {
-                        key: key.clone(),
-                        taid: taid.clone(),
-                        hash,
-                        request,
                     };
-                    match pending.try_approve(&daemon) {
+                    let shape = match hashes.as_slice() {
+                        [hash] => Shape::Single(hash),
+                        _ => Shape::Batch(&hashes),
+                    };
+                    let statement = statement(&request, shape, "approve");
+                    match decide(&daemon, &request, &key, "approve", &statement) {
                         Ok(response) if response.status() == 200 => acknowledged
                             .lock()
                             .unwrap()
                             .signed
-                            .push(pending.request["request_id"].as_str().unwrap().to_owned()),
+                            .push((request_id.to_owned(), hashes.len())),
                         Ok(_) => {}
                         Err(_) => return,
                     }
@@ -305,7 +304,7 @@ fn sigkill_under_load_loses_no_acknowledged_change_and_signs_nothing_twice() {
     let acknowledged = acknowledged.lock().unwrap();
     assert!(!acknowledged.signed.is_empty(), "the load signed nothing");
     let service = daemon.client("demo-a");
-    for id in &acknowledged.signed {
+    for (id, count) in &acknowledged.signed {
         let read: Value = service
             .get(format!("{}/v1/signing-requests/{id}", daemon.api))
             .send()
@@ -313,8 +312,21 @@ fn sigkill_under_load_loses_no_acknowledged_change_and_signs_nothing_twice() {
             .json()
             .unwrap();
         assert_eq!(read["status"], "signed", "{id}: {read}");
-        assert!(read["result"]["signature"].is_string(), "{id}");
+        let results: Vec<&Value> = match read["results"].as_array() {
+            Some(batch) => batch.iter().collect(),
+            None => vec![&read["result"]],
+        };
+        assert_eq!(results.len(), *count, "{id}: {read}");
+        for result in results {
+            assert!(result["signature"].is_string(), "{id}: {read}");
+        }
     }
+    let batches = acknowledged
+        .signed
+        .iter()
+        .filter(|(_, count)| *count > 1)
+        .count();
+    assert!(batches > 0, "the load signed no batch");
     let registrar = daemon.client("registrar");
     for id in &acknowledged.deregistered {
         let account: Value = registrar
@@ -406,8 +418,8 @@ fn sigkill_under_load_loses_no_acknowledged_change_and_signs_nothing_twice() {
     let twice: Vec<_> = per_request.iter().filter(|(_, n)| **n > 1).collect();
     assert!(twice.is_empty(), "signed twice: {twice:?}");
     eprintln!(
-        "kill campaign: {} kills, {} acknowledged signatures, {} acknowledged \
-         deregistrations, {} acknowledged renewals, {} certificates valid at the CA, 0 lost, \
+        "kill campaign: {} kills, {} acknowledged signing requests ({batches} batches of \
+         {BATCH}), {} acknowledged deregistrations, {} acknowledged renewals, {} certificates valid at the CA, 0 lost, \
          0 signed twice, 0 orphan certificates",
         rounds(),
         acknowledged.signed.len(),

@@ -435,9 +435,20 @@ pub(super) fn a_service_lists_only_its_own_taids_in_pages(store: &dyn Store) {
         store.put_taid(&taid(taid_a, "demo-a", account)).unwrap();
         store.put_taid(&taid(taid_b, "demo-b", account)).unwrap();
     }
+    // A deregistered account's TAID is no credential: never listed, even inside a page.
+    let gone = AccountRecord {
+        status: AccountStatus::Deregistered,
+        ..account("u-4")
+    };
+    store.insert_account(&gone).unwrap();
+    store.put_taid(&taid("Tbb", "demo-a", "u-4")).unwrap();
     let demo_a = ServiceName::parse("demo-a").unwrap();
     assert_eq!(store.taids_of(&demo_a, None, 2).unwrap(), ["Ta", "Tb"]);
     assert_eq!(store.taids_of(&demo_a, Some("Tb"), 2).unwrap(), ["Tc"]);
+    assert_eq!(
+        store.taids_of(&demo_a, Some("Ta"), 10).unwrap(),
+        ["Tb", "Tc"]
+    );
     assert!(store.taids_of(&demo_a, Some("Tc"), 2).unwrap().is_empty());
     let other = ServiceName::parse("demo-c").unwrap();
     assert!(store.taids_of(&other, None, 10).unwrap().is_empty());

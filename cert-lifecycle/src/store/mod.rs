@@ -250,7 +250,8 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     -> Result<Option<AccountId>, StoreError>;
 
     /// The TAIDs `service` holds (its CSC credentials), in TAID order, after `after`, at most
-    /// `limit`: through the (service, taid) index, never another service's.
+    /// `limit`: through the (service, taid) index, never another service's, and never a
+    /// deregistered account's (its certificate data is erased: no credential any more).
     fn taids_of(
         &self,
         service: &ServiceName,

@@ -1780,8 +1780,9 @@ impl Store for PgStore {
             let client = self.client().await?;
             self.db(&client)
                 .query(
-                    "SELECT taid FROM taids WHERE service = $1 AND taid > $2 \
-                     ORDER BY taid LIMIT $3",
+                    "SELECT t.taid FROM taids t JOIN accounts a ON a.id = t.account_id \
+                     WHERE t.service = $1 AND t.taid > $2 AND a.status <> 'deregistered' \
+                     ORDER BY t.taid LIMIT $3",
                     &[&service.as_str(), &after.unwrap_or(""), &limit_value(limit)],
                 )
                 .await?

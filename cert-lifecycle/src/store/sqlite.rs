@@ -1544,7 +1544,9 @@ impl Store for SqliteStore {
     ) -> Result<Vec<String>, StoreError> {
         self.read(|conn| {
             let mut statement = conn.prepare_cached(
-                "SELECT taid FROM taids WHERE service = ?1 AND taid > ?2 ORDER BY taid LIMIT ?3",
+                "SELECT t.taid FROM taids t JOIN accounts a ON a.id = t.account_id \
+                 WHERE t.service = ?1 AND t.taid > ?2 AND a.status <> 'deregistered' \
+                 ORDER BY t.taid LIMIT ?3",
             )?;
             let rows = statement.query_map(
                 params![service.as_str(), after.unwrap_or(""), limit_value(limit)],

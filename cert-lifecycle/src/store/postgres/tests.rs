@@ -211,6 +211,40 @@ fn newer_schema_is_refused() {
     assert!(matches!(schema.connect(), Err(StoreError::Corrupt(_))));
 }
 
+/// A database made before batch signing and the CSC facade (schema 3) upgrades: its requests
+/// read as the single-hash requests they are, and batches and SADs can be added beside them.
+/// Versions 4 and 5 only add, so undoing them on a current schema makes a version 3 one.
+#[test]
+fn a_database_from_before_batches_upgrades() {
+    let Some((schema, store)) = fresh() else {
+        return;
+    };
+    registered(&store, "u-1", "3f9a");
+    let old = request(1, "u-1", "3f9a");
+    store.insert_request(&old, usize::MAX, CREATED).unwrap();
+    drop(store);
+    schema.sql(
+        "DROP TABLE csc_sads; DROP INDEX taids_of_service; \
+         ALTER TABLE signing_requests DROP COLUMN hashes; UPDATE schema_version SET version = 3",
+    );
+
+    let store = schema.connect().unwrap();
+    assert_eq!(
+        schema.value("SELECT version FROM schema_version"),
+        Some(PgStore::schema_version().to_string())
+    );
+    let read = store.get_request(&old.id).unwrap().unwrap();
+    assert_eq!(read, old);
+    assert!(!read.is_batch());
+    let mut batch = request(2, "u-1", "3f9a");
+    batch.hash = Vec::new();
+    batch.hashes = Some(vec![vec![1; 32], vec![2; 32]]);
+    store
+        .insert_request(&batch, usize::MAX, batch.created_at)
+        .unwrap();
+    assert_eq!(store.get_request(&batch.id).unwrap(), Some(batch));
+}
+
 #[test]
 fn the_password_comes_from_a_file_and_shows_nowhere() {
     const PASSWORD: &str = "correct-horse-7f3a";
