@@ -207,6 +207,28 @@ impl DevDaemon {
         daemon
     }
 
+    /// A handle on a daemon this test did not start (an appliance): `files` holds `clients/`
+    /// and `tls/ca.pem` as [`DevDaemon::client`] reads them (a provisioning medium's `out/`),
+    /// and `api`, `metrics` are its URLs. Dropping it stops nothing.
+    pub fn attach(files: &Path, api: &str, metrics: &str) -> DevDaemon {
+        let dir = tempfile::Builder::new()
+            .prefix("smartsignd-attached-")
+            .tempdir()
+            .expect("temporary directory");
+        std::os::unix::fs::symlink(files, dir.path().join("state")).expect("link to the files");
+        DevDaemon {
+            child: None,
+            dir,
+            audit_quota_kib: None,
+            config: None,
+            extra_args: Vec::new(),
+            env: Vec::new(),
+            api: api.to_owned(),
+            metrics: metrics.to_owned(),
+            ca: String::new(),
+        }
+    }
+
     /// Starts a daemon whose audit directory is a tmpfs of `kib` KiB in a mount namespace of its
     /// own (`unshare -m`, which needs root), so that a test can fill it and watch the daemon fail
     /// closed.

@@ -133,6 +133,31 @@ impl DevPki {
     pub fn client(&self, name: &str) -> Option<&DevClient> {
         self.clients.iter().find(|c| c.name == name)
     }
+
+    /// Issues one more client certificate, `clients/NAME.pem` and `.key`, with `role` as its
+    /// OU (each officer of an appliance's provisioning has their own). An existing pair is kept.
+    pub fn add_client(&mut self, role: &str, name: &str) -> Result<DevClient, CaError> {
+        let dir = self
+            .server_cert
+            .parent()
+            .and_then(Path::parent)
+            .map(|state| state.join("clients"))
+            .ok_or_else(|| CaError::Key("the dev PKI has no state directory".into()))?;
+        let client = DevClient {
+            role: role.to_owned(),
+            name: name.to_owned(),
+            cert: dir.join(format!("{name}.pem")),
+            key: dir.join(format!("{name}.key")),
+        };
+        if !(client.cert.exists() && client.key.exists()) {
+            let ca = SoftwareCa::load(&self.ca_cert, &self.ca_key)?;
+            let leaf = Leaf::Client { role, name };
+            ca.issue_leaf(&client.cert, &client.key, leaf, SystemTime::now())?;
+        }
+        self.clients.retain(|known| known.name != name);
+        self.clients.push(client.clone());
+        Ok(client)
+    }
 }
 
 /// What a leaf certificate is for.

@@ -21,6 +21,10 @@ use crate::config::Config;
                                             port 0 picks free ports; see /tmp/s/endpoints.json
   smartsignd --check-config /etc/smartsign/smartsignd.toml
   smartsignd --config /etc/smartsign/smartsignd.toml
+  smartsignd --dev --state-dir /var/lib/smartsign --init-only
+                                            make a development state directory and exit
+  smartsignd --config /etc/smartsign/smartsignd.toml --wait-for-config 0.0.0.0:9090
+                                            an appliance: wait (503 /readyz) until provisioned
 
 Production tokens get their system keys from `smartsign-ctl keys init` while the daemon is stopped.
 With [hsm.quorum] instead of hsm.pin_file (`smartsign-ctl ceremony split` prints it) the daemon
@@ -102,6 +106,17 @@ struct Cli {
     #[arg(long, value_name = "SECONDS", default_value_t = 0, requires = "dev")]
     status_grace: u64,
 
+    /// With --dev: make the state directory (token, system keys, embedded CA, TLS and client
+    /// certificates, configuration), start once to check it, and exit.
+    #[arg(long, requires = "dev")]
+    init_only: bool,
+
+    /// With --config: while FILE does not exist (an appliance not provisioned yet), serve only
+    /// /healthz, a 503 /readyz saying so and /metrics on ADDR (plain HTTP), and start as soon
+    /// as FILE appears.
+    #[arg(long, value_name = "ADDR", requires = "config")]
+    wait_for_config: Option<SocketAddr>,
+
     /// Log format, overriding the configuration: text or json.
     #[arg(long, value_name = "FORMAT", value_parser = ["text", "json"])]
     log_format: Option<String>,
@@ -134,6 +149,17 @@ pub fn main() -> ExitCode {
     let result = if cli.dev {
         run_dev(&cli)
     } else if let Some(path) = &cli.config {
+        match cli
+            .wait_for_config
+            .map(|address| crate::provisioning::wait(path, address))
+        {
+            Some(Ok(crate::provisioning::Waited::Stopped)) => return ExitCode::SUCCESS,
+            Some(Err(error)) => {
+                eprintln!("smartsignd: {error}");
+                return ExitCode::FAILURE;
+            }
+            Some(Ok(crate::provisioning::Waited::Provisioned)) | None => {}
+        }
         Config::load(path)
             .map_err(|error| error.to_string())
             .and_then(|config| run(config, cli.log_format.as_deref()))
@@ -193,6 +219,7 @@ fn run_dev(cli: &Cli) -> Result<ExitCode, String> {
                     state_dir,
                     ca_listener: Some(ca_listener),
                     ca_address: None,
+                    exit_when_ready: cli.init_only,
                 }),
             )
             .await

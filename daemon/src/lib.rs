@@ -34,6 +34,7 @@ mod metrics;
 mod operations;
 mod ports;
 mod problem;
+mod provisioning;
 mod routes;
 mod server;
 mod signing;

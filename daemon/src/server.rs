@@ -40,6 +40,8 @@ pub(crate) struct DevOptions {
     pub(crate) ca_listener: Option<tokio::net::TcpListener>,
     /// Where the embedded CA listens once it serves, for `endpoints.json`.
     pub(crate) ca_address: Option<SocketAddr>,
+    /// Stop as soon as everything is made and serving (`--dev --init-only`).
+    pub(crate) exit_when_ready: bool,
 }
 
 /// The system keys every daemon needs; the KEK (wrapped mode), the CMP client key (signature
@@ -177,7 +179,11 @@ pub(crate) async fn run(config: Config, mut dev: Option<DevOptions>) -> Result<(
     tracing::info!("smartsignd is serving");
     crate::systemd::notify("READY=1\nSTATUS=serving");
 
-    (&mut shutdown).await;
+    if dev.as_ref().is_some_and(|dev| dev.exit_when_ready) {
+        tracing::info!("--init-only: the state directory is ready");
+    } else {
+        (&mut shutdown).await;
+    }
     crate::systemd::notify("STOPPING=1\nSTATUS=finishing in-flight requests");
     tracing::info!("shutting down: finishing in-flight requests");
     let _ = shutdown_tx.send(true);
@@ -713,7 +719,7 @@ async fn reload_tls_on_sighup(
     }
 }
 
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {

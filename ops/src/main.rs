@@ -32,6 +32,7 @@ mod clone;
 mod docs;
 mod hsm_opts;
 mod keys;
+mod provision;
 mod rotate_kek;
 mod scratch;
 mod status;
@@ -87,6 +88,9 @@ enum Command {
     /// readiness by component, keys, the audit log and its checkpoint's age, the CA and the
     /// status cache, the last lifecycle sweep. Exits 1 unless the daemon is ready.
     Status(status::StatusArgs),
+    /// Provision an appliance once from its provisioning medium: write the configuration and,
+    /// in the development profile, make the token, certificates and the officers' shares.
+    Provision(provision::ProvisionArgs),
     /// Write the man pages and the bash, zsh and fish completions of smartsignd and
     /// smartsign-ctl, laid out as under /usr/share.
     Docs(docs::DocsArgs),
@@ -254,6 +258,7 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             Command::Ceremony(CeremonyCommand::Verify(args)) => ceremony::verify(args).await,
             Command::Unseal(args) => unseal::run(args).await,
             Command::Status(args) => status::run(args).await,
+            Command::Provision(args) => provision::run(args),
             Command::Docs(args) => docs::run(args, <Cli as clap::CommandFactory>::command()),
             Command::Bench(BenchCommand::Sign(_)) => Ok(()),
         }
