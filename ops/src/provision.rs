@@ -138,6 +138,14 @@ pub(crate) fn run(args: ProvisionArgs) -> Result<(), Failure> {
     // Last, and atomically: a waiting daemon starts when the file appears.
     let staged = args.config_dir.join(".smartsignd.toml.new");
     write_file(&staged, config.as_bytes(), 0o640)?;
+    // The daemon's group reads the configuration; only root writes it.
+    if let Some(user) = &args.user {
+        let (_, gid) = system_user(user)?;
+        for path in tree(&args.config_dir)? {
+            std::os::unix::fs::chown(&path, Some(0), Some(gid))
+                .map_err(|error| format!("cannot chown {}: {error}", path.display()))?;
+        }
+    }
     std::fs::rename(&staged, &config_file)
         .map_err(|error| format!("cannot write {}: {error}", config_file.display()))?;
     sync_dir(&args.config_dir)?;
@@ -159,9 +167,15 @@ fn production(args: &ProvisionArgs) -> Result<String, Failure> {
             etc.display()
         )
     })?;
-    copy_tree(&etc, &args.config_dir, &|relative| {
+    let copied = copy_tree(&etc, &args.config_dir, &|relative| {
         relative != Path::new("smartsignd.toml")
     })?;
+    // A medium that does not pass leaves nothing behind.
+    let undo = || {
+        for path in copied.iter().rev() {
+            let _ = std::fs::remove_file(path).or_else(|_| std::fs::remove_dir(path));
+        }
+    };
     // Checked as it will be read: from the configuration directory.
     let trial = args.config_dir.join(".smartsignd.toml.check");
     write_file(&trial, config_text.as_bytes(), 0o640)?;
@@ -171,8 +185,9 @@ fn production(args: &ProvisionArgs) -> Result<String, Failure> {
         .output()
         .map_err(|error| format!("cannot run {}: {error}", args.smartsignd.display()));
     let _ = std::fs::remove_file(&trial);
-    let checked = checked?;
+    let checked = checked.inspect_err(|_| undo())?;
     if !checked.status.success() {
+        undo();
         return Err(format!(
             "the medium's smartsignd.toml does not pass --check-config: {}",
             String::from_utf8_lossy(&checked.stderr).trim()
@@ -399,25 +414,46 @@ fn system_user(name: &str) -> Result<(u32, u32), Failure> {
         .ok_or_else(|| format!("no system user {name} in /etc/passwd").into())
 }
 
-/// Copies the files under `from` into `to`, keeping the tree, those `keep` says.
-fn copy_tree(from: &Path, to: &Path, keep: &dyn Fn(&Path) -> bool) -> Result<(), Failure> {
-    let mut pending = vec![PathBuf::new()];
-    while let Some(relative) = pending.pop() {
-        let dir = from.join(&relative);
+/// Every file and directory under `dir`.
+fn tree(dir: &Path) -> Result<Vec<PathBuf>, Failure> {
+    let mut found = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(dir) = pending.pop() {
         let entries = std::fs::read_dir(&dir)
             .map_err(|error| format!("cannot read {}: {error}", dir.display()))?;
         for entry in entries {
             let entry = entry?;
-            let path = relative.join(entry.file_name());
             if entry.file_type()?.is_dir() {
-                make_dir(&to.join(&path))?;
-                pending.push(path);
-            } else if keep(&path) {
-                copy_file(&from.join(&path), &to.join(&path), 0o640)?;
+                pending.push(entry.path());
             }
+            found.push(entry.path());
         }
     }
-    Ok(())
+    Ok(found)
+}
+
+/// Copies the files under `from` into `to`, keeping the tree, those `keep` says; returns what
+/// it made, in order.
+fn copy_tree(
+    from: &Path,
+    to: &Path,
+    keep: &dyn Fn(&Path) -> bool,
+) -> Result<Vec<PathBuf>, Failure> {
+    let mut made = Vec::new();
+    for path in tree(from)? {
+        let relative = path.strip_prefix(from)?;
+        let target = to.join(relative);
+        if path.is_dir() {
+            if !target.exists() {
+                make_dir(&target)?;
+                made.push(target);
+            }
+        } else if keep(relative) {
+            copy_file(&path, &target, 0o640)?;
+            made.push(target);
+        }
+    }
+    Ok(made)
 }
 
 fn make_dir(path: &Path) -> Result<(), Failure> {

@@ -217,3 +217,57 @@ fn an_unprovisioned_appliance_waits_then_comes_up_sealed_and_signs_after_two_off
     assert_eq!(pending.approve(&daemon).status(), 200);
     verify_signature(&pending.read(&daemon), b"document");
 }
+
+#[test]
+fn a_production_medium_is_checked_and_a_failing_one_leaves_nothing() {
+    // A valid configuration: a stopped dev daemon's, whose files stay where it names them.
+    let mut daemon = DevDaemon::start(&[]);
+    daemon.stop();
+    let valid = std::fs::read_to_string(daemon.state_dir().join("smartsignd.toml")).unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let (medium, etc, state) = (
+        root.path().join("medium"),
+        root.path().join("etc"),
+        root.path().join("state"),
+    );
+    std::fs::create_dir_all(medium.join("etc/tls")).unwrap();
+    std::fs::write(medium.join("provision.toml"), "profile = \"production\"\n").unwrap();
+    std::fs::write(medium.join("etc/tls/note.txt"), "the operator's files\n").unwrap();
+    let addresses = [free_address(), free_address(), free_address()];
+    let addresses = [
+        addresses[0].as_str(),
+        addresses[1].as_str(),
+        addresses[2].as_str(),
+    ];
+
+    // A configuration that --check-config refuses: refused, and nothing stays.
+    std::fs::write(
+        medium.join("etc/smartsignd.toml"),
+        valid.replacen("[server]", "[server]\nno_such_setting = 1", 1),
+    )
+    .unwrap();
+    let refused = provision(&medium, &etc, &state, addresses);
+    assert!(!refused.status.success());
+    assert!(
+        describe(&refused).contains("--check-config"),
+        "{}",
+        describe(&refused)
+    );
+    assert_eq!(std::fs::read_dir(&etc).unwrap().count(), 0);
+
+    // A good one: the files and then smartsignd.toml, as the medium has them.
+    std::fs::write(medium.join("etc/smartsignd.toml"), &valid).unwrap();
+    let provisioned = provision(&medium, &etc, &state, addresses);
+    assert!(provisioned.status.success(), "{}", describe(&provisioned));
+    assert_eq!(
+        std::fs::read_to_string(etc.join("smartsignd.toml")).unwrap(),
+        valid
+    );
+    assert_eq!(
+        std::fs::read_to_string(etc.join("tls/note.txt")).unwrap(),
+        "the operator's files\n"
+    );
+    assert_eq!(mode(&etc.join("smartsignd.toml")), 0o640);
+    assert!(!state.exists(), "a production medium makes no state");
+    assert!(!medium.join("out").exists());
+}
