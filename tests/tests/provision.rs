@@ -271,3 +271,29 @@ fn a_production_medium_is_checked_and_a_failing_one_leaves_nothing() {
     assert!(!state.exists(), "a production medium makes no state");
     assert!(!medium.join("out").exists());
 }
+
+/// The update path's guard: an appliance booted from an older root (a rollback, or the other
+/// slot) refuses a state partition that a newer smartsign has written, and says what to do.
+#[test]
+fn a_daemon_refuses_a_store_written_by_a_newer_smartsign() {
+    let mut daemon = DevDaemon::start(&[]);
+    daemon.stop();
+    let store = rusqlite::Connection::open(daemon.state_dir().join("smartsign.sqlite")).unwrap();
+    let version: i64 = store
+        .pragma_query_value(None, "user_version", |row| row.get(0))
+        .unwrap();
+    store
+        .pragma_update(None, "user_version", version + 1)
+        .unwrap();
+    drop(store);
+    let refused = run(Command::new(binary("smartsignd", "smartsignd"))
+        .arg("--config")
+        .arg(daemon.state_dir().join("smartsignd.toml"))
+        .env(
+            "SOFTHSM2_CONF",
+            daemon.state_dir().join("hsm/softhsm2.conf"),
+        ));
+    assert!(!refused.status.success());
+    let said = describe(&refused);
+    assert!(said.contains("written by a newer smartsign"), "{said}");
+}

@@ -674,7 +674,9 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
         .map_err(|_| StoreError::Corrupt(format!("schema version {version}")))?;
     if applied > MIGRATIONS.len() {
         return Err(StoreError::Corrupt(format!(
-            "schema version {applied} is newer than this build's {}",
+            "schema version {applied} was written by a newer smartsign than this one (schema {}): \
+             start that version again (after an update, boot the updated root), or restore \
+             the state from before the update",
             MIGRATIONS.len()
         )));
     }
