@@ -248,8 +248,10 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
 fn init_logging(config: &Config, format: Option<&str>) -> Result<(), String> {
     let filter = tracing_subscriber::EnvFilter::try_new(&config.logging.level)
         .map_err(|error| format!("logging.level: {error}"))?;
+    // Colours only for a person at a terminal: never in the journal or a log file.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     let result = if format.unwrap_or(&config.logging.format) == "json" {
         builder.json().try_init()

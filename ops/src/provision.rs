@@ -149,9 +149,12 @@ pub(crate) fn run(args: ProvisionArgs) -> Result<(), Failure> {
     std::fs::rename(&staged, &config_file)
         .map_err(|error| format!("cannot write {}: {error}", config_file.display()))?;
     sync_dir(&args.config_dir)?;
+    let profile = match plan.profile {
+        Profile::Development => "development",
+        Profile::Production => "production",
+    };
     eprintln!(
-        "provisioned ({:?} profile): {} written; the daemon starts sealed",
-        plan.profile,
+        "provisioned ({profile} profile): {} written; the daemon starts sealed",
         config_file.display()
     );
     Ok(())

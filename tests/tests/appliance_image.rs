@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use sha2::Digest;
 use smartsign_tests::flow::{Pending, verify_audit, verify_signature};
-use smartsign_tests::{DevDaemon, binary, describe, device_key, free_address, run, workspace_root};
+use smartsign_tests::{DevDaemon, binary, describe, device_key, run, workspace_root};
 
 /// How long a boot may take under software emulation.
 const BOOT: Duration = Duration::from_secs(900);
@@ -51,11 +51,17 @@ impl Vm {
     /// and booted again, twice at most.
     fn boot(dir: &Path, ports: &[(u16, String)]) -> Vm {
         for attempt in 1..=3 {
-            let vm = Vm::start(dir, ports);
+            let mut vm = Vm::start(dir, ports);
             let deadline = Instant::now() + Duration::from_secs(180);
             while Instant::now() < deadline {
                 if vm.console().contains("systemd[1]: ") {
                     return vm;
+                }
+                if let Some(status) = vm.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
+                    panic!(
+                        "qemu exited ({status}):\n{}",
+                        std::fs::read_to_string(dir.join("qemu.log")).unwrap_or_default()
+                    );
                 }
                 std::thread::sleep(Duration::from_millis(500));
             }
@@ -301,12 +307,17 @@ fn the_image_boots_sealed_provisions_unseals_signs_and_survives_a_reboot() {
         .arg(dir.join("provision.toml"))
         .arg("::provision.toml"));
 
-    let mut ports: Vec<(u16, String)> = [API, OPS, CA]
+    // Distinct host ports: each held until all are chosen.
+    let held: Vec<std::net::TcpListener> = (0..3 + CLOSED.len())
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let ports: Vec<(u16, String)> = [API, OPS, CA]
         .into_iter()
         .chain(CLOSED)
-        .map(|guest| (guest, free_address()))
+        .zip(&held)
+        .map(|(guest, listener)| (guest, listener.local_addr().unwrap().to_string()))
         .collect();
-    ports.sort();
+    drop(held);
     let started = Instant::now();
     let mut vm = Vm::boot(dir, &ports);
 
