@@ -323,3 +323,22 @@ pub fn decide(
                       "device_signature": STANDARD.encode(signature.to_der().as_bytes())}))
         .send()
 }
+
+/// An officer unseals the daemon at `api` (`https://HOST:PORT`) with `smartsign-ctl unseal`
+/// and their files from a provisioning medium's `out/` (`smartsign-ctl provision`): their
+/// client certificate and key and their share, trusting `out/tls/ca.pem`.
+pub fn unseal_from_medium(api: &str, out: &Path, officer: &str) {
+    let dir = out.join("officers").join(officer);
+    let unsealed = run(Command::new(binary("smartsign-ops", "smartsign-ctl"))
+        .arg("unseal")
+        .args(["--url", api])
+        .arg("--cert")
+        .arg(dir.join("client.pem"))
+        .arg("--key")
+        .arg(dir.join("client.key"))
+        .arg("--ca")
+        .arg(out.join("tls/ca.pem"))
+        .arg("--share-file")
+        .arg(dir.join("unseal-share.txt")));
+    assert!(unsealed.status.success(), "{}", describe(&unsealed));
+}

@@ -25,8 +25,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use sha2::Digest;
-use smartsign_tests::flow::{Pending, verify_audit, verify_signature};
-use smartsign_tests::{DevDaemon, binary, describe, device_key, run, workspace_root};
+use smartsign_tests::flow::{Pending, unseal_from_medium, verify_audit, verify_signature};
+use smartsign_tests::{DevDaemon, describe, device_key, run, workspace_root};
 
 /// How long a boot may take under software emulation.
 const BOOT: Duration = Duration::from_secs(900);
@@ -248,19 +248,7 @@ fn partition_sha256(disk: &Path, start: u64, length: u64) -> String {
 }
 
 fn unseal(vm: &Vm, out: &Path, officer: &str) {
-    let dir = out.join("officers").join(officer);
-    let unsealed = run(Command::new(binary("smartsign-ops", "smartsign-ctl"))
-        .arg("unseal")
-        .args(["--url", &format!("https://{}", vm.host(API))])
-        .arg("--cert")
-        .arg(dir.join("client.pem"))
-        .arg("--key")
-        .arg(dir.join("client.key"))
-        .arg("--ca")
-        .arg(out.join("tls/ca.pem"))
-        .arg("--share-file")
-        .arg(dir.join("unseal-share.txt")));
-    assert!(unsealed.status.success(), "{}", describe(&unsealed));
+    unseal_from_medium(&format!("https://{}", vm.host(API)), out, officer);
 }
 
 fn sh(command: &mut Command) {

@@ -12,7 +12,7 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use smartsign_tests::flow::{Pending, verify_signature};
+use smartsign_tests::flow::{Pending, unseal_from_medium, verify_signature};
 use smartsign_tests::{DevDaemon, binary, describe, free_address, run};
 
 /// A daemon started as the appliance's unit starts it, waiting for its configuration.
@@ -195,19 +195,7 @@ fn an_unprovisioned_appliance_waits_then_comes_up_sealed_and_signs_after_two_off
 
     // Two officers unseal with their certificate and share from the medium.
     for officer in ["officer-1", "officer-3"] {
-        let dir = out.join("officers").join(officer);
-        let unsealed = run(Command::new(binary("smartsign-ops", "smartsign-ctl"))
-            .arg("unseal")
-            .args(["--url", &format!("https://{api}")])
-            .arg("--cert")
-            .arg(dir.join("client.pem"))
-            .arg("--key")
-            .arg(dir.join("client.key"))
-            .arg("--ca")
-            .arg(out.join("tls/ca.pem"))
-            .arg("--share-file")
-            .arg(dir.join("unseal-share.txt")));
-        assert!(unsealed.status.success(), "{}", describe(&unsealed));
+        unseal_from_medium(&format!("https://{api}"), &out, officer);
     }
     wait_readyz(&ops, &appliance, |status, _| status == 200);
 
