@@ -3,7 +3,8 @@
 //! image and names it in `SMARTSIGN_IMAGE`; `SMARTSIGN_IMAGE_REBOOT=1` adds the reboot.
 //!
 //! 1. First boot, no medium: the console and `/readyz` say the appliance waits for its
-//!    provisioning; the root is read-only squashfs and the state partition was made.
+//!    provisioning; the root is read-only squashfs, and the state partition was made and grew
+//!    to the end of a disk larger than the image.
 //! 2. The provisioning medium is inserted (hot-plugged): the appliance provisions itself and
 //!    comes up sealed; the medium carries back the officers' certificates and shares.
 //! 3. Two officers unseal it over the API port; an account registers and signs; openssl on this
@@ -276,6 +277,10 @@ fn the_image_boots_sealed_provisions_unseals_signs_and_survives_a_reboot() {
         .arg("--sparse=always")
         .arg(&image)
         .arg(dir.join("disk.img")));
+    // Installed on a disk 1 GiB larger than the image: the state partition takes the rest.
+    sh(Command::new("truncate")
+        .args(["--size", "+1G"])
+        .arg(dir.join("disk.img")));
     std::fs::copy("/usr/share/OVMF/OVMF_VARS_4M.fd", dir.join("vars.fd")).unwrap();
     // The provisioning medium: FAT, labelled SMARTSIGN, with provision.toml.
     let medium = dir.join("medium.img");
@@ -332,6 +337,16 @@ fn the_image_boots_sealed_provisions_unseals_signs_and_survives_a_reboot() {
         !console.contains("login:"),
         "a login prompt:\n{}",
         tail(&console)
+    );
+    let state_bytes: u64 = console
+        .lines()
+        .find_map(|line| line.split("smartsign: state /var ").nth(1))
+        .and_then(|rest| rest.split_whitespace().nth(3))
+        .and_then(|bytes| bytes.parse().ok())
+        .unwrap_or_else(|| panic!("no state size in the banner:\n{}", tail(&console)));
+    assert!(
+        state_bytes > 1_800 * 1024 * 1024,
+        "the state file system did not grow to the disk's end: {state_bytes} bytes"
     );
 
     // 2. The medium goes in; the appliance provisions itself and comes up sealed.
